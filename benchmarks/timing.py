@@ -1,0 +1,150 @@
+"""The one timer every benchmark uses: interleaved, warmed up, median with spread, hardware stated.
+
+Machines here are noisy, so candidates are timed A B C A B C ... in one run and compared by ratio.
+
+Example:
+    >>> import torch
+    >>> x, w = torch.randn(8, 64), torch.randn(64, 64)
+    >>> t = time_interleaved({"mm": lambda: x @ w, "mm2": lambda: x @ w.t()}, repeats=3, min_sample_s=1e-4)
+    >>> sorted(t) == ["mm", "mm2"] and t["mm"].median_s > 0
+    True
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call of one candidate: median and the 10th/90th percentiles over repeats."""
+
+    median_s: float
+    p10_s: float
+    p90_s: float
+    repeats: int
+
+    def ratio_to(self, other: "Timing") -> float:
+        """How many times faster this is than ``other`` (>1 means faster)."""
+        return other.median_s / self.median_s
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _calls_per_sample(fn: Callable[[], object], min_sample_s: float, device: str) -> int:
+    """Calls per timed sample so that one sample lasts at least ``min_sample_s`` (timer resolution, noise)."""
+    n = 1
+    while True:
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        _sync(device)
+        dt = time.perf_counter() - t0
+        if dt >= min_sample_s or n >= 1 << 20:
+            return n
+        n = max(n * 2, int(n * min_sample_s / max(dt, 1e-9) * 1.2))
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    *,
+    warmup: int = 2,
+    repeats: int = 11,
+    min_sample_s: float = 0.02,
+    device: str = "cpu",
+) -> dict[str, Timing]:
+    """Time each callable, interleaving candidates within every repeat; returns seconds per call.
+
+    CUDA work is bracketed by ``torch.cuda.synchronize`` around each sample (a loop of calls), after warm-up.
+    """
+    if not fns:
+        raise ValueError("time_interleaved needs at least one callable")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    with torch.inference_mode():
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
+        calls = {k: _calls_per_sample(fn, min_sample_s, device) for k, fn in fns.items()}
+        samples: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(repeats):
+            for k, fn in fns.items():
+                n = calls[k]
+                _sync(device)
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                _sync(device)
+                samples[k].append((time.perf_counter() - t0) / n)
+    return {
+        k: Timing(statistics.median(v), _quantile(v, 0.1), _quantile(v, 0.9), len(v)) for k, v in samples.items()
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _blas() -> str:
+    cfg = torch.__config__.show()
+    for name in ("MKL", "OpenBLAS", "BLIS", "Accelerate"):
+        if name.lower() in cfg.lower():
+            return name
+    return "unknown"
+
+
+def environment(device: str = "cpu") -> dict[str, object]:
+    """Hardware and software facts to write beside every result (CPU, threads, torch, BLAS, GPU, date)."""
+    env: dict[str, object] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "blas": _blas(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": device,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.device(device))
+        env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                   cuda=torch.version.cuda, driver=_nvidia_driver())
+    return env
+
+
+def _nvidia_driver() -> str:
+    try:
+        import subprocess
+
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
