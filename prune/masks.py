@@ -1,0 +1,176 @@
+"""Mask math: pure functions from scores to bool masks (``True`` = keep).
+
+Counts are exact: pruning a tensor to sparsity ``s`` zeroes ``round(s * numel)`` entries. Ties are broken
+deterministically: among equal scores, the entry with the lower flat index is kept (globally: earlier layer
+first, then lower index).
+
+Example:
+    >>> import torch
+    >>> layer_mask(torch.tensor([[3.0, 1.0, 2.0, 1.0]]), 0.5)
+    tensor([[ True, False,  True, False]])
+    >>> nm_mask(torch.tensor([[4.0, 3.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0]]), 2, 4)
+    tensor([[ True,  True, False, False,  True,  True, False, False]])
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class NMPattern:
+    """At most ``n`` nonzeros in every group of ``m`` consecutive weights along the input dimension."""
+
+    n: int
+    m: int
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.n / self.m
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+def parse_pattern(pattern: str) -> NMPattern | None:
+    """``"unstructured"`` -> None; ``"N:M"`` with 0 < N < M -> NMPattern; anything else raises ValueError."""
+    if pattern == "unstructured":
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
+    if match is None or not 0 < int(match[1]) < int(match[2]):
+        raise ValueError(f"unknown pattern {pattern!r}; use 'unstructured' or 'N:M' with 0 < N < M (e.g. '2:4')")
+    return NMPattern(int(match[1]), int(match[2]))
+
+
+def num_pruned(sparsity: float, numel: int) -> int:
+    """How many entries sparsity ``s`` zeroes in a tensor of ``numel`` entries: ``round(s * numel)``."""
+    return int(round(sparsity * numel))
+
+
+def prune_lowest(scores: Tensor, n_prune: int) -> Tensor:
+    """Mask that drops the ``n_prune`` lowest scores; among ties the lower flat index is kept.
+
+    O(numel): one selection (kthvalue) plus a pass over the entries tied at the threshold.
+    """
+    flat = scores.reshape(-1)
+    n = flat.numel()
+    if not 0 <= n_prune <= n:
+        raise ValueError(f"cannot prune {n_prune} of {n} entries")
+    keep = torch.ones(n, dtype=torch.bool, device=flat.device)
+    if n_prune == 0:
+        return keep.view(scores.shape)
+    if n_prune == n:
+        return keep.logical_not_().view(scores.shape)
+    threshold = kth_smallest(flat, n_prune)
+    below = flat < threshold
+    n_tied_to_prune = n_prune - int(torch.count_nonzero(below))
+    tied = torch.nonzero(flat == threshold).squeeze(1)  # ascending flat indices
+    keep &= ~below
+    keep[tied[tied.numel() - n_tied_to_prune:]] = False  # drop the highest indices among ties
+    return keep.view(scores.shape)
+
+
+def kth_smallest(flat: Tensor, k: int) -> Tensor:
+    """The ``k``-th smallest entry (1-based) of a 1-D tensor, exactly.
+
+    ``torch.kthvalue`` is single-threaded and slow on tens of millions of entries, so large inputs first
+    bracket the answer with quantiles of a fixed-seed sample, count what lies below the bracket in one
+    vectorised pass, and select inside the (small) bracket. Falls back to ``kthvalue`` if the bracket misses.
+    """
+    n = flat.numel()
+    if n <= _EXACT_SELECT_MAX:
+        return torch.kthvalue(flat, k).values
+    gen = torch.Generator().manual_seed(0)
+    sample = flat[torch.randint(n, (_SAMPLE,), generator=gen).to(flat.device)].sort().values
+    q, margin = k / n, 6.0 * math.sqrt(max(k / n * (1 - k / n), 1.0 / _SAMPLE) / _SAMPLE)
+    i_lo, i_hi = int((q - margin) * _SAMPLE), int((q + margin) * _SAMPLE)
+    lo = sample[i_lo] if i_lo >= 0 else flat.new_tensor(-math.inf)
+    hi = sample[i_hi] if i_hi < _SAMPLE else flat.new_tensor(math.inf)
+    n_below = int(torch.count_nonzero(flat < lo))
+    if n_below < k <= int(torch.count_nonzero(flat <= hi)):
+        inside = flat[(flat >= lo) & (flat <= hi)]
+        return torch.kthvalue(inside, k - n_below).values
+    return torch.kthvalue(flat, k).values
+
+
+_EXACT_SELECT_MAX = 1 << 20
+_SAMPLE = 1 << 16
+
+
+def layer_mask(scores: Tensor, sparsity: float) -> Tensor:
+    """Keep the top ``1 - sparsity`` of one tensor's scores (exactly ``round(s * numel)`` zeros)."""
+    return prune_lowest(scores, num_pruned(sparsity, scores.numel()))
+
+
+def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
+    """Keep the ``n`` highest scores in every group of ``m`` along the last dim; ties keep the lower index.
+
+    ``scores``: (..., in) with ``in % m == 0``.
+    """
+    if scores.shape[-1] % m:
+        raise ValueError(f"input size {scores.shape[-1]} is not a multiple of M={m}")
+    groups = scores.reshape(-1, m)  # (G, M)
+    order = torch.sort(groups, dim=1, descending=True, stable=True).indices[:, :n]  # (G, N)
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, order, True)
+    return keep.view(scores.shape)
+
+
+def nm_schedule_mask(scores: Tensor, pattern: NMPattern, sparsity: float) -> Tensor:
+    """Gradual N:M: prune ``round(s * numel)`` of the entries the N:M mask would drop, lowest first.
+
+    At ``sparsity == pattern.sparsity`` this is exactly the N:M mask; below it, a subset of its zeros.
+    ``scores``: (..., in), the input dimension last.
+    """
+    if sparsity > pattern.sparsity + 1e-12:
+        raise ValueError(f"sparsity {sparsity} exceeds what pattern {pattern} allows ({pattern.sparsity})")
+    nm = nm_mask(scores, pattern.n, pattern.m)
+    ranked = torch.where(nm, torch.full_like(scores, float("inf")), scores)
+    n_prune = min(num_pruned(sparsity, scores.numel()), int(torch.count_nonzero(~nm)))
+    return prune_lowest(ranked, n_prune)
+
+
+def global_masks(scores: Sequence[Tensor], sparsity: float, max_layer_sparsity: float | None = None) -> list[Tensor]:
+    """One threshold over all tensors: exactly ``round(s * total)`` zeros in total.
+
+    With ``max_layer_sparsity``, no tensor is pruned beyond it: capped tensors get exactly their cap and the
+    rest of the budget goes to the others by a new common threshold (repeated until no tensor exceeds its cap).
+    """
+    sizes = [s.numel() for s in scores]
+    budget = num_pruned(sparsity, sum(sizes))
+    cap = [int(max_layer_sparsity * n) if max_layer_sparsity is not None else n for n in sizes]
+    if budget > sum(cap):
+        raise ValueError(f"sparsity {sparsity} is unreachable with max_layer_sparsity={max_layer_sparsity}: "
+                         f"at most {sum(cap) / sum(sizes):.4f} of the weights may be pruned")
+    capped: set[int] = set()
+    while True:
+        free = [i for i in range(len(scores)) if i not in capped]
+        n_free = budget - sum(cap[i] for i in capped)
+        flat = torch.cat([scores[i].reshape(-1) for i in free]) if free else torch.empty(0)
+        kept = prune_lowest(flat, n_free).split([sizes[i] for i in free])
+        over = {i for i, k in zip(free, kept) if sizes[i] - int(torch.count_nonzero(k)) > cap[i]}
+        if not over:
+            break
+        capped |= over
+    masks: list[Tensor] = [torch.empty(0)] * len(scores)
+    for i, k in zip(free, kept):
+        masks[i] = k.view(scores[i].shape)
+    for i in capped:
+        masks[i] = prune_lowest(scores[i], cap[i])
+    return masks
+
+
+def input_last(t: Tensor, in_dim: int) -> Tensor:
+    """View a weight as (rows, in) with its input dimension last, e.g. a conv's (out, in, kh, kw) -> (out*kh*kw, in)."""
+    return t.movedim(in_dim, -1).reshape(-1, t.shape[in_dim])
+
+
+def from_input_last(t2d: Tensor, shape: torch.Size, in_dim: int) -> Tensor:
+    """Inverse of :func:`input_last` for a tensor of the original ``shape``."""
+    moved = list(shape)
+    moved.append(moved.pop(in_dim))
+    return t2d.reshape(moved).movedim(-1, in_dim)

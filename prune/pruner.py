@@ -1,0 +1,365 @@
+"""`Pruner`: wraps a model, keeps masks on its target weights, and updates them on a sparsity schedule.
+
+Masks are attached with ``torch.nn.utils.parametrize``: the module's ``weight`` becomes
+``where(mask, W, 0)`` computed from the dense parameter ``W`` at every access, so masked weights are exactly
+0.0 in every forward whatever the optimizer does to ``W`` (momentum, weight decay, clipping). The dense ``W`` is
+kept so that movement pruning can let a weight regrow. ``finalize()`` bakes the zeros in and removes all of it.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from prune.schedules import Linear
+    >>> model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    >>> pruner = Pruner(model, sparsity=Linear(0.0, 0.75, begin_step=0, end_step=4, every=2))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> for _ in range(5):
+    ...     model(torch.randn(8, 16)).square().mean().backward(); opt.step(); pruner.step(); opt.zero_grad()
+    >>> model = pruner.finalize()
+    >>> float((model[0].weight == 0).float().mean())
+    0.75
+"""
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from prune import criteria as _criteria
+from prune import masks as _masks
+from prune.report import SparsityReport, layer_row
+from prune.schedules import Constant, Schedule, schedule_from_dict
+
+SCOPES = ("layer", "global")
+STATE_VERSION = 1
+
+# Which dimension of each module type's weight is its input dimension (N:M groups run along it).
+INPUT_DIM: dict[type[nn.Module], int] = {
+    nn.Linear: 1, nn.Conv1d: 1, nn.Conv2d: 1, nn.Conv3d: 1, nn.Embedding: 1, nn.Bilinear: 2,
+}
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a linear layer whose weight is stored (in, out)."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
+def input_dim(module: nn.Module) -> int:
+    """Index of the input dimension of ``module.weight`` (0 for transformers' transposed ``Conv1D``)."""
+    if _is_hf_conv1d(module):
+        return 0
+    for cls in type(module).__mro__:
+        if cls in INPUT_DIM:
+            return INPUT_DIM[cls]
+    return 1 if module.weight.dim() > 1 else 0
+
+
+def _default_type(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_hf_conv1d(module)
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """Glob ``pattern`` against the full module name or any dotted suffix ("classifier" matches "bert.classifier")."""
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One pruned weight: the module's qualified name, the module, and its weight's input dimension."""
+
+    name: str
+    module: nn.Module
+    in_dim: int
+
+
+class _Mask(nn.Module):
+    """Parametrization ``W -> where(mask, W, 0)``; with movement pruning also accumulates ``-W * dL/dW'``."""
+
+    def __init__(self, mask: Tensor, score: Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask, persistent=False)  # saved by Pruner.state_dict, not the model's
+        self.register_buffer("score", score, persistent=False)
+        self.accumulate = score is not None
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if self.accumulate and torch.is_grad_enabled() and weight.requires_grad:
+            return _MaskedWeight.apply(weight, self.mask, self.score)
+        return torch.where(self.mask, weight, 0)
+
+
+class _MaskedWeight(torch.autograd.Function):
+    """``where(mask, W, 0)`` whose backward also adds ``-W * dL/dW'`` (the movement score) into ``score``."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, mask: Tensor, score: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(weight, mask)
+        ctx.score = score
+        return torch.where(mask, weight, 0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        weight, mask = ctx.saved_tensors
+        ctx.score.add_(_criteria.movement_increment(weight, grad))  # grad is dL/dW', dense
+        return torch.where(mask, grad, 0), None, None
+
+
+def find_targets(
+    model: nn.Module,
+    types: Sequence[type[nn.Module]] | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+) -> list[Target]:
+    """Modules whose ``weight`` will be pruned: by type (default: linear layers), then include/exclude globs.
+
+    Weights shared with another module (e.g. an output layer tied to the embeddings) are skipped with a warning.
+    """
+    is_type = _default_type if types is None else (lambda m: isinstance(m, tuple(types)))
+    named = [(n, m) for n, m in model.named_modules()
+             if n and is_type(m) and isinstance(getattr(m, "weight", None), nn.Parameter)]
+    for kind, pats in (("include", include or ()), ("exclude", exclude)):
+        for pat in pats:
+            if not any(_matches(n, pat) for n, _ in model.named_modules()):
+                msg = f"{kind} pattern {pat!r} matches no module of the model"
+                if kind == "include":
+                    raise ValueError(msg + f"; module names: {_module_names(model)}")
+                warnings.warn(msg, stacklevel=3)
+    named = [(n, m) for n, m in named if include is None or any(_matches(n, p) for p in include)]
+    named = [(n, m) for n, m in named if not any(_matches(n, p) for p in exclude)]
+    owners: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        for pn, p in m.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(p), []).append(f"{n}.{pn}" if n else pn)
+    targets = []
+    for n, m in named:
+        sharers = owners.get(id(m.weight), [])
+        if len(set(sharers)) > 1:
+            warnings.warn(f"not pruning {n}.weight: it is shared with {sorted(set(sharers) - {n + '.weight'})}",
+                          stacklevel=3)
+            continue
+        targets.append(Target(n, m, input_dim(m)))
+    if not targets:
+        kinds = "nn.Linear / transformers Conv1D" if types is None else ", ".join(t.__name__ for t in types)
+        raise ValueError(f"no weight to prune: no module of type {kinds} passes include={include!r} "
+                         f"exclude={list(exclude)!r}; module names: {_module_names(model)}")
+    return targets
+
+
+def _module_names(model: nn.Module, limit: int = 200) -> str:
+    names = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if n]
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+class Pruner:
+    """Prune a model while it trains; your loop only adds ``pruner.step()`` and ``pruner.finalize()``.
+
+    Args:
+        model: any ``nn.Module``; its target weights are masked in place.
+        sparsity: a :class:`~prune.schedules.Schedule`, or a float for one-shot pruning at step 0.
+        criterion: ``"magnitude"`` or ``"movement"`` (see :mod:`prune.criteria`).
+        pattern: ``"unstructured"`` or ``"N:M"`` along the input dimension (the schedule's final sparsity must
+            then be ``1 - N/M``; intermediate targets prune a subset of the final N:M zeros).
+        scope: ``"layer"`` (each weight reaches the target exactly) or ``"global"`` (one threshold over all).
+        types: module types to prune (default: ``nn.Linear`` and transformers' ``Conv1D``).
+        include, exclude: glob patterns on module names (a pattern also matches any dotted suffix).
+        max_layer_sparsity: with ``scope="global"``, no single weight is pruned beyond this.
+
+    Masks are recomputed on the schedule's update steps (``begin_step + k * every`` up to ``end_step``), then
+    frozen. Step ``t`` counts calls to :meth:`step`; masks for ``t = 0`` are set at construction.
+
+    Example: see the module docstring.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sparsity: float | Schedule = 0.5,
+        *,
+        criterion: str = "magnitude",
+        pattern: str = "unstructured",
+        scope: str = "layer",
+        types: Sequence[type[nn.Module]] | None = None,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] = (),
+        max_layer_sparsity: float | None = None,
+    ) -> None:
+        self.criterion = _criteria.get_criterion(criterion)
+        self.nm = _masks.parse_pattern(pattern)
+        self.pattern = str(self.nm) if self.nm else "unstructured"
+        self.schedule = sparsity if isinstance(sparsity, Schedule) else Constant(sparsity)
+        self.scope = _check_scope(scope, self.nm, max_layer_sparsity)
+        self.max_layer_sparsity = max_layer_sparsity
+        if self.nm and abs(self.schedule.final - self.nm.sparsity) > 1e-9:
+            raise ValueError(f"pattern {self.pattern} means sparsity {self.nm.sparsity}, but the schedule's final "
+                             f"sparsity is {self.schedule.final}")
+        if self.criterion.uses_gradients and self.schedule(0) > 0:
+            raise ValueError(f"criterion {criterion!r} ranks weights by scores accumulated over training steps, "
+                             f"so it cannot prune at step 0 (target {self.schedule(0)}): use begin_step >= 1")
+        self.model = model
+        self.targets = find_targets(model, types, include, exclude)
+        for t in self.targets:
+            _check_nm_shape(t, self.nm)
+        self._step = 0
+        self._finalized = False
+        self._attach()
+        if self.schedule.is_update_step(0):
+            self._update_masks(self.schedule(0))
+
+    # -- the training loop's API -------------------------------------------------------------------------------
+    def step(self) -> None:
+        """Call once after every ``optimizer.step()``: advances the schedule and updates masks when it is due."""
+        self._check_live("step()")
+        self._step += 1
+        if self.schedule.is_update_step(self._step):
+            self._update_masks(self.schedule(self._step))
+        self._set_accumulate()
+
+    def finalize(self) -> nn.Module:
+        """Bake the zeros into the weights and remove all pruning machinery; returns the (same) model.
+
+        The model's ``state_dict()`` has its original keys again and its outputs equal the masked model's.
+        """
+        self._check_live("finalize()")
+        for t in self.targets:
+            parametrize.remove_parametrizations(t.module, "weight", leave_parametrized=True)
+        self._finalized = True
+        return self.model
+
+    @property
+    def step_count(self) -> int:
+        """Number of :meth:`step` calls so far."""
+        return self._step
+
+    @property
+    def target_sparsity(self) -> float:
+        """The schedule's target at the current step."""
+        return self.schedule(self._step)
+
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """Current masks by module name (``True`` = kept). Read-only: change masks through the pruner."""
+        return {t.name: self._param(t).mask for t in self.targets}
+
+    def report(self) -> SparsityReport:
+        """Per-layer rows (name, shape, nnz, sparsity, pattern) and totals for the target weights."""
+        with torch.no_grad():
+            return SparsityReport([layer_row(t.name, t.module.weight, self.pattern) for t in self.targets])
+
+    # -- state -------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, object]:
+        """Everything needed to resume: step, schedule, masks and (movement) scores. Safe for ``weights_only``."""
+        self._check_live("state_dict()")
+        state: dict[str, object] = {
+            "version": STATE_VERSION, "step": self._step, "criterion": self.criterion.name,
+            "pattern": self.pattern, "scope": self.scope, "schedule": self.schedule.to_dict(),
+            "masks": {t.name: self._param(t).mask.clone() for t in self.targets},
+        }
+        if self.criterion.uses_gradients:
+            state["scores"] = {t.name: self._param(t).score.clone() for t in self.targets}
+        return state
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore :meth:`state_dict` into a pruner built with the same settings on the same architecture."""
+        self._check_live("load_state_dict()")
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"pruner state version {state.get('version')!r} is not supported "
+                             f"(expected {STATE_VERSION})")
+        for key, mine in (("criterion", self.criterion.name), ("pattern", self.pattern), ("scope", self.scope)):
+            if state.get(key) != mine:
+                raise ValueError(f"saved pruner has {key}={state.get(key)!r}, this one has {mine!r}")
+        if schedule_from_dict(state["schedule"]) != self.schedule:  # type: ignore[arg-type]
+            raise ValueError(f"saved schedule {state['schedule']} differs from this pruner's {self.schedule}")
+        masks = state["masks"]
+        scores = state.get("scores", {})
+        names = [t.name for t in self.targets]
+        if sorted(masks) != sorted(names):  # type: ignore[arg-type]
+            raise ValueError(f"saved masks are for {sorted(masks)}, this pruner targets {sorted(names)}")
+        for t in self.targets:
+            p = self._param(t)
+            _copy_checked(p.mask, masks[t.name], f"mask of {t.name}")  # type: ignore[index]
+            if p.score is not None:
+                _copy_checked(p.score, scores[t.name], f"score of {t.name}")  # type: ignore[index]
+        self._step = int(state["step"])  # type: ignore[arg-type]
+        self._set_accumulate()
+
+    # -- internals ---------------------------------------------------------------------------------------------
+    def _attach(self) -> None:
+        for t in self.targets:
+            w = t.module.weight
+            mask = torch.ones_like(w, dtype=torch.bool)
+            score = torch.zeros_like(w, dtype=torch.float32) if self.criterion.uses_gradients else None
+            parametrize.register_parametrization(t.module, "weight", _Mask(mask, score))
+        self._set_accumulate()
+
+    def _param(self, t: Target) -> _Mask:
+        return t.module.parametrizations["weight"][0]
+
+    def _dense(self, t: Target) -> Tensor:
+        return t.module.parametrizations["weight"].original
+
+    def _set_accumulate(self) -> None:
+        # Scores only matter until the last mask update; after it, stop paying for them.
+        on = self.criterion.uses_gradients and self._step < self.schedule.end_step
+        for t in self.targets:
+            self._param(t).accumulate = on
+
+    def _scores(self, t: Target) -> Tensor:
+        p = self._param(t)
+        s = p.score.clone() if self.criterion.score is None else self.criterion.score(self._dense(t))
+        if _criteria.has_nan(s):
+            raise ValueError(f"layer {t.name!r}: {self.criterion.name} scores contain NaN (NaN weights or "
+                             "gradients); fix the weights or exclude the layer")
+        if not self.criterion.regrows:
+            s.masked_fill_(~p.mask, float("-inf"))  # pruned weights stay pruned
+        return s
+
+    @torch.no_grad()
+    def _update_masks(self, sparsity: float) -> None:
+        scores = [self._scores(t) for t in self.targets]
+        if self.nm is not None:
+            new = [_masks.from_input_last(_masks.nm_schedule_mask(_masks.input_last(s, t.in_dim), self.nm, sparsity),
+                                          s.shape, t.in_dim) for s, t in zip(scores, self.targets)]
+        elif self.scope == "layer":
+            new = [_masks.layer_mask(s, sparsity) for s in scores]
+        else:
+            new = _masks.global_masks(scores, sparsity, self.max_layer_sparsity)
+        for t, m in zip(self.targets, new):
+            self._param(t).mask.copy_(m)
+
+    def _check_live(self, what: str) -> None:
+        if self._finalized:
+            raise RuntimeError(f"{what} called after finalize(): the pruner has been removed from the model")
+
+
+def _check_scope(scope: str, nm: _masks.NMPattern | None, max_layer_sparsity: float | None) -> str:
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; choose one of {list(SCOPES)}")
+    if nm is not None and scope != "layer":
+        raise ValueError(f"scope {scope!r} does not apply to N:M pattern {nm} (every group keeps {nm.n} of "
+                         f"{nm.m}); use scope='layer'")
+    if max_layer_sparsity is not None:
+        if scope != "global":
+            raise ValueError("max_layer_sparsity only applies to scope='global'")
+        if not 0.0 < max_layer_sparsity <= 1.0:
+            raise ValueError(f"max_layer_sparsity must be in (0, 1], got {max_layer_sparsity!r}")
+    return scope
+
+
+def _check_nm_shape(t: Target, nm: _masks.NMPattern | None) -> None:
+    if nm is not None and t.module.weight.shape[t.in_dim] % nm.m:
+        raise ValueError(f"layer {t.name!r} with weight shape {tuple(t.module.weight.shape)}: its input size "
+                         f"{t.module.weight.shape[t.in_dim]} is not a multiple of M={nm.m} for pattern {nm}; "
+                         "exclude it or pad the layer")
+
+
+def _copy_checked(dst: Tensor, src: object, what: str) -> None:
+    if not isinstance(src, Tensor) or src.shape != dst.shape or src.dtype != dst.dtype:
+        got = f"{tuple(src.shape)} {src.dtype}" if isinstance(src, Tensor) else type(src).__name__
+        raise ValueError(f"saved {what} is {got}, expected {tuple(dst.shape)} {dst.dtype}")
+    dst.copy_(src)
+
