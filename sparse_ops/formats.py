@@ -1,0 +1,332 @@
+"""Sparse storage formats for 2-D weights: CSR and 2:4 semi-structured.
+
+Each format is a small frozen container with ``from_dense`` / ``to_dense`` (lossless), ``nbytes``, ``validate``
+(every invariant, so a corrupted file raises ``ValueError`` before any index reaches torch) and
+``parts`` / ``from_parts`` (a dict of named tensors, how a checkpoint stores it).
+
+Zeros: a "nonzero" is ``w != 0``, so ``-0.0`` counts as zero and comes back from ``to_dense`` as ``+0.0``.
+Keeping ``-0.0`` would store half the pruned weights of any model pruned by ``w * mask`` (negative weight
+times 0 is -0.0) and defeat the format; ``-0.0 == +0.0`` and a product with either gives the same sum.
+Apart from the sign of zeros the round trip is bit for bit (NaN and inf included).
+
+Example:
+    >>> import torch
+    >>> w = torch.tensor([[0.0, 1.5, 0.0, -2.0], [3.0, 0.0, 0.0, 0.0]])
+    >>> csr = CSR.from_dense(w)
+    >>> csr.crow_indices.tolist(), csr.col_indices.tolist(), csr.values.tolist()
+    ([0, 2, 3], [1, 3, 0], [1.5, -2.0, 3.0])
+    >>> torch.equal(csr.to_dense(), w) and torch.equal(TwoFour.from_dense(w).to_dense(), w)
+    True
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+import torch
+
+# Value dtypes a sparse format may hold; anything else stays dense.
+VALUE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+INT16_MAX_COLS = 32767  # int16 column indices address columns 0..32766 when in_features <= 32767
+INT32_MAX = 2**31 - 1
+
+
+class SparseFormat(Protocol):
+    """What every format container offers (CSR, TwoFour)."""
+
+    format: ClassVar[str]
+    shape: tuple[int, int]
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+    @property
+    def device(self) -> torch.device: ...
+    @property
+    def nbytes(self) -> int: ...
+    def to_dense(self) -> torch.Tensor: ...
+    def validate(self) -> "SparseFormat": ...
+    def parts(self) -> dict[str, torch.Tensor]: ...
+    def to(self, device: torch.device | str) -> "SparseFormat": ...
+
+
+def _check_dense_weight(w: torch.Tensor, fmt: str) -> None:
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{fmt}.from_dense needs a torch.Tensor, got {type(w).__name__}")
+    if w.dim() != 2:
+        raise ValueError(f"{fmt} needs a 2-D (out, in) weight, got shape {tuple(w.shape)}")
+    if w.dtype not in VALUE_DTYPES:
+        raise ValueError(f"{fmt} stores {_names(VALUE_DTYPES)} values, got {w.dtype}")
+    if w.layout != torch.strided:
+        raise ValueError(f"{fmt}.from_dense needs a dense (strided) tensor, got layout {w.layout}")
+
+
+def _names(dtypes: tuple[torch.dtype, ...]) -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+def _check_shape(shape: object, fmt: str) -> tuple[int, int]:
+    ok = isinstance(shape, (tuple, list)) and len(shape) == 2
+    if not ok or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+        raise ValueError(f"{fmt} shape must be two non-negative ints (out, in), got {shape!r}")
+    return int(shape[0]), int(shape[1])
+
+
+def _expect(t: object, name: str, dtypes: tuple[torch.dtype, ...], shape: tuple[int, ...], fmt: str) -> None:
+    """Raise ValueError unless ``t`` is a dense tensor with one of ``dtypes`` and exactly ``shape``."""
+    if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+        raise ValueError(f"{fmt} {name} must be a dense tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{fmt} {name} must have dtype {_names(dtypes)}, got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{fmt} {name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def csr_col_dtype(in_features: int) -> torch.dtype:
+    """int16 column indices when every column fits (in_features <= 32767), else int32."""
+    return torch.int16 if in_features <= INT16_MAX_COLS else torch.int32
+
+
+def csr_nbytes(shape: tuple[int, int], nnz: int, dtype: torch.dtype) -> int:
+    """Bytes of a CSR weight: int32 row pointers (out+1) + nnz column indices + nnz values."""
+    out, inp = shape
+    col_bytes = torch.empty((), dtype=csr_col_dtype(inp)).element_size()
+    return (out + 1) * 4 + nnz * (col_bytes + torch.empty((), dtype=dtype).element_size())
+
+
+class _ValuesMixin:
+    """dtype / device / nbytes of a container whose ``values`` part carries the dtype."""
+
+    values: torch.Tensor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every stored part (what a file holds for this tensor, its header aside)."""
+        return sum(t.numel() * t.element_size() for t in self.parts().values())
+
+
+@dataclass(frozen=True, eq=False)
+class CSR(_ValuesMixin):
+    """Compressed sparse rows of an (out, in) weight.
+
+    crow_indices: (out + 1,) int32, row r holds entries crow[r]:crow[r+1]
+    col_indices:  (nnz,) int16 if in <= 32767 else int32, strictly increasing within a row
+    values:       (nnz,) fp32 / fp16 / bf16, never zero
+    """
+
+    crow_indices: torch.Tensor
+    col_indices: torch.Tensor
+    values: torch.Tensor
+    shape: tuple[int, int]
+
+    format: ClassVar[str] = "csr"
+
+    @classmethod
+    def from_dense(cls, w: torch.Tensor) -> "CSR":
+        """Keep the entries with ``w != 0``; see the module note on -0.0."""
+        _check_dense_weight(w, "csr")
+        out, inp = w.shape
+        keep = w != 0  # (out, in); -0.0 is dropped, NaN kept
+        nnz = int(keep.sum())
+        if nnz > INT32_MAX:
+            raise ValueError(f"csr holds at most {INT32_MAX} nonzeros with int32 row pointers, got {nnz}")
+        rows, cols = keep.nonzero(as_tuple=True)  # row-major order: rows sorted, cols increasing per row
+        crow = torch.zeros(out + 1, dtype=torch.int64, device=w.device)
+        crow[1:] = torch.cumsum(keep.sum(dim=1), 0)
+        return cls(crow.to(torch.int32), cols.to(csr_col_dtype(inp)), w[rows, cols], (out, inp))
+
+    def to_dense(self) -> torch.Tensor:
+        out, inp = self.shape
+        counts = (self.crow_indices[1:] - self.crow_indices[:-1]).to(torch.int64)
+        rows = torch.repeat_interleave(torch.arange(out, device=self.device), counts)  # (nnz,)
+        dense = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        dense[rows, self.col_indices.to(torch.int64)] = self.values
+        return dense
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        return {"crow_indices": self.crow_indices, "col_indices": self.col_indices, "values": self.values}
+
+    @classmethod
+    def from_parts(cls, parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> "CSR":
+        """Rebuild from ``parts()`` (e.g. read from a file) and validate every invariant."""
+        _require_parts(parts, ("crow_indices", "col_indices", "values"), "csr")
+        return cls(parts["crow_indices"], parts["col_indices"], parts["values"], _check_shape(shape, "csr")).validate()
+
+    def to(self, device: torch.device | str) -> "CSR":
+        return dataclasses.replace(self, **{k: v.to(device) for k, v in self.parts().items()})
+
+    def to_torch(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """torch sparse CSR tensor with int32 crow/col (torch needs both the same dtype: int16 widened here,
+        once) and values cast to ``dtype``.  Call ``validate`` first on untrusted parts: torch does not check."""
+        values = self.values if dtype is None else self.values.to(dtype)
+        with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(self.crow_indices, self.col_indices.to(torch.int32), values,
+                                           self.shape, check_invariants=False)
+
+    def validate(self) -> "CSR":
+        """Check dtypes, lengths, monotone row pointers and column ranges; return self or raise ValueError."""
+        out, inp = _check_shape(self.shape, "csr")
+        _expect(self.crow_indices, "crow_indices", (torch.int32,), (out + 1,), "csr")
+        nnz = self.values.numel() if isinstance(self.values, torch.Tensor) else -1
+        _expect(self.values, "values", VALUE_DTYPES, (nnz,), "csr")
+        _expect(self.col_indices, "col_indices", (torch.int16, torch.int32), (nnz,), "csr")
+        crow = self.crow_indices.to(torch.int64)
+        if crow[0].item() != 0 or crow[-1].item() != nnz:
+            raise ValueError(f"csr crow_indices must start at 0 and end at nnz={nnz}, "
+                             f"got {crow[0].item()} and {crow[-1].item()}")
+        if bool((crow[1:] < crow[:-1]).any()):
+            raise ValueError("csr crow_indices must be non-decreasing")
+        cols = self.col_indices.to(torch.int64)
+        if nnz and (cols.min().item() < 0 or cols.max().item() >= inp):
+            raise ValueError(f"csr col_indices must lie in [0, {inp}), got [{cols.min().item()}, {cols.max().item()}]")
+        _check_sorted_rows(cols, crow)
+        return self
+
+
+def _check_sorted_rows(cols: torch.Tensor, crow: torch.Tensor) -> None:
+    """Columns strictly increase within each row (no duplicates), i.e. except where a new row starts."""
+    if cols.numel() < 2:
+        return
+    step_ok = cols[1:] > cols[:-1]  # (nnz - 1,): entry i -> i + 1
+    starts = crow[1:-1]
+    starts = starts[(starts > 0) & (starts < cols.numel())]
+    step_ok[starts - 1] = True  # entry starts-1 is the last of its row
+    if not bool(step_ok.all()):
+        raise ValueError(f"csr col_indices must strictly increase within each row; "
+                         f"{int((~step_ok).sum())} entries do not")
+
+
+def _require_parts(parts: dict[str, torch.Tensor], names: tuple[str, ...], fmt: str) -> None:
+    if not isinstance(parts, dict) or set(parts) != set(names):
+        got = sorted(parts) if isinstance(parts, dict) else type(parts).__name__
+        raise ValueError(f"{fmt} needs parts {list(names)}, got {got}")
+
+
+# --- 2:4: two stored values per group of 4 along the input dimension, positions in 2-bit codes. ---
+
+def _check_24_shape(shape: tuple[int, int]) -> None:
+    if shape[1] % 4:
+        raise ValueError(f"2:4 needs in_features divisible by 4, got weight shape {shape}")
+
+
+def _pack_positions(pos: torch.Tensor) -> torch.Tensor:
+    """(out, G, 2) positions p0 < p1 in 0..3 -> (out, ceil(G/2)) uint8: nibble p0 | p1 << 2, even group low."""
+    out, groups, _ = pos.shape
+    nib = (pos[..., 0] | (pos[..., 1] << 2)).to(torch.uint8)  # (out, G)
+    if groups % 2:
+        nib = torch.cat([nib, nib.new_zeros(out, 1)], dim=1)  # pad nibble: 0
+    return nib[:, 0::2] | (nib[:, 1::2] << 4)
+
+
+def _unpack_nibbles(meta: torch.Tensor) -> torch.Tensor:
+    """(out, ceil(G/2)) uint8 -> (out, G + G % 2) nibbles as int64 (the last one padding when G is odd)."""
+    m = meta.to(torch.int64)
+    return torch.stack([m & 0xF, m >> 4], dim=-1).reshape(meta.shape[0], 2 * meta.shape[1])
+
+
+@dataclass(frozen=True, eq=False)
+class TwoFour(_ValuesMixin):
+    """2:4 semi-structured (out, in) weight: at most 2 nonzeros in each group of 4 input columns.
+
+    values:   (out, in/2) fp32 / fp16 / bf16, the two kept entries of each group in column order
+              (a group with fewer than two nonzeros stores zeros in its lowest free positions)
+    metadata: (out, ceil(in/8)) uint8, per group a 4-bit code p0 | p1 << 2 with 0 <= p0 < p1 <= 3,
+              two groups per byte (even group in the low nibble; an odd last group is padded with 0)
+    """
+
+    values: torch.Tensor
+    metadata: torch.Tensor
+    shape: tuple[int, int]
+
+    format: ClassVar[str] = "2:4"
+
+    @classmethod
+    def from_dense(cls, w: torch.Tensor) -> "TwoFour":
+        """Raise ValueError naming the offending group count when ``w`` breaks the 2:4 pattern."""
+        _check_dense_weight(w, "2:4")
+        out, inp = w.shape
+        _check_24_shape((out, inp))
+        g = w.masked_fill(w == 0, 0.0).reshape(out, inp // 4, 4)  # (out, G, 4), -0.0 -> +0.0
+        nonzero = g != 0
+        bad = int((nonzero.sum(-1) > 2).sum())
+        if bad:
+            raise ValueError(f"weight of shape {(out, inp)} is not 2:4: {bad} of {out * inp // 4} groups of 4 "
+                             f"hold more than 2 nonzeros")
+        # Prefer nonzeros, then the lowest free positions: key = 4 * is_zero + position, take the 2 smallest.
+        key = (~nonzero).to(torch.int64) * 4 + torch.arange(4, device=w.device)
+        pos = key.topk(2, dim=-1, largest=False).indices.sort(dim=-1).values  # (out, G, 2)
+        values = g.gather(-1, pos).reshape(out, inp // 2)
+        return cls(values, _pack_positions(pos), (out, inp))
+
+    def positions(self) -> torch.Tensor:
+        """(out, G, 2) int64 positions within each group of 4."""
+        out, inp = self.shape
+        nib = _unpack_nibbles(self.metadata)[:, : inp // 4]  # (out, G)
+        return torch.stack([nib & 0x3, nib >> 2], dim=-1)
+
+    def to_dense(self) -> torch.Tensor:
+        out, inp = self.shape
+        dense = torch.zeros(out, inp // 4, 4, dtype=self.dtype, device=self.device)
+        dense.scatter_(-1, self.positions(), self.values.reshape(out, inp // 4, 2))
+        return dense.reshape(out, inp)
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        return {"values": self.values, "metadata": self.metadata}
+
+    @classmethod
+    def from_parts(cls, parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> "TwoFour":
+        """Rebuild from ``parts()`` (e.g. read from a file) and validate every invariant."""
+        _require_parts(parts, ("values", "metadata"), "2:4")
+        return cls(parts["values"], parts["metadata"], _check_shape(shape, "2:4")).validate()
+
+    def to(self, device: torch.device | str) -> "TwoFour":
+        return dataclasses.replace(self, values=self.values.to(device), metadata=self.metadata.to(device))
+
+    def validate(self) -> "TwoFour":
+        """Check dtypes, shapes and that every code has p0 < p1 (padding code 0); return self or raise."""
+        out, inp = _check_shape(self.shape, "2:4")
+        _check_24_shape((out, inp))
+        groups = inp // 4
+        _expect(self.values, "values", VALUE_DTYPES, (out, inp // 2), "2:4")
+        _expect(self.metadata, "metadata", (torch.uint8,), (out, (groups + 1) // 2), "2:4")
+        nib = _unpack_nibbles(self.metadata)
+        p0, p1 = nib[:, :groups] & 0x3, nib[:, :groups] >> 2
+        bad = int((p0 >= p1).sum())
+        if bad:
+            raise ValueError(f"2:4 metadata holds {bad} invalid position codes (need p0 < p1)")
+        if groups % 2 and bool((nib[:, groups:] != 0).any()):
+            raise ValueError("2:4 metadata padding nibbles must be 0")
+        return self
+
+
+# format name -> container; the one table that maps names in files and arguments to classes.
+FORMATS: dict[str, type] = {CSR.format: CSR, TwoFour.format: TwoFour}
+
+
+def format_class(name: str) -> type:
+    """The container class for a format name; ValueError listing the known names otherwise."""
+    try:
+        return FORMATS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown sparse format {name!r}; known: {', '.join(FORMATS)}") from None
+
+
+def is_two_four(w: torch.Tensor) -> bool:
+    """True when a 2-D weight has in % 4 == 0 and at most 2 nonzeros in every group of 4 input columns."""
+    if w.dim() != 2 or w.shape[1] % 4:
+        return False
+    return not bool(((w != 0).reshape(w.shape[0], -1, 4).sum(-1) > 2).any())

@@ -1,0 +1,130 @@
+"""``SparseLinear``: an ``nn.Linear`` whose weight is stored in a sparse format and multiplied by a fast kernel.
+
+Example:
+    >>> import torch
+    >>> dense = torch.nn.Linear(8, 4)
+    >>> with torch.no_grad():
+    ...     dense.weight[:, 2:] = 0.0
+    >>> layer = SparseLinear.from_dense(dense, format="csr")
+    >>> x = torch.randn(2, 3, 8)
+    >>> torch.allclose(layer(x), dense(x), atol=1e-6)
+    True
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparse_ops.autotune import AutoKey, Timer, auto_key, pick_format, time_candidates
+from sparse_ops.dispatch import kernel_for
+from sparse_ops.formats import FORMATS, SparseFormat, format_class, is_two_four
+
+LAYER_FORMATS = (*FORMATS, "auto")
+
+# Measured choices of format="auto", shared by every layer of the process unless a cache is passed in.
+DEFAULT_AUTO_CACHE: dict[AutoKey, str] = {}
+
+
+class SparseLinear(nn.Module):
+    """``y = x @ W^T + b`` with W in one sparse format (parts kept as buffers ``weight_<part>``).
+
+    The kernel is taken from ``sparse_ops.dispatch`` for the weight's device and prepared once; moving the
+    module (``.to``, ``.cuda``, ``.half``) prepares it again.
+    """
+
+    def __init__(self, weight: SparseFormat, bias: torch.Tensor | None = None):
+        super().__init__()
+        weight.validate()
+        out, inp = weight.shape
+        if bias is not None and tuple(bias.shape) != (out,):
+            raise ValueError(f"bias must have shape ({out},), got {tuple(bias.shape)}")
+        self.format, self.out_features, self.in_features = weight.format, out, inp
+        self._part_names = tuple(weight.parts())
+        for name, t in weight.parts().items():
+            self.register_buffer(f"weight_{name}", t)
+        self.register_buffer("bias", None if bias is None else bias.to(weight.dtype))
+        self._prepare()
+
+    @property
+    def weight(self) -> SparseFormat:
+        """The stored format object (validated)."""
+        parts = {k: getattr(self, f"weight_{k}") for k in self._part_names}
+        return format_class(self.format).from_parts(parts, (self.out_features, self.in_features))
+
+    def _prepare(self) -> None:
+        w = self.weight
+        self.kernel = kernel_for(w.format, w.device)
+        self._state = self.kernel.prepare(w)
+        self._dtype = w.dtype
+
+    def _apply(self, fn, recurse=True):  # .to / .cuda / .half move the buffers; the kernel state follows
+        super()._apply(fn, recurse)
+        self._prepare()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., in) -> (..., out)."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input's last dimension must be in_features={self.in_features}, got {tuple(x.shape)}")
+        if x.dtype != self._dtype:
+            raise TypeError(f"input dtype {x.dtype} does not match the weight's {self._dtype}")
+        y = self.kernel.matmul(self._state, x.reshape(-1, self.in_features), self.bias)  # (N, out)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format!r}, " \
+               f"kernel={self.kernel.name!r}"
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, format: str = "csr", *, batch: int = 1, timer: Timer | None = None,
+                   cache: dict[AutoKey, str] | None = None) -> nn.Module:
+        """A SparseLinear holding ``linear``'s weight in ``format`` ("csr", "2:4" or "auto").
+
+        "auto" measures dense / csr / 2:4 for this weight at ``batch`` tokens on its device (``timer``, cached
+        in ``cache``) and returns ``linear`` itself when dense is fastest.
+        """
+        if format not in LAYER_FORMATS:
+            raise ValueError(f"unknown format {format!r}; allowed: {', '.join(LAYER_FORMATS)}")
+        w = linear.weight.detach()
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        if format == "auto":
+            format = choose_format(w, bias, batch=batch, timer=timer, cache=cache)
+            if format == "dense":
+                return linear
+        return cls(format_class(format).from_dense(w), bias)
+
+
+def candidate_formats(w: torch.Tensor) -> list[str]:
+    """Sparse formats worth timing for a weight on its device: a native kernel exists and the pattern fits."""
+    names = []
+    for name, fmt in FORMATS.items():
+        try:
+            native = kernel_for(name, w.device).native
+        except NotImplementedError:
+            continue
+        if native and (fmt.format != "2:4" or is_two_four(w)):
+            names.append(name)
+    return names
+
+
+def choose_format(w: torch.Tensor, bias: torch.Tensor | None, *, batch: int = 1, timer: Timer | None = None,
+                  cache: dict[AutoKey, str] | None = None) -> str:
+    """"dense", "csr" or "2:4": the fastest for this weight at ``batch`` tokens, measured once per AutoKey."""
+    cache = DEFAULT_AUTO_CACHE if cache is None else cache
+    key = auto_key(w, w.device, batch)
+    if key in cache:
+        return cache[key]
+    x = torch.randn(batch, w.shape[1], dtype=w.dtype, device=w.device)  # (batch, in)
+    fns = {"dense": functools.partial(F.linear, x, w, bias)}
+    for name in candidate_formats(w):
+        try:
+            fns[name] = functools.partial(SparseLinear(format_class(name).from_dense(w), bias), x)
+        except NotImplementedError:  # e.g. CUDA 2:4 with fp32 values
+            continue
+    with torch.inference_mode():
+        times = (timer or time_candidates)(fns, w.device)
+    cache[key] = pick_format(times)
+    return cache[key]

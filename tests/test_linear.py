@@ -1,0 +1,118 @@
+"""SparseLinear equals nn.Linear; format="auto" picks by injected timings (never real ones) and caches."""
+import pytest
+import torch
+from torch import nn
+
+from sparse_ops.autotune import auto_key, pick_format
+from sparse_ops.linear import SparseLinear, candidate_formats, choose_format
+from tests.test_formats import two_four, unstructured
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def pruned_linear(out, inp, dtype, weight, bias=True):
+    lin = nn.Linear(inp, out, bias=bias).to(dtype)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+    return lin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("format", ["csr", "2:4"])
+@pytest.mark.parametrize("lead", [(), (1,), (5,), (2, 3), (2, 0)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_sparse_linear_equals_dense_linear(dtype, format, lead, bias):
+    w = two_four((24, 32), dtype, extra_sparsity=0.5)
+    dense = pruned_linear(24, 32, dtype, w, bias)
+    sparse = SparseLinear.from_dense(dense, format=format)
+    x = torch.randn(*lead, 32, dtype=dtype)
+    with torch.no_grad():
+        y, ref = sparse(x), dense(x)
+    assert y.shape == ref.shape == (*lead, 24) and y.dtype == dtype
+    torch.testing.assert_close(y.float(), ref.float(), rtol=TOL[dtype], atol=TOL[dtype] * 32 ** 0.5)
+
+
+def test_weight_round_trips_and_module_moves():
+    w = unstructured((6, 8), 0.7)
+    layer = SparseLinear.from_dense(pruned_linear(6, 8, torch.float32, w))
+    assert torch.equal(layer.weight.to_dense(), w)
+    half = layer.to(torch.float16)  # buffers cast, kernel prepared again
+    x = torch.randn(3, 8, dtype=torch.float16)
+    torch.testing.assert_close(half(x).float(), x.float() @ w.t() + layer.bias.float(), rtol=2e-3, atol=5e-3)
+
+
+def test_bad_inputs_name_the_problem():
+    layer = SparseLinear.from_dense(pruned_linear(6, 8, torch.float32, unstructured((6, 8), 0.5)))
+    with pytest.raises(ValueError, match=r"in_features=8, got \(2, 7\)"):
+        layer(torch.randn(2, 7))
+    with pytest.raises(TypeError, match="float64 does not match the weight's torch.float32"):
+        layer(torch.randn(2, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"unknown format 'bsr'; allowed: csr, 2:4, auto"):
+        SparseLinear.from_dense(nn.Linear(8, 6), format="bsr")
+    with pytest.raises(ValueError, match="not 2:4"):
+        SparseLinear.from_dense(nn.Linear(8, 6), format="2:4")
+
+
+def fixed_timer(times, calls):
+    """A Timer returning ``times`` for the candidates it is offered (and recording what it was offered)."""
+    def timer(fns, device):
+        calls.append(sorted(fns))
+        for fn in fns.values():
+            fn()  # the candidates must run
+        return {k: times[k] for k in fns}
+    return timer
+
+
+@pytest.mark.parametrize("times,expected", [
+    ({"dense": 1.0, "csr": 0.2}, "csr"),
+    ({"dense": 1.0, "csr": 1.2}, "dense"),
+    ({"dense": 1.0, "csr": 0.97}, "dense"),  # within the 5% noise margin: dense
+    ({"dense": 1.0, "csr": 0.5, "2:4": 0.4}, "2:4"),
+    ({"dense": 1.0}, "dense"),
+])
+def test_pick_format_rule(times, expected):
+    assert pick_format(times) == expected
+
+
+@pytest.mark.parametrize("csr_time,expected_type", [(0.1, SparseLinear), (10.0, nn.Linear)])
+def test_auto_builds_the_fastest_and_keeps_dense_when_sparse_is_slower(csr_time, expected_type):
+    lin = pruned_linear(16, 32, torch.float32, unstructured((16, 32), 0.9))
+    calls, cache = [], {}
+    layer = SparseLinear.from_dense(lin, format="auto", timer=fixed_timer({"dense": 1.0, "csr": csr_time}, calls),
+                                    cache=cache)
+    assert type(layer) is expected_type and calls == [["csr", "dense"]]
+    if expected_type is nn.Linear:
+        assert layer is lin
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(layer(x), lin(x))
+
+
+def exact(shape, sparsity):
+    """Random weight with exactly round(sparsity * numel) zeros."""
+    w = torch.randn(shape)
+    w.view(-1)[torch.randperm(w.numel())[: round(sparsity * w.numel())]] = 0.0
+    return w
+
+
+def test_auto_measures_once_per_key():
+    calls, cache = [], {}
+    timer = fixed_timer({"dense": 1.0, "csr": 0.5}, calls)
+    for sparsity in (0.9, 0.91, 0.92):  # same shape, sparsity bucket, dtype, device, batch
+        choose_format(exact((16, 32), sparsity), None, timer=timer, cache=cache)
+    assert len(calls) == 1
+    choose_format(exact((16, 32), 0.9), None, batch=8, timer=timer, cache=cache)
+    choose_format(exact((16, 32), 0.5), None, timer=timer, cache=cache)
+    choose_format(exact((16, 28), 0.9), None, timer=timer, cache=cache)
+    assert len(calls) == 4 and len(cache) == 4
+
+
+def test_auto_key_buckets_sparsity():
+    w = torch.ones(10, 10)
+    w.view(-1)[:93] = 0
+    key = auto_key(w, "cpu", 4)
+    assert (key.shape, key.sparsity_bucket, key.dtype, key.device, key.batch) == ((10, 10), 0.9, "float32", "cpu", 4)
+
+
+def test_cpu_candidates_skip_two_four_emulation():
+    # 2:4 on CPU has no native kernel (it runs as dense or CSR), so auto never times it there.
+    assert candidate_formats(two_four((8, 16))) == ["csr"]
