@@ -35,9 +35,54 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_convert(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="a .safetensors file, a .pt/.bin state dict, or a Hugging Face model directory")
+    p.add_argument("-o", "--output", required=True, help="the sparse .safetensors file to write")
+    p.add_argument("--format", default="csr", help="csr, 2:4 or auto (smallest per tensor) (default: csr)")
+    p.add_argument("--min-sparsity", type=float, default=None,
+                   help="convert tensors at least this sparse (default: where sparse storage is smaller; "
+                        "0.5 for 2:4)")
+    p.add_argument("--embeddings", action="store_true", help="convert embedding tables too")
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from sparse_ops.checkpoint import convert_checkpoint
+
+    s = convert_checkpoint(args.src, args.output, format=args.format, min_sparsity=args.min_sparsity,
+                           embeddings=args.embeddings, progress=True)
+    print(f"converted {s.converted} of {s.tensors} tensors to {s.format}: {_mb(s.bytes_before)} -> "
+          f"{_mb(s.bytes_after)} ({s.ratio:.1%} of dense), written to {s.dst}")
+    return 0
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 1e6:,.2f} MB"
+
+
+def add_inspect(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="a dense or sparse checkpoint (.safetensors, .pt/.bin, model directory)")
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from sparse_ops.checkpoint import inspect_checkpoint
+
+    print(f"{'name':<48} {'shape':<16} {'format':<6} {'dtype':<9} {'sparsity':>8} {'bytes':>14}")
+    rows = stored = dense = 0
+    for t in inspect_checkpoint(args.file):
+        shape = "x".join(map(str, t.shape)) or "scalar"
+        print(f"{t.name:<48} {shape:<16} {t.format:<6} {str(t.dtype).removeprefix('torch.'):<9} "
+              f"{t.sparsity:>8.1%} {t.nbytes:>14,}")
+        rows, stored, dense = rows + 1, stored + t.nbytes, dense + t.dense_nbytes
+    print(f"total: {rows} tensors, {stored:,} bytes stored, {dense:,} bytes dense "
+          f"({stored / max(dense, 1):.1%} of dense)")
+    return 0
+
+
 # name -> (help, add_arguments, run)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "demo": ("prune a small model while it trains and print its sparsity report", add_demo, run_demo),
+    "convert": ("convert a checkpoint to a sparse safetensors file (csr, 2:4)", add_convert, run_convert),
+    "inspect": ("list a checkpoint's tensors: shape, format, sparsity, bytes", add_inspect, run_inspect),
 }
 
 

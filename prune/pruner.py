@@ -45,8 +45,7 @@ INPUT_DIM: dict[type[nn.Module], int] = {
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
     """transformers' ``Conv1D`` (GPT-2): a linear layer whose weight is stored (in, out)."""
-    cls = type(module)
-    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in type(module).__mro__)
 
 
 def input_dim(module: nn.Module) -> int:
@@ -197,7 +196,7 @@ class Pruner:
         if self.nm and abs(self.schedule.final - self.nm.sparsity) > 1e-9:
             raise ValueError(f"pattern {self.pattern} means sparsity {self.nm.sparsity}, but the schedule's final "
                              f"sparsity is {self.schedule.final}")
-        if self.criterion.uses_gradients and self.schedule(0) > 0:
+        if self.criterion.uses_gradients and self.schedule.is_update_step(0) and self.schedule(0) > 0:
             raise ValueError(f"criterion {criterion!r} ranks weights by scores accumulated over training steps, "
                              f"so it cannot prune at step 0 (target {self.schedule(0)}): use begin_step >= 1")
         self.model = model
@@ -227,6 +226,7 @@ class Pruner:
         self._check_live("finalize()")
         for t in self.targets:
             parametrize.remove_parametrizations(t.module, "weight", leave_parametrized=True)
+            _restore_order(t.module._parameters, self._param_order[t.name])
         self._finalized = True
         return self.model
 
@@ -289,6 +289,7 @@ class Pruner:
 
     # -- internals ---------------------------------------------------------------------------------------------
     def _attach(self) -> None:
+        self._param_order = {t.name: list(t.module._parameters) for t in self.targets}
         for t in self.targets:
             w = t.module.weight
             mask = torch.ones_like(w, dtype=torch.bool)
@@ -355,6 +356,12 @@ def _check_nm_shape(t: Target, nm: _masks.NMPattern | None) -> None:
         raise ValueError(f"layer {t.name!r} with weight shape {tuple(t.module.weight.shape)}: its input size "
                          f"{t.module.weight.shape[t.in_dim]} is not a multiple of M={nm.m} for pattern {nm}; "
                          "exclude it or pad the layer")
+
+
+def _restore_order(params: dict[str, object], order: list[str]) -> None:
+    """Put a module's parameters back in their original order (so ``state_dict()`` keys keep their order)."""
+    for name in order + [k for k in list(params) if k not in order]:
+        params[name] = params.pop(name)
 
 
 def _copy_checked(dst: Tensor, src: object, what: str) -> None:

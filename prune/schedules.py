@@ -1,8 +1,8 @@
 """Sparsity schedules: pure functions of the step number.
 
 A schedule maps a step ``t`` (optimizer steps taken so far) to a target sparsity. Every schedule has
-``begin_step`` (warm-up: before it the target is ``initial``), ``end_step`` (after it the target is held at
-``final``: cool-down) and ``every`` (the target only changes on steps ``begin_step + k * every`` and at
+``begin_step`` (warm-up: before it nothing is pruned; at it the target is ``initial``), ``end_step`` (from it
+on the target is held at ``final``: cool-down) and ``every`` (the target only changes on steps ``begin_step + k * every`` and at
 ``end_step``; between those boundaries it is held). Targets never decrease.
 
 Example:
@@ -72,7 +72,7 @@ class Schedule:
         """Target sparsity after ``step`` optimizer steps."""
         _check_step("step", step)
         if step < self.begin_step:
-            return float(self.initial)
+            return 0.0
         p = self._progress(step)
         if p >= 1.0:
             return float(self.final)
