@@ -37,6 +37,7 @@ class SparseFormat(Protocol):
     """What every format container offers (CSR, TwoFour)."""
 
     format: ClassVar[str]
+    PARTS: ClassVar[tuple[str, ...]]  # names of the stored tensors, as in parts()
     shape: tuple[int, int]
 
     @property
@@ -114,6 +115,12 @@ class _ValuesMixin:
         return sum(t.numel() * t.element_size() for t in self.parts().values())
 
 
+def two_four_nbytes(shape: tuple[int, int], dtype: torch.dtype) -> int:
+    """Bytes of a 2:4 weight: (out, in/2) values + (out, ceil(in/8)) uint8 metadata."""
+    out, inp = shape
+    return out * (inp // 2) * torch.empty((), dtype=dtype).element_size() + out * ((inp // 4 + 1) // 2)
+
+
 @dataclass(frozen=True, eq=False)
 class CSR(_ValuesMixin):
     """Compressed sparse rows of an (out, in) weight.
@@ -129,6 +136,7 @@ class CSR(_ValuesMixin):
     shape: tuple[int, int]
 
     format: ClassVar[str] = "csr"
+    PARTS: ClassVar[tuple[str, ...]] = ("crow_indices", "col_indices", "values")
 
     @classmethod
     def from_dense(cls, w: torch.Tensor) -> "CSR":
@@ -162,7 +170,7 @@ class CSR(_ValuesMixin):
     @classmethod
     def from_parts(cls, parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> "CSR":
         """Rebuild from ``parts()`` (e.g. read from a file) and validate every invariant."""
-        _require_parts(parts, ("crow_indices", "col_indices", "values"), "csr")
+        _require_parts(parts, cls.PARTS, "csr")
         return cls(parts["crow_indices"], parts["col_indices"], parts["values"], _check_shape(shape, "csr")).validate()
 
     def to(self, device: torch.device | str) -> "CSR":
@@ -253,6 +261,7 @@ class TwoFour(_ValuesMixin):
     shape: tuple[int, int]
 
     format: ClassVar[str] = "2:4"
+    PARTS: ClassVar[tuple[str, ...]] = ("values", "metadata")
 
     @classmethod
     def from_dense(cls, w: torch.Tensor) -> "TwoFour":
@@ -290,7 +299,7 @@ class TwoFour(_ValuesMixin):
     @classmethod
     def from_parts(cls, parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> "TwoFour":
         """Rebuild from ``parts()`` (e.g. read from a file) and validate every invariant."""
-        _require_parts(parts, ("values", "metadata"), "2:4")
+        _require_parts(parts, cls.PARTS, "2:4")
         return cls(parts["values"], parts["metadata"], _check_shape(shape, "2:4")).validate()
 
     def to(self, device: torch.device | str) -> "TwoFour":

@@ -1,0 +1,230 @@
+"""Checkpoint conversion, reading of every source kind, validation of bad files, and sparsify on a tiny BERT."""
+import json
+import os
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from sparse_ops.checkpoint import (
+    TENSORS_KEY, VERSION_KEY, convert_checkpoint, inspect_checkpoint, load_sparse_state_dict, sparsify,
+)
+from sparse_ops.formats import CSR, TwoFour
+from sparse_ops.linear import SparseLinear
+from tests.test_formats import two_four, unstructured
+
+
+def state(sparsity=0.9, dtype=torch.float32, pattern="unstructured"):
+    make = (lambda s: two_four(s, dtype)) if pattern == "2:4" else (lambda s: unstructured(s, sparsity, dtype))
+    return {"fc1.weight": make((256, 128)), "fc1.bias": torch.randn(256).to(dtype),
+            "fc2.weight": make((64, 256)), "emb.embeddings.weight": torch.randn(50, 16).to(dtype),
+            "step": torch.tensor(3)}
+
+
+def write(tmp_path, sd, kind):
+    """Save ``sd`` as a .safetensors file, a .pt file, or an HF directory (single or 2-shard)."""
+    if kind == "safetensors":
+        save_file(sd, tmp_path / "m.safetensors")
+        return tmp_path / "m.safetensors"
+    if kind == "pt":
+        torch.save(sd, tmp_path / "m.pt")
+        return tmp_path / "m.pt"
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    if kind == "hf":
+        save_file(sd, d / "model.safetensors")
+        return d
+    keys = sorted(sd)
+    shards = {"a.safetensors": keys[: len(keys) // 2], "b.safetensors": keys[len(keys) // 2:]}
+    for file, names in shards.items():
+        save_file({k: sd[k] for k in names}, d / file)
+    index = {"weight_map": {k: f for f, names in shards.items() for k in names}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    return d
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "pt", "hf", "hf-sharded"])
+@pytest.mark.parametrize("format", ["csr", "auto"])
+def test_convert_round_trips_every_source(tmp_path, kind, format):
+    sd = state()
+    summary = convert_checkpoint(write(tmp_path, sd, kind), tmp_path / "out.safetensors", format=format)
+    assert (summary.tensors, summary.converted) == (5, 2)  # embeddings, bias and the scalar stay dense
+    loaded = load_sparse_state_dict(tmp_path / "out.safetensors")
+    assert isinstance(loaded["fc1.weight"], CSR) and isinstance(loaded["emb.embeddings.weight"], torch.Tensor)
+    dense = load_sparse_state_dict(tmp_path / "out.safetensors", dense=True)
+    assert set(dense) == set(sd) and all(torch.equal(dense[k], sd[k]) and dense[k].dtype == sd[k].dtype for k in sd)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_two_four_round_trip_and_auto_prefers_smaller(tmp_path, dtype):
+    sd = state(dtype=dtype, pattern="2:4")
+    src = write(tmp_path, sd, "safetensors")
+    convert_checkpoint(src, tmp_path / "a.safetensors", format="2:4")
+    loaded = load_sparse_state_dict(tmp_path / "a.safetensors")
+    assert isinstance(loaded["fc2.weight"], TwoFour) and loaded["fc2.weight"].dtype == dtype
+    assert all(torch.equal(v, sd[k]) for k, v in load_sparse_state_dict(tmp_path / "a.safetensors", True).items())
+    # at 50% sparsity CSR is larger than dense (fp32 + int16 breaks even at 33%, fp16 at 50%); 2:4 is smaller
+    convert_checkpoint(src, tmp_path / "b.safetensors", format="auto")
+    assert isinstance(load_sparse_state_dict(tmp_path / "b.safetensors")["fc1.weight"], TwoFour)
+
+
+def test_sizes_at_90_percent_csr_and_2_4(tmp_path):
+    big = {"w": unstructured((512, 512), 0.9), "b": torch.randn(512)}
+    save_file(big, tmp_path / "d.safetensors")
+    convert_checkpoint(tmp_path / "d.safetensors", tmp_path / "s.safetensors", format="csr")
+    assert os.path.getsize(tmp_path / "s.safetensors") <= 0.25 * os.path.getsize(tmp_path / "d.safetensors")
+    save_file({"w": two_four((512, 512)), "b": torch.randn(512)}, tmp_path / "d24.safetensors")
+    convert_checkpoint(tmp_path / "d24.safetensors", tmp_path / "s24.safetensors", format="2:4")
+    assert os.path.getsize(tmp_path / "s24.safetensors") <= 0.60 * os.path.getsize(tmp_path / "d24.safetensors")
+
+
+@pytest.mark.parametrize("min_sparsity,converted", [(None, 1), (0.0, 2), (0.95, 0)])
+def test_min_sparsity_threshold(tmp_path, min_sparsity, converted):
+    sd = {"a": unstructured((64, 64), 0.9), "b": unstructured((64, 64), 0.2)}  # b: CSR would be larger
+    s = convert_checkpoint(write(tmp_path, sd, "pt"), tmp_path / "o.safetensors", min_sparsity=min_sparsity)
+    assert s.converted == converted
+
+
+def test_metadata_not_names_carry_the_format(tmp_path):
+    convert_checkpoint(write(tmp_path, state(), "pt"), tmp_path / "o.safetensors")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "o.safetensors"), "pt") as f:
+        meta = f.metadata()
+    records = json.loads(meta[TENSORS_KEY])
+    assert meta[VERSION_KEY] == "1" and records["fc1.weight"]["format"] == "csr"
+    assert records["fc1.weight"]["shape"] == [256, 128] and records["fc1.bias"]["format"] == "dense"
+    # renaming a stored part keeps the file readable as long as the metadata points at it
+    infos = {t.name: t for t in inspect_checkpoint(tmp_path / "o.safetensors")}
+    assert infos["fc1.weight"].format == "csr" and 0.85 < infos["fc1.weight"].sparsity < 0.95
+
+
+def rewrite_metadata(path, change):
+    """Rewrite a safetensors file's header with ``change(records)`` applied to the sparse_ops records."""
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    records = json.loads(header["__metadata__"][TENSORS_KEY])
+    change(records, header)
+    header["__metadata__"][TENSORS_KEY] = json.dumps(records)
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
+
+
+def patch_data(path, tensor, new_bytes):
+    """Overwrite the first bytes of a stored tensor's data (a bit flip on disk)."""
+    raw = bytearray(path.read_bytes())
+    n = struct.unpack("<Q", raw[:8])[0]
+    start = 8 + n + json.loads(raw[8:8 + n])[tensor]["data_offsets"][0]
+    raw[start:start + len(new_bytes)] = new_bytes
+    path.write_bytes(bytes(raw))
+
+
+def _set(path, value):
+    def change(records, header):
+        obj = records
+        for k in path[:-1]:
+            obj = obj[k]
+        obj[path[-1]] = value
+    return change
+
+
+def _corrupt_cols(records, header):
+    pass  # the data is patched below: this case changes bytes, not metadata
+
+
+CORRUPTIONS = {
+    "unknown format": (_set(["fc1.weight", "format"], "bsr"), "format of 'fc1.weight' is 'bsr'"),
+    "bad shape": (_set(["fc1.weight", "shape"], [256, 64]), "fc1.weight"),
+    "bad dtype name": (_set(["fc1.weight", "dtype"], "float128"), "dtype of 'fc1.weight'"),
+    "missing part": (_set(["fc1.weight", "parts", "values"], "nope"), "parts of 'fc1.weight'"),
+    "dense shape lie": (_set(["fc1.bias", "shape"], [7]), "metadata says"),
+    "corrupt indices": (_corrupt_cols, r"'fc1.weight': csr col_indices must lie in \[0, 128\)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_corrupted_sparse_file_raises_value_error(tmp_path, case):
+    change, message = CORRUPTIONS[case]
+    convert_checkpoint(write(tmp_path, state(), "pt"), tmp_path / "o.safetensors")
+    rewrite_metadata(tmp_path / "o.safetensors", change)
+    if case == "corrupt indices":
+        patch_data(tmp_path / "o.safetensors", "fc1.weight/col_indices", struct.pack("<h", 30000))
+    with pytest.raises(ValueError, match=message):
+        load_sparse_state_dict(tmp_path / "o.safetensors")
+
+
+def test_malicious_pickle_is_refused_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"w": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="refusing to load .*weights_only"):
+        convert_checkpoint(tmp_path / "evil.pt", tmp_path / "o.safetensors")
+    assert not marker.exists() and not (tmp_path / "o.safetensors").exists()
+    assert os.listdir(tmp_path) == ["evil.pt"]  # no temporary files either
+
+
+def tiny_bert(seed=0):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     vocab_size=100, max_position_embeddings=32)
+    return BertModel(cfg).eval()
+
+
+def prune_linears(model, sparsity, pattern="unstructured"):
+    """Zero the smallest weights of every nn.Linear (per layer); 2:4 keeps the 2 largest of each 4."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                w = m.weight
+                if pattern == "2:4":
+                    g = w.abs().reshape(w.shape[0], -1, 4)
+                    drop = g.argsort(-1)[..., :2]
+                    w.copy_(w.reshape(g.shape).scatter(-1, drop, 0.0).reshape(w.shape))
+                else:
+                    k = int(sparsity * w.numel())
+                    w.view(-1)[w.abs().view(-1).argsort()[:k]] = 0.0
+    return model
+
+
+@pytest.mark.parametrize("format,pattern", [("csr", "unstructured"), ("2:4", "2:4"), ("auto", "2:4")])
+def test_sparsify_tiny_bert_matches_dense_pruned_model(tmp_path, format, pattern):
+    dense = prune_linears(tiny_bert(), 0.9, pattern)
+    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, tmp_path / "bert.safetensors")
+    convert_checkpoint(tmp_path / "bert.safetensors", tmp_path / "sparse.safetensors", format=format)
+    model = sparsify(tiny_bert(seed=1), tmp_path / "sparse.safetensors")
+    n_sparse = sum(isinstance(m, SparseLinear) for m in model.modules())
+    assert n_sparse == sum(isinstance(m, nn.Linear) for m in dense.modules())  # every linear is pruned
+    ids = torch.randint(0, 100, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        expected = dense(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sparsify_from_state_dict_and_auto_keeps_dense_when_slower():
+    dense = prune_linears(tiny_bert(), 0.9)
+    sd = {k: (CSR.from_dense(v) if v.dim() == 2 and "encoder" in k else v) for k, v in dense.state_dict().items()}
+    slow_sparse = lambda fns, device: {k: (1.0 if k == "dense" else 2.0) for k in fns}  # noqa: E731
+    model = sparsify(tiny_bert(seed=1), sd, auto=True, timer=slow_sparse)
+    assert not any(isinstance(m, SparseLinear) for m in model.modules())
+    ids = torch.randint(0, 100, (1, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).last_hidden_state, dense(input_ids=ids).last_hidden_state)
+
+
+def test_sparsify_rejects_a_checkpoint_for_another_model():
+    sd = {"nope.weight": CSR.from_dense(torch.zeros(4, 4))}
+    with pytest.raises(ValueError, match="does not fit the model: 1 unexpected and 2 missing tensors, e.g. .nope.weight."):
+        sparsify(nn.Sequential(nn.Linear(4, 4)), sd)

@@ -1,0 +1,100 @@
+"""`prune convert` / `prune inspect` end to end: summaries, tables, and one stderr line + exit 2 on bad input."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from prune.cli import EXIT_USER_ERROR, main
+from tests.test_formats import unstructured
+
+
+@pytest.fixture
+def dense_file(tmp_path):
+    sd = {"fc.weight": unstructured((256, 256), 0.9), "fc.bias": torch.randn(256), "head.weight": torch.randn(8, 256)}
+    save_file(sd, tmp_path / "model.safetensors")
+    return tmp_path / "model.safetensors"
+
+
+def test_convert_prints_summary_and_inspect_lists_tensors(tmp_path, dense_file, capsys):
+    assert main(["convert", str(dense_file), "-o", str(tmp_path / "s.safetensors"), "--format", "csr"]) == 0
+    out = capsys.readouterr().out
+    assert "converted 1 of 3 tensors to csr" in out and "MB ->" in out and "of dense" in out
+    assert main(["inspect", str(tmp_path / "s.safetensors")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    row = next(ln.split() for ln in lines if ln.startswith("fc.weight"))
+    assert row[1:4] == ["256x256", "csr", "float32"] and 85.0 < float(row[4].rstrip("%")) < 95.0
+    assert lines[-1].startswith("total: 3 tensors,")
+    assert main(["inspect", str(dense_file)]) == 0
+    assert "fc.weight" in capsys.readouterr().out
+
+
+def _truncate(tmp_path, dense_file):
+    data = dense_file.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    return tmp_path / "cut.safetensors"
+
+
+def _garbage_pt(tmp_path, _):
+    (tmp_path / "junk.pt").write_bytes(b"this is not a checkpoint")
+    return tmp_path / "junk.pt"
+
+
+def _wrong_type(tmp_path, _):
+    (tmp_path / "notes.txt").write_text("hello")
+    return tmp_path / "notes.txt"
+
+
+def _not_a_state_dict(tmp_path, _):
+    torch.save([torch.zeros(2)], tmp_path / "list.pt")
+    return tmp_path / "list.pt"
+
+
+def _evil(tmp_path, _):
+    torch.save({"w": Evil()}, tmp_path / "evil.pt")
+    return tmp_path / "evil.pt"
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned-by-pickle",))
+
+
+BAD_INPUTS = {
+    "missing file": (lambda tmp, f: tmp / "nope.safetensors", [], "no such file or directory"),
+    "truncated": (_truncate, [], "cannot read .*cut.safetensors: .*incomplete metadata"),
+    "garbage .pt": (_garbage_pt, [], "cannot read .*junk.pt"),
+    "wrong type": (_wrong_type, [], "unsupported file type 'notes.txt'"),
+    "not a state dict": (_not_a_state_dict, [], "holds a list, not a state dict"),
+    "malicious pickle": (_evil, [], "refusing to load .*weights_only"),
+    "not 2:4": (lambda tmp, f: f, ["--format", "2:4"], "fc.weight: weight of shape \\(256, 256\\) is not 2:4: \\d+ of"),
+    "unknown format": (lambda tmp, f: f, ["--format", "bsr"], "unknown format 'bsr'; allowed: csr, 2:4, auto"),
+    "bad sparsity": (lambda tmp, f: f, ["--min-sparsity", "1.5"], "min_sparsity must be in \\[0, 1\\], got 1.5"),
+    "directory not a model": (lambda tmp, f: tmp / "d", [], "is not a Hugging Face model directory"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_no_file(tmp_path, dense_file, capsys, monkeypatch, case):
+    make, extra, message = BAD_INPUTS[case]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").mkdir()
+    src = make(tmp_path, dense_file)
+    before = set(os.listdir(tmp_path))
+    code = main(["convert", str(src), "-o", str(tmp_path / "out.safetensors"), *extra])
+    err = capsys.readouterr().err
+    assert code == EXIT_USER_ERROR
+    assert len(err.strip().splitlines()) == 1 and err.startswith("prune convert: error: ")
+    assert re.search(message, err), err
+    assert set(os.listdir(tmp_path)) == before  # no output, no temporary file, no pickle side effect
+
+
+def test_inspect_bad_file_and_no_traceback_in_a_real_process(tmp_path):
+    (tmp_path / "x.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{bad json here!}")
+    proc = subprocess.run([sys.executable, "-m", "prune", "inspect", str(tmp_path / "x.safetensors")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == EXIT_USER_ERROR and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("prune inspect: error: cannot read") and len(proc.stderr.splitlines()) == 1
