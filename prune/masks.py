@@ -55,23 +55,20 @@ def num_pruned(sparsity: float, numel: int) -> int:
 def prune_lowest(scores: Tensor, n_prune: int) -> Tensor:
     """Mask that drops the ``n_prune`` lowest scores; among ties the lower flat index is kept.
 
-    O(numel): one selection (kthvalue) plus a pass over the entries tied at the threshold.
+    O(numel): one selection, one comparison, and a pass over the entries tied at the threshold if any.
     """
     flat = scores.reshape(-1)
     n = flat.numel()
     if not 0 <= n_prune <= n:
         raise ValueError(f"cannot prune {n_prune} of {n} entries")
-    keep = torch.ones(n, dtype=torch.bool, device=flat.device)
-    if n_prune == 0:
-        return keep.view(scores.shape)
-    if n_prune == n:
-        return keep.logical_not_().view(scores.shape)
+    if n_prune == 0 or n_prune == n:
+        return torch.full(scores.shape, n_prune == 0, dtype=torch.bool, device=scores.device)
     threshold = kth_smallest(flat, n_prune)
-    below = flat < threshold
-    n_tied_to_prune = n_prune - int(torch.count_nonzero(below))
-    tied = torch.nonzero(flat == threshold).squeeze(1)  # ascending flat indices
-    keep &= ~below
-    keep[tied[tied.numel() - n_tied_to_prune:]] = False  # drop the highest indices among ties
+    keep = flat > threshold
+    n_tied_to_keep = n - n_prune - int(torch.count_nonzero(keep))
+    if n_tied_to_keep:  # entries equal to the threshold: keep the lowest flat indices
+        tied = torch.nonzero(flat == threshold).squeeze(1)  # ascending
+        keep[tied[:n_tied_to_keep]] = True
     return keep.view(scores.shape)
 
 
@@ -98,8 +95,8 @@ def kth_smallest(flat: Tensor, k: int) -> Tensor:
     return torch.kthvalue(flat, k).values
 
 
-_EXACT_SELECT_MAX = 1 << 20
-_SAMPLE = 1 << 16
+_EXACT_SELECT_MAX = 1 << 23  # below this, kthvalue (quickselect) beats the sampled bracket
+_SAMPLE = 1 << 14
 
 
 def layer_mask(scores: Tensor, sparsity: float) -> Tensor:
