@@ -131,33 +131,42 @@ def nm_schedule_mask(scores: Tensor, pattern: NMPattern, sparsity: float) -> Ten
     return prune_lowest(ranked, n_prune)
 
 
-def global_masks(scores: Sequence[Tensor], sparsity: float, max_layer_sparsity: float | None = None) -> list[Tensor]:
-    """One threshold over all tensors: exactly ``round(s * total)`` zeros in total.
+def global_masks(flat: Tensor, sizes: Sequence[int], sparsity: float,
+                 max_layer_sparsity: float | None = None) -> list[Tensor]:
+    """One threshold over several tensors' scores: exactly ``round(s * total)`` zeros in total.
 
+    ``flat`` holds the tensors' scores end to end (``sizes`` long each), so the caller can fill one buffer
+    instead of keeping every tensor's scores *and* their concatenation. Returns one flat mask per tensor.
     With ``max_layer_sparsity``, no tensor is pruned beyond it: capped tensors get exactly their cap and the
     rest of the budget goes to the others by a new common threshold (repeated until no tensor exceeds its cap).
+
+    Example:
+        >>> [m.tolist() for m in global_masks(torch.tensor([1.0, 5.0, 2.0, 3.0]), [2, 2], 0.5)]
+        [[False, True], [False, True]]
     """
-    sizes = [s.numel() for s in scores]
-    budget = num_pruned(sparsity, sum(sizes))
+    if flat.numel() != sum(sizes):
+        raise ValueError(f"scores hold {flat.numel()} entries but sizes add up to {sum(sizes)}")
+    parts = flat.split(list(sizes))
+    budget = num_pruned(sparsity, flat.numel())
     cap = [int(max_layer_sparsity * n) if max_layer_sparsity is not None else n for n in sizes]
     if budget > sum(cap):
         raise ValueError(f"sparsity {sparsity} is unreachable with max_layer_sparsity={max_layer_sparsity}: "
-                         f"at most {sum(cap) / sum(sizes):.4f} of the weights may be pruned")
+                         f"at most {sum(cap) / flat.numel():.4f} of the weights may be pruned")
     capped: set[int] = set()
     while True:
-        free = [i for i in range(len(scores)) if i not in capped]
+        free = [i for i in range(len(sizes)) if i not in capped]
         n_free = budget - sum(cap[i] for i in capped)
-        flat = torch.cat([scores[i].reshape(-1) for i in free]) if free else torch.empty(0)
-        kept = prune_lowest(flat, n_free).split([sizes[i] for i in free])
+        pool = flat if not capped else torch.cat([parts[i] for i in free]) if free else flat[:0]
+        kept = prune_lowest(pool, n_free).split([sizes[i] for i in free])
         over = {i for i, k in zip(free, kept) if sizes[i] - int(torch.count_nonzero(k)) > cap[i]}
         if not over:
             break
         capped |= over
-    masks: list[Tensor] = [torch.empty(0)] * len(scores)
+    masks: list[Tensor] = [flat[:0].bool()] * len(sizes)
     for i, k in zip(free, kept):
-        masks[i] = k.view(scores[i].shape)
+        masks[i] = k
     for i in capped:
-        masks[i] = prune_lowest(scores[i], cap[i])
+        masks[i] = prune_lowest(parts[i], cap[i])
     return masks
 
 

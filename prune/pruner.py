@@ -321,15 +321,24 @@ class Pruner:
 
     @torch.no_grad()
     def _update_masks(self, sparsity: float) -> None:
-        scores = [self._scores(t) for t in self.targets]
-        if self.nm is not None:
-            new = [_masks.from_input_last(_masks.nm_schedule_mask(_masks.input_last(s, t.in_dim), self.nm, sparsity),
-                                          s.shape, t.in_dim) for s, t in zip(scores, self.targets)]
-        elif self.scope == "layer":
-            new = [_masks.layer_mask(s, sparsity) for s in scores]
-        else:
-            new = _masks.global_masks(scores, sparsity, self.max_layer_sparsity)
-        for t, m in zip(self.targets, new):
+        if self.scope == "global":
+            # One float32 buffer for all scores (4 bytes/param while it lives), filled layer by layer.
+            sizes = [t.module.weight.numel() for t in self.targets]
+            flat = torch.empty(sum(sizes), dtype=torch.float32, device=self._dense(self.targets[0]).device)
+            for t, part in zip(self.targets, flat.split(sizes)):
+                part.copy_(self._scores(t).reshape(-1))
+            new = _masks.global_masks(flat, sizes, sparsity, self.max_layer_sparsity)
+            del flat
+            for t, m in zip(self.targets, new):
+                self._param(t).mask.copy_(m.view_as(self._param(t).mask))
+            return
+        for t in self.targets:  # one layer's scores at a time
+            s = self._scores(t)
+            if self.nm is None:
+                m = _masks.layer_mask(s, sparsity)
+            else:
+                m = _masks.from_input_last(_masks.nm_schedule_mask(_masks.input_last(s, t.in_dim), self.nm,
+                                                                   sparsity), s.shape, t.in_dim)
             self._param(t).mask.copy_(m)
 
     def _check_live(self, what: str) -> None:

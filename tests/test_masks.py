@@ -94,7 +94,8 @@ def test_parse_pattern_rejects(bad):
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.75, 0.95])
 def test_global_exact_total(sparsity):
     scores = [torch.randn(10, 10), torch.randn(3, 7) * 5, torch.randn(100)]
-    masks = M.global_masks(scores, sparsity)
+    masks = [m.view(s.shape) for s, m in zip(scores, M.global_masks(torch.cat([s.flatten() for s in scores]),
+                                                                      [s.numel() for s in scores], sparsity))]
     total = sum(s.numel() for s in scores)
     assert sum(int((~m).sum()) for m in masks) == round(sparsity * total)
     kept = torch.cat([s[m] for s, m in zip(scores, masks)])
@@ -106,12 +107,12 @@ def test_global_exact_total(sparsity):
 def test_global_cap_redistributes_exactly():
     small = torch.full((10,), 0.01)  # would be wiped out by a global threshold
     big = torch.arange(1.0, 91.0)
-    masks = M.global_masks([small, big], 0.5, max_layer_sparsity=0.8)
+    masks = M.global_masks(torch.cat([small, big]), [10, 90], 0.5, max_layer_sparsity=0.8)
     assert int((~masks[0]).sum()) == 8  # capped at floor(0.8 * 10)
     assert int((~masks[1]).sum()) == 42  # the rest of the 50 go to the big layer, lowest first
     assert torch.equal(masks[1], big > 42)
     with pytest.raises(ValueError, match="unreachable with max_layer_sparsity=0.4"):
-        M.global_masks([small, big], 0.5, max_layer_sparsity=0.4)
+        M.global_masks(torch.cat([small, big]), [10, 90], 0.5, max_layer_sparsity=0.4)
 
 
 @pytest.mark.parametrize("shape, in_dim", [((4, 8), 1), ((8, 4), 0), ((6, 4, 3, 3), 1), ((2, 8, 5), 1)])
