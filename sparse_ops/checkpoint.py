@@ -36,7 +36,12 @@ from torch import nn
 from tqdm import tqdm
 
 from sparse_ops.formats import (
-    FORMATS, VALUE_DTYPES, SparseFormat, csr_nbytes, format_class, is_two_four,
+    FORMATS,
+    VALUE_DTYPES,
+    SparseFormat,
+    csr_nbytes,
+    format_class,
+    is_two_four,
     two_four_nbytes,
 )
 from sparse_ops.tensorio import DTYPES, BadFileError, RawSource, SafetensorsWriter, open_raw
@@ -300,7 +305,7 @@ def _untied(model: nn.Module, missing: set[str], loaded: set[str]) -> set[str]:
     return {k for k in missing if not names_of[id(tensors[k])] & loaded}
 
 
-def _as_linear(layer: "nn.Module", linear: nn.Linear) -> nn.Linear:
+def _as_linear(layer: nn.Module, linear: nn.Linear) -> nn.Linear:
     """``linear`` holding ``layer``'s (sparse) weight as a dense parameter, for the auto choice."""
     with torch.no_grad():
         linear.weight.copy_(layer.weight.to_dense())

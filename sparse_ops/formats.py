@@ -47,9 +47,9 @@ class SparseFormat(Protocol):
     @property
     def nbytes(self) -> int: ...
     def to_dense(self) -> torch.Tensor: ...
-    def validate(self) -> "SparseFormat": ...
+    def validate(self) -> SparseFormat: ...
     def parts(self) -> dict[str, torch.Tensor]: ...
-    def to(self, device: torch.device | str) -> "SparseFormat": ...
+    def to(self, device: torch.device | str) -> SparseFormat: ...
 
 
 def _check_dense_weight(w: torch.Tensor, fmt: str) -> None:
@@ -139,7 +139,7 @@ class CSR(_ValuesMixin):
     PARTS: ClassVar[tuple[str, ...]] = ("crow_indices", "col_indices", "values")
 
     @classmethod
-    def from_dense(cls, w: torch.Tensor) -> "CSR":
+    def from_dense(cls, w: torch.Tensor) -> CSR:
         """Keep the entries with ``w != 0``; see the module note on -0.0."""
         _check_dense_weight(w, "csr")
         out, inp = w.shape
@@ -168,12 +168,12 @@ class CSR(_ValuesMixin):
         return {"crow_indices": self.crow_indices, "col_indices": self.col_indices, "values": self.values}
 
     @classmethod
-    def from_parts(cls, parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> "CSR":
+    def from_parts(cls, parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> CSR:
         """Rebuild from ``parts()`` (e.g. read from a file) and validate every invariant."""
         _require_parts(parts, cls.PARTS, "csr")
         return cls(parts["crow_indices"], parts["col_indices"], parts["values"], _check_shape(shape, "csr")).validate()
 
-    def to(self, device: torch.device | str) -> "CSR":
+    def to(self, device: torch.device | str) -> CSR:
         return dataclasses.replace(self, **{k: v.to(device) for k, v in self.parts().items()})
 
     def to_torch(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -185,7 +185,7 @@ class CSR(_ValuesMixin):
             return torch.sparse_csr_tensor(self.crow_indices, self.col_indices.to(torch.int32), values,
                                            self.shape, check_invariants=False)
 
-    def validate(self) -> "CSR":
+    def validate(self) -> CSR:
         """Check dtypes, lengths, monotone row pointers and column ranges; return self or raise ValueError."""
         out, inp = _check_shape(self.shape, "csr")
         _expect(self.crow_indices, "crow_indices", (torch.int32,), (out + 1,), "csr")
@@ -264,7 +264,7 @@ class TwoFour(_ValuesMixin):
     PARTS: ClassVar[tuple[str, ...]] = ("values", "metadata")
 
     @classmethod
-    def from_dense(cls, w: torch.Tensor) -> "TwoFour":
+    def from_dense(cls, w: torch.Tensor) -> TwoFour:
         """Raise ValueError naming the offending group count when ``w`` breaks the 2:4 pattern."""
         _check_dense_weight(w, "2:4")
         out, inp = w.shape
@@ -297,15 +297,15 @@ class TwoFour(_ValuesMixin):
         return {"values": self.values, "metadata": self.metadata}
 
     @classmethod
-    def from_parts(cls, parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> "TwoFour":
+    def from_parts(cls, parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> TwoFour:
         """Rebuild from ``parts()`` (e.g. read from a file) and validate every invariant."""
         _require_parts(parts, cls.PARTS, "2:4")
         return cls(parts["values"], parts["metadata"], _check_shape(shape, "2:4")).validate()
 
-    def to(self, device: torch.device | str) -> "TwoFour":
+    def to(self, device: torch.device | str) -> TwoFour:
         return dataclasses.replace(self, values=self.values.to(device), metadata=self.metadata.to(device))
 
-    def validate(self) -> "TwoFour":
+    def validate(self) -> TwoFour:
         """Check dtypes, shapes and that every code has p0 < p1 (padding code 0); return self or raise."""
         out, inp = _check_shape(self.shape, "2:4")
         _check_24_shape((out, inp))

@@ -190,7 +190,7 @@ class SafetensorsWriter:
         self._data = tempfile.NamedTemporaryFile(dir=self.path.parent, prefix=f".{self.path.name}.",
                                                  suffix=".data.tmp", delete=False)
 
-    def __enter__(self) -> "SafetensorsWriter":
+    def __enter__(self) -> SafetensorsWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:

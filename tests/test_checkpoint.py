@@ -9,7 +9,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sparse_ops.checkpoint import (
-    TENSORS_KEY, VERSION_KEY, convert_checkpoint, inspect_checkpoint, load_sparse_state_dict, sparsify,
+    TENSORS_KEY,
+    VERSION_KEY,
+    convert_checkpoint,
+    inspect_checkpoint,
+    load_sparse_state_dict,
+    sparsify,
 )
 from sparse_ops.formats import CSR, TwoFour
 from sparse_ops.linear import SparseLinear
@@ -216,7 +221,7 @@ def test_sparsify_tiny_bert_matches_dense_pruned_model(tmp_path, format, pattern
 def test_sparsify_from_state_dict_and_auto_keeps_dense_when_slower():
     dense = prune_linears(tiny_bert(), 0.9)
     sd = {k: (CSR.from_dense(v) if v.dim() == 2 and "encoder" in k else v) for k, v in dense.state_dict().items()}
-    slow_sparse = lambda fns, device: {k: (1.0 if k == "dense" else 2.0) for k in fns}  # noqa: E731
+    slow_sparse = lambda fns, device: {k: (1.0 if k == "dense" else 2.0) for k in fns}
     model = sparsify(tiny_bert(seed=1), sd, auto=True, timer=slow_sparse)
     assert not any(isinstance(m, SparseLinear) for m in model.modules())
     ids = torch.randint(0, 100, (1, 5))

@@ -75,7 +75,7 @@ def test_two_four_layout_worked_by_hand():
     w = torch.tensor([[0.0, 5.0, 0.0, 6.0, 7.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
     tf = TwoFour.from_dense(w)
     assert tf.values.tolist() == [[5.0, 6.0, 7.0, 0.0, 0.0, 0.0]]
-    code = lambda p0, p1: p0 | p1 << 2  # noqa: E731
+    code = lambda p0, p1: p0 | p1 << 2
     assert tf.metadata.tolist() == [[code(1, 3) | code(0, 1) << 4, code(0, 1)]]  # odd group count: pad 0
     assert tf.nbytes == 6 * 4 + 2
 
