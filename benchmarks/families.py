@@ -2,7 +2,7 @@
 
 FFN families (active parameters ~ 2 * D * H each): a dense FFN (D -> H -> D); unstructured-sparse FFNs whose
 hidden width is H / density, pruned to that density (SparseLinear CSR when available, else dense-with-zeros);
-the same widest one stored dense with zeros; an MoE with E experts of width H * K / E, top-K routing.
+the least sparse one also stored dense with zeros; an MoE with E experts of width H / K, top-K routing.
 Attention family: head-gated attention with 25/50/75/100% of heads open, gathered per call (gates) and
 physically pruned, against full ``nn.MultiheadAttention``. All candidates of one batch are timed interleaved
 in one run; ratios are to the dense FFN (FFN rows) or full attention (attention rows) of the same run.
@@ -112,7 +112,7 @@ def ffn_candidates(cfg: FamiliesConfig, device: str) -> list[Candidate]:
     cands = [Candidate("ffn_dense", "ffn", dense, ParamCounts(n, n), "nn.Linear")]
     for s in cfg.sparsities:
         cands += sparse_ffns(cfg, s, device, with_zeros=s == min(cfg.sparsities))
-    expert_hidden = cfg.d_hidden * cfg.top_k // cfg.num_experts
+    expert_hidden = cfg.d_hidden // cfg.top_k  # top_k experts of this width = one dense FFN of width H
     moe = MoE(cfg.d_model, expert_hidden, cfg.num_experts, cfg.top_k).to(device).eval()
     cands.append(Candidate(f"moe_e{cfg.num_experts}_k{cfg.top_k}_h{expert_hidden}", "ffn", moe,
                            moe.param_counts(), "dropless, sorted dispatch"))
@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, nargs="+", help="tokens per forward pass (default: 1 8 64 256)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--repeats", type=int, help="timed samples per candidate (default: 11, quick: 5)")
     args = p.parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:
@@ -277,6 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = QUICK if args.quick else FamiliesConfig()
     if args.batch:
         cfg = dataclasses.replace(cfg, batches=tuple(args.batch))
+    if args.repeats:
+        cfg = dataclasses.replace(cfg, repeats=args.repeats)
     torch.manual_seed(0)
     cands = ffn_candidates(cfg, args.device) + attention_candidates(cfg, args.device)
     rows = []
