@@ -77,13 +77,26 @@ class Target:
 
 
 class _Mask(nn.Module):
-    """Parametrization ``W -> where(mask, W, 0)``; with movement pruning also accumulates ``-W * dL/dW'``."""
+    """Parametrization ``W -> where(mask, W, 0)``; with movement pruning also accumulates ``-W * dL/dW'``.
+
+    ``mask`` and ``score`` are plain attributes, not buffers: DDP broadcasts buffers from rank 0 at every forward,
+    which would overwrite each rank's own score and cost a mask-sized broadcast per step. They are saved by
+    ``Pruner.state_dict()`` and follow the module across devices through ``_apply``.
+    """
 
     def __init__(self, mask: Tensor, score: Tensor | None) -> None:
         super().__init__()
-        self.register_buffer("mask", mask, persistent=False)  # saved by Pruner.state_dict, not the model's
-        self.register_buffer("score", score, persistent=False)
+        self.mask = mask
+        self.score = score
         self.accumulate = score is not None
+
+    def _apply(self, fn, recurse=True):  # model.to(device) / .cuda(): move mask and score, keep their dtypes
+        super()._apply(fn, recurse)
+        device = fn(torch.empty(0, device=self.mask.device)).device
+        self.mask = self.mask.to(device)
+        if self.score is not None:
+            self.score = self.score.to(device)
+        return self
 
     def forward(self, weight: Tensor) -> Tensor:
         if self.accumulate and torch.is_grad_enabled() and weight.requires_grad:
@@ -167,6 +180,9 @@ class Pruner:
         types: module types to prune (default: ``nn.Linear`` and transformers' ``Conv1D``).
         include, exclude: glob patterns on module names (a pattern also matches any dotted suffix).
         max_layer_sparsity: with ``scope="global"``, no single weight is pruned beyond this.
+        process_group: under ``torch.distributed`` (e.g. DDP), the group whose ranks share masks (default: the
+            whole world when a process group is initialized). Movement scores are averaged over it before every
+            mask update, which equals scoring from the all-reduced gradient, so every rank picks the same mask.
 
     Masks are recomputed on the schedule's update steps (``begin_step + k * every`` up to ``end_step``), then
     frozen. Step ``t`` counts calls to :meth:`step`; masks for ``t = 0`` are set at construction.
@@ -186,6 +202,7 @@ class Pruner:
         include: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
         max_layer_sparsity: float | None = None,
+        process_group: object | None = None,
     ) -> None:
         self.criterion = _criteria.get_criterion(criterion)
         self.nm = _masks.parse_pattern(pattern)
@@ -200,6 +217,7 @@ class Pruner:
             raise ValueError(f"criterion {criterion!r} ranks weights by scores accumulated over training steps, "
                              f"so it cannot prune at step 0 (target {self.schedule(0)}): use begin_step >= 1")
         self.model = model
+        self.process_group = process_group
         self.targets = find_targets(model, types, include, exclude)
         for t in self.targets:
             _check_nm_shape(t, self.nm)
@@ -319,8 +337,26 @@ class Pruner:
             s.masked_fill_(~p.mask, float("-inf"))  # pruned weights stay pruned
         return s
 
+    def _world_size(self) -> int:
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self.process_group)
+
+    def _sync_scores(self) -> None:
+        """Average movement scores over ranks: each rank accumulated ``-W * g_local``; W is the same on every
+        rank (DDP), so the mean is ``-W * mean(g)``, the score of the all-reduced gradient."""
+        world = self._world_size()
+        if world == 1 or not self.criterion.uses_gradients:
+            return
+        for t in self.targets:
+            score = self._param(t).score
+            torch.distributed.all_reduce(score, group=self.process_group)
+            score.div_(world)
+
     @torch.no_grad()
     def _update_masks(self, sparsity: float) -> None:
+        self._sync_scores()
         if self.scope == "global":
             # One float32 buffer for all scores (4 bytes/param while it lives), filled layer by layer.
             sizes = [t.module.weight.numel() for t in self.targets]

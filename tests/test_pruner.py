@@ -334,3 +334,15 @@ def test_warning_free_on_plain_model():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Pruner(_mlp(), sparsity=0.5)
+
+
+def test_dtype_and_device_moves_keep_mask_and_score_types():
+    model = _mlp()
+    pruner = Pruner(model, sparsity=Linear(0.0, 0.5, begin_step=1, end_step=2), criterion="movement")
+    model.double()
+    model(torch.randn(4, 16, dtype=torch.float64)).sum().backward()
+    pruner.step()
+    state = pruner.state_dict()
+    assert all(m.dtype == torch.bool for m in state["masks"].values())
+    assert all(s.dtype == torch.float32 and s.abs().sum() > 0 for s in state["scores"].values())
+    assert model[0].weight.dtype == torch.float64 and int((model[0].weight == 0).sum()) == 256
