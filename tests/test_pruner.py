@@ -338,7 +338,7 @@ def test_warning_free_on_plain_model():
 
 def test_dtype_and_device_moves_keep_mask_and_score_types():
     model = _mlp()
-    pruner = Pruner(model, sparsity=Linear(0.0, 0.5, begin_step=1, end_step=2), criterion="movement")
+    pruner = Pruner(model, sparsity=Constant(0.5, begin_step=1), criterion="movement")
     model.double()
     model(torch.randn(4, 16, dtype=torch.float64)).sum().backward()
     pruner.step()
