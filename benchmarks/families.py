@@ -7,8 +7,10 @@ Attention family: head-gated attention with 25/50/75/100% of heads open, gathere
 physically pruned, against full ``nn.MultiheadAttention``. All candidates of one batch are timed interleaved
 in one run; ratios are to the dense FFN (FFN rows) or full attention (attention rows) of the same run.
 
-Run: ``python -m benchmarks.families --out benchmarks/results/families [--quick] [--batch 1 64] [--device cuda]
-[--threads 1]`` writes families.csv, families.json (environment, config, rows) and families.png.
+Run: ``python -m benchmarks.families --out benchmarks/results/families [--quick] [--batch 1 64]
+[--device cuda] [--threads 1] [--repeats 21]`` writes families.csv, families.json (environment, config,
+rows) and families.png. The committed results used ``--threads 1 --repeats 21``: on a 2-core machine shared
+with other jobs, two torch threads spin against each other and times jump by 10x or more.
 """
 from __future__ import annotations
 
@@ -78,7 +80,7 @@ def dense_ffn(d: int, h: int) -> nn.Sequential:
 
 
 def _csr_or_none(linear: nn.Linear) -> nn.Module | None:
-    """``SparseLinear`` in CSR if sparse_ops.linear is importable and agrees with the dense layer, else None."""
+    """``SparseLinear`` in CSR if sparse_ops.linear imports and agrees with the dense layer, else None."""
     try:
         from sparse_ops.linear import SparseLinear
 
@@ -102,7 +104,8 @@ def sparse_ffns(cfg: FamiliesConfig, sparsity: float, device: str, with_zeros: b
         return [Candidate(f"{name}_zeros", "ffn", ffn, counts, "dense with zeros (SparseLinear unavailable)")]
     cands = [Candidate(f"{name}_csr", "ffn", nn.Sequential(csr[0], nn.GELU(), csr[1]), counts,
                        "SparseLinear csr", twin=f"{name}_zeros" if with_zeros else None)]
-    return cands + ([Candidate(f"{name}_zeros", "ffn", ffn, counts, "dense with zeros")] if with_zeros else [])
+    zeros = Candidate(f"{name}_zeros", "ffn", ffn, counts, "dense with zeros")
+    return cands + ([zeros] if with_zeros else [])
 
 
 def ffn_candidates(cfg: FamiliesConfig, device: str) -> list[Candidate]:
@@ -205,12 +208,13 @@ def measure(cands: list[Candidate], batch: int, cfg: FamiliesConfig, device: str
     rows = []
     for c in cands:
         t, base = times[c.name], times[baseline[c.family]]
-        rows.append(dict(
-            batch=batch, name=c.name, family=c.family, note=c.note,
-            total_params=c.counts.total, active_params=c.counts.active, param_bytes=module_bytes(c.module),
-            peak_extra_bytes=peak_extra_bytes(fns[c.name], device),
-            median_ms=1e3 * t.median_s, p10_ms=1e3 * t.p10_s, p90_ms=1e3 * t.p90_s,
-            tokens_per_s=batch / t.median_s, baseline=baseline[c.family], speedup=t.ratio_to(base)))
+        rows.append({
+            "batch": batch, "name": c.name, "family": c.family, "note": c.note,
+            "total_params": c.counts.total, "active_params": c.counts.active,
+            "param_bytes": module_bytes(c.module),
+            "peak_extra_bytes": peak_extra_bytes(fns[c.name], device),
+            "median_ms": 1e3 * t.median_s, "p10_ms": 1e3 * t.p10_s, "p90_ms": 1e3 * t.p90_s,
+            "tokens_per_s": batch / t.median_s, "baseline": baseline[c.family], "speedup": t.ratio_to(base)})
     return rows
 
 
@@ -222,7 +226,8 @@ def write_results(rows: list[dict[str, object]], cfg: FamiliesConfig, device: st
         writer.writeheader()
         writer.writerows(rows)
     header = {"environment": environment(device), "config": dataclasses.asdict(cfg),
-              "units": {"median_ms": "ms per forward of `batch` tokens", "speedup": "baseline median / median",
+              "units": {"median_ms": "ms per forward of `batch` tokens",
+                        "speedup": "baseline median / median",
                         "peak_extra_bytes": "CUDA only: peak allocation of one call beyond the held memory"}}
     (out / "families.json").write_text(json.dumps({**header, "rows": rows}, indent=1) + "\n")
     plot(rows, header["environment"], out / "families.png")
@@ -237,10 +242,10 @@ def plot(rows: list[dict[str, object]], env: dict[str, object], path: Path) -> N
 
     batches = sorted({r["batch"] for r in rows})
     cols = min(2, len(batches))
-    fig, axes = plt.subplots(math.ceil(len(batches) / cols), cols, figsize=(7 * cols, 4.6 * math.ceil(len(batches) / cols)),
-                             squeeze=False)
-    style = {"ffn_dense": ("k", "o"), "csr": ("tab:blue", "^"), "zeros": ("tab:gray", "v"), "moe": ("tab:red", "D"),
-             "attn_full": ("k", "s"), "attn_gated": ("tab:green", "s"), "attn_pruned": ("tab:purple", "P")}
+    nrows = math.ceil(len(batches) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(7 * cols, 4.6 * nrows), squeeze=False)
+    style = {"ffn_dense": ("k", "o"), "csr": ("tab:blue", "^"), "zeros": ("tab:gray", "v"),
+             "moe": ("tab:red", "D"), "attn_full": ("k", "s"), "attn_gated": ("tab:green", "s"), "attn_pruned": ("tab:purple", "P")}
     for ax, batch in zip(axes.flat, batches):
         for r in (r for r in rows if r["batch"] == batch):
             color, marker = next(v for k, v in style.items() if k in r["name"])
@@ -248,8 +253,8 @@ def plot(rows: list[dict[str, object]], env: dict[str, object], path: Path) -> N
             ax.errorbar(r["active_params"], y, yerr=err, color=color, marker=marker, capsize=2)
             ax.annotate(r["name"].replace("attn_", ""), (r["active_params"], y), fontsize=6,
                         xytext=(3, 2), textcoords="offset points")
-        ax.set(xscale="log", yscale="log", title=f"batch {batch} tokens", xlabel="active parameters per token",
-               ylabel="median latency (ms)")
+        ax.set(xscale="log", yscale="log", title=f"batch {batch} tokens",
+               xlabel="active parameters per token", ylabel="median latency (ms)")
         ax.grid(True, which="both", alpha=0.3)
     for ax in axes.flat[len(batches):]:
         ax.axis("off")
@@ -286,7 +291,8 @@ def main(argv: list[str] | None = None) -> None:
     for batch in cfg.batches:
         rows += measure(cands, batch, cfg, args.device)
         for r in rows[-len(cands):]:
-            print(f"batch {batch:4d}  {r['name']:32s} {r['median_ms']:9.3f} ms  x{r['speedup']:.2f} vs {r['baseline']}")
+            print(f"batch {batch:4d}  {r['name']:32s} {r['median_ms']:9.3f} ms  "
+                  f"x{r['speedup']:.2f} vs {r['baseline']}")
     write_results(rows, cfg, args.device, args.out)
     print(f"wrote {args.out}/families.csv, families.json, families.png")
 

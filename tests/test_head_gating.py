@@ -17,13 +17,13 @@ from sparse_ops.layers.head_gating import (
     prune_bert_model_heads,
 )
 
-TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+TOL = {torch.float64: {"rtol": 1e-10, "atol": 1e-10}, torch.float32: {"rtol": 1e-5, "atol": 1e-5}}
 OPEN, CLOSED = 30.0, -30.0  # log_alpha values whose sampled gates are 1 and 0 with probability ~1 - 1e-13
 
 
 def reference_attention(x, w_qkv, b_qkv, w_out, b_out, num_heads, mask=None, causal=False, head_scale=None):
     """Slow, explicit multi-head attention: softmax(Q K^T / sqrt(hd) + mask) V, heads scaled by head_scale."""
-    B, S, D = x.shape
+    B, S, _ = x.shape
     hd = w_qkv.shape[0] // 3 // num_heads
     q, k, v = (x @ w_qkv.T + b_qkv).split(num_heads * hd, dim=-1)
     q, k, v = (t.reshape(B, S, num_heads, hd).transpose(1, 2) for t in (q, k, v))  # (B, H, S, hd)
@@ -177,11 +177,13 @@ def test_unbatched_input_equals_batch_of_one():
 @pytest.mark.parametrize("hc", [HardConcrete(), HardConcrete(beta=0.5, gamma=-0.2, zeta=1.05)])
 def test_l0_penalty_matches_its_formula_and_sampling(hc):
     log_alpha = torch.tensor([-2.0, -0.3, 0.0, 0.7, 3.0], dtype=torch.float64, requires_grad=True)
-    expected = [1 / (1 + math.exp(-(a - hc.beta * math.log(-hc.gamma / hc.zeta)))) for a in log_alpha.tolist()]
+    shift = hc.beta * math.log(-hc.gamma / hc.zeta)
+    expected = [1 / (1 + math.exp(-(a - shift))) for a in log_alpha.tolist()]
     penalty = expected_l0(log_alpha, hc)
     assert penalty.item() == pytest.approx(sum(expected), rel=1e-12)
     penalty.backward()
-    torch.testing.assert_close(log_alpha.grad, torch.tensor([p * (1 - p) for p in expected], dtype=torch.float64))
+    sigmoid_grad = torch.tensor([p * (1 - p) for p in expected], dtype=torch.float64)
+    torch.testing.assert_close(log_alpha.grad, sigmoid_grad)
     samples = hard_concrete_sample(log_alpha.detach().expand(40000, 5), hc)  # P(gate != 0) = the penalty term
     assert samples.min() == 0.0 and samples.max() == 1.0
     torch.testing.assert_close((samples > 0).double().mean(0), torch.tensor(expected, dtype=torch.float64),
@@ -249,7 +251,8 @@ def test_bad_arguments_raise_clear_errors(call, message):
 def _tiny_bert(attn_implementation):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, vocab_size=100, attn_implementation=attn_implementation)
+                                  intermediate_size=64, vocab_size=100,
+                                  attn_implementation=attn_implementation)
     return transformers.BertModel(cfg).eval()
 
 

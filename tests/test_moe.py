@@ -9,13 +9,13 @@ from torch import nn
 
 from sparse_ops.layers.moe import MoE, expert_ffn, plan_dispatch, route
 
-TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5),
-       torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+TOL = {torch.float64: {"rtol": 1e-10, "atol": 1e-10}, torch.float32: {"rtol": 1e-5, "atol": 1e-5},
+       torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2}}
 
 
 def _expert(moe: MoE, e: int, x: torch.Tensor) -> torch.Tensor:
     """Expert ``e`` of ``moe`` applied to every row of ``x`` (no routing)."""
-    pick = lambda t: None if t is None else t[e]  # noqa: E731
+    pick = lambda t: None if t is None else t[e]
     return expert_ffn(x, moe.w_in[e], pick(moe.b_in), moe.w_out[e], pick(moe.b_out), moe._act,
                       pick(moe.w_gate), pick(moe.b_gate))
 
@@ -138,7 +138,7 @@ def test_aux_loss_and_combine_weights_on_hand_computed_top2_routing():
     # f = assignment fractions (1, 2, 1) / 4; P = mean probs (5, 4, 5) / 14
     assert moe.last_aux.aux_loss.item() == pytest.approx(3 * (0.25 * 5 + 0.5 * 4 + 0.25 * 5) / 14)
     assert moe.last_aux.tokens_per_expert.tolist() == [1, 2, 1]
-    e = lambda i, t: _expert(moe, i, x[t:t + 1])[0]  # noqa: E731
+    e = lambda i, t: _expert(moe, i, x[t:t + 1])[0]
     torch.testing.assert_close(y[0], 2 / 3 * e(0, 0) + 1 / 3 * e(1, 0))  # renormalised over the chosen two
     torch.testing.assert_close(y[1], 2 / 3 * e(2, 1) + 1 / 3 * e(1, 1))
 
@@ -181,10 +181,10 @@ def test_param_counts():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(num_experts=2, top_k=3), "top_k=3 must be <= num_experts=2"),
-    (dict(num_experts=2, top_k=1, activation="tanh"), "activation='tanh' is not one of"),
-    (dict(num_experts=2, top_k=1, capacity_factor=0.0), "capacity_factor must be > 0"),
-    (dict(num_experts=0, top_k=1), "num_experts must be >= 1, got 0"),
+    ({"num_experts": 2, "top_k": 3}, "top_k=3 must be <= num_experts=2"),
+    ({"num_experts": 2, "top_k": 1, "activation": "tanh"}, "activation='tanh' is not one of"),
+    ({"num_experts": 2, "top_k": 1, "capacity_factor": 0.0}, "capacity_factor must be > 0"),
+    ({"num_experts": 0, "top_k": 1}, "num_experts must be >= 1, got 0"),
 ])
 def test_bad_config_errors_name_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -200,7 +200,7 @@ def _train(steps: int = 60) -> list[float]:
     torch.manual_seed(1)
     teacher = [nn.Linear(8, 8) for _ in range(3)]
     x = torch.randn(256, 8)
-    region = torch.bucketize(x[:, 0].contiguous(), torch.tensor([-0.5, 0.5]))  # the target function depends on x[:, 0]
+    region = torch.bucketize(x[:, 0].contiguous(), torch.tensor([-0.5, 0.5]))  # target depends on x[:, 0]
     with torch.no_grad():
         target = torch.stack([teacher[int(r)](xi) for r, xi in zip(region, x)]).tanh()
     moe = MoE(8, 32, num_experts=4, top_k=2, router_jitter=0.01)

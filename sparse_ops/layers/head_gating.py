@@ -110,7 +110,7 @@ def kept_heads(heads: Iterable[int], num_heads: int) -> list[int]:
     >>> kept_heads([1, 3], 4)
     [0, 2]
     """
-    drop = set(int(h) for h in heads)
+    drop = {int(h) for h in heads}
     bad = sorted(h for h in drop if not 0 <= h < num_heads)
     if bad:
         raise ValueError(f"head indices {bad} are out of range; allowed 0..{num_heads - 1}")
@@ -210,7 +210,8 @@ class GatedMultiheadAttention(nn.Module):
         return self.config.head_dim
 
     @classmethod
-    def from_multihead_attention(cls, mha: nn.MultiheadAttention, **kwargs: object) -> GatedMultiheadAttention:
+    def from_multihead_attention(cls, mha: nn.MultiheadAttention,
+                                 **kwargs: object) -> GatedMultiheadAttention:
         """Copy the weights of a self-attention ``nn.MultiheadAttention`` (same Q/K/V/out layout)."""
         if not mha._qkv_same_embed_dim:
             raise ValueError("only nn.MultiheadAttention with kdim == vdim == embed_dim is supported")
@@ -289,7 +290,8 @@ class GatedMultiheadAttention(nn.Module):
     def param_counts(self) -> ParamCounts:
         """Total parameters, and those one token reads at eval (open heads' slices plus the output bias)."""
         total = sum(p.numel() for p in self.parameters())
-        per_head = sum(p.numel() for p in (*self.in_proj.parameters(), self.out_proj.weight)) // self.num_heads
+        sliced = (*self.in_proj.parameters(), self.out_proj.weight)  # the tensors split by head
+        per_head = sum(p.numel() for p in sliced) // self.num_heads
         out_bias = 0 if self.out_proj.bias is None else self.out_proj.bias.numel()
         return ParamCounts(total=total, active=len(self.open_heads()) * per_head + out_bias)
 

@@ -139,7 +139,8 @@ def switch_aux_loss(probs: Tensor, tokens_per_expert: Tensor, alpha: float) -> T
 
     f_i = tokens_per_expert_i / sum(tokens_per_expert), the fraction of the T*K assignments sent to expert i
     (so sum_i f_i = 1 for any K); P_i the mean router probability of expert i over the T tokens. Perfect
-    balance gives ``alpha``; everything on one expert gives ``alpha * E`` when it also has all the probability.
+    balance gives ``alpha``; everything on one expert gives ``alpha * E`` when it also has all the
+    probability.
 
     >>> probs = torch.tensor([[0.5, 0.5], [0.5, 0.5]])
     >>> float(switch_aux_loss(probs, torch.tensor([1, 1]), alpha=1.0))
@@ -214,7 +215,7 @@ class MoE(nn.Module):
         self.last_aux: MoEAux | None = None
 
     def _expert(self, e: int, x: Tensor) -> Tensor:
-        pick = lambda t: None if t is None else t[e]  # noqa: E731
+        pick = lambda t: None if t is None else t[e]
         return expert_ffn(x, self.w_in[e], pick(self.b_in), self.w_out[e], pick(self.b_out), self._act,
                           pick(self.w_gate), pick(self.b_gate))
 
