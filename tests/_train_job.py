@@ -1,6 +1,6 @@
 """A small, deterministic pruning run used by the resume tests (run as a script in a fresh process).
 
-    python tests/_train_job.py --steps 40 --ckpt-dir DIR [--save-every N] [--resume] --out FINAL.pt
+    python tests/_train_job.py --steps 40 --ckpt-dir DIR [--save-every N] [--resume] [--step-delay S] --out FINAL.pt
 
 Checkpoints hold model, optimizer and pruner state; they are written atomically (temp file + rename).
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import time
 
 import torch
 from torch import nn
@@ -48,6 +49,7 @@ def main() -> None:
     ap.add_argument("--save-every", type=int, default=0)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--step-delay", type=float, default=0.0, help="sleep after each step (to be killed mid-run)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     model, pruner, opt = build()
@@ -63,6 +65,7 @@ def main() -> None:
         opt.step()
         pruner.step()
         opt.zero_grad()
+        time.sleep(args.step_delay)
         if args.save_every and pruner.step_count % args.save_every == 0:
             save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
                          "pruner": pruner.state_dict()}, latest)
