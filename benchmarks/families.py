@@ -245,7 +245,8 @@ def plot(rows: list[dict[str, object]], env: dict[str, object], path: Path) -> N
     nrows = math.ceil(len(batches) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(7 * cols, 4.6 * nrows), squeeze=False)
     style = {"ffn_dense": ("k", "o"), "csr": ("tab:blue", "^"), "zeros": ("tab:gray", "v"),
-             "moe": ("tab:red", "D"), "attn_full": ("k", "s"), "attn_gated": ("tab:green", "s"), "attn_pruned": ("tab:purple", "P")}
+             "moe": ("tab:red", "D"), "attn_full": ("k", "s"), "attn_gated": ("tab:green", "s"),
+             "attn_pruned": ("tab:purple", "P")}
     for ax, batch in zip(axes.flat, batches):
         for r in (r for r in rows if r["batch"] == batch):
             color, marker = next(v for k, v in style.items() if k in r["name"])
