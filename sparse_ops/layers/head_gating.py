@@ -93,7 +93,8 @@ def head_rows(heads: Tensor | list[int], head_dim: int) -> Tensor:
 
 def shrink_linear(linear: nn.Linear, index: Tensor, dim: int) -> nn.Linear:
     """A new ``nn.Linear`` keeping ``index`` along ``dim`` of the weight (0 = outputs, 1 = inputs)."""
-    w = linear.weight.detach().index_select(dim, index.to(linear.weight.device))
+    index = index.to(linear.weight.device)
+    w = linear.weight.detach().index_select(dim, index)
     out_f, in_f = w.shape
     new = nn.Linear(in_f, out_f, bias=linear.bias is not None, device=w.device, dtype=w.dtype)
     with torch.no_grad():
