@@ -294,3 +294,16 @@ def test_prune_bert_heads_rejects_other_modules():
         prune_bert_heads(nn.Linear(4, 4), [0])
     with pytest.raises(ValueError, match="layer index 5 is out of range"):
         prune_bert_model_heads(_tiny_bert("eager"), {5: [0]})
+
+
+@pytest.mark.cuda
+def test_cuda_gated_and_pruned_match_cpu():
+    layer = _layer(16, 4, torch.float32)
+    with torch.no_grad():
+        layer.log_alpha[1] = CLOSED
+    x = torch.randn(2, 5, 16)
+    y_cpu = layer(x, is_causal=True)
+    layer = layer.cuda()
+    torch.testing.assert_close(layer(x.cuda(), is_causal=True).cpu(), y_cpu, rtol=1e-4, atol=1e-5)
+    layer.prune_closed_heads()
+    torch.testing.assert_close(layer(x.cuda(), is_causal=True).cpu(), y_cpu, rtol=1e-4, atol=1e-5)

@@ -219,3 +219,15 @@ def test_small_model_trains_deterministically():
     losses = _train()
     assert losses[-1] < 0.3 * losses[0], (losses[0], losses[-1])
     assert losses == _train()  # seeded: the same run gives the same losses bit for bit
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_cuda_matches_cpu(capacity_factor):
+    moe = MoE(16, 32, num_experts=4, top_k=2, gated=True, capacity_factor=capacity_factor)
+    x = torch.randn(3, 9, 16)
+    y_cpu, aux_cpu = moe(x), moe.last_aux
+    y_gpu = moe.cuda()(x.cuda())
+    torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=1e-4, atol=1e-5)
+    assert moe.last_aux.tokens_per_expert.tolist() == aux_cpu.tokens_per_expert.tolist()
+    assert int(moe.last_aux.dropped_tokens) == int(aux_cpu.dropped_tokens)
