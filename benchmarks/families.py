@@ -7,26 +7,25 @@ Attention family: head-gated attention with 25/50/75/100% of heads open, gathere
 physically pruned, against full ``nn.MultiheadAttention``. All candidates of one batch are timed interleaved
 in one run; ratios are to the dense FFN (FFN rows) or full attention (attention rows) of the same run.
 
-Run: ``python -m benchmarks.families --out benchmarks/results/families [--quick] [--batch 1 64]
-[--device cuda] [--threads 1] [--repeats 21]`` writes families.csv, families.json (environment, config,
-rows) and families.png. The committed results used ``--threads 1 --repeats 21``: on a 2-core machine shared
-with other jobs, two torch threads spin against each other and times jump by 10x or more.
+Run: ``prune bench families --out benchmarks/results/families [--quick] [--batch 1,64] [--device cuda]
+[--threads 1] [--repeats 21] [--max-seconds S]`` (or ``python -m benchmarks.families ...``) writes
+families.csv, families.json (environment, config) and families.png. The committed results used
+``--threads 1``: on a 2-core machine shared with other jobs, two torch threads spin against each other and
+times jump by 10x or more.
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import dataclasses
-import json
 import math
-from collections.abc import Callable
+import sys
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from benchmarks.timing import environment, time_interleaved
+from benchmarks.timing import Deadline, time_interleaved
 from sparse_ops.layers import GatedMultiheadAttention, MoE, ParamCounts
 
 
@@ -218,19 +217,24 @@ def measure(cands: list[Candidate], batch: int, cfg: FamiliesConfig, device: str
     return rows
 
 
-def write_results(rows: list[dict[str, object]], cfg: FamiliesConfig, device: str, out: Path) -> None:
-    """families.csv (rows), families.json (environment, config, rows), families.png."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "families.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    header = {"environment": environment(device), "config": dataclasses.asdict(cfg),
-              "units": {"median_ms": "ms per forward of `batch` tokens",
-                        "speedup": "baseline median / median",
-                        "peak_extra_bytes": "CUDA only: peak allocation of one call beyond the held memory"}}
-    (out / "families.json").write_text(json.dumps({**header, "rows": rows}, indent=1) + "\n")
-    plot(rows, header["environment"], out / "families.png")
+FAMILIES_COLUMNS = ("batch", "name", "family", "note", "total_params", "active_params", "param_bytes",
+                    "peak_extra_bytes", "median_ms", "p10_ms", "p90_ms", "tokens_per_s", "baseline", "speedup")
+UNITS = {"median_ms": "ms per forward of `batch` tokens", "speedup": "baseline median / median",
+         "peak_extra_bytes": "CUDA only: peak allocation of one call beyond the held memory"}
+
+
+def sweep(cfg: FamiliesConfig, device: str, deadline: Deadline,
+          clock: Callable[[], float] = time.perf_counter) -> Iterator[list[dict[str, object]]]:
+    """Rows of each batch in ``cfg.batches`` (all candidates timed interleaved) until done or out of time."""
+    torch.manual_seed(0)
+    cands = ffn_candidates(cfg, device) + attention_candidates(cfg, device)
+    start, last = clock(), 0.0
+    for done, batch in enumerate(cfg.batches):
+        if not deadline.allows(done, clock() - start, last):
+            return
+        t0 = clock()
+        yield measure(cands, batch, cfg, device)
+        last = clock() - t0
 
 
 def plot(rows: list[dict[str, object]], env: dict[str, object], path: Path) -> None:
@@ -266,37 +270,12 @@ def plot(rows: list[dict[str, object]], env: dict[str, object], path: Path) -> N
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, required=True, help="directory for families.csv/.json/.png")
-    p.add_argument("--quick", action="store_true", help="small shapes, fewer repeats (smoke run)")
-    p.add_argument("--batch", type=int, nargs="+", help="tokens per forward pass (default: 1 8 64 256)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--repeats", type=int, help="timed samples per candidate (default: 11, quick: 5)")
-    args = p.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            p.error(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device} asked for, but CUDA is not available")
-    cfg = QUICK if args.quick else FamiliesConfig()
-    if args.batch:
-        cfg = dataclasses.replace(cfg, batches=tuple(args.batch))
-    if args.repeats:
-        cfg = dataclasses.replace(cfg, repeats=args.repeats)
-    torch.manual_seed(0)
-    cands = ffn_candidates(cfg, args.device) + attention_candidates(cfg, args.device)
-    rows = []
-    for batch in cfg.batches:
-        rows += measure(cands, batch, cfg, args.device)
-        for r in rows[-len(cands):]:
-            print(f"batch {batch:4d}  {r['name']:32s} {r['median_ms']:9.3f} ms  "
-                  f"x{r['speedup']:.2f} vs {r['baseline']}")
-    write_results(rows, cfg, args.device, args.out)
-    print(f"wrote {args.out}/families.csv, families.json, families.png")
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.families ARGS`` = ``prune bench families ARGS``."""
+    from prune.cli import main as prune_main
+
+    return prune_main(["bench", "families", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,179 +1,318 @@
-"""Sparse linear layers against dense ``F.linear`` and torch / scipy CSR, with the memory-bound limit.
+"""The matmul engine of ``prune bench matmul``: sparse linear layers against dense ``F.linear`` and the anchors.
 
-For each shape, sparsity and batch (tokens), one weight is built that is 2:4 *and* exactly that sparse (2:4
-pruning, then further random zeros), so every candidate multiplies the same matrix. Candidates, interleaved
-in one ``time_interleaved`` run per point:
-  dense           F.linear(x, W)                                  (the baseline)
-  torch_csr_i64   W.to_sparse_csr() + torch.sparse.mm             (torch's CSR as a user calls it naively)
-  torch_csr_i32   the same with int32 indices                      (tuned)
-  torch_csr_flin  F.linear(x, W_csr_int32)                         (the other way to call it)
-  scipy_csr       scipy.sparse.csr_matrix @ x^T
-  sparse_csr / sparse_2:4 / sparse_auto   SparseLinear (auto measured at this batch, its choice recorded)
-Memory-bound limit (batch 1 reads each weight byte once): dense bytes / stored bytes of the candidate's format.
+For each shape and sparsity one weight is built that is 2:4 *and* exactly that sparse (2:4 pruning, then more
+random zeros; below 50% sparsity plain random zeros), so every candidate multiplies the same matrix. At each
+(dtype, batch) every candidate is timed interleaved with dense in one ``time_interleaved`` run:
+  dense            F.linear(x, W)                                  the baseline every user has (cuBLAS, MKL)
+  csr / 2:4        SparseLinear in that format (our kernels, through sparse_ops.dispatch)
+  auto             SparseLinear.from_dense(format="auto") measured at this batch; its choice is recorded
+  torch_csr_i64    W.to_sparse_csr() + torch.sparse.mm             torch's CSR as a user calls it naively
+  torch_csr_i32    the same with int32 indices                      (tuned; cuSPARSE on CUDA)
+  scipy_csr        scipy.sparse.csr_matrix @ x^T                   (CPU, fp32 only)
+  torch_2:4        F.linear(x, to_sparse_semi_structured(W))       (CUDA, fp16/bf16: cuSPARSELt / CUTLASS)
+A candidate that cannot run here (a dtype or device its library lacks) is skipped with the reason.
 
-Run: ``python -m benchmarks.linear --out benchmarks/results/linear [--quick] [--shapes square-4096 ...]``.
-Writes linear.csv, linear.json (environment + rows) and one PNG per shape.
+Memory-bound limit (batch 1 reads each weight byte once): dense weight bytes / the bytes of the weight as
+the candidate stores it (``weight_bytes``); ``fraction_of_limit`` = speedup / limit. A kernel that does not
+read its own format (2:4 on CPU runs as CSR or dense) can exceed its format's limit.
+
+Run: ``prune bench matmul --help`` (``python -m benchmarks.linear ...`` is the same command).
+
+Example:
+    >>> import torch
+    >>> w = two_four_weight(8, 16, 0.75, torch.Generator().manual_seed(0))
+    >>> int((w == 0).sum()), limit_of("csr_i32", (8, 16), nnz=32, dtype=torch.float32)
+    (96, 1.753)
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import json
+import dataclasses
+import sys
+import time
 import warnings
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
-import numpy as np
-import scipy.sparse
 import torch
 import torch.nn.functional as F
 
-from benchmarks.shapes import BATCHES, SHAPE_SETS, SPARSITIES, LinearShape, shapes
-from benchmarks.timing import environment, time_interleaved
-from sparse_ops.formats import csr_nbytes, two_four_nbytes
+from benchmarks.shapes import LinearShape
+from benchmarks.timing import Deadline, Timing, time_interleaved
+from sparse_ops.formats import csr_nbytes, is_two_four, two_four_nbytes
 from sparse_ops.linear import SparseLinear
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+warnings.filterwarnings("ignore", message=".*semi-structured sparsity support is in prototype.*")
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FORMATS = ("dense", "csr", "2:4", "auto")  # what --formats accepts: our layers
+ANCHOR_DEVICES: dict[str, tuple[str, ...]] = {  # anchor -> device types it runs on
+    "torch_csr_i64": ("cpu", "cuda"), "torch_csr_i32": ("cpu", "cuda"), "scipy_csr": ("cpu",),
+    "torch_2:4": ("cuda",)}
+# candidate -> the storage its kernel reads (for weight_bytes and the memory-bound limit); auto: its choice
+STORAGE = {"dense": "dense", "csr": "csr", "2:4": "2:4", "torch_csr_i64": "csr_i64", "torch_csr_i32": "csr_i32",
+           "scipy_csr": "csr_i32", "torch_2:4": "2:4"}
+# largest relative error (max |y - ref| / max |ref|) a candidate may show against the fp32 reference
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
 def two_four_weight(out: int, inp: int, sparsity: float, gen: torch.Generator) -> torch.Tensor:
-    """(out, in) fp32 weight with 2 zeros in each group of 4, then exactly round(sparsity * numel) zeros."""
-    w = torch.randn(out, inp // 4, 4, generator=gen)
-    drop = torch.rand(out, inp // 4, 4, generator=gen).argsort(-1)[..., :2]
+    """(out, in) fp32 weight with exactly round(sparsity * numel) zeros; 2:4 too when sparsity >= 0.5, in % 4 == 0."""
+    dev = gen.device
+    if sparsity < 0.5 or inp % 4:
+        w = torch.randn(out, inp, generator=gen, device=dev)
+        w.view(-1)[torch.randperm(w.numel(), generator=gen, device=dev)[:round(sparsity * w.numel())]] = 0.0
+        return w
+    w = torch.randn(out, inp // 4, 4, generator=gen, device=dev)
+    drop = torch.rand(out, inp // 4, 4, generator=gen, device=dev).argsort(-1)[..., :2]  # 2 of every 4
     w = w.scatter(-1, drop, 0.0).reshape(out, inp)
     extra = round(sparsity * w.numel()) - w.numel() // 2  # zeros still to add among the nonzeros
     if extra > 0:
         nz = w.view(-1).nonzero().squeeze(1)
-        w.view(-1)[nz[torch.randperm(nz.numel(), generator=gen)[:extra]]] = 0.0
+        w.view(-1)[nz[torch.randperm(nz.numel(), generator=gen, device=dev)[:extra]]] = 0.0
     return w
 
 
-def memory_limits(shape: tuple[int, int], nnz: int) -> dict[str, float]:
-    """Best batch-1 speedup per storage: dense bytes / bytes read (fp32 values)."""
-    dense = shape[0] * shape[1] * 4
-    return {"csr_i64": dense / ((shape[0] + 1) * 8 + nnz * 12), "csr_i32": dense / ((shape[0] + 1) * 4 + nnz * 8),
-            "csr_i16": dense / csr_nbytes(shape, nnz, torch.float32),
-            "2:4": dense / two_four_nbytes(shape, torch.float32)}
+def weight_bytes(storage: str, shape: tuple[int, int], nnz: int, dtype: torch.dtype) -> int:
+    """Bytes of an (out, in) weight with ``nnz`` nonzeros stored as ``storage``."""
+    out, inp = shape
+    es = torch.empty((), dtype=dtype).element_size()
+    table = {"dense": lambda: out * inp * es,
+             "csr_i64": lambda: (out + 1) * 8 + nnz * (8 + es),  # int64 row pointers and column indices
+             "csr_i32": lambda: (out + 1) * 4 + nnz * (4 + es),
+             "csr": lambda: csr_nbytes(shape, nnz, dtype),  # ours: int16 columns where in <= 32767
+             "2:4": lambda: two_four_nbytes(shape, dtype)}
+    return table[storage]()
 
 
-# candidate -> the storage its kernel reads (for the fraction of the memory-bound limit)
-LIMIT_OF = {"dense": None, "torch_csr_i64": "csr_i64", "torch_csr_i32": "csr_i32", "torch_csr_flin": "csr_i32",
-            "scipy_csr": "csr_i32", "sparse_csr": "csr_i32", "sparse_2:4": "2:4", "sparse_auto": "csr_i32"}
+def limit_of(storage: str, shape: tuple[int, int], nnz: int, dtype: torch.dtype) -> float:
+    """Memory-bound limit of a storage: dense weight bytes / its bytes (the best batch-1 speedup)."""
+    return round(weight_bytes("dense", shape, nnz, dtype) / weight_bytes(storage, shape, nnz, dtype), 3)
 
 
-def _flinear_csr(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode(False):  # F.linear on a CSR weight fails inside inference mode (torch 2.14)
-        return F.linear(x, w)
+@dataclass(frozen=True)
+class Candidate:
+    """One way to compute x @ W^T: a zero-argument call, the storage it reads, and what auto chose."""
+
+    name: str
+    fn: Callable[[], object]
+    storage: str
+    auto_chose: str = ""
 
 
-def candidates(w: torch.Tensor, x: torch.Tensor, batch: int) -> tuple[dict[str, object], str]:
-    """name -> zero-argument callable computing x @ w^T, and the format auto chose."""
-    csr64 = w.to_sparse_csr()
-    csr32 = torch.sparse_csr_tensor(csr64.crow_indices().int(), csr64.col_indices().int(), csr64.values(),
-                                    w.shape, check_invariants=False)
-    sp, xn = scipy.sparse.csr_matrix(w.numpy()), x.numpy()
-    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+def _torch_csr(w: torch.Tensor, x: torch.Tensor, index_dtype: torch.dtype) -> Callable[[], object]:
+    """torch.sparse.mm on W as a torch CSR tensor with ``index_dtype`` indices: (out, in) @ (in, N) -> (N, out)."""
+    c = w.to_sparse_csr()
+    c = torch.sparse_csr_tensor(c.crow_indices().to(index_dtype), c.col_indices().to(index_dtype), c.values(),
+                                w.shape, check_invariants=False)
+    return lambda: torch.sparse.mm(c, x.t()).t()
+
+
+def _scipy(w: torch.Tensor, x: torch.Tensor) -> Callable[[], object]:
+    import numpy as np
+    import scipy.sparse
+
+    if w.dtype != torch.float32:
+        raise NotImplementedError(f"scipy has no {w.dtype} sparse product here (fp32 only)")
+    sp, xt = scipy.sparse.csr_matrix(w.numpy()), x.numpy().T
+    return lambda: np.asarray(sp @ xt).T
+
+
+def _semi_structured(w: torch.Tensor, x: torch.Tensor) -> Callable[[], object]:
+    ws = torch.sparse.to_sparse_semi_structured(w)
+    return lambda: F.linear(x, ws)
+
+
+def anchors(w: torch.Tensor, x: torch.Tensor) -> dict[str, Callable[[], Callable[[], object]]]:
+    """anchor -> builder of its call (a builder may raise: the anchor cannot run for this dtype/device)."""
+    builders = {
+        "torch_csr_i64": lambda: _torch_csr(w, x, torch.int64),
+        "torch_csr_i32": lambda: _torch_csr(w, x, torch.int32),
+        "scipy_csr": lambda: _scipy(w, x),
+        "torch_2:4": lambda: _semi_structured(w, x),
+    }
+    return {k: b for k, b in builders.items() if w.device.type in ANCHOR_DEVICES[k]}
+
+
+def ours(w: torch.Tensor, x: torch.Tensor, fmt: str, cache: dict) -> Candidate:
+    """Our layer in ``fmt`` (csr, 2:4, auto); NotImplementedError/ValueError where this weight cannot use it."""
+    if fmt == "2:4" and not is_two_four(w):
+        raise ValueError("2:4 needs at most 2 nonzeros in every 4 inputs (sparsity >= 0.5, in % 4 == 0)")
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
     with torch.no_grad():
         lin.weight.copy_(w)
-    auto = SparseLinear.from_dense(lin, "auto", batch=batch)
-    chose = auto.format if isinstance(auto, SparseLinear) else "dense"
-    layers = {f: SparseLinear.from_dense(lin, f) for f in ("csr", "2:4")}
-    return {
-        "dense": lambda: F.linear(x, w),
-        "torch_csr_i64": lambda: torch.sparse.mm(csr64, x.t()).t(),
-        "torch_csr_i32": lambda: torch.sparse.mm(csr32, x.t()).t(),
-        "torch_csr_flin": lambda: _flinear_csr(x, csr32),
-        "scipy_csr": lambda: np.asarray(sp @ xn.T).T,
-        "sparse_csr": lambda: layers["csr"](x),
-        "sparse_2:4": lambda: layers["2:4"](x),
-        "sparse_auto": lambda: auto(x),
-    }, chose
+    layer = SparseLinear.from_dense(lin, fmt, batch=x.shape[0], cache=cache)  # auto may return lin itself
+    chose = layer.format if isinstance(layer, SparseLinear) else "dense"
+    return Candidate(fmt, lambda: layer(x), chose, auto_chose=chose if fmt == "auto" else "")
 
 
-def measure_point(shape: LinearShape, sparsity: float, batch: int, repeats: int, min_sample_s: float,
-                  gen: torch.Generator) -> list[dict[str, object]]:
-    """Rows for one (shape, sparsity, batch): every candidate timed interleaved in the same run."""
-    w = two_four_weight(shape.out_features, shape.in_features, sparsity, gen)
-    x = torch.randn(batch, shape.in_features, generator=gen)
-    fns, chose = candidates(w, x, batch)
-    times = time_interleaved(fns, warmup=2, repeats=repeats, min_sample_s=min_sample_s)
-    limits = memory_limits((shape.out_features, shape.in_features), int(torch.count_nonzero(w)))
+def rel_error(y: object, ref: torch.Tensor) -> float:
+    """max |y - ref| / max |ref| for an output (tensor or numpy array) against the fp32 reference."""
+    y = torch.as_tensor(y).to(ref.device, torch.float32)
+    return float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One candidate's result at one point: its timing, the storage it read, its error, auto's choice."""
+
+    candidate: str
+    timing: Timing
+    storage: str
+    max_rel_err: float
+    auto_chose: str
+
+
+def collect(w: torch.Tensor, x: torch.Tensor, formats: tuple[str, ...], with_anchors: bool,
+            cache: dict) -> tuple[list[Candidate], dict[str, str]]:
+    """Every candidate that can run for this weight and input; skipped ones -> reason."""
+    cands, skipped = [Candidate("dense", lambda: F.linear(x, w), "dense")], {}
+    for f in formats:
+        if f == "dense":
+            continue
+        try:
+            cands.append(ours(w, x, f, cache))
+        except (NotImplementedError, ValueError, RuntimeError, TypeError) as e:
+            skipped[f] = str(e).splitlines()[0]
+    for name, build in (anchors(w, x) if with_anchors else {}).items():
+        try:
+            cands.append(Candidate(name, build(), STORAGE[name]))
+        except (NotImplementedError, ValueError, RuntimeError, TypeError) as e:
+            skipped[name] = str(e).splitlines()[0]
+    return cands, skipped
+
+
+def measure_weight(w: torch.Tensor, x: torch.Tensor, formats: tuple[str, ...], *, with_anchors: bool,
+                   repeats: int, min_sample_s: float, cache: dict) -> tuple[list[Measured], dict[str, str]]:
+    """Time dense and every other candidate on (w (out, in), x (batch, in)), interleaved in one run.
+
+    Each candidate's output is first compared with an fp32 reference (``max_rel_err``); one that raises on
+    its first call is skipped with the reason instead of being timed.
+    """
+    ref = x.float() @ w.float().t()  # (batch, out)
+    cands, skipped = collect(w, x, formats, with_anchors, cache)
+    errors = {}
+    with torch.inference_mode():
+        for c in list(cands):
+            try:
+                errors[c.name] = rel_error(c.fn(), ref)
+            except (NotImplementedError, RuntimeError, ValueError, TypeError) as e:
+                if c.name == "dense":
+                    raise
+                skipped[c.name] = str(e).splitlines()[0]
+                cands.remove(c)
+    times = time_interleaved({c.name: c.fn for c in cands}, warmup=2, repeats=repeats, min_sample_s=min_sample_s,
+                             device=str(w.device))
+    return [Measured(c.name, times[c.name], c.storage, errors[c.name], c.auto_chose) for c in cands], skipped
+
+
+@dataclass(frozen=True)
+class MatmulPlan:
+    """One sweep: every shape x sparsity x dtype x batch, each point timing all candidates interleaved."""
+
+    shapes: tuple[LinearShape, ...]
+    sparsities: tuple[float, ...]
+    batches: tuple[int, ...]
+    dtypes: tuple[str, ...] = ("fp32",)
+    formats: tuple[str, ...] = FORMATS
+    device: str = "cpu"
+    anchors: bool = True
+    repeats: int = 7
+    min_sample_s: float = 0.02
+    seed: int = 0
+
+    @property
+    def points(self) -> int:
+        return len(self.shapes) * len(self.sparsities) * len(self.dtypes) * len(self.batches)
+
+
+@dataclass(frozen=True)
+class MatmulRow:
+    """One candidate at one point. Times in seconds per call; speedup = dense median / this median."""
+
+    shape: str
+    out_features: int
+    in_features: int
+    dtype: str
+    device: str
+    sparsity: float
+    nnz: int
+    batch: int
+    candidate: str
+    median_s: float
+    p10_s: float
+    p90_s: float
+    speedup: float
+    weight_bytes: int
+    gbps: float  # (weight bytes + input + output bytes) / median, 1e9 bytes per second
+    limit: float  # memory-bound limit of the storage this candidate reads
+    fraction_of_limit: float
+    max_rel_err: float
+    auto_chose: str
+
+
+MATMUL_COLUMNS = tuple(f.name for f in dataclasses.fields(MatmulRow))
+
+
+def timed_columns(m: Measured, dense: Timing, shape: tuple[int, int], nnz: int,
+                  dtype: torch.dtype) -> dict[str, object]:
+    """The columns every result row shares, from one measurement and the dense timing of the same run."""
+    speedup, limit = m.timing.ratio_to(dense), limit_of(m.storage, shape, nnz, dtype)
+    return {"candidate": m.candidate, "median_s": m.timing.median_s, "p10_s": m.timing.p10_s,
+            "p90_s": m.timing.p90_s, "speedup": round(speedup, 4),
+            "weight_bytes": weight_bytes(m.storage, shape, nnz, dtype), "limit": limit,
+            "fraction_of_limit": round(speedup / limit, 4), "max_rel_err": float(f"{m.max_rel_err:.3g}")}
+
+
+def point_rows(shape: LinearShape, sparsity: float, dtype: str, batch: int, device: str, nnz: int,
+               measured: list[Measured]) -> list[MatmulRow]:
+    """Rows of one point from its measurements (dense among them, the baseline of the speedups)."""
+    wshape, dt = (shape.out_features, shape.in_features), DTYPES[dtype]
+    dense = next(m.timing for m in measured if m.candidate == "dense")
+    io_bytes = batch * (shape.in_features + shape.out_features) * torch.empty((), dtype=dt).element_size()
     rows = []
-    for name, t in times.items():
-        speedup = t.ratio_to(times["dense"])
-        limit = limits[LIMIT_OF[name]] if LIMIT_OF[name] else 1.0
-        rows.append(dict(shape=shape.label, out_features=shape.out_features, in_features=shape.in_features,
-                         dtype="float32", sparsity=sparsity, batch=batch, candidate=name,
-                         median_s=t.median_s, p10_s=t.p10_s, p90_s=t.p90_s, speedup=round(speedup, 4),
-                         limit=round(limit, 3), fraction_of_limit=round(speedup / limit, 4),
-                         auto_chose=chose if name == "sparse_auto" else ""))
+    for m in measured:
+        cols = timed_columns(m, dense, wshape, nnz, dt)
+        gbps = round((cols["weight_bytes"] + io_bytes) / m.timing.median_s / 1e9, 3)
+        rows.append(MatmulRow(shape=shape.label, out_features=shape.out_features, in_features=shape.in_features,
+                              dtype=dtype, device=device, sparsity=sparsity, nnz=nnz, batch=batch, gbps=gbps,
+                              auto_chose=m.auto_chose, **cols))
     return rows
 
 
-def plot(rows: list[dict[str, object]], shape_label: str, path: Path) -> None:
-    """Speedup over dense against sparsity, one panel per batch; break-even at 1.0, memory-bound limit dashed."""
-    import matplotlib
+def sweep(plan: MatmulPlan, deadline: Deadline,
+          clock: Callable[[], float] = time.perf_counter) -> Iterator[tuple[list[MatmulRow], dict[str, str]]]:
+    """Rows and skipped candidates (name -> reason) of each point, in order, until done or out of time.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in rows if r["shape"] == shape_label]
-    batches = sorted({r["batch"] for r in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 3.8), squeeze=False, sharey=True)
-    for ax, batch in zip(axes[0], batches):
-        for name in LIMIT_OF:
-            pts = sorted((r["sparsity"], r["speedup"]) for r in rows if r["batch"] == batch and r["candidate"] == name)
-            if pts and name != "dense":
-                ax.plot(*zip(*pts), marker="o", ms=3, label=name)
-        lim = sorted((r["sparsity"], r["limit"]) for r in rows if r["batch"] == batch and r["candidate"] == "sparse_csr")
-        ax.plot(*zip(*lim), "k--", lw=1, label="memory-bound limit (csr int32)")
-        ax.axhline(1.0, color="grey", lw=1, label="break-even (dense)")
-        ax.set(title=f"batch {batch}", xlabel="sparsity", yscale="log")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("speedup over dense F.linear")
-    axes[0][-1].legend(fontsize=7, loc="upper left")
-    fig.suptitle(f"{shape_label}, fp32, {environment()['cpu']}, {torch.get_num_threads()} threads", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    One weight per (shape, sparsity), built on the device from a generator seeded by ``plan.seed``.
+    """
+    start, last, done, cache = clock(), 0.0, 0, {}
+    for shape in plan.shapes:
+        for sparsity in plan.sparsities:
+            gen = torch.Generator(plan.device).manual_seed(plan.seed)
+            w32 = two_four_weight(shape.out_features, shape.in_features, sparsity, gen)
+            for dtype in plan.dtypes:
+                w = w32.to(DTYPES[dtype])
+                nnz = int(torch.count_nonzero(w))
+                for batch in plan.batches:
+                    if not deadline.allows(done, clock() - start, last):
+                        return
+                    t0 = clock()
+                    x = torch.randn(batch, shape.in_features, generator=gen, device=plan.device).to(w.dtype)
+                    measured, skipped = measure_weight(w, x, plan.formats, with_anchors=plan.anchors,
+                                                       repeats=plan.repeats, min_sample_s=plan.min_sample_s,
+                                                       cache=cache)
+                    yield point_rows(shape, sparsity, dtype, batch, plan.device, nnz, measured), skipped
+                    done, last = done + 1, clock() - t0
 
 
-def write_results(rows: list[dict[str, object]], out: Path, args: dict[str, object]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "linear.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "linear.json").write_text(json.dumps({"environment": environment(), "args": args, "rows": rows}, indent=1))
-    for label in dict.fromkeys(r["shape"] for r in rows):
-        plot(rows, label, out / f"linear_{label.replace(' ', '_').replace('>', '')}.png")
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.linear ARGS`` = ``prune bench matmul ARGS``."""
+    from prune.cli import main as prune_main
 
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/linear"))
-    p.add_argument("--shapes", nargs="+", default=["square-4096"], help=f"sets ({', '.join(SHAPE_SETS)}) or OUTxIN")
-    p.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
-    p.add_argument("--sparsities", nargs="+", type=float, default=list(SPARSITIES))
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    p.add_argument("--quick", action="store_true", help="batches 1 64, sparsities 0.5 0.9, 3 repeats")
-    a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)  # on a shared machine, 1 thread avoids waiting on a descheduled one
-    if a.quick:
-        a.batches, a.sparsities, a.repeats = [1, 64], [0.5, 0.9], 3
-    gen = torch.Generator().manual_seed(0)
-    rows = []
-    for shape in shapes(a.shapes):
-        for sparsity in a.sparsities:
-            for batch in a.batches:
-                point = measure_point(shape, sparsity, batch, a.repeats, 0.01 if a.quick else 0.02, gen)
-                rows += point
-                ratio = {r["candidate"]: r["speedup"] for r in point}
-                print(f"{shape.label:<28} s={sparsity:<5} b={batch:<4} " +
-                      " ".join(f"{k}={v:.2f}" for k, v in ratio.items() if k != "dense"), flush=True)
-    write_results(rows, a.out, {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()})
+    return prune_main(["bench", "matmul", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
+

@@ -1,13 +1,21 @@
 """Named linear-layer shapes, batches (tokens) and sparsities worth measuring (BENCHMARKING.md), as data.
 
+A shape is a weight (out, in) as ``F.linear`` takes it; on the command line ``OUTxIN`` (M x K: M outputs,
+K inputs) or a set name from ``SHAPE_SETS``.
+
 Example:
     >>> [s.label for s in shapes(["square-4096"])]
     ['llama-7b attn 4096->4096']
     >>> shapes(["256x512"])[0].in_features
     512
+    >>> shapes(["bert"])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown shape 'bert': use OUTxIN (e.g. 4096x11008) or a set name: bert-base, llama-7b, ...
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -21,7 +29,9 @@ class LinearShape:
 
     @property
     def label(self) -> str:
-        return f"{self.name} {self.in_features}->{self.out_features}"
+        """'bert-base attn 768->768' (in -> out); a literal OUTxIN shape has no name: '512->256'."""
+        io = f"{self.in_features}->{self.out_features}"
+        return f"{self.name} {io}" if self.name else io
 
 
 SHAPE_SETS: dict[str, tuple[LinearShape, ...]] = {
@@ -32,8 +42,10 @@ SHAPE_SETS: dict[str, tuple[LinearShape, ...]] = {
     "small": (LinearShape("small ffn-up", 384, 1536),),
     "square-4096": (LinearShape("llama-7b attn", 4096, 4096),),
 }
-BATCHES: tuple[int, ...] = (1, 8, 64, 256)  # tokens per call
+BATCHES: tuple[int, ...] = (1, 8, 64, 256)  # tokens per call (CPU)
+GPU_BATCHES: tuple[int, ...] = (1, 16, 128, 2048)  # tokens per call (GPU: decode to prefill)
 SPARSITIES: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+_LITERAL = re.compile(r"(\d+)x(\d+)")
 
 
 def shapes(names: list[str]) -> list[LinearShape]:
@@ -43,10 +55,13 @@ def shapes(names: list[str]) -> list[LinearShape]:
         if name in SHAPE_SETS:
             found = list(SHAPE_SETS[name])
         else:
-            try:
-                o, i = (int(v) for v in name.lower().split("x"))
-            except ValueError:
-                raise ValueError(f"unknown shape {name!r}: use OUTxIN or one of {', '.join(SHAPE_SETS)}") from None
-            found = [LinearShape(name, i, o)]
+            m = _LITERAL.fullmatch(name.strip().lower())
+            if m is None:
+                raise ValueError(f"unknown shape {name!r}: use OUTxIN (e.g. 4096x11008) or a set name: "
+                                 f"{', '.join(SHAPE_SETS)}")
+            o, i = int(m[1]), int(m[2])
+            if o < 1 or i < 1:
+                raise ValueError(f"shape {name!r} must have positive sizes, got {o}x{i}")
+            found = [LinearShape("", i, o)]
         out += [s for s in found if s not in out]
     return out

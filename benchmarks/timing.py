@@ -8,6 +8,8 @@ Example:
     >>> t = time_interleaved({"mm": lambda: x @ w, "mm2": lambda: x @ w.t()}, repeats=3, min_sample_s=1e-4)
     >>> sorted(t) == ["mm", "mm2"] and t["mm"].median_s > 0
     True
+    >>> summarize([5.0, 1.0, 3.0, 2.0, 4.0])  # seconds per call of each sample
+    Timing(median_s=3.0, p10_s=1.4, p90_s=4.6, repeats=5)
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+Clock = Callable[[], float]  # seconds from a monotonic origin, like time.perf_counter
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -31,12 +35,13 @@ class Timing:
     p90_s: float
     repeats: int
 
-    def ratio_to(self, other: "Timing") -> float:
+    def ratio_to(self, other: Timing) -> float:
         """How many times faster this is than ``other`` (>1 means faster)."""
         return other.median_s / self.median_s
 
 
 def _quantile(xs: list[float], q: float) -> float:
+    """Linear interpolation between order statistics (numpy's default "linear" method)."""
     xs = sorted(xs)
     pos = q * (len(xs) - 1)
     lo = int(pos)
@@ -44,21 +49,33 @@ def _quantile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+def summarize(samples: list[float]) -> Timing:
+    """Median and 10th/90th percentiles of per-call seconds, one value per timed sample."""
+    if not samples:
+        raise ValueError("summarize needs at least one sample")
+    return Timing(statistics.median(samples), _quantile(samples, 0.1), _quantile(samples, 0.9), len(samples))
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def _calls_per_sample(fn: Callable[[], object], min_sample_s: float, device: str) -> int:
+def _timed(fn: Callable[[], object], n: int, device: str, clock: Clock) -> float:
+    """Seconds for ``n`` calls of ``fn``, device work included (synchronized before and after on CUDA)."""
+    _sync(device)
+    t0 = clock()
+    for _ in range(n):
+        fn()
+    _sync(device)
+    return clock() - t0
+
+
+def _calls_per_sample(fn: Callable[[], object], min_sample_s: float, device: str, clock: Clock) -> int:
     """Calls per timed sample so that one sample lasts at least ``min_sample_s`` (timer resolution, noise)."""
     n = 1
     while True:
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        _sync(device)
-        dt = time.perf_counter() - t0
+        dt = _timed(fn, n, device, clock)
         if dt >= min_sample_s or n >= 1 << 20:
             return n
         n = max(n * 2, int(n * min_sample_s / max(dt, 1e-9) * 1.2))
@@ -71,10 +88,13 @@ def time_interleaved(
     repeats: int = 11,
     min_sample_s: float = 0.02,
     device: str = "cpu",
+    clock: Clock = time.perf_counter,
 ) -> dict[str, Timing]:
     """Time each callable, interleaving candidates within every repeat; returns seconds per call.
 
-    CUDA work is bracketed by ``torch.cuda.synchronize`` around each sample (a loop of calls), after warm-up.
+    Each repeat times one sample of every candidate in turn (A B C A B C ...); a sample is a loop of calls
+    lasting at least ``min_sample_s``. CUDA work is bracketed by ``torch.cuda.synchronize`` around each sample,
+    after warm-up. ``clock`` (seconds, monotonic) is injectable so tests can check the statistics.
     """
     if not fns:
         raise ValueError("time_interleaved needs at least one callable")
@@ -84,20 +104,12 @@ def time_interleaved(
         for fn in fns.values():
             for _ in range(warmup):
                 fn()
-        calls = {k: _calls_per_sample(fn, min_sample_s, device) for k, fn in fns.items()}
+        calls = {k: _calls_per_sample(fn, min_sample_s, device, clock) for k, fn in fns.items()}
         samples: dict[str, list[float]] = {k: [] for k in fns}
         for _ in range(repeats):
             for k, fn in fns.items():
-                n = calls[k]
-                _sync(device)
-                t0 = time.perf_counter()
-                for _ in range(n):
-                    fn()
-                _sync(device)
-                samples[k].append((time.perf_counter() - t0) / n)
-    return {
-        k: Timing(statistics.median(v), _quantile(v, 0.1), _quantile(v, 0.9), len(v)) for k, v in samples.items()
-    }
+                samples[k].append(_timed(fn, calls[k], device, clock) / calls[k])
+    return {k: summarize(v) for k, v in samples.items()}
 
 
 def _cpu_model() -> str:
@@ -126,8 +138,11 @@ def environment(device: str = "cpu") -> dict[str, object]:
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
         "torch": torch.__version__,
         "blas": _blas(),
+        "numpy": _version("numpy"),
+        "scipy": _version("scipy"),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": device,
@@ -139,12 +154,40 @@ def environment(device: str = "cpu") -> dict[str, object]:
     return env
 
 
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:  # the result file says so instead of failing
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """A sweep's time budget: ``allows(done, elapsed, next_cost)`` says whether one more point fits.
+
+    The first point always runs (a sweep returns at least one row); after that a point runs only if its
+    expected cost (the last point's duration) still fits in ``max_seconds``. ``None`` means no limit.
+
+    Example:
+        >>> d = Deadline(10.0)
+        >>> d.allows(done=0, elapsed=12.0, next_cost=1.0), d.allows(3, 8.0, 1.5), d.allows(3, 8.0, 3.0)
+        (True, True, False)
+    """
+
+    max_seconds: float | None
+
+    def allows(self, done: int, elapsed: float, next_cost: float) -> bool:
+        return self.max_seconds is None or done == 0 or elapsed + next_cost <= self.max_seconds
+
+
 def _nvidia_driver() -> str:
     try:
         import subprocess
 
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
+                             capture_output=True, text=True, timeout=10, check=False)
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -78,11 +78,25 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_bench(p: argparse.ArgumentParser) -> None:
+    from benchmarks.bench import add_arguments  # light: torch and the engines load when a bench runs
+
+    add_arguments(p)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from benchmarks.bench import run
+
+    return run(args)
+
+
 # name -> (help, add_arguments, run)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "demo": ("prune a small model while it trains and print its sparsity report", add_demo, run_demo),
     "convert": ("convert a checkpoint to a sparse safetensors file (csr, 2:4)", add_convert, run_convert),
     "inspect": ("list a checkpoint's tensors: shape, format, sparsity, bytes", add_inspect, run_inspect),
+    "bench": ("time sparse against dense: matmul shapes, sparse families, a checkpoint's layers", add_bench,
+              run_bench),
 }
 
 
