@@ -1,8 +1,13 @@
 """Which kernel computes a sparse product: one explicit table keyed by (format, device type).
 
+CPU entries are our C++ kernels (``kernels/cpu_native.py``); where they cannot be built (no compiler) or are
+disabled (``SPARSE_OPS_NATIVE=0``), ``kernel_for`` returns the entry's ``fallback``: torch's kernels.
+
 Example:
-    >>> kernel_for("csr", "cpu").name
-    'cpu.csr'
+    >>> kernel_for("csr", "cuda").name
+    'cuda.csr'
+    >>> kernel_for("csr", "cpu").name in ("cpu.csr", "torch.cpu.csr")
+    True
     >>> kernel_for("2:4", "mps")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
@@ -15,25 +20,36 @@ from dataclasses import dataclass
 
 import torch
 
-from sparse_ops.kernels import cpu, cuda
+from sparse_ops.kernels import cpu, cpu_native, cuda, native
 
 
 @dataclass(frozen=True)
 class Kernel:
     """``prepare(weight) -> state`` once per layer and device; ``matmul(state, x (N, in), bias) -> (N, out)``.
 
-    ``native`` is False where the kernel does not exploit the format (2:4 on CPU): ``format="auto"`` skips it.
+    ``native`` is False where the kernel does not exploit the format (torch's 2:4 on CPU): ``format="auto"``
+    skips it. ``available()`` says whether the kernel can run in this process; when it cannot, ``fallback``
+    (which must always be available) is used instead.
     """
 
     name: str
     prepare: Callable[[object], object]
     matmul: Callable[[object, torch.Tensor, torch.Tensor | None], torch.Tensor]
     native: bool = True
+    available: Callable[[], bool] = lambda: True
+    fallback: Kernel | None = None
+
+
+# torch's CPU kernels: the fallbacks of ours, and references in the benchmarks
+TORCH_CPU_CSR = Kernel("torch.cpu.csr", cpu.prepare_csr, cpu.csr_matmul)
+TORCH_CPU_TWO_FOUR = Kernel("torch.cpu.2:4", cpu.prepare_two_four, cpu.two_four_matmul, native=False)
 
 
 KERNELS: dict[tuple[str, str], Kernel] = {
-    ("csr", "cpu"): Kernel("cpu.csr", cpu.prepare_csr, cpu.csr_matmul),
-    ("2:4", "cpu"): Kernel("cpu.2:4", cpu.prepare_two_four, cpu.two_four_matmul, native=False),
+    ("csr", "cpu"): Kernel("cpu.csr", cpu_native.prepare_csr, cpu_native.csr_matmul,
+                           available=native.available, fallback=TORCH_CPU_CSR),
+    ("2:4", "cpu"): Kernel("cpu.2:4", cpu_native.prepare_two_four, cpu_native.two_four_matmul,
+                           available=native.available, fallback=TORCH_CPU_TWO_FOUR),
     ("csr", "cuda"): Kernel("cuda.csr", cuda.prepare_csr, cuda.csr_matmul),
     ("2:4", "cuda"): Kernel("cuda.2:4", cuda.prepare_two_four, cuda.two_four_matmul),
 }
@@ -45,10 +61,12 @@ def supported() -> str:
 
 
 def kernel_for(format: str, device: torch.device | str) -> Kernel:
-    """The kernel for a format name on a device; NotImplementedError listing the supported pairs otherwise."""
+    """The kernel for a format name on a device (its fallback when it cannot run here); NotImplementedError
+    listing the supported pairs otherwise."""
     device_type = torch.device(device).type
     try:
-        return KERNELS[(format, device_type)]
+        kernel = KERNELS[(format, device_type)]
     except KeyError:
         raise NotImplementedError(f"no kernel for format {format!r} on device type {device_type!r}; "
                                   f"supported: {supported()}") from None
+    return kernel if kernel.fallback is None or kernel.available() else kernel.fallback

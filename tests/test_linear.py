@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from sparse_ops.autotune import auto_key, pick_format
+from sparse_ops.kernels import native
 from sparse_ops.linear import SparseLinear, candidate_formats, choose_format
 from tests.test_formats import two_four, unstructured
 
@@ -59,7 +60,7 @@ def fixed_timer(times, calls):
         calls.append(sorted(fns))
         for fn in fns.values():
             fn()  # the candidates must run
-        return {k: times[k] for k in fns}
+        return {k: times.get(k, 10.0) for k in fns}  # a candidate not named is slow
     return timer
 
 
@@ -76,11 +77,12 @@ def test_pick_format_rule(times, expected):
 
 @pytest.mark.parametrize("csr_time,expected_type", [(0.1, SparseLinear), (10.0, nn.Linear)])
 def test_auto_builds_the_fastest_and_keeps_dense_when_sparse_is_slower(csr_time, expected_type):
-    lin = pruned_linear(16, 32, torch.float32, unstructured((16, 32), 0.9))
+    w = unstructured((16, 32), 0.9)
+    lin = pruned_linear(16, 32, torch.float32, w)
     calls, cache = [], {}
     layer = SparseLinear.from_dense(lin, format="auto", timer=fixed_timer({"dense": 1.0, "csr": csr_time}, calls),
                                     cache=cache)
-    assert type(layer) is expected_type and calls == [["csr", "dense"]]
+    assert type(layer) is expected_type and calls == [sorted(["dense", *candidate_formats(w)])]
     if expected_type is nn.Linear:
         assert layer is lin
     x = torch.randn(4, 32)
@@ -113,6 +115,11 @@ def test_auto_key_buckets_sparsity():
     assert (key.shape, key.sparsity_bucket, key.dtype, key.device, key.batch) == ((10, 10), 0.9, "float32", "cpu", 4)
 
 
-def test_cpu_candidates_skip_two_four_emulation():
-    # 2:4 on CPU has no native kernel (it runs as dense or CSR), so auto never times it there.
+def test_cpu_candidates_time_two_four_only_with_our_kernel(monkeypatch):
+    # Our C++ 2:4 kernel exploits the pattern, so auto times it; torch's fallback only emulates 2:4 (dense or
+    # CSR), so without the native kernels auto never times 2:4 on CPU. Unstructured weights never get 2:4.
+    expected = ["csr", "2:4"] if native.available() else ["csr"]
+    assert candidate_formats(two_four((8, 16))) == expected
+    assert candidate_formats(torch.ones(8, 16)) == ["csr"]
+    monkeypatch.setenv("SPARSE_OPS_NATIVE", "0")
     assert candidate_formats(two_four((8, 16))) == ["csr"]

@@ -1,0 +1,136 @@
+"""Our CPU kernels (C++, ``sparse_ops/csrc/sparse_cpu.cpp``) for ``y = x @ W^T + b``: CSR and 2:4, fp32/bf16.
+
+``prepare`` validates the weight (the C++ code trusts its indices) and keeps its parts as they are stored:
+int16 column indices when ``in <= 32767`` (6 B per nonzero with fp32 values, 4 B with bf16), and for 2:4 the
+values plus 2-bit codes. fp16 values are widened to fp32 once at prepare (no fp16 path in the C++ code).
+``matmul`` transposes x into a zero-padded (in, ld) fp32 panel so that each nonzero multiplies a contiguous
+run of tokens (vectorised over the batch), calls the library with torch's thread count, and casts back.
+Inference only: when a gradient is needed the call goes to torch's CSR kernel instead.
+
+Example:
+    >>> import torch
+    >>> from sparse_ops.formats import CSR
+    >>> w = torch.tensor([[0.0, 2.0, 0.0], [1.0, 0.0, -1.0]])
+    >>> if native.available():
+    ...     y = csr_matmul(prepare_csr(CSR.from_dense(w)), torch.tensor([[1.0, 10.0, 100.0]]), None)
+    ... else:
+    ...     y = torch.tensor([[20.0, -99.0]])
+    >>> y.tolist()
+    [[20.0, -99.0]]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparse_ops.formats import CSR, TwoFour
+from sparse_ops.kernels import cpu, native
+
+VALUE_CODE = {torch.float32: "f32", torch.bfloat16: "bf16"}  # value dtypes the C++ code reads
+INDEX_CODE = {torch.int16: "i16", torch.int32: "i32"}
+L2_PANEL_BYTES = 512 * 1024  # keep one token tile of x (in, tile) fp32 about this size: it stays in L2
+ROWS_PER_BLOCK = 32  # rows handed to a thread at a time: enough work per hand-out, balanced over 2-64 threads
+
+
+@dataclass(frozen=True)
+class NativeWeight:
+    """A weight ready for the C++ kernels: ``entry`` names the function, ``args`` its weight pointers."""
+
+    source: CSR | TwoFour  # validated container (kept for the autograd fallback and the tensors' lifetime)
+    entry: str
+    tensors: tuple[torch.Tensor, ...]  # contiguous parts passed by pointer, in the entry's order
+    out_dtype: torch.dtype
+
+
+def _values(values: torch.Tensor) -> torch.Tensor:
+    """Values as the C++ code reads them: fp32 as is, bf16 as its 16-bit pattern, fp16 widened to fp32."""
+    if values.dtype == torch.float16:
+        cpu.log_once("native CPU kernels have no float16 path: float16 weights are widened to float32 at load")
+        return values.float().contiguous()
+    v = values.contiguous()
+    return v.view(torch.int16) if v.dtype == torch.bfloat16 else v
+
+
+def _value_code(values: torch.Tensor) -> str:
+    return VALUE_CODE[torch.float32 if values.dtype == torch.float16 else values.dtype]
+
+
+def _check_cpu(w: CSR | TwoFour) -> None:
+    if w.device.type != "cpu":
+        raise ValueError(f"native CPU kernels need a CPU weight, got device {w.device}")
+
+
+def prepare_csr(w: CSR) -> NativeWeight:
+    """Validate (indices reach native code) and keep rowptr, column indices and values contiguous."""
+    _check_cpu(w)
+    w.validate()
+    entry = f"csr_{_value_code(w.values)}_{INDEX_CODE[w.col_indices.dtype]}"
+    parts = (w.crow_indices.contiguous(), w.col_indices.contiguous(), _values(w.values))
+    return NativeWeight(w, entry, parts, w.dtype)
+
+
+def prepare_two_four(w: TwoFour) -> NativeWeight:
+    _check_cpu(w)
+    w.validate()
+    parts = (_values(w.values), w.metadata.contiguous())
+    return NativeWeight(w, f"two_four_{_value_code(w.values)}", parts, w.dtype)
+
+
+def tiling(in_features: int, n: int) -> tuple[int, int]:
+    """(ld, tile): padded panel width for n tokens (1, 8 or a multiple of 16) and tokens per tile.
+
+    >>> tiling(4096, 1), tiling(4096, 5), tiling(4096, 100), tiling(384, 1024)
+    ((1, 32), (8, 32), (112, 32), (1024, 128))
+    """
+    ld = 1 if n == 1 else 8 if n <= 8 else -(-n // 16) * 16
+    tile = 16
+    while tile < 128 and in_features * (2 * tile) * 4 <= L2_PANEL_BYTES:
+        tile *= 2
+    return ld, tile
+
+
+def x_panel(x: torch.Tensor, ld: int) -> torch.Tensor:
+    """(N, in) any dtype/strides -> (in, ld) contiguous fp32 holding x^T, zero beyond column N (or (in,) at ld 1)."""
+    if ld == 1:
+        return x.reshape(-1).to(torch.float32).contiguous()
+    n, inp = x.shape
+    xt = torch.empty(inp, ld, dtype=torch.float32)
+    xt[:, :n] = x.t()
+    xt[:, n:] = 0.0
+    return xt
+
+
+def _run(w: NativeWeight, shape: tuple[int, int], lead: tuple[int, ...], x: torch.Tensor,
+         bias: torch.Tensor | None) -> torch.Tensor:
+    """Call ``w.entry`` with the weight pointers ``lead`` (e.g. out, in) and x; returns (N, out) fp32."""
+    out, inp = shape
+    n = x.shape[0]
+    y = torch.empty(n, out, dtype=torch.float32)
+    if n == 0 or out == 0:
+        return y
+    ld, tile = tiling(inp, n)
+    xt = x_panel(x, ld)
+    b = None if bias is None else bias.to(torch.float32).contiguous()
+    fn = getattr(native.library(), w.entry)
+    fn(*(t.data_ptr() for t in w.tensors), *lead, xt.data_ptr(), ld, n, None if b is None else b.data_ptr(),
+       y.data_ptr(), tile, ROWS_PER_BLOCK, native.num_threads())
+    return y
+
+
+def _needs_grad(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+
+
+def csr_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x: (N, in) -> (N, out) in the weight's dtype."""
+    if _needs_grad(x, bias):  # the C++ kernels have no backward: torch's CSR path does
+        return cpu.csr_matmul(cpu.prepare_csr(w.source), x, bias)
+    return _run(w, w.source.shape, (w.source.shape[0],), x, bias).to(w.out_dtype)
+
+
+def two_four_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x: (N, in) -> (N, out) in the weight's dtype."""
+    if _needs_grad(x, bias):
+        return cpu.csr_matmul(cpu.prepare_csr(CSR.from_dense(w.source.to_dense())), x, bias)
+    return _run(w, w.source.shape, w.source.shape, x, bias).to(w.out_dtype)

@@ -1,0 +1,156 @@
+"""Our C++ CPU kernels (kernels/cpu_native.py) against the fp32 reference; their build, cache and fallback."""
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from sparse_ops.dispatch import kernel_for
+from sparse_ops.formats import CSR, TwoFour
+from sparse_ops.kernels import cpu_native, native, reference
+from sparse_ops.linear import SparseLinear
+from tests.test_formats import two_four, unstructured
+from tests.test_kernels import close_to_reference
+
+needs_native = pytest.mark.skipif(not native.available(), reason="native CPU kernels unavailable (no compiler)")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# odd sizes, a single row/column, in > tile panel (several token tiles), out not a multiple of the row block
+SHAPES = [(1, 4), (7, 12), (33, 64), (70, 40), (5, 2000), (0, 8), (3, 0)]
+# 1 (gemv), <= 8 (one 8-wide vector), then 16-wide tiles with every remainder width, several tiles
+BATCHES = [1, 2, 8, 9, 17, 100, 256]
+SPARSITIES = [0.0, 0.5, 0.9, 0.999, 1.0]
+
+
+def run_native(fmt, x, bias):
+    prepare, matmul = {CSR: (cpu_native.prepare_csr, cpu_native.csr_matmul),
+                       TwoFour: (cpu_native.prepare_two_four, cpu_native.two_four_matmul)}[type(fmt)]
+    with torch.inference_mode():
+        return matmul(prepare(fmt), x, bias)
+
+
+def check(fmt, batch, dtype, bias=True):
+    out, inp = fmt.shape
+    x = torch.randn(batch, inp, dtype=dtype)
+    b = torch.randn(out, dtype=dtype) if bias else None
+    y = run_native(fmt, x, b)
+    assert y.shape == (batch, out) and y.dtype == dtype
+    ref = reference.REFERENCE[fmt.format](fmt, x) + (b.float() if bias else 0.0)
+    close_to_reference(y, ref, dtype, inp)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_csr_matches_reference(shape, batch, sparsity, dtype):
+    check(CSR.from_dense(unstructured(shape, sparsity, dtype)), batch, dtype, bias=batch % 2 == 1)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("extra", [0.0, 0.9, 1.0])  # exactly 2:4, sparser, all zero
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("shape", [(1, 4), (7, 12), (33, 64), (5, 2000), (9, 36), (3, 0)])
+def test_two_four_matches_reference(shape, batch, extra, dtype):
+    # in/4 = 3, 16, 500, 9 groups: odd group counts (a padding nibble) and tails after 8-group steps
+    check(TwoFour.from_dense(two_four(shape, dtype, extra)), batch, dtype, bias=batch % 2 == 0)
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [1, 8, 33])
+def test_csr_with_int32_columns(batch):
+    w = unstructured((3, 40000), 0.99)  # in > 32767: int32 column indices
+    fmt = CSR.from_dense(w)
+    assert fmt.col_indices.dtype == torch.int32
+    check(fmt, batch, torch.float32)
+
+
+@needs_native
+def test_empty_rows_and_noncontiguous_input():
+    w = unstructured((20, 48), 0.6)
+    w[::3] = 0.0  # every third row empty
+    fmt = CSR.from_dense(w)
+    x = torch.randn(48, 11).t()  # (11, 48), transposed view
+    torch.testing.assert_close(run_native(fmt, x, None), x @ w.t(), rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("format", ["csr", "2:4"])
+@pytest.mark.parametrize("lead", [(), (3,), (2, 5), (4, 0), (2, 64)])
+def test_sparse_linear_takes_our_kernel_with_leading_dims(format, lead):
+    lin = nn.Linear(64, 24)
+    with torch.no_grad():
+        lin.weight.copy_(two_four((24, 64), extra_sparsity=0.5))
+    layer = SparseLinear.from_dense(lin, format)
+    assert layer.kernel.name == f"cpu.{format}"
+    x = torch.randn(*lead, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), lin(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_gradient_falls_back_to_torch():
+    lin = nn.Linear(16, 8)
+    with torch.no_grad():
+        lin.weight.copy_(unstructured((8, 16), 0.7))
+    layer = SparseLinear.from_dense(lin)
+    x = torch.randn(4, 16, requires_grad=True)
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, lin.weight.detach().sum(0).expand(4, 16))
+
+
+def test_prepare_rejects_bad_indices_before_native_code():
+    good = CSR.from_dense(unstructured((4, 8), 0.5))
+    bad = CSR(good.crow_indices, torch.full_like(good.col_indices, 8), good.values, (4, 8))
+    with pytest.raises(ValueError, match=r"col_indices must lie in \[0, 8\)"):
+        cpu_native.prepare_csr(bad)
+    t = TwoFour.from_dense(two_four((2, 8)))
+    with pytest.raises(ValueError, match="invalid position codes"):
+        cpu_native.prepare_two_four(TwoFour(t.values, torch.full_like(t.metadata, 0xFF), (2, 8)))
+
+
+def test_tiling_keeps_panels_in_cache():
+    for inp in (40, 384, 4096, 11008):
+        for n in (1, 2, 9, 100, 256):
+            ld, tile = cpu_native.tiling(inp, n)
+            assert ld >= n and (ld in (1, 8) or ld % 16 == 0) and tile in (16, 32, 64, 128)
+            assert tile == 16 or inp * tile * 4 <= cpu_native.L2_PANEL_BYTES
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no g++: the build path cannot run here")
+def test_build_compiles_into_a_fresh_cache_and_loads(tmp_path, monkeypatch):
+    # What CI does on a fresh machine: nothing cached, compile once, then reuse the cached file.
+    monkeypatch.setenv("SPARSE_OPS_CACHE", str(tmp_path))
+    path = native.build()
+    assert path.parent == tmp_path and path.stat().st_size > 0 and list(tmp_path.iterdir()) == [path]
+    assert native.build() == path  # cached: same file, no second copy
+    import ctypes
+    assert ctypes.CDLL(str(path)).sparse_cpu_abi_version() == native.ABI_VERSION
+
+
+def test_build_failure_names_the_compiler(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSE_OPS_CACHE", str(tmp_path))
+    with pytest.raises(RuntimeError, match="false failed building sparse_cpu.cpp"):
+        native.build(compiler=shutil.which("false") or "false")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
+
+
+@pytest.mark.parametrize("how", ["disabled", "unbuildable"])
+def test_falls_back_to_torch_kernels(how, monkeypatch):
+    if how == "disabled":
+        monkeypatch.setenv("SPARSE_OPS_NATIVE", "0")
+    else:  # what a machine without a compiler sees
+        monkeypatch.setattr(native, "_load", lambda: "RuntimeError: no C++ compiler found")
+    assert not native.available()
+    assert kernel_for("csr", "cpu").name == "torch.cpu.csr"
+    assert kernel_for("2:4", "cpu").name == "torch.cpu.2:4"
+    w = two_four((12, 32), extra_sparsity=0.3)
+    lin = nn.Linear(32, 12)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    x = torch.randn(5, 32)
+    for format in ("csr", "2:4"):
+        layer = SparseLinear.from_dense(lin, format)
+        assert layer.kernel.name == f"torch.cpu.{format}"
+        torch.testing.assert_close(layer(x), lin(x), rtol=1e-5, atol=1e-5)
