@@ -37,7 +37,9 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="a .safetensors file, a .pt/.bin state dict, or a Hugging Face model directory")
-    p.add_argument("-o", "--output", required=True, help="the sparse .safetensors file to write")
+    p.add_argument("-o", "--output", required=True,
+                   help="the sparse .safetensors file to write, or a new (or empty) folder for sharded output: "
+                        "one sparse shard per source shard plus model.sparse.safetensors.index.json")
     p.add_argument("--format", default="csr", help="csr, 2:4 or auto (smallest per tensor) (default: csr)")
     p.add_argument("--min-sparsity", type=float, default=None,
                    help="convert tensors at least this sparse (default: where sparse storage is smaller; "
@@ -60,7 +62,8 @@ def _mb(nbytes: int) -> str:
 
 
 def add_inspect(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", help="a dense or sparse checkpoint (.safetensors, .pt/.bin, model directory)")
+    p.add_argument("file", help="a dense or sparse checkpoint (.safetensors, .pt/.bin, model directory, "
+                                "or a sharded checkpoint's .index.json)")
 
 
 def run_inspect(args: argparse.Namespace) -> int:

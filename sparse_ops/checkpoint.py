@@ -2,12 +2,13 @@
 
 Sources: a ``.safetensors`` file (dense, or sparse as written here), a ``.pt`` / ``.bin`` state dict (read with
 ``torch.load(weights_only=True)``, never a full unpickle), or a Hugging Face model directory
-(``model.safetensors``, a sharded ``model.safetensors.index.json``, or ``pytorch_model.bin``).
+(``model.safetensors``, a sharded ``model.safetensors.index.json``, or ``pytorch_model.bin``); a sharded
+sparse checkpoint as written here (its folder or its ``model.sparse.safetensors.index.json``).
 
-Output: one safetensors file. Each logical tensor is stored dense under its own name or as its format's parts
+Output: one safetensors file, or a folder of shards with an index (one shard per source shard). Each logical tensor is stored dense under its own name or as its format's parts
 under ``<name>/<part>``; which one, and the format, shape and dtype of every tensor, live only in the file's
 metadata (``sparse_ops.tensors``, JSON) beside ``sparse_ops.format_version``. Conversion streams tensor by
-tensor (peak memory ~ the largest tensor) into a temporary file in the destination folder, renamed at the end.
+tensor (peak memory ~ 2x the largest tensor beyond the interpreter) into a temporary file in the destination folder, renamed at the end.
 
 Example:
     >>> import os, tempfile, torch
@@ -27,6 +28,8 @@ import dataclasses
 import json
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +47,7 @@ from sparse_ops.formats import (
     is_two_four,
     two_four_nbytes,
 )
-from sparse_ops.tensorio import DTYPES, BadFileError, RawSource, SafetensorsWriter, open_raw
+from sparse_ops.tensorio import DTYPES, SPARSE_INDEX, BadFileError, RawSource, SafetensorsWriter, open_raw
 
 FORMAT_VERSION = "1"
 VERSION_KEY = "sparse_ops.format_version"
@@ -97,19 +100,41 @@ def _parse_entry(name: str, info: object, stored: set[str]) -> Entry:
 
 def read_entries(src: RawSource) -> list[Entry]:
     """The logical tensors of a source: from sparse_ops metadata when present, else every tensor dense."""
+    return [e for _, entries in shard_entries(src) for e in entries]
+
+
+def shard_entries(src: RawSource) -> list[tuple[RawSource, list[Entry]]]:
+    """(shard, its logical tensors) per file of a source; a sharded sparse checkpoint's index must name
+    exactly the tensors each shard's metadata describes."""
+    shards = src.shards()
+    if len(shards) == 1 and src.index is None:
+        return [(src, _file_entries(src))]
+    result = [(shard, _file_entries(shard)) for shard in shards]
+    if src.index is not None:
+        for shard, entries in result:
+            named = {k for k, v in src.index.items() if v == shard.path.name}
+            if named != {e.name for e in entries}:
+                odd = sorted(named ^ {e.name for e in entries})[0]
+                raise BadFileError(f"cannot read {src.path}: the index and {shard.path.name} disagree about "
+                                   f"tensor {odd!r}")
+    return result
+
+
+def _file_entries(src: RawSource) -> list[Entry]:
+    """The logical tensors of one file (or of a plain multi-file source, all dense)."""
     meta = src.metadata or {}
     stored = set(src.keys())
     if VERSION_KEY not in meta:
         return [Entry(k, DENSE, None, None, {"tensor": k}) for k in src.keys()]
     if meta[VERSION_KEY] != FORMAT_VERSION:
-        raise BadFileError(f"cannot read {src.path}: sparse_ops format version {meta[VERSION_KEY]!r}, "
+        raise BadFileError(f"cannot read {src.path}: sparse_ops format version {meta[VERSION_KEY]!r:.40}, "
                            f"this version reads {FORMAT_VERSION!r}")
     try:
         records = json.loads(meta.get(TENSORS_KEY, ""))
         if not isinstance(records, dict):
             raise ValueError(f"{TENSORS_KEY} must be a JSON object")
         entries = [_parse_entry(name, info, stored) for name, info in records.items()]
-    except ValueError as e:  # JSONDecodeError is a ValueError
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
         raise BadFileError(f"cannot read {src.path}: bad metadata: {e}") from None
     used = [p for e in entries for p in e.parts.values()]
     if len(used) != len(set(used)) or set(used) != stored:
@@ -199,15 +224,44 @@ def choose_storage(name: str, t: torch.Tensor, format: str, min_sparsity: float 
     return min(sizes, key=sizes.__getitem__)
 
 
+@dataclass(frozen=True)
+class _Options:
+    format: str
+    min_sparsity: float | None
+    embeddings: bool
+    progress: bool
+
+
+@dataclass(frozen=True)
+class _Totals:
+    tensors: int = 0
+    converted: int = 0
+    before: int = 0
+    after: int = 0
+
+    def __add__(self, other: _Totals) -> _Totals:
+        return _Totals(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+
+def _is_dir_output(dst: Path) -> bool:
+    """A path without a suffix (or an existing folder) asks for a sharded output folder."""
+    return dst.is_dir() or (dst.suffix == "" and not dst.exists())
+
+
 def _check_convert_args(src: Path, dst: Path, format: str, min_sparsity: float | None) -> None:
     if format not in CONVERT_FORMATS:
         raise ValueError(f"unknown format {format!r}; allowed: {', '.join(CONVERT_FORMATS)}")
     if min_sparsity is not None and not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
-    if dst.suffix != ".safetensors":
-        raise ValueError(f"output must be a .safetensors file, got {dst.name!r}")
+    if dst.suffix != ".safetensors" and not _is_dir_output(dst):
+        raise ValueError(f"output must be a .safetensors file or a folder (for sharded output), "
+                         f"got {dst.name!r}")
     if dst.exists() and src.exists() and dst.resolve() == src.resolve():
         raise ValueError(f"output {dst} is the input; choose another path")
+    if dst.is_dir() and any(dst.iterdir()):
+        raise ValueError(f"output folder {dst} is not empty; choose a new or empty folder")
+    if not dst.parent.is_dir():
+        raise FileNotFoundError(f"output folder does not exist: {dst.parent}")
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, format: str = "csr",
@@ -219,29 +273,71 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, format: s
     ``min_sparsity``; by default, csr where its storage is smaller than dense, 2:4 from 50% sparsity (a tensor
     that is that sparse but not 2:4 is an error), "auto" the smallest of dense/csr/2:4 per tensor. Speed is
     chosen where the model runs: ``sparsify(..., auto=True)``.
+
+    ``dst`` a folder (a new or empty one, or a path without a suffix): one sparse shard per source shard,
+    ``model-0000k-of-0000n.sparse.safetensors``, and ``model.sparse.safetensors.index.json`` mapping each
+    tensor name to its shard; the folder appears complete or not at all.
     """
     src, dst = Path(src), Path(dst)
     _check_convert_args(src, dst, format, min_sparsity)
-    records, before, after, converted = {}, 0, 0, 0
-    with open_raw(src) as source, SafetensorsWriter(dst) as writer:
-        entries = read_entries(source)
-        bar = None if progress else True  # tqdm's disable=None: a bar on a terminal only
+    opts = _Options(format, min_sparsity, embeddings, progress)
+    with open_raw(src) as source:
+        if _is_dir_output(dst):
+            t = _convert_sharded(source, dst, opts)
+        else:
+            t = _convert_file(source, read_entries(source), dst, opts)
+    return ConvertSummary(str(src), str(dst), format, t.tensors, t.converted, t.before, t.after)
+
+
+def _convert_file(source: RawSource, entries: list[Entry], dst: Path, opts: _Options) -> _Totals:
+    """Convert ``entries`` of ``source`` into one safetensors file ``dst`` (atomically)."""
+    records, totals = {}, _Totals()
+    with SafetensorsWriter(dst) as writer:
+        bar = None if opts.progress else True  # tqdm's disable=None: a bar on a terminal only
         for entry in tqdm(entries, desc="convert", unit="tensor", disable=bar):
-            t = load_entry(source, entry)
-            t = t if isinstance(t, torch.Tensor) else t.to_dense()
-            try:
-                fmt = choose_storage(entry.name, t, format, min_sparsity, embeddings)
-            except ValueError as e:
-                raise ValueError(f"{entry.name}: {e}") from None
-            stored = t if fmt == DENSE else format_class(fmt).from_dense(t)
-            parts = {"tensor": t} if fmt == DENSE else stored.parts()
-            names = {p: entry.name if fmt == DENSE else f"{entry.name}/{p}" for p in parts}
-            after += sum(writer.add(names[p], v) for p, v in parts.items())
-            before += t.numel() * t.element_size()
-            converted += fmt != DENSE
-            records[entry.name] = Entry(entry.name, fmt, tuple(t.shape), t.dtype, names).to_json()
+            records[entry.name], t = _convert_entry(source, entry, writer, opts)
+            totals += t
         writer.commit({VERSION_KEY: FORMAT_VERSION, TENSORS_KEY: json.dumps(records)})
-    return ConvertSummary(str(src), str(dst), format, len(records), converted, before, after)
+    return totals
+
+
+def _convert_entry(source: RawSource, entry: Entry, writer: SafetensorsWriter, opts: _Options
+                   ) -> tuple[dict[str, object], _Totals]:
+    """Load, choose, encode and write one tensor; its buffers are freed on return (peak ~ one tensor)."""
+    t = load_entry(source, entry)
+    t = t if isinstance(t, torch.Tensor) else t.to_dense()
+    try:
+        fmt = choose_storage(entry.name, t, opts.format, opts.min_sparsity, opts.embeddings)
+    except ValueError as e:
+        raise ValueError(f"{entry.name}: {e}") from None
+    parts = {"tensor": t} if fmt == DENSE else format_class(fmt).from_dense(t).parts()
+    names = {p: entry.name if fmt == DENSE else f"{entry.name}/{p}" for p in parts}
+    after = sum(writer.add(names[p], v) for p, v in parts.items())
+    record = Entry(entry.name, fmt, tuple(t.shape), t.dtype, names).to_json()
+    return record, _Totals(1, int(fmt != DENSE), t.numel() * t.element_size(), after)
+
+
+def _convert_sharded(source: RawSource, out: Path, opts: _Options) -> _Totals:
+    """One output shard per source shard, built in a hidden sibling folder renamed onto ``out`` at the end."""
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        shards = shard_entries(source)
+        weight_map, totals = {}, _Totals()
+        for k, (shard, entries) in enumerate(shards, 1):
+            name = f"model-{k:05d}-of-{len(shards):05d}.sparse.safetensors"
+            totals += _convert_file(shard, entries, tmp / name, opts)
+            weight_map.update({e.name: name for e in entries})
+        index = {"metadata": {VERSION_KEY: FORMAT_VERSION, "total_size": totals.after},
+                 "weight_map": weight_map}
+        (tmp / SPARSE_INDEX).write_text(json.dumps(index, indent=2))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result gets the usual mode
+        os.replace(tmp, out)  # onto a missing or empty folder
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return totals
 
 
 # --- loading into a model ---

@@ -31,6 +31,7 @@ import torch
 VALUE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
 INT16_MAX_COLS = 32767  # int16 column indices address columns 0..32766 when in_features <= 32767
 INT32_MAX = 2**31 - 1
+_BLOCK = 1 << 22  # entries per block of rows in CSR.from_dense (4 Mi: a 4 MB mask, <= 32 MB of indices)
 
 
 class SparseFormat(Protocol):
@@ -140,17 +141,31 @@ class CSR(_ValuesMixin):
 
     @classmethod
     def from_dense(cls, w: torch.Tensor) -> CSR:
-        """Keep the entries with ``w != 0``; see the module note on -0.0."""
+        """Keep the entries with ``w != 0``; see the module note on -0.0.
+
+        Works on blocks of rows so the scratch memory (a bool mask, int64 indices of the block's nonzeros) is
+        bounded by ``_BLOCK`` entries, not the weight's size: converting a large checkpoint stays near one
+        weight plus its CSR parts.
+        """
         _check_dense_weight(w, "csr")
         out, inp = w.shape
-        keep = w != 0  # (out, in); -0.0 is dropped, NaN kept
-        nnz = int(keep.sum())
-        if nnz > INT32_MAX:
-            raise ValueError(f"csr holds at most {INT32_MAX} nonzeros with int32 row pointers, got {nnz}")
-        rows, cols = keep.nonzero(as_tuple=True)  # row-major order: rows sorted, cols increasing per row
+        counts, cols, values = [], [], []  # per block: (rows,) int64, (nnz_b,) columns, (nnz_b,) values
+        step = max(1, _BLOCK // max(inp, 1))  # rows per block
+        for r0 in range(0, out, step):
+            block = w[r0:r0 + step]  # (rows, in)
+            rows, c = (block != 0).nonzero(as_tuple=True)  # row-major: cols increasing within a row; NaN kept
+            counts.append(torch.bincount(rows, minlength=block.shape[0]))
+            cols.append(c.to(csr_col_dtype(inp)))
+            values.append(block[rows, c])
         crow = torch.zeros(out + 1, dtype=torch.int64, device=w.device)
-        crow[1:] = torch.cumsum(keep.sum(dim=1), 0)
-        return cls(crow.to(torch.int32), cols.to(csr_col_dtype(inp)), w[rows, cols], (out, inp))
+        if out:
+            crow[1:] = torch.cumsum(torch.cat(counts), 0)
+        if int(crow[-1]) > INT32_MAX:
+            raise ValueError(f"csr holds at most {INT32_MAX} nonzeros with int32 row pointers, "
+                             f"got {int(crow[-1])}")
+        cols = torch.cat(cols) if cols else torch.empty(0, dtype=csr_col_dtype(inp), device=w.device)
+        values = torch.cat(values) if values else w.new_empty(0)
+        return cls(crow.to(torch.int32), cols, values, (out, inp))
 
     def to_dense(self) -> torch.Tensor:
         out, inp = self.shape
@@ -338,4 +353,6 @@ def is_two_four(w: torch.Tensor) -> bool:
     """True when a 2-D weight has in % 4 == 0 and at most 2 nonzeros in every group of 4 input columns."""
     if w.dim() != 2 or w.shape[1] % 4:
         return False
-    return not bool(((w != 0).reshape(w.shape[0], -1, 4).sum(-1) > 2).any())
+    step = max(1, _BLOCK // max(w.shape[1], 1))  # rows per block: the int64 group sums stay small
+    blocks = ((w[r:r + step] != 0).reshape(-1, 4) for r in range(0, w.shape[0], step))  # (rows*in/4, 4) each
+    return not any(bool((b.sum(-1) > 2).any()) for b in blocks)

@@ -3,6 +3,11 @@
 Everything that can go wrong reading a file (missing, truncated, not the type its name says, a pickle that
 ``weights_only`` refuses) becomes a ``ValueError`` / ``FileNotFoundError`` naming the path and the reason.
 
+Safetensors files are read by this module, not memory-mapped: the header is checked against the file size
+(length, dtypes, shapes, offsets) before anything is allocated, and each tensor is read with one ``readinto``
+into its own buffer, so a hostile header cannot make us allocate more than the file holds, and converting a
+file larger than memory keeps one tensor resident at a time (a mapping would keep every page read so far).
+
 Example:
     >>> import os, tempfile, torch
     >>> path = os.path.join(tempfile.mkdtemp(), "t.safetensors")
@@ -16,17 +21,18 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
 import os
 import pickle
 import struct
 import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 # dtype name (as in metadata) -> torch dtype, and torch dtype -> safetensors code.
 DTYPES: dict[str, torch.dtype] = {
@@ -39,8 +45,11 @@ _ST_CODES: dict[torch.dtype, str] = {
     torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
     torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
+_FROM_CODES: dict[str, torch.dtype] = {code: dtype for dtype, code in _ST_CODES.items()}
 HF_INDEX, HF_SINGLE, HF_PICKLE = "model.safetensors.index.json", "model.safetensors", "pytorch_model.bin"
+SPARSE_INDEX = "model.sparse.safetensors.index.json"  # sharded sparse checkpoint: logical name -> shard
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
+MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit on a header (and ours on an index file)
 # A parser fed a corrupted file may raise anything (the weights_only unpickler raises IndexError on garbage),
 # so every Exception while reading a file becomes one ValueError naming the file.
 _READ_ERRORS = (Exception,)
@@ -50,16 +59,127 @@ class BadFileError(ValueError):
     """A file that cannot be used as a checkpoint; the message names the path and the reason."""
 
 
-@dataclass
-class RawSource:
-    """Named tensors of one checkpoint, loaded one at a time by ``get``; ``metadata`` of a single file."""
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor of a safetensors file lies: dtype, shape, absolute byte offset and length."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """A safetensors file's checked header: ``__metadata__`` and every tensor's place in the file."""
 
     path: Path
-    key_files: dict[str, Path]  # tensor name -> safetensors file holding it (empty for a pickle)
     metadata: dict[str, str] | None
+    tensors: dict[str, StoredTensor]
+
+
+def read_header(path: Path) -> SafetensorsHeader:
+    """Read and check a safetensors header; nothing beyond the header is read or allocated."""
+    with _reading(path), open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)  # little-endian u64: header length
+        if len(head) < 8:
+            raise BadFileError(f"cannot read {path}: {size} bytes is too short for a safetensors file")
+        n = struct.unpack("<Q", head)[0]
+        if n > min(size - 8, MAX_HEADER_BYTES):
+            raise BadFileError(f"cannot read {path}: header length {n} exceeds the file ({size} bytes) "
+                               f"or the limit ({MAX_HEADER_BYTES} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+            raise BadFileError(f"cannot read {path}: header is not JSON ({type(e).__name__})") from None
+        try:
+            metadata, tensors = parse_header(header, size - 8 - n)
+        except ValueError as e:
+            raise BadFileError(f"cannot read {path}: {e}") from None
+    return SafetensorsHeader(path, metadata, {k: dataclasses.replace(t, start=t.start + 8 + n)
+                                              for k, t in tensors.items()})
+
+
+def parse_header(header: object, data_bytes: int) -> tuple[dict[str, str] | None, dict[str, StoredTensor]]:
+    """(metadata, tensors) of a decoded header whose data section holds ``data_bytes``; ValueError naming
+    the first bad field. Offsets stay relative to the data section.
+
+    Example:
+        >>> parse_header({"a": {"dtype": "I16", "shape": [3], "data_offsets": [0, 6]}}, 6)[1]["a"].shape
+        (3,)
+        >>> parse_header({"a": {"dtype": "I16", "shape": [2**40], "data_offsets": [0, 6]}}, 6)
+        Traceback (most recent call last):
+        ...
+        ValueError: tensor 'a': shape [1099511627776] of I16 needs 2199023255552 bytes, data_offsets hold 6
+    """
+    if not isinstance(header, dict):
+        raise ValueError(f"header must be a JSON object, got {type(header).__name__}")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict)
+                                 and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
+        raise ValueError("__metadata__ must map strings to strings")
+    return meta, {k: _stored(k, v, data_bytes) for k, v in header.items() if k != "__metadata__"}
+
+
+def _stored(name: str, info: object, data_bytes: int) -> StoredTensor:
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise ValueError(f"tensor {name!r:.100} needs dtype, shape and data_offsets, got {info!r:.100}")
+    code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(code, str) or code not in _FROM_CODES:
+        raise ValueError(f"tensor {name!r:.100}: unknown dtype {code!r:.40}; known: {', '.join(_FROM_CODES)}")
+    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+        raise ValueError(f"tensor {name!r:.100}: shape must be a list of non-negative ints, "
+                         f"got {shape!r:.100}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise ValueError(f"tensor {name!r:.100}: data_offsets must be two ints 0 <= begin <= end, "
+                         f"got {offsets!r:.100}")
+    if offsets[1] > data_bytes:
+        raise ValueError(f"tensor {name!r:.100}: data_offsets {offsets} lie beyond the {data_bytes} data "
+                         f"bytes (a truncated file?)")
+    nbytes = math.prod(shape) * _FROM_CODES[code].itemsize  # Python ints: no overflow
+    if nbytes != offsets[1] - offsets[0]:
+        raise ValueError(f"tensor {name!r:.100}: shape {shape!r:.100} of {code} needs {nbytes} bytes, "
+                         f"data_offsets hold {offsets[1] - offsets[0]}")
+    return StoredTensor(_FROM_CODES[code], tuple(shape), offsets[0], nbytes)
+
+
+def read_tensor(path: Path, t: StoredTensor) -> torch.Tensor:
+    """One tensor's bytes read straight into a new CPU tensor (checked bytes only: see ``read_header``)."""
+    out = torch.empty(t.shape, dtype=t.dtype)
+    buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # (nbytes,) view of out's storage
+    with _reading(path), open(path, "rb", buffering=0) as f:
+        f.seek(t.start)
+        done = 0
+        while done < t.nbytes:  # one read(2) returns at most ~2 GiB
+            got = f.readinto(buf[done:])
+            if not got:
+                raise BadFileError(f"cannot read {path}: file ends {t.nbytes - done} bytes early")
+            done += got
+    if t.dtype == torch.bool and t.nbytes and int(buf.obj.max()) > 1:
+        raise BadFileError(f"cannot read {path}: a bool tensor holds bytes other than 0 and 1")
+    return out
+
+
+@dataclass
+class RawSource:
+    """Named tensors of one checkpoint, loaded one at a time by ``get``.
+
+    ``files``: each safetensors file (one per shard) with its checked header; empty for a pickle, whose
+    tensors are in ``state``. ``index``: a sharded sparse checkpoint's weight map (logical name -> shard).
+    """
+
+    path: Path
+    key_files: dict[str, Path]  # stored tensor name -> safetensors file holding it
+    files: dict[Path, SafetensorsHeader]
     state: Mapping[str, torch.Tensor] | None = None  # a weights_only-loaded (mmapped) state dict
-    _handles: dict[Path, object] = field(default_factory=dict)
-    _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    index: dict[str, str] | None = None
+
+    @property
+    def metadata(self) -> dict[str, str] | None:
+        """The header metadata of a single-file source (None for several files or a pickle)."""
+        return next(iter(self.files.values())).metadata if len(self.files) == 1 else None
 
     def keys(self) -> list[str]:
         return list(self.state) if self.state is not None else list(self.key_files)
@@ -68,10 +188,14 @@ class RawSource:
         if self.state is not None:
             return self.state[key]
         file = self.key_files[key]
-        with _reading(file):
-            if file not in self._handles:
-                self._handles[file] = self._stack.enter_context(safe_open(str(file), framework="pt"))
-            return self._handles[file].get_tensor(key)
+        return read_tensor(file, self.files[file].tensors[key])
+
+    def shards(self) -> list[RawSource]:
+        """One source per safetensors file, in file-name order (a pickle: itself)."""
+        if self.state is not None:
+            return [self]
+        return [RawSource(file, {k: f for k, f in self.key_files.items() if f == file},
+                          {file: self.files[file]}) for file in sorted(self.files)]
 
 
 @contextlib.contextmanager
@@ -91,56 +215,72 @@ def _reading(path: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def open_raw(path: str | os.PathLike) -> Iterator[RawSource]:
-    """Open a .safetensors file, a .pt/.bin state dict, or a Hugging Face model directory."""
+    """Open a .safetensors file, a .pt/.bin state dict, a Hugging Face model directory, or an index file
+    (``model.safetensors.index.json``, ``model.sparse.safetensors.index.json``)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file or directory: {path}")
-    source = _open_dir(path) if path.is_dir() else _open_file(path)
-    with source._stack:
-        yield source
+    yield _open_dir(path) if path.is_dir() else _open_file(path)
 
 
 def _open_file(path: Path) -> RawSource:
     if path.suffix == ".safetensors":
         return _open_safetensors({path: None})
     if path.suffix in PICKLE_SUFFIXES:
-        return RawSource(path, {}, None, state=_load_pickle(path))
+        return RawSource(path, {}, {}, state=_load_pickle(path))
+    if path.name.endswith(".index.json"):
+        return _open_index(path)
     raise ValueError(f"unsupported file type {path.name!r}: expected .safetensors, "
-                     f"{', '.join(PICKLE_SUFFIXES)} or a Hugging Face model directory")
+                     f"{', '.join(PICKLE_SUFFIXES)}, an .index.json or a Hugging Face model directory")
 
 
 def _open_dir(path: Path) -> RawSource:
-    if (path / HF_INDEX).is_file():
-        with _reading(path / HF_INDEX):
-            weight_map = json.loads((path / HF_INDEX).read_text())["weight_map"]
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise ValueError("weight_map must map tensor names to shard file names")
-        shards = {}
-        for key, shard in weight_map.items():
-            if Path(shard).name != shard:  # no paths outside the model directory
-                raise BadFileError(f"cannot read {path / HF_INDEX}: shard name {shard!r} is not a plain file name")
-            shards.setdefault(path / shard, []).append(key)
-        return _open_safetensors(shards, path)
-    for name, opener in ((HF_SINGLE, lambda p: _open_safetensors({p: None})),
-                         (HF_PICKLE, lambda p: RawSource(p, {}, None, state=_load_pickle(p)))):
+    for name in (SPARSE_INDEX, HF_INDEX):
         if (path / name).is_file():
-            return opener(path / name)
-    raise ValueError(f"{path} is not a Hugging Face model directory: no {HF_INDEX}, {HF_SINGLE} or {HF_PICKLE}")
+            return _open_index(path / name)
+    if (path / HF_SINGLE).is_file():
+        return _open_safetensors({path / HF_SINGLE: None})
+    if (path / HF_PICKLE).is_file():
+        return RawSource(path / HF_PICKLE, {}, {}, state=_load_pickle(path / HF_PICKLE))
+    raise ValueError(f"{path} is not a Hugging Face model directory: no {HF_INDEX}, {HF_SINGLE} or "
+                     f"{HF_PICKLE} (nor a sparse {SPARSE_INDEX})")
+
+
+def _open_index(index: Path) -> RawSource:
+    """A sharded checkpoint from its index. HF's weight map names stored tensors (checked against each shard);
+    a sparse index names logical tensors (checked by ``sparse_ops.checkpoint``), kept in ``index``."""
+    with _reading(index):
+        if index.stat().st_size > MAX_HEADER_BYTES:
+            raise ValueError(f"index is larger than {MAX_HEADER_BYTES} bytes")
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError("weight_map must map tensor names to shard file names")
+    shards: dict[Path, list[str]] = {}
+    for key, shard in weight_map.items():
+        if Path(shard).name != shard or shard in ("", ".", ".."):  # no paths outside the model directory
+            raise BadFileError(f"cannot read {index}: shard name {shard!r:.100} is not a plain file name")
+        shards.setdefault(index.parent / shard, []).append(key)
+    sparse = index.name.endswith(".sparse.safetensors.index.json")
+    source = _open_safetensors({f: None for f in shards} if sparse else shards, index.parent)
+    return dataclasses.replace(source, index=weight_map) if sparse else source
 
 
 def _open_safetensors(files: dict[Path, list[str] | None], root: Path | None = None) -> RawSource:
-    """Read each file's header (all keys, metadata); ``files`` maps a file to the keys an index expects in it."""
-    key_files, metadata = {}, None
+    """Read each file's header; ``files`` maps a file to the keys an index expects in it (None: all)."""
+    key_files: dict[str, Path] = {}
+    headers: dict[Path, SafetensorsHeader] = {}
     for file, expected in files.items():
         if not file.is_file():
             raise FileNotFoundError(f"no such file: {file}")
-        with _reading(file), safe_open(str(file), framework="pt") as f:
-            keys, metadata = list(f.keys()), f.metadata()
-        missing = set(expected or ()) - set(keys)
+        headers[file] = header = read_header(file)
+        missing = set(expected or ()) - set(header.tensors)
         if missing:
             raise BadFileError(f"cannot read {file}: the index names tensors it lacks, e.g. {sorted(missing)[0]!r}")
-        key_files.update({k: file for k in (expected if expected is not None else keys)})
-    return RawSource(root or next(iter(files)), key_files, metadata if len(files) == 1 else None)
+        for k in expected if expected is not None else header.tensors:
+            if k in key_files:
+                raise BadFileError(f"cannot read {file}: tensor {k!r} is stored in {key_files[k].name} too")
+            key_files[k] = file
+    return RawSource(root or next(iter(files)), key_files, headers)
 
 
 def _load_pickle(path: Path) -> Mapping[str, torch.Tensor]:

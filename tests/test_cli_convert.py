@@ -65,7 +65,7 @@ class Evil:
 
 BAD_INPUTS = {
     "missing file": (lambda tmp, f: tmp / "nope.safetensors", [], "no such file or directory"),
-    "truncated": (_truncate, [], "cannot read .*cut.safetensors: .*incomplete metadata"),
+    "truncated": (_truncate, [], "cannot read .*cut.safetensors: .*a truncated file"),
     "garbage .pt": (_garbage_pt, [], "cannot read .*junk.pt"),
     "wrong type": (_wrong_type, [], "unsupported file type 'notes.txt'"),
     "not a state dict": (_not_a_state_dict, [], "holds a list, not a state dict"),
