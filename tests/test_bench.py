@@ -1,0 +1,305 @@
+"""`prune bench` and its timer: statistics on a fake clock, the three commands on tiny inputs writing CSV /
+JSON / PNG, bad input (one line, exit 2, nothing written), and gpu_check.sh on a machine without a GPU.
+
+No assertion here depends on how fast anything ran: only on what was measured, counted and written.
+"""
+import csv
+import doctest
+import importlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.bench import families_config, matmul_plan
+from benchmarks.checkpoint import LAYER_COLUMNS
+from benchmarks.linear import MATMUL_COLUMNS
+from benchmarks.output import RunFiles
+from benchmarks.timing import Deadline, _quantile, summarize, time_interleaved
+from prune.cli import build_parser, main
+from sparse_ops.checkpoint import convert_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_MODULES = ["benchmarks.timing", "benchmarks.shapes", "benchmarks.linear", "benchmarks.checkpoint",
+                 "benchmarks.output", "benchmarks.plots", "benchmarks.bench"]
+
+
+# --- the timer, on a fake clock ---
+
+class FakeClock:
+    """A clock that only moves when a fake workload says so."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def scripted(clock, durations, log, name):
+    """A callable whose k-th call takes durations[k] seconds of fake time (the last one repeats)."""
+    calls = []
+
+    def fn():
+        clock.now += durations[min(len(calls), len(durations) - 1)]
+        calls.append(1)
+        log.append(name)
+    return fn
+
+
+def test_timer_statistics_on_a_fake_clock():
+    clock, log = FakeClock(), []
+    # 2 warm-up calls and 1 calibration call take 100 s each (ignored), then samples 11, 10, ..., 1 s
+    a = scripted(clock, [100.0] * 3 + [float(v) for v in range(11, 0, -1)], log, "a")
+    b = scripted(clock, [100.0] * 3 + [2.0] * 11, log, "b")
+    t = time_interleaved({"a": a, "b": b}, warmup=2, repeats=11, min_sample_s=0.5, clock=clock)
+    assert (t["a"].median_s, t["a"].p10_s, t["a"].p90_s, t["a"].repeats) == (6.0, 2.0, 10.0, 11)
+    assert (t["b"].median_s, t["b"].p10_s, t["b"].p90_s) == (2.0, 2.0, 2.0)
+    assert t["b"].ratio_to(t["a"]) == 3.0  # b is 3x faster than a
+    assert log[-22:] == ["a", "b"] * 11  # timed samples interleave A B A B ...
+
+
+def test_timer_loops_fast_calls_into_one_sample():
+    clock, log = FakeClock(), []
+    fn = scripted(clock, [0.001], log, "f")  # 1 ms per call, samples must last >= 20 ms
+    t = time_interleaved({"f": fn}, warmup=0, repeats=3, min_sample_s=0.02, clock=clock)
+    assert t["f"].median_s == pytest.approx(0.001)
+    assert len(log) >= 3 * 20  # each of the 3 samples looped at least 20 calls (calibration calls besides)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 10, 11, 31])
+def test_quantiles_match_numpy_linear(n):
+    xs = list(np.random.default_rng(n).random(n))
+    for q in (0.1, 0.5, 0.9):
+        assert _quantile(xs, q) == pytest.approx(np.percentile(xs, 100 * q))
+    assert summarize(xs).median_s == pytest.approx(np.median(xs))
+
+
+def test_timer_rejects_empty_input():
+    with pytest.raises(ValueError, match="at least one"):
+        time_interleaved({})
+    with pytest.raises(ValueError, match="at least one"):
+        summarize([])
+
+
+def test_deadline():
+    assert Deadline(None).allows(100, 1e9, 1e9)
+    assert Deadline(1.0).allows(0, 5.0, 5.0)  # the first point always runs
+    assert Deadline(10.0).allows(1, 4.0, 6.0) and not Deadline(10.0).allows(1, 4.0, 6.5)
+
+
+@pytest.mark.parametrize("name", BENCH_MODULES)
+def test_benchmark_docstring_examples(name):
+    assert doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS).failed == 0
+
+
+# --- result files ---
+
+def test_run_files_removed_when_the_run_fails(tmp_path):
+    out = tmp_path / "new"
+    with pytest.raises(RuntimeError), RunFiles(out, "x", ("a",), {}) as files:
+        files.add({"a": 1})
+        raise RuntimeError("boom")
+    assert not out.exists()
+
+
+def test_run_files_kept_and_marked_when_interrupted(tmp_path):
+    with pytest.raises(KeyboardInterrupt), RunFiles(tmp_path, "x", ("a",), {}) as files:
+        files.add({"a": 1})
+        raise KeyboardInterrupt
+    assert (tmp_path / "x.csv").read_text().split() == ["a", "1"]
+    assert json.loads((tmp_path / "x.json").read_text())["status"] == "interrupted"
+
+
+# --- the commands on tiny inputs ---
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def assert_png(path):
+    import matplotlib.image
+
+    img = matplotlib.image.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+
+
+TINY = ["--threads", "1", "--repeats", "2"]
+
+
+def test_matmul_stops_on_max_seconds_with_what_it_measured(tmp_path, capsys):
+    rc = main(["bench", "matmul", "--shapes", "32x64", "--sparsity", "0.5,0.9", "--batch", "1", "4",
+               "--out", str(tmp_path), "--max-seconds", "0.001", *TINY])
+    assert rc == 0
+    cols, rows = read_csv(tmp_path / "matmul.csv")
+    assert tuple(cols) == MATMUL_COLUMNS
+    assert {(r["sparsity"], r["batch"]) for r in rows} == {("0.5", "1")}  # the first point only
+    cands = {r["candidate"] for r in rows}
+    assert {"dense", "csr", "2:4", "auto", "torch_csr_i64", "torch_csr_i32", "scipy_csr"} <= cands
+    header = json.loads((tmp_path / "matmul.json").read_text())
+    assert header["status"] == "stopped by --max-seconds 0.001 after 1 of 4 points"
+    assert header["rows"] == len(rows) and header["environment"]["torch_threads"] == 1
+    assert {"cpu", "cores", "torch", "blas", "date"} <= set(header["environment"])
+    assert_png(tmp_path / "matmul.png")
+    out = capsys.readouterr().out
+    assert "x csr" in out and "32->" not in out and "64->32" in out
+
+
+def test_matmul_rows_are_consistent(tmp_path):
+    assert main(["bench", "matmul", "--shapes", "16x64", "--sparsity", "0.75", "--batch", "1,3", "--dtype",
+                 "fp32,bf16", "--formats", "csr,2:4", "--out", str(tmp_path), *TINY]) == 0
+    _, rows = read_csv(tmp_path / "matmul.csv")
+    header = json.loads((tmp_path / "matmul.json").read_text())
+    assert header["status"] == "complete" and "scipy_csr" in header["skipped"]  # scipy has no bf16
+    assert {(r["dtype"], r["batch"]) for r in rows} == {("fp32", "1"), ("fp32", "3"), ("bf16", "1"), ("bf16", "3")}
+    for r in rows:
+        assert int(r["nnz"]) == 16 * 64 // 4  # 75% of the weight is zero, in every dtype
+        speedup, limit = float(r["speedup"]), float(r["limit"])
+        assert speedup > 0 and float(r["fraction_of_limit"]) == pytest.approx(speedup / limit, rel=1e-3, abs=1e-4)
+        dense = next(d for d in rows if d["candidate"] == "dense" and (d["dtype"], d["batch"]) == (r["dtype"], r["batch"]))
+        assert speedup == pytest.approx(float(dense["median_s"]) / float(r["median_s"]), rel=1e-3)
+        assert float(r["max_rel_err"]) < (1e-4 if r["dtype"] == "fp32" else 3e-2)
+    by = {(r["dtype"], r["candidate"]): r for r in rows if r["batch"] == "1"}
+    assert float(by["fp32", "dense"]["limit"]) == 1.0
+    assert float(by["fp32", "2:4"]["limit"]) == pytest.approx(16 * 64 * 4 / (16 * 32 * 4 + 16 * 8), abs=1e-3)
+    assert int(by["bf16", "dense"]["weight_bytes"]) == 16 * 64 * 2
+
+
+def make_checkpoint(directory):
+    """A tiny 'model': two pruned linears (one 2:4), a bias, an embedding; dense .pt and converted CSR."""
+    g = torch.Generator().manual_seed(0)
+    up = torch.randn(48, 32, generator=g)
+    up[torch.rand(48, 32, generator=g) < 0.9] = 0.0
+    down = torch.randn(32, 48, generator=g)
+    down[:, 0::4] = 0.0
+    down[:, 1::4] = 0.0  # 2:4 and 50% sparse
+    state = {"ffn.up.weight": up, "ffn.down.weight": down, "ffn.up.bias": torch.zeros(48),
+             "embed_tokens.weight": torch.randn(10, 32, generator=g)}
+    dense = directory / "model.pt"
+    torch.save(state, dense)
+    sparse = directory / "model.safetensors"
+    convert_checkpoint(dense, sparse, format="csr", min_sparsity=0.3)
+    return dense, sparse, state
+
+
+def test_checkpoint_per_layer_and_whole_model(tmp_path, capsys):
+    _, sparse, state = make_checkpoint(tmp_path)
+    out = tmp_path / "out"
+    assert main(["bench", "checkpoint", str(sparse), "--batch", "1,8", "--out", str(out), *TINY]) == 0
+    cols, rows = read_csv(out / "checkpoint.csv")
+    assert tuple(cols) == LAYER_COLUMNS
+    got = {(r["layer"], r["batch"], r["candidate"]) for r in rows}
+    assert got == {(layer, b, c) for layer in ("ffn.up.weight", "ffn.down.weight") for b in ("1", "8")
+                   for c in ("dense", "csr")} | {("ffn.down.weight", b, "2:4") for b in ("1", "8")}
+    for r in rows:
+        w = state[r["layer"]]
+        assert r["stored_format"] == "csr" and r["auto_chose"] in ("dense", "csr", "2:4")
+        assert float(r["sparsity"]) == pytest.approx(float((w == 0).float().mean()), abs=1e-4)
+        assert (int(r["out_features"]), int(r["in_features"])) == tuple(w.shape)
+    header = json.loads((out / "checkpoint.json").read_text())
+    assert [s["batch"] for s in header["whole_model"]] == [1, 8]
+    s = header["whole_model"][0]
+    assert s["layers"] == 2 and s["dense_bytes"] == (48 * 32 + 32 * 48) * 4 and s["stored_bytes"] < s["dense_bytes"]
+    assert s["speedup_best"] >= max(s["speedup_csr"], s["speedup_2:4"], s["speedup_auto"]) - 1e-9
+    assert set(header["skipped"]) == {"ffn.up.bias", "embed_tokens.weight"}
+    assert_png(out / "checkpoint.png")
+    assert "whole model (2 linear layers)" in capsys.readouterr().out
+
+
+def test_checkpoint_dense_file_gives_the_same_layers(tmp_path):
+    from benchmarks.checkpoint import sweep_checkpoint
+
+    dense, sparse, _ = make_checkpoint(tmp_path)
+    seen = []
+    for path in (dense, sparse):
+        rows = [r for point in sweep_checkpoint(path, (2,), repeats=1, min_sample_s=1e-4, deadline=Deadline(None),
+                                                skipped={}) for r in point]
+        seen.append(sorted((r.layer, r.candidate, r.sparsity, r.weight_bytes) for r in rows))
+    assert seen[0] == seen[1]
+
+
+def test_families_quick(tmp_path, capsys):
+    assert main(["bench", "families", "--quick", "--batch", "4", "--out", str(tmp_path), *TINY]) == 0
+    cols, rows = read_csv(tmp_path / "families.csv")
+    assert {"ffn_dense", "attn_full_mha"} <= {r["name"] for r in rows} and "active_params" in cols
+    assert all(r["batch"] == "4" and float(r["speedup"]) > 0 for r in rows)
+    assert json.loads((tmp_path / "families.json").read_text())["status"] == "complete"
+    assert_png(tmp_path / "families.png")
+
+
+# --- bad input: one line on stderr, exit 2, nothing written ---
+
+BAD = [
+    (["matmul", "--shapes", "bert"], "unknown shape 'bert'"),
+    (["matmul", "--shapes", "64x"], "unknown shape '64x'"),
+    (["matmul", "--shapes", "0x64"], "positive sizes"),
+    (["matmul", "--formats", "csr,bsr"], "unknown value 'bsr'"),
+    (["matmul", "--dtype", "fp8"], "unknown value 'fp8'"),
+    (["matmul", "--sparsity", "1.0"], "--sparsity: 1.0 is not in [0.0, 1.0)"),
+    (["matmul", "--batch", "0"], "--batch: '0' is not an integer >= 1"),
+    (["matmul", "--max-seconds", "0"], "--max-seconds must be > 0"),
+    (["matmul", "--device", "tpu"], "unknown device 'tpu'"),
+    (["families", "--batch", "200"], "not a multiple of it"),
+    (["checkpoint", "missing.safetensors"], "no such file"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD)
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    assert main(["bench", *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_gpu_is_a_clear_error(tmp_path, capsys):
+    assert main(["bench", "matmul", "--device", "cuda", "--out", str(tmp_path / "out")]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_checkpoint_without_linear_weights_leaves_nothing(tmp_path, capsys):
+    torch.save({"bias": torch.zeros(4)}, tmp_path / "b.pt")
+    out = tmp_path / "out"
+    assert main(["bench", "checkpoint", str(tmp_path / "b.pt"), "--out", str(out), *TINY]) == 2
+    assert "no linear" in capsys.readouterr().err and not out.exists()
+
+
+# --- the GPU script ---
+
+GPU_SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_gpu_check_says_there_is_no_gpu(tmp_path):
+    out = tmp_path / "gpu"
+    proc = subprocess.run(["bash", str(GPU_SCRIPT)], capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "OUT": str(out), "PYTHON": sys.executable})
+    assert proc.returncode == 3 and "no CUDA GPU here" in proc.stderr
+    assert not out.exists()
+
+
+def test_gpu_check_commands_parse():
+    """Every `prune bench` line of the script is a valid command (checked as on CPU: no GPU needed here)."""
+    lines = [ln for ln in GPU_SCRIPT.read_text().splitlines() if ln.startswith("step ") and " bench " in ln]
+    assert {ln.split()[1] for ln in lines} == {"matmul", "families"}
+    for ln in lines:
+        argv = shlex.split(ln.replace('"$OUT"', "/tmp/gpu-out"))
+        argv = argv[argv.index("prune") + 1:]
+        args = build_parser().parse_args(argv)
+        assert args.device == "cuda"
+        args.device = "cpu"
+        plan = matmul_plan(args) if args.bench_command == "matmul" else families_config(args)
+        if args.bench_command == "matmul":
+            assert plan.dtypes == ("fp16", "bf16") and plan.batches == (1, 16, 128, 2048)
+            assert {s.name.split()[0] for s in plan.shapes} == {"bert-base", "llama-7b"}
+    assert subprocess.run(["bash", "-n", str(GPU_SCRIPT)], check=False).returncode == 0
