@@ -82,14 +82,15 @@ def _parse_entry(name: str, info: object, stored: set[str]) -> Entry:
     if not isinstance(info, dict) or set(info) != {"format", "shape", "dtype", "parts"}:
         raise ValueError(f"metadata of {name!r} must have keys format, shape, dtype, parts; got {info!r:.200}")
     fmt, shape, dtype, parts = info["format"], info["shape"], info["dtype"], info["parts"]
-    if fmt != DENSE and fmt not in FORMATS:
+    if not isinstance(fmt, str) or (fmt != DENSE and fmt not in FORMATS):  # a list would be unhashable
         raise ValueError(f"metadata format of {name!r} is {fmt!r}; known: {DENSE}, {', '.join(FORMATS)}")
     if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
         raise ValueError(f"metadata shape of {name!r} must be a list of non-negative ints, got {shape!r:.100}")
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ValueError(f"metadata dtype of {name!r} must be one of {', '.join(DTYPES)}; got {dtype!r:.100}")
     expected = set(_part_names(fmt))
-    if not isinstance(parts, dict) or set(parts) != expected or not set(parts.values()) <= stored:
+    if (not isinstance(parts, dict) or set(parts) != expected
+            or not all(isinstance(v, str) and v in stored for v in parts.values())):
         raise ValueError(f"metadata parts of {name!r} must map {sorted(expected)} to stored tensors, "
                          f"got {parts!r:.200}")
     if fmt != DENSE and (len(shape) != 2 or DTYPES[dtype] not in VALUE_DTYPES):

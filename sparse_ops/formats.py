@@ -206,7 +206,12 @@ class CSR(_ValuesMixin):
         _expect(self.crow_indices, "crow_indices", (torch.int32,), (out + 1,), "csr")
         nnz = self.values.numel() if isinstance(self.values, torch.Tensor) else -1
         _expect(self.values, "values", VALUE_DTYPES, (nnz,), "csr")
-        _expect(self.col_indices, "col_indices", (torch.int16, torch.int32), (nnz,), "csr")
+        if inp > INT32_MAX:
+            raise ValueError(f"csr in_features must be at most {INT32_MAX} (int32 column indices), got {inp}")
+        # int16 columns only where they address every column (as from_dense writes): a file whose shape was
+        # inflated past what its indices can reach is corrupt, not a huge weight
+        col_dtypes = (torch.int16, torch.int32) if inp <= INT16_MAX_COLS else (torch.int32,)
+        _expect(self.col_indices, "col_indices", col_dtypes, (nnz,), "csr")
         crow = self.crow_indices.to(torch.int64)
         if crow[0].item() != 0 or crow[-1].item() != nnz:
             raise ValueError(f"csr crow_indices must start at 0 and end at nnz={nnz}, "

@@ -128,7 +128,7 @@ def _stored(name: str, info: object, data_bytes: int) -> StoredTensor:
     code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if not isinstance(code, str) or code not in _FROM_CODES:
         raise ValueError(f"tensor {name!r:.100}: unknown dtype {code!r:.40}; known: {', '.join(_FROM_CODES)}")
-    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+    if not isinstance(shape, list) or not all(type(s) is int and 0 <= s < 2**63 for s in shape):
         raise ValueError(f"tensor {name!r:.100}: shape must be a list of non-negative ints, "
                          f"got {shape!r:.100}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
@@ -147,9 +147,9 @@ def _stored(name: str, info: object, data_bytes: int) -> StoredTensor:
 
 def read_tensor(path: Path, t: StoredTensor) -> torch.Tensor:
     """One tensor's bytes read straight into a new CPU tensor (checked bytes only: see ``read_header``)."""
-    out = torch.empty(t.shape, dtype=t.dtype)
-    buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # (nbytes,) view of out's storage
-    with _reading(path), open(path, "rb", buffering=0) as f:
+    with _reading(path), open(path, "rb", buffering=0) as f:  # torch.empty too: e.g. "Stride ... overflowed"
+        out = torch.empty(t.shape, dtype=t.dtype)
+        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # (nbytes,) view of out's storage
         f.seek(t.start)
         done = 0
         while done < t.nbytes:  # one read(2) returns at most ~2 GiB
