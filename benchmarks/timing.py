@@ -147,12 +147,20 @@ def environment(device: str = "cpu") -> dict[str, object]:
         "platform": platform.platform(),
         "device": device,
         "git": _git_head(),
+        "load_avg_1_5_15min": _load_avg(),  # other work on the machine when the run started
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.device(device))
         env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
                    cuda=torch.version.cuda, driver=_nvidia_driver())
     return env
+
+
+def _load_avg() -> list[float] | None:
+    try:
+        return [float(v) for v in os.getloadavg()]
+    except OSError:  # not available on this platform
+        return None
 
 
 def _git_head() -> str:
