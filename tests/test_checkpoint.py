@@ -162,18 +162,54 @@ def test_corrupted_sparse_file_raises_value_error(tmp_path, case):
         load_sparse_state_dict(tmp_path / "o.safetensors")
 
 
-def test_malicious_pickle_is_refused_without_running(tmp_path):
+class _Payload:
+    """Unpickling this runs ``touch <marker>``: the file appearing is the proof that the pickle ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _cli(command):
+    def run(path, tmp_path):
+        from prune.cli import EXIT_USER_ERROR, main
+
+        extra = ["-o", str(tmp_path / "o.safetensors")] if command == "convert" else []
+        assert main([command, str(path), *extra]) == EXIT_USER_ERROR
+        raise ValueError("refusing to load (the CLI printed it: weights_only)")  # for the shared assertion
+    return run
+
+
+MALICIOUS_READERS = {
+    "convert_checkpoint": lambda path, tmp: convert_checkpoint(path, tmp / "o.safetensors"),
+    "load_sparse_state_dict": lambda path, tmp: load_sparse_state_dict(path),
+    "inspect_checkpoint": lambda path, tmp: list(inspect_checkpoint(path)),
+    "sparsify": lambda path, tmp: sparsify(nn.Linear(2, 2), path),
+    "prune convert": _cli("convert"),
+    "prune inspect": _cli("inspect"),
+}
+
+
+@pytest.mark.parametrize("where", ["evil.pt", "evil.bin", "hf/pytorch_model.bin", "nested.pt"])
+@pytest.mark.parametrize("reader", sorted(MALICIOUS_READERS))
+def test_malicious_pickle_is_refused_without_running(tmp_path, reader, where, capsys):
     marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    torch.save({"w": Payload()}, tmp_path / "evil.pt")
+    obj = {"w": torch.zeros(2), "evil": _Payload(marker)}
+    if where == "nested.pt":  # the payload inside a {"state_dict": ...} wrapper, as training scripts save
+        obj = {"state_dict": {"w": torch.zeros(2)}, "extra": [_Payload(marker)]}
+    path = tmp_path / where
+    path.parent.mkdir(exist_ok=True)
+    torch.save(obj, path)
+    before = sorted(os.listdir(tmp_path))
     with pytest.raises(ValueError, match="refusing to load .*weights_only"):
-        convert_checkpoint(tmp_path / "evil.pt", tmp_path / "o.safetensors")
-    assert not marker.exists() and not (tmp_path / "o.safetensors").exists()
-    assert os.listdir(tmp_path) == ["evil.pt"]  # no temporary files either
+        MALICIOUS_READERS[reader](path.parent if where.startswith("hf/") else path, tmp_path)
+    assert not marker.exists()  # the payload did not run
+    assert sorted(os.listdir(tmp_path)) == before  # no output, no temporary files either
+    if reader.startswith("prune"):
+        err = capsys.readouterr().err
+        assert err.startswith(f"{reader}: error: refusing to load {path}: ") and len(err.splitlines()) == 1, err
 
 
 def tiny_bert(seed=0):
