@@ -3,12 +3,14 @@
 // Shapes (row-major, fp32 unless noted):
 //   W       (out, in): CSR rowptr (out+1,) int32, col (nnz,) int16|int32, val (nnz,) fp32|bf16 (uint16 bits)
 //                      2:4 val (out, in/2) fp32|bf16, meta (out, ceil(in/8)) uint8 (nibble p0 | p1 << 2)
-//   xt      (in, ld)   x transposed and zero-padded: column n holds token n; ld == 1 means one token (gemv)
+//   xt      (in, ld)   x transposed: column n holds token n; n == 1: xt is x (gemv). Columns n .. width - 1 are
+//                      zero, width = token_width(n); ld >= width is the row stride (the caller pads it so that
+//                      rows do not all fall into the same few L1 sets).
 //   bias    (out,) or NULL;  y (n, out)
 //
 // PRECONDITIONS (the caller checks them; nothing here re-checks): W passed its format's validate()
 // (rowptr non-decreasing from 0 to nnz, 0 <= col < in, 2:4 codes p0 < p1), every pointer holds the sizes
-// above, n <= ld, and ld is 1, 8 or a multiple of 16.
+// above, and ld >= token_width(n).
 //
 // Plan: rows are split into blocks shared out to OpenMP threads (the same libgomp pool torch uses, so the
 // caller's thread count is never exceeded). A row's products over a tile of tokens live in registers
@@ -45,20 +47,31 @@ inline typename Vec<W>::type load_vec(const float* p) {  // unaligned load of W 
   return v;
 }
 
-// Write one row's tile of sums (acc[0], NV*W tokens starting at t0) to y[t0 + i, r] for the valid tokens.
+// Row blocks write their sums here first, (rows, TILE_STRIDE) row-major, then flush_block writes them to y in
+// runs of consecutive rows: storing a row's tile straight into y (stride out floats) hits one or two L1 sets
+// when out * 4 is a multiple of 4 KiB and thrashes.
+constexpr int64_t TILE_STRIDE = 128;  // the widest tile
+constexpr int64_t MAX_ROWS = 64;      // rows per block; the buffer is MAX_ROWS * TILE_STRIDE floats (32 KiB)
+
 template <int W, int NV>
-inline void store_tile(const typename Vec<W>::type* acc, float b, int64_t r, int64_t t0, int64_t nvalid,
-                       float* y, int64_t out) {
-  float tmp[NV * W];
-  std::memcpy(tmp, acc, sizeof(tmp));
-  for (int64_t i = 0; i < nvalid; ++i) y[(t0 + i) * out + r] = tmp[i] + b;
+inline void store_row(const typename Vec<W>::type* acc, int64_t i, float* buf) {
+  std::memcpy(buf + i * TILE_STRIDE, acc, NV * W * sizeof(float));
+}
+
+// y[t0 + n, r0 + i] = buf[i, n] + bias[r0 + i] for the valid tokens n of the tile and the block's rows i.
+inline void flush_block(const float* buf, int64_t r0, int64_t r1, int64_t t0, int64_t nvalid, const float* bias,
+                        float* y, int64_t out) {
+  for (int64_t n = 0; n < nvalid; ++n) {
+    float* yr = y + (t0 + n) * out + r0;
+    for (int64_t i = 0; i < r1 - r0; ++i) yr[i] = buf[i * TILE_STRIDE + n] + (bias ? bias[r0 + i] : 0.0f);
+  }
 }
 
 // ---- CSR ----------------------------------------------------------------------------------------------
 
 template <typename V, typename I, int W, int NV, int S>
 void csr_rows_tile(const int32_t* rowptr, const I* col, const V* val, int64_t r0, int64_t r1, const float* xt,
-                   int64_t ld, int64_t t0, int64_t nvalid, const float* bias, float* y, int64_t out) {
+                   int64_t ld, int64_t t0, float* buf) {
   typedef typename Vec<W>::type vec;
   const float* xb = xt + t0;
   for (int64_t r = r0; r < r1; ++r) {
@@ -81,7 +94,7 @@ void csr_rows_tile(const int32_t* rowptr, const I* col, const V* val, int64_t r0
     }
     for (int s = 1; s < S; ++s)
       for (int j = 0; j < NV; ++j) acc[0][j] += acc[s][j];
-    store_tile<W, NV>(acc[0], bias ? bias[r] : 0.0f, r, t0, nvalid, y, out);
+    store_row<W, NV>(acc[0], r - r0, buf);
   }
 }
 
@@ -108,7 +121,7 @@ void csr_gemv_rows(const int32_t* rowptr, const I* col, const V* val, int64_t r0
 // Add the products of row r's groups [g0, g1) (g0 even) to acc over one token tile.
 template <typename V, int W, int NV, int S>
 void two_four_rows_tile(const V* val, const uint8_t* meta, int64_t in, int64_t r0, int64_t r1, const float* xt,
-                        int64_t ld, int64_t t0, int64_t nvalid, const float* bias, float* y, int64_t out) {
+                        int64_t ld, int64_t t0, float* buf) {
   typedef typename Vec<W>::type vec;
   const int64_t groups = in / 4, mbytes = (groups + 1) / 2;
   const float* xb = xt + t0;
@@ -130,7 +143,7 @@ void two_four_rows_tile(const V* val, const uint8_t* meta, int64_t in, int64_t r
     }
     for (int s = 1; s < S; ++s)
       for (int j = 0; j < NV; ++j) acc[0][j] += acc[s][j];
-    store_tile<W, NV>(acc[0], bias ? bias[r] : 0.0f, r, t0, nvalid, y, out);
+    store_row<W, NV>(acc[0], r - r0, buf);
   }
 }
 
@@ -178,24 +191,27 @@ void two_four_gemv_rows(const V* val, const uint8_t* meta, int64_t in, int64_t r
 
 // ---- tiling over tokens and threads -------------------------------------------------------------------
 
-// Calls body.template tile<W, NV, S>(r0, r1, t0, nvalid) for every token tile of a row block.
-// ld == 8: one 8-wide vector; else tiles of up to `tile` tokens (16, 32, 64 or 128) in 16-wide vectors.
+// Tokens computed: 1 (gemv), 8 (one 8-wide vector) or n rounded up to 16 (16-wide vectors).
+inline int64_t token_width(int64_t n) { return n == 1 ? 1 : n <= 8 ? 8 : (n + 15) / 16 * 16; }
+
+// Computes one token tile [t0, t0 + tile) of rows [r0, r1) with body.template run<W, NV, S>, then flushes buf.
+// width == 8: one 8-wide vector; else up to `tile` tokens (16, 32, 64 or 128) in 16-wide vectors.
 template <typename Body>
-void for_tiles(const Body& body, int64_t r0, int64_t r1, int64_t ld, int64_t n, int64_t tile) {
-  if (ld == 8) return body.template run<8, 1, 4>(r0, r1, 0, n);
-  for (int64_t t0 = 0; t0 < ld; t0 += tile) {
-    const int64_t nv = std::min(tile, ld - t0) / 16, nvalid = std::min(tile, n - t0);
-    switch (nv) {
-      case 1: body.template run<16, 1, 4>(r0, r1, t0, nvalid); break;
-      case 2: body.template run<16, 2, 2>(r0, r1, t0, nvalid); break;
-      case 3: body.template run<16, 3, 2>(r0, r1, t0, nvalid); break;
-      case 4: body.template run<16, 4, 1>(r0, r1, t0, nvalid); break;
-      case 5: body.template run<16, 5, 1>(r0, r1, t0, nvalid); break;
-      case 6: body.template run<16, 6, 1>(r0, r1, t0, nvalid); break;
-      case 7: body.template run<16, 7, 1>(r0, r1, t0, nvalid); break;
-      default: body.template run<16, 8, 1>(r0, r1, t0, nvalid); break;
-    }
+void one_tile(const Body& body, int64_t r0, int64_t r1, int64_t ld, int64_t n, int64_t t0, int64_t tile,
+              float* buf) {
+  const int64_t width = token_width(n), nv = std::min(tile, width - t0) / 16;
+  switch (width == 8 ? 0 : nv) {
+    case 0: body.template run<8, 1, 4>(r0, r1, t0, buf); break;
+    case 1: body.template run<16, 1, 4>(r0, r1, t0, buf); break;
+    case 2: body.template run<16, 2, 2>(r0, r1, t0, buf); break;
+    case 3: body.template run<16, 3, 2>(r0, r1, t0, buf); break;
+    case 4: body.template run<16, 4, 1>(r0, r1, t0, buf); break;
+    case 5: body.template run<16, 5, 1>(r0, r1, t0, buf); break;
+    case 6: body.template run<16, 6, 1>(r0, r1, t0, buf); break;
+    case 7: body.template run<16, 7, 1>(r0, r1, t0, buf); break;
+    default: body.template run<16, 8, 1>(r0, r1, t0, buf); break;
   }
+  flush_block(buf, r0, r1, t0, std::min(tile, n - t0), body.bias, body.y, body.out);
 }
 
 template <typename V, typename I>
@@ -203,8 +219,8 @@ struct CsrBody {
   const int32_t* rowptr; const I* col; const V* val; const float* xt; int64_t ld; const float* bias; float* y;
   int64_t out;
   template <int W, int NV, int S>
-  void run(int64_t r0, int64_t r1, int64_t t0, int64_t nvalid) const {
-    csr_rows_tile<V, I, W, NV, S>(rowptr, col, val, r0, r1, xt, ld, t0, nvalid, bias, y, out);
+  void run(int64_t r0, int64_t r1, int64_t t0, float* buf) const {
+    csr_rows_tile<V, I, W, NV, S>(rowptr, col, val, r0, r1, xt, ld, t0, buf);
   }
   void gemv(int64_t r0, int64_t r1) const { csr_gemv_rows<V, I>(rowptr, col, val, r0, r1, xt, bias, y); }
 };
@@ -214,22 +230,32 @@ struct TwoFourBody {
   const V* val; const uint8_t* meta; int64_t in; const float* xt; int64_t ld; const float* bias; float* y;
   int64_t out;
   template <int W, int NV, int S>
-  void run(int64_t r0, int64_t r1, int64_t t0, int64_t nvalid) const {
-    two_four_rows_tile<V, W, NV, S>(val, meta, in, r0, r1, xt, ld, t0, nvalid, bias, y, out);
+  void run(int64_t r0, int64_t r1, int64_t t0, float* buf) const {
+    two_four_rows_tile<V, W, NV, S>(val, meta, in, r0, r1, xt, ld, t0, buf);
   }
   void gemv(int64_t r0, int64_t r1) const { two_four_gemv_rows<V>(val, meta, in, r0, r1, xt, bias, y); }
 };
 
-// Row blocks of `rows` rows handed out dynamically; inside a block, token tiles outer, rows inner, so the
-// block's weights stay in L1/L2 while the tiles of x stream past.
+// Work items (row block, token tile) handed out dynamically. tile_outer: all row blocks of tile 0, then of
+// tile 1, ...: the tile's panel of x stays in cache while the weights stream past (small in: the panel fits
+// L1/L2). Otherwise each row block runs all its tiles in turn: its weights stay in cache (large weights).
 template <typename Body>
-void run_blocks(const Body& body, int64_t out, int64_t ld, int64_t n, int64_t tile, int64_t rows, int nthreads) {
-  const int64_t nblocks = (out + rows - 1) / rows;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-  for (int64_t b = 0; b < nblocks; ++b) {
-    const int64_t r0 = b * rows, r1 = std::min(out, r0 + rows);
-    if (ld == 1) body.gemv(r0, r1);
-    else for_tiles(body, r0, r1, ld, n, tile);
+void run_blocks(const Body& body, int64_t out, int64_t ld, int64_t n, int64_t tile, int64_t rows, int tile_outer,
+                int nthreads) {
+  rows = std::max<int64_t>(1, std::min(rows, MAX_ROWS));
+  const int64_t width = token_width(n);
+  tile = width == 8 ? 8 : std::max<int64_t>(16, std::min(tile, TILE_STRIDE));
+  const int64_t nblocks = (out + rows - 1) / rows, ntiles = width == 1 ? 1 : (width + tile - 1) / tile;
+#pragma omp parallel num_threads(nthreads)
+  {
+    alignas(64) float buf[MAX_ROWS * TILE_STRIDE];  // this thread's block of sums
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < nblocks * ntiles; ++item) {
+      const int64_t b = tile_outer ? item % nblocks : item / ntiles, t = tile_outer ? item / nblocks : item % ntiles;
+      const int64_t r0 = b * rows, r1 = std::min(out, r0 + rows);
+      if (width == 1) body.gemv(r0, r1);
+      else one_tile(body, r0, r1, ld, n, t * tile, tile, buf);
+    }
   }
 }
 
@@ -240,8 +266,9 @@ void run_blocks(const Body& body, int64_t out, int64_t ld, int64_t n, int64_t ti
 #define SPARSE_CSR_ENTRY(NAME, V, I)                                                                        \
   extern "C" void NAME(const int32_t* rowptr, const I* col, const V* val, int64_t out, const float* xt,    \
                        int64_t ld, int64_t n, const float* bias, float* y, int64_t tile, int64_t rows,      \
-                       int nthreads) {                                                                      \
-    run_blocks(CsrBody<V, I>{rowptr, col, val, xt, ld, bias, y, out}, out, ld, n, tile, rows, nthreads);   \
+                       int tile_outer, int nthreads) {                                                      \
+    run_blocks(CsrBody<V, I>{rowptr, col, val, xt, ld, bias, y, out}, out, ld, n, tile, rows, tile_outer,  \
+               nthreads);                                                                                   \
   }
 SPARSE_CSR_ENTRY(csr_f32_i16, float, int16_t)
 SPARSE_CSR_ENTRY(csr_f32_i32, float, int32_t)
@@ -251,10 +278,11 @@ SPARSE_CSR_ENTRY(csr_bf16_i32, bf16, int32_t)
 #define SPARSE_24_ENTRY(NAME, V)                                                                            \
   extern "C" void NAME(const V* val, const uint8_t* meta, int64_t out, int64_t in, const float* xt,         \
                        int64_t ld, int64_t n, const float* bias, float* y, int64_t tile, int64_t rows,      \
-                       int nthreads) {                                                                      \
-    run_blocks(TwoFourBody<V>{val, meta, in, xt, ld, bias, y, out}, out, ld, n, tile, rows, nthreads);     \
+                       int tile_outer, int nthreads) {                                                      \
+    run_blocks(TwoFourBody<V>{val, meta, in, xt, ld, bias, y, out}, out, ld, n, tile, rows, tile_outer,    \
+               nthreads);                                                                                   \
   }
 SPARSE_24_ENTRY(two_four_f32, float)
 SPARSE_24_ENTRY(two_four_bf16, bf16)
 
-extern "C" int sparse_cpu_abi_version() { return 1; }
+extern "C" int sparse_cpu_abi_version() { return 3; }

@@ -30,6 +30,7 @@ from sparse_ops.kernels import cpu, native
 VALUE_CODE = {torch.float32: "f32", torch.bfloat16: "bf16"}  # value dtypes the C++ code reads
 INDEX_CODE = {torch.int16: "i16", torch.int32: "i32"}
 L2_PANEL_BYTES = 512 * 1024  # keep one token tile of x (in, tile) fp32 about this size: it stays in L2
+TILE_OUTER = 0  # token tiles inside row blocks: each block's weights are read from memory once
 ROWS_PER_BLOCK = 32  # rows handed to a thread at a time: enough work per hand-out, balanced over 2-64 threads
 
 
@@ -77,27 +78,37 @@ def prepare_two_four(w: TwoFour) -> NativeWeight:
     return NativeWeight(w, f"two_four_{_value_code(w.values)}", parts, w.dtype)
 
 
-def tiling(in_features: int, n: int) -> tuple[int, int]:
-    """(ld, tile): padded panel width for n tokens (1, 8 or a multiple of 16) and tokens per tile.
+def token_width(n: int) -> int:
+    """Tokens the C++ code computes for n: 1 (gemv), 8 (one 8-wide vector) or n rounded up to 16."""
+    return 1 if n == 1 else 8 if n <= 8 else -(-n // 16) * 16
+
+
+def tiling(in_features: int, n: int, tile_bytes: int = L2_PANEL_BYTES) -> tuple[int, int]:
+    """(ld, tile): the x panel's row stride in floats and tokens per tile, for n tokens.
+
+    The stride is the token width, plus 16 floats when that is an even number of 64-byte lines: rows of the
+    panel then spread over all L1 sets instead of a few (a 1 KiB or 4 KiB stride thrashes them).
 
     >>> tiling(4096, 1), tiling(4096, 5), tiling(4096, 100), tiling(384, 1024)
-    ((1, 32), (8, 32), (112, 32), (1024, 128))
+    ((1, 32), (8, 32), (112, 32), (1040, 128))
     """
-    ld = 1 if n == 1 else 8 if n <= 8 else -(-n // 16) * 16
+    width = token_width(n)
+    ld = width + 16 if width >= 32 and (width // 16) % 2 == 0 else width
     tile = 16
-    while tile < 128 and in_features * (2 * tile) * 4 <= L2_PANEL_BYTES:
+    while tile < 128 and in_features * (2 * tile) * 4 <= tile_bytes:
         tile *= 2
     return ld, tile
 
 
 def x_panel(x: torch.Tensor, ld: int) -> torch.Tensor:
-    """(N, in) any dtype/strides -> (in, ld) contiguous fp32 holding x^T, zero beyond column N (or (in,) at ld 1)."""
-    if ld == 1:
-        return x.reshape(-1).to(torch.float32).contiguous()
+    """(N, in) any dtype/strides -> (in, ld) contiguous fp32 holding x^T, zero in columns N .. width - 1
+    (or (in,) at N == 1)."""
     n, inp = x.shape
+    if n == 1:
+        return x.reshape(-1).to(torch.float32).contiguous()
     xt = torch.empty(inp, ld, dtype=torch.float32)
     xt[:, :n] = x.t()
-    xt[:, n:] = 0.0
+    xt[:, n:token_width(n)] = 0.0
     return xt
 
 
@@ -114,7 +125,7 @@ def _run(w: NativeWeight, shape: tuple[int, int], lead: tuple[int, ...], x: torc
     b = None if bias is None else bias.to(torch.float32).contiguous()
     fn = getattr(native.library(), w.entry)
     fn(*(t.data_ptr() for t in w.tensors), *lead, xt.data_ptr(), ld, n, None if b is None else b.data_ptr(),
-       y.data_ptr(), tile, ROWS_PER_BLOCK, native.num_threads())
+       y.data_ptr(), tile, ROWS_PER_BLOCK, TILE_OUTER, native.num_threads())
     return y
 
 

@@ -32,15 +32,15 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "sparse_cpu.cpp"
-ABI_VERSION = 1
+ABI_VERSION = 3
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno")
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 # entry point -> argument types (pointers as integers from Tensor.data_ptr(); NULL bias as None)
 SIGNATURES: dict[str, tuple[type, ...]] = {
-    **{f"csr_{v}_{i}": (_P, _P, _P, _I64, _P, _I64, _I64, _P, _P, _I64, _I64, _INT)
+    **{f"csr_{v}_{i}": (_P, _P, _P, _I64, _P, _I64, _I64, _P, _P, _I64, _I64, _INT, _INT)
        for v in ("f32", "bf16") for i in ("i16", "i32")},
-    **{f"two_four_{v}": (_P, _P, _I64, _I64, _P, _I64, _I64, _P, _P, _I64, _I64, _INT) for v in ("f32", "bf16")},
+    **{f"two_four_{v}": (_P, _P, _I64, _I64, _P, _I64, _I64, _P, _P, _I64, _I64, _INT, _INT) for v in ("f32", "bf16")},
 }
 
 

@@ -1,0 +1,111 @@
+"""End to end: a small BERT encoder with its encoder linears pruned to 90%, sparse (ours) vs the same dense model.
+
+Model: transformers ``BertModel`` from a config (no download): 6 layers, hidden 384, FFN 1536, 12 heads, SDPA
+attention, sequence 128. ``prune.Pruner(model, sparsity=0.9, include=["encoder.*"]).finalize()`` zeroes 90% of
+each encoder linear; the pruned weights are stored as CSR and loaded with ``sparse_ops.checkpoint.sparsify``.
+Candidates, interleaved in one ``time_interleaved`` run per batch, under ``eval()`` + ``inference_mode``:
+  dense        the pruned model as plain PyTorch runs it (dense weights with zeros)
+  sparse       sparsify(...): SparseLinear on our CPU kernels
+  sparse_torch the same with torch's CSR kernels (SPARSE_OPS_NATIVE=0 when the layers are built)
+
+Run: ``python -m benchmarks.bert_e2e --out benchmarks/results/bert_e2e [--threads 2] [--quick]``.
+Writes bert_e2e.csv and bert_e2e.json (environment, args, rows).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import BertConfig, BertModel
+
+from benchmarks.timing import environment, time_interleaved
+from prune import Pruner
+from sparse_ops.checkpoint import sparsify
+from sparse_ops.formats import CSR
+
+CONFIG = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+              max_position_embeddings=512, vocab_size=30522)
+SEQ = 128
+SPARSITY = 0.9
+
+
+def pruned_bert(seed: int = 0) -> BertModel:
+    """The dense model with 90% of every encoder linear weight exactly zero (magnitude, per layer)."""
+    torch.manual_seed(seed)
+    model = BertModel(BertConfig(**CONFIG, attn_implementation="sdpa"), add_pooling_layer=False).eval()
+    return Pruner(model, sparsity=SPARSITY, include=["encoder.*"]).finalize()
+
+
+def sparse_state(model: BertModel) -> dict[str, torch.Tensor | CSR]:
+    """The state dict with every encoder linear weight as CSR, the rest dense."""
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "encoder" in n}
+    return {k: CSR.from_dense(v) if k in linears else v for k, v in model.state_dict().items()}
+
+
+def sparse_model(dense: BertModel, native: bool) -> BertModel:
+    """A copy of ``dense`` with its CSR encoder linears loaded by ``sparsify`` (our kernels or torch's)."""
+    old = os.environ.get("SPARSE_OPS_NATIVE")
+    os.environ["SPARSE_OPS_NATIVE"] = "1" if native else "0"  # read when each layer picks its kernel
+    try:
+        return sparsify(copy.deepcopy(dense), sparse_state(dense)).eval()
+    finally:
+        os.environ.pop("SPARSE_OPS_NATIVE") if old is None else os.environ.__setitem__("SPARSE_OPS_NATIVE", old)
+
+
+def encoder_sparsity(model: BertModel) -> float:
+    ws = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "encoder" in n]
+    return 1.0 - sum(int((w != 0).sum()) for w in ws) / sum(w.numel() for w in ws)
+
+
+def measure(batch: int, models: dict[str, BertModel], repeats: int) -> list[dict[str, object]]:
+    ids = torch.randint(0, CONFIG["vocab_size"], (batch, SEQ), generator=torch.Generator().manual_seed(batch))
+    with torch.inference_mode():
+        ref = models["dense"](input_ids=ids).last_hidden_state
+        for name, m in models.items():  # same outputs within fp32 tolerance (summation order differs)
+            torch.testing.assert_close(m(input_ids=ids).last_hidden_state, ref, rtol=1e-4, atol=1e-4)
+    fns = {name: (lambda m=m: m(input_ids=ids)) for name, m in models.items()}
+    times = time_interleaved(fns, warmup=2, repeats=repeats, min_sample_s=0.05)
+    base = times["dense"]
+    return [dict(batch=batch, seq=SEQ, tokens=batch * SEQ, candidate=name, median_s=t.median_s, p10_s=t.p10_s,
+                 p90_s=t.p90_s, speedup=round(t.ratio_to(base), 3), speedup_p10=round(base.p10_s / t.p90_s, 3),
+                 speedup_p90=round(base.p90_s / t.p10_s, 3)) for name, t in times.items()]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/bert_e2e"))
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--repeats", type=int, default=11)
+    p.add_argument("--threads", type=int, default=0, help="torch (and our) threads; default: torch's choice")
+    p.add_argument("--quick", action="store_true", help="batch 1 only, 3 repeats")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.quick:
+        a.batches, a.repeats = [1], 3
+    dense = pruned_bert()
+    models = {"dense": dense, "sparse": sparse_model(dense, True), "sparse_torch": sparse_model(dense, False)}
+    rows = []
+    for batch in a.batches:
+        rows += measure(batch, models, a.repeats)
+        print(" ".join(f"{r['candidate']}={r['speedup']:.2f}x" for r in rows if r["batch"] == batch),
+              f"batch={batch} load={Path('/proc/loadavg').read_text().split()[0]}", flush=True)
+    a.out.mkdir(parents=True, exist_ok=True)
+    with open(a.out / "bert_e2e.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    info = {"config": CONFIG, "seq": SEQ, "encoder_linear_sparsity": round(encoder_sparsity(dense), 4),
+            "kernels": sorted({m.kernel.name for n, m in models["sparse"].named_modules() if hasattr(m, "kernel")})}
+    args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
+    (a.out / "bert_e2e.json").write_text(json.dumps({"environment": environment(), "args": args, **info,
+                                                     "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
