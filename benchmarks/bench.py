@@ -326,7 +326,8 @@ def checkpoint_table(rows: list, summary: list[dict[str, object]]) -> str:
              *(f"{c[f].speedup:.2f}" if f in c else "-" for f in ("csr", "2:4")), c["dense"].auto_chose]
             for (layer, batch), c in by.items()]
     body += [[f"whole model ({s['layers']} linear layers)", "", "", "", "", str(s["batch"]), f"{1e3 * s['dense_s']:.3f}",
-              f"{s['speedup_csr']:.2f}", f"{s['speedup_2:4']:.2f}", f"x{s['speedup_auto']:.2f}"] for s in summary]
+              *(f"{s[f'speedup_{f}']:.2f}" if s[f"layers_{f}"] else "-" for f in ("csr", "2:4")),
+              f"x{s['speedup_auto']:.2f}"] for s in summary]
     return table(["layer", "shape", "dtype", "stored", "sparsity", "batch", "dense ms", "x csr", "x 2:4", "auto"],
                  body)
 

@@ -142,7 +142,8 @@ def whole_model(rows: list[LayerRow]) -> list[dict[str, object]]:
             nbytes["stored"] += by_cand.get(dense.stored_format, dense).weight_bytes
             sums["auto"] += by_cand.get(dense.auto_chose, dense).median_s
             sums["best"] += min(r.median_s for r in by_cand.values())
-        out.append({"batch": batch, "layers": len(layers),
+        with_fmt = {f: sum(f in by_cand for by_cand in layers.values()) for f in SPARSE}
+        out.append({"batch": batch, "layers": len(layers), **{f"layers_{f}": n for f, n in with_fmt.items()},
                     **{f"{k}_s": v for k, v in sums.items()},
                     **{f"speedup_{k}": round(sums["dense"] / v, 4) for k, v in sums.items() if k != "dense"},
                     **{f"{k}_bytes": v for k, v in nbytes.items()}})
