@@ -3,8 +3,9 @@
 ``RunFiles`` owns ``<out>/<stem>.csv`` and ``<out>/<stem>.json`` (and the caller's ``<stem>.png``): the header
 (command, arguments, environment) is written first with ``"status": "running"``, each row is appended and
 flushed as soon as it is measured, and ``finish`` rewrites the header with the final status. A run that fails
-(bad input found late, a bug) removes the files it created, so no half-written result is left; a run stopped
-with Ctrl-C keeps its rows and says ``"interrupted"``.
+before its first row (bad input found late) removes the files it created, so nothing half-written is left; one
+that fails later keeps its rows and says ``"failed: <error>"`` (a one-shot GPU run must not lose what it
+measured); a run stopped with Ctrl-C keeps its rows and says ``"interrupted"``.
 
 Example:
     >>> import json, tempfile
@@ -83,8 +84,10 @@ class RunFiles:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is KeyboardInterrupt:
             self.finish("interrupted")
-        elif exc_type is not None:
+        elif exc_type is not None and self.rows == 0:
             self._remove_created()
+        elif exc_type is not None:
+            self.finish(f"failed: {exc_type.__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
         elif self._csv is not None:
             self.finish("complete")
 

@@ -101,12 +101,20 @@ def test_benchmark_docstring_examples(name):
 
 # --- result files ---
 
-def test_run_files_removed_when_the_run_fails(tmp_path):
+def test_run_files_removed_when_the_run_fails_before_a_row(tmp_path):
     out = tmp_path / "new"
-    with pytest.raises(RuntimeError), RunFiles(out, "x", ("a",), {}) as files:
-        files.add({"a": 1})
-        raise RuntimeError("boom")
+    with pytest.raises(ValueError), RunFiles(out, "x", ("a",), {}) as files:
+        files.path(".png").write_bytes(b"")
+        raise ValueError("bad file")
     assert not out.exists()
+
+
+def test_run_files_keep_measured_rows_when_the_run_fails_later(tmp_path):
+    with pytest.raises(RuntimeError), RunFiles(tmp_path, "x", ("a",), {}) as files:
+        files.add({"a": 1})
+        raise RuntimeError("CUDA out of memory\nmore")
+    assert (tmp_path / "x.csv").read_text().split() == ["a", "1"]
+    assert json.loads((tmp_path / "x.json").read_text())["status"] == "failed: RuntimeError: CUDA out of memory"
 
 
 def test_run_files_kept_and_marked_when_interrupted(tmp_path):
