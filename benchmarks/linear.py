@@ -102,7 +102,9 @@ class Candidate:
 
 def _torch_csr(w: torch.Tensor, x: torch.Tensor, index_dtype: torch.dtype) -> Callable[[], object]:
     """torch.sparse.mm on W as a torch CSR tensor with ``index_dtype`` indices: (out, in) @ (in, N) -> (N, out)."""
-    c = w.to_sparse_csr()
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state", once per process
+        warnings.simplefilter("ignore", UserWarning)
+        c = w.to_sparse_csr()
     c = torch.sparse_csr_tensor(c.crow_indices().to(index_dtype), c.col_indices().to(index_dtype), c.values(),
                                 w.shape, check_invariants=False)
     return lambda: torch.sparse.mm(c, x.t()).t()
