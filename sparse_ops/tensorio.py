@@ -252,7 +252,8 @@ def _open_index(index: Path) -> RawSource:
     with _reading(index):
         if index.stat().st_size > MAX_HEADER_BYTES:
             raise ValueError(f"index is larger than {MAX_HEADER_BYTES} bytes")
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        obj = json.loads(index.read_text())
+        weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ValueError("weight_map must map tensor names to shard file names")
     shards: dict[Path, list[str]] = {}

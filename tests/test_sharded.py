@@ -63,6 +63,8 @@ def test_sharded_source_converts_shard_by_shard(tmp_path, n_shards):
         dense = load_sparse_state_dict(where, dense=True)
         assert all(torch.equal(dense[k], sd[k]) for k in sd)
     assert {t.name: t.format for t in inspect_checkpoint(tmp_path / "out")}["2.weight"] == "csr"
+    hf_index = load_sparse_state_dict(tmp_path / "hf" / "model.safetensors.index.json")  # the dense index too
+    assert all(torch.equal(hf_index[k], sd[k]) for k in sd)
 
 
 def test_sharded_output_runs_in_a_model(tmp_path):
@@ -139,6 +141,7 @@ BAD_INDEXES = {
     "missing shard": (lambda i, o: i["weight_map"].update({"0.weight": "gone.safetensors"}), "no such file"),
     "tensor in the wrong shard": (_move_tensor, "the index and model-0000.* disagree about tensor"),
     "no weight map": (lambda i, o: i.pop("weight_map"), "weight_map must map tensor names"),
+    "index not an object": (lambda i, o: i.clear() or i.update({"weight_map": [1, 2]}), "weight_map must map"),
     "a name stored twice": (_duplicate_part, "stored in .* too|metadata and stored tensors disagree"),
 }
 
