@@ -31,7 +31,7 @@ import torch
 VALUE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
 INT16_MAX_COLS = 32767  # int16 column indices address columns 0..32766 when in_features <= 32767
 INT32_MAX = 2**31 - 1
-_BLOCK = 1 << 22  # entries per block of rows in CSR.from_dense (4 Mi: a 4 MB mask, <= 32 MB of indices)
+_BLOCK = 1 << 22  # entries per block of rows when encoding (4 Mi: a 4 MB mask, <= 32 MB of int64 scratch)
 
 
 class SparseFormat(Protocol):
@@ -97,6 +97,12 @@ def csr_nbytes(shape: tuple[int, int], nnz: int, dtype: torch.dtype) -> int:
     return (out + 1) * 4 + nnz * (col_bytes + torch.empty((), dtype=dtype).element_size())
 
 
+def _row_blocks(out: int, inp: int) -> list[tuple[int, int]]:
+    """(first row, rows) of blocks of about ``_BLOCK`` entries covering ``out`` rows of ``inp`` columns."""
+    step = max(1, _BLOCK // max(inp, 1))
+    return [(r, min(step, out - r)) for r in range(0, out, step)]
+
+
 class _ValuesMixin:
     """dtype / device / nbytes of a container whose ``values`` part carries the dtype."""
 
@@ -150,9 +156,8 @@ class CSR(_ValuesMixin):
         _check_dense_weight(w, "csr")
         out, inp = w.shape
         counts, cols, values = [], [], []  # per block: (rows,) int64, (nnz_b,) columns, (nnz_b,) values
-        step = max(1, _BLOCK // max(inp, 1))  # rows per block
-        for r0 in range(0, out, step):
-            block = w[r0:r0 + step]  # (rows, in)
+        for r0, rows_in_block in _row_blocks(out, inp):
+            block = w[r0:r0 + rows_in_block]  # (rows, in)
             rows, c = (block != 0).nonzero(as_tuple=True)  # row-major: cols increasing within a row; NaN kept
             counts.append(torch.bincount(rows, minlength=block.shape[0]))
             cols.append(c.to(csr_col_dtype(inp)))
@@ -218,7 +223,7 @@ class CSR(_ValuesMixin):
                              f"got {crow[0].item()} and {crow[-1].item()}")
         if bool((crow[1:] < crow[:-1]).any()):
             raise ValueError("csr crow_indices must be non-decreasing")
-        cols = self.col_indices.to(torch.int64)
+        cols = self.col_indices  # compared in its own dtype: an int64 copy would be 4x (int16) the indices
         if nnz and (cols.min().item() < 0 or cols.max().item() >= inp):
             raise ValueError(f"csr col_indices must lie in [0, {inp}), got [{cols.min().item()}, {cols.max().item()}]")
         _check_sorted_rows(cols, crow)
@@ -266,6 +271,21 @@ def _unpack_nibbles(meta: torch.Tensor) -> torch.Tensor:
     return torch.stack([m & 0xF, m >> 4], dim=-1).reshape(meta.shape[0], 2 * meta.shape[1])
 
 
+def _count_over_two(block: torch.Tensor) -> int:
+    """Groups of 4 (along the last dim of a (rows, in) block) holding more than 2 nonzeros."""
+    return int(((block != 0).reshape(-1, 4).sum(-1) > 2).sum())
+
+
+def _encode_two_four(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, in) 2:4 block -> (rows, in/2) values and (rows, ceil(in/8)) uint8 metadata."""
+    rows, inp = block.shape
+    g = block.masked_fill(block == 0, 0.0).reshape(rows, inp // 4, 4)  # (rows, G, 4), -0.0 -> +0.0
+    # Prefer nonzeros, then the lowest free positions: key = 4 * is_zero + position, take the 2 smallest.
+    key = (g == 0).to(torch.int64) * 4 + torch.arange(4, device=block.device)
+    pos = key.topk(2, dim=-1, largest=False).indices.sort(dim=-1).values  # (rows, G, 2)
+    return g.gather(-1, pos).reshape(rows, inp // 2), _pack_positions(pos)
+
+
 @dataclass(frozen=True, eq=False)
 class TwoFour(_ValuesMixin):
     """2:4 semi-structured (out, in) weight: at most 2 nonzeros in each group of 4 input columns.
@@ -285,21 +305,23 @@ class TwoFour(_ValuesMixin):
 
     @classmethod
     def from_dense(cls, w: torch.Tensor) -> TwoFour:
-        """Raise ValueError naming the offending group count when ``w`` breaks the 2:4 pattern."""
+        """Raise ValueError naming the offending group count when ``w`` breaks the 2:4 pattern.
+
+        Encodes blocks of rows (``_BLOCK`` entries each) into preallocated outputs: the int64 scratch of the
+        position search stays bounded instead of being 2x the weight's size.
+        """
         _check_dense_weight(w, "2:4")
         out, inp = w.shape
         _check_24_shape((out, inp))
-        g = w.masked_fill(w == 0, 0.0).reshape(out, inp // 4, 4)  # (out, G, 4), -0.0 -> +0.0
-        nonzero = g != 0
-        bad = int((nonzero.sum(-1) > 2).sum())
+        bad = sum(_count_over_two(w[r:r + step]) for r, step in _row_blocks(out, inp))
         if bad:
             raise ValueError(f"weight of shape {(out, inp)} is not 2:4: {bad} of {out * inp // 4} groups of 4 "
                              f"hold more than 2 nonzeros")
-        # Prefer nonzeros, then the lowest free positions: key = 4 * is_zero + position, take the 2 smallest.
-        key = (~nonzero).to(torch.int64) * 4 + torch.arange(4, device=w.device)
-        pos = key.topk(2, dim=-1, largest=False).indices.sort(dim=-1).values  # (out, G, 2)
-        values = g.gather(-1, pos).reshape(out, inp // 2)
-        return cls(values, _pack_positions(pos), (out, inp))
+        values = w.new_empty(out, inp // 2)
+        metadata = torch.empty(out, (inp // 4 + 1) // 2, dtype=torch.uint8, device=w.device)
+        for r, step in _row_blocks(out, inp):
+            values[r:r + step], metadata[r:r + step] = _encode_two_four(w[r:r + step])
+        return cls(values, metadata, (out, inp))
 
     def positions(self) -> torch.Tensor:
         """(out, G, 2) int64 positions within each group of 4."""
@@ -358,6 +380,5 @@ def is_two_four(w: torch.Tensor) -> bool:
     """True when a 2-D weight has in % 4 == 0 and at most 2 nonzeros in every group of 4 input columns."""
     if w.dim() != 2 or w.shape[1] % 4:
         return False
-    step = max(1, _BLOCK // max(w.shape[1], 1))  # rows per block: the int64 group sums stay small
-    blocks = ((w[r:r + step] != 0).reshape(-1, 4) for r in range(0, w.shape[0], step))  # (rows*in/4, 4) each
-    return not any(bool((b.sum(-1) > 2).any()) for b in blocks)
+    # in blocks of rows: the int64 group sums stay small
+    return not any(_count_over_two(w[r:r + step]) for r, step in _row_blocks(*w.shape))
