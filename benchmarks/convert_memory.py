@@ -5,7 +5,8 @@ A safetensors file of ``--total-gb`` (default 3 GB) is written to a temporary fo
 2-D fp32 weights with ``--sparsity`` exact zeros, the largest ``--largest-mb``. ``prune convert`` then runs in
 its own process, which reports its own peak resident memory (``VmHWM``; file pages included where a reader
 maps the file) just before it exits; the baseline is the same for a process that only imports
-the package. The folder is deleted afterwards, also on failure. Rows go to ``benchmarks/results/convert_memory/`` (CSV + JSON).
+the package. The folder is deleted afterwards, also on failure. Rows go to
+``benchmarks/results/convert_memory/`` (CSV + JSON).
 
     python -m benchmarks.convert_memory                     # ~3 GB, a few minutes on 2 cores
     python -m benchmarks.convert_memory --total-gb 0.1 --largest-mb 40 --out /tmp/cm
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -106,7 +106,8 @@ def peak_rss(cli_args: list[str]) -> tuple[int, float]:
     run, hiding that much of the conversion's own memory. Linux only (``/proc/self/status``).
     """
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", CHILD, *cli_args], capture_output=True, text=True, check=True)
+    proc = subprocess.run([sys.executable, "-c", CHILD, *cli_args], capture_output=True, text=True,
+                          check=True)
     seconds = time.perf_counter() - start
     rc, kib = json.loads(proc.stdout.strip().splitlines()[-1])
     if rc != 0:

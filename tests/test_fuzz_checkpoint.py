@@ -118,7 +118,8 @@ def reshape(rng: random.Random, raw: bytes) -> bytes:
     numel = 1
     for s in info["shape"]:
         numel *= s
-    info["shape"] = rng.choice([[numel], [1, numel], [numel, 1], list(reversed(info["shape"])), [numel, 1, 1]])
+    info["shape"] = rng.choice([[numel], [1, numel], [numel, 1], list(reversed(info["shape"])),
+                                [numel, 1, 1]])
     return join(header, data)
 
 
@@ -150,7 +151,8 @@ def metadata_text(rng: random.Random, raw: bytes) -> bytes:
 def index_array(rng: random.Random, raw: bytes) -> bytes:
     """Overwrite entries of a stored part (row pointers, columns, 2:4 codes, values) with hostile numbers."""
     header, data = split(raw)
-    name = rng.choice([k for k in tensor_names(header) if header[k]["data_offsets"][1] > header[k]["data_offsets"][0]])
+    sizes = {k: header[k]["data_offsets"][1] - header[k]["data_offsets"][0] for k in tensor_names(header)}
+    name = rng.choice([k for k, n in sizes.items() if n > 0])
     info = header[name]
     fmt = {"I32": "<i", "I16": "<h", "U8": "<B", "F32": "<f", "F16": "<e", "I64": "<q"}.get(info["dtype"])
     begin, end = info["data_offsets"]
@@ -166,7 +168,8 @@ def index_array(rng: random.Random, raw: bytes) -> bytes:
         if fmt in ("<f", "<e"):
             value = rng.choice([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-45])
         else:
-            value = min(max(rng.choice([lo, hi, -1, 0, 1, 2, 19, 20, 39999, 40000, rng.randint(lo, hi)]), lo), hi)
+            value = rng.choice([lo, hi, -1, 0, 1, 2, 19, 20, 39999, 40000, rng.randint(lo, hi)])
+            value = min(max(value, lo), hi)
         struct.pack_into(fmt, out, begin + i * width, value)
     return join(header, bytes(out))
 

@@ -1,5 +1,5 @@
-"""Property tests (hypothesis): masks have exact counts and keep their pattern, formats round-trip bit for bit,
-and a SparseLinear equals its dense twin, for random shapes, dtypes, sparsities and N:M patterns.
+"""Property tests (hypothesis): masks have exact counts and keep their pattern, formats round-trip bit for
+bit, and a SparseLinear equals its dense twin, for random shapes, dtypes, sparsities and N:M patterns.
 
 Derandomized with bounded example counts: the same cases every run, the whole file in well under 40 s.
 Tensors come from a drawn seed (fast to make, and a failing case prints the seed that rebuilds it).
@@ -15,7 +15,8 @@ from sparse_ops.linear import SparseLinear
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 VALUE_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}  # rtol, atol
+# (rtol, atol) by dtype
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 
 
 def cases(n: int):
@@ -50,7 +51,8 @@ def assert_top_kept(scores, keep):
 
 
 @cases(150)
-@given(shape=shapes, dtype=st.sampled_from(FLOATS), sparsity=sparsities, seed=seeds, levels=st.sampled_from([0, 2, 5]))
+@given(shape=shapes, dtype=st.sampled_from(FLOATS), sparsity=sparsities, seed=seeds,
+       levels=st.sampled_from([0, 2, 5]))
 def test_layer_mask_exact_count_top_scores_and_ties(shape, dtype, sparsity, seed, levels):
     scores = scores_of(shape, dtype, seed, levels)
     keep = layer_mask(scores, sparsity)
@@ -76,7 +78,8 @@ def test_nm_mask_keeps_exactly_n_top_scores_in_every_group(nm, rows, groups, dty
 
 
 @cases(100)
-@given(nm=nm_patterns, rows=st.integers(1, 10), groups=st.integers(1, 5), frac=st.floats(0.0, 1.0), seed=seeds)
+@given(nm=nm_patterns, rows=st.integers(1, 10), groups=st.integers(1, 5), frac=st.floats(0.0, 1.0),
+       seed=seeds)
 def test_gradual_nm_mask_is_a_subset_of_the_final_pattern(nm, rows, groups, frac, seed):
     pattern = NMPattern(*nm)
     scores = scores_of((rows, groups * pattern.m), torch.float32, seed, 0)
@@ -105,7 +108,7 @@ def test_global_masks_exact_total_and_one_threshold(sizes, sparsity, seed, level
 # --- formats: lossless round trips ---
 
 def sparse_weight(shape, dtype, sparsity, seed, special):
-    """Random (out, in) weight with ``sparsity`` zeros; ``special`` sprinkles NaN, +-inf, -0.0 and subnormals."""
+    """Random (out, in) weight with ``sparsity`` zeros; ``special`` adds NaN, +-inf, -0.0 and subnormals."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(shape, generator=g)
     if special:
@@ -153,7 +156,8 @@ def test_two_four_round_trip_is_bit_identical(shape, dtype, extra, seed, special
 # --- a sparse layer equals its dense twin ---
 
 @cases(60)
-@given(out=st.integers(1, 48), groups=st.integers(1, 16), batch=st.lists(st.integers(1, 5), min_size=1, max_size=2),
+@given(out=st.integers(1, 48), groups=st.integers(1, 16),
+       batch=st.lists(st.integers(1, 5), min_size=1, max_size=2),
        dtype=st.sampled_from(VALUE_DTYPES), fmt=st.sampled_from(["csr", "2:4"]), sparsity=st.floats(0.0, 1.0),
        bias=st.booleans(), seed=seeds)
 def test_sparse_linear_equals_dense(out, groups, batch, dtype, fmt, sparsity, bias, seed):

@@ -141,7 +141,7 @@ BAD_INDEXES = {
     "missing shard": (lambda i, o: i["weight_map"].update({"0.weight": "gone.safetensors"}), "no such file"),
     "tensor in the wrong shard": (_move_tensor, "the index and model-0000.* disagree about tensor"),
     "no weight map": (lambda i, o: i.pop("weight_map"), "weight_map must map tensor names"),
-    "index not an object": (lambda i, o: i.clear() or i.update({"weight_map": [1, 2]}), "weight_map must map"),
+    "weight map a list": (lambda i, o: i.update({"weight_map": [1, 2]}), "weight_map must map"),
     "a name stored twice": (_duplicate_part, "stored in .* too|metadata and stored tensors disagree"),
 }
 
