@@ -98,6 +98,40 @@ void csr_rows_tile(const int32_t* rowptr, const I* col, const V* val, int64_t r0
   }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+// 16 stored values starting at v[k] as fp32 lanes; lanes >= m (m < 16) are zero and not read.
+inline __m512 load_vals16(const float* v, int64_t k, __mmask16 m) { return _mm512_maskz_loadu_ps(m, v + k); }
+inline __m512 load_vals16(const bf16* v, int64_t k, __mmask16 m) {  // bf16: widen, shift into the top half
+  __m256i h = _mm256_maskz_loadu_epi16(m, v + k);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512i load_cols16(const int16_t* c, int64_t k, __mmask16 m) {
+  return _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, c + k));
+}
+inline __m512i load_cols16(const int32_t* c, int64_t k, __mmask16 m) { return _mm512_maskz_loadu_epi32(m, c + k); }
+
+// One token: 16 nonzeros per step, x gathered by column (x is `in` floats: it stays in L1), two accumulators.
+template <typename V, typename I>
+void csr_gemv_rows(const int32_t* rowptr, const I* col, const V* val, int64_t r0, int64_t r1, const float* x,
+                   const float* bias, float* y) {
+  for (int64_t r = r0; r < r1; ++r) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int64_t k = rowptr[r];
+    const int64_t e = rowptr[r + 1];
+    for (; k + 32 <= e; k += 32) {
+      a0 = _mm512_fmadd_ps(load_vals16(val, k, 0xFFFF), _mm512_i32gather_ps(load_cols16(col, k, 0xFFFF), x, 4), a0);
+      a1 = _mm512_fmadd_ps(load_vals16(val, k + 16, 0xFFFF),
+                           _mm512_i32gather_ps(load_cols16(col, k + 16, 0xFFFF), x, 4), a1);
+    }
+    for (; k < e; k += 16) {  // masked tail: lanes past e are neither loaded nor gathered
+      const __mmask16 m = e - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (e - k)) - 1);
+      const __m512 xs = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, load_cols16(col, k, m), x, 4);
+      a0 = _mm512_fmadd_ps(load_vals16(val, k, m), xs, a0);
+    }
+    y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + (bias ? bias[r] : 0.0f);
+  }
+}
+#else
 template <typename V, typename I>
 void csr_gemv_rows(const int32_t* rowptr, const I* col, const V* val, int64_t r0, int64_t r1, const float* x,
                    const float* bias, float* y) {
@@ -115,6 +149,7 @@ void csr_gemv_rows(const int32_t* rowptr, const I* col, const V* val, int64_t r0
     y[r] = (s0 + s1) + (s2 + s3) + (bias ? bias[r] : 0.0f);
   }
 }
+#endif
 
 // ---- 2:4 ----------------------------------------------------------------------------------------------
 
@@ -259,6 +294,164 @@ void run_blocks(const Body& body, int64_t out, int64_t ld, int64_t n, int64_t ti
   }
 }
 
+
+// ---- panelled CSR: batches of PANEL_MIN tokens and more ---------------------------------------------
+//
+// Weight (cpu_native.prepare_panels): rows in blocks of R (<= MAX_ROWS), columns in panels of P (<= 256).
+//   seg  (nblocks * npanels * R + 1,) int32: row r0 + i's nonzeros in panel p are [seg[q], seg[q + 1]),
+//        q = (b * npanels + p) * R + i for the block b holding rows r0 .. r0 + R - 1
+//   lcol (nnz,) uint8: column - p * P (1 byte per nonzero);  val (nnz,) fp32 | bf16
+// x packed by pack_tiles: xt (ntiles, in, T) fp32, token t * T + j of column c at xt[(t * in + c) * T + j],
+// zero past n. One panel of one tile, (P, T) floats = 16 KiB at P = 128, T = 32, is contiguous and stays in
+// L1 while the R rows of a block use it (each of its lines about R * density times); the block's sums live in
+// buf (R, T) (8 KiB), loaded and stored once per (row, panel); the block's weights stay in L2 across tiles.
+
+template <int NV, int S, typename V>
+void panel_row(const uint8_t* lcol, const V* val, int64_t k, int64_t e, const float* xp, float* acc_mem) {
+  typedef Vec<16>::type vec;
+  constexpr int64_t T = 16 * NV;
+  vec acc[S][NV];
+  for (int j = 0; j < NV; ++j) acc[0][j] = load_vec<16>(acc_mem + 16 * j);
+  for (int s = 1; s < S; ++s)
+    for (int j = 0; j < NV; ++j) acc[s][j] = vec{};
+  for (; k + S <= e; k += S)
+    for (int s = 0; s < S; ++s) {
+      const float v = load_value(val, k + s);
+      const float* xr = xp + static_cast<int64_t>(lcol[k + s]) * T;
+      for (int j = 0; j < NV; ++j) acc[s][j] += v * load_vec<16>(xr + 16 * j);
+    }
+  for (; k < e; ++k) {
+    const float v = load_value(val, k);
+    const float* xr = xp + static_cast<int64_t>(lcol[k]) * T;
+    for (int j = 0; j < NV; ++j) acc[0][j] += v * load_vec<16>(xr + 16 * j);
+  }
+  for (int s = 1; s < S; ++s)
+    for (int j = 0; j < NV; ++j) acc[0][j] += acc[s][j];
+  std::memcpy(acc_mem, acc[0], sizeof(acc[0]));
+}
+
+// Sums of rows [r0, r0 + nrows) (block b) over one token tile into buf (nrows, T), all panels in turn.
+template <int NV, int S, typename V>
+void panel_block(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t in, int64_t npanels, int64_t R,
+                 int64_t P, int64_t b, int64_t nrows, const float* xtile, const float* next_tile, float* buf) {
+  constexpr int64_t T = 16 * NV;
+  std::memset(buf, 0, nrows * T * sizeof(float));
+  // Rows read x lines in random order, so the hardware prefetcher does not see the panel coming: while the
+  // block works on panel p, each row prefetches its share of the next panel's lines (P * T / 16 of 64 bytes):
+  // panel p + 1, or after the last one panel 0 of next_tile (the tile this thread does next; may be null).
+  const int64_t lines_per_row = P * T / 16 / R;
+  for (int64_t p = 0; p < npanels; ++p) {
+    const float* xp = xtile + p * P * T;  // (min(P, in - p * P), T)
+    const float* next = p + 1 < npanels ? xp + P * T : next_tile;
+    const int64_t next_lines = !next ? 0 : std::min(P, in - (p + 1 < npanels ? (p + 1) * P : 0)) * T / 16;
+    const int32_t* s = seg + (b * npanels + p) * R;
+    for (int64_t i = 0; i < nrows; ++i) {
+      for (int64_t q = i * lines_per_row; q < std::min(next_lines, (i + 1) * lines_per_row); ++q)
+        __builtin_prefetch(next + 16 * q, 0, 3);
+      if (s[i] != s[i + 1]) panel_row<NV, S>(lcol, val, s[i], s[i + 1], xp, buf + i * T);
+    }
+  }
+}
+
+// y[t0 + j, r0 + i] = buf[i, j] + bias[r0 + i] for tokens j < nvalid and the block's rows i.
+inline void flush_rows(const float* buf, int64_t T, int64_t r0, int64_t nrows, int64_t t0, int64_t nvalid,
+                       const float* bias, float* y, int64_t out) {
+  for (int64_t j = 0; j < nvalid; ++j) {
+    float* yr = y + (t0 + j) * out + r0;
+    for (int64_t i = 0; i < nrows; ++i) yr[i] = buf[i * T + j] + (bias ? bias[r0 + i] : 0.0f);
+  }
+}
+
+template <typename V>
+void run_panels(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t out, int64_t in, int64_t R,
+                int64_t P, const float* xt, int64_t T, int64_t n, const float* bias, float* y, int nthreads) {
+  const int64_t npanels = (in + P - 1) / P, nblocks = (out + R - 1) / R, ntiles = (n + T - 1) / T;
+  // Work items: (row block, run of consecutive tiles), at least 4 per thread where the shape allows. Tiles
+  // inner: a block's weights stay in L2 across its tiles, and the next tile's first panel can be prefetched.
+  const int64_t nruns = std::min(ntiles, std::max<int64_t>(1, (4 * nthreads + nblocks - 1) / nblocks));
+  const int64_t run = (ntiles + nruns - 1) / nruns;
+#pragma omp parallel num_threads(nthreads)
+  {
+    alignas(64) float buf[MAX_ROWS * 64];  // this thread's (R, T) sums, T <= 64
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < nblocks * nruns; ++item) {
+      const int64_t b = item / nruns, r0 = b * R, nrows = std::min(R, out - r0);
+      const int64_t t1 = std::min(ntiles, (item % nruns + 1) * run);
+      for (int64_t t = item % nruns * run; t < t1; ++t) {
+        const float *xtile = xt + t * in * T, *next = t + 1 < t1 ? xtile + in * T : nullptr;
+        switch (T) {
+          case 16: panel_block<1, 4>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, next, buf); break;
+          case 32: panel_block<2, 2>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, next, buf); break;
+          default: panel_block<4, 1>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, next, buf); break;
+        }
+        flush_rows(buf, T, r0, nrows, t * T, std::min(T, n - t * T), bias, y, out);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+#if defined(__AVX__)
+// dst[q * ld + r] = src rows r[q] for an 8x8 block: rows[r] points at 8 floats (or nullptr: zeros).
+inline void transpose8(const float* const* rows, float* dst, int64_t ld) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = rows[i] ? _mm256_loadu_ps(rows[i]) : _mm256_setzero_ps();
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int h = 0; h < 8; h += 4) {  // h = 0: rows 0-3, h = 4: rows 4-7
+    r[h] = _mm256_shuffle_ps(t[h], t[h + 2], 0x44);
+    r[h + 1] = _mm256_shuffle_ps(t[h], t[h + 2], 0xEE);
+    r[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0x44);
+    r[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0xEE);
+  }
+  for (int q = 0; q < 4; ++q) {
+    _mm256_storeu_ps(dst + q * ld, _mm256_permute2f128_ps(r[q], r[q + 4], 0x20));
+    _mm256_storeu_ps(dst + (q + 4) * ld, _mm256_permute2f128_ps(r[q], r[q + 4], 0x31));
+  }
+}
+#endif
+
+// Columns [c0, c1) of tile t: xt[t, c, j] = x[t * T + j, c], zero for tokens >= n.
+inline void pack_block(const float* x, int64_t n, int64_t in, int64_t T, int64_t t, int64_t c0, int64_t c1,
+                       float* xt) {
+  float* dst = xt + t * in * T;
+  int64_t c = c0;
+#if defined(__AVX__)
+  for (; c + 8 <= c1; c += 8)  // 8 columns x 8 tokens at a time; c1 - c0 <= 16: each x line read once
+    for (int64_t j0 = 0; j0 < T; j0 += 8) {
+      const float* rows[8];
+      for (int r = 0; r < 8; ++r) rows[r] = t * T + j0 + r < n ? x + (t * T + j0 + r) * in + c : nullptr;
+      transpose8(rows, dst + c * T + j0, T);
+    }
+#endif
+  for (; c < c1; ++c)
+    for (int64_t j = 0; j < T; ++j) dst[c * T + j] = t * T + j < n ? x[(t * T + j) * in + c] : 0.0f;
+}
+
+// x (n, in) fp32 row-major -> xt (ntiles, in, T), T a multiple of 8: see the panelled CSR note above.
+// Blocks of 16 columns (one 64-byte line of each x row) by the tile's T tokens, 8x8 transposes in registers.
+extern "C" void pack_tiles(const float* x, int64_t n, int64_t in, int64_t T, float* xt, int nthreads) {
+  const int64_t ntiles = (n + T - 1) / T, cblocks = (in + 15) / 16;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t item = 0; item < ntiles * cblocks; ++item) {
+    const int64_t t = item / cblocks, c0 = item % cblocks * 16;
+    pack_block(x, n, in, T, t, c0, std::min(in, c0 + 16), xt);
+  }
+}
+
+#define SPARSE_PANEL_ENTRY(NAME, V)                                                                         \
+  extern "C" void NAME(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t out, int64_t in,     \
+                       int64_t R, int64_t P, const float* xt, int64_t T, int64_t n, const float* bias,      \
+                       float* y, int nthreads) {                                                            \
+    run_panels<V>(seg, lcol, val, out, in, R, P, xt, T, n, bias, y, nthreads);                             \
+  }
+SPARSE_PANEL_ENTRY(csr_panels_f32, float)
+SPARSE_PANEL_ENTRY(csr_panels_bf16, bf16)
+
+namespace {
 }  // namespace
 
 // ---- C entry points: <format>_<values>_<indices> ------------------------------------------------------
@@ -285,4 +478,4 @@ SPARSE_CSR_ENTRY(csr_bf16_i32, bf16, int32_t)
 SPARSE_24_ENTRY(two_four_f32, float)
 SPARSE_24_ENTRY(two_four_bf16, bf16)
 
-extern "C" int sparse_cpu_abi_version() { return 3; }
+extern "C" int sparse_cpu_abi_version() { return 4; }

@@ -32,6 +32,13 @@ INDEX_CODE = {torch.int16: "i16", torch.int32: "i32"}
 L2_PANEL_BYTES = 512 * 1024  # keep one token tile of x (in, tile) fp32 about this size: it stays in L2
 TILE_OUTER = 0  # token tiles inside row blocks: each block's weights are read from memory once
 ROWS_PER_BLOCK = 32  # rows handed to a thread at a time: enough work per hand-out, balanced over 2-64 threads
+# Panelled CSR (batches >= PANEL_MIN_BATCH): rows in blocks of PANEL_ROWS, columns in panels of PANEL_WIDTH
+# (<= 256: 1-byte column offsets). One panel of x for a tile of PANEL_TILE tokens, 128 x 32 fp32 = 16 KiB,
+# stays in L1 (32 KiB) next to the block's (64, 32) sums (8 KiB) while the block's rows use it.
+PANEL_MIN_BATCH = 9
+PANEL_ROWS = 64
+PANEL_WIDTH = 128
+PANEL_TILE = 32
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,7 @@ class NativeWeight:
     entry: str
     tensors: tuple[torch.Tensor, ...]  # contiguous parts passed by pointer, in the entry's order
     out_dtype: torch.dtype
+    panels: tuple[torch.Tensor, ...] = ()  # CSR only: (seg, lcol, values) of panel_parts, for large batches
 
 
 def _values(values: torch.Tensor) -> torch.Tensor:
@@ -68,7 +76,33 @@ def prepare_csr(w: CSR) -> NativeWeight:
     w.validate()
     entry = f"csr_{_value_code(w.values)}_{INDEX_CODE[w.col_indices.dtype]}"
     parts = (w.crow_indices.contiguous(), w.col_indices.contiguous(), _values(w.values))
-    return NativeWeight(w, entry, parts, w.dtype)
+    return NativeWeight(w, entry, parts, w.dtype, panel_parts(*parts, w.shape))
+
+
+def panel_parts(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int],
+                rows: int = PANEL_ROWS, width: int = PANEL_WIDTH) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The panelled copy of a validated CSR weight: (seg int32, lcol uint8, values), see ``sparse_cpu.cpp``.
+
+    Nonzeros are reordered by (row block, column panel, row): key q = (b * npanels + p) * rows + i for row
+    b * rows + i and panel p = col // width; seg[q] .. seg[q + 1] are key q's nonzeros, lcol their column - p *
+    width (< width <= 256, so one byte). Column order within a row is kept.
+
+    >>> crow, col = torch.tensor([0, 2, 3]), torch.tensor([1, 5, 1], dtype=torch.int16)  # W[0,1], W[0,5], W[1,1]
+    >>> seg, lcol, vals = panel_parts(crow, col, torch.tensor([1.0, 2.0, 3.0]), (2, 6), rows=2, width=4)
+    >>> seg.tolist(), lcol.tolist(), vals.tolist()  # keys q: (row 0, panel 0), (1, 0), (0, 1), (1, 1)
+    ([0, 1, 2, 3, 3], [1, 1, 1], [1.0, 3.0, 2.0])
+    """
+    out, inp = shape
+    npanels, nblocks = -(-inp // width), -(-out // rows)
+    counts = (crow[1:] - crow[:-1]).to(torch.int64)  # (out,) nonzeros per row
+    r = torch.repeat_interleave(torch.arange(out), counts)  # (nnz,) row of each nonzero
+    c = col.to(torch.int64)
+    p = torch.div(c, width, rounding_mode="floor")
+    key = (torch.div(r, rows, rounding_mode="floor") * npanels + p) * rows + r % rows  # (nnz,)
+    order = torch.argsort(key, stable=True)
+    seg = torch.zeros(nblocks * npanels * rows + 1, dtype=torch.int64)
+    seg[1:] = torch.cumsum(torch.bincount(key, minlength=nblocks * npanels * rows), 0)
+    return seg.to(torch.int32), (c - p * width)[order].to(torch.uint8), values[order].contiguous()
 
 
 def prepare_two_four(w: TwoFour) -> NativeWeight:
@@ -129,6 +163,24 @@ def _run(w: NativeWeight, shape: tuple[int, int], lead: tuple[int, ...], x: torc
     return y
 
 
+def _run_panels(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The panelled CSR kernel: x (N, in) packed into (ntiles, in, tile) token tiles; returns (N, out) fp32."""
+    out, inp = w.source.shape
+    n, tile = x.shape[0], 16 if x.shape[0] <= 16 else PANEL_TILE
+    y = torch.empty(n, out, dtype=torch.float32)
+    if n == 0 or out == 0:
+        return y
+    x32 = x.to(torch.float32).contiguous()
+    xt = torch.empty(-(-n // tile), inp, tile, dtype=torch.float32)
+    lib, threads = native.library(), native.num_threads()
+    lib.pack_tiles(x32.data_ptr(), n, inp, tile, xt.data_ptr(), threads)
+    b = None if bias is None else bias.to(torch.float32).contiguous()
+    entry = getattr(lib, "csr_panels_" + w.entry.split("_")[1])  # csr_f32_i16 -> csr_panels_f32
+    entry(*(t.data_ptr() for t in w.panels), out, inp, PANEL_ROWS, PANEL_WIDTH, xt.data_ptr(), tile, n,
+          None if b is None else b.data_ptr(), y.data_ptr(), threads)
+    return y
+
+
 def _needs_grad(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
 
@@ -137,6 +189,8 @@ def csr_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None) -> t
     """x: (N, in) -> (N, out) in the weight's dtype."""
     if _needs_grad(x, bias):  # the C++ kernels have no backward: torch's CSR path does
         return cpu.csr_matmul(cpu.prepare_csr(w.source), x, bias)
+    if x.shape[0] >= PANEL_MIN_BATCH:
+        return _run_panels(w, x, bias).to(w.out_dtype)
     return _run(w, w.source.shape, (w.source.shape[0],), x, bias).to(w.out_dtype)
 
 
