@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 #include <algorithm>
+#include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -442,11 +443,22 @@ extern "C" void pack_tiles(const float* x, int64_t n, int64_t in, int64_t T, flo
   }
 }
 
+// The packed x lives in a scratch buffer of the calling thread, kept between calls and grown to the largest
+// (ntiles * in * T floats) seen: a fresh multi-MiB buffer each call would cost ~0.5 ms per MiB in page faults.
+inline float* packed_x(const float* x, int64_t n, int64_t in, int64_t T, int nthreads) {
+  static thread_local std::vector<float> scratch;
+  const size_t need = static_cast<size_t>((n + T - 1) / T * in * T);
+  if (scratch.size() < need) scratch.resize(need);
+  pack_tiles(x, n, in, T, scratch.data(), nthreads);
+  return scratch.data();
+}
+
+// x (n, in) fp32 row-major; T in {16, 32, 64}, R * T <= MAX_ROWS * 64, P <= 256 (the caller checks).
 #define SPARSE_PANEL_ENTRY(NAME, V)                                                                         \
   extern "C" void NAME(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t out, int64_t in,     \
-                       int64_t R, int64_t P, const float* xt, int64_t T, int64_t n, const float* bias,      \
+                       int64_t R, int64_t P, const float* x, int64_t T, int64_t n, const float* bias,       \
                        float* y, int nthreads) {                                                            \
-    run_panels<V>(seg, lcol, val, out, in, R, P, xt, T, n, bias, y, nthreads);                             \
+    run_panels<V>(seg, lcol, val, out, in, R, P, packed_x(x, n, in, T, nthreads), T, n, bias, y, nthreads); \
   }
 SPARSE_PANEL_ENTRY(csr_panels_f32, float)
 SPARSE_PANEL_ENTRY(csr_panels_bf16, bf16)

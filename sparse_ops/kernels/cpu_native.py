@@ -39,6 +39,7 @@ PANEL_MIN_BATCH = 9
 PANEL_ROWS = 64
 PANEL_WIDTH = 128
 PANEL_TILE = 32
+assert PANEL_WIDTH <= 256 and PANEL_ROWS * PANEL_TILE <= 64 * 64  # uint8 offsets; the C++ per-thread sums buffer
 
 
 @dataclass(frozen=True)
@@ -164,20 +165,17 @@ def _run(w: NativeWeight, shape: tuple[int, int], lead: tuple[int, ...], x: torc
 
 
 def _run_panels(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The panelled CSR kernel: x (N, in) packed into (ntiles, in, tile) token tiles; returns (N, out) fp32."""
+    """The panelled CSR kernel (it packs x into token tiles itself); returns (N, out) fp32."""
     out, inp = w.source.shape
     n, tile = x.shape[0], 16 if x.shape[0] <= 16 else PANEL_TILE
     y = torch.empty(n, out, dtype=torch.float32)
     if n == 0 or out == 0:
         return y
     x32 = x.to(torch.float32).contiguous()
-    xt = torch.empty(-(-n // tile), inp, tile, dtype=torch.float32)
-    lib, threads = native.library(), native.num_threads()
-    lib.pack_tiles(x32.data_ptr(), n, inp, tile, xt.data_ptr(), threads)
     b = None if bias is None else bias.to(torch.float32).contiguous()
-    entry = getattr(lib, "csr_panels_" + w.entry.split("_")[1])  # csr_f32_i16 -> csr_panels_f32
-    entry(*(t.data_ptr() for t in w.panels), out, inp, PANEL_ROWS, PANEL_WIDTH, xt.data_ptr(), tile, n,
-          None if b is None else b.data_ptr(), y.data_ptr(), threads)
+    entry = getattr(native.library(), "csr_panels_" + w.entry.split("_")[1])  # csr_f32_i16 -> csr_panels_f32
+    entry(*(t.data_ptr() for t in w.panels), out, inp, PANEL_ROWS, PANEL_WIDTH, x32.data_ptr(), tile, n,
+          None if b is None else b.data_ptr(), y.data_ptr(), native.num_threads())
     return y
 
 
