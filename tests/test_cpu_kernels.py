@@ -100,6 +100,44 @@ def test_gradient_falls_back_to_torch():
     torch.testing.assert_close(x.grad, lin.weight.detach().sum(0).expand(4, 16))
 
 
+@pytest.mark.parametrize("shape", [(1, 4), (70, 300), (129, 257), (3, 0)])
+@pytest.mark.parametrize("rows, width", [(64, 128), (2, 4), (5, 256)])
+def test_panel_parts_hold_the_same_matrix(shape, rows, width):
+    # Rebuild the dense weight from (seg, lcol, values) by the layout's own arithmetic: q = (b * npanels + p)
+    # * rows + i holds row b * rows + i's nonzeros in columns p * width + lcol.
+    w = unstructured(shape, 0.8)
+    w[1::4] = 0.0  # empty rows
+    csr = CSR.from_dense(w)
+    seg, lcol, vals = cpu_native.panel_parts(csr.crow_indices, csr.col_indices, csr.values, shape, rows, width)
+    out, inp = shape
+    npanels = -(-inp // width)
+    rebuilt = torch.zeros(shape)
+    for q in range(len(seg) - 1):
+        b, rem = divmod(q, npanels * rows)
+        p, i = divmod(rem, rows)
+        k0, k1 = int(seg[q]), int(seg[q + 1])
+        if k1 > k0:
+            cols = p * width + lcol[k0:k1].long()
+            assert b * rows + i < out and bool((cols < min(inp, (p + 1) * width)).all())
+            rebuilt[b * rows + i, cols] = vals[k0:k1]
+    assert lcol.dtype == torch.uint8 and int(seg[-1]) == csr.values.numel()
+    assert torch.equal(rebuilt, w)
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("batch", [16, 40, 300])
+def test_large_batch_kernel_same_with_any_thread_count(threads, batch):
+    # work items (row block, run of tiles) depend on the thread count; every count gives the same sums
+    fmt = CSR.from_dense(unstructured((200, 300), 0.9))
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check(fmt, batch, torch.float32)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_prepare_rejects_bad_indices_before_native_code():
     good = CSR.from_dense(unstructured((4, 8), 0.5))
     bad = CSR(good.crow_indices, torch.full_like(good.col_indices, 8), good.values, (4, 8))

@@ -298,14 +298,17 @@ void run_blocks(const Body& body, int64_t out, int64_t ld, int64_t n, int64_t ti
 
 // ---- panelled CSR: batches of PANEL_MIN tokens and more ---------------------------------------------
 //
-// Weight (cpu_native.prepare_panels): rows in blocks of R (<= MAX_ROWS), columns in panels of P (<= 256).
+// Weight (cpu_native.panel_parts): rows in blocks of R, columns in panels of P (<= 256), R * T <= MAX_ROWS * 64.
 //   seg  (nblocks * npanels * R + 1,) int32: row r0 + i's nonzeros in panel p are [seg[q], seg[q + 1]),
 //        q = (b * npanels + p) * R + i for the block b holding rows r0 .. r0 + R - 1
 //   lcol (nnz,) uint8: column - p * P (1 byte per nonzero);  val (nnz,) fp32 | bf16
 // x packed by pack_tiles: xt (ntiles, in, T) fp32, token t * T + j of column c at xt[(t * in + c) * T + j],
-// zero past n. One panel of one tile, (P, T) floats = 16 KiB at P = 128, T = 32, is contiguous and stays in
-// L1 while the R rows of a block use it (each of its lines about R * density times); the block's sums live in
-// buf (R, T) (8 KiB), loaded and stored once per (row, panel); the block's weights stay in L2 across tiles.
+// zero past n. One panel of one tile, (P, T) floats (32 KiB at P = 128, T = 64), is contiguous; it is
+// prefetched into L1 while the block works on the previous one, then the R rows of the block use it (each
+// line about R * density times). The block's sums live in buf (R, T), loaded and stored once per (row, panel);
+// the block's weights stay in L2 across tiles. Why not simpler: with x read from L2 per nonzero (no column
+// panels) the kernel ran at 2-3 cycles per 16-wide FMA; per-(row, panel) overhead (sums loaded and stored,
+// the loop exit) is now what keeps it at about half of MKL's dense FMA rate.
 
 template <int NV, int S, typename V>
 void panel_row(const uint8_t* lcol, const V* val, int64_t k, int64_t e, const float* xp, float* acc_mem) {
