@@ -9,7 +9,10 @@ Candidates, interleaved in one ``time_interleaved`` run per batch, under ``eval(
   sparse_torch the same with torch's CSR kernels (SPARSE_OPS_NATIVE=0 when the layers are built)
 
 Run: ``python -m benchmarks.bert_e2e --out benchmarks/results/bert_e2e [--threads 2] [--quick]``.
-Writes bert_e2e.csv and bert_e2e.json (environment, args, rows).
+Writes bert_e2e.csv and bert_e2e.json (environment, args, rows). Each row also carries the Amdahl bound: the
+fraction of the dense model's time spent in its encoder linears (forward hooks) and the whole-model speedup if
+those took no time at all, or were 10x faster (the FLOP ratio at 90% sparsity); attention, layer norms, GELU,
+embeddings and the allocations of their outputs are not made faster by sparse linears.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import copy
 import csv
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -62,6 +66,34 @@ def encoder_sparsity(model: BertModel) -> float:
     return 1.0 - sum(int((w != 0).sum()) for w in ws) / sum(w.numel() for w in ws)
 
 
+def amdahl_bound(linear_fraction: float, linear_speedup: float = float("inf")) -> float:
+    """Whole-model speedup when only the encoder linears (``linear_fraction`` of the time) get faster.
+
+    >>> round(amdahl_bound(0.8), 2), round(amdahl_bound(0.8, 10.0), 2)
+    (5.0, 3.57)
+    """
+    return 1.0 / ((1.0 - linear_fraction) + linear_fraction / linear_speedup)
+
+
+def linear_fraction(model: BertModel, ids: torch.Tensor, calls: int = 3) -> float:
+    """Fraction of the model's forward time spent inside its encoder ``nn.Linear`` modules (hooks, CPU clock)."""
+    spent, starts = [0.0], {}
+    linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "encoder" in n]
+    handles = [h for m in linears for h in (
+        m.register_forward_pre_hook(lambda mod, _: starts.__setitem__(mod, time.perf_counter())),
+        m.register_forward_hook(lambda mod, _i, _o: spent.__setitem__(0, spent[0] + time.perf_counter() - starts[mod])))]
+    try:
+        with torch.inference_mode():
+            model(input_ids=ids)  # warm-up
+            spent[0], t0 = 0.0, time.perf_counter()
+            for _ in range(calls):
+                model(input_ids=ids)
+            return spent[0] / (time.perf_counter() - t0)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def measure(batch: int, models: dict[str, BertModel], repeats: int) -> list[dict[str, object]]:
     ids = torch.randint(0, CONFIG["vocab_size"], (batch, SEQ), generator=torch.Generator().manual_seed(batch))
     with torch.inference_mode():
@@ -71,9 +103,14 @@ def measure(batch: int, models: dict[str, BertModel], repeats: int) -> list[dict
     fns = {name: (lambda m=m: m(input_ids=ids)) for name, m in models.items()}
     times = time_interleaved(fns, warmup=2, repeats=repeats, min_sample_s=0.05)
     base = times["dense"]
+    f = linear_fraction(models["dense"], ids)  # Amdahl: the rest of the model runs as fast as before
     return [dict(batch=batch, seq=SEQ, tokens=batch * SEQ, candidate=name, median_s=t.median_s, p10_s=t.p10_s,
                  p90_s=t.p90_s, speedup=round(t.ratio_to(base), 3), speedup_p10=round(base.p10_s / t.p90_s, 3),
-                 speedup_p90=round(base.p90_s / t.p10_s, 3)) for name, t in times.items()]
+                 speedup_p90=round(base.p90_s / t.p10_s, 3), dense_linear_fraction=round(f, 3),
+                 bound_free_linears=round(amdahl_bound(f), 2),
+                 bound_linears_10x=round(amdahl_bound(f, 1.0 / (1.0 - SPARSITY)), 2),
+                 load_avg_1min=float(Path("/proc/loadavg").read_text().split()[0]))
+            for name, t in times.items()]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,8 +130,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for batch in a.batches:
         rows += measure(batch, models, a.repeats)
+        last = rows[-1]
         print(" ".join(f"{r['candidate']}={r['speedup']:.2f}x" for r in rows if r["batch"] == batch),
-              f"batch={batch} load={Path('/proc/loadavg').read_text().split()[0]}", flush=True)
+              f"batch={batch} linears {last['dense_linear_fraction']:.0%} of dense time: bound "
+              f"{last['bound_free_linears']}x (free linears), {last['bound_linears_10x']}x (linears 10x)",
+              f"load={last['load_avg_1min']}", flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
     with open(a.out / "bert_e2e.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

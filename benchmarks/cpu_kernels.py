@@ -95,6 +95,7 @@ def measure_point(shape: tuple[int, int], sparsity: float, batch: int, dtype: to
     fns = (fp32_candidates if dtype == torch.float32 else bf16_candidates)(w, x)
     times = time_interleaved(fns, warmup=2, repeats=repeats, min_sample_s=min_sample_s)
     lim = limits(shape, int(torch.count_nonzero(w)), dtype)
+    load = float(Path("/proc/loadavg").read_text().split()[0])  # other processes' load while this point ran
     rows = []
     for name, t in times.items():
         storage, base = LIMIT_OF[name]
@@ -104,7 +105,7 @@ def measure_point(shape: tuple[int, int], sparsity: float, batch: int, dtype: to
                          sparsity=sparsity, batch=batch, candidate=name, median_s=t.median_s, p10_s=t.p10_s,
                          p90_s=t.p90_s, speedup=round(speedup, 4), speedup_p10=round(times[base].p10_s / t.p90_s, 4),
                          speedup_p90=round(times[base].p90_s / t.p10_s, 4), limit=round(limit, 3),
-                         fraction_of_limit=round(speedup / limit, 4)))
+                         fraction_of_limit=round(speedup / limit, 4), load_avg_1min=load))
     return rows
 
 
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         rows += point
         print(f"{shape[0]}x{shape[1]} {str(dtype)[6:]:<8} s={sparsity:<5} b={batch:<4} "
               + " ".join(f"{r['candidate']}={r['speedup']:.2f}" for r in point if r["speedup"] != 1.0)
-              + f"  load={Path('/proc/loadavg').read_text().split()[0]}", flush=True)
+              + f"  load={point[0]['load_avg_1min']}", flush=True)
     write_results(rows, a.out, {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()})
 
 

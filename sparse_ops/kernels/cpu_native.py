@@ -32,12 +32,20 @@ INDEX_CODE = {torch.int16: "i16", torch.int32: "i32"}
 L2_PANEL_BYTES = 512 * 1024  # keep one token tile of x (in, tile) fp32 about this size: it stays in L2
 TILE_OUTER = 0  # token tiles inside row blocks: each block's weights are read from memory once
 ROWS_PER_BLOCK = 32  # rows handed to a thread at a time: enough work per hand-out, balanced over 2-64 threads
-# Panelled CSR (batches >= PANEL_MIN_BATCH): rows in blocks of PANEL_ROWS, columns in panels of PANEL_WIDTH
+# Panelled CSR (batches chosen by use_panels): rows in blocks of PANEL_ROWS, columns in panels of PANEL_WIDTH
 # (<= 256: 1-byte column offsets), tokens in tiles of 16, 32 or PANEL_TILE (the smallest that holds the batch).
 # One panel of x for a 64-token tile, 128 x 64 fp32 = 32 KiB, is prefetched into L1 while the block's rows use
 # the previous one; measured on the 2-core EPYC (kernel + packing vs dense, 1 thread), 64-token tiles beat
 # 32-token ones by 0-15% (4096x4096 and BERT shapes), 64-row blocks beat 32-row ones by 5-15%.
-PANEL_MIN_BATCH = 9
+# Which batches go to the panelled kernel, from interleaved runs against dense on the 2-core EPYC (4096^2, 1
+# thread; speedups over dense F.linear, "8-wide/tiles" = the plain-CSR kernels, "panels" = the panelled one):
+#   sparsity 0.5-0.7, batch 2-64:   panels 1.3-3.7x   vs 0.9-2.5x  -> panels from density PANEL_DENSE at any batch
+#   sparsity 0.9,     batch 8 / 16: panels 4.9 / 6.8x vs 7.2 / 7.9x -> the 16-token panel tile is too short when
+#                     batch 32 / 64: panels 7.2 / 8.9x vs 6.4 / 6.5x    sparse: panels from PANEL_SPARSE_MIN_BATCH
+#   sparsity 0.99,    batch 64 / 256: panels 19.7 / 14.4x vs 22.3 / 13.1x -> below PANEL_MIN_DENSITY, tiles
+PANEL_DENSE = 0.2
+PANEL_SPARSE_MIN_BATCH = 17
+PANEL_MIN_DENSITY = 0.015
 PANEL_ROWS = 64
 PANEL_WIDTH = 128
 PANEL_TILE = 64
@@ -53,6 +61,7 @@ class NativeWeight:
     tensors: tuple[torch.Tensor, ...]  # contiguous parts passed by pointer, in the entry's order
     out_dtype: torch.dtype
     panels: tuple[torch.Tensor, ...] = ()  # CSR only: (seg, lcol, values) of panel_parts, for large batches
+    density: float = 1.0  # nonzeros / (out * in)
 
 
 def _values(values: torch.Tensor) -> torch.Tensor:
@@ -79,7 +88,17 @@ def prepare_csr(w: CSR) -> NativeWeight:
     w.validate()
     entry = f"csr_{_value_code(w.values)}_{INDEX_CODE[w.col_indices.dtype]}"
     parts = (w.crow_indices.contiguous(), w.col_indices.contiguous(), _values(w.values))
-    return NativeWeight(w, entry, parts, w.dtype, panel_parts(*parts, w.shape))
+    density = w.values.numel() / max(1, w.shape[0] * w.shape[1])
+    return NativeWeight(w, entry, parts, w.dtype, panel_parts(*parts, w.shape), density)
+
+
+def use_panels(n: int, density: float) -> bool:
+    """Whether n tokens go to the panelled kernel (else the gemv at n == 1, the plain-CSR kernels above it).
+
+    >>> use_panels(1, 0.5), use_panels(8, 0.3), use_panels(16, 0.1), use_panels(17, 0.1), use_panels(256, 0.01)
+    (False, True, False, True, False)
+    """
+    return n >= 2 and (density >= PANEL_DENSE or (n >= PANEL_SPARSE_MIN_BATCH and density >= PANEL_MIN_DENSITY))
 
 
 def panel_parts(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int],
@@ -190,7 +209,7 @@ def csr_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None) -> t
     """x: (N, in) -> (N, out) in the weight's dtype."""
     if _needs_grad(x, bias):  # the C++ kernels have no backward: torch's CSR path does
         return cpu.csr_matmul(cpu.prepare_csr(w.source), x, bias)
-    if x.shape[0] >= PANEL_MIN_BATCH:
+    if use_panels(x.shape[0], w.density):
         return _run_panels(w, x, bias).to(w.out_dtype)
     return _run(w, w.source.shape, (w.source.shape[0],), x, bias).to(w.out_dtype)
 
