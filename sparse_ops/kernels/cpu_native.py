@@ -3,9 +3,13 @@
 ``prepare`` validates the weight (the C++ code trusts its indices) and keeps its parts as they are stored:
 int16 column indices when ``in <= 32767`` (6 B per nonzero with fp32 values, 4 B with bf16), and for 2:4 the
 values plus 2-bit codes. fp16 values are widened to fp32 once at prepare (no fp16 path in the C++ code).
-``matmul`` transposes x into a zero-padded (in, ld) fp32 panel so that each nonzero multiplies a contiguous
-run of tokens (vectorised over the batch), calls the library with torch's thread count, and casts back.
-Inference only: when a gradient is needed the call goes to torch's CSR kernel instead.
+A CSR weight also gets a panelled copy (``panel_parts``: row blocks x 128-column panels, 1-byte column offsets,
+about 5.3 B per nonzero), which the large-batch kernel reads; a prepared CSR layer thus holds its weight twice.
+Paths by batch n (``use_panels``): n == 1, a gathered gemv on the plain CSR; batches the table of
+``use_panels`` gives to the panelled kernel, x packed into token tiles so that one panel of x stays in L1;
+others, the plain-CSR kernel with x transposed into a zero-padded (in, ld) fp32 panel so that each nonzero
+multiplies a contiguous run of tokens. All run on torch's OpenMP pool with torch's thread count; outputs are
+cast back to the weight's dtype. Inference only: when a gradient is needed the call goes to torch's CSR kernel.
 
 Example:
     >>> import torch
