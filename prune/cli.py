@@ -22,16 +22,20 @@ EXIT_USER_ERROR = 2
 
 
 def add_demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
-    p.add_argument("--sparsity", type=float, default=0.9, help="final sparsity (default: 0.9)")
-    p.add_argument("--criterion", default="magnitude", help="magnitude or movement (default: magnitude)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="demo-report", help="report directory (default: demo-report)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data split, init and batches (default: 0)")
+    p.add_argument("--quick", action="store_true", help="a small budget (seconds, not minutes)")
+    p.add_argument("--runs", default=None,
+                   help="comma-separated runs (default: all): dense, magnitude, movement, 2:4, moe, heads")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default: 500; 60 quick)")
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from prune.demo import RUNS, DemoConfig
     from prune.demo import run_demo as _run
 
-    _run(steps=args.steps, sparsity=args.sparsity, criterion=args.criterion, seed=args.seed)
+    runs = tuple(r.strip() for r in args.runs.split(",")) if args.runs else tuple(RUNS)
+    _run(DemoConfig(out=args.out, seed=args.seed, quick=args.quick, runs=runs, steps=args.steps))
     return 0
 
 
@@ -95,7 +99,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
 # name -> (help, add_arguments, run)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
-    "demo": ("prune a small model while it trains and print its sparsity report", add_demo, run_demo),
+    "demo": ("train, prune, convert and time six sparse variants of a small model on bundled digits",
+             add_demo, run_demo),
     "convert": ("convert a checkpoint to a sparse safetensors file (csr, 2:4)", add_convert, run_convert),
     "inspect": ("list a checkpoint's tensors: shape, format, sparsity, bytes", add_inspect, run_inspect),
     "bench": ("time sparse against dense: matmul shapes, sparse families, a checkpoint's layers", add_bench,

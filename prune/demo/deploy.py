@@ -1,0 +1,106 @@
+"""Deploy each trained run the way a user would ship it, and measure it: parameters, file bytes, latency.
+
+- pruning runs: the dense checkpoint is converted with ``convert_checkpoint`` (CSR or 2:4) and loaded into a
+  fresh model with ``sparsify``; the same weights executed densely are timed beside it;
+- head gating: closed heads are removed with ``prune_closed_heads``;
+- dense and MoE: shipped as trained.
+
+Example:
+    >>> import tempfile
+    >>> from prune.demo.runs import RUNS, Budget, load_data, train_run
+    >>> t = train_run(RUNS["dense"], load_data(0), Budget(steps=2, eval_every=2), seed=0, progress=False)
+    >>> d = deploy(t, tempfile.mkdtemp())
+    >>> d.params_active == d.params_total and d.file_deployed_bytes == d.file_dense_bytes
+    True
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from benchmarks.timing import time_interleaved
+from prune.demo.model import DigitsTransformer
+from prune.demo.runs import Trained
+from sparse_ops.checkpoint import convert_checkpoint, sparsify
+from sparse_ops.layers.head_gating import GatedMultiheadAttention
+from sparse_ops.layers.moe import MoE
+
+
+@dataclass
+class Deployed:
+    """A run as shipped: the model to run, and the same weights run densely where that differs."""
+
+    name: str
+    model: nn.Module
+    dense_exec: nn.Module | None  # pruning runs: the finalized dense model with its zeros
+    deployed_as: str  # "dense", "csr", "2:4", "heads pruned"
+    params_total: int  # parameters of the trained model
+    params_active: int  # parameters one token uses in the deployed model
+    file_dense_bytes: int  # safetensors file of the trained model's state dict
+    file_deployed_bytes: int  # the file that ships (converted, or shrunk by head pruning)
+    open_heads: list[list[int]] | None = None  # per layer, for head gating
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (sparse layers count their stored weights' full shape)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_dense(model: nn.Module, path: str) -> int:
+    """Write the state dict as safetensors; returns the file size in bytes."""
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, path)
+    return os.path.getsize(path)
+
+
+def _moe_inactive(model: nn.Module) -> int:
+    counts = [m.param_counts() for m in model.modules() if isinstance(m, MoE)]
+    return sum(c.total - c.active for c in counts)
+
+
+def deploy(trained: Trained, workdir: str) -> Deployed:
+    """Ship one trained run (files written under ``workdir``)."""
+    spec, model = trained.spec, trained.model.eval()
+    dense_path = os.path.join(workdir, f"{spec.name.replace(':', '-')}.safetensors")
+    dense_bytes = save_dense(model, dense_path)
+    total = count_params(model)
+    if spec.sparse_format:
+        sparse_path = dense_path.replace(".safetensors", f".{spec.sparse_format.replace(':', '-')}.safetensors")
+        convert_checkpoint(dense_path, sparse_path, format=spec.sparse_format)
+        shipped = sparsify(DigitsTransformer(spec.model), sparse_path).eval()
+        return Deployed(spec.name, shipped, model, spec.sparse_format, total, total - trained.pruned_zeros,
+                        dense_bytes, os.path.getsize(sparse_path))
+    if spec.model.gated_heads:
+        gated = [m for m in model.modules() if isinstance(m, GatedMultiheadAttention)]
+        open_heads = [m.open_heads() for m in gated]
+        for m in gated:
+            m.prune_closed_heads()
+        pruned_bytes = save_dense(model, dense_path.replace(".safetensors", ".heads-pruned.safetensors"))
+        return Deployed(spec.name, model, None, "heads pruned", total, count_params(model), dense_bytes,
+                        pruned_bytes, open_heads)
+    return Deployed(spec.name, model, None, "dense", total, total - _moe_inactive(model), dense_bytes, dense_bytes)
+
+
+def measure_latency(deployed: list[Deployed], x: Tensor, batches: tuple[int, ...], repeats: int
+                    ) -> dict[str, dict[int, dict[str, float]]]:
+    """Milliseconds per forward of every deployed model (and dense execution of pruned ones) per batch size.
+
+    All candidates of one batch size are timed interleaved in the same run (``benchmarks.timing``).
+    Returns ``{run: {batch: {"deployed_ms", "dense_exec_ms"?, "p10_ms", "p90_ms"}}}``.
+    """
+    out: dict[str, dict[int, dict[str, float]]] = {d.name: {} for d in deployed}
+    for b in batches:
+        xb = x[torch.arange(b) % len(x)]  # (b, 64)
+        fns = {d.name: (lambda m=d.model: m(xb)) for d in deployed}
+        fns.update({f"{d.name}/dense": (lambda m=d.dense_exec: m(xb)) for d in deployed if d.dense_exec})
+        times = time_interleaved(fns, warmup=2, repeats=repeats, min_sample_s=0.01)
+        for d in deployed:
+            t = times[d.name]
+            row = {"deployed_ms": t.median_s * 1e3, "p10_ms": t.p10_s * 1e3, "p90_ms": t.p90_s * 1e3}
+            if d.dense_exec:
+                row["dense_exec_ms"] = times[f"{d.name}/dense"].median_s * 1e3
+            out[d.name][b] = row
+    return out
