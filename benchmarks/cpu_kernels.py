@@ -109,7 +109,7 @@ def measure_point(shape: tuple[int, int], sparsity: float, batch: int, dtype: to
     return rows
 
 
-def plot(rows: list[dict[str, object]], path: Path) -> None:
+def plot(rows: list[dict[str, object]], path: Path, env: dict[str, object]) -> None:
     """Speedup over dense against sparsity: one row of panels per (shape, dtype), one column per batch."""
     import matplotlib
 
@@ -136,9 +136,9 @@ def plot(rows: list[dict[str, object]], path: Path) -> None:
             ax.set(title=f"{out}x{inp} {dtype}, batch {batch}", xlabel="sparsity", yscale="log")
             ax.grid(alpha=0.3)
         axrow[0].set_ylabel(f"speedup over dense {dtype}")
-    axes[0][0].legend(fontsize=7, loc="upper left")
-    env = environment()
-    fig.suptitle(f"{env['cpu']}, {env['torch_threads']} threads, torch {env['torch']}", fontsize=9)
+        axrow[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"{env['cpu']}, {env['torch_threads']} threads, torch {env['torch']}, load average "
+                 f"{env['load_avg_1_5_15min'][0]:.1f} at the end", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -152,7 +152,7 @@ def write_results(rows: list[dict[str, object]], out: Path, args: dict[str, obje
         writer.writerows(rows)
     header = {"environment": environment(), "args": args, "native_library": str(native.build())}
     (out / "cpu_kernels.json").write_text(json.dumps({**header, "rows": rows}, indent=1))
-    plot(rows, out / "cpu_kernels.png")
+    plot(rows, out / "cpu_kernels.png", header["environment"])
 
 
 def points(a: argparse.Namespace) -> list[tuple[tuple[int, int], float, int, torch.dtype]]:
