@@ -127,6 +127,8 @@ def plot_deployment(out_dir: str, runs: list[dict]) -> str:
     a2.bar(names, [r["file_dense_bytes"] / 1024 for r in runs], fill=False, edgecolor="k", label="dense file")
     a2.set(ylabel="KB", title="Checkpoint size")
     a2.legend()
+    for ax in (a1, a2):
+        ax.tick_params(axis="x", rotation=25)
     name = "deployment.png"
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, name), dpi=110)
