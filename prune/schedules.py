@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
@@ -30,7 +31,7 @@ def _check_step(name: str, value: int) -> None:
 
 
 @dataclass(frozen=True)
-class Schedule:
+class Schedule(ABC):
     """Base class: a ramp from ``initial`` to ``final`` between ``begin_step`` and ``end_step``.
 
     Subclasses only define :meth:`ramp`, the shape of the curve on progress ``p`` in [0, 1].
@@ -54,10 +55,9 @@ class Schedule:
         if self.final < self.initial:
             raise ValueError(f"schedules never decrease: final sparsity {self.final} < initial {self.initial}")
 
+    @abstractmethod
     def ramp(self, p: float) -> float:
         """Fraction of the way from ``initial`` to ``final`` at progress ``p`` in [0, 1]."""
-        raise NotImplementedError(f"{type(self).__name__} must define ramp(p); use Constant, Linear, Cubic "
-                                  "or Exponential")
 
     def _progress(self, step: int) -> float:
         """Progress in [0, 1] at the last update boundary at or before ``step``."""
