@@ -7,7 +7,7 @@ Example:
     ...        "file_deployed_bytes": 4096, "deployed_as": "dense",
     ...        "latency": {"1": {"deployed_ms": 0.5, "speedup_vs_dense": 1.0}}}
     >>> print(table([row]).splitlines()[2])
-    | dense | dense | 97.22 | 0.0 | 1,000 | 1,000 | 4.0 | 4.0 | 0.500 (1.00x) |
+    | dense | dense | 97.00 | 0.0 | 1,000 | 1,000 | 4.0 | 4.0 | 0.500 (1.00x) |
 """
 from __future__ import annotations
 
