@@ -80,7 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/pruner_overhead")
     ap.add_argument("--quick", action="store_true", help="2 layers instead of 12, 2 updates")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     layers, updates = (2, 2) if args.quick else (12, 5)
     rows = []
     for criterion in ("magnitude", "movement"):
