@@ -359,7 +359,7 @@ class Pruner:
         self._sync_scores()
         if self.scope == "global":
             # One float32 buffer for all scores (4 bytes/param while it lives), filled layer by layer.
-            sizes = [t.module.weight.numel() for t in self.targets]
+            sizes = [self._param(t).mask.numel() for t in self.targets]  # not t.module.weight: it recomputes
             flat = torch.empty(sum(sizes), dtype=torch.float32, device=self._dense(self.targets[0]).device)
             for t, part in zip(self.targets, flat.split(sizes)):
                 part.copy_(self._scores(t).reshape(-1))
