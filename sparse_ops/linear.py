@@ -65,6 +65,10 @@ class SparseLinear(nn.Module):
         self._prepare()
         return self
 
+    def _load_from_state_dict(self, *args, **kwargs):  # buffers are copied in place: the kernel state follows
+        super()._load_from_state_dict(*args, **kwargs)
+        self._prepare()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) -> (..., out)."""
         if x.shape[-1] != self.in_features:

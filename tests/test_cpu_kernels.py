@@ -148,15 +148,6 @@ def test_prepare_rejects_bad_indices_before_native_code():
         cpu_native.prepare_two_four(TwoFour(t.values, torch.full_like(t.metadata, 0xFF), (2, 8)))
 
 
-def test_tiling_keeps_panels_in_cache():
-    for inp in (40, 384, 4096, 11008):
-        for n in (1, 2, 9, 100, 256):
-            ld, tile = cpu_native.tiling(inp, n)
-            assert ld >= cpu_native.token_width(n) >= n and tile in (16, 32, 64, 128)
-            assert ld in (1, 8, 16) or (ld % 16 == 0 and (ld // 16) % 2 == 1)  # odd number of 64-byte lines
-            assert tile == 16 or inp * tile * 4 <= cpu_native.L2_PANEL_BYTES
-
-
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no g++: the build path cannot run here")
 def test_build_compiles_into_a_fresh_cache_and_loads(tmp_path, monkeypatch):
     # What CI does on a fresh machine: nothing cached, compile once, then reuse the cached file.

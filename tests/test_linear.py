@@ -42,6 +42,20 @@ def test_weight_round_trips_and_module_moves():
     torch.testing.assert_close(half(x).float(), x.float() @ w.t() + layer.bias.float(), rtol=2e-3, atol=5e-3)
 
 
+@pytest.mark.parametrize("batch", [1, 8, 64])  # every CPU kernel path: gemv, plain CSR, panelled CSR
+def test_load_state_dict_prepares_the_kernel_again(batch):
+    # Same nonzero count, other values and positions: the buffers are overwritten in place, and the kernel's
+    # prepared copies (the panelled layout) must follow them.
+    w1, w2 = unstructured((40, 48), 0.5), unstructured((40, 48), 0.5)
+    w2[w2 != 0] = 0.0
+    w2.view(-1)[torch.randperm(w2.numel(), generator=torch.Generator().manual_seed(1))[:int((w1 != 0).sum())]] = 2.0
+    layer = SparseLinear.from_dense(pruned_linear(40, 48, torch.float32, w1))
+    layer.load_state_dict(SparseLinear.from_dense(pruned_linear(40, 48, torch.float32, w2)).state_dict())
+    x = torch.randn(batch, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ w2.t() + layer.bias, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_inputs_name_the_problem():
     layer = SparseLinear.from_dense(pruned_linear(6, 8, torch.float32, unstructured((6, 8), 0.5)))
     with pytest.raises(ValueError, match=r"in_features=8, got \(2, 7\)"):

@@ -3,14 +3,14 @@
 // Shapes (row-major, fp32 unless noted):
 //   W       (out, in): CSR rowptr (out+1,) int32, col (nnz,) int16|int32, val (nnz,) fp32|bf16 (uint16 bits)
 //                      2:4 val (out, in/2) fp32|bf16, meta (out, ceil(in/8)) uint8 (nibble p0 | p1 << 2)
-//   xt      (in, ld)   x transposed: column n holds token n; n == 1: xt is x (gemv). Columns n .. width - 1 are
-//                      zero, width = token_width(n); ld >= width is the row stride (the caller pads it so that
-//                      rows do not all fall into the same few L1 sets).
+//   x       (n, in)    the input; the kernels pack it into xt (in, ld), x transposed: column j holds token j,
+//                      zero in columns n .. width - 1, width = token_width(n), ld >= width the row stride
+//                      (n == 1: xt is x, the gemv)
 //   bias    (out,) or NULL;  y (n, out)
 //
 // PRECONDITIONS (the caller checks them; nothing here re-checks): W passed its format's validate()
-// (rowptr non-decreasing from 0 to nnz, 0 <= col < in, 2:4 codes p0 < p1), every pointer holds the sizes
-// above, and ld >= token_width(n).
+// (rowptr non-decreasing from 0 to nnz, 0 <= col < in, 2:4 codes p0 < p1) and every pointer holds the sizes
+// above.
 //
 // Plan: rows are split into blocks shared out to OpenMP threads (the same libgomp pool torch uses, so the
 // caller's thread count is never exceeded). A row's products over a tile of tokens live in registers
@@ -252,8 +252,8 @@ void one_tile(const Body& body, int64_t r0, int64_t r1, int64_t ld, int64_t n, i
 
 template <typename V, typename I>
 struct CsrBody {
-  const int32_t* rowptr; const I* col; const V* val; const float* xt; int64_t ld; const float* bias; float* y;
-  int64_t out;
+  const int32_t* rowptr; const I* col; const V* val; const float* bias; float* y; int64_t out;
+  const float* xt = nullptr; int64_t ld = 0;  // set by run_blocks
   template <int W, int NV, int S>
   void run(int64_t r0, int64_t r1, int64_t t0, float* buf) const {
     csr_rows_tile<V, I, W, NV, S>(rowptr, col, val, r0, r1, xt, ld, t0, buf);
@@ -263,38 +263,14 @@ struct CsrBody {
 
 template <typename V>
 struct TwoFourBody {
-  const V* val; const uint8_t* meta; int64_t in; const float* xt; int64_t ld; const float* bias; float* y;
-  int64_t out;
+  const V* val; const uint8_t* meta; int64_t in; const float* bias; float* y; int64_t out;
+  const float* xt = nullptr; int64_t ld = 0;  // set by run_blocks
   template <int W, int NV, int S>
   void run(int64_t r0, int64_t r1, int64_t t0, float* buf) const {
     two_four_rows_tile<V, W, NV, S>(val, meta, in, r0, r1, xt, ld, t0, buf);
   }
   void gemv(int64_t r0, int64_t r1) const { two_four_gemv_rows<V>(val, meta, in, r0, r1, xt, bias, y); }
 };
-
-// Work items (row block, token tile) handed out dynamically. tile_outer: all row blocks of tile 0, then of
-// tile 1, ...: the tile's panel of x stays in cache while the weights stream past (small in: the panel fits
-// L1/L2). Otherwise each row block runs all its tiles in turn: its weights stay in cache (large weights).
-template <typename Body>
-void run_blocks(const Body& body, int64_t out, int64_t ld, int64_t n, int64_t tile, int64_t rows, int tile_outer,
-                int nthreads) {
-  rows = std::max<int64_t>(1, std::min(rows, MAX_ROWS));
-  const int64_t width = token_width(n);
-  tile = width == 8 ? 8 : std::max<int64_t>(16, std::min(tile, TILE_STRIDE));
-  const int64_t nblocks = (out + rows - 1) / rows, ntiles = width == 1 ? 1 : (width + tile - 1) / tile;
-#pragma omp parallel num_threads(nthreads)
-  {
-    alignas(64) float buf[MAX_ROWS * TILE_STRIDE];  // this thread's block of sums
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < nblocks * ntiles; ++item) {
-      const int64_t b = tile_outer ? item % nblocks : item / ntiles, t = tile_outer ? item / nblocks : item % ntiles;
-      const int64_t r0 = b * rows, r1 = std::min(out, r0 + rows);
-      if (width == 1) body.gemv(r0, r1);
-      else one_tile(body, r0, r1, ld, n, t * tile, tile, buf);
-    }
-  }
-}
-
 
 // ---- panelled CSR: batches of PANEL_MIN tokens and more ---------------------------------------------
 //
@@ -366,36 +342,6 @@ inline void flush_rows(const float* buf, int64_t T, int64_t r0, int64_t nrows, i
   }
 }
 
-template <typename V>
-void run_panels(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t out, int64_t in, int64_t R,
-                int64_t P, const float* xt, int64_t T, int64_t n, const float* bias, float* y, int nthreads) {
-  const int64_t npanels = (in + P - 1) / P, nblocks = (out + R - 1) / R, ntiles = (n + T - 1) / T;
-  // Work items: (row block, run of consecutive tiles), at least 4 per thread where the shape allows. Tiles
-  // inner: a block's weights stay in L2 across its tiles, and the next tile's first panel can be prefetched.
-  const int64_t nruns = std::min(ntiles, std::max<int64_t>(1, (4 * nthreads + nblocks - 1) / nblocks));
-  const int64_t run = (ntiles + nruns - 1) / nruns;
-#pragma omp parallel num_threads(nthreads)
-  {
-    alignas(64) float buf[MAX_ROWS * 64];  // this thread's (R, T) sums, T <= 64
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < nblocks * nruns; ++item) {
-      const int64_t b = item / nruns, r0 = b * R, nrows = std::min(R, out - r0);
-      const int64_t t1 = std::min(ntiles, (item % nruns + 1) * run);
-      for (int64_t t = item % nruns * run; t < t1; ++t) {
-        const float *xtile = xt + t * in * T, *next = t + 1 < t1 ? xtile + in * T : nullptr;
-        switch (T) {
-          case 16: panel_block<1, 4>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, next, buf); break;
-          case 32: panel_block<2, 2>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, next, buf); break;
-          default: panel_block<4, 1>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, next, buf); break;
-        }
-        flush_rows(buf, T, r0, nrows, t * T, std::min(T, n - t * T), bias, y, out);
-      }
-    }
-  }
-}
-
-}  // namespace
-
 #if defined(__AVX__)
 // dst[q * ld + r] = src rows r[q] for an 8x8 block: rows[r] points at 8 floats (or nullptr: zeros).
 inline void transpose8(const float* const* rows, float* dst, int64_t ld) {
@@ -435,11 +381,13 @@ inline void pack_block(const float* x, int64_t n, int64_t in, int64_t T, int64_t
     for (int64_t j = 0; j < T; ++j) dst[c * T + j] = t * T + j < n ? x[(t * T + j) * in + c] : 0.0f;
 }
 
-// x (n, in) fp32 row-major -> xt (ntiles, in, T), T a multiple of 8: see the panelled CSR note above.
-// Blocks of 16 columns (one 64-byte line of each x row) by the tile's T tokens, 8x8 transposes in registers.
-extern "C" void pack_tiles(const float* x, int64_t n, int64_t in, int64_t T, float* xt, int nthreads) {
+// x (n, in) fp32 row-major -> xt (ntiles, in, T), T a multiple of 8 (see the panelled CSR note above; ntiles
+// == 1 and T == ld gives the plain kernels' (in, ld) panel). Blocks of 16 columns (one 64-byte line of each x
+// row) by the tile's T tokens, 8x8 transposes in registers. Called inside a parallel region: the threads share
+// the blocks, and the loop's implicit barrier makes xt complete before anyone reads it.
+inline void pack_in_region(const float* x, int64_t n, int64_t in, int64_t T, float* xt) {
   const int64_t ntiles = (n + T - 1) / T, cblocks = (in + 15) / 16;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp for schedule(static)
   for (int64_t item = 0; item < ntiles * cblocks; ++item) {
     const int64_t t = item / cblocks, c0 = item % cblocks * 16;
     pack_block(x, n, in, T, t, c0, std::min(in, c0 + 16), xt);
@@ -447,36 +395,94 @@ extern "C" void pack_tiles(const float* x, int64_t n, int64_t in, int64_t T, flo
 }
 
 // The packed x lives in a scratch buffer of the calling thread, kept between calls and grown to the largest
-// (ntiles * in * T floats) seen: a fresh multi-MiB buffer each call would cost ~0.5 ms per MiB in page faults.
-inline float* packed_x(const float* x, int64_t n, int64_t in, int64_t T, int nthreads) {
-  static thread_local std::vector<float> scratch;
-  const size_t need = static_cast<size_t>((n + T - 1) / T * in * T);
-  if (scratch.size() < need) scratch.resize(need);
-  pack_tiles(x, n, in, T, scratch.data(), nthreads);
-  return scratch.data();
+// seen: a fresh multi-MiB buffer each call would cost ~0.5 ms per MiB in page faults.
+inline float* scratch(size_t floats) {
+  static thread_local std::vector<float> buf;
+  if (buf.size() < floats) buf.resize(floats);
+  return buf.data();
 }
 
-// x (n, in) fp32 row-major; T in {16, 32, 64}, R * T <= MAX_ROWS * 64, P <= 256 (the caller checks).
+template <typename V>
+void run_panels(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t out, int64_t in, int64_t R,
+                int64_t P, const float* x, int64_t T, int64_t n, const float* bias, float* y, int nthreads) {
+  const int64_t npanels = (in + P - 1) / P, nblocks = (out + R - 1) / R, ntiles = (n + T - 1) / T;
+  float* xt = scratch(static_cast<size_t>(ntiles * in * T));
+  // Work items: (row block, run of consecutive tiles), at least 4 per thread where the shape allows. Tiles
+  // inner: a block's weights stay in L2 across its tiles, and the next tile's first panel can be prefetched.
+  const int64_t nruns = std::min(ntiles, std::max<int64_t>(1, (4 * nthreads + nblocks - 1) / nblocks));
+  const int64_t run = (ntiles + nruns - 1) / nruns;
+#pragma omp parallel num_threads(nthreads)
+  {
+    pack_in_region(x, n, in, T, xt);
+    alignas(64) float buf[MAX_ROWS * 64];  // this thread's (R, T) sums, T <= 64
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < nblocks * nruns; ++item) {
+      const int64_t b = item / nruns, r0 = b * R, nrows = std::min(R, out - r0);
+      const int64_t t1 = std::min(ntiles, (item % nruns + 1) * run);
+      for (int64_t t = item % nruns * run; t < t1; ++t) {
+        const float *xtile = xt + t * in * T, *next = t + 1 < t1 ? xtile + in * T : nullptr;
+        switch (T) {
+          case 16: panel_block<1, 4>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, next, buf); break;
+          case 32: panel_block<2, 2>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, next, buf); break;
+          default: panel_block<4, 1>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, next, buf); break;
+        }
+        flush_rows(buf, T, r0, nrows, t * T, std::min(T, n - t * T), bias, y, out);
+      }
+    }
+  }
+}
+
+// The plain CSR and 2:4 kernels. x is packed into one (in, ld) panel (n == 1: x itself is read); ld is the token
+// width, plus 16 floats when that is an even number of 64-byte lines: rows of the panel then spread over all
+// L1 sets instead of a few (a 1 KiB or 4 KiB stride thrashes them). Work items (row block of ROWS_PER_BLOCK,
+// token tile) are handed out dynamically, each block running all its tiles in turn so its weights stay in
+// cache; a tile of x, (in, tile) floats, is kept to about L2_PANEL_BYTES.
+constexpr int64_t ROWS_PER_BLOCK = 32;  // enough work per hand-out, balanced over 2-64 threads
+constexpr int64_t L2_PANEL_BYTES = 512 * 1024;
+
+template <typename Body>
+void run_blocks(Body body, int64_t out, int64_t in, const float* x, int64_t n, int nthreads) {
+  const int64_t width = token_width(n);
+  body.ld = width >= 32 && (width / 16) % 2 == 0 ? width + 16 : width;
+  int64_t tile = 16;
+  while (tile < TILE_STRIDE && in * (2 * tile) * 4 <= L2_PANEL_BYTES) tile *= 2;
+  if (width == 8) tile = 8;
+  float* xt = width == 1 ? nullptr : scratch(static_cast<size_t>(in * body.ld));
+  body.xt = width == 1 ? x : xt;
+  const int64_t nblocks = (out + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK;
+  const int64_t ntiles = width == 1 ? 1 : (width + tile - 1) / tile;
+#pragma omp parallel num_threads(nthreads)
+  {
+    if (width > 1) pack_in_region(x, n, in, body.ld, xt);
+    alignas(64) float buf[MAX_ROWS * TILE_STRIDE];  // this thread's block of sums
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < nblocks * ntiles; ++item) {
+      const int64_t r0 = item / ntiles * ROWS_PER_BLOCK, r1 = std::min(out, r0 + ROWS_PER_BLOCK);
+      if (width == 1) body.gemv(r0, r1);
+      else one_tile(body, r0, r1, body.ld, n, item % ntiles * tile, tile, buf);
+    }
+  }
+}
+
+}  // namespace
+
+// ---- C entry points: <format>_<values>[_<indices>] ------------------------------------------------------
+// x (n, in) fp32 row-major, bias (out,) or NULL, y (n, out). Panels: T in {16, 32, 64}, R * T <= MAX_ROWS * 64,
+// P <= 256 (the caller checks).
+
 #define SPARSE_PANEL_ENTRY(NAME, V)                                                                         \
   extern "C" void NAME(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t out, int64_t in,     \
                        int64_t R, int64_t P, const float* x, int64_t T, int64_t n, const float* bias,       \
                        float* y, int nthreads) {                                                            \
-    run_panels<V>(seg, lcol, val, out, in, R, P, packed_x(x, n, in, T, nthreads), T, n, bias, y, nthreads); \
+    run_panels<V>(seg, lcol, val, out, in, R, P, x, T, n, bias, y, nthreads);                               \
   }
 SPARSE_PANEL_ENTRY(csr_panels_f32, float)
 SPARSE_PANEL_ENTRY(csr_panels_bf16, bf16)
 
-namespace {
-}  // namespace
-
-// ---- C entry points: <format>_<values>_<indices> ------------------------------------------------------
-
 #define SPARSE_CSR_ENTRY(NAME, V, I)                                                                        \
-  extern "C" void NAME(const int32_t* rowptr, const I* col, const V* val, int64_t out, const float* xt,    \
-                       int64_t ld, int64_t n, const float* bias, float* y, int64_t tile, int64_t rows,      \
-                       int tile_outer, int nthreads) {                                                      \
-    run_blocks(CsrBody<V, I>{rowptr, col, val, xt, ld, bias, y, out}, out, ld, n, tile, rows, tile_outer,  \
-               nthreads);                                                                                   \
+  extern "C" void NAME(const int32_t* rowptr, const I* col, const V* val, int64_t out, int64_t in,         \
+                       const float* x, int64_t n, const float* bias, float* y, int nthreads) {              \
+    run_blocks(CsrBody<V, I>{rowptr, col, val, bias, y, out}, out, in, x, n, nthreads);                    \
   }
 SPARSE_CSR_ENTRY(csr_f32_i16, float, int16_t)
 SPARSE_CSR_ENTRY(csr_f32_i32, float, int32_t)
@@ -484,13 +490,11 @@ SPARSE_CSR_ENTRY(csr_bf16_i16, bf16, int16_t)
 SPARSE_CSR_ENTRY(csr_bf16_i32, bf16, int32_t)
 
 #define SPARSE_24_ENTRY(NAME, V)                                                                            \
-  extern "C" void NAME(const V* val, const uint8_t* meta, int64_t out, int64_t in, const float* xt,         \
-                       int64_t ld, int64_t n, const float* bias, float* y, int64_t tile, int64_t rows,      \
-                       int tile_outer, int nthreads) {                                                      \
-    run_blocks(TwoFourBody<V>{val, meta, in, xt, ld, bias, y, out}, out, ld, n, tile, rows, tile_outer,    \
-               nthreads);                                                                                   \
+  extern "C" void NAME(const V* val, const uint8_t* meta, int64_t out, int64_t in, const float* x,          \
+                       int64_t n, const float* bias, float* y, int nthreads) {                              \
+    run_blocks(TwoFourBody<V>{val, meta, in, bias, y, out}, out, in, x, n, nthreads);                      \
   }
 SPARSE_24_ENTRY(two_four_f32, float)
 SPARSE_24_ENTRY(two_four_bf16, bf16)
 
-extern "C" int sparse_cpu_abi_version() { return 4; }
+extern "C" int sparse_cpu_abi_version() { return 5; }

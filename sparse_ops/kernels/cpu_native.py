@@ -7,9 +7,11 @@ A CSR weight also gets a panelled copy (``panel_parts``: row blocks x 128-column
 about 5.3 B per nonzero), which the large-batch kernel reads; a prepared CSR layer thus holds its weight twice.
 Paths by batch n (``use_panels``): n == 1, a gathered gemv on the plain CSR; batches the table of
 ``use_panels`` gives to the panelled kernel, x packed into token tiles so that one panel of x stays in L1;
-others, the plain-CSR kernel with x transposed into a zero-padded (in, ld) fp32 panel so that each nonzero
-multiplies a contiguous run of tokens. All run on torch's OpenMP pool with torch's thread count; outputs are
-cast back to the weight's dtype. Inference only: when a gradient is needed the call goes to torch's CSR kernel.
+others, the plain-CSR kernel with x transposed into a zero-padded (in, ld) panel so that each nonzero
+multiplies a contiguous run of tokens. The C++ code packs x itself, inside the same OpenMP parallel region as
+the multiply; each call is one ctypes call with the weight's pointers bound at ``prepare`` (a few microseconds
+of Python per layer). All run on torch's OpenMP pool with torch's thread count; outputs are cast back to the
+weight's dtype. Inference only: when a gradient is needed the call goes to torch's CSR kernel.
 
 Example:
     >>> import torch
@@ -24,6 +26,8 @@ Example:
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,9 +37,6 @@ from sparse_ops.kernels import cpu, native
 
 VALUE_CODE = {torch.float32: "f32", torch.bfloat16: "bf16"}  # value dtypes the C++ code reads
 INDEX_CODE = {torch.int16: "i16", torch.int32: "i32"}
-L2_PANEL_BYTES = 512 * 1024  # keep one token tile of x (in, tile) fp32 about this size: it stays in L2
-TILE_OUTER = 0  # token tiles inside row blocks: each block's weights are read from memory once
-ROWS_PER_BLOCK = 32  # rows handed to a thread at a time: enough work per hand-out, balanced over 2-64 threads
 # Panelled CSR (batches chosen by use_panels): rows in blocks of PANEL_ROWS, columns in panels of PANEL_WIDTH
 # (<= 256: 1-byte column offsets), tokens in tiles of 16, 32 or PANEL_TILE (the smallest that holds the batch).
 # One panel of x for a 64-token tile, 128 x 64 fp32 = 32 KiB, is prefetched into L1 while the block's rows use
@@ -58,14 +59,23 @@ assert PANEL_WIDTH <= 256 and PANEL_ROWS * PANEL_TILE <= 64 * 64  # uint8 offset
 
 @dataclass(frozen=True)
 class NativeWeight:
-    """A weight ready for the C++ kernels: ``entry`` names the function, ``args`` its weight pointers."""
+    """A weight ready for the C++ kernels: ``call(x_ptr, n, bias_ptr, y_ptr, threads)`` with its parts bound."""
 
     source: CSR | TwoFour  # validated container (kept for the autograd fallback and the tensors' lifetime)
-    entry: str
-    tensors: tuple[torch.Tensor, ...]  # contiguous parts passed by pointer, in the entry's order
+    tensors: tuple[torch.Tensor, ...]  # contiguous parts the bound pointers point into (kept alive here)
+    call: Callable[..., None]
     out_dtype: torch.dtype
-    panels: tuple[torch.Tensor, ...] = ()  # CSR only: (seg, lcol, values) of panel_parts, for large batches
     density: float = 1.0  # nonzeros / (out * in)
+    panels: tuple[torch.Tensor, ...] = ()  # CSR only: (seg, lcol, values) of panel_parts, for large batches
+    panel_call: Callable[..., None] | None = None  # (x_ptr, tile, n, bias_ptr, y_ptr, threads)
+
+
+def _entry(name: str, *bound: object) -> Callable[..., None]:
+    """The C++ entry ``name`` with its leading arguments (weight pointers, sizes) bound."""
+    lib = native.library()
+    if lib is None:
+        raise RuntimeError("the native CPU kernels are unavailable in this process (see the log)")
+    return functools.partial(getattr(lib, name), *(t.data_ptr() if isinstance(t, torch.Tensor) else t for t in bound))
 
 
 def _values(values: torch.Tensor) -> torch.Tensor:
@@ -87,13 +97,16 @@ def _check_cpu(w: CSR | TwoFour) -> None:
 
 
 def prepare_csr(w: CSR) -> NativeWeight:
-    """Validate (indices reach native code) and keep rowptr, column indices and values contiguous."""
+    """Validate (indices reach native code), keep the parts contiguous and build the panelled copy."""
     _check_cpu(w)
     w.validate()
-    entry = f"csr_{_value_code(w.values)}_{INDEX_CODE[w.col_indices.dtype]}"
+    out, inp = w.shape
     parts = (w.crow_indices.contiguous(), w.col_indices.contiguous(), _values(w.values))
-    density = w.values.numel() / max(1, w.shape[0] * w.shape[1])
-    return NativeWeight(w, entry, parts, w.dtype, panel_parts(*parts, w.shape), density)
+    panels = panel_parts(*parts, w.shape)
+    code = _value_code(w.values)
+    return NativeWeight(w, parts, _entry(f"csr_{code}_{INDEX_CODE[w.col_indices.dtype]}", *parts, out, inp),
+                        w.dtype, w.values.numel() / max(1, out * inp), panels,
+                        _entry(f"csr_panels_{code}", *panels, out, inp, PANEL_ROWS, PANEL_WIDTH))
 
 
 def use_panels(n: int, density: float) -> bool:
@@ -135,91 +148,46 @@ def prepare_two_four(w: TwoFour) -> NativeWeight:
     _check_cpu(w)
     w.validate()
     parts = (_values(w.values), w.metadata.contiguous())
-    return NativeWeight(w, f"two_four_{_value_code(w.values)}", parts, w.dtype)
+    return NativeWeight(w, parts, _entry(f"two_four_{_value_code(w.values)}", *parts, *w.shape), w.dtype)
 
 
-def token_width(n: int) -> int:
-    """Tokens the C++ code computes for n: 1 (gemv), 8 (one 8-wide vector) or n rounded up to 16."""
-    return 1 if n == 1 else 8 if n <= 8 else -(-n // 16) * 16
+def panel_tile(n: int) -> int:
+    """Tokens per tile of the panelled kernel: the smallest of 16, 32 and PANEL_TILE holding n, else PANEL_TILE.
 
-
-def tiling(in_features: int, n: int, tile_bytes: int = L2_PANEL_BYTES) -> tuple[int, int]:
-    """(ld, tile): the x panel's row stride in floats and tokens per tile, for n tokens.
-
-    The stride is the token width, plus 16 floats when that is an even number of 64-byte lines: rows of the
-    panel then spread over all L1 sets instead of a few (a 1 KiB or 4 KiB stride thrashes them).
-
-    >>> tiling(4096, 1), tiling(4096, 5), tiling(4096, 100), tiling(384, 1024)
-    ((1, 32), (8, 32), (112, 32), (1040, 128))
+    >>> [panel_tile(n) for n in (2, 16, 17, 64, 1000)]
+    [16, 16, 32, 64, 64]
     """
-    width = token_width(n)
-    ld = width + 16 if width >= 32 and (width // 16) % 2 == 0 else width
-    tile = 16
-    while tile < 128 and in_features * (2 * tile) * 4 <= tile_bytes:
-        tile *= 2
-    return ld, tile
-
-
-def x_panel(x: torch.Tensor, ld: int) -> torch.Tensor:
-    """(N, in) any dtype/strides -> (in, ld) contiguous fp32 holding x^T, zero in columns N .. width - 1
-    (or (in,) at N == 1)."""
-    n, inp = x.shape
-    if n == 1:
-        return x.reshape(-1).to(torch.float32).contiguous()
-    xt = torch.empty(inp, ld, dtype=torch.float32)
-    xt[:, :n] = x.t()
-    xt[:, n:token_width(n)] = 0.0
-    return xt
-
-
-def _run(w: NativeWeight, shape: tuple[int, int], lead: tuple[int, ...], x: torch.Tensor,
-         bias: torch.Tensor | None) -> torch.Tensor:
-    """Call ``w.entry`` with the weight pointers ``lead`` (e.g. out, in) and x; returns (N, out) fp32."""
-    out, inp = shape
-    n = x.shape[0]
-    y = torch.empty(n, out, dtype=torch.float32)
-    if n == 0 or out == 0:
-        return y
-    ld, tile = tiling(inp, n)
-    xt = x_panel(x, ld)
-    b = None if bias is None else bias.to(torch.float32).contiguous()
-    fn = getattr(native.library(), w.entry)
-    fn(*(t.data_ptr() for t in w.tensors), *lead, xt.data_ptr(), ld, n, None if b is None else b.data_ptr(),
-       y.data_ptr(), tile, ROWS_PER_BLOCK, TILE_OUTER, native.num_threads())
-    return y
-
-
-def _run_panels(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The panelled CSR kernel (it packs x into token tiles itself); returns (N, out) fp32."""
-    out, inp = w.source.shape
-    n = x.shape[0]
-    tile = next(t for t in (16, 32, PANEL_TILE) if n <= t or t == PANEL_TILE)  # tokens per tile
-    y = torch.empty(n, out, dtype=torch.float32)
-    if n == 0 or out == 0:
-        return y
-    x32 = x.to(torch.float32).contiguous()
-    b = None if bias is None else bias.to(torch.float32).contiguous()
-    entry = getattr(native.library(), "csr_panels_" + w.entry.split("_")[1])  # csr_f32_i16 -> csr_panels_f32
-    entry(*(t.data_ptr() for t in w.panels), out, inp, PANEL_ROWS, PANEL_WIDTH, x32.data_ptr(), tile, n,
-          None if b is None else b.data_ptr(), y.data_ptr(), native.num_threads())
-    return y
+    return 16 if n <= 16 else 32 if n <= 32 else PANEL_TILE
 
 
 def _needs_grad(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
 
 
+def _matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, panels: bool) -> torch.Tensor:
+    """One C++ call: x (N, in) -> (N, out) in the weight's dtype."""
+    n, out = x.shape[0], w.source.shape[0]
+    y = torch.empty(n, out, dtype=torch.float32)
+    if n and out:
+        x = x.to(torch.float32).contiguous()
+        b = None if bias is None else bias.to(torch.float32).contiguous()
+        bp = None if b is None else b.data_ptr()
+        if panels:
+            w.panel_call(x.data_ptr(), panel_tile(n), n, bp, y.data_ptr(), native.num_threads())
+        else:
+            w.call(x.data_ptr(), n, bp, y.data_ptr(), native.num_threads())
+    return y.to(w.out_dtype)
+
+
 def csr_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x: (N, in) -> (N, out) in the weight's dtype."""
     if _needs_grad(x, bias):  # the C++ kernels have no backward: torch's CSR path does
         return cpu.csr_matmul(cpu.prepare_csr(w.source), x, bias)
-    if use_panels(x.shape[0], w.density):
-        return _run_panels(w, x, bias).to(w.out_dtype)
-    return _run(w, w.source.shape, (w.source.shape[0],), x, bias).to(w.out_dtype)
+    return _matmul(w, x, bias, use_panels(x.shape[0], w.density))
 
 
 def two_four_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x: (N, in) -> (N, out) in the weight's dtype."""
     if _needs_grad(x, bias):
         return cpu.csr_matmul(cpu.prepare_csr(CSR.from_dense(w.source.to_dense())), x, bias)
-    return _run(w, w.source.shape, w.source.shape, x, bias).to(w.out_dtype)
+    return _matmul(w, x, bias, panels=False)

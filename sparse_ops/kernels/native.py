@@ -32,18 +32,18 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "sparse_cpu.cpp"
-ABI_VERSION = 4
+ABI_VERSION = 5
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno")
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 # entry point -> argument types (pointers as integers from Tensor.data_ptr(); NULL bias as None)
 SIGNATURES: dict[str, tuple[type, ...]] = {
-    **{f"csr_{v}_{i}": (_P, _P, _P, _I64, _P, _I64, _I64, _P, _P, _I64, _I64, _INT, _INT)
-       for v in ("f32", "bf16") for i in ("i16", "i32")},
-    **{f"two_four_{v}": (_P, _P, _I64, _I64, _P, _I64, _I64, _P, _P, _I64, _I64, _INT, _INT) for v in ("f32", "bf16")},
-    # seg, lcol, val, out, in, rows per block, panel width, packed x, tile, n, bias, y, threads
+    # rowptr, col, val, out, in, x, n, bias, y, threads
+    **{f"csr_{v}_{i}": (_P, _P, _P, _I64, _I64, _P, _I64, _P, _P, _INT) for v in ("f32", "bf16") for i in ("i16", "i32")},
+    # val, meta, out, in, x, n, bias, y, threads
+    **{f"two_four_{v}": (_P, _P, _I64, _I64, _P, _I64, _P, _P, _INT) for v in ("f32", "bf16")},
+    # seg, lcol, val, out, in, rows per block, panel width, x, tile, n, bias, y, threads
     **{f"csr_panels_{v}": (_P, _P, _P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _P, _P, _INT) for v in ("f32", "bf16")},
-    "pack_tiles": (_P, _I64, _I64, _I64, _P, _INT),  # x (n, in), n, in, tile, xt (ntiles, in, tile), threads
 }
 
 
