@@ -278,13 +278,14 @@ struct TwoFourBody {
 //   seg  (nblocks * npanels * R + 1,) int32: row r0 + i's nonzeros in panel p are [seg[q], seg[q + 1]),
 //        q = (b * npanels + p) * R + i for the block b holding rows r0 .. r0 + R - 1
 //   lcol (nnz,) uint8: column - p * P (1 byte per nonzero);  val (nnz,) fp32 | bf16
-// x packed by pack_tiles: xt (ntiles, in, T) fp32, token t * T + j of column c at xt[(t * in + c) * T + j],
-// zero past n. One panel of one tile, (P, T) floats (32 KiB at P = 128, T = 64), is contiguous; it is
-// prefetched into L1 while the block works on the previous one, then the R rows of the block use it (each
-// line about R * density times). The block's sums live in buf (R, T), loaded and stored once per (row, panel);
-// the block's weights stay in L2 across tiles. Why not simpler: with x read from L2 per nonzero (no column
-// panels) the kernel ran at 2-3 cycles per 16-wide FMA; per-(row, panel) overhead (sums loaded and stored,
-// the loop exit) is now what keeps it at about half of MKL's dense FMA rate.
+// x packed by pack_in_region: xt (ntiles, in, T) fp32, token t * T + j of column c at xt[(t * in + c) * T + j],
+// zero past n. One panel of one tile, (P, T) floats (64 KiB at P = 256, T = 64: it lives in L2), is
+// contiguous; it is prefetched while the block works on the previous one, then the R rows of the block use it
+// (each line about R * density times). The block's sums live in buf (R, T), loaded and stored once per (row,
+// panel); the block's weights stay in L2 across tiles. Why not simpler: with x read from L2 per nonzero (no
+// column panels) the kernel ran at 2-3 cycles per 16-wide FMA; per-(row, panel) overhead (sums loaded and
+// stored, the loop exit) and the FMA latency chains (S accumulator sets hide them) are what keep it below
+// MKL's dense FMA rate.
 
 template <int NV, int S, typename V>
 void panel_row(const uint8_t* lcol, const V* val, int64_t k, int64_t e, const float* xp, float* acc_mem) {
@@ -423,8 +424,8 @@ void run_panels(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t o
         const float *xtile = xt + t * in * T, *next = t + 1 < t1 ? xtile + in * T : nullptr;
         switch (T) {
           case 16: panel_block<1, 4>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, next, buf); break;
-          case 32: panel_block<2, 2>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, next, buf); break;
-          default: panel_block<4, 1>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, next, buf); break;
+          case 32: panel_block<2, 4>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, next, buf); break;
+          default: panel_block<4, 2>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, next, buf); break;
         }
         flush_rows(buf, T, r0, nrows, t * T, std::min(T, n - t * T), bias, y, out);
       }

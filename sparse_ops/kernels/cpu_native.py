@@ -6,7 +6,7 @@ values plus 2-bit codes. fp16 values are widened to fp32 once at prepare (no fp1
 A CSR weight also gets a panelled copy (``panel_parts``: row blocks x 128-column panels, 1-byte column offsets,
 about 5.3 B per nonzero), which the large-batch kernel reads; a prepared CSR layer thus holds its weight twice.
 Paths by batch n (``use_panels``): n == 1, a gathered gemv on the plain CSR; batches the table of
-``use_panels`` gives to the panelled kernel, x packed into token tiles so that one panel of x stays in L1;
+``use_panels`` gives to the panelled kernel, x packed into token tiles so that one panel of x stays in cache;
 others, the plain-CSR kernel with x transposed into a zero-padded (in, ld) panel so that each nonzero
 multiplies a contiguous run of tokens. The C++ code packs x itself, inside the same OpenMP parallel region as
 the multiply; each call is one ctypes call with the weight's pointers bound at ``prepare`` (a few microseconds
@@ -39,20 +39,23 @@ VALUE_CODE = {torch.float32: "f32", torch.bfloat16: "bf16"}  # value dtypes the 
 INDEX_CODE = {torch.int16: "i16", torch.int32: "i32"}
 # Panelled CSR (batches chosen by use_panels): rows in blocks of PANEL_ROWS, columns in panels of PANEL_WIDTH
 # (<= 256: 1-byte column offsets), tokens in tiles of 16, 32 or PANEL_TILE (the smallest that holds the batch).
-# One panel of x for a 64-token tile, 128 x 64 fp32 = 32 KiB, is prefetched into L1 while the block's rows use
-# the previous one; measured on the 2-core EPYC (kernel + packing vs dense, 1 thread), 64-token tiles beat
-# 32-token ones by 0-15% (4096x4096 and BERT shapes), 64-row blocks beat 32-row ones by 5-15%.
-# Which batches go to the panelled kernel, from interleaved runs against dense on the 2-core EPYC (4096^2, 1
-# thread; speedups over dense F.linear, "8-wide/tiles" = the plain-CSR kernels, "panels" = the panelled one):
-#   sparsity 0.5-0.7, batch 2-64:   panels 1.3-3.7x   vs 0.9-2.5x  -> panels from density PANEL_DENSE at any batch
-#   sparsity 0.9,     batch 8 / 16: panels 4.9 / 6.8x vs 7.2 / 7.9x -> the 16-token panel tile is too short when
-#                     batch 32 / 64: panels 7.2 / 8.9x vs 6.4 / 6.5x    sparse: panels from PANEL_SPARSE_MIN_BATCH
-#   sparsity 0.99,    batch 64 / 256: panels 19.7 / 14.4x vs 22.3 / 13.1x -> below PANEL_MIN_DENSITY, tiles
-PANEL_DENSE = 0.2
-PANEL_SPARSE_MIN_BATCH = 17
+# Measured on the 2-core EPYC (Zen 4, 32 KiB L1d, 1 MiB L2 per core), paired interleaved A/B runs of the kernel
+# alone on BERT shapes (1536x384, 384x1536, 384x384) and 4096x4096 at 90%:
+#   256-column panels beat 128-column ones by 5-30% (2 threads; 25.6 instead of 12.8 nonzeros per (row, panel)
+#   at 90%, so the per-(row, panel) cost of loading and storing the sums is spread wider; a 256 x 64 panel of
+#   x, 64 KiB, lives in L2), 64-row blocks beat 32-row ones by 5-15%, 64-token tiles beat 32-token ones by
+#   0-15%; two independent accumulator sets per row (S = 2 at 64 tokens, S = 4 at 32) gain 15-27% over one.
+# Which batches go to the panelled kernel (panels / plain-CSR kernel speed, 2 threads, batches 2-8 | 16-256):
+#   4096x4096, sparsity 0.5-0.7:  1.1-1.5 | 1.4-1.7   0.9: 0.94-0.98 | 1.4-1.7   0.99: 0.26-0.28 | 0.4-0.9
+#   BERT shapes, sparsity 0.5-0.99: 0.56-0.91 | 0.9-1.5 (a 2-8 token x panel of 384-1536 inputs fits L1)
+# -> panels from PANEL_MIN_BATCH tokens at density >= PANEL_MIN_DENSITY; below that batch only for inputs wider
+#    than PANEL_WIDE_INPUT at density >= PANEL_DENSE.
+PANEL_MIN_BATCH = 16
 PANEL_MIN_DENSITY = 0.015
+PANEL_DENSE = 0.2
+PANEL_WIDE_INPUT = 2048
 PANEL_ROWS = 64
-PANEL_WIDTH = 128
+PANEL_WIDTH = 256
 PANEL_TILE = 64
 assert PANEL_WIDTH <= 256 and PANEL_ROWS * PANEL_TILE <= 64 * 64  # uint8 offsets; the C++ per-thread sums buffer
 
@@ -102,20 +105,24 @@ def prepare_csr(w: CSR) -> NativeWeight:
     w.validate()
     out, inp = w.shape
     parts = (w.crow_indices.contiguous(), w.col_indices.contiguous(), _values(w.values))
-    panels = panel_parts(*parts, w.shape)
+    panels = panel_parts(*parts, w.shape, PANEL_ROWS, PANEL_WIDTH)
     code = _value_code(w.values)
     return NativeWeight(w, parts, _entry(f"csr_{code}_{INDEX_CODE[w.col_indices.dtype]}", *parts, out, inp),
                         w.dtype, w.values.numel() / max(1, out * inp), panels,
                         _entry(f"csr_panels_{code}", *panels, out, inp, PANEL_ROWS, PANEL_WIDTH))
 
 
-def use_panels(n: int, density: float) -> bool:
+def use_panels(n: int, density: float, in_features: int) -> bool:
     """Whether n tokens go to the panelled kernel (else the gemv at n == 1, the plain-CSR kernels above it).
 
-    >>> use_panels(1, 0.5), use_panels(8, 0.3), use_panels(16, 0.1), use_panels(17, 0.1), use_panels(256, 0.01)
-    (False, True, False, True, False)
+    >>> use_panels(1, 0.5, 4096), use_panels(8, 0.3, 4096), use_panels(8, 0.3, 384), use_panels(16, 0.1, 384)
+    (False, True, False, True)
+    >>> use_panels(256, 0.01, 4096)
+    False
     """
-    return n >= 2 and (density >= PANEL_DENSE or (n >= PANEL_SPARSE_MIN_BATCH and density >= PANEL_MIN_DENSITY))
+    if n < 2 or density < PANEL_MIN_DENSITY:
+        return False
+    return n >= PANEL_MIN_BATCH or (density >= PANEL_DENSE and in_features >= PANEL_WIDE_INPUT)
 
 
 def panel_parts(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int],
@@ -183,7 +190,7 @@ def csr_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None) -> t
     """x: (N, in) -> (N, out) in the weight's dtype."""
     if _needs_grad(x, bias):  # the C++ kernels have no backward: torch's CSR path does
         return cpu.csr_matmul(cpu.prepare_csr(w.source), x, bias)
-    return _matmul(w, x, bias, use_panels(x.shape[0], w.density))
+    return _matmul(w, x, bias, use_panels(x.shape[0], w.density, w.source.shape[1]))
 
 
 def two_four_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
