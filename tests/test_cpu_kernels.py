@@ -184,3 +184,10 @@ def test_falls_back_to_torch_kernels(how, monkeypatch):
         layer = SparseLinear.from_dense(lin, format)
         assert layer.kernel.name == f"torch.cpu.{format}"
         torch.testing.assert_close(layer(x), lin(x), rtol=1e-5, atol=1e-5)
+
+
+def test_out_of_memory_in_the_kernel_raises_memory_error():
+    # The entry points return 1 when the packed-x scratch buffer cannot be allocated (nothing is computed).
+    native._check_status(0, None, ())
+    with pytest.raises(MemoryError, match="out of memory"):
+        native._check_status(1, None, ())

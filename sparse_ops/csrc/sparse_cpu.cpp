@@ -17,6 +17,7 @@
 // (acc[S][NV] vectors of W floats); S > 1 splits a row's nonzeros over independent accumulators so short
 // tiles are not bound by the FMA latency. The weight is read once per tile of tokens.
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <algorithm>
 #include <vector>
@@ -396,18 +397,32 @@ inline void pack_in_region(const float* x, int64_t n, int64_t in, int64_t T, flo
 }
 
 // The packed x lives in a scratch buffer of the calling thread, kept between calls and grown to the largest
-// seen: a fresh multi-MiB buffer each call would cost ~0.5 ms per MiB in page faults.
+// seen: a fresh multi-MiB buffer each call would cost ~0.5 ms per MiB in page faults. It is 64-byte aligned:
+// every 16-float load of x then stays within one cache line (malloc's 16-byte alignment made the kernels
+// 20-30% slower or faster from run to run, by where the buffer happened to land).
 inline float* scratch(size_t floats) {
-  static thread_local std::vector<float> buf;
-  if (buf.size() < floats) buf.resize(floats);
-  return buf.data();
+  struct Buffer {
+    float* data = nullptr;
+    size_t size = 0;
+    ~Buffer() { std::free(data); }
+  };
+  static thread_local Buffer buf;
+  if (buf.size < floats) {
+    std::free(buf.data);
+    buf.data = static_cast<float*>(std::aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64));
+    buf.size = buf.data ? floats : 0;
+  }
+  return buf.data;  // null when out of memory: the entry point returns ENTRY_OUT_OF_MEMORY
 }
 
+constexpr int ENTRY_OK = 0, ENTRY_OUT_OF_MEMORY = 1;  // what the entry points return
+
 template <typename V>
-void run_panels(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t out, int64_t in, int64_t R,
+int run_panels(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t out, int64_t in, int64_t R,
                 int64_t P, const float* x, int64_t T, int64_t n, const float* bias, float* y, int nthreads) {
   const int64_t npanels = (in + P - 1) / P, nblocks = (out + R - 1) / R, ntiles = (n + T - 1) / T;
   float* xt = scratch(static_cast<size_t>(ntiles * in * T));
+  if (!xt) return ENTRY_OUT_OF_MEMORY;
   // Work items: (row block, run of consecutive tiles), at least 4 per thread where the shape allows. Tiles
   // inner: a block's weights stay in L2 across its tiles, and the next tile's first panel can be prefetched.
   const int64_t nruns = std::min(ntiles, std::max<int64_t>(1, (4 * nthreads + nblocks - 1) / nblocks));
@@ -424,13 +439,14 @@ void run_panels(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t o
         const float *xtile = xt + t * in * T, *next = t + 1 < t1 ? xtile + in * T : nullptr;
         switch (T) {
           case 16: panel_block<1, 4>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, next, buf); break;
-          case 32: panel_block<2, 4>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, next, buf); break;
-          default: panel_block<4, 2>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, next, buf); break;
+          case 32: panel_block<2, 2>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, next, buf); break;
+          default: panel_block<4, 1>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, next, buf); break;
         }
         flush_rows(buf, T, r0, nrows, t * T, std::min(T, n - t * T), bias, y, out);
       }
     }
   }
+  return ENTRY_OK;
 }
 
 // The plain CSR and 2:4 kernels. x is packed into one (in, ld) panel (n == 1: x itself is read); ld is the token
@@ -442,13 +458,14 @@ constexpr int64_t ROWS_PER_BLOCK = 32;  // enough work per hand-out, balanced ov
 constexpr int64_t L2_PANEL_BYTES = 512 * 1024;
 
 template <typename Body>
-void run_blocks(Body body, int64_t out, int64_t in, const float* x, int64_t n, int nthreads) {
+int run_blocks(Body body, int64_t out, int64_t in, const float* x, int64_t n, int nthreads) {
   const int64_t width = token_width(n);
   body.ld = width >= 32 && (width / 16) % 2 == 0 ? width + 16 : width;
   int64_t tile = 16;
   while (tile < TILE_STRIDE && in * (2 * tile) * 4 <= L2_PANEL_BYTES) tile *= 2;
   if (width == 8) tile = 8;
   float* xt = width == 1 ? nullptr : scratch(static_cast<size_t>(in * body.ld));
+  if (width > 1 && !xt) return ENTRY_OUT_OF_MEMORY;
   body.xt = width == 1 ? x : xt;
   const int64_t nblocks = (out + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK;
   const int64_t ntiles = width == 1 ? 1 : (width + tile - 1) / tile;
@@ -463,27 +480,29 @@ void run_blocks(Body body, int64_t out, int64_t in, const float* x, int64_t n, i
       else one_tile(body, r0, r1, body.ld, n, item % ntiles * tile, tile, buf);
     }
   }
+  return ENTRY_OK;
 }
 
 }  // namespace
 
 // ---- C entry points: <format>_<values>[_<indices>] ------------------------------------------------------
 // x (n, in) fp32 row-major, bias (out,) or NULL, y (n, out). Panels: T in {16, 32, 64}, R * T <= MAX_ROWS * 64,
-// P <= 256 (the caller checks).
+// P <= 256 (the caller checks). Each returns ENTRY_OK, or ENTRY_OUT_OF_MEMORY when the scratch buffer for the
+// packed x could not be allocated (nothing was computed).
 
 #define SPARSE_PANEL_ENTRY(NAME, V)                                                                         \
-  extern "C" void NAME(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t out, int64_t in,     \
+  extern "C" int NAME(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t out, int64_t in,     \
                        int64_t R, int64_t P, const float* x, int64_t T, int64_t n, const float* bias,       \
                        float* y, int nthreads) {                                                            \
-    run_panels<V>(seg, lcol, val, out, in, R, P, x, T, n, bias, y, nthreads);                               \
+    return run_panels<V>(seg, lcol, val, out, in, R, P, x, T, n, bias, y, nthreads);                               \
   }
 SPARSE_PANEL_ENTRY(csr_panels_f32, float)
 SPARSE_PANEL_ENTRY(csr_panels_bf16, bf16)
 
 #define SPARSE_CSR_ENTRY(NAME, V, I)                                                                        \
-  extern "C" void NAME(const int32_t* rowptr, const I* col, const V* val, int64_t out, int64_t in,         \
+  extern "C" int NAME(const int32_t* rowptr, const I* col, const V* val, int64_t out, int64_t in,         \
                        const float* x, int64_t n, const float* bias, float* y, int nthreads) {              \
-    run_blocks(CsrBody<V, I>{rowptr, col, val, bias, y, out}, out, in, x, n, nthreads);                    \
+    return run_blocks(CsrBody<V, I>{rowptr, col, val, bias, y, out}, out, in, x, n, nthreads);                    \
   }
 SPARSE_CSR_ENTRY(csr_f32_i16, float, int16_t)
 SPARSE_CSR_ENTRY(csr_f32_i32, float, int32_t)
@@ -491,11 +510,11 @@ SPARSE_CSR_ENTRY(csr_bf16_i16, bf16, int16_t)
 SPARSE_CSR_ENTRY(csr_bf16_i32, bf16, int32_t)
 
 #define SPARSE_24_ENTRY(NAME, V)                                                                            \
-  extern "C" void NAME(const V* val, const uint8_t* meta, int64_t out, int64_t in, const float* x,          \
+  extern "C" int NAME(const V* val, const uint8_t* meta, int64_t out, int64_t in, const float* x,          \
                        int64_t n, const float* bias, float* y, int nthreads) {                              \
-    run_blocks(TwoFourBody<V>{val, meta, in, bias, y, out}, out, in, x, n, nthreads);                      \
+    return run_blocks(TwoFourBody<V>{val, meta, in, bias, y, out}, out, in, x, n, nthreads);                      \
   }
 SPARSE_24_ENTRY(two_four_f32, float)
 SPARSE_24_ENTRY(two_four_bf16, bf16)
 
-extern "C" int sparse_cpu_abi_version() { return 5; }
+extern "C" int sparse_cpu_abi_version() { return 6; }

@@ -39,21 +39,23 @@ VALUE_CODE = {torch.float32: "f32", torch.bfloat16: "bf16"}  # value dtypes the 
 INDEX_CODE = {torch.int16: "i16", torch.int32: "i32"}
 # Panelled CSR (batches chosen by use_panels): rows in blocks of PANEL_ROWS, columns in panels of PANEL_WIDTH
 # (<= 256: 1-byte column offsets), tokens in tiles of 16, 32 or PANEL_TILE (the smallest that holds the batch).
-# Measured on the 2-core EPYC (Zen 4, 32 KiB L1d, 1 MiB L2 per core), paired interleaved A/B runs of the kernel
-# alone on BERT shapes (1536x384, 384x1536, 384x384) and 4096x4096 at 90%:
-#   256-column panels beat 128-column ones by 5-30% (2 threads; 25.6 instead of 12.8 nonzeros per (row, panel)
-#   at 90%, so the per-(row, panel) cost of loading and storing the sums is spread wider; a 256 x 64 panel of
-#   x, 64 KiB, lives in L2), 64-row blocks beat 32-row ones by 5-15%, 64-token tiles beat 32-token ones by
-#   0-15%; two independent accumulator sets per row (S = 2 at 64 tokens, S = 4 at 32) gain 15-27% over one.
-# Which batches go to the panelled kernel (panels / plain-CSR kernel speed, 2 threads, batches 2-8 | 16-256):
-#   4096x4096, sparsity 0.5-0.7:  1.1-1.5 | 1.4-1.7   0.9: 0.94-0.98 | 1.4-1.7   0.99: 0.26-0.28 | 0.4-0.9
-#   BERT shapes, sparsity 0.5-0.99: 0.56-0.91 | 0.9-1.5 (a 2-8 token x panel of 384-1536 inputs fits L1)
-# -> panels from PANEL_MIN_BATCH tokens at density >= PANEL_MIN_DENSITY; below that batch only for inputs wider
-#    than PANEL_WIDE_INPUT at density >= PANEL_DENSE.
-PANEL_MIN_BATCH = 16
-PANEL_MIN_DENSITY = 0.015
-PANEL_DENSE = 0.2
-PANEL_WIDE_INPUT = 2048
+# Measured on the 2-core EPYC (Zen 4: 32 KiB L1d, 1 MiB L2 per core) in paired, interleaved A/B runs of the
+# kernel alone, on BERT shapes (1536x384, 384x1536, 384x384) and 4096x4096 at 90%, 2 threads:
+#   256-column panels against 128: +16-41% at 16-32 tokens (a row's segment in a panel is twice as long, so
+#   the per-(row, panel) cost of loading and storing its sums is spread wider), -2-11% at 64-token tiles (a
+#   256 x 64 panel of x is 64 KiB: it lives in L2 rather than L1). Visiting two or four 128-column panels per
+#   row instead lost 30-50% at 16-32 tokens. 64-row blocks beat 32-row ones by 5-15%.
+# Which batches go to the panelled kernel (its speed / the plain-CSR kernel's, batches 2-8 | 16 | 32 | 64-256):
+#   4096x4096,   sparsity 0.5-0.7: 1.4-1.75 | 1.35-1.9 | 1.3-1.6 | 1.2-1.4
+#                sparsity 0.9:     0.73-0.78 | 0.88 | 1.09 | 1.22-1.36      0.95: 0.51 | 0.59 | 0.92 | 1.10-1.16
+#                sparsity 0.99:    0.21 | 0.34 | 0.46 | 0.61-0.85
+#   BERT shapes, sparsity 0.5-0.7: 0.81-1.15 | 1.01-1.43 | 1.08-1.43 | 1.18-1.41 (384 inputs: x of 2-8 tokens
+#                sparsity 0.9-0.95: 0.76-0.87 | 0.94-1.05 | 1.04-1.20 | 1.03-1.24     fits L1 for the plain kernel)
+#                sparsity 0.99:    0.69-0.81 | 0.88-0.96 | 0.94-1.10 | 0.85-1.01
+PANEL_MIN_DENSITY = 0.015  # sparser: always the plain kernel
+PANEL_DENSE = 0.25  # this dense: panels from 16 tokens, or from 2 when in_features >= PANEL_WIDE_INPUT
+PANEL_WIDE_INPUT = 1024
+PANEL_SPARSE = 0.08  # between PANEL_MIN_DENSITY and PANEL_DENSE: panels from 32 tokens, from 64 below this
 PANEL_ROWS = 64
 PANEL_WIDTH = 256
 PANEL_TILE = 64
@@ -115,14 +117,16 @@ def prepare_csr(w: CSR) -> NativeWeight:
 def use_panels(n: int, density: float, in_features: int) -> bool:
     """Whether n tokens go to the panelled kernel (else the gemv at n == 1, the plain-CSR kernels above it).
 
-    >>> use_panels(1, 0.5, 4096), use_panels(8, 0.3, 4096), use_panels(8, 0.3, 384), use_panels(16, 0.1, 384)
+    >>> use_panels(1, 0.5, 4096), use_panels(8, 0.3, 4096), use_panels(8, 0.3, 384), use_panels(16, 0.3, 384)
     (False, True, False, True)
-    >>> use_panels(256, 0.01, 4096)
-    False
+    >>> use_panels(16, 0.1, 4096), use_panels(32, 0.1, 4096), use_panels(32, 0.05, 4096), use_panels(256, 0.01, 4096)
+    (False, True, False, False)
     """
     if n < 2 or density < PANEL_MIN_DENSITY:
         return False
-    return n >= PANEL_MIN_BATCH or (density >= PANEL_DENSE and in_features >= PANEL_WIDE_INPUT)
+    if density >= PANEL_DENSE:
+        return n >= 16 or in_features >= PANEL_WIDE_INPUT
+    return n >= (32 if density >= PANEL_SPARSE else 64)
 
 
 def panel_parts(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int],

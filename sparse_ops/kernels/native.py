@@ -32,7 +32,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "sparse_cpu.cpp"
-ABI_VERSION = 5
+ABI_VERSION = 6
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno")
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -45,6 +45,12 @@ SIGNATURES: dict[str, tuple[type, ...]] = {
     # seg, lcol, val, out, in, rows per block, panel width, x, tile, n, bias, y, threads
     **{f"csr_panels_{v}": (_P, _P, _P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _P, _P, _INT) for v in ("f32", "bf16")},
 }
+
+
+def _check_status(status: int, fn: object, args: tuple) -> None:
+    """ctypes errcheck of the kernel entry points: 0 is success, 1 means the packed-x buffer was not allocated."""
+    if status:
+        raise MemoryError(f"{getattr(fn, '__name__', fn)}: out of memory for the packed input ({status=})")
 
 
 def cache_dir() -> Path:
@@ -102,7 +108,7 @@ def _load() -> ctypes.CDLL | str:
             return f"ABI version {lib.sparse_cpu_abi_version()} != {ABI_VERSION}"
         for name, argtypes in SIGNATURES.items():
             fn = getattr(lib, name)
-            fn.argtypes, fn.restype = argtypes, None
+            fn.argtypes, fn.restype, fn.errcheck = argtypes, ctypes.c_int, _check_status
         return lib
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return f"{type(e).__name__}: {e}"
