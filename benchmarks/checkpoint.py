@@ -1,9 +1,10 @@
 """The engine of ``prune bench checkpoint``: is sparsity worth it for *this* checkpoint, on *this* machine?
 
 For every linear (2-D, float) weight of a checkpoint that ``prune convert`` accepts (dense with zeros, or
-converted CSR / 2:4), read one tensor at a time: dense ``F.linear`` is timed against our CSR layer and, where
-the weight has the 2:4 pattern, our 2:4 layer, interleaved in one run at the layer's real shape, dtype and
-sparsity, for each batch (tokens). ``format="auto"``'s choice for the layer is recorded too. The whole-model
+converted CSR / 2:4), read one tensor at a time: dense ``F.linear`` is timed against our CSR layer, where
+the weight has the 2:4 pattern our 2:4 layer, and CSR on torch's kernel ("csr:torch", which ``format="auto"``
+may choose too), interleaved in one run at the layer's real shape, dtype and sparsity, for each batch
+(tokens). ``format="auto"``'s choice for the layer is recorded too. The whole-model
 figure adds the layers up: sum of dense medians over the sum of the chosen format's medians (only the linear
 layers: attention scores, norms and activations are not counted).
 
@@ -17,7 +18,7 @@ Example:
     >>> skipped = {}
     >>> rows = [r for layer in sweep_checkpoint(path, (1,), repeats=1, min_sample_s=1e-4, deadline=Deadline(None),
     ...                                         skipped=skipped) for r in layer]
-    >>> [(r.layer, r.candidate) for r in rows], sorted(skipped)
+    >>> [(r.layer, r.candidate) for r in rows][:2], sorted(skipped)
     ([('fc.weight', 'dense'), ('fc.weight', 'csr')], ['embed.weight', 'fc.bias'])
     >>> s = whole_model(rows)[0]
     >>> s["batch"], s["layers"], s["dense_bytes"] == 32 * 64 * 4
@@ -37,9 +38,9 @@ from benchmarks.linear import DTYPES, Measured, measure_weight, timed_columns
 from benchmarks.timing import Deadline
 from sparse_ops.checkpoint import EMBEDDING, iter_tensors
 from sparse_ops.formats import is_two_four
-from sparse_ops.linear import choose_format
+from sparse_ops.linear import candidate_formats, choose_format
 
-SPARSE = ("csr", "2:4")  # formats timed against dense for each layer
+SPARSE = ("csr", "2:4")  # formats timed against dense for each layer (plus "csr:torch" where auto may pick it)
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ def sweep_checkpoint(path: str | os.PathLike, batches: tuple[int, ...], *, dtype
     for name, w, stored in linear_weights(path, skipped):
         w = w.to(device, DTYPES[dtype] if dtype else w.dtype)
         formats = tuple(f for f in SPARSE if f != "2:4" or is_two_four(w))
+        formats += tuple(c for c in candidate_formats(w) if c not in SPARSE)  # torch's kernel: auto's choices
         for batch in batches:
             if not deadline.allows(done, clock() - start, last):
                 return

@@ -50,8 +50,8 @@ ANCHOR_DEVICES: dict[str, tuple[str, ...]] = {  # anchor -> device types it runs
     "torch_csr_i64": ("cpu", "cuda"), "torch_csr_i32": ("cpu", "cuda"), "scipy_csr": ("cpu",),
     "torch_2:4": ("cuda",)}
 # candidate -> the storage its kernel reads (for weight_bytes and the memory-bound limit); auto: its choice
-STORAGE = {"dense": "dense", "csr": "csr", "2:4": "2:4", "torch_csr_i64": "csr_i64", "torch_csr_i32": "csr_i32",
-           "scipy_csr": "csr_i32", "torch_2:4": "2:4"}
+STORAGE = {"dense": "dense", "csr": "csr", "2:4": "2:4", "csr:torch": "csr_i32", "torch_csr_i64": "csr_i64",
+           "torch_csr_i32": "csr_i32", "scipy_csr": "csr_i32", "torch_2:4": "2:4"}
 # largest relative error (max |y - ref| / max |ref|) a candidate may show against the fp32 reference
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
@@ -144,8 +144,8 @@ def ours(w: torch.Tensor, x: torch.Tensor, fmt: str, cache: dict) -> Candidate:
     with torch.no_grad():
         lin.weight.copy_(w)
     layer = SparseLinear.from_dense(lin, fmt, batch=x.shape[0], cache=cache)  # auto may return lin itself
-    chose = layer.format if isinstance(layer, SparseLinear) else "dense"
-    return Candidate(fmt, lambda: layer(x), chose, auto_chose=chose if fmt == "auto" else "")
+    chose = layer.choice if isinstance(layer, SparseLinear) else "dense"
+    return Candidate(fmt, lambda: layer(x), STORAGE[chose], auto_chose=chose if fmt == "auto" else "")
 
 
 def rel_error(y: object, ref: torch.Tensor) -> float:

@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_ops.autotune import AutoKey, Timer, auto_key, pick_format, time_candidates
-from sparse_ops.dispatch import kernel_for
+from sparse_ops.dispatch import TORCH_KERNELS, kernel_for
 from sparse_ops.formats import FORMATS, SparseFormat, format_class, is_two_four
 
-LAYER_FORMATS = (*FORMATS, "auto")
+TORCH_SUFFIX = ":torch"  # "csr:torch": CSR run by torch's kernel (dispatch.TORCH_KERNELS) instead of ours
+LAYER_FORMATS = (*FORMATS, *sorted({f + TORCH_SUFFIX for f, _ in TORCH_KERNELS}), "auto")
 
 # Measured choices of format="auto", shared by every layer of the process unless a cache is passed in.
 DEFAULT_AUTO_CACHE: dict[AutoKey, str] = {}
@@ -35,18 +36,24 @@ class SparseLinear(nn.Module):
     module (``.to``, ``.cuda``, ``.half``) prepares it again.
     """
 
-    def __init__(self, weight: SparseFormat, bias: torch.Tensor | None = None):
+    def __init__(self, weight: SparseFormat, bias: torch.Tensor | None = None, *, torch_kernel: bool = False):
         super().__init__()
         weight.validate()
         out, inp = weight.shape
         if bias is not None and tuple(bias.shape) != (out,):
             raise ValueError(f"bias must have shape ({out},), got {tuple(bias.shape)}")
         self.format, self.out_features, self.in_features = weight.format, out, inp
+        self.torch_kernel = torch_kernel  # torch's kernel instead of ours where dispatch.TORCH_KERNELS has one
         self._part_names = tuple(weight.parts())
         for name, t in weight.parts().items():
             self.register_buffer(f"weight_{name}", t)
         self.register_buffer("bias", None if bias is None else bias.to(weight.dtype))
         self._prepare()
+
+    @property
+    def choice(self) -> str:
+        """The format, with ``TORCH_SUFFIX`` when torch's kernel runs it: what ``format="auto"`` chose."""
+        return self.format + (TORCH_SUFFIX if self.torch_kernel and self.kernel in TORCH_KERNELS.values() else "")
 
     @property
     def weight(self) -> SparseFormat:
@@ -56,7 +63,7 @@ class SparseLinear(nn.Module):
 
     def _prepare(self) -> None:
         w = self.weight
-        self.kernel = kernel_for(w.format, w.device)
+        self.kernel = kernel_for(w.format, w.device, torch_kernel=self.torch_kernel)
         self._state = self.kernel.prepare(w)
         self._dtype = w.dtype
 
@@ -85,10 +92,11 @@ class SparseLinear(nn.Module):
     @classmethod
     def from_dense(cls, linear: nn.Linear, format: str = "csr", *, batch: int = 1, timer: Timer | None = None,
                    cache: dict[AutoKey, str] | None = None) -> nn.Module:
-        """A SparseLinear holding ``linear``'s weight in ``format`` ("csr", "2:4" or "auto").
+        """A SparseLinear holding ``linear``'s weight in ``format`` ("csr", "2:4", "csr:torch" or "auto").
 
-        "auto" measures dense / csr / 2:4 for this weight at ``batch`` tokens on its device (``timer``, cached
-        in ``cache``) and returns ``linear`` itself when dense is fastest.
+        "auto" measures dense / csr / 2:4 (and csr on torch's kernel, where ours is the default) for this weight
+        at ``batch`` tokens on its device (``timer``, cached in ``cache``) and returns ``linear`` itself when
+        dense is fastest.
         """
         if format not in LAYER_FORMATS:
             raise ValueError(f"unknown format {format!r}; allowed: {', '.join(LAYER_FORMATS)}")
@@ -98,25 +106,35 @@ class SparseLinear(nn.Module):
             format = choose_format(w, bias, batch=batch, timer=timer, cache=cache)
             if format == "dense":
                 return linear
-        return cls(format_class(format).from_dense(w), bias)
+        return _layer(format, w, bias)
+
+
+def _layer(choice: str, w: torch.Tensor, bias: torch.Tensor | None) -> SparseLinear:
+    """The layer for a choice of ``candidate_formats`` ("csr", "2:4", "csr:torch")."""
+    fmt = choice.removesuffix(TORCH_SUFFIX)
+    return SparseLinear(format_class(fmt).from_dense(w), bias, torch_kernel=choice != fmt)
 
 
 def candidate_formats(w: torch.Tensor) -> list[str]:
-    """Sparse formats worth timing for a weight on its device: a native kernel exists and the pattern fits."""
-    names = []
+    """Sparse choices worth timing for a weight on its device: formats with a native kernel whose pattern fits,
+    then torch's kernel for the formats where ours is the default ("csr:torch" on CPU)."""
+    names, torch_names = [], []
     for name, fmt in FORMATS.items():
         try:
-            native = kernel_for(name, w.device).native
+            kernel = kernel_for(name, w.device)
         except NotImplementedError:
             continue
-        if native and (fmt.format != "2:4" or is_two_four(w)):
+        if kernel.native and (fmt.format != "2:4" or is_two_four(w)):
             names.append(name)
-    return names
+        if kernel_for(name, w.device, torch_kernel=True) is not kernel:
+            torch_names.append(name + TORCH_SUFFIX)
+    return names + torch_names
 
 
 def choose_format(w: torch.Tensor, bias: torch.Tensor | None, *, batch: int = 1, timer: Timer | None = None,
                   cache: dict[AutoKey, str] | None = None) -> str:
-    """"dense", "csr" or "2:4": the fastest for this weight at ``batch`` tokens, measured once per AutoKey."""
+    """"dense" or one of ``candidate_formats``: the fastest for this weight at ``batch`` tokens, measured once
+    per AutoKey."""
     cache = DEFAULT_AUTO_CACHE if cache is None else cache
     key = auto_key(w, w.device, batch)
     if key in cache:
@@ -125,7 +143,7 @@ def choose_format(w: torch.Tensor, bias: torch.Tensor | None, *, batch: int = 1,
     fns = {"dense": functools.partial(F.linear, x, w, bias)}
     for name in candidate_formats(w):
         try:
-            fns[name] = functools.partial(SparseLinear(format_class(name).from_dense(w), bias), x)
+            fns[name] = functools.partial(_layer(name, w, bias), x)
         except NotImplementedError:  # e.g. CUDA 2:4 with fp32 values
             continue
     with torch.inference_mode():

@@ -62,7 +62,7 @@ def test_bad_inputs_name_the_problem():
         layer(torch.randn(2, 7))
     with pytest.raises(TypeError, match="float64 does not match the weight's torch.float32"):
         layer(torch.randn(2, 8, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"unknown format 'bsr'; allowed: csr, 2:4, auto"):
+    with pytest.raises(ValueError, match=r"unknown format 'bsr'; allowed: csr, 2:4, csr:torch, auto"):
         SparseLinear.from_dense(nn.Linear(8, 6), format="bsr")
     with pytest.raises(ValueError, match="not 2:4"):
         SparseLinear.from_dense(nn.Linear(8, 6), format="2:4")
@@ -132,8 +132,29 @@ def test_auto_key_buckets_sparsity():
 def test_cpu_candidates_time_two_four_only_with_our_kernel(monkeypatch):
     # Our C++ 2:4 kernel exploits the pattern, so auto times it; torch's fallback only emulates 2:4 (dense or
     # CSR), so without the native kernels auto never times 2:4 on CPU. Unstructured weights never get 2:4.
-    expected = ["csr", "2:4"] if native.available() else ["csr"]
+    # With our kernels, torch's CSR kernel is a candidate too ("csr:torch"); without them "csr" already is it.
+    expected = ["csr", "2:4", "csr:torch"] if native.available() else ["csr"]
     assert candidate_formats(two_four((8, 16))) == expected
-    assert candidate_formats(torch.ones(8, 16)) == ["csr"]
+    assert candidate_formats(torch.ones(8, 16)) == (["csr", "csr:torch"] if native.available() else ["csr"])
     monkeypatch.setenv("SPARSE_OPS_NATIVE", "0")
     assert candidate_formats(two_four((8, 16))) == ["csr"]
+
+
+@pytest.mark.skipif(not native.available(), reason="needs our CPU kernels: else csr is torch's kernel already")
+def test_auto_keeps_torchs_kernel_where_it_is_faster():
+    w = unstructured((16, 32), 0.9)
+    lin = pruned_linear(16, 32, torch.float32, w)
+    calls = []
+    layer = SparseLinear.from_dense(lin, format="auto", cache={},
+                                    timer=fixed_timer({"dense": 1.0, "csr": 0.5, "csr:torch": 0.3}, calls))
+    assert calls == [["csr", "csr:torch", "dense"]]
+    assert layer.choice == "csr:torch" and layer.kernel.name == "torch.cpu.csr" and layer.torch_kernel
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), lin(x), rtol=1e-5, atol=1e-5)
+        moved = layer.to(torch.bfloat16)  # prepared again: still torch's kernel
+        assert moved.choice == "csr:torch" and moved.kernel.name == "torch.cpu.csr"
+        xb = x.bfloat16()
+        torch.testing.assert_close(moved(xb).float(), xb.float() @ moved.weight.to_dense().float().t()
+                                   + moved.bias.float(), rtol=TOL[torch.bfloat16], atol=TOL[torch.bfloat16] * 6)
+    assert SparseLinear.from_dense(lin, format="csr").choice == "csr"
