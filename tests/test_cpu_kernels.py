@@ -191,3 +191,19 @@ def test_out_of_memory_in_the_kernel_raises_memory_error():
     native._check_status(0, None, ())
     with pytest.raises(MemoryError, match="out of memory"):
         native._check_status(1, None, ())
+
+
+@needs_native
+def test_panelled_copy_is_built_at_the_first_batch_that_needs_it():
+    w = unstructured((64, 300), 0.9)
+    state = cpu_native.prepare_csr(CSR.from_dense(w))
+    assert state.panel_call is None and state.panels == ()  # batch-1 servers hold the weight once
+    with torch.inference_mode():
+        for n in (1, 8):  # gemv, plain-CSR kernel: no panels
+            assert cpu_native.csr_matmul(state, torch.randn(n, 300), None).shape == (n, 64)
+        assert state.panel_call is None
+        x = torch.randn(64, 300)
+        assert cpu_native.use_panels(64, state.density, 300)
+        torch.testing.assert_close(cpu_native.csr_matmul(state, x, None), x @ w.t(), rtol=1e-5, atol=1e-5)
+    seg, lcol, vals = state.panels
+    assert state.panel_call is not None and lcol.numel() == vals.numel() == int((w != 0).sum())

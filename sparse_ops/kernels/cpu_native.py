@@ -3,8 +3,9 @@
 ``prepare`` validates the weight (the C++ code trusts its indices) and keeps its parts as they are stored:
 int16 column indices when ``in <= 32767`` (6 B per nonzero with fp32 values, 4 B with bf16), and for 2:4 the
 values plus 2-bit codes. fp16 values are widened to fp32 once at prepare (no fp16 path in the C++ code).
-A CSR weight also gets a panelled copy (``panel_parts``: row blocks x 128-column panels, 1-byte column offsets,
-about 5.3 B per nonzero), which the large-batch kernel reads; a prepared CSR layer thus holds its weight twice.
+The large-batch kernel reads a panelled copy of a CSR weight (``panel_parts``: row blocks x 256-column panels,
+1-byte column offsets, about 5 B per nonzero plus 4 B per (row, panel)), built the first time a batch goes to
+it: from then on the layer holds its weight twice; a layer only ever run at batch 1 keeps one copy.
 Paths by batch n (``use_panels``): n == 1, a gathered gemv on the plain CSR; batches the table of
 ``use_panels`` gives to the panelled kernel, x packed into token tiles so that one panel of x stays in cache;
 others, the plain-CSR kernel with x transposed into a zero-padded (in, ld) panel so that each nonzero
@@ -62,15 +63,17 @@ PANEL_TILE = 64
 assert PANEL_WIDTH <= 256 and PANEL_ROWS * PANEL_TILE <= 64 * 64  # uint8 offsets; the C++ per-thread sums buffer
 
 
-@dataclass(frozen=True)
+@dataclass
 class NativeWeight:
-    """A weight ready for the C++ kernels: ``call(x_ptr, n, bias_ptr, y_ptr, threads)`` with its parts bound."""
+    """A weight ready for the C++ kernels: ``call(x_ptr, n, bias_ptr, y_ptr, threads)`` with its parts bound;
+    CSR's panelled copy and ``panel_call`` are added by ``panelled`` at the first batch that needs them."""
 
     source: CSR | TwoFour  # validated container (kept for the autograd fallback and the tensors' lifetime)
     tensors: tuple[torch.Tensor, ...]  # contiguous parts the bound pointers point into (kept alive here)
     call: Callable[..., None]
     out_dtype: torch.dtype
     density: float = 1.0  # nonzeros / (out * in)
+    value_code: str = "f32"  # the C++ value type: f32 or bf16
     panels: tuple[torch.Tensor, ...] = ()  # CSR only: (seg, lcol, values) of panel_parts, for large batches
     panel_call: Callable[..., None] | None = None  # (x_ptr, tile, n, bias_ptr, y_ptr, threads)
 
@@ -102,16 +105,23 @@ def _check_cpu(w: CSR | TwoFour) -> None:
 
 
 def prepare_csr(w: CSR) -> NativeWeight:
-    """Validate (indices reach native code), keep the parts contiguous and build the panelled copy."""
+    """Validate (indices reach native code) and keep the parts contiguous; no panelled copy yet."""
     _check_cpu(w)
     w.validate()
     out, inp = w.shape
     parts = (w.crow_indices.contiguous(), w.col_indices.contiguous(), _values(w.values))
-    panels = panel_parts(*parts, w.shape, PANEL_ROWS, PANEL_WIDTH)
     code = _value_code(w.values)
     return NativeWeight(w, parts, _entry(f"csr_{code}_{INDEX_CODE[w.col_indices.dtype]}", *parts, out, inp),
-                        w.dtype, w.values.numel() / max(1, out * inp), panels,
-                        _entry(f"csr_panels_{code}", *panels, out, inp, PANEL_ROWS, PANEL_WIDTH))
+                        w.dtype, w.values.numel() / max(1, out * inp), code)
+
+
+def panelled(w: NativeWeight) -> Callable[..., None]:
+    """``w.panel_call``, building the panelled copy of a prepared CSR weight on first use."""
+    if w.panel_call is None:
+        out, inp = w.source.shape
+        w.panels = panel_parts(*w.tensors, w.source.shape, PANEL_ROWS, PANEL_WIDTH)  # kept alive before bound
+        w.panel_call = _entry(f"csr_panels_{w.value_code}", *w.panels, out, inp, PANEL_ROWS, PANEL_WIDTH)
+    return w.panel_call
 
 
 def use_panels(n: int, density: float, in_features: int) -> bool:
@@ -159,7 +169,8 @@ def prepare_two_four(w: TwoFour) -> NativeWeight:
     _check_cpu(w)
     w.validate()
     parts = (_values(w.values), w.metadata.contiguous())
-    return NativeWeight(w, parts, _entry(f"two_four_{_value_code(w.values)}", *parts, *w.shape), w.dtype)
+    code = _value_code(w.values)
+    return NativeWeight(w, parts, _entry(f"two_four_{code}", *parts, *w.shape), w.dtype, value_code=code)
 
 
 def panel_tile(n: int) -> int:
@@ -184,7 +195,7 @@ def _matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, panels:
         b = None if bias is None else bias.to(torch.float32).contiguous()
         bp = None if b is None else b.data_ptr()
         if panels:
-            w.panel_call(x.data_ptr(), panel_tile(n), n, bp, y.data_ptr(), native.num_threads())
+            panelled(w)(x.data_ptr(), panel_tile(n), n, bp, y.data_ptr(), native.num_threads())
         else:
             w.call(x.data_ptr(), n, bp, y.data_ptr(), native.num_threads())
     return y.to(w.out_dtype)
