@@ -8,7 +8,11 @@ Candidates, interleaved in one ``time_interleaved`` run per batch, under ``eval(
   sparse       sparsify(...): SparseLinear on our CPU kernels
   sparse_torch the same with torch's CSR kernels (SPARSE_OPS_NATIVE=0 when the layers are built)
 
-Run: ``python -m benchmarks.bert_e2e --out benchmarks/results/bert_e2e [--threads 2] [--quick]``.
+Run: ``python -m benchmarks.bert_e2e --out benchmarks/results/bert_e2e [--threads 2] [--quick] [--malloc keep]``.
+``--malloc keep`` (glibc only) tells malloc to keep freed memory (``mallopt``: no trimming, no mmap below
+32 MiB) before anything runs. By default glibc hands large freed blocks back to the OS, and the next
+activation of that size is page-faulted in again: on the 2-core VM that cost the sparse model, whose other
+work is small, up to ~20,000 faults per batch-8 forward. Both models run under the same setting.
 Writes bert_e2e.csv and bert_e2e.json (environment, args, rows). Each row also carries the Amdahl bound: the
 fraction of the dense model's time spent in its encoder linears (forward hooks) and the whole-model speedup if
 those took no time at all, or were 10x faster (the FLOP ratio at 90% sparsity); attention, layer norms, GELU,
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import ctypes
 import json
 import os
 import time
@@ -113,6 +118,14 @@ def measure(batch: int, models: dict[str, BertModel], repeats: int) -> list[dict
             for name, t in times.items()]
 
 
+def keep_freed_memory() -> None:
+    """glibc: keep freed blocks in the heap (no trim, no mmap below 32 MiB) instead of returning them to the OS."""
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters (malloc.h)
+    if not (libc.mallopt(m_trim_threshold, 1 << 30) and libc.mallopt(m_mmap_threshold, 32 << 20)):
+        raise RuntimeError("mallopt refused the settings")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/bert_e2e"))
@@ -120,7 +133,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--threads", type=int, default=0, help="torch (and our) threads; default: torch's choice")
     p.add_argument("--quick", action="store_true", help="batch 1 only, 3 repeats")
+    p.add_argument("--malloc", choices=("default", "keep"), default="default",
+                   help="keep: glibc keeps freed memory instead of returning it to the OS (see the module doc)")
     a = p.parse_args(argv)
+    if a.malloc == "keep":
+        keep_freed_memory()
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.quick:
