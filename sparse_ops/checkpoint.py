@@ -365,7 +365,7 @@ def sparsify(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Te
     """Load a checkpoint into ``model`` (in place) and swap each ``nn.Linear`` whose weight is stored sparse
     for a ``SparseLinear`` on ``device``; returns the model.
 
-    ``auto=True`` re-chooses per layer the fastest of dense/csr/2:4 on ``device`` at ``batch`` tokens
+    ``auto=True`` re-chooses per layer the fastest of dense/csr/2:4/csr:torch on ``device`` at ``batch`` tokens
     (``SparseLinear.from_dense(format="auto")``), keeping a layer dense where sparse would be slower.
     """
     from sparse_ops.linear import SparseLinear
