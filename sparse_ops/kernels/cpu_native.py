@@ -45,7 +45,7 @@ INDEX_CODE = {torch.int16: "i16", torch.int32: "i32"}
 #   256-column panels against 128: +16-41% at 16-32 tokens (a row's segment in a panel is twice as long, so
 #   the per-(row, panel) cost of loading and storing its sums is spread wider), -2-11% at 64-token tiles (a
 #   256 x 64 panel of x is 64 KiB: it lives in L2 rather than L1). Visiting two or four 128-column panels per
-#   row instead lost 30-50% at 16-32 tokens. 64-row blocks beat 32-row ones by 5-15%.
+#   row instead lost 30-50% at 16-32 tokens. A second accumulator set per row (S = 2) changed nothing.
 # Which batches go to the panelled kernel (its speed / the plain-CSR kernel's, batches 2-8 | 16 | 32 | 64-256):
 #   4096x4096,   sparsity 0.5-0.7: 1.4-1.75 | 1.35-1.9 | 1.3-1.6 | 1.2-1.4
 #                sparsity 0.9:     0.73-0.78 | 0.88 | 1.09 | 1.22-1.36      0.95: 0.51 | 0.59 | 0.92 | 1.10-1.16
@@ -83,7 +83,8 @@ def _entry(name: str, *bound: object) -> Callable[..., None]:
     lib = native.library()
     if lib is None:
         raise RuntimeError("the native CPU kernels are unavailable in this process (see the log)")
-    return functools.partial(getattr(lib, name), *(t.data_ptr() if isinstance(t, torch.Tensor) else t for t in bound))
+    args = (t.data_ptr() if isinstance(t, torch.Tensor) else t for t in bound)
+    return functools.partial(getattr(lib, name), *args)
 
 
 def _values(values: torch.Tensor) -> torch.Tensor:
