@@ -207,3 +207,18 @@ def test_panelled_copy_is_built_at_the_first_batch_that_needs_it():
         torch.testing.assert_close(cpu_native.csr_matmul(state, x, None), x @ w.t(), rtol=1e-5, atol=1e-5)
     seg, lcol, vals = state.panels
     assert state.panel_call is not None and lcol.numel() == vals.numel() == int((w != 0).sum())
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,batch", [((40, 300), 300), ((64, 64), 257), ((300, 40), 300), ((33, 600), 1100)])
+def test_panelled_schedules_match_reference(shape, batch, dtype, threads):
+    # Both schedules of the panelled kernel: by tile (in >= out, several 64-token tiles per thread, a partial
+    # last tile) and by row block (out > in), on one and two threads.
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check(CSR.from_dense(unstructured(shape, 0.9, dtype)), batch, dtype)
+    finally:
+        torch.set_num_threads(old)
