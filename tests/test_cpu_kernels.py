@@ -222,3 +222,18 @@ def test_panelled_schedules_match_reference(shape, batch, dtype, threads):
         check(CSR.from_dense(unstructured(shape, 0.9, dtype)), batch, dtype)
     finally:
         torch.set_num_threads(old)
+
+
+@needs_native
+def test_panelled_copy_is_built_once_under_concurrent_calls():
+    from concurrent.futures import ThreadPoolExecutor
+    w = unstructured((96, 200), 0.8)
+    state = cpu_native.prepare_csr(CSR.from_dense(w))
+    xs = [torch.randn(64, 200) for _ in range(8)]
+    with torch.inference_mode(), ThreadPoolExecutor(4) as pool:
+        ys = list(pool.map(lambda x: cpu_native.csr_matmul(state, x, None), xs))
+    first = state.panels
+    for x, y in zip(xs, ys):
+        torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-5)
+    cpu_native.panelled(state)
+    assert state.panels is first  # built once

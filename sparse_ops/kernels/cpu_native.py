@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -116,12 +117,18 @@ def prepare_csr(w: CSR) -> NativeWeight:
                         w.dtype, w.values.numel() / max(1, out * inp), code)
 
 
+_PANEL_LOCK = threading.Lock()
+
+
 def panelled(w: NativeWeight) -> Callable[..., None]:
-    """``w.panel_call``, building the panelled copy of a prepared CSR weight on first use."""
+    """``w.panel_call``, building the panelled copy of a prepared CSR weight on first use (once, even when
+    several threads run the layer: a second copy would free the first while a call still reads it)."""
     if w.panel_call is None:
-        out, inp = w.source.shape
-        w.panels = panel_parts(*w.tensors, w.source.shape, PANEL_ROWS, PANEL_WIDTH)  # kept alive before bound
-        w.panel_call = _entry(f"csr_panels_{w.value_code}", *w.panels, out, inp, PANEL_ROWS, PANEL_WIDTH)
+        with _PANEL_LOCK:
+            if w.panel_call is None:
+                out, inp = w.source.shape
+                w.panels = panel_parts(*w.tensors, w.source.shape, PANEL_ROWS, PANEL_WIDTH)  # alive before bound
+                w.panel_call = _entry(f"csr_panels_{w.value_code}", *w.panels, out, inp, PANEL_ROWS, PANEL_WIDTH)
     return w.panel_call
 
 
