@@ -33,7 +33,9 @@ class SparseLinear(nn.Module):
     """``y = x @ W^T + b`` with W in one sparse format (parts kept as buffers ``weight_<part>``).
 
     The kernel is taken from ``sparse_ops.dispatch`` for the weight's device and prepared once; moving the
-    module (``.to``, ``.cuda``, ``.half``) prepares it again.
+    module (``.to``, ``.cuda``, ``.half``) or loading a state dict prepares it again. ``torch_kernel=True``
+    runs torch's own kernel where ours is the default (``dispatch.TORCH_KERNELS``; ``format="auto"`` sets it
+    when that measured faster); it is a runtime choice, not saved in the state dict.
     """
 
     def __init__(self, weight: SparseFormat, bias: torch.Tensor | None = None, *, torch_kernel: bool = False):
