@@ -237,3 +237,12 @@ def test_panelled_copy_is_built_once_under_concurrent_calls():
         torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-5)
     cpu_native.panelled(state)
     assert state.panels is first  # built once
+
+
+@needs_native
+def test_gemv_of_a_weight_too_big_for_cache_matches_reference():
+    # Above 16 MiB of nonzeros (int16 columns + fp32 values) the gemv gathers x instead of loading it lane by
+    # lane: a dense 1800x1800 weight as CSR is 19 MB.
+    w = torch.randn(1800, 1800)
+    w[0, :] = 0.0  # an empty row
+    check(CSR.from_dense(w), 1, torch.float32)
