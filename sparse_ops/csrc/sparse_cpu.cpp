@@ -22,8 +22,8 @@
 #include <algorithm>
 #include <vector>
 #include <omp.h>
-#if defined(__AVX512F__)
-#include <immintrin.h>
+#if defined(__AVX__)
+#include <immintrin.h>  // AVX: the 8x8 transposes; AVX-512: the gemv and 2:4 paths
 #endif
 
 namespace {
@@ -171,9 +171,15 @@ void csr_gemv_rows_scalar(const int32_t* rowptr, const I* col, const V* val, int
                                       x[c[7]], x[c[6]], x[c[5]], x[c[4]], x[c[3]], x[c[2]], x[c[1]], x[c[0]]);
       acc = _mm512_fmadd_ps(load_vals16(val, k, 0xFFFF), xs, acc);
     }
-    float tail = 0.0f;
-    for (; k < e; ++k) tail += load_value(val, k) * x[col[k]];
-    y[r] = _mm512_reduce_add_ps(acc) + tail + (bias ? bias[r] : 0.0f);
+    float t0 = 0.0f, t1 = 0.0f, t2 = 0.0f, t3 = 0.0f;  // the last 0-15: four chains, not one latency-bound one
+    for (; k + 4 <= e; k += 4) {
+      t0 += load_value(val, k) * x[col[k]];
+      t1 += load_value(val, k + 1) * x[col[k + 1]];
+      t2 += load_value(val, k + 2) * x[col[k + 2]];
+      t3 += load_value(val, k + 3) * x[col[k + 3]];
+    }
+    for (; k < e; ++k) t0 += load_value(val, k) * x[col[k]];
+    y[r] = _mm512_reduce_add_ps(acc) + ((t0 + t1) + (t2 + t3)) + (bias ? bias[r] : 0.0f);
   }
 }
 
