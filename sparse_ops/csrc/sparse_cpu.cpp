@@ -542,6 +542,7 @@ int run_panels(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t ou
 // cache; a tile of x, (in, tile) floats, is kept to about L2_PANEL_BYTES.
 constexpr int64_t ROWS_PER_BLOCK = 32;  // enough work per hand-out, balanced over 2-64 threads
 constexpr int64_t L2_PANEL_BYTES = 512 * 1024;
+constexpr int64_t SMALL_PACK_BYTES = 64 * 1024;
 
 template <typename Body>
 int run_blocks(Body body, int64_t out, int64_t in, const float* x, int64_t n, int nthreads) {
@@ -555,9 +556,13 @@ int run_blocks(Body body, int64_t out, int64_t in, const float* x, int64_t n, in
   body.xt = width == 1 ? x : xt;
   const int64_t nblocks = (out + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK;
   const int64_t ntiles = width == 1 ? 1 : (width + tile - 1) / tile;
+  // A small x is packed before the parallel region: its own loop's barrier cost more than the packing.
+  const bool pack_first = width > 1 && in * body.ld * 4 <= SMALL_PACK_BYTES;
+  if (pack_first)
+    for (int64_t c0 = 0; c0 < in; c0 += 16) pack_block(x, n, in, body.ld, 0, c0, std::min(in, c0 + 16), xt);
 #pragma omp parallel num_threads(nthreads)
   {
-    if (width > 1) pack_in_region(x, n, in, body.ld, xt);
+    if (width > 1 && !pack_first) pack_in_region(x, n, in, body.ld, xt);
     alignas(64) float buf[MAX_ROWS * TILE_STRIDE];  // this thread's block of sums
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < nblocks * ntiles; ++item) {
