@@ -111,6 +111,20 @@ inline void flush_rows(float* buf, int64_t T, int64_t r0, int64_t nrows, int64_t
 
 // ---- CSR ----------------------------------------------------------------------------------------------
 
+// sum of val[k] * x[col[k]] over [k, e) in four chains (one chain would be bound by the FMA latency)
+template <typename V, typename I>
+inline float sparse_dot(const I* col, const V* val, int64_t k, int64_t e, const float* x) {
+  float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+  for (; k + 4 <= e; k += 4) {
+    s0 += load_value(val, k) * x[col[k]];
+    s1 += load_value(val, k + 1) * x[col[k + 1]];
+    s2 += load_value(val, k + 2) * x[col[k + 2]];
+    s3 += load_value(val, k + 3) * x[col[k + 3]];
+  }
+  for (; k < e; ++k) s0 += load_value(val, k) * x[col[k]];
+  return (s0 + s1) + (s2 + s3);
+}
+
 template <typename V, typename I, int W, int NV, int S>
 void csr_rows_tile(const int32_t* rowptr, const I* col, const V* val, int64_t r0, int64_t r1, const float* xt,
                    int64_t ld, int64_t t0, float* buf) {
@@ -171,15 +185,7 @@ void csr_gemv_rows_scalar(const int32_t* rowptr, const I* col, const V* val, int
                                       x[c[7]], x[c[6]], x[c[5]], x[c[4]], x[c[3]], x[c[2]], x[c[1]], x[c[0]]);
       acc = _mm512_fmadd_ps(load_vals16(val, k, 0xFFFF), xs, acc);
     }
-    float t0 = 0.0f, t1 = 0.0f, t2 = 0.0f, t3 = 0.0f;  // the last 0-15: four chains, not one latency-bound one
-    for (; k + 4 <= e; k += 4) {
-      t0 += load_value(val, k) * x[col[k]];
-      t1 += load_value(val, k + 1) * x[col[k + 1]];
-      t2 += load_value(val, k + 2) * x[col[k + 2]];
-      t3 += load_value(val, k + 3) * x[col[k + 3]];
-    }
-    for (; k < e; ++k) t0 += load_value(val, k) * x[col[k]];
-    y[r] = _mm512_reduce_add_ps(acc) + ((t0 + t1) + (t2 + t3)) + (bias ? bias[r] : 0.0f);
+    y[r] = _mm512_reduce_add_ps(acc) + sparse_dot(col, val, k, e, x) + (bias ? bias[r] : 0.0f);  // + last 0-15
   }
 }
 
@@ -207,19 +213,8 @@ void csr_gemv_rows(const int32_t* rowptr, const I* col, const V* val, int64_t r0
 template <typename V, typename I>
 void csr_gemv_rows(const int32_t* rowptr, const I* col, const V* val, int64_t r0, int64_t r1, const float* x,
                    const float* bias, float* y) {
-  for (int64_t r = r0; r < r1; ++r) {
-    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;  // four chains: the FMA latency is not the limit
-    int64_t k = rowptr[r];
-    const int64_t e = rowptr[r + 1];
-    for (; k + 4 <= e; k += 4) {
-      s0 += load_value(val, k) * x[col[k]];
-      s1 += load_value(val, k + 1) * x[col[k + 1]];
-      s2 += load_value(val, k + 2) * x[col[k + 2]];
-      s3 += load_value(val, k + 3) * x[col[k + 3]];
-    }
-    for (; k < e; ++k) s0 += load_value(val, k) * x[col[k]];
-    y[r] = (s0 + s1) + (s2 + s3) + (bias ? bias[r] : 0.0f);
-  }
+  for (int64_t r = r0; r < r1; ++r)
+    y[r] = sparse_dot(col, val, rowptr[r], rowptr[r + 1], x) + (bias ? bias[r] : 0.0f);
 }
 template <typename V, typename I>
 void csr_gemv_rows_scalar(const int32_t* rowptr, const I* col, const V* val, int64_t r0, int64_t r1,
@@ -510,7 +505,8 @@ int run_panels(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t ou
 #pragma omp for schedule(dynamic, 1)
       for (int64_t t = 0; t < ntiles; ++t) {
         const int64_t rows = std::min(T, n - t * T);  // the tile's tokens, packed as tile 0 of those rows
-        for (int64_t c0 = 0; c0 < in; c0 += 16) pack_block(x + t * T * in, rows, in, T, 0, c0, std::min(in, c0 + 16), mine);
+        for (int64_t c0 = 0; c0 < in; c0 += 16)
+          pack_block(x + t * T * in, rows, in, T, 0, c0, std::min(in, c0 + 16), mine);
         for (int64_t b = 0; b < nblocks; ++b)
           panel_item(seg, lcol, val, out, in, R, P, T, n, b, t, mine, nullptr, bias, y, buf);
       }
@@ -585,7 +581,7 @@ int run_blocks(Body body, int64_t out, int64_t in, const float* x, int64_t n, in
   extern "C" int NAME(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t out, int64_t in,     \
                        int64_t R, int64_t P, const float* x, int64_t T, int64_t n, const float* bias,       \
                        float* y, int nthreads) {                                                            \
-    return run_panels<V>(seg, lcol, val, out, in, R, P, x, T, n, bias, y, nthreads);                               \
+    return run_panels<V>(seg, lcol, val, out, in, R, P, x, T, n, bias, y, nthreads);                         \
   }
 SPARSE_PANEL_ENTRY(csr_panels_f32, float)
 SPARSE_PANEL_ENTRY(csr_panels_bf16, bf16)
@@ -593,7 +589,7 @@ SPARSE_PANEL_ENTRY(csr_panels_bf16, bf16)
 #define SPARSE_CSR_ENTRY(NAME, V, I)                                                                        \
   extern "C" int NAME(const int32_t* rowptr, const I* col, const V* val, int64_t out, int64_t in,         \
                        const float* x, int64_t n, const float* bias, float* y, int nthreads) {              \
-    return run_blocks(CsrBody<V, I>{rowptr, col, val, bias, y, out}, out, in, x, n, nthreads);                    \
+    return run_blocks(CsrBody<V, I>{rowptr, col, val, bias, y, out}, out, in, x, n, nthreads);               \
   }
 SPARSE_CSR_ENTRY(csr_f32_i16, float, int16_t)
 SPARSE_CSR_ENTRY(csr_f32_i32, float, int32_t)
@@ -603,7 +599,7 @@ SPARSE_CSR_ENTRY(csr_bf16_i32, bf16, int32_t)
 #define SPARSE_24_ENTRY(NAME, V)                                                                            \
   extern "C" int NAME(const V* val, const uint8_t* meta, int64_t out, int64_t in, const float* x,          \
                        int64_t n, const float* bias, float* y, int nthreads) {                              \
-    return run_blocks(TwoFourBody<V>{val, meta, in, bias, y, out}, out, in, x, n, nthreads);                      \
+    return run_blocks(TwoFourBody<V>{val, meta, in, bias, y, out}, out, in, x, n, nthreads);                 \
   }
 SPARSE_24_ENTRY(two_four_f32, float)
 SPARSE_24_ENTRY(two_four_bf16, bf16)
