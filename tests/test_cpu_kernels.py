@@ -246,3 +246,41 @@ def test_gemv_of_a_weight_too_big_for_cache_matches_reference():
     w = torch.randn(1800, 1800)
     w[0, :] = 0.0  # an empty row
     check(CSR.from_dense(w), 1, torch.float32)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no g++: the build path cannot run here")
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])  # AVX2 machines; plain x86-64 (no AVX at all)
+def test_builds_without_avx512_match_reference(tmp_path, march):
+    # This machine has AVX-512, so the library it builds never runs the AVX2 and scalar fallbacks; build them
+    # here and run every entry point against the reference.
+    import ctypes
+    import platform
+    import subprocess
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 -march levels")
+    so = tmp_path / f"sparse_cpu_{march}.so"
+    flags = [f if f != "-march=native" else f"-march={march}" for f in native.FLAGS]
+    subprocess.run(["g++", *flags, "-o", str(so), str(native.SOURCE)], check=True, capture_output=True)
+    lib = ctypes.CDLL(str(so))
+    for name, argtypes in native.SIGNATURES.items():
+        getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, ctypes.c_int
+    w = unstructured((37, 300), 0.8)
+    csr = CSR.from_dense(w)
+    crow, cols, vals = csr.crow_indices.contiguous(), csr.col_indices.contiguous(), csr.values.contiguous()
+    seg, lcol, pvals = cpu_native.panel_parts(crow, cols, vals, (37, 300), cpu_native.PANEL_ROWS,
+                                              cpu_native.PANEL_WIDTH)
+    t = two_four((37, 300))
+    tf = TwoFour.from_dense(t)
+    tv, tm = tf.values.contiguous(), tf.metadata.contiguous()
+    for n in (1, 8, 40, 100):
+        x = torch.randn(n, 300)
+        y = torch.empty(n, 37)
+        assert lib.csr_f32_i16(crow.data_ptr(), cols.data_ptr(), vals.data_ptr(), 37, 300, x.data_ptr(), n, None,
+                               y.data_ptr(), 2) == 0
+        torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-5)
+        assert lib.csr_panels_f32(seg.data_ptr(), lcol.data_ptr(), pvals.data_ptr(), 37, 300, cpu_native.PANEL_ROWS,
+                                  cpu_native.PANEL_WIDTH, x.data_ptr(), cpu_native.panel_tile(n), n, None,
+                                  y.data_ptr(), 2) == 0
+        torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-5)
+        assert lib.two_four_f32(tv.data_ptr(), tm.data_ptr(), 37, 300, x.data_ptr(), n, None, y.data_ptr(), 2) == 0
+        torch.testing.assert_close(y, x @ t.t(), rtol=1e-5, atol=1e-5)
