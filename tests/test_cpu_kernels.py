@@ -205,7 +205,7 @@ def test_panelled_copy_is_built_at_the_first_batch_that_needs_it():
         x = torch.randn(64, 300)
         assert cpu_native.use_panels(64, state.density, 300)
         torch.testing.assert_close(cpu_native.csr_matmul(state, x, None), x @ w.t(), rtol=1e-5, atol=1e-5)
-    seg, lcol, vals = state.panels
+    _seg, lcol, vals = state.panels
     assert state.panel_call is not None and lcol.numel() == vals.numel() == int((w != 0).sum())
 
 
