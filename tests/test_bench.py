@@ -313,3 +313,13 @@ def test_gpu_check_commands_parse():
             assert plan.dtypes == ("fp16", "bf16") and plan.batches == (1, 16, 128, 2048)
             assert {s.name.split()[0] for s in plan.shapes} == {"bert-base", "llama-7b"}
     assert subprocess.run(["bash", "-n", str(GPU_SCRIPT)], check=False).returncode == 0
+
+
+@pytest.mark.skipif(not native.available(), reason="needs g++ and the native kernels")
+def test_kernel_ab_compares_two_builds(capsys):
+    from benchmarks import kernel_ab
+    src = str(native.SOURCE)
+    kernel_ab.main([src, src, "--shapes", "40x300x1", "40x300x64", "--rounds", "3", "--threads", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["40x300x1", "40x300x64"]
+    assert all("B/A speed" in line and "p20" in line for line in lines)
