@@ -47,7 +47,7 @@ SIGNATURES: dict[str, tuple[type, ...]] = {
 }
 
 
-def _check_status(status: int, fn: object, args: tuple) -> None:
+def _check_status(status: int, fn: object, _args: tuple) -> None:
     """ctypes errcheck of the kernel entry points: 0 is success, 1 means the packed-x buffer was not allocated."""
     if status:
         raise MemoryError(f"{getattr(fn, '__name__', fn)}: out of memory for the packed input ({status=})")
