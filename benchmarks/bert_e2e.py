@@ -57,11 +57,12 @@ def sparse_state(model: BertModel) -> dict[str, torch.Tensor | CSR]:
 
 
 def sparse_model(dense: BertModel, native: bool) -> BertModel:
-    """A copy of ``dense`` with its CSR encoder linears loaded by ``sparsify`` (our kernels or torch's)."""
+    """A copy of ``dense`` with its CSR encoder linears loaded by ``sparsify`` (our kernels or torch's), each FFN's
+    GELU fused into the layer before it (in our kernel's output writes; torch's kernels apply it after)."""
     old = os.environ.get("SPARSE_OPS_NATIVE")
     os.environ["SPARSE_OPS_NATIVE"] = "1" if native else "0"  # read when each layer picks its kernel
     try:
-        return sparsify(copy.deepcopy(dense), sparse_state(dense)).eval()
+        return sparsify(copy.deepcopy(dense), sparse_state(dense), fuse_activations=True).eval()
     finally:
         os.environ.pop("SPARSE_OPS_NATIVE") if old is None else os.environ.__setitem__("SPARSE_OPS_NATIVE", old)
 

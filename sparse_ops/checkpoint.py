@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from sparse_ops import activations
 from sparse_ops.formats import (
     FORMATS,
     VALUE_DTYPES,
@@ -361,12 +362,15 @@ def _split_state(state: Mapping[str, torch.Tensor | SparseFormat], model: nn.Mod
 
 
 def sparsify(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor | SparseFormat],
-             device: torch.device | str = "cpu", *, auto: bool = False, batch: int = 1, timer=None) -> nn.Module:
+             device: torch.device | str = "cpu", *, auto: bool = False, batch: int = 1, timer=None,
+             fuse_activations: bool = False) -> nn.Module:
     """Load a checkpoint into ``model`` (in place) and swap each ``nn.Linear`` whose weight is stored sparse
     for a ``SparseLinear`` on ``device``; returns the model.
 
     ``auto=True`` re-chooses per layer the fastest of dense/csr/2:4/csr:torch on ``device`` at ``batch`` tokens
     (``SparseLinear.from_dense(format="auto")``), keeping a layer dense where sparse would be slower.
+    ``fuse_activations=True`` then moves each activation module that only consumes a sparse layer's output into
+    that layer's kernel (``sparse_ops.activations.fuse_activations``: e.g. the GELU of a BERT FFN).
     """
     from sparse_ops.linear import SparseLinear
 
@@ -390,6 +394,8 @@ def sparsify(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Te
             layer = SparseLinear.from_dense(_as_linear(layer, linear), "auto", batch=batch, timer=timer)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
+    if fuse_activations:
+        activations.fuse_activations(model)
     return model
 
 

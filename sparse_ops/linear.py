@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparse_ops import activations
 from sparse_ops.autotune import AutoKey, Timer, auto_key, pick_format, time_candidates
 from sparse_ops.dispatch import TORCH_KERNELS, kernel_for
 from sparse_ops.formats import FORMATS, SparseFormat, format_class, is_two_four
@@ -30,15 +31,19 @@ DEFAULT_AUTO_CACHE: dict[AutoKey, str] = {}
 
 
 class SparseLinear(nn.Module):
-    """``y = x @ W^T + b`` with W in one sparse format (parts kept as buffers ``weight_<part>``).
+    """``y = act(x @ W^T + b)`` with W in one sparse format (parts kept as buffers ``weight_<part>``).
 
     The kernel is taken from ``sparse_ops.dispatch`` for the weight's device and prepared once; moving the
     module (``.to``, ``.cuda``, ``.half``) or loading a state dict prepares it again. ``torch_kernel=True``
     runs torch's own kernel where ours is the default (``dispatch.TORCH_KERNELS``; ``format="auto"`` sets it
-    when that measured faster); it is a runtime choice, not saved in the state dict.
+    when that measured faster); it is a runtime choice, not saved in the state dict. ``activation`` (None or a
+    name in ``sparse_ops.activations.ACTIVATIONS``) is applied to the output, fused into the kernel where it
+    supports that (ours on CPU); ``activations.fuse_activations`` sets it from the model's own activation
+    modules. It is not saved in the state dict either.
     """
 
-    def __init__(self, weight: SparseFormat, bias: torch.Tensor | None = None, *, torch_kernel: bool = False):
+    def __init__(self, weight: SparseFormat, bias: torch.Tensor | None = None, *, torch_kernel: bool = False,
+                 activation: str | None = None):
         super().__init__()
         weight.validate()
         out, inp = weight.shape
@@ -46,6 +51,7 @@ class SparseLinear(nn.Module):
             raise ValueError(f"bias must have shape ({out},), got {tuple(bias.shape)}")
         self.format, self.out_features, self.in_features = weight.format, out, inp
         self.torch_kernel = torch_kernel  # torch's kernel instead of ours where dispatch.TORCH_KERNELS has one
+        self.activation = activation
         self._part_names = tuple(weight.parts())
         for name, t in weight.parts().items():
             self.register_buffer(f"weight_{name}", t)
@@ -56,6 +62,15 @@ class SparseLinear(nn.Module):
     def choice(self) -> str:
         """The format, with ``TORCH_SUFFIX`` when torch's kernel runs it: what ``format="auto"`` chose."""
         return self.format + (TORCH_SUFFIX if self.torch_kernel and self.kernel in TORCH_KERNELS.values() else "")
+
+    @property
+    def activation(self) -> str | None:
+        """The activation applied to the output (None: the plain product)."""
+        return self._activation
+
+    @activation.setter
+    def activation(self, name: str | None) -> None:
+        self._activation = activations.check(name)
 
     @property
     def weight(self) -> SparseFormat:
@@ -84,12 +99,16 @@ class SparseLinear(nn.Module):
             raise ValueError(f"input's last dimension must be in_features={self.in_features}, got {tuple(x.shape)}")
         if x.dtype != self._dtype:
             raise TypeError(f"input dtype {x.dtype} does not match the weight's {self._dtype}")
-        y = self.kernel.matmul(self._state, x.reshape(-1, self.in_features), self.bias)  # (N, out)
+        x2 = x.reshape(-1, self.in_features)
+        if self._activation is not None and self.kernel.fuses_activation:
+            y = self.kernel.matmul(self._state, x2, self.bias, self._activation)  # (N, out)
+        else:
+            y = activations.apply(self.kernel.matmul(self._state, x2, self.bias), self._activation)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format!r}, " \
-               f"kernel={self.kernel.name!r}"
+               f"kernel={self.kernel.name!r}" + (f", activation={self._activation!r}" if self._activation else "")
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, format: str = "csr", *, batch: int = 1, timer: Timer | None = None,

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from sparse_ops.activations import ACTIVATIONS, CODES
 from sparse_ops.dispatch import kernel_for
 from sparse_ops.formats import CSR, TwoFour
 from sparse_ops.kernels import cpu_native, native, reference
@@ -273,15 +274,20 @@ def test_builds_without_avx512_match_reference(tmp_path, march):
     t = two_four((37, 300))
     tf = TwoFour.from_dense(t)
     tv, tm = tf.values.contiguous(), tf.metadata.contiguous()
+    b = torch.randn(37)
     for n in (1, 8, 40, 100):
         x = torch.randn(n, 300)
         y = torch.empty(n, 37)
         assert lib.csr_f32_i16(crow.data_ptr(), cols.data_ptr(), vals.data_ptr(), 37, 300, x.data_ptr(), n, None,
-                               y.data_ptr(), 2) == 0
+                               y.data_ptr(), 2, 0) == 0
         torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-5)
         assert lib.csr_panels_f32(seg.data_ptr(), lcol.data_ptr(), pvals.data_ptr(), 37, 300, cpu_native.PANEL_ROWS,
                                   cpu_native.PANEL_WIDTH, x.data_ptr(), cpu_native.panel_tile(n), n, None,
-                                  y.data_ptr(), 2) == 0
+                                  y.data_ptr(), 2, 0) == 0
         torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-5)
-        assert lib.two_four_f32(tv.data_ptr(), tm.data_ptr(), 37, 300, x.data_ptr(), n, None, y.data_ptr(), 2) == 0
+        assert lib.two_four_f32(tv.data_ptr(), tm.data_ptr(), 37, 300, x.data_ptr(), n, None, y.data_ptr(), 2, 0) == 0
         torch.testing.assert_close(y, x @ t.t(), rtol=1e-5, atol=1e-5)
+        for name, f in ACTIVATIONS.items():  # the epilogue, vectorised for this level or not, with a bias
+            assert lib.csr_f32_i16(crow.data_ptr(), cols.data_ptr(), vals.data_ptr(), 37, 300, x.data_ptr(), n,
+                                   b.data_ptr(), y.data_ptr(), 2, CODES[name]) == 0
+            torch.testing.assert_close(y, f(x @ w.t() + b), rtol=1e-5, atol=1e-5)

@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <algorithm>
+#include <cmath>
 #include <vector>
 #include <omp.h>
 #if defined(__AVX__)
@@ -84,14 +85,68 @@ inline void transpose8(const float* const* rows, float* dst, int64_t ld) {
 }
 #endif
 
-// y[t0 + j, r0 + i] = buf[i, j] + bias[r0 + i] for tokens j < nvalid and the block's rows i: bias added along
-// buf's rows, then 8x8 blocks transposed in registers (a scalar loop reading buf down its columns cost about a
-// third of the kernel's time at 384 outputs).
+// ---- epilogue: y = act(sums + bias) ---------------------------------------------------------------------
+// Activations fused into the kernels' output writes (codes: sparse_ops/activations.py), written as plain
+// float code that `#pragma omp simd` vectorises (no libm calls): e^x by range reduction to |r| <= ln2 / 2 and a
+// degree-7 Taylor polynomial (relative error < 1e-7 before rounding); erf by Abramowitz & Stegun 7.1.26
+// (absolute error < 1.5e-7, which GELU only adds to 1). NaN inputs stay NaN (every result is a multiple of x).
+enum Act { ACT_NONE = 0, ACT_RELU = 1, ACT_GELU = 2, ACT_GELU_TANH = 3, ACT_SILU = 4 };
+
+inline float exp_fast(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float k = std::floor(x * 1.44269504f + 0.5f);  // x = k ln2 + r
+  const float r = (x - k * 0.693145751953125f) - k * 1.42860677e-6f;
+  float p = 1.0f / 5040;
+  p = p * r + 1.0f / 720; p = p * r + 1.0f / 120; p = p * r + 1.0f / 24; p = p * r + 1.0f / 6;
+  p = p * r + 0.5f; p = p * r + 1.0f; p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;  // 2^k, k in [-126, 127]
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+template <int ACT>
+inline float activation(float v) {
+  if (ACT == ACT_RELU) return std::max(v, 0.0f);  // max(NaN, 0) is NaN, as torch's relu
+  if (ACT == ACT_GELU) {  // 0.5 v (1 + erf(v / sqrt 2))
+    const float a = std::fabs(v) * 0.70710678f, t = 1.0f / (1.0f + 0.3275911f * a);
+    float q = 1.061405429f;
+    q = q * t - 1.453152027f; q = q * t + 1.421413741f; q = q * t - 0.284496736f; q = q * t + 0.254829592f;
+    const float erf_abs = 1.0f - q * t * exp_fast(-a * a);
+    return 0.5f * v * (1.0f + std::copysign(erf_abs, v));
+  }
+  if (ACT == ACT_GELU_TANH) {  // 0.5 v (1 + tanh(u)), u = sqrt(2 / pi) (v + 0.044715 v^3); tanh u = 1 - 2 / (e^2u + 1)
+    const float u = 0.7978845608f * (v + 0.044715f * v * v * v);
+    return 0.5f * v * (2.0f - 2.0f / (exp_fast(2.0f * u) + 1.0f));
+  }
+  if (ACT == ACT_SILU) return v / (1.0f + exp_fast(-v));
+  return v;
+}
+
+template <int ACT>
+inline void epilogue_run(float* v, int64_t m, float b) {
+#pragma omp simd
+  for (int64_t j = 0; j < m; ++j) v[j] = activation<ACT>(v[j] + b);
+}
+
+// v[j] = act(v[j] + b) for j < m.
+inline void epilogue(float* v, int64_t m, float b, int act) {
+  switch (act) {
+    case ACT_RELU: epilogue_run<ACT_RELU>(v, m, b); break;
+    case ACT_GELU: epilogue_run<ACT_GELU>(v, m, b); break;
+    case ACT_GELU_TANH: epilogue_run<ACT_GELU_TANH>(v, m, b); break;
+    case ACT_SILU: epilogue_run<ACT_SILU>(v, m, b); break;
+    default: epilogue_run<ACT_NONE>(v, m, b); break;
+  }
+}
+
+// y[t0 + j, r0 + i] = act(buf[i, j] + bias[r0 + i]) for tokens j < nvalid and the block's rows i: the epilogue
+// runs along buf's rows, then 8x8 blocks are transposed in registers (a scalar loop reading buf down its
+// columns cost about a third of the kernel's time at 384 outputs).
 inline void flush_rows(float* buf, int64_t T, int64_t r0, int64_t nrows, int64_t t0, int64_t nvalid,
-                       const float* bias, float* y, int64_t out) {
-  if (bias)
-    for (int64_t i = 0; i < nrows; ++i)
-      for (int64_t j = 0; j < nvalid; ++j) buf[i * T + j] += bias[r0 + i];
+                       const float* bias, int act, float* y, int64_t out) {
+  if (bias || act)
+    for (int64_t i = 0; i < nrows; ++i) epilogue(buf + i * T, nvalid, bias ? bias[r0 + i] : 0.0f, act);
   int64_t i0 = 0;
 #if defined(__AVX__)
   for (; i0 + 8 <= nrows; i0 += 8) {
@@ -318,12 +373,12 @@ void one_tile(const Body& body, int64_t r0, int64_t r1, int64_t ld, int64_t n, i
     case 7: body.template run<16, 7, 1>(r0, r1, t0, buf); break;
     default: body.template run<16, 8, 1>(r0, r1, t0, buf); break;
   }
-  flush_rows(buf, TILE_STRIDE, r0, r1 - r0, t0, std::min(tile, n - t0), body.bias, body.y, body.out);
+  flush_rows(buf, TILE_STRIDE, r0, r1 - r0, t0, std::min(tile, n - t0), body.bias, body.act, body.y, body.out);
 }
 
 template <typename V, typename I>
 struct CsrBody {
-  const int32_t* rowptr; const I* col; const V* val; const float* bias; float* y; int64_t out;
+  const int32_t* rowptr; const I* col; const V* val; const float* bias; float* y; int64_t out; int act;
   const float* xt = nullptr; int64_t ld = 0;  // set by run_blocks
   template <int W, int NV, int S>
   void run(int64_t r0, int64_t r1, int64_t t0, float* buf) const {
@@ -339,7 +394,7 @@ struct CsrBody {
 
 template <typename V>
 struct TwoFourBody {
-  const V* val; const uint8_t* meta; int64_t in; const float* bias; float* y; int64_t out;
+  const V* val; const uint8_t* meta; int64_t in; const float* bias; float* y; int64_t out; int act;
   const float* xt = nullptr; int64_t ld = 0;  // set by run_blocks
   template <int W, int NV, int S>
   void run(int64_t r0, int64_t r1, int64_t t0, float* buf) const {
@@ -466,14 +521,14 @@ constexpr int ENTRY_OK = 0, ENTRY_OUT_OF_MEMORY = 1;  // what the entry points r
 template <typename V>
 void panel_item(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t out, int64_t in, int64_t R,
                 int64_t P, int64_t T, int64_t n, int64_t b, int64_t t, const float* xtile, const float* next,
-                const float* bias, float* y, float* buf) {
+                const float* bias, int act, float* y, float* buf) {
   const int64_t npanels = (in + P - 1) / P, r0 = b * R, nrows = std::min(R, out - r0);
   switch (T) {
     case 16: panel_block<1, 4>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, next, buf); break;
     case 32: panel_block<2, 2>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, next, buf); break;
     default: panel_block<4, 1>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, next, buf); break;
   }
-  flush_rows(buf, T, r0, nrows, t * T, std::min(T, n - t * T), bias, y, out);
+  flush_rows(buf, T, r0, nrows, t * T, std::min(T, n - t * T), bias, act, y, out);
 }
 
 // Two schedules. By tile: each thread takes whole tiles, packs a tile (in * T floats) into its own slot of the
@@ -490,7 +545,8 @@ constexpr int64_t MANY_TILES = 16;
 
 template <typename V>
 int run_panels(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t out, int64_t in, int64_t R,
-               int64_t P, const float* x, int64_t T, int64_t n, const float* bias, float* y, int nthreads) {
+               int64_t P, const float* x, int64_t T, int64_t n, const float* bias, float* y, int nthreads,
+               int act) {
   const int64_t nblocks = (out + R - 1) / R;
   const int64_t weight_bytes = seg[nblocks * ((in + P - 1) / P) * R] * static_cast<int64_t>(sizeof(V) + 1);
   const auto tile_wise = [&](int64_t tile) {
@@ -516,7 +572,7 @@ int run_panels(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t ou
         for (int64_t c0 = 0; c0 < in; c0 += 16)
           pack_block(x + t * T * in, rows, in, T, 0, c0, std::min(in, c0 + 16), mine);
         for (int64_t b = 0; b < nblocks; ++b)
-          panel_item(seg, lcol, val, out, in, R, P, T, n, b, t, mine, nullptr, bias, y, buf);
+          panel_item(seg, lcol, val, out, in, R, P, T, n, b, t, mine, nullptr, bias, act, y, buf);
       }
     }
     return ENTRY_OK;
@@ -532,7 +588,7 @@ int run_panels(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t ou
       const int64_t b = item / nruns, t1 = std::min(ntiles, (item % nruns + 1) * run);
       for (int64_t t = item % nruns * run; t < t1; ++t) {
         const float *xtile = xt + t * in * T, *next = t + 1 < t1 ? xtile + in * T : nullptr;
-        panel_item(seg, lcol, val, out, in, R, P, T, n, b, t, xtile, next, bias, y, buf);
+        panel_item(seg, lcol, val, out, in, R, P, T, n, b, t, xtile, next, bias, act, y, buf);
       }
     }
   }
@@ -571,8 +627,10 @@ int run_blocks(Body body, int64_t out, int64_t in, const float* x, int64_t n, in
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < nblocks * ntiles; ++item) {
       const int64_t r0 = item / ntiles * ROWS_PER_BLOCK, r1 = std::min(out, r0 + ROWS_PER_BLOCK);
-      if (width == 1) body.gemv(r0, r1);
-      else one_tile(body, r0, r1, body.ld, n, item % ntiles * tile, tile, buf);
+      if (width == 1) {
+        body.gemv(r0, r1);  // bias added
+        if (body.act) epilogue(body.y + r0, r1 - r0, 0.0f, body.act);
+      } else one_tile(body, r0, r1, body.ld, n, item % ntiles * tile, tile, buf);
     }
   }
   return ENTRY_OK;
@@ -581,23 +639,23 @@ int run_blocks(Body body, int64_t out, int64_t in, const float* x, int64_t n, in
 }  // namespace
 
 // ---- C entry points: <format>_<values>[_<indices>] ------------------------------------------------------
-// x (n, in) fp32 row-major, bias (out,) or NULL, y (n, out). Panels: T in {16, 32, 64}, R * T <= MAX_ROWS * 64,
-// P <= 256 (the caller checks). Each returns ENTRY_OK, or ENTRY_OUT_OF_MEMORY when the scratch buffer for the
+// x (n, in) fp32 row-major, bias (out,) or NULL, y (n, out) = act(x W^T + bias) for an Act code act.
+// Panels: T in {16, 32, 64}, R * T <= MAX_ROWS * 64, P <= 256 (the caller checks). Each returns ENTRY_OK, or ENTRY_OUT_OF_MEMORY when the scratch buffer for the
 // packed x could not be allocated (nothing was computed).
 
 #define SPARSE_PANEL_ENTRY(NAME, V)                                                                         \
   extern "C" int NAME(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t out, int64_t in,     \
                        int64_t R, int64_t P, const float* x, int64_t T, int64_t n, const float* bias,       \
-                       float* y, int nthreads) {                                                            \
-    return run_panels<V>(seg, lcol, val, out, in, R, P, x, T, n, bias, y, nthreads);                         \
+                       float* y, int nthreads, int act) {                                                   \
+    return run_panels<V>(seg, lcol, val, out, in, R, P, x, T, n, bias, y, nthreads, act);                    \
   }
 SPARSE_PANEL_ENTRY(csr_panels_f32, float)
 SPARSE_PANEL_ENTRY(csr_panels_bf16, bf16)
 
 #define SPARSE_CSR_ENTRY(NAME, V, I)                                                                        \
   extern "C" int NAME(const int32_t* rowptr, const I* col, const V* val, int64_t out, int64_t in,         \
-                       const float* x, int64_t n, const float* bias, float* y, int nthreads) {              \
-    return run_blocks(CsrBody<V, I>{rowptr, col, val, bias, y, out}, out, in, x, n, nthreads);               \
+                       const float* x, int64_t n, const float* bias, float* y, int nthreads, int act) {     \
+    return run_blocks(CsrBody<V, I>{rowptr, col, val, bias, y, out, act}, out, in, x, n, nthreads);          \
   }
 SPARSE_CSR_ENTRY(csr_f32_i16, float, int16_t)
 SPARSE_CSR_ENTRY(csr_f32_i32, float, int32_t)
@@ -606,10 +664,10 @@ SPARSE_CSR_ENTRY(csr_bf16_i32, bf16, int32_t)
 
 #define SPARSE_24_ENTRY(NAME, V)                                                                            \
   extern "C" int NAME(const V* val, const uint8_t* meta, int64_t out, int64_t in, const float* x,          \
-                       int64_t n, const float* bias, float* y, int nthreads) {                              \
-    return run_blocks(TwoFourBody<V>{val, meta, in, bias, y, out}, out, in, x, n, nthreads);                 \
+                       int64_t n, const float* bias, float* y, int nthreads, int act) {                     \
+    return run_blocks(TwoFourBody<V>{val, meta, in, bias, y, out, act}, out, in, x, n, nthreads);            \
   }
 SPARSE_24_ENTRY(two_four_f32, float)
 SPARSE_24_ENTRY(two_four_bf16, bf16)
 
-extern "C" int sparse_cpu_abi_version() { return 6; }
+extern "C" int sparse_cpu_abi_version() { return 7; }

@@ -12,7 +12,8 @@ others, the plain-CSR kernel with x transposed into a zero-padded (in, ld) panel
 multiplies a contiguous run of tokens. The C++ code packs x itself, inside the same OpenMP parallel region as
 the multiply; each call is one ctypes call with the weight's pointers bound at ``prepare`` (a few microseconds
 of Python per layer). All run on torch's OpenMP pool with torch's thread count; outputs are cast back to the
-weight's dtype. Inference only: when a gradient is needed the call goes to torch's CSR kernel.
+weight's dtype. An activation (``sparse_ops.activations``) can be fused into the output writes. Inference only: when a
+gradient is needed the call goes to torch's CSR kernel.
 
 Example:
     >>> import torch
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sparse_ops.activations import CODES, apply
 from sparse_ops.formats import CSR, TwoFour
 from sparse_ops.kernels import cpu, native
 
@@ -71,13 +73,13 @@ class NativeWeight:
 
     source: CSR | TwoFour  # validated container (kept for the autograd fallback and the tensors' lifetime)
     tensors: tuple[torch.Tensor, ...]  # contiguous parts the bound pointers point into (kept alive here)
-    call: Callable[..., None]
+    call: Callable[..., None]  # (x_ptr, n, bias_ptr, y_ptr, threads, activation code)
     out_dtype: torch.dtype
     density: float = 1.0  # nonzeros / (out * in)
     nnz: int = 0  # stored values (2:4: out * in / 2)
     value_code: str = "f32"  # the C++ value type: f32 or bf16
     panels: tuple[torch.Tensor, ...] = ()  # CSR only: (seg, lcol, values) of panel_parts, for large batches
-    panel_call: Callable[..., None] | None = None  # (x_ptr, tile, n, bias_ptr, y_ptr, threads)
+    panel_call: Callable[..., None] | None = None  # (x_ptr, tile, n, bias_ptr, y_ptr, threads, act code)
 
 
 def _entry(name: str, *bound: object) -> Callable[..., None]:
@@ -211,8 +213,8 @@ def _needs_grad(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
 
 
-def _matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, panels: bool) -> torch.Tensor:
-    """One C++ call: x (N, in) -> (N, out) in the weight's dtype."""
+def _matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, panels: bool, act: int) -> torch.Tensor:
+    """One C++ call: x (N, in) -> act(x W^T + bias) (N, out) in the weight's dtype."""
     n, out = x.shape[0], w.source.shape[0]
     y = torch.empty(n, out, dtype=torch.float32)
     if n and out:
@@ -220,21 +222,23 @@ def _matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, panels:
         b = None if bias is None else bias.to(torch.float32).contiguous()
         bp = None if b is None else b.data_ptr()
         if panels:
-            panelled(w)(x.data_ptr(), panel_tile(n), n, bp, y.data_ptr(), native.num_threads())
+            panelled(w)(x.data_ptr(), panel_tile(n), n, bp, y.data_ptr(), native.num_threads(), act)
         else:
-            w.call(x.data_ptr(), n, bp, y.data_ptr(), threads_for(w.nnz * n, n))
+            w.call(x.data_ptr(), n, bp, y.data_ptr(), threads_for(w.nnz * n, n), act)
     return y.to(w.out_dtype)
 
 
-def csr_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x: (N, in) -> (N, out) in the weight's dtype."""
+def csr_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None
+               ) -> torch.Tensor:
+    """x: (N, in) -> activation(x W^T + bias) (N, out) in the weight's dtype."""
     if _needs_grad(x, bias):  # the C++ kernels have no backward: torch's CSR path does
-        return cpu.csr_matmul(cpu.prepare_csr(w.source), x, bias)
-    return _matmul(w, x, bias, use_panels(x.shape[0], w.density, w.source.shape[1]))
+        return apply(cpu.csr_matmul(cpu.prepare_csr(w.source), x, bias), activation)
+    return _matmul(w, x, bias, use_panels(x.shape[0], w.density, w.source.shape[1]), CODES[activation])
 
 
-def two_four_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x: (N, in) -> (N, out) in the weight's dtype."""
+def two_four_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None
+                    ) -> torch.Tensor:
+    """x: (N, in) -> activation(x W^T + bias) (N, out) in the weight's dtype."""
     if _needs_grad(x, bias):
-        return cpu.csr_matmul(cpu.prepare_csr(CSR.from_dense(w.source.to_dense())), x, bias)
-    return _matmul(w, x, bias, panels=False)
+        return apply(cpu.csr_matmul(cpu.prepare_csr(CSR.from_dense(w.source.to_dense())), x, bias), activation)
+    return _matmul(w, x, bias, False, CODES[activation])
