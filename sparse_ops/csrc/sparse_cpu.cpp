@@ -419,7 +419,7 @@ struct TwoFourBody {
 // MKL's dense FMA rate.
 
 template <int NV, int S, typename V>
-void panel_row(const uint8_t* lcol, const V* val, int64_t k, int64_t e, const float* xp, float* acc_mem) {
+__attribute__((always_inline)) inline void panel_row(const uint8_t* lcol, const V* val, int64_t k, int64_t e, const float* xp, float* acc_mem) {
   typedef Vec<16>::type vec;
   constexpr int64_t T = 16 * NV;
   vec acc[S][NV];
@@ -439,7 +439,7 @@ void panel_row(const uint8_t* lcol, const V* val, int64_t k, int64_t e, const fl
   }
   for (int s = 1; s < S; ++s)
     for (int j = 0; j < NV; ++j) acc[0][j] += acc[s][j];
-  std::memcpy(acc_mem, acc[0], sizeof(acc[0]));
+  for (int j = 0; j < NV; ++j) std::memcpy(acc_mem + 16 * j, &acc[0][j], sizeof(vec));
 }
 
 // Sums of rows [r0, r0 + nrows) (block b) over one token tile into buf (nrows, T), all panels in turn.
