@@ -99,12 +99,13 @@ class SparseLinear(nn.Module):
             raise ValueError(f"input's last dimension must be in_features={self.in_features}, got {tuple(x.shape)}")
         if x.dtype != self._dtype:
             raise TypeError(f"input dtype {x.dtype} does not match the weight's {self._dtype}")
-        x2 = x.reshape(-1, self.in_features)
-        if self._activation is not None and self.kernel.fuses_activation:
-            y = self.kernel.matmul(self._state, x2, self.bias, self._activation)  # (N, out)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        kernel, act, bias = self.kernel, self._activation, self._buffers["bias"]
+        if act is not None and kernel.fuses_activation:
+            y = kernel.matmul(self._state, x2, bias, act)  # (N, out)
         else:
-            y = activations.apply(self.kernel.matmul(self._state, x2, self.bias), self._activation)
-        return y.reshape(*x.shape[:-1], self.out_features)
+            y = activations.apply(kernel.matmul(self._state, x2, bias), act)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format!r}, " \

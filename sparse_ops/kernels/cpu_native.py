@@ -217,15 +217,17 @@ def _matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, panels:
     """One C++ call: x (N, in) -> act(x W^T + bias) (N, out) in the weight's dtype."""
     n, out = x.shape[0], w.source.shape[0]
     y = torch.empty(n, out, dtype=torch.float32)
-    if n and out:
-        x = x.to(torch.float32).contiguous()
-        b = None if bias is None else bias.to(torch.float32).contiguous()
-        bp = None if b is None else b.data_ptr()
+    if n and out:  # conversions only where needed: each torch call costs ~2 us, a BERT forward makes 36 of these
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.to(torch.float32).contiguous()
+        if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+            bias = bias.to(torch.float32).contiguous()
+        bp = None if bias is None else bias.data_ptr()
         if panels:
             panelled(w)(x.data_ptr(), panel_tile(n), n, bp, y.data_ptr(), native.num_threads(), act)
         else:
             w.call(x.data_ptr(), n, bp, y.data_ptr(), threads_for(w.nnz * n, n), act)
-    return y.to(w.out_dtype)
+    return y if w.out_dtype == torch.float32 else y.to(w.out_dtype)
 
 
 def csr_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None
