@@ -411,8 +411,7 @@ struct TwoFourBody {
 //   lcol (nnz,) uint8: column - p * P (1 byte per nonzero);  val (nnz,) fp32 | bf16
 // x packed by pack_in_region: xt (ntiles, in, T) fp32, token t * T + j of column c at xt[(t * in + c) * T + j],
 // zero past n. One panel of one tile, (P, T) floats (64 KiB at P = 256, T = 64: it lives in L2), is
-// contiguous; it is prefetched while the block works on the previous one, then the R rows of the block use it
-// (each line about R * density times). The block's sums live in buf (R, T), loaded and stored once per (row,
+// contiguous; the R rows of the block use it in turn (each line about R * density times). The block's sums live in buf (R, T), loaded and stored once per (row,
 // panel); the block's weights stay in L2 across tiles. Why not simpler: with x read from L2 per nonzero (no
 // column panels) the kernel ran at 2-3 cycles per 16-wide FMA; per-(row, panel) overhead (sums loaded and
 // stored, the loop exit) and the FMA latency chains (S accumulator sets hide them) are what keep it below
@@ -445,21 +444,15 @@ __attribute__((always_inline)) inline void panel_row(const uint8_t* lcol, const 
 // Sums of rows [r0, r0 + nrows) (block b) over one token tile into buf (nrows, T), all panels in turn.
 template <int NV, int S, typename V>
 void panel_block(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t in, int64_t npanels, int64_t R,
-                 int64_t P, int64_t b, int64_t nrows, const float* xtile, const float* next_tile, float* buf) {
+                 int64_t P, int64_t b, int64_t nrows, const float* xtile, float* buf) {
   constexpr int64_t T = 16 * NV;
   std::memset(buf, 0, nrows * T * sizeof(float));
-  // Rows read x lines in random order, so the hardware prefetcher does not see the panel coming: while the
-  // block works on panel p, each row prefetches its share of the next panel's lines (P * T / 16 of 64 bytes):
-  // panel p + 1, or after the last one panel 0 of next_tile (the tile this thread does next; may be null).
-  const int64_t lines_per_row = P * T / 16 / R;
+  // No software prefetch: prefetching each next panel (into L1, or into L2 only) was 3-12% slower than none in
+  // paired runs on BERT shapes and 4096x4096 at 70-90% (64-1024 tokens).
   for (int64_t p = 0; p < npanels; ++p) {
     const float* xp = xtile + p * P * T;  // (min(P, in - p * P), T)
-    const float* next = p + 1 < npanels ? xp + P * T : next_tile;
-    const int64_t next_lines = !next ? 0 : std::min(P, in - (p + 1 < npanels ? (p + 1) * P : 0)) * T / 16;
     const int32_t* s = seg + (b * npanels + p) * R;
     for (int64_t i = 0; i < nrows; ++i) {
-      for (int64_t q = i * lines_per_row; q < std::min(next_lines, (i + 1) * lines_per_row); ++q)
-        __builtin_prefetch(next + 16 * q, 0, 3);
       if (s[i] != s[i + 1]) panel_row<NV, S>(lcol, val, s[i], s[i + 1], xp, buf + i * T);
     }
   }
@@ -520,13 +513,13 @@ constexpr int ENTRY_OK = 0, ENTRY_OUT_OF_MEMORY = 1;  // what the entry points r
 // Sums of one tile's rows [b * R, ...) into buf, then written to y.
 template <typename V>
 void panel_item(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t out, int64_t in, int64_t R,
-                int64_t P, int64_t T, int64_t n, int64_t b, int64_t t, const float* xtile, const float* next,
-                const float* bias, int act, float* y, float* buf) {
+                int64_t P, int64_t T, int64_t n, int64_t b, int64_t t, const float* xtile, const float* bias,
+                int act, float* y, float* buf) {
   const int64_t npanels = (in + P - 1) / P, r0 = b * R, nrows = std::min(R, out - r0);
   switch (T) {
-    case 16: panel_block<1, 4>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, next, buf); break;
-    case 32: panel_block<2, 2>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, next, buf); break;
-    default: panel_block<4, 1>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, next, buf); break;
+    case 16: panel_block<1, 4>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, buf); break;
+    case 32: panel_block<2, 2>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, buf); break;
+    default: panel_block<4, 1>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, buf); break;
   }
   flush_rows(buf, T, r0, nrows, t * T, std::min(T, n - t * T), bias, act, y, out);
 }
@@ -572,7 +565,7 @@ int run_panels(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t ou
         for (int64_t c0 = 0; c0 < in; c0 += 16)
           pack_block(x + t * T * in, rows, in, T, 0, c0, std::min(in, c0 + 16), mine);
         for (int64_t b = 0; b < nblocks; ++b)
-          panel_item(seg, lcol, val, out, in, R, P, T, n, b, t, mine, nullptr, bias, act, y, buf);
+          panel_item(seg, lcol, val, out, in, R, P, T, n, b, t, mine, bias, act, y, buf);
       }
     }
     return ENTRY_OK;
@@ -587,8 +580,7 @@ int run_panels(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t ou
     for (int64_t item = 0; item < nblocks * nruns; ++item) {
       const int64_t b = item / nruns, t1 = std::min(ntiles, (item % nruns + 1) * run);
       for (int64_t t = item % nruns * run; t < t1; ++t) {
-        const float *xtile = xt + t * in * T, *next = t + 1 < t1 ? xtile + in * T : nullptr;
-        panel_item(seg, lcol, val, out, in, R, P, T, n, b, t, xtile, next, bias, act, y, buf);
+        panel_item(seg, lcol, val, out, in, R, P, T, n, b, t, xt + t * in * T, bias, act, y, buf);
       }
     }
   }
