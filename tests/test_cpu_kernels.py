@@ -214,10 +214,11 @@ def test_panelled_copy_is_built_at_the_first_batch_that_needs_it():
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape,batch", [((40, 300), 300), ((64, 64), 257), ((300, 40), 300), ((33, 600), 1100),
-                                         ((64, 200), 120)])
+                                         ((64, 200), 120), ((300, 40), 1030)])
 def test_panelled_schedules_match_reference(shape, batch, dtype, threads):
     # Both schedules of the panelled kernel: by tile (in >= out, several 64-token tiles per thread, a partial
-    # last tile; 120 tokens on 2 threads: 32-token tiles) and by row block (out > in), on one and two threads.
+    # last tile; 120 tokens on 2 threads: 32-token tiles; out > in with 16 tiles or more) and by row block
+    # (out > in, fewer tiles), on one and two threads.
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

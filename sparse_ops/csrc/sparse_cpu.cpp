@@ -529,11 +529,12 @@ void panel_item(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t o
 // tile. By row block: x is packed by all threads first, then items (row block, run of consecutive tiles), at
 // least 4 per thread where the shape allows, tiles inner so a block's weights stay in L2 across its tiles, but
 // the packed x is read once per row block. Paired A/B runs on the 2-core EPYC (90%, 2 threads): by tile is
-// 20-50% faster where in >= out (384x1536, 384x384, 768x3072 at 256-1024 tokens; 4096x4096 at 1024) and 1-9%
-// slower where out > in (1536x384, 3072x768) or where a weight too big for L2 is re-read for each of few
-// tiles (4096x4096 at 256 tokens).
+// 20-50% faster where in >= out (384x1536, 384x384, 768x3072 at 256-1024 tokens; 4096x4096 at 1024), and
+// where out > in once there are MANY_TILES tiles (+3-8% on 1536x384 and 3072x768 at 1024 tokens, +16% on
+// 4096x1024 at 2048, +69% on 11008x4096 at 1024); it is 1-9% slower where out > in with fewer tiles
+// (1536x384 at 128-512) or where a weight too big for L2 is re-read for each of few tiles (4096x4096 at 256).
 constexpr int64_t TILES_PER_THREAD = 2;     // by tile needs this many tiles per thread
-constexpr int64_t L2_WEIGHT_BYTES = 512 * 1024;  // ... and a weight this small, or MANY_TILES tiles
+constexpr int64_t L2_WEIGHT_BYTES = 512 * 1024;  // ... and in >= out with a weight this small, or MANY_TILES
 constexpr int64_t MANY_TILES = 16;
 
 template <typename V>
@@ -544,8 +545,8 @@ int run_panels(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t ou
   const int64_t weight_bytes = seg[nblocks * ((in + P - 1) / P) * R] * static_cast<int64_t>(sizeof(V) + 1);
   const auto tile_wise = [&](int64_t tile) {
     const int64_t tiles = (n + tile - 1) / tile;
-    return tiles >= TILES_PER_THREAD * nthreads && in >= out &&
-           (weight_bytes <= L2_WEIGHT_BYTES || tiles >= MANY_TILES);
+    return tiles >= TILES_PER_THREAD * nthreads &&
+           (tiles >= MANY_TILES || (in >= out && weight_bytes <= L2_WEIGHT_BYTES));
   };
   // 32-token tiles where that makes enough tiles for the by-tile schedule and 64 do not (128 tokens on 2
   // threads: +49-55% on 384x384 and 384x1536 in paired runs).
