@@ -411,18 +411,20 @@ struct TwoFourBody {
 //   lcol (nnz,) uint8: column - p * P (1 byte per nonzero);  val (nnz,) fp32 | bf16
 // x packed by pack_in_region: xt (ntiles, in, T) fp32, token t * T + j of column c at xt[(t * in + c) * T + j],
 // zero past n. One panel of one tile, (P, T) floats (64 KiB at P = 256, T = 64: it lives in L2), is
-// contiguous; the R rows of the block use it in turn (each line about R * density times). The block's sums live in buf (R, T), loaded and stored once per (row,
-// panel); the block's weights stay in L2 across tiles. Why not simpler: with x read from L2 per nonzero (no
+// contiguous; the R rows of the block use it in turn (each line about R * density times). The block's sums
+// live in buf (R, T), stored once per (row, panel) and loaded again from the second panel on (the first starts
+// from zero: no memset of buf); the block's weights stay in L2 across tiles. Why not simpler: with x read from L2 per nonzero (no
 // column panels) the kernel ran at 2-3 cycles per 16-wide FMA; per-(row, panel) overhead (sums loaded and
 // stored, the loop exit) and the FMA latency chains (S accumulator sets hide them) are what keep it below
 // MKL's dense FMA rate.
 
 template <int NV, int S, typename V>
-__attribute__((always_inline)) inline void panel_row(const uint8_t* lcol, const V* val, int64_t k, int64_t e, const float* xp, float* acc_mem) {
+__attribute__((always_inline)) inline void panel_row(const uint8_t* lcol, const V* val, int64_t k, int64_t e,
+                                                     const float* xp, float* acc_mem, bool fresh) {
   typedef Vec<16>::type vec;
   constexpr int64_t T = 16 * NV;
   vec acc[S][NV];
-  for (int j = 0; j < NV; ++j) acc[0][j] = load_vec<16>(acc_mem + 16 * j);
+  for (int j = 0; j < NV; ++j) acc[0][j] = fresh ? vec{} : load_vec<16>(acc_mem + 16 * j);
   for (int s = 1; s < S; ++s)
     for (int j = 0; j < NV; ++j) acc[s][j] = vec{};
   for (; k + S <= e; k += S)
@@ -446,14 +448,14 @@ template <int NV, int S, typename V>
 void panel_block(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t in, int64_t npanels, int64_t R,
                  int64_t P, int64_t b, int64_t nrows, const float* xtile, float* buf) {
   constexpr int64_t T = 16 * NV;
-  std::memset(buf, 0, nrows * T * sizeof(float));
   // No software prefetch: prefetching each next panel (into L1, or into L2 only) was 3-12% slower than none in
   // paired runs on BERT shapes and 4096x4096 at 70-90% (64-1024 tokens).
   for (int64_t p = 0; p < npanels; ++p) {
     const float* xp = xtile + p * P * T;  // (min(P, in - p * P), T)
     const int32_t* s = seg + (b * npanels + p) * R;
     for (int64_t i = 0; i < nrows; ++i) {
-      if (s[i] != s[i + 1]) panel_row<NV, S>(lcol, val, s[i], s[i + 1], xp, buf + i * T);
+      if (s[i] != s[i + 1]) panel_row<NV, S>(lcol, val, s[i], s[i + 1], xp, buf + i * T, p == 0);
+      else if (p == 0) std::memset(buf + i * T, 0, T * sizeof(float));
     }
   }
 }
