@@ -7,8 +7,9 @@ figure is the median of the per-round ratios time(A) / time(B) (> 1: B is faster
 percentiles. Outputs of A and B are checked against each other first.
 
 Run: ``python -m benchmarks.kernel_ab A.cpp B.cpp [--shapes 384x384x1024 4096x4096x1] [--sparsity 0.9]
-[--threads 2] [--rounds 15]``; shapes are OUTxINxTOKENS. Example: compare the committed source with an edit
-(``git show HEAD:sparse_ops/csrc/sparse_cpu.cpp > /tmp/A.cpp``).
+[--threads 2] [--rounds 15] [--bias] [--activation gelu] [--no-check]``; shapes are OUTxINxTOKENS. Example:
+compare the committed source with an edit (``git show HEAD:sparse_ops/csrc/sparse_cpu.cpp > /tmp/A.cpp``);
+``--no-check`` times ablations whose outputs differ (e.g. a step skipped to measure its share).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from sparse_ops.activations import ACTIVATIONS, CODES
 from sparse_ops.formats import CSR
 from sparse_ops.kernels import cpu_native, native
 
@@ -37,20 +39,21 @@ def build(source: Path, out_dir: Path, tag: str) -> ctypes.CDLL:
     return lib
 
 
-def csr_call(lib: ctypes.CDLL, w: cpu_native.NativeWeight, x: torch.Tensor, y: torch.Tensor,
-             threads: int) -> Callable[[], int]:
+def csr_call(lib: ctypes.CDLL, w: cpu_native.NativeWeight, x: torch.Tensor, y: torch.Tensor, threads: int,
+             bias: torch.Tensor | None = None, activation: str | None = None) -> Callable[[], int]:
     """The call the library makes for x (n, in): gemv / plain kernel, or the panelled kernel."""
     (out, inp), n = w.source.shape, x.shape[0]
+    bp, act = None if bias is None else bias.data_ptr(), CODES[activation]
     if cpu_native.use_panels(n, w.density, inp):
         cpu_native.panelled(w)
         seg, lcol, vals = w.panels
         return lambda: lib.csr_panels_f32(seg.data_ptr(), lcol.data_ptr(), vals.data_ptr(), out, inp,
                                           cpu_native.PANEL_ROWS, cpu_native.PANEL_WIDTH, x.data_ptr(),
-                                          cpu_native.panel_tile(n), n, None, y.data_ptr(), threads, 0)
+                                          cpu_native.panel_tile(n), n, bp, y.data_ptr(), threads, act)
     crow, col, vals = w.tensors
     entry = getattr(lib, f"csr_f32_{cpu_native.INDEX_CODE[col.dtype]}")
-    return lambda: entry(crow.data_ptr(), col.data_ptr(), vals.data_ptr(), out, inp, x.data_ptr(), n, None,
-                         y.data_ptr(), threads, 0)
+    return lambda: entry(crow.data_ptr(), col.data_ptr(), vals.data_ptr(), out, inp, x.data_ptr(), n, bp,
+                         y.data_ptr(), threads, act)
 
 
 def paired_ratio(fa: Callable[[], object], fb: Callable[[], object], rounds: int,
@@ -83,6 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--threads", type=int, default=0, help="default: torch's thread count")
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--bias", action="store_true", help="with a bias (the epilogue adds it)")
+    p.add_argument("--activation", choices=sorted(ACTIVATIONS), help="fused into the epilogue")
+    p.add_argument("--no-check", action="store_true", help="skip comparing A's and B's outputs (ablations)")
     a = p.parse_args(argv)
     threads = a.threads or torch.get_num_threads()
     gen = torch.Generator().manual_seed(0)
@@ -95,9 +101,11 @@ def main(argv: list[str] | None = None) -> None:
             state = cpu_native.prepare_csr(CSR.from_dense(w))
             x = torch.randn(n, inp, generator=gen)
             ys = [torch.empty(n, out), torch.empty(n, out)]
-            fa, fb = (csr_call(lib, state, x, y, threads) for lib, y in zip(libs, ys))
+            bias = torch.randn(out, generator=gen) if a.bias else None
+            fa, fb = (csr_call(lib, state, x, y, threads, bias, a.activation) for lib, y in zip(libs, ys))
             fa(), fb()
-            torch.testing.assert_close(ys[1], ys[0], rtol=1e-4, atol=1e-4)
+            if not a.no_check:
+                torch.testing.assert_close(ys[1], ys[0], rtol=1e-4, atol=1e-4)
             med, p20, p80 = paired_ratio(fa, fb, a.rounds)
             print(f"{spec:>18} sparsity {a.sparsity}: B/A speed {med:.3f} (p20 {p20:.3f}, p80 {p80:.3f})", flush=True)
 

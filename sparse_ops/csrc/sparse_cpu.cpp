@@ -123,20 +123,24 @@ inline float activation(float v) {
   return v;
 }
 
+// rows[i, j] = act(rows[i, j] + bias[i]) for i < nrows, j < m (rows with stride ld; bias may be null).
 template <int ACT>
-inline void epilogue_run(float* v, int64_t m, float b) {
+void epilogue_rows(float* rows, int64_t ld, int64_t nrows, int64_t m, const float* bias) {
+  for (int64_t i = 0; i < nrows; ++i) {
+    float* v = rows + i * ld;
+    const float b = bias ? bias[i] : 0.0f;
 #pragma omp simd
-  for (int64_t j = 0; j < m; ++j) v[j] = activation<ACT>(v[j] + b);
+    for (int64_t j = 0; j < m; ++j) v[j] = activation<ACT>(v[j] + b);
+  }
 }
 
-// v[j] = act(v[j] + b) for j < m.
-inline void epilogue(float* v, int64_t m, float b, int act) {
+inline void epilogue(float* rows, int64_t ld, int64_t nrows, int64_t m, const float* bias, int act) {
   switch (act) {
-    case ACT_RELU: epilogue_run<ACT_RELU>(v, m, b); break;
-    case ACT_GELU: epilogue_run<ACT_GELU>(v, m, b); break;
-    case ACT_GELU_TANH: epilogue_run<ACT_GELU_TANH>(v, m, b); break;
-    case ACT_SILU: epilogue_run<ACT_SILU>(v, m, b); break;
-    default: epilogue_run<ACT_NONE>(v, m, b); break;
+    case ACT_RELU: epilogue_rows<ACT_RELU>(rows, ld, nrows, m, bias); break;
+    case ACT_GELU: epilogue_rows<ACT_GELU>(rows, ld, nrows, m, bias); break;
+    case ACT_GELU_TANH: epilogue_rows<ACT_GELU_TANH>(rows, ld, nrows, m, bias); break;
+    case ACT_SILU: epilogue_rows<ACT_SILU>(rows, ld, nrows, m, bias); break;
+    default: if (bias) epilogue_rows<ACT_NONE>(rows, ld, nrows, m, bias); break;
   }
 }
 
@@ -145,8 +149,7 @@ inline void epilogue(float* v, int64_t m, float b, int act) {
 // columns cost about a third of the kernel's time at 384 outputs).
 inline void flush_rows(float* buf, int64_t T, int64_t r0, int64_t nrows, int64_t t0, int64_t nvalid,
                        const float* bias, int act, float* y, int64_t out) {
-  if (bias || act)
-    for (int64_t i = 0; i < nrows; ++i) epilogue(buf + i * T, nvalid, bias ? bias[r0 + i] : 0.0f, act);
+  epilogue(buf, T, nrows, nvalid, bias ? bias + r0 : nullptr, act);
   int64_t i0 = 0;
 #if defined(__AVX__)
   for (; i0 + 8 <= nrows; i0 += 8) {
@@ -624,7 +627,7 @@ int run_blocks(Body body, int64_t out, int64_t in, const float* x, int64_t n, in
       const int64_t r0 = item / ntiles * ROWS_PER_BLOCK, r1 = std::min(out, r0 + ROWS_PER_BLOCK);
       if (width == 1) {
         body.gemv(r0, r1);  // bias added
-        if (body.act) epilogue(body.y + r0, r1 - r0, 0.0f, body.act);
+        if (body.act) epilogue(body.y + r0, 0, 1, r1 - r0, nullptr, body.act);
       } else one_tile(body, r0, r1, body.ld, n, item % ntiles * tile, tile, buf);
     }
   }
