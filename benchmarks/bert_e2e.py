@@ -13,6 +13,8 @@ Run: ``python -m benchmarks.bert_e2e --out benchmarks/results/bert_e2e [--thread
 32 MiB) before anything runs. By default glibc hands large freed blocks back to the OS, and the next
 activation of that size is page-faulted in again: on the 2-core VM that cost the sparse model, whose other
 work is small, up to ~20,000 faults per batch-8 forward. Both models run under the same setting.
+Each batch is measured ``--runs`` times (default 3): on the shared 2-core VM whole runs move by about 10%, so the
+summary printed and saved (``speedup_summary`` in the JSON) is the median speedup over the runs with its range.
 Writes bert_e2e.csv and bert_e2e.json (environment, args, rows). Each row also carries the Amdahl bound: the
 fraction of the dense model's time spent in its encoder linears (forward hooks) and the whole-model speedup if
 those took no time at all, or were 10x faster (the FLOP ratio at 90% sparsity); attention, layer norms, GELU,
@@ -26,6 +28,7 @@ import csv
 import ctypes
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -119,6 +122,18 @@ def measure(batch: int, models: dict[str, BertModel], repeats: int) -> list[dict
             for name, t in times.items()]
 
 
+def speedup_summary(rows: list[dict[str, object]]) -> dict[str, dict[str, float]]:
+    """Per candidate: median, min and max of its speedup over the runs.
+
+    >>> speedup_summary([dict(candidate="sparse", speedup=s) for s in (2.9, 3.2, 3.1)])
+    {'sparse': {'median': 3.1, 'min': 2.9, 'max': 3.2}}
+    """
+    by: dict[str, list[float]] = {}
+    for r in rows:
+        by.setdefault(r["candidate"], []).append(r["speedup"])
+    return {c: {"median": statistics.median(v), "min": min(v), "max": max(v)} for c, v in by.items()}
+
+
 def keep_freed_memory() -> None:
     """glibc: keep freed blocks in the heap (no trim, no mmap below 32 MiB) instead of returning them to the OS."""
     libc = ctypes.CDLL("libc.so.6")
@@ -133,7 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--threads", type=int, default=0, help="torch (and our) threads; default: torch's choice")
-    p.add_argument("--quick", action="store_true", help="batch 1 only, 3 repeats")
+    p.add_argument("--runs", type=int, default=3,
+                   help="independent interleaved measurements per batch; the summary is their median speedup")
+    p.add_argument("--quick", action="store_true", help="batch 1 only, 3 repeats, 1 run")
     p.add_argument("--malloc", choices=("default", "keep"), default="default",
                    help="keep: glibc keeps freed memory instead of returning it to the OS (see the module doc)")
     a = p.parse_args(argv)
@@ -142,16 +159,18 @@ def main(argv: list[str] | None = None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.quick:
-        a.batches, a.repeats = [1], 3
+        a.batches, a.repeats, a.runs = [1], 3, 1
     dense = pruned_bert()
     models = {"dense": dense, "sparse": sparse_model(dense, True), "sparse_torch": sparse_model(dense, False)}
-    rows = []
+    rows, summary = [], {}
     for batch in a.batches:
-        rows += measure(batch, models, a.repeats)
+        for run in range(a.runs):
+            rows += [dict(r, run=run) for r in measure(batch, models, a.repeats)]
+        summary[batch] = speedup_summary([r for r in rows if r["batch"] == batch])
         last = rows[-1]
-        print(" ".join(f"{r['candidate']}={r['speedup']:.2f}x" for r in rows if r["batch"] == batch),
-              f"batch={batch} linears {last['dense_linear_fraction']:.0%} of dense time: bound "
-              f"{last['bound_free_linears']}x (free linears), {last['bound_linears_10x']}x (linears 10x)",
+        print(" ".join(f"{c}={v['median']:.2f}x ({v['min']:.2f}-{v['max']:.2f})" for c, v in summary[batch].items()),
+              f"batch={batch} (median of {a.runs} runs) linears {last['dense_linear_fraction']:.0%} of dense time: "
+              f"bound {last['bound_free_linears']}x (free linears), {last['bound_linears_10x']}x (linears 10x)",
               f"load={last['load_avg_1min']}", flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
     with open(a.out / "bert_e2e.csv", "w", newline="") as f:
@@ -162,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
             "kernels": sorted({m.kernel.name for n, m in models["sparse"].named_modules() if hasattr(m, "kernel")})}
     args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
     (a.out / "bert_e2e.json").write_text(json.dumps({"environment": environment(), "args": args, **info,
-                                                     "rows": rows}, indent=1))
+                                                     "speedup_summary": summary, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
