@@ -427,11 +427,11 @@ struct TwoFourBody {
 
 template <int NV, int S, typename V>
 __attribute__((always_inline)) inline void panel_row(const uint8_t* lcol, const V* val, int64_t k, int64_t e,
-                                                     const float* xp, float* acc_mem, bool fresh) {
+                                                     const float* xp, float* acc_mem, bool fresh, float start) {
   typedef Vec<16>::type vec;
   constexpr int64_t T = 16 * NV;
   vec acc[S][NV];
-  for (int j = 0; j < NV; ++j) acc[0][j] = fresh ? vec{} : load_vec<16>(acc_mem + 16 * j);
+  for (int j = 0; j < NV; ++j) acc[0][j] = fresh ? vec{} + start : load_vec<16>(acc_mem + 16 * j);
   for (int s = 1; s < S; ++s)
     for (int j = 0; j < NV; ++j) acc[s][j] = vec{};
   for (; k + S <= e; k += S)
@@ -450,10 +450,11 @@ __attribute__((always_inline)) inline void panel_row(const uint8_t* lcol, const 
   for (int j = 0; j < NV; ++j) std::memcpy(acc_mem + 16 * j, &acc[0][j], sizeof(vec));
 }
 
-// Sums of rows [r0, r0 + nrows) (block b) over one token tile into buf (nrows, T), all panels in turn.
+// Sums of rows [r0, r0 + nrows) (block b) over one token tile into buf (nrows, T), all panels in turn, each
+// starting from its bias (bias points at row r0's, or is null).
 template <int NV, int S, typename V>
 void panel_block(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t in, int64_t npanels, int64_t R,
-                 int64_t P, int64_t b, int64_t nrows, const float* xtile, float* buf) {
+                 int64_t P, int64_t b, int64_t nrows, const float* xtile, const float* bias, float* buf) {
   constexpr int64_t T = 16 * NV;
   // No software prefetch: prefetching each next panel (into L1, or into L2 only) was 3-12% slower than none in
   // paired runs on BERT shapes and 4096x4096 at 70-90% (64-1024 tokens).
@@ -461,8 +462,9 @@ void panel_block(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t 
     const float* xp = xtile + p * P * T;  // (min(P, in - p * P), T)
     const int32_t* s = seg + (b * npanels + p) * R;
     for (int64_t i = 0; i < nrows; ++i) {
-      if (s[i] != s[i + 1]) panel_row<NV, S>(lcol, val, s[i], s[i + 1], xp, buf + i * T, p == 0);
-      else if (p == 0) std::memset(buf + i * T, 0, T * sizeof(float));
+      const float start = bias ? bias[i] : 0.0f;
+      if (s[i] != s[i + 1]) panel_row<NV, S>(lcol, val, s[i], s[i + 1], xp, buf + i * T, p == 0, start);
+      else if (p == 0) std::fill(buf + i * T, buf + (i + 1) * T, start);
     }
   }
 }
@@ -525,12 +527,13 @@ void panel_item(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t o
                 int64_t P, int64_t T, int64_t n, int64_t b, int64_t t, const float* xtile, const float* bias,
                 int act, float* y, float* buf) {
   const int64_t npanels = (in + P - 1) / P, r0 = b * R, nrows = std::min(R, out - r0);
+  const float* rbias = bias ? bias + r0 : nullptr;
   switch (T) {
-    case 16: panel_block<1, 4>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, buf); break;
-    case 32: panel_block<2, 2>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, buf); break;
-    default: panel_block<4, 1>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, buf); break;
+    case 16: panel_block<1, 4>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, rbias, buf); break;
+    case 32: panel_block<2, 2>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, rbias, buf); break;
+    default: panel_block<4, 1>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, rbias, buf); break;
   }
-  flush_rows(buf, T, r0, nrows, t * T, std::min(T, n - t * T), bias, act, y, out);
+  flush_rows(buf, T, r0, nrows, t * T, std::min(T, n - t * T), nullptr, act, y, out);  // bias already in
 }
 
 // Two schedules. By tile: each thread takes whole tiles, packs a tile (in * T floats) into its own slot of the
