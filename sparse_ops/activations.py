@@ -90,10 +90,10 @@ def activation_of(module: nn.Module) -> str | None:
         return None
     try:
         graph = fx.symbolic_trace(module).graph
-    except Exception:  # noqa: BLE001  fx raises many kinds on untraceable code: then the module is simply not an activation
+    except Exception:  # noqa: BLE001  fx raises many kinds on untraceable code: then it is not an activation
         return None
     nodes = list(graph.nodes)
-    if len(nodes) != 3 or nodes[0].op != "placeholder" or nodes[2].op != "output" or nodes[2].args[0] is not nodes[1]:
+    if [n.op for n in nodes] != ["placeholder", "call_function", "output"] or nodes[2].args[0] is not nodes[1]:
         return None
     return _function_kind(nodes[1], nodes[0])
 
@@ -108,7 +108,7 @@ def _consumed_by(parent: nn.Module, layers: set[str], acts: set[str]) -> list[tu
     only to that activation, as its only argument."""
     try:
         graph = _ChildrenAreLeaves().trace(parent)
-    except Exception:  # noqa: BLE001  untraceable forward (data-dependent control flow, ...): nothing is fused in it
+    except Exception:  # noqa: BLE001  untraceable forward (data-dependent control flow, ...): nothing fused
         return []
     calls: dict[str, list[fx.Node]] = {}
     for node in graph.nodes:

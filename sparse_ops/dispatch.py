@@ -29,13 +29,13 @@ class Kernel:
 
     ``native`` is False where the kernel does not exploit the format (torch's 2:4 on CPU): ``format="auto"``
     skips it. ``fuses_activation``: ``matmul`` takes a fourth argument, an activation name
-    (``sparse_ops.activations``), applied in the kernel's output writes. ``available()`` says whether the kernel can run in this process; when it cannot, ``fallback``
-    (which must always be available) is used instead.
+    (``sparse_ops.activations``), applied in the kernel's output writes. ``available()`` says whether the
+    kernel can run in this process; when it cannot, ``fallback`` (which must always be available) is used.
     """
 
     name: str
     prepare: Callable[[object], object]
-    matmul: Callable[[object, torch.Tensor, torch.Tensor | None], torch.Tensor]
+    matmul: Callable[..., torch.Tensor]  # (state, x, bias[, activation]) -> y
     native: bool = True
     fuses_activation: bool = False
     available: Callable[[], bool] = lambda: True
@@ -50,8 +50,8 @@ TORCH_CPU_TWO_FOUR = Kernel("torch.cpu.2:4", cpu.prepare_two_four, cpu.two_four_
 KERNELS: dict[tuple[str, str], Kernel] = {
     ("csr", "cpu"): Kernel("cpu.csr", cpu_native.prepare_csr, cpu_native.csr_matmul, fuses_activation=True,
                            available=native.available, fallback=TORCH_CPU_CSR),
-    ("2:4", "cpu"): Kernel("cpu.2:4", cpu_native.prepare_two_four, cpu_native.two_four_matmul, fuses_activation=True,
-                           available=native.available, fallback=TORCH_CPU_TWO_FOUR),
+    ("2:4", "cpu"): Kernel("cpu.2:4", cpu_native.prepare_two_four, cpu_native.two_four_matmul,
+                           fuses_activation=True, available=native.available, fallback=TORCH_CPU_TWO_FOUR),
     ("csr", "cuda"): Kernel("cuda.csr", cuda.prepare_csr, cuda.csr_matmul),
     ("2:4", "cuda"): Kernel("cuda.2:4", cuda.prepare_two_four, cuda.two_four_matmul),
 }

@@ -12,8 +12,8 @@ others, the plain-CSR kernel with x transposed into a zero-padded (in, ld) panel
 multiplies a contiguous run of tokens. The C++ code packs x itself, inside the same OpenMP parallel region as
 the multiply; each call is one ctypes call with the weight's pointers bound at ``prepare`` (a few microseconds
 of Python per layer). All run on torch's OpenMP pool with torch's thread count; outputs are cast back to the
-weight's dtype. An activation (``sparse_ops.activations``) can be fused into the output writes. Inference only: when a
-gradient is needed the call goes to torch's CSR kernel.
+weight's dtype. An activation (``sparse_ops.activations``) can be fused into the output writes. Inference
+only: when a gradient is needed the call goes to torch's CSR kernel.
 
 Example:
     >>> import torch
