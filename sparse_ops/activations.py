@@ -62,9 +62,9 @@ def apply(y: torch.Tensor, name: str | None) -> torch.Tensor:
     return y if name is None else ACTIVATIONS[name](y)
 
 
-def _function_kind(node: fx.Node, arg: fx.Node | None = None) -> str | None:
+def _function_kind(node: fx.Node, arg: fx.Node) -> str | None:
     """The activation a call_function node computes of ``arg`` (its only tensor input), or None."""
-    if node.op != "call_function" or len(node.args) != 1 or (arg is not None and node.args[0] is not arg):
+    if node.op != "call_function" or node.args != (arg,):
         return None
     kwargs = dict(node.kwargs)
     kwargs.pop("inplace", None)  # in place or not, the value is the same and the kernel's output is private
