@@ -33,10 +33,7 @@ def build(source: Path, out_dir: Path, tag: str) -> ctypes.CDLL:
     """Compile ``source`` with the library's flags and load it with the library's signatures."""
     so = out_dir / f"sparse_cpu_{tag}.so"
     subprocess.run(["g++", *native.FLAGS, "-o", str(so), str(source)], check=True, capture_output=True, text=True)
-    lib = ctypes.CDLL(str(so))
-    for name, argtypes in native.SIGNATURES.items():
-        getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, ctypes.c_int
-    return lib
+    return native.open_library(so)
 
 
 def csr_call(lib: ctypes.CDLL, w: cpu_native.NativeWeight, x: torch.Tensor, y: torch.Tensor, threads: int,

@@ -51,10 +51,22 @@ SIGNATURES: dict[str, tuple[type, ...]] = {
 }
 
 
-def _check_status(status: int, fn: object, _args: tuple) -> None:
-    """ctypes errcheck of the kernel entry points: 0 is success, 1 means the packed-x buffer was not allocated."""
+def _check_status(status: int, fn: object, _args: tuple) -> int:
+    """ctypes errcheck of the kernel entry points: 0 is success (returned), 1 means the packed-x buffer was not
+    allocated (MemoryError)."""
     if status:
         raise MemoryError(f"{getattr(fn, '__name__', fn)}: out of memory for the packed input ({status=})")
+    return status
+
+
+def open_library(path: str | os.PathLike) -> ctypes.CDLL:
+    """Load a build of ``sparse_cpu.cpp`` with the entry points' signatures and status check bound (also used
+    for other builds: ``benchmarks/kernel_ab.py``, the -march tests)."""
+    lib = ctypes.CDLL(str(path))
+    for name, argtypes in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype, fn.errcheck = argtypes, ctypes.c_int, _check_status
+    return lib
 
 
 def cache_dir() -> Path:
@@ -107,12 +119,9 @@ def _load() -> ctypes.CDLL | str:
     try:
         import torch.nn.functional  # noqa: F401  (torch, hence its libgomp.so.1, is loaded before our library)
 
-        lib = ctypes.CDLL(str(build()))
+        lib = open_library(build())
         if lib.sparse_cpu_abi_version() != ABI_VERSION:
             return f"ABI version {lib.sparse_cpu_abi_version()} != {ABI_VERSION}"
-        for name, argtypes in SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype, fn.errcheck = argtypes, ctypes.c_int, _check_status
         return lib
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return f"{type(e).__name__}: {e}"
