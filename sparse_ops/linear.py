@@ -89,16 +89,27 @@ class SparseLinear(nn.Module):
         self._prepare()
         return self
 
+    def __getstate__(self) -> dict:  # copy.deepcopy, pickle: the kernel and its state (pointers) are rebuilt
+        return {k: v for k, v in self.__dict__.items() if k not in ("kernel", "_state")}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._prepare()
+
     def _load_from_state_dict(self, *args, **kwargs):  # buffers are copied in place: the kernel state follows
         super()._load_from_state_dict(*args, **kwargs)
         self._prepare()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., in) -> (..., out)."""
+    def check_input(self, x: torch.Tensor) -> None:
+        """ValueError or TypeError unless x is (..., in_features) in the weight's dtype."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input's last dimension must be in_features={self.in_features}, got {tuple(x.shape)}")
         if x.dtype != self._dtype:
             raise TypeError(f"input dtype {x.dtype} does not match the weight's {self._dtype}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., in) -> (..., out)."""
+        self.check_input(x)
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         kernel, act, bias = self.kernel, self._activation, self._buffers["bias"]
         if act is not None and kernel.fuses_activation:

@@ -323,3 +323,23 @@ def test_kernel_ab_compares_two_builds(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == ["40x300x1", "40x300x64"]
     assert all("B/A speed" in line and "p20" in line for line in lines)
+
+
+@pytest.mark.skipif(not native.available(), reason="needs g++ and the native kernels")
+def test_ffn_benchmark_writes_consistent_rows(tmp_path, capsys):
+    import csv
+    import json
+
+    from benchmarks import ffn
+    ffn.main(["--out", str(tmp_path), "--hidden", "32", "--tokens", "8", "40", "--sparsities", "0.8",
+              "--repeats", "1"])
+    rows = list(csv.DictReader(open(tmp_path / "ffn.csv")))
+    assert [(r["tokens"], r["candidate"]) for r in rows] == [
+        (t, c) for t in ("8", "40") for c in ("dense", "two_layers", "fused")]
+    for point in (rows[:3], rows[3:]):
+        by = {r["candidate"]: float(r["median_s"]) for r in point}
+        assert float(point[0]["fused_over_two_layers"]) == pytest.approx(by["two_layers"] / by["fused"], rel=1e-3)
+        assert float(point[1]["speedup"]) == pytest.approx(by["dense"] / by["two_layers"], rel=1e-3)
+    assert json.loads((tmp_path / "ffn.json").read_text())["status"] == "complete"
+    assert (tmp_path / "ffn.png").read_bytes()[:4] == b"\x89PNG"
+    assert "fused / two" in capsys.readouterr().out

@@ -56,6 +56,27 @@ def test_load_state_dict_prepares_the_kernel_again(batch):
         torch.testing.assert_close(layer(x), x @ w2.t() + layer.bias, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch", [1, 8, 64])
+def test_deepcopy_and_pickle_rebuild_the_kernel_state(batch):
+    import copy
+    import io
+    w = unstructured((40, 48), 0.6)
+    layer = SparseLinear.from_dense(pruned_linear(40, 48, torch.float32, w))
+    x = torch.randn(batch, 48)
+    with torch.no_grad():
+        layer(x)  # a prepared state (and at 64 tokens its panelled copy) exists before the copy
+        twin = copy.deepcopy(layer)
+        buf = io.BytesIO()
+        torch.save(layer, buf)  # a whole-module pickle: our own object, loaded only by trusting code
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        twin.bias.zero_()  # the copy's buffers are its own
+        assert twin._state.tensors[0].data_ptr() != layer._state.tensors[0].data_ptr()
+        torch.testing.assert_close(twin(x), x @ w.t(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loaded(x), layer(x), rtol=0, atol=0)
+        torch.testing.assert_close(layer(x), x @ w.t() + layer.bias, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_inputs_name_the_problem():
     layer = SparseLinear.from_dense(pruned_linear(6, 8, torch.float32, unstructured((6, 8), 0.5)))
     with pytest.raises(ValueError, match=r"in_features=8, got \(2, 7\)"):

@@ -502,6 +502,12 @@ inline void pack_in_region(const float* x, int64_t n, int64_t in, int64_t T, flo
   }
 }
 
+// Token tile t of x packed alone into dst (in, T): one thread's tile in the by-tile schedules.
+inline void pack_tile(const float* x, int64_t n, int64_t in, int64_t T, int64_t t, float* dst) {
+  for (int64_t c0 = 0; c0 < in; c0 += 16)  // the tile's rows, packed as tile 0 of those rows
+    pack_block(x + t * T * in, std::min(T, n - t * T), in, T, 0, c0, std::min(in, c0 + 16), dst);
+}
+
 // The packed x lives in a scratch buffer of the calling thread, kept between calls and grown to the largest
 // seen: a fresh multi-MiB buffer each call would cost ~0.5 ms per MiB in page faults. It is 64-byte aligned:
 // every 16-float load of x then stays within one cache line (malloc's 16-byte alignment made the kernels
@@ -523,19 +529,34 @@ inline float* scratch(size_t floats) {
 
 constexpr int ENTRY_OK = 0, ENTRY_OUT_OF_MEMORY = 1;  // what the entry points return
 
-// Sums of one tile's rows [b * R, ...) into buf, then written to y.
+// A panelled CSR weight (out, in): the parts above, rows in blocks of R, columns in panels of P.
 template <typename V>
-void panel_item(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t out, int64_t in, int64_t R,
-                int64_t P, int64_t T, int64_t n, int64_t b, int64_t t, const float* xtile, const float* bias,
-                int act, float* y, float* buf) {
-  const int64_t npanels = (in + P - 1) / P, r0 = b * R, nrows = std::min(R, out - r0);
+struct Panels {
+  const int32_t* seg; const uint8_t* lcol; const V* val; int64_t out, in, R, P;
+  int64_t nblocks() const { return (out + R - 1) / R; }
+  int64_t npanels() const { return (in + P - 1) / P; }
+  int64_t bytes() const { return seg[nblocks() * npanels() * R] * static_cast<int64_t>(sizeof(V) + 1); }
+};
+
+// Block b's sums over one token tile of T tokens (bias included) into dst (nrows, T); returns nrows.
+template <typename V>
+int64_t panel_sums(const Panels<V>& w, int64_t T, int64_t b, const float* xtile, const float* bias, float* dst) {
+  const int64_t r0 = b * w.R, nrows = std::min(w.R, w.out - r0), np = w.npanels();
   const float* rbias = bias ? bias + r0 : nullptr;
   switch (T) {
-    case 16: panel_block<1, 4>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, rbias, buf); break;
-    case 32: panel_block<2, 2>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, rbias, buf); break;
-    default: panel_block<4, 1>(seg, lcol, val, in, npanels, R, P, b, nrows, xtile, rbias, buf); break;
+    case 16: panel_block<1, 4>(w.seg, w.lcol, w.val, w.in, np, w.R, w.P, b, nrows, xtile, rbias, dst); break;
+    case 32: panel_block<2, 2>(w.seg, w.lcol, w.val, w.in, np, w.R, w.P, b, nrows, xtile, rbias, dst); break;
+    default: panel_block<4, 1>(w.seg, w.lcol, w.val, w.in, np, w.R, w.P, b, nrows, xtile, rbias, dst); break;
   }
-  flush_rows(buf, T, r0, nrows, t * T, std::min(T, n - t * T), nullptr, act, y, out);  // bias already in
+  return nrows;
+}
+
+// Block b's rows over tile t, written to y (n, w.out).
+template <typename V>
+void panel_item(const Panels<V>& w, int64_t T, int64_t n, int64_t b, int64_t t, const float* xtile,
+                const float* bias, int act, float* y, float* buf) {
+  const int64_t nrows = panel_sums(w, T, b, xtile, bias, buf);
+  flush_rows(buf, T, b * w.R, nrows, t * T, std::min(T, n - t * T), nullptr, act, y, w.out);  // bias already in
 }
 
 // Two schedules. By tile: each thread takes whole tiles, packs a tile (in * T floats) into its own slot of the
@@ -552,15 +573,13 @@ constexpr int64_t L2_WEIGHT_BYTES = 512 * 1024;  // ... and in >= out with a wei
 constexpr int64_t MANY_TILES = 16;
 
 template <typename V>
-int run_panels(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t out, int64_t in, int64_t R,
-               int64_t P, const float* x, int64_t T, int64_t n, const float* bias, float* y, int nthreads,
-               int act) {
-  const int64_t nblocks = (out + R - 1) / R;
-  const int64_t weight_bytes = seg[nblocks * ((in + P - 1) / P) * R] * static_cast<int64_t>(sizeof(V) + 1);
+int run_panels(const Panels<V>& w, const float* x, int64_t T, int64_t n, const float* bias, float* y,
+               int nthreads, int act) {
+  const int64_t in = w.in, nblocks = w.nblocks(), weight_bytes = w.bytes();
   const auto tile_wise = [&](int64_t tile) {
     const int64_t tiles = (n + tile - 1) / tile;
     return tiles >= TILES_PER_THREAD * nthreads &&
-           (tiles >= MANY_TILES || (in >= out && weight_bytes <= L2_WEIGHT_BYTES));
+           (tiles >= MANY_TILES || (in >= w.out && weight_bytes <= L2_WEIGHT_BYTES));
   };
   // 32-token tiles where that makes enough tiles for the by-tile schedule and 64 do not (128 tokens on 2
   // threads: +49-55% on 384x384 and 384x1536 in paired runs).
@@ -576,11 +595,8 @@ int run_panels(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t ou
       float* mine = xt + omp_get_thread_num() * in * T;  // this thread's packed tile, laid out as tile 0
 #pragma omp for schedule(dynamic, 1)
       for (int64_t t = 0; t < ntiles; ++t) {
-        const int64_t rows = std::min(T, n - t * T);  // the tile's tokens, packed as tile 0 of those rows
-        for (int64_t c0 = 0; c0 < in; c0 += 16)
-          pack_block(x + t * T * in, rows, in, T, 0, c0, std::min(in, c0 + 16), mine);
-        for (int64_t b = 0; b < nblocks; ++b)
-          panel_item(seg, lcol, val, out, in, R, P, T, n, b, t, mine, bias, act, y, buf);
+        pack_tile(x, n, in, T, t, mine);
+        for (int64_t b = 0; b < nblocks; ++b) panel_item(w, T, n, b, t, mine, bias, act, y, buf);
       }
     }
     return ENTRY_OK;
@@ -594,9 +610,63 @@ int run_panels(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t ou
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < nblocks * nruns; ++item) {
       const int64_t b = item / nruns, t1 = std::min(ntiles, (item % nruns + 1) * run);
-      for (int64_t t = item % nruns * run; t < t1; ++t) {
-        panel_item(seg, lcol, val, out, in, R, P, T, n, b, t, xt + t * in * T, bias, act, y, buf);
+      for (int64_t t = item % nruns * run; t < t1; ++t) panel_item(w, T, n, b, t, xt + t * in * T, bias, act, y, buf);
+    }
+  }
+  return ENTRY_OK;
+}
+
+// Fused feed-forward block, y = act(x U^T + bu) D^T + bd, U (hidden, in) and D (out, hidden) panelled with the
+// same R and P. Per token tile, U's row blocks write act(sums) straight into a (hidden, T) buffer, which is the
+// packed tile of D's input: the hidden activations are never transposed into a (n, hidden) tensor, written
+// to memory and packed again (on BERT's 1536x384 and 384x1536 at 1024 tokens those two steps were about 23%
+// and 18% of the two calls). Schedules: by tile when every thread gets TILES_PER_THREAD tiles (a thread packs
+// its tile, runs all of U's blocks, then all of D's, its hidden tile staying in its L2); else in two phases,
+// all threads sharing U's (block, tile) items, then D's, with one barrier between.
+template <typename V>
+int run_ffn(const Panels<V>& up, const Panels<V>& down, const float* x, int64_t T, int64_t n, const float* bu,
+            const float* bd, float* y, int nthreads, int act) {
+  const int64_t in = up.in, hidden = up.out, R = up.R;
+  const auto tiles = [&](int64_t tile) { return (n + tile - 1) / tile; };
+  if (T == 64 && tiles(64) < TILES_PER_THREAD * nthreads && tiles(32) >= TILES_PER_THREAD * nthreads) T = 32;
+  const int64_t ntiles = tiles(T), slot = (in + hidden) * T;
+  const bool by_tile = ntiles >= TILES_PER_THREAD * nthreads;
+  float* s = scratch(static_cast<size_t>((by_tile ? nthreads : ntiles) * slot));
+  if (!s) return ENTRY_OUT_OF_MEMORY;
+  const auto hidden_block = [&](int64_t b, const float* xtile, float* htile) {  // act(U's block b) into htile
+    float* dst = htile + b * R * T;
+    epilogue(dst, T, panel_sums(up, T, b, xtile, bu, dst), T, nullptr, act);
+  };
+  if (by_tile) {
+#pragma omp parallel num_threads(nthreads)
+    {
+      alignas(64) float buf[MAX_ROWS * 64];
+      float* xs = s + omp_get_thread_num() * slot;  // this thread's packed x tile, then its hidden tile
+      float* hs = xs + in * T;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t t = 0; t < ntiles; ++t) {
+        pack_tile(x, n, in, T, t, xs);
+        for (int64_t b = 0; b < up.nblocks(); ++b) hidden_block(b, xs, hs);
+        for (int64_t b = 0; b < down.nblocks(); ++b) panel_item(down, T, n, b, t, hs, bd, ACT_NONE, y, buf);
       }
+    }
+    return ENTRY_OK;
+  }
+  float* xt = s;                      // (ntiles, in, T)
+  float* ht = s + ntiles * in * T;  // (ntiles, hidden, T)
+#pragma omp parallel num_threads(nthreads)
+  {
+    pack_in_region(x, n, in, T, xt);
+    alignas(64) float buf[MAX_ROWS * 64];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < up.nblocks() * ntiles; ++item) {
+      const int64_t b = item / ntiles, t = item % ntiles;
+      hidden_block(b, xt + t * in * T, ht + t * hidden * T);
+    }  // implicit barrier: every hidden tile is complete
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < down.nblocks() * ntiles; ++item) {
+      const int64_t b = item / ntiles, t = item % ntiles;
+      panel_item(down, T, n, b, t, ht + t * hidden * T, bd, ACT_NONE, y, buf);
     }
   }
   return ENTRY_OK;
@@ -650,14 +720,22 @@ int run_blocks(Body body, int64_t out, int64_t in, const float* x, int64_t n, in
 // Panels: T in {16, 32, 64}, R * T <= MAX_ROWS * 64, P <= 256 (the caller checks). Each returns ENTRY_OK, or ENTRY_OUT_OF_MEMORY when the scratch buffer for the
 // packed x could not be allocated (nothing was computed).
 
-#define SPARSE_PANEL_ENTRY(NAME, V)                                                                         \
+#define SPARSE_PANEL_ENTRY(NAME, FFN, V)                                                                    \
   extern "C" int NAME(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t out, int64_t in,     \
                        int64_t R, int64_t P, const float* x, int64_t T, int64_t n, const float* bias,       \
                        float* y, int nthreads, int act) {                                                   \
-    return run_panels<V>(seg, lcol, val, out, in, R, P, x, T, n, bias, y, nthreads, act);                    \
+    return run_panels<V>(Panels<V>{seg, lcol, val, out, in, R, P}, x, T, n, bias, y, nthreads, act);          \
+  }                                                                                                         \
+  extern "C" int FFN(const int32_t* useg, const uint8_t* ulcol, const V* uval, const int32_t* dseg,        \
+                      const uint8_t* dlcol, const V* dval, int64_t in, int64_t hidden, int64_t out,        \
+                      int64_t R, int64_t P, const float* x, int64_t T, int64_t n, const float* ubias,       \
+                      const float* dbias, float* y, int nthreads, int act) {                                \
+    return run_ffn<V>(Panels<V>{useg, ulcol, uval, hidden, in, R, P},                                       \
+                      Panels<V>{dseg, dlcol, dval, out, hidden, R, P}, x, T, n, ubias, dbias, y, nthreads,  \
+                      act);                                                                                 \
   }
-SPARSE_PANEL_ENTRY(csr_panels_f32, float)
-SPARSE_PANEL_ENTRY(csr_panels_bf16, bf16)
+SPARSE_PANEL_ENTRY(csr_panels_f32, csr_ffn_f32, float)
+SPARSE_PANEL_ENTRY(csr_panels_bf16, csr_ffn_bf16, bf16)
 
 #define SPARSE_CSR_ENTRY(NAME, V, I)                                                                        \
   extern "C" int NAME(const int32_t* rowptr, const I* col, const V* val, int64_t out, int64_t in,         \
@@ -677,4 +755,4 @@ SPARSE_CSR_ENTRY(csr_bf16_i32, bf16, int32_t)
 SPARSE_24_ENTRY(two_four_f32, float)
 SPARSE_24_ENTRY(two_four_bf16, bf16)
 
-extern "C" int sparse_cpu_abi_version() { return 7; }
+extern "C" int sparse_cpu_abi_version() { return 8; }

@@ -230,6 +230,35 @@ def _matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, panels:
     return y if w.out_dtype == torch.float32 else y.to(w.out_dtype)
 
 
+# Fewest tokens for the fused feed-forward kernel (ffn_matmul); fewer go to the two layers' own kernels.
+FFN_MIN_TOKENS = 16
+
+
+def ffn_matmul(up: NativeWeight, down: NativeWeight, x: torch.Tensor, up_bias: torch.Tensor | None,
+               down_bias: torch.Tensor | None, activation: str | None = None) -> torch.Tensor | None:
+    """x: (N, in) -> activation(x U^T + up_bias) D^T + down_bias (N, out) in one C++ call (``run_ffn``: the
+    hidden activations stay in the packed layout D's kernel reads), or None where that does not apply and the
+    caller runs the two layers: a gradient is needed, fewer than ``FFN_MIN_TOKENS`` tokens, a weight too sparse
+    for the panelled kernel, or different value types or dtypes. U (hidden, in) and D (out, hidden) are CSR."""
+    n = x.shape[0]
+    if n < FFN_MIN_TOKENS or _needs_grad(x, up_bias) or _needs_grad(x, down_bias) \
+            or min(up.density, down.density) < PANEL_MIN_DENSITY or up.value_code != down.value_code \
+            or up.out_dtype != down.out_dtype or not isinstance(up.source, CSR) or not isinstance(down.source, CSR):
+        return None
+    (hidden, inp), out = up.source.shape, down.source.shape[0]
+    if down.source.shape[1] != hidden:
+        raise ValueError(f"the down weight takes {down.source.shape[1]} inputs, the up weight gives {hidden}")
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.to(torch.float32).contiguous()
+    bu, bd = (None if b is None else b.to(torch.float32).contiguous() for b in (up_bias, down_bias))
+    panelled(up), panelled(down)  # build the panelled copies on first use
+    y = torch.empty(n, out, dtype=torch.float32)
+    _entry(f"csr_ffn_{up.value_code}", *up.panels, *down.panels, inp, hidden, out, PANEL_ROWS, PANEL_WIDTH)(
+        x.data_ptr(), panel_tile(n), n, None if bu is None else bu.data_ptr(),
+        None if bd is None else bd.data_ptr(), y.data_ptr(), native.num_threads(), CODES[activation])
+    return y if up.out_dtype == torch.float32 else y.to(up.out_dtype)
+
+
 def csr_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None
                ) -> torch.Tensor:
     """x: (N, in) -> activation(x W^T + bias) (N, out) in the weight's dtype."""

@@ -1,0 +1,245 @@
+"""Fused feed-forward blocks: the one-call kernel against fp64 torch over a grid (both schedules, every tile
+width, odd sizes, empty rows, activations, bias, bf16), SparseFFN's fallbacks, and fuse_ffn's proof (what it
+must fuse, what it must leave alone, a tiny BERT and RoBERTa end to end)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparse_ops.activations import ACTIVATIONS, fuse_activations
+from sparse_ops.checkpoint import sparsify
+from sparse_ops.ffn import SparseFFN, fuse_ffn
+from sparse_ops.formats import CSR
+from sparse_ops.kernels import cpu_native, native
+from sparse_ops.linear import SparseLinear
+from tests.test_formats import unstructured
+
+needs_native = pytest.mark.skipif(not native.available(), reason="needs our CPU kernels")
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+def pair(inp, hidden, out, sparsity, dtype=torch.float32, bias=True, activation="gelu"):
+    """(up, down) SparseLinear layers with weights scaled so the outputs are O(1), and their dense weights."""
+    wu = unstructured((hidden, inp), sparsity) / inp ** 0.5
+    wd = unstructured((out, hidden), sparsity) / hidden ** 0.5
+    bu, bd = (torch.randn(hidden), torch.randn(out)) if bias else (None, None)
+    up = SparseLinear(CSR.from_dense(wu.to(dtype)), None if bu is None else bu.to(dtype), activation=activation)
+    down = SparseLinear(CSR.from_dense(wd.to(dtype)), None if bd is None else bd.to(dtype))
+    return up, down
+
+
+def reference(up, down, x):
+    """fp64: act(x U^T + bu) D^T + bd with the layers' stored (rounded) weights."""
+    def lin(layer, h):
+        b = layer.bias
+        return F.linear(h, layer.weight.to_dense().double(), None if b is None else b.double())
+    h = lin(up, x.double())
+    return lin(down, h if up.activation is None else ACTIVATIONS[up.activation](h))
+
+
+def fused_call(up, down, x):
+    y = cpu_native.ffn_matmul(up._state, down._state, x, up.bias, down.bias, up.activation)
+    assert y is not None, "the fused kernel declined a case it should take"
+    return y
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(384, 1536, 384), (37, 300, 45), (130, 64, 200)])  # (in, hidden, out)
+@pytest.mark.parametrize("n", [16, 17, 33, 64, 128, 129, 257, 1030])  # 16/32/64-token tiles, both schedules
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.98])
+def test_fused_ffn_matches_fp64(shape, n, sparsity):
+    up, down = pair(*shape, sparsity)
+    x = torch.randn(n, shape[0])
+    with torch.inference_mode():
+        y = fused_call(up, down, x)
+    assert y.shape == (n, shape[2]) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), reference(up, down, x), rtol=TOL[torch.float32], atol=TOL[torch.float32])
+
+
+@needs_native
+@pytest.mark.parametrize("activation", [*ACTIVATIONS, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_ffn_activations_dtypes_bias_threads(activation, dtype, bias, threads):
+    up, down = pair(70, 300, 45, 0.8, dtype, bias, activation)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n in (20, 129):  # one thread: by tile at 129 (3 tiles), two phases at 20 (one tile)
+            x = torch.randn(n, 70, dtype=dtype)
+            with torch.inference_mode():
+                y = fused_call(up, down, x)
+            assert y.dtype == dtype
+            torch.testing.assert_close(y.double(), reference(up, down, x.float()), rtol=TOL[dtype], atol=TOL[dtype])
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_native
+def test_empty_rows_and_columns():
+    # whole hidden units pruned away (their value is act(bias)), an input column unused, empty output rows
+    up, down = pair(40, 96, 24, 0.7)
+    wu, wd = up.weight.to_dense(), down.weight.to_dense()
+    wu[10:30], wu[:, 5], wd[3:9] = 0.0, 0.0, 0.0
+    up = SparseLinear(CSR.from_dense(wu), up.bias, activation="silu")
+    down = SparseLinear(CSR.from_dense(wd), down.bias)
+    x = torch.randn(70, 40)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused_call(up, down, x).double(), reference(up, down, x), rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+def test_the_kernel_declines_what_it_does_not_cover():
+    up, down = pair(32, 64, 32, 0.5)
+    x = torch.randn(cpu_native.FFN_MIN_TOKENS, 32)
+    ffn = cpu_native.ffn_matmul
+    with torch.inference_mode():
+        assert ffn(up._state, down._state, x[:-1], up.bias, down.bias) is None  # too few tokens
+    assert ffn(up._state, down._state, x.requires_grad_(), up.bias, down.bias) is None  # a gradient is needed
+    sparse_up, _ = pair(32, 64, 32, 0.999)
+    with torch.inference_mode():
+        assert ffn(sparse_up._state, down._state, x.detach(), None, None) is None  # too sparse for panels
+        bf16_down = SparseLinear(CSR.from_dense(down.weight.to_dense().bfloat16()))
+        assert ffn(up._state, bf16_down._state, x.detach(), None, None) is None  # value types differ
+        with pytest.raises(ValueError, match="down weight takes 32 inputs, the up weight gives 64"):
+            ffn(up._state, pair(32, 16, 8, 0.5)[0]._state, x.detach(), None, None)
+
+
+@pytest.mark.parametrize("n", [1, 5, 40])
+@pytest.mark.parametrize("torch_kernel", [False, True])
+def test_sparse_ffn_equals_its_two_layers(n, torch_kernel):
+    up, down = pair(24, 48, 16, 0.6)
+    if torch_kernel:  # no ffn path: the two layers run in turn
+        up = SparseLinear(up.weight, up.bias, activation="gelu", torch_kernel=True)
+        down = SparseLinear(down.weight, down.bias, torch_kernel=True)
+    block = SparseFFN(up, down)
+    x = torch.randn(2, n, 24)
+    with torch.inference_mode():
+        y = block(x)
+        assert y.shape == (2, n, 16)
+        torch.testing.assert_close(y, down(up(x)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.double(), reference(up, down, x), rtol=1e-4, atol=1e-4)
+
+
+def test_sparse_ffn_trains_through_the_fallback():
+    up, down = pair(12, 20, 6, 0.5)
+    x = torch.randn(32, 12, requires_grad=True)
+    SparseFFN(up, down)(x).sum().backward()
+    ref_x = x.detach().clone().requires_grad_()
+    reference(up, down, ref_x).sum().backward()
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_sparse_ffn_errors_name_the_bad_value():
+    up, down = pair(8, 16, 4, 0.5)
+    with pytest.raises(ValueError, match="up gives 16 features, down takes 8"):
+        SparseFFN(up, pair(8, 8, 4, 0.5)[1])
+    with pytest.raises(TypeError, match="two SparseLinear layers, got SparseLinear and Linear"):
+        SparseFFN(up, nn.Linear(16, 4))
+    with pytest.raises(ValueError, match="in_features=8"):
+        SparseFFN(up, down)(torch.randn(20, 9))
+
+
+def mlp(activation=nn.GELU):
+    up, down = pair(16, 32, 8, 0.5, activation=None)
+    return nn.Sequential(up, activation(), down)
+
+
+class Twice(nn.Module):  # up's output has a second use
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = pair(16, 32, 16, 0.5, activation=None)
+
+    def forward(self, x):
+        h = self.up(x)
+        return self.down(h) + h[..., :16]
+
+
+class Scaled(nn.Module):  # an op between the layers
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = pair(16, 32, 8, 0.5, activation=None)
+
+    def forward(self, x):
+        return self.down(self.up(x) * 2)
+
+
+class Branchy(nn.Module):  # data-dependent control flow: fx cannot trace it, nothing is proven
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = pair(16, 32, 8, 0.5, activation=None)
+
+    def forward(self, x):
+        return self.down(self.up(x)) if x.sum() > 0 else x[..., :8]
+
+
+class FakeLayer(Branchy):  # has the transformers method name, but is not a transformers module
+    def feed_forward_chunk(self, x):
+        return self.down(self.up(x))
+
+
+@needs_native
+def test_fuse_ffn_fuses_proven_pairs():
+    model = mlp()
+    x = torch.randn(40, 16)
+    before = model(x)
+    assert fuse_activations(model) == ["0"] and fuse_ffn(model) == ["2"]
+    assert isinstance(model[0], nn.Identity) and isinstance(model[2], SparseFFN)
+    assert model[2].up.activation == "gelu"
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+    plain = nn.Sequential(*pair(16, 32, 8, 0.5, activation=None))
+    assert fuse_ffn(plain) == ["1"]
+
+
+@needs_native
+@pytest.mark.parametrize("model", [Twice, Scaled, Branchy, FakeLayer, lambda: mlp(nn.Tanh)],
+                         ids=["used twice", "op between", "untraceable", "not transformers", "unfused tanh"])
+def test_fuse_ffn_leaves_unproven_pairs_alone(model):
+    m = model()
+    before = copy.deepcopy(m)
+    fuse_activations(m)
+    assert fuse_ffn(m) == []
+    assert not any(isinstance(c, SparseFFN) for c in m.modules())
+    x = torch.randn(40, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(m(x), before(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_ffn_skips_shared_layers_and_kernels_without_a_path():
+    up, down = pair(16, 32, 16, 0.5, activation=None)
+    shared = nn.Sequential(nn.Sequential(up, down), nn.Sequential(up, down))
+    assert fuse_ffn(shared) == []
+    on_torch = nn.Sequential(SparseLinear(up.weight, torch_kernel=True), SparseLinear(down.weight, torch_kernel=True))
+    assert fuse_ffn(on_torch) == []
+
+
+def tiny(kind):
+    import transformers
+
+    from prune import Pruner
+    config = getattr(transformers, f"{kind}Config")(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=50,
+        max_position_embeddings=40, attn_implementation="sdpa")
+    model = getattr(transformers, f"{kind}Model")(config, add_pooling_layer=False).eval()
+    dense = Pruner(model, sparsity=0.8, include=["encoder.*"]).finalize()
+    linears = {f"{n}.weight" for n, m in dense.named_modules() if isinstance(m, nn.Linear) and "encoder" in n}
+    return dense, {k: CSR.from_dense(v) if k in linears else v for k, v in dense.state_dict().items()}
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["Bert", "Roberta"])
+def test_sparsify_fuses_transformers_ffns(kind):
+    dense, state = tiny(kind)
+    fused = sparsify(copy.deepcopy(dense), state, fuse_ffn=True)
+    blocks = {n: m for n, m in fused.named_modules() if isinstance(m, SparseFFN)}
+    assert list(blocks) == ["encoder.layer.0.output.dense", "encoder.layer.1.output.dense"]
+    assert all(m.up.activation == "gelu" for m in blocks.values())
+    assert all(isinstance(layer.intermediate.dense, nn.Identity) for layer in fused.encoder.layer)
+    ids = torch.randint(3, 50, (3, 30))  # 90 tokens: the fused kernel runs
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(input_ids=ids).last_hidden_state, dense(input_ids=ids).last_hidden_state,
+                                   rtol=1e-4, atol=1e-4)
