@@ -68,13 +68,14 @@ class SparseFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., up.in_features) -> (..., down.out_features)."""
-        up, down = self.up, self.down
+        up, down = self._modules["up"], self._modules["down"]  # direct lookups: this runs per forward
         ffn = up.kernel.ffn
         if ffn is not None and down.kernel is up.kernel:
             up.check_input(x)
-            y = ffn(up._state, down._state, x.reshape(-1, up.in_features), up.bias, down.bias, up.activation)
+            y = ffn(up._state, down._state, x if x.dim() == 2 else x.reshape(-1, up.in_features),
+                    up._buffers["bias"], down._buffers["bias"], up.activation)
             if y is not None:
-                return y.reshape(*x.shape[:-1], down.out_features)
+                return y if x.dim() == 2 else y.reshape(*x.shape[:-1], down.out_features)
         return down(up(x))
 
 

@@ -80,6 +80,7 @@ class NativeWeight:
     value_code: str = "f32"  # the C++ value type: f32 or bf16
     panels: tuple[torch.Tensor, ...] = ()  # CSR only: (seg, lcol, values) of panel_parts, for large batches
     panel_call: Callable[..., None] | None = None  # (x_ptr, tile, n, bias_ptr, y_ptr, threads, act code)
+    ffn_call: tuple[NativeWeight, Callable[..., None]] | None = None  # ffn_matmul's (down weight, bound entry)
 
 
 def _entry(name: str, *bound: object) -> Callable[..., None]:
@@ -251,11 +252,13 @@ def ffn_matmul(up: NativeWeight, down: NativeWeight, x: torch.Tensor, up_bias: t
     if x.dtype != torch.float32 or not x.is_contiguous():
         x = x.to(torch.float32).contiguous()
     bu, bd = (None if b is None else b.to(torch.float32).contiguous() for b in (up_bias, down_bias))
-    panelled(up), panelled(down)  # build the panelled copies on first use
+    if up.ffn_call is None or up.ffn_call[0] is not down:  # bind once per pair (a few us per call otherwise)
+        panelled(up), panelled(down)  # build the panelled copies on first use
+        up.ffn_call = (down, _entry(f"csr_ffn_{up.value_code}", *up.panels, *down.panels, inp, hidden, out,
+                                    PANEL_ROWS, PANEL_WIDTH))
     y = torch.empty(n, out, dtype=torch.float32)
-    _entry(f"csr_ffn_{up.value_code}", *up.panels, *down.panels, inp, hidden, out, PANEL_ROWS, PANEL_WIDTH)(
-        x.data_ptr(), panel_tile(n), n, None if bu is None else bu.data_ptr(),
-        None if bd is None else bd.data_ptr(), y.data_ptr(), native.num_threads(), CODES[activation])
+    up.ffn_call[1](x.data_ptr(), panel_tile(n), n, None if bu is None else bu.data_ptr(),
+                   None if bd is None else bd.data_ptr(), y.data_ptr(), native.num_threads(), CODES[activation])
     return y if up.out_dtype == torch.float32 else y.to(up.out_dtype)
 
 
