@@ -1,7 +1,8 @@
 """Three sparse families side by side at matched *active* parameters per token.
 
 FFN families (active parameters ~ 2 * D * H each): a dense FFN (D -> H -> D); unstructured-sparse FFNs whose
-hidden width is H / density, pruned to that density (SparseLinear CSR when available, else dense-with-zeros);
+hidden width is H / density, pruned to that density (SparseLinear CSR when available, run as one fused
+``SparseFFN`` call where the kernel has that path, else dense-with-zeros);
 the least sparse one also stored dense with zeros; an MoE with E experts of width H / K, top-K routing.
 Attention family: head-gated attention with 25/50/75/100% of heads open, gathered per call (gates) and
 physically pruned, against full ``nn.MultiheadAttention``. All candidates of one batch are timed interleaved
@@ -26,6 +27,8 @@ import torch
 from torch import nn
 
 from benchmarks.timing import Deadline, time_interleaved
+from sparse_ops.activations import fuse_activations
+from sparse_ops.ffn import fuse_ffn
 from sparse_ops.layers import GatedMultiheadAttention, MoE, ParamCounts
 
 
@@ -101,8 +104,10 @@ def sparse_ffns(cfg: FamiliesConfig, sparsity: float, device: str, with_zeros: b
     csr = [_csr_or_none(ffn[i]) for i in (0, 2)]
     if any(c is None for c in csr):
         return [Candidate(f"{name}_zeros", "ffn", ffn, counts, "dense with zeros (SparseLinear unavailable)")]
-    cands = [Candidate(f"{name}_csr", "ffn", nn.Sequential(csr[0], nn.GELU(), csr[1]), counts,
-                       "SparseLinear csr", twin=f"{name}_zeros" if with_zeros else None)]
+    sparse = nn.Sequential(csr[0], nn.GELU(), csr[1])
+    fused = fuse_activations(sparse) and fuse_ffn(sparse)  # the GELU into the first layer, then one call
+    cands = [Candidate(f"{name}_csr", "ffn", sparse, counts, "SparseLinear csr" + (", fused FFN" if fused else ""),
+                       twin=f"{name}_zeros" if with_zeros else None)]
     zeros = Candidate(f"{name}_zeros", "ffn", ffn, counts, "dense with zeros")
     return cands + ([zeros] if with_zeros else [])
 
