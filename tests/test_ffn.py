@@ -243,3 +243,20 @@ def test_sparsify_fuses_transformers_ffns(kind):
     with torch.inference_mode():
         torch.testing.assert_close(fused(input_ids=ids).last_hidden_state, dense(input_ids=ids).last_hidden_state,
                                    rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+def test_new_weights_and_copies_rebind_the_fused_call():
+    # The fused call binds both weights' pointers once per pair: loading other weights (buffers copied in
+    # place, kernel states prepared again) or deep-copying the block must not leave it reading the old ones.
+    block = SparseFFN(*pair(40, 96, 24, 0.6))
+    other = SparseFFN(*(SparseLinear(CSR.from_dense(-2 * m.weight.to_dense()), m.bias + 1, activation=m.activation)
+                        for m in (block.up, block.down)))  # same nonzero counts: load_state_dict copies in place
+    x = torch.randn(70, 40)
+    with torch.inference_mode():
+        block(x)  # binds the pair
+        twin = copy.deepcopy(block)
+        block.load_state_dict(other.state_dict())
+        torch.testing.assert_close(block(x).double(), reference(other.up, other.down, x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(twin(x).double(), reference(twin.up, twin.down, x), rtol=1e-4, atol=1e-4)
+        assert not torch.equal(twin(x), block(x))
