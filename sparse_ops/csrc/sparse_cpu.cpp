@@ -610,7 +610,8 @@ int run_panels(const Panels<V>& w, const float* x, int64_t T, int64_t n, const f
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < nblocks * nruns; ++item) {
       const int64_t b = item / nruns, t1 = std::min(ntiles, (item % nruns + 1) * run);
-      for (int64_t t = item % nruns * run; t < t1; ++t) panel_item(w, T, n, b, t, xt + t * in * T, bias, act, y, buf);
+      for (int64_t t = item % nruns * run; t < t1; ++t)
+        panel_item(w, T, n, b, t, xt + t * in * T, bias, act, y, buf);
     }
   }
   return ENTRY_OK;
@@ -717,8 +718,9 @@ int run_blocks(Body body, int64_t out, int64_t in, const float* x, int64_t n, in
 
 // ---- C entry points: <format>_<values>[_<indices>] ------------------------------------------------------
 // x (n, in) fp32 row-major, bias (out,) or NULL, y (n, out) = act(x W^T + bias) for an Act code act.
-// Panels: T in {16, 32, 64}, R * T <= MAX_ROWS * 64, P <= 256 (the caller checks). Each returns ENTRY_OK, or ENTRY_OUT_OF_MEMORY when the scratch buffer for the
-// packed x could not be allocated (nothing was computed).
+// Panels: T in {16, 32, 64}, R * T <= MAX_ROWS * 64, P <= 256 (the caller checks); csr_ffn_*: y = act(x U^T + bu)
+// D^T + bd, both weights panelled with the same R and P. Each returns ENTRY_OK, or ENTRY_OUT_OF_MEMORY when the
+// scratch buffer for the packed x could not be allocated (nothing was computed).
 
 #define SPARSE_PANEL_ENTRY(NAME, FFN, V)                                                                    \
   extern "C" int NAME(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t out, int64_t in,     \
