@@ -17,7 +17,7 @@ from sparse_ops.linear import SparseLinear
 from tests.test_formats import unstructured
 
 needs_native = pytest.mark.skipif(not native.available(), reason="needs our CPU kernels")
-TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
 def pair(inp, hidden, out, sparsity, dtype=torch.float32, bias=True, activation="gelu"):
@@ -60,7 +60,7 @@ def test_fused_ffn_matches_fp64(shape, n, sparsity):
 
 @needs_native
 @pytest.mark.parametrize("activation", [*ACTIVATIONS, None])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])  # fp16: widened to fp32
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fused_ffn_activations_dtypes_bias_threads(activation, dtype, bias, threads):
