@@ -65,7 +65,7 @@ def sparse_model(dense: BertModel, native: bool) -> BertModel:
     old = os.environ.get("SPARSE_OPS_NATIVE")
     os.environ["SPARSE_OPS_NATIVE"] = "1" if native else "0"  # read when each layer picks its kernel
     try:
-        return sparsify(copy.deepcopy(dense), sparse_state(dense), fuse_ffn=True).eval()
+        return sparsify(copy.deepcopy(dense), sparse_state(dense), fuse=True).eval()
     finally:
         os.environ.pop("SPARSE_OPS_NATIVE") if old is None else os.environ.__setitem__("SPARSE_OPS_NATIVE", old)
 

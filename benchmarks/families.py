@@ -28,7 +28,7 @@ from torch import nn
 
 from benchmarks.timing import Deadline, time_interleaved
 from sparse_ops.activations import fuse_activations
-from sparse_ops.ffn import fuse_ffn
+from sparse_ops.fusion import fuse_ffn
 from sparse_ops.layers import GatedMultiheadAttention, MoE, ParamCounts
 
 

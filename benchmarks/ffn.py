@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from benchmarks.output import RunFiles, table
 from benchmarks.plots import plot_speedup
 from benchmarks.timing import environment, time_interleaved
-from sparse_ops.ffn import SparseFFN
+from sparse_ops.fusion import SparseFFN
 from sparse_ops.formats import CSR
 from sparse_ops.linear import SparseLinear
 

@@ -46,11 +46,12 @@ def csr_call(lib: ctypes.CDLL, w: cpu_native.NativeWeight, x: torch.Tensor, y: t
         seg, lcol, vals = w.panels
         return lambda: lib.csr_panels_f32(seg.data_ptr(), lcol.data_ptr(), vals.data_ptr(), out, inp,
                                           cpu_native.PANEL_ROWS, cpu_native.PANEL_WIDTH, x.data_ptr(),
-                                          cpu_native.panel_tile(n), n, bp, y.data_ptr(), threads, act)
+                                          cpu_native.panel_tile(n), n, bp, y.data_ptr(), threads, act,
+                                          *native.NO_POST)
     crow, col, vals = w.tensors
     entry = getattr(lib, f"csr_f32_{cpu_native.INDEX_CODE[col.dtype]}")
     return lambda: entry(crow.data_ptr(), col.data_ptr(), vals.data_ptr(), out, inp, x.data_ptr(), n, bp,
-                         y.data_ptr(), threads, act)
+                         y.data_ptr(), threads, act, *native.NO_POST)
 
 
 def paired_ratio(fa: Callable[[], object], fb: Callable[[], object], rounds: int,

@@ -363,7 +363,7 @@ def _split_state(state: Mapping[str, torch.Tensor | SparseFormat], model: nn.Mod
 
 def sparsify(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor | SparseFormat],
              device: torch.device | str = "cpu", *, auto: bool = False, batch: int = 1, timer=None,
-             fuse_activations: bool = False, fuse_ffn: bool = False) -> nn.Module:
+             fuse_activations: bool = False, fuse: bool = False) -> nn.Module:
     """Load a checkpoint into ``model`` (in place) and swap each ``nn.Linear`` whose weight is stored sparse
     for a ``SparseLinear`` on ``device``; returns the model.
 
@@ -371,8 +371,9 @@ def sparsify(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Te
     (``SparseLinear.from_dense(format="auto")``), keeping a layer dense where sparse would be slower.
     ``fuse_activations=True`` then moves each activation module that only consumes a sparse layer's output into
     that layer's kernel (``sparse_ops.activations.fuse_activations``: e.g. the GELU of a BERT FFN).
-    ``fuse_ffn=True`` fuses the activations too, then runs each proven pair of sparse layers forming a
-    feed-forward block in one kernel call (``sparse_ops.ffn.fuse_ffn``; the pair's state dict keys move).
+    ``fuse=True`` runs every proven fusion (``sparse_ops.fusion.fuse``): the activations, each feed-forward
+    block of two sparse layers as one kernel call (the pair's state dict keys move under the second), and the
+    residual add and LayerNorm after a sparse layer in its kernel.
     """
     from sparse_ops.linear import SparseLinear
 
@@ -396,12 +397,12 @@ def sparsify(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Te
             layer = SparseLinear.from_dense(_as_linear(layer, linear), "auto", batch=batch, timer=timer)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
-    if fuse_activations or fuse_ffn:
-        activations.fuse_activations(model)
-    if fuse_ffn:
-        from sparse_ops.ffn import fuse_ffn as fuse_pairs
+    if fuse:
+        from sparse_ops.fusion import fuse as fuse_all
 
-        fuse_pairs(model)
+        fuse_all(model)
+    elif fuse_activations:
+        activations.fuse_activations(model)
     return model
 
 

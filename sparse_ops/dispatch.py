@@ -31,7 +31,9 @@ class Kernel:
     skips it. ``fuses_activation``: ``matmul`` takes a fourth argument, an activation name
     (``sparse_ops.activations``), applied in the kernel's output writes. ``ffn``, where set, computes a whole
     feed-forward block in one call, ``ffn(up_state, down_state, x, up_bias, down_bias, activation)``, or
-    returns None where it does not apply (``sparse_ops.ffn.SparseFFN`` then runs the two layers). ``available()``
+    returns None where it does not apply (``sparse_ops.fusion.SparseFFN`` then runs the two layers).
+    ``fuses_post``: ``matmul`` and ``ffn`` take ``post=`` (``kernels.cpu_native.AddNorm``: a residual add and
+    LayerNorm applied to whole output rows, ``sparse_ops.fusion.SparseAddNorm``). ``available()``
     says whether the kernel can run in this process; when it cannot, ``fallback`` (which must always be
     available) is used.
     """
@@ -42,6 +44,7 @@ class Kernel:
     native: bool = True
     fuses_activation: bool = False
     ffn: Callable[..., torch.Tensor | None] | None = None
+    fuses_post: bool = False
     available: Callable[[], bool] = lambda: True
     fallback: Kernel | None = None
 
@@ -53,9 +56,11 @@ TORCH_CPU_TWO_FOUR = Kernel("torch.cpu.2:4", cpu.prepare_two_four, cpu.two_four_
 
 KERNELS: dict[tuple[str, str], Kernel] = {
     ("csr", "cpu"): Kernel("cpu.csr", cpu_native.prepare_csr, cpu_native.csr_matmul, fuses_activation=True,
-                           ffn=cpu_native.ffn_matmul, available=native.available, fallback=TORCH_CPU_CSR),
+                           ffn=cpu_native.ffn_matmul, fuses_post=True, available=native.available,
+                           fallback=TORCH_CPU_CSR),
     ("2:4", "cpu"): Kernel("cpu.2:4", cpu_native.prepare_two_four, cpu_native.two_four_matmul,
-                           fuses_activation=True, available=native.available, fallback=TORCH_CPU_TWO_FOUR),
+                           fuses_activation=True, fuses_post=True, available=native.available,
+                           fallback=TORCH_CPU_TWO_FOUR),
     ("csr", "cuda"): Kernel("cuda.csr", cuda.prepare_csr, cuda.csr_matmul),
     ("2:4", "cuda"): Kernel("cuda.2:4", cuda.prepare_two_four, cuda.two_four_matmul),
 }

@@ -277,15 +277,22 @@ def test_builds_without_avx512_match_reference(tmp_path, march):
         x = torch.randn(n, 300)
         y = torch.empty(n, 37)
         assert lib.csr_f32_i16(crow.data_ptr(), cols.data_ptr(), vals.data_ptr(), 37, 300, x.data_ptr(), n, None,
-                               y.data_ptr(), 2, 0) == 0
+                               y.data_ptr(), 2, 0, *native.NO_POST) == 0
         torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-5)
         assert lib.csr_panels_f32(seg.data_ptr(), lcol.data_ptr(), pvals.data_ptr(), 37, 300, cpu_native.PANEL_ROWS,
                                   cpu_native.PANEL_WIDTH, x.data_ptr(), cpu_native.panel_tile(n), n, None,
-                                  y.data_ptr(), 2, 0) == 0
+                                  y.data_ptr(), 2, 0, *native.NO_POST) == 0
         torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-5)
-        assert lib.two_four_f32(tv.data_ptr(), tm.data_ptr(), 37, 300, x.data_ptr(), n, None, y.data_ptr(), 2, 0) == 0
+        assert lib.two_four_f32(tv.data_ptr(), tm.data_ptr(), 37, 300, x.data_ptr(), n, None, y.data_ptr(), 2, 0,
+                                *native.NO_POST) == 0
         torch.testing.assert_close(y, x @ t.t(), rtol=1e-5, atol=1e-5)
         for name, f in ACTIVATIONS.items():  # the epilogue, vectorised for this level or not, with a bias
             assert lib.csr_f32_i16(crow.data_ptr(), cols.data_ptr(), vals.data_ptr(), 37, 300, x.data_ptr(), n,
-                                   b.data_ptr(), y.data_ptr(), 2, CODES[name]) == 0
+                                   b.data_ptr(), y.data_ptr(), 2, CODES[name], *native.NO_POST) == 0
             torch.testing.assert_close(y, f(x @ w.t() + b), rtol=1e-5, atol=1e-5)
+        r, g, beta = torch.randn(n, 37), torch.randn(37), torch.randn(37)  # the residual + LayerNorm post-op
+        assert lib.csr_panels_f32(seg.data_ptr(), lcol.data_ptr(), pvals.data_ptr(), 37, 300, cpu_native.PANEL_ROWS,
+                                  cpu_native.PANEL_WIDTH, x.data_ptr(), cpu_native.panel_tile(n), n, b.data_ptr(),
+                                  y.data_ptr(), 2, 0, 2, r.data_ptr(), g.data_ptr(), beta.data_ptr(), 1e-5) == 0
+        ref = torch.nn.functional.layer_norm(x @ w.t() + b + r, (37,), g, beta, 1e-5)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)

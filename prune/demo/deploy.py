@@ -1,7 +1,8 @@
 """Deploy each trained run the way a user would ship it, and measure it: parameters, file bytes, latency.
 
 - pruning runs: the dense checkpoint is converted with ``convert_checkpoint`` (CSR or 2:4) and loaded into a
-  fresh model with ``sparsify(..., fuse_ffn=True)`` (the FFN in one kernel call where it can be); the same
+  fresh model with ``sparsify(..., fuse=True)`` (activations, FFN pairs, residual + LayerNorm fused where
+  proven); the same
   weights executed densely are timed beside it;
 - head gating: closed heads are removed with ``prune_closed_heads``;
 - dense and MoE: shipped as trained.
@@ -71,7 +72,7 @@ def deploy(trained: Trained, workdir: str) -> Deployed:
     if spec.sparse_format:
         sparse_path = dense_path.replace(".safetensors", f".{spec.sparse_format.replace(':', '-')}.safetensors")
         convert_checkpoint(dense_path, sparse_path, format=spec.sparse_format)
-        shipped = sparsify(DigitsTransformer(spec.model), sparse_path, fuse_ffn=True).eval()
+        shipped = sparsify(DigitsTransformer(spec.model), sparse_path, fuse=True).eval()
         return Deployed(spec.name, shipped, model, spec.sparse_format, total, total - trained.pruned_zeros,
                         dense_bytes, os.path.getsize(sparse_path))
     if spec.model.gated_heads:

@@ -171,6 +171,47 @@ inline void flush_rows(float* buf, int64_t T, int64_t r0, int64_t nrows, int64_t
     for (int64_t i = i0; i < nrows; ++i) y[(t0 + j) * out + r0 + i] = buf[i * T + j];
 }
 
+// ---- post-op: y = LayerNorm(y + residual), a post-LN transformer sublayer's output ------------------------
+// Applied to whole token rows of y (all `out` features), once every row block of those tokens is written: in
+// the by-tile schedules by the thread that computed the tile, while its rows are in cache; elsewhere in one more
+// pass after the kernel's last barrier. kind: POST_NONE, POST_ADD (y += residual) or POST_ADD_NORM (then the
+// LayerNorm over the row: (v - mean) / sqrt(var + eps) * gamma + beta, gamma and beta null for none).
+enum PostKind { POST_NONE = 0, POST_ADD = 1, POST_ADD_NORM = 2 };
+
+struct Post {
+  int kind; const float* residual; const float* gamma; const float* beta; float eps;
+};
+
+inline void post_rows(const Post& p, float* y, int64_t out, int64_t j0, int64_t j1) {
+  for (int64_t j = j0; j < j1; ++j) {
+    float* v = y + j * out;
+    if (p.residual) {
+      const float* r = p.residual + j * out;
+#pragma omp simd
+      for (int64_t c = 0; c < out; ++c) v[c] += r[c];
+    }
+    if (p.kind != POST_ADD_NORM) continue;
+    float sum = 0.0f, sq = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < out; ++c) sum += v[c];
+    const float mean = sum / static_cast<float>(out);
+#pragma omp simd reduction(+ : sq)
+    for (int64_t c = 0; c < out; ++c) sq += (v[c] - mean) * (v[c] - mean);  // two passes, as torch's
+    const float inv = 1.0f / std::sqrt(sq / static_cast<float>(out) + p.eps);
+    const float *g = p.gamma, *b = p.beta;
+#pragma omp simd
+    for (int64_t c = 0; c < out; ++c)
+      v[c] = (v[c] - mean) * inv * (g ? g[c] : 1.0f) + (b ? b[c] : 0.0f);
+  }
+}
+
+// The post-op over all n token rows, shared by the threads of the enclosing parallel region (after a barrier).
+inline void post_in_region(const Post& p, float* y, int64_t out, int64_t n) {
+  if (p.kind == POST_NONE) return;
+#pragma omp for schedule(static)
+  for (int64_t j = 0; j < n; ++j) post_rows(p, y, out, j, j + 1);
+}
+
 // ---- CSR ----------------------------------------------------------------------------------------------
 
 // sum of val[k] * x[col[k]] over [k, e) in four chains (one chain would be bound by the FMA latency)
@@ -574,7 +615,7 @@ constexpr int64_t MANY_TILES = 16;
 
 template <typename V>
 int run_panels(const Panels<V>& w, const float* x, int64_t T, int64_t n, const float* bias, float* y,
-               int nthreads, int act) {
+               int nthreads, int act, const Post& post) {
   const int64_t in = w.in, nblocks = w.nblocks(), weight_bytes = w.bytes();
   const auto tile_wise = [&](int64_t tile) {
     const int64_t tiles = (n + tile - 1) / tile;
@@ -597,6 +638,7 @@ int run_panels(const Panels<V>& w, const float* x, int64_t T, int64_t n, const f
       for (int64_t t = 0; t < ntiles; ++t) {
         pack_tile(x, n, in, T, t, mine);
         for (int64_t b = 0; b < nblocks; ++b) panel_item(w, T, n, b, t, mine, bias, act, y, buf);
+        if (post.kind) post_rows(post, y, w.out, t * T, std::min(n, t * T + T));  // the tile's rows, in cache
       }
     }
     return ENTRY_OK;
@@ -612,7 +654,8 @@ int run_panels(const Panels<V>& w, const float* x, int64_t T, int64_t n, const f
       const int64_t b = item / nruns, t1 = std::min(ntiles, (item % nruns + 1) * run);
       for (int64_t t = item % nruns * run; t < t1; ++t)
         panel_item(w, T, n, b, t, xt + t * in * T, bias, act, y, buf);
-    }
+    }  // implicit barrier: y is complete
+    post_in_region(post, y, w.out, n);
   }
   return ENTRY_OK;
 }
@@ -626,7 +669,7 @@ int run_panels(const Panels<V>& w, const float* x, int64_t T, int64_t n, const f
 // all threads sharing U's (block, tile) items, then D's, with one barrier between.
 template <typename V>
 int run_ffn(const Panels<V>& up, const Panels<V>& down, const float* x, int64_t T, int64_t n, const float* bu,
-            const float* bd, float* y, int nthreads, int act) {
+            const float* bd, float* y, int nthreads, int act, const Post& post) {
   const int64_t in = up.in, hidden = up.out, R = up.R;
   // No switch to 32-token tiles as run_panels makes: with 128 tokens on 2 threads, 4 tiles by tile read both
   // weights twice per thread, and were 0-15% slower than 2 tiles in two phases (768 -> 3072 -> 768 at 90%).
@@ -649,6 +692,7 @@ int run_ffn(const Panels<V>& up, const Panels<V>& down, const float* x, int64_t 
         pack_tile(x, n, in, T, t, xs);
         for (int64_t b = 0; b < up.nblocks(); ++b) hidden_block(b, xs, hs);
         for (int64_t b = 0; b < down.nblocks(); ++b) panel_item(down, T, n, b, t, hs, bd, ACT_NONE, y, buf);
+        if (post.kind) post_rows(post, y, down.out, t * T, std::min(n, t * T + T));
       }
     }
     return ENTRY_OK;
@@ -669,6 +713,7 @@ int run_ffn(const Panels<V>& up, const Panels<V>& down, const float* x, int64_t 
       const int64_t b = item / ntiles, t = item % ntiles;
       panel_item(down, T, n, b, t, ht + t * hidden * T, bd, ACT_NONE, y, buf);
     }
+    post_in_region(post, y, down.out, n);
   }
   return ENTRY_OK;
 }
@@ -683,7 +728,7 @@ constexpr int64_t L2_PANEL_BYTES = 512 * 1024;
 constexpr int64_t SMALL_PACK_BYTES = 64 * 1024;
 
 template <typename Body>
-int run_blocks(Body body, int64_t out, int64_t in, const float* x, int64_t n, int nthreads) {
+int run_blocks(Body body, int64_t out, int64_t in, const float* x, int64_t n, int nthreads, const Post& post) {
   const int64_t width = token_width(n);
   body.ld = width >= 32 && (width / 16) % 2 == 0 ? width + 16 : width;
   int64_t tile = 16;
@@ -709,7 +754,8 @@ int run_blocks(Body body, int64_t out, int64_t in, const float* x, int64_t n, in
         body.gemv(r0, r1);  // bias added
         if (body.act) epilogue(body.y + r0, 0, 1, r1 - r0, nullptr, body.act);
       } else one_tile(body, r0, r1, body.ld, n, item % ntiles * tile, tile, buf);
-    }
+    }  // implicit barrier: y is complete
+    post_in_region(post, body.y, out, n);
   }
   return ENTRY_OK;
 }
@@ -722,27 +768,33 @@ int run_blocks(Body body, int64_t out, int64_t in, const float* x, int64_t n, in
 // D^T + bd, both weights panelled with the same R and P. Each returns ENTRY_OK, or ENTRY_OUT_OF_MEMORY when the
 // scratch buffer for the packed x could not be allocated (nothing was computed).
 
+// Every entry ends with the post-op's arguments: kind (PostKind), residual (n, out) or NULL, gamma, beta (out,)
+// or NULL, eps.
+#define POST_ARGS int post_kind, const float *residual, const float *gamma, const float *beta, float eps
+#define POST Post{post_kind, residual, gamma, beta, eps}
+
 #define SPARSE_PANEL_ENTRY(NAME, FFN, V)                                                                    \
   extern "C" int NAME(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t out, int64_t in,     \
                        int64_t R, int64_t P, const float* x, int64_t T, int64_t n, const float* bias,       \
-                       float* y, int nthreads, int act) {                                                   \
-    return run_panels<V>(Panels<V>{seg, lcol, val, out, in, R, P}, x, T, n, bias, y, nthreads, act);          \
+                       float* y, int nthreads, int act, POST_ARGS) {                                        \
+    return run_panels<V>(Panels<V>{seg, lcol, val, out, in, R, P}, x, T, n, bias, y, nthreads, act, POST);    \
   }                                                                                                         \
   extern "C" int FFN(const int32_t* useg, const uint8_t* ulcol, const V* uval, const int32_t* dseg,        \
                       const uint8_t* dlcol, const V* dval, int64_t in, int64_t hidden, int64_t out,        \
                       int64_t R, int64_t P, const float* x, int64_t T, int64_t n, const float* ubias,       \
-                      const float* dbias, float* y, int nthreads, int act) {                                \
+                      const float* dbias, float* y, int nthreads, int act, POST_ARGS) {                     \
     return run_ffn<V>(Panels<V>{useg, ulcol, uval, hidden, in, R, P},                                       \
                       Panels<V>{dseg, dlcol, dval, out, hidden, R, P}, x, T, n, ubias, dbias, y, nthreads,  \
-                      act);                                                                                 \
+                      act, POST);                                                                           \
   }
 SPARSE_PANEL_ENTRY(csr_panels_f32, csr_ffn_f32, float)
 SPARSE_PANEL_ENTRY(csr_panels_bf16, csr_ffn_bf16, bf16)
 
 #define SPARSE_CSR_ENTRY(NAME, V, I)                                                                        \
   extern "C" int NAME(const int32_t* rowptr, const I* col, const V* val, int64_t out, int64_t in,         \
-                       const float* x, int64_t n, const float* bias, float* y, int nthreads, int act) {     \
-    return run_blocks(CsrBody<V, I>{rowptr, col, val, bias, y, out, act}, out, in, x, n, nthreads);          \
+                       const float* x, int64_t n, const float* bias, float* y, int nthreads, int act,       \
+                       POST_ARGS) {                                                                         \
+    return run_blocks(CsrBody<V, I>{rowptr, col, val, bias, y, out, act}, out, in, x, n, nthreads, POST);    \
   }
 SPARSE_CSR_ENTRY(csr_f32_i16, float, int16_t)
 SPARSE_CSR_ENTRY(csr_f32_i32, float, int32_t)
@@ -751,10 +803,10 @@ SPARSE_CSR_ENTRY(csr_bf16_i32, bf16, int32_t)
 
 #define SPARSE_24_ENTRY(NAME, V)                                                                            \
   extern "C" int NAME(const V* val, const uint8_t* meta, int64_t out, int64_t in, const float* x,          \
-                       int64_t n, const float* bias, float* y, int nthreads, int act) {                     \
-    return run_blocks(TwoFourBody<V>{val, meta, in, bias, y, out, act}, out, in, x, n, nthreads);            \
+                       int64_t n, const float* bias, float* y, int nthreads, int act, POST_ARGS) {          \
+    return run_blocks(TwoFourBody<V>{val, meta, in, bias, y, out, act}, out, in, x, n, nthreads, POST);      \
   }
 SPARSE_24_ENTRY(two_four_f32, float)
 SPARSE_24_ENTRY(two_four_bf16, bf16)
 
-extern "C" int sparse_cpu_abi_version() { return 8; }
+extern "C" int sparse_cpu_abi_version() { return 9; }

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from sparse_ops.activations import CODES, apply
 from sparse_ops.formats import CSR, TwoFour
@@ -81,6 +82,40 @@ class NativeWeight:
     panels: tuple[torch.Tensor, ...] = ()  # CSR only: (seg, lcol, values) of panel_parts, for large batches
     panel_call: Callable[..., None] | None = None  # (x_ptr, tile, n, bias_ptr, y_ptr, threads, act code)
     ffn_call: tuple[NativeWeight, Callable[..., None]] | None = None  # ffn_matmul's (down weight, bound entry)
+
+
+@dataclass(frozen=True)
+class AddNorm:
+    """A post-op the kernels apply to whole output rows once they are written: ``y + residual``, then (``norm``)
+    ``F.layer_norm`` over the row with ``weight`` / ``bias`` (None: no affine) and ``eps``. A post-LN
+    transformer sublayer's output (``sparse_ops.fusion.SparseAddNorm``)."""
+
+    residual: torch.Tensor  # (N, out)
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    eps: float = 1e-5
+    norm: bool = True
+
+    def apply(self, y: torch.Tensor) -> torch.Tensor:
+        """The same with torch ops (the kernels without the post-op, and the reference).
+
+        >>> AddNorm(torch.ones(1, 2), norm=False).apply(torch.tensor([[1.0, 2.0]])).tolist()
+        [[2.0, 3.0]]
+        """
+        y = y + self.residual
+        return F.layer_norm(y, y.shape[-1:], self.weight, self.bias, self.eps) if self.norm else y
+
+    def args(self, n: int, out: int) -> tuple[tuple[object, ...], tuple[torch.Tensor, ...]]:
+        """The C++ post arguments (kind, residual, gamma, beta, eps) and the fp32 tensors they point into."""
+        if tuple(self.residual.shape) != (n, out):
+            raise ValueError(f"residual must have shape ({n}, {out}), got {tuple(self.residual.shape)}")
+        parts = [None if t is None else t.to(torch.float32).contiguous()
+                 for t in (self.residual, self.weight if self.norm else None, self.bias if self.norm else None)]
+        for t in parts[1:]:
+            if t is not None and tuple(t.shape) != (out,):
+                raise ValueError(f"the norm's weight and bias must have shape ({out},), got {tuple(t.shape)}")
+        ptrs = tuple(None if t is None else t.data_ptr() for t in parts)
+        return (2 if self.norm else 1, *ptrs, float(self.eps)), tuple(t for t in parts if t is not None)
 
 
 def _entry(name: str, *bound: object) -> Callable[..., None]:
@@ -214,8 +249,9 @@ def _needs_grad(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
 
 
-def _matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, panels: bool, act: int) -> torch.Tensor:
-    """One C++ call: x (N, in) -> act(x W^T + bias) (N, out) in the weight's dtype."""
+def _matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, panels: bool, act: int,
+            post: AddNorm | None) -> torch.Tensor:
+    """One C++ call: x (N, in) -> post(act(x W^T + bias)) (N, out) in the weight's dtype."""
     n, out = x.shape[0], w.source.shape[0]
     y = torch.empty(n, out, dtype=torch.float32)
     if n and out:  # conversions only where needed: each torch call costs ~2 us, a BERT forward makes 36 of these
@@ -224,10 +260,11 @@ def _matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, panels:
         if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
             bias = bias.to(torch.float32).contiguous()
         bp = None if bias is None else bias.data_ptr()
+        post_args, _alive = post.args(n, out) if post is not None else (native.NO_POST, ())
         if panels:
-            panelled(w)(x.data_ptr(), panel_tile(n), n, bp, y.data_ptr(), native.num_threads(), act)
+            panelled(w)(x.data_ptr(), panel_tile(n), n, bp, y.data_ptr(), native.num_threads(), act, *post_args)
         else:
-            w.call(x.data_ptr(), n, bp, y.data_ptr(), threads_for(w.nnz * n, n), act)
+            w.call(x.data_ptr(), n, bp, y.data_ptr(), threads_for(w.nnz * n, n), act, *post_args)
     return y if w.out_dtype == torch.float32 else y.to(w.out_dtype)
 
 
@@ -236,8 +273,9 @@ FFN_MIN_TOKENS = 16
 
 
 def ffn_matmul(up: NativeWeight, down: NativeWeight, x: torch.Tensor, up_bias: torch.Tensor | None,
-               down_bias: torch.Tensor | None, activation: str | None = None) -> torch.Tensor | None:
-    """x: (N, in) -> activation(x U^T + up_bias) D^T + down_bias (N, out) in one C++ call (``run_ffn``: the
+               down_bias: torch.Tensor | None, activation: str | None = None, post: AddNorm | None = None
+               ) -> torch.Tensor | None:
+    """x: (N, in) -> post(activation(x U^T + up_bias) D^T + down_bias) (N, out) in one C++ call (``run_ffn``: the
     hidden activations stay in the packed layout D's kernel reads), or None where that does not apply and the
     caller runs the two layers: a gradient is needed, fewer than ``FFN_MIN_TOKENS`` tokens, a weight too sparse
     for the panelled kernel, or different value types or dtypes. U (hidden, in) and D (out, hidden) are CSR."""
@@ -257,22 +295,26 @@ def ffn_matmul(up: NativeWeight, down: NativeWeight, x: torch.Tensor, up_bias: t
         up.ffn_call = (down, _entry(f"csr_ffn_{up.value_code}", *up.panels, *down.panels, inp, hidden, out,
                                     PANEL_ROWS, PANEL_WIDTH))
     y = torch.empty(n, out, dtype=torch.float32)
+    post_args, _alive = post.args(n, out) if post is not None else (native.NO_POST, ())
     up.ffn_call[1](x.data_ptr(), panel_tile(n), n, None if bu is None else bu.data_ptr(),
-                   None if bd is None else bd.data_ptr(), y.data_ptr(), native.num_threads(), CODES[activation])
+                   None if bd is None else bd.data_ptr(), y.data_ptr(), native.num_threads(), CODES[activation],
+                   *post_args)
     return y if up.out_dtype == torch.float32 else y.to(up.out_dtype)
 
 
-def csr_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None
-               ) -> torch.Tensor:
-    """x: (N, in) -> activation(x W^T + bias) (N, out) in the weight's dtype."""
+def csr_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None,
+               post: AddNorm | None = None) -> torch.Tensor:
+    """x: (N, in) -> post(activation(x W^T + bias)) (N, out) in the weight's dtype."""
     if _needs_grad(x, bias):  # the C++ kernels have no backward: torch's CSR path does
-        return apply(cpu.csr_matmul(cpu.prepare_csr(w.source), x, bias), activation)
-    return _matmul(w, x, bias, use_panels(x.shape[0], w.density, w.source.shape[1]), CODES[activation])
+        y = apply(cpu.csr_matmul(cpu.prepare_csr(w.source), x, bias), activation)
+        return y if post is None else post.apply(y)
+    return _matmul(w, x, bias, use_panels(x.shape[0], w.density, w.source.shape[1]), CODES[activation], post)
 
 
-def two_four_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None
-                    ) -> torch.Tensor:
-    """x: (N, in) -> activation(x W^T + bias) (N, out) in the weight's dtype."""
+def two_four_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None,
+                    post: AddNorm | None = None) -> torch.Tensor:
+    """x: (N, in) -> post(activation(x W^T + bias)) (N, out) in the weight's dtype."""
     if _needs_grad(x, bias):
-        return apply(cpu.csr_matmul(cpu.prepare_csr(CSR.from_dense(w.source.to_dense())), x, bias), activation)
-    return _matmul(w, x, bias, False, CODES[activation])
+        y = apply(cpu.csr_matmul(cpu.prepare_csr(CSR.from_dense(w.source.to_dense())), x, bias), activation)
+        return y if post is None else post.apply(y)
+    return _matmul(w, x, bias, False, CODES[activation], post)

@@ -32,26 +32,29 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "sparse_cpu.cpp"
-ABI_VERSION = 8
+ABI_VERSION = 9
 # -fno-trapping-math lets the epilogue's floor and float -> int conversions vectorise (no FP exception flags)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno",
          "-fno-trapping-math")
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+# Every entry point ends with the post-op's arguments (sparse_cpu.cpp, Post): kind, residual, gamma, beta, eps
+_POST = (_INT, _P, _P, _P, ctypes.c_float)
+NO_POST = (0, None, None, None, 0.0)  # kind POST_NONE: y is the product (and activation) alone
 # entry point -> argument types (pointers as integers from Tensor.data_ptr(); NULL bias as None)
 SIGNATURES: dict[str, tuple[type, ...]] = {
     # rowptr, col, val, out, in, x, n, bias, y, threads, activation code
-    **{f"csr_{v}_{i}": (_P, _P, _P, _I64, _I64, _P, _I64, _P, _P, _INT, _INT)
+    **{f"csr_{v}_{i}": (_P, _P, _P, _I64, _I64, _P, _I64, _P, _P, _INT, _INT, *_POST)
        for v in ("f32", "bf16") for i in ("i16", "i32")},
     # val, meta, out, in, x, n, bias, y, threads, activation code
-    **{f"two_four_{v}": (_P, _P, _I64, _I64, _P, _I64, _P, _P, _INT, _INT) for v in ("f32", "bf16")},
+    **{f"two_four_{v}": (_P, _P, _I64, _I64, _P, _I64, _P, _P, _INT, _INT, *_POST) for v in ("f32", "bf16")},
     # seg, lcol, val, out, in, rows per block, panel width, x, tile, n, bias, y, threads, activation code
-    **{f"csr_panels_{v}": (_P, _P, _P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _P, _P, _INT, _INT)
+    **{f"csr_panels_{v}": (_P, _P, _P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _P, _P, _INT, _INT, *_POST)
        for v in ("f32", "bf16")},
     # up seg, lcol, val, down seg, lcol, val, in, hidden, out, rows per block, panel width, x, tile, n,
     # up bias, down bias, y, threads, activation code (of the hidden layer)
     **{f"csr_ffn_{v}": (_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P, _I64, _I64, _P, _P, _P, _INT,
-                        _INT) for v in ("f32", "bf16")},
+                        _INT, *_POST) for v in ("f32", "bf16")},
 }
 
 

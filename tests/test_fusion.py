@@ -1,6 +1,7 @@
-"""Fused feed-forward blocks: the one-call kernel against fp64 torch over a grid (both schedules, every tile
-width, odd sizes, empty rows, activations, bias, bf16), SparseFFN's fallbacks, and fuse_ffn's proof (what it
-must fuse, what it must leave alone, a tiny BERT and RoBERTa end to end)."""
+"""Fusions: the fused FFN kernel and the residual + LayerNorm post-op against fp64 torch over grids (every
+kernel path and schedule, tile widths, odd sizes, empty rows, activations, bias, dtypes), the modules'
+fallbacks, and the fx proofs of fuse_ffn and fuse_add_norm (what they must fuse, what they must leave alone, a
+tiny BERT and RoBERTa end to end)."""
 import copy
 
 import pytest
@@ -10,11 +11,12 @@ from torch import nn
 
 from sparse_ops.activations import ACTIVATIONS, fuse_activations
 from sparse_ops.checkpoint import sparsify
-from sparse_ops.ffn import SparseFFN, fuse_ffn
-from sparse_ops.formats import CSR
+from sparse_ops.formats import CSR, TwoFour
+from sparse_ops.fusion import SparseAddNorm, SparseFFN, fuse, fuse_add_norm, fuse_ffn
 from sparse_ops.kernels import cpu_native, native
+from sparse_ops.kernels.cpu_native import AddNorm
 from sparse_ops.linear import SparseLinear
-from tests.test_formats import unstructured
+from tests.test_formats import two_four, unstructured
 
 needs_native = pytest.mark.skipif(not native.available(), reason="needs our CPU kernels")
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}
@@ -234,9 +236,11 @@ def tiny(kind):
 @pytest.mark.parametrize("kind", ["Bert", "Roberta"])
 def test_sparsify_fuses_transformers_ffns(kind):
     dense, state = tiny(kind)
-    fused = sparsify(copy.deepcopy(dense), state, fuse_ffn=True)
+    fused = sparsify(copy.deepcopy(dense), state, fuse=True)
     blocks = {n: m for n, m in fused.named_modules() if isinstance(m, SparseFFN)}
     assert list(blocks) == ["encoder.layer.0.output.dense", "encoder.layer.1.output.dense"]
+    add_norms = [n for n, m in fused.named_modules() if isinstance(m, SparseAddNorm)]
+    assert add_norms == [f"encoder.layer.{i}.{m}" for i in (0, 1) for m in ("attention.output", "output")]
     assert all(m.up.activation == "gelu" for m in blocks.values())
     assert all(isinstance(layer.intermediate.dense, nn.Identity) for layer in fused.encoder.layer)
     ids = torch.randint(3, 50, (3, 30))  # 90 tokens: the fused kernel runs
@@ -260,3 +264,138 @@ def test_new_weights_and_copies_rebind_the_fused_call():
         torch.testing.assert_close(block(x).double(), reference(other.up, other.down, x), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(twin(x).double(), reference(twin.up, twin.down, x), rtol=1e-4, atol=1e-4)
         assert not torch.equal(twin(x), block(x))
+
+
+def post_reference(y, post):
+    y = y + post.residual.double()
+    if not post.norm:
+        return y
+    w, b = (None if t is None else t.double() for t in (post.weight, post.bias))
+    return F.layer_norm(y, y.shape[-1:], w, b, post.eps)
+
+
+def random_post(n, out, norm=True, affine=True):
+    return AddNorm(torch.randn(n, out), torch.randn(out) if affine else None, torch.randn(out) if affine else None,
+                   1e-5, norm)
+
+
+@needs_native
+@pytest.mark.parametrize("format", ["csr", "2:4"])
+@pytest.mark.parametrize("n", [1, 8, 40, 130, 1030])  # gemv, plain kernel, panelled by row block and by tile
+@pytest.mark.parametrize("kind", ["add_norm", "add", "norm_without_affine"])
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_post_op_matches_fp64(format, n, kind, activation):
+    w = two_four((48, 64)) if format == "2:4" else unstructured((48, 64), 0.6)
+    layer = SparseLinear((CSR if format == "csr" else TwoFour).from_dense(w), torch.randn(48), activation=activation)
+    post = random_post(n, 48, norm=kind != "add", affine=kind != "norm_without_affine")
+    x = torch.randn(n, 64)
+    with torch.inference_mode():
+        y = layer.kernel.matmul(layer._state, x, layer.bias, activation, post=post)
+    h = F.linear(x.double(), w.double(), layer.bias.double())
+    ref = post_reference(h if activation is None else ACTIVATIONS[activation](h), post)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("n", [16, 33, 128, 1030])  # both FFN schedules
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_ffn_post_op_matches_fp64(n, dtype):
+    up, down = pair(37, 300, 45, 0.8, dtype)
+    post = random_post(n, 45)
+    x = torch.randn(n, 37, dtype=dtype)
+    with torch.inference_mode():
+        y = cpu_native.ffn_matmul(up._state, down._state, x, up.bias, down.bias, "gelu", post=post)
+    torch.testing.assert_close(y.double(), post_reference(reference(up, down, x.float()), post), rtol=TOL[dtype],
+                               atol=TOL[dtype] * 10)
+
+
+def test_post_op_rejects_mismatched_shapes():
+    layer = SparseLinear(CSR.from_dense(unstructured((8, 16), 0.5)))
+    with pytest.raises(ValueError, match=r"residual must have shape \(4, 8\), got \(4, 9\)"):
+        layer.kernel.matmul(layer._state, torch.randn(4, 16), None, None, post=AddNorm(torch.randn(4, 9)))
+
+
+class PostLN(nn.Module):  # BERT's BertOutput / BertSelfOutput
+    def __init__(self, layer, out, dropout=0.1):
+        super().__init__()
+        self.dense, self.LayerNorm, self.dropout = layer, nn.LayerNorm(out), nn.Dropout(dropout)
+        with torch.no_grad():
+            self.LayerNorm.weight.normal_()
+            self.LayerNorm.bias.normal_()
+
+    def forward(self, hidden_states, input_tensor):
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+
+
+class Scaled2(PostLN):  # an op between the add and the layer
+    def forward(self, hidden_states, input_tensor):
+        return self.LayerNorm(self.dense(hidden_states) * 2 + input_tensor)
+
+
+class PreLN(PostLN):  # x + layer(norm(x)): not the post-LN pattern
+    def forward(self, hidden_states, input_tensor):
+        return input_tensor + self.dense(self.LayerNorm(hidden_states))
+
+
+class ResidualTwice(PostLN):
+    def forward(self, hidden_states, input_tensor):
+        return self.LayerNorm(self.dense(hidden_states) + input_tensor) + input_tensor
+
+
+@needs_native
+@pytest.mark.parametrize("n", [1, 20, 200])
+@pytest.mark.parametrize("ffn", [False, True])
+def test_sparse_add_norm_matches_its_ops(n, ffn):
+    layer = SparseFFN(*pair(32, 64, 32, 0.7)) if ffn else SparseLinear(CSR.from_dense(unstructured((32, 32), 0.7)),
+                                                                        torch.randn(32))
+    model = nn.Sequential(PostLN(layer, 32)).eval()
+    x, r = torch.randn(2, n, 32), torch.randn(2, n, 32)
+    with torch.inference_mode():
+        before = model[0](x, r)
+        assert fuse_add_norm(model) == ["0"] and isinstance(model[0], SparseAddNorm)
+        torch.testing.assert_close(model[0](x, r), before, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model[0](hidden_states=x, input_tensor=r), before, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model[0](x, input_tensor=r), before, rtol=1e-4, atol=1e-4)
+    assert set(model.state_dict()) == {f"0.{k}" for k in PostLN(layer, 32).state_dict()}  # the keys stay
+    with pytest.raises(TypeError, match=r"takes \(hidden_states, input_tensor\)"):
+        model[0](x, r, r)
+
+
+def test_sparse_add_norm_runs_the_ops_when_training_or_for_gradients():
+    model = nn.Sequential(PostLN(SparseLinear(CSR.from_dense(unstructured((16, 16), 0.5))), 16, dropout=0.5))
+    model.eval()
+    fuse_add_norm(model)
+    block = model[0]
+    x, r = torch.randn(40, 16), torch.randn(40, 16)
+    block.train()  # an active dropout: the ops in turn, the same random mask as the unfused module
+    torch.manual_seed(3)
+    y = block(x, r)
+    torch.manual_seed(3)
+    ref = block.LayerNorm(block.dropout(block.dense(x)) + r)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    block.eval()
+    r.requires_grad_()
+    block(x, r).sum().backward()  # a gradient: the ops in turn, and it flows
+    assert r.grad is not None and block.LayerNorm.weight.grad is not None
+
+
+@pytest.mark.parametrize("module", [Scaled2, PreLN, ResidualTwice], ids=["op between", "pre-LN", "residual twice"])
+def test_fuse_add_norm_leaves_other_patterns_alone(module):
+    model = nn.Sequential(module(SparseLinear(CSR.from_dense(unstructured((16, 16), 0.5))), 16))
+    assert fuse_add_norm(model) == [] and type(model[0]) is module
+
+
+def test_fuse_add_norm_needs_a_kernel_with_the_post_op():
+    on_torch = SparseLinear(CSR.from_dense(unstructured((16, 16), 0.5)), torch_kernel=True)
+    assert fuse_add_norm(nn.Sequential(PostLN(on_torch, 16))) == []
+    dense = nn.Sequential(PostLN(nn.Linear(16, 16), 16))
+    assert fuse_add_norm(dense) == []
+    with pytest.raises(ValueError, match="LayerNorm over the layer's 16 output features"):
+        SparseAddNorm(on_torch, nn.LayerNorm(8))
+
+
+@needs_native
+def test_fuse_reports_every_fusion():
+    model = nn.Sequential(nn.Linear(1, 1))
+    model[0] = PostLN(SparseFFN(*pair(16, 32, 16, 0.5)), 16)
+    assert fuse(model) == {"activations": [], "ffn": [], "add_norm": ["0"]}
