@@ -282,20 +282,24 @@ class SparseAddNorm(nn.Module):
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
         """(x (..., in), residual (..., out)) -> (..., out)."""
-        if len(args) + len(kwargs) != 2 or set(kwargs) - set(self._arg_names[len(args):]):
+        if len(args) == 2 and not kwargs:  # the usual call, checked first: this runs per sublayer and forward
+            x, residual = args
+        elif len(args) + len(kwargs) == 2 and set(kwargs) <= set(self._arg_names[len(args):]):
+            x, residual = (*args, *(kwargs[k] for k in self._arg_names[len(args):]))
+        else:
             raise TypeError(f"SparseAddNorm takes ({', '.join(self._arg_names)}), got {len(args)} positional "
                             f"and {sorted(kwargs)} keyword arguments")
-        x, residual = (*args, *(kwargs[k] for k in self._arg_names[len(args):]))
-        layer, norm = self._modules[self._names[0]], self._modules[self._names[1]]
-        dropout = self._modules.get(self._names[2])
+        modules = self._modules
+        layer, norm, dropout = modules[self._names[0]], modules[self._names[1]], modules.get(self._names[2])
         live = dropout is not None and dropout.training and getattr(dropout, "p", 0.0) > 0.0
         grads = torch.is_grad_enabled() and (x.requires_grad or residual.requires_grad
                                              or any(p.requires_grad for p in norm.parameters()))
-        if not live and not grads and residual.shape == (*x.shape[:-1], norm.normalized_shape[0]):
-            y = _with_post(layer, x, AddNorm(residual.reshape(-1, residual.shape[-1]), norm.weight, norm.bias,
-                                             norm.eps))
+        if not live and not grads and residual.shape[:-1] == x.shape[:-1] \
+                and residual.shape[-1] == norm.normalized_shape[0]:  # else torch broadcasts, or raises
+            r = residual if residual.dim() == 2 else residual.reshape(-1, residual.shape[-1])
+            y = _with_post(layer, x, AddNorm(r, norm.weight, norm.bias, norm.eps))
             if y is not None:
-                return y.reshape(residual.shape)
+                return y if y.shape == residual.shape else y.reshape(residual.shape)
         h = layer(x)
         return norm((h if dropout is None else dropout(h)) + residual)
 

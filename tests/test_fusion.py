@@ -399,3 +399,11 @@ def test_fuse_reports_every_fusion():
     model = nn.Sequential(nn.Linear(1, 1))
     model[0] = PostLN(SparseFFN(*pair(16, 32, 16, 0.5)), 16)
     assert fuse(model) == {"activations": [], "ffn": [], "add_norm": ["0"]}
+
+
+@needs_native
+def test_sparse_add_norm_keeps_torch_broadcasting():
+    block = SparseAddNorm(SparseLinear(CSR.from_dense(unstructured((16, 16), 0.5))), nn.LayerNorm(16))
+    x, r = torch.randn(40, 16), torch.randn(40, 1)  # a residual the ops broadcast: no fused path, same result
+    with torch.inference_mode():
+        torch.testing.assert_close(block(x, r), block.LayerNorm(block.dense(x) + r), rtol=0, atol=0)

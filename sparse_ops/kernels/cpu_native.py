@@ -32,6 +32,7 @@ import functools
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -84,8 +85,7 @@ class NativeWeight:
     ffn_call: tuple[NativeWeight, Callable[..., None]] | None = None  # ffn_matmul's (down weight, bound entry)
 
 
-@dataclass(frozen=True)
-class AddNorm:
+class AddNorm(NamedTuple):  # a NamedTuple: built per call, it must be cheap (a frozen dataclass costs ~2 us)
     """A post-op the kernels apply to whole output rows once they are written: ``y + residual``, then (``norm``)
     ``F.layer_norm`` over the row with ``weight`` / ``bias`` (None: no affine) and ``eps``. A post-LN
     transformer sublayer's output (``sparse_ops.fusion.SparseAddNorm``)."""
@@ -107,15 +107,19 @@ class AddNorm:
 
     def args(self, n: int, out: int) -> tuple[tuple[object, ...], tuple[torch.Tensor, ...]]:
         """The C++ post arguments (kind, residual, gamma, beta, eps) and the fp32 tensors they point into."""
-        if tuple(self.residual.shape) != (n, out):
+        if self.residual.shape != (n, out):
             raise ValueError(f"residual must have shape ({n}, {out}), got {tuple(self.residual.shape)}")
-        parts = [None if t is None else t.to(torch.float32).contiguous()
-                 for t in (self.residual, self.weight if self.norm else None, self.bias if self.norm else None)]
+        parts = (_fp32(self.residual), *(_fp32(t) if self.norm else None for t in (self.weight, self.bias)))
         for t in parts[1:]:
-            if t is not None and tuple(t.shape) != (out,):
+            if t is not None and t.shape != (out,):
                 raise ValueError(f"the norm's weight and bias must have shape ({out},), got {tuple(t.shape)}")
-        ptrs = tuple(None if t is None else t.data_ptr() for t in parts)
-        return (2 if self.norm else 1, *ptrs, float(self.eps)), tuple(t for t in parts if t is not None)
+        return ((2 if self.norm else 1, *(None if t is None else t.data_ptr() for t in parts), float(self.eps)),
+                parts)
+
+
+def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t as a contiguous fp32 tensor, converted only where needed (each torch call costs ~1 us)."""
+    return t if t is None or (t.dtype == torch.float32 and t.is_contiguous()) else t.float().contiguous()
 
 
 def _entry(name: str, *bound: object) -> Callable[..., None]:
