@@ -243,6 +243,7 @@ def test_sparsify_fuses_transformers_ffns(kind):
     assert add_norms == [f"encoder.layer.{i}.{m}" for i in (0, 1) for m in ("attention.output", "output")]
     assert all(m.up.activation == "gelu" for m in blocks.values())
     assert all(isinstance(layer.intermediate.dense, nn.Identity) for layer in fused.encoder.layer)
+    assert fuse(fused) == {"activations": [], "ffn": [], "add_norm": []}  # a second pass finds nothing new
     ids = torch.randint(3, 50, (3, 30))  # 90 tokens: the fused kernel runs
     with torch.inference_mode():
         torch.testing.assert_close(fused(input_ids=ids).last_hidden_state, dense(input_ids=ids).last_hidden_state,
