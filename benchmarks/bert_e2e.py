@@ -5,8 +5,10 @@ attention, sequence 128. ``prune.Pruner(model, sparsity=0.9, include=["encoder.*
 each encoder linear; the pruned weights are stored as CSR and loaded with ``sparse_ops.checkpoint.sparsify``.
 Candidates, interleaved in one ``time_interleaved`` run per batch, under ``eval()`` + ``inference_mode``:
   dense        the pruned model as plain PyTorch runs it (dense weights with zeros)
-  sparse       sparsify(...): SparseLinear on our CPU kernels
-  sparse_torch the same with torch's CSR kernels (SPARSE_OPS_NATIVE=0 when the layers are built)
+  sparse       sparsify(..., fuse=True): SparseLinear on our CPU kernels, with every proven fusion (the FFN's
+               GELU in its first layer, each FFN in one call, residual add + LayerNorm in the kernels)
+  sparse_torch the same with torch's CSR kernels (SPARSE_OPS_NATIVE=0 when the layers are built: only the GELU
+               is fused, applied after torch's product; the other fusions need our kernels)
 
 Run: ``python -m benchmarks.bert_e2e --out benchmarks/results/bert_e2e [--threads 2] [--quick] [--malloc keep]``.
 ``--malloc keep`` (glibc only) tells malloc to keep freed memory (``mallopt``: no trimming, no mmap below
@@ -60,8 +62,8 @@ def sparse_state(model: BertModel) -> dict[str, torch.Tensor | CSR]:
 
 
 def sparse_model(dense: BertModel, native: bool) -> BertModel:
-    """A copy of ``dense`` with its CSR encoder linears loaded by ``sparsify`` (our kernels or torch's), each FFN's
-    GELU fused into the layer before it (in our kernel's output writes; torch's kernels apply it after)."""
+    """A copy of ``dense`` with its CSR encoder linears loaded by ``sparsify(..., fuse=True)`` (our kernels or
+    torch's; with torch's only the GELU moves into the layer before it, applied after the product)."""
     old = os.environ.get("SPARSE_OPS_NATIVE")
     os.environ["SPARSE_OPS_NATIVE"] = "1" if native else "0"  # read when each layer picks its kernel
     try:
