@@ -98,6 +98,14 @@ def activation_of(module: nn.Module) -> str | None:
     return _function_kind(nodes[1], nodes[0])
 
 
+def _use_counts(model: nn.Module) -> dict[int, int]:
+    """id(module) -> how many places of ``model`` hold it (a module held twice is shared: never fused)."""
+    uses: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        uses[id(m)] = uses.get(id(m), 0) + 1
+    return uses
+
+
 class _ChildrenAreLeaves(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return True
@@ -136,9 +144,7 @@ def fuse_activations(model: nn.Module) -> list[str]:
     """
     from sparse_ops.linear import SparseLinear
 
-    uses: dict[int, int] = {}
-    for _, m in model.named_modules(remove_duplicate=False):
-        uses[id(m)] = uses.get(id(m), 0) + 1
+    uses = _use_counts(model)
     fused = []
     for parent_name, parent in list(model.named_modules()):
         children = dict(parent.named_children())

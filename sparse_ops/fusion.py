@@ -52,7 +52,7 @@ from collections.abc import Callable
 import torch
 from torch import fx, nn
 
-from sparse_ops.activations import _ChildrenAreLeaves, fuse_activations
+from sparse_ops.activations import _ChildrenAreLeaves, _use_counts, fuse_activations
 from sparse_ops.kernels.cpu_native import AddNorm
 from sparse_ops.linear import SparseLinear
 
@@ -224,9 +224,7 @@ def fuse_ffn(model: nn.Module) -> list[str]:
     >>> fuse_ffn(nn.Sequential(nn.Linear(2, 4), nn.Linear(4, 2)))  # dense nn.Linear layers are not touched
     []
     """
-    uses: dict[int, int] = {}
-    for _, m in model.named_modules(remove_duplicate=False):
-        uses[id(m)] = uses.get(id(m), 0) + 1
+    uses = _use_counts(model)
     fused = []
     for parent_name, parent in list(model.named_modules()):
         if isinstance(parent, (SparseLinear, SparseFFN)):
@@ -365,9 +363,7 @@ def fuse_add_norm(model: nn.Module) -> list[str]:
     >>> fuse_add_norm(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)))  # nothing sparse: nothing swapped
     []
     """
-    uses: dict[int, int] = {}
-    for _, m in model.named_modules(remove_duplicate=False):
-        uses[id(m)] = uses.get(id(m), 0) + 1
+    uses = _use_counts(model)
     fused = []
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
