@@ -1,4 +1,4 @@
-"""Fusions: the fused FFN kernel and the residual + LayerNorm post-op against fp64 torch over grids (every
+"""Fusions: the fused FFN kernel and the residual + LayerNorm post-op against kernels/reference.py over grids (every
 kernel path and schedule, tile widths, odd sizes, empty rows, activations, bias, dtypes), the modules'
 fallbacks, and the fx proofs of fuse_ffn and fuse_add_norm (what they must fuse, what they must leave alone, a
 tiny BERT and RoBERTa end to end)."""
@@ -14,6 +14,7 @@ from sparse_ops.checkpoint import sparsify
 from sparse_ops.formats import CSR, TwoFour
 from sparse_ops.fusion import SparseAddNorm, SparseFFN, fuse, fuse_add_norm, fuse_ffn
 from sparse_ops.kernels import cpu_native, native
+from sparse_ops.kernels import reference as ref_kernels
 from sparse_ops.kernels.cpu_native import AddNorm
 from sparse_ops.linear import SparseLinear
 from tests.test_formats import two_four, unstructured
@@ -32,13 +33,17 @@ def pair(inp, hidden, out, sparsity, dtype=torch.float32, bias=True, activation=
     return up, down
 
 
+def linear_reference(layer, h):
+    """fp32 kernels/reference.py product from the layer's stored parts, plus its bias, as fp64."""
+    y = ref_kernels.REFERENCE[layer.format](layer.weight, h.float().reshape(-1, h.shape[-1]))
+    y = y.reshape(*h.shape[:-1], y.shape[-1])
+    return (y if layer.bias is None else y + layer.bias.float()).double()
+
+
 def reference(up, down, x):
-    """fp64: act(x U^T + bu) D^T + bd with the layers' stored (rounded) weights."""
-    def lin(layer, h):
-        b = layer.bias
-        return F.linear(h, layer.weight.to_dense().double(), None if b is None else b.double())
-    h = lin(up, x.double())
-    return lin(down, h if up.activation is None else ACTIVATIONS[up.activation](h))
+    """act(x U^T + bu) D^T + bd by the reference kernels, the layers' stored (rounded) weights."""
+    h = linear_reference(up, x)
+    return linear_reference(down, h if up.activation is None else ACTIVATIONS[up.activation](h))
 
 
 def fused_call(up, down, x):
@@ -51,7 +56,7 @@ def fused_call(up, down, x):
 @pytest.mark.parametrize("shape", [(384, 1536, 384), (37, 300, 45), (130, 64, 200)])  # (in, hidden, out)
 @pytest.mark.parametrize("n", [16, 17, 33, 64, 128, 129, 257, 1030])  # 16/32/64-token tiles, both schedules
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.98])
-def test_fused_ffn_matches_fp64(shape, n, sparsity):
+def test_fused_ffn_matches_reference(shape, n, sparsity):
     up, down = pair(*shape, sparsity)
     x = torch.randn(n, shape[0])
     with torch.inference_mode():
@@ -285,14 +290,14 @@ def random_post(n, out, norm=True, affine=True):
 @pytest.mark.parametrize("n", [1, 8, 40, 130, 1030])  # gemv, plain kernel, panelled by row block and by tile
 @pytest.mark.parametrize("kind", ["add_norm", "add", "norm_without_affine"])
 @pytest.mark.parametrize("activation", [None, "gelu"])
-def test_post_op_matches_fp64(format, n, kind, activation):
+def test_post_op_matches_reference(format, n, kind, activation):
     w = two_four((48, 64)) if format == "2:4" else unstructured((48, 64), 0.6)
     layer = SparseLinear((CSR if format == "csr" else TwoFour).from_dense(w), torch.randn(48), activation=activation)
     post = random_post(n, 48, norm=kind != "add", affine=kind != "norm_without_affine")
     x = torch.randn(n, 64)
     with torch.inference_mode():
         y = layer.kernel.matmul(layer._state, x, layer.bias, activation, post=post)
-    h = F.linear(x.double(), w.double(), layer.bias.double())
+    h = linear_reference(layer, x)
     ref = post_reference(h if activation is None else ACTIVATIONS[activation](h), post)
     torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
 
@@ -300,7 +305,7 @@ def test_post_op_matches_fp64(format, n, kind, activation):
 @needs_native
 @pytest.mark.parametrize("n", [16, 33, 128, 1030])  # both FFN schedules
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_ffn_post_op_matches_fp64(n, dtype):
+def test_fused_ffn_post_op_matches_reference(n, dtype):
     up, down = pair(37, 300, 45, 0.8, dtype)
     post = random_post(n, 45)
     x = torch.randn(n, 37, dtype=dtype)
