@@ -1,5 +1,5 @@
-"""Fusions: the fused FFN kernel and the residual + LayerNorm post-op against kernels/reference.py over grids (every
-kernel path and schedule, tile widths, odd sizes, empty rows, activations, bias, dtypes), the modules'
+"""Fusions: the fused FFN kernel and the residual + LayerNorm post-op against kernels/reference.py over grids
+(every kernel path and schedule, tile widths, odd sizes, empty rows, activations, bias, dtypes), the modules'
 fallbacks, and the fx proofs of fuse_ffn and fuse_add_norm (what they must fuse, what they must leave alone, a
 tiny BERT and RoBERTa end to end)."""
 import copy
