@@ -1,12 +1,13 @@
-"""Feed-forward blocks: one fused kernel call (``SparseFFN``) against the two sparse layers and dense.
+"""Feed-forward blocks: one fused kernel call against the same sparse layers run in turn, and dense.
 
-A block is ``down(gelu(up(x)))``, BERT's shapes (hidden -> 4 hidden -> hidden), with both weights pruned to
-the same sparsity (magnitude, per weight) and biases. Candidates, interleaved in one ``time_interleaved`` run
-per point, fp32, under ``inference_mode``:
-  dense       F.linear, F.gelu, F.linear on the pruned dense weights: the baseline
-  two_layers  two SparseLinear layers on our CPU kernels, the GELU fused into the first
-  fused       SparseFFN: the same two layers in one kernel call (the hidden activations stay packed, in cache)
-Below ``cpu_native.FFN_MIN_TOKENS`` tokens ``fused`` runs the two layers, so it is measured from there on.
+Two kinds of block, every weight pruned to the same sparsity (magnitude, per weight):
+  BERT's  ``down(gelu(up(x)))``, hidden -> 4 hidden -> hidden, with biases (``SparseFFN``)
+  LLaMA's ``down(silu(gate(x)) * up(x))``, hidden -> 8/3 hidden -> hidden, no biases (``SparseGatedFFN``)
+Candidates, interleaved in one ``time_interleaved`` run per point, fp32, under ``inference_mode``:
+  dense   the same products with F.linear (and F.gelu / F.silu) on the pruned dense weights: the baseline
+  layers  the SparseLinear layers in turn on our CPU kernels, the activation fused into its layer
+  fused   the block in one kernel call (the hidden activations stay packed, in cache)
+Below ``cpu_native.FFN_MIN_TOKENS`` tokens ``fused`` runs the layers, so it is measured from there on.
 Every candidate's output is checked against dense first.
 
 Run: ``python -m benchmarks.ffn --out benchmarks/results/ffn [--threads 2] [--quick]``.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 from pathlib import Path
 
 import torch
@@ -24,15 +26,16 @@ import torch.nn.functional as F
 from benchmarks.output import RunFiles, table
 from benchmarks.plots import plot_speedup
 from benchmarks.timing import environment, time_interleaved
-from sparse_ops.fusion import SparseFFN
 from sparse_ops.formats import CSR
+from sparse_ops.fusion import SparseFFN, SparseGatedFFN
 from sparse_ops.linear import SparseLinear
 
 HIDDEN = (384, 768)  # BERT-small-like (MiniLM: 384 -> 1536) and BERT-base (768 -> 3072)
 TOKENS = (16, 128, 1024)
 SPARSITIES = (0.7, 0.9, 0.95)
+KINDS = ("bert", "llama")
 COLUMNS = ("group", "tokens", "batch", "sparsity", "candidate", "median_s", "p10_s", "p90_s", "speedup",
-           "fused_over_two_layers", "load_avg_1min")
+           "fused_over_layers", "load_avg_1min")
 
 
 def pruned(out: int, inp: int, sparsity: float, gen: torch.Generator) -> torch.Tensor:
@@ -44,22 +47,32 @@ def pruned(out: int, inp: int, sparsity: float, gen: torch.Generator) -> torch.T
     return w
 
 
-def candidates(hidden: int, sparsity: float, tokens: int, gen: torch.Generator) -> dict[str, object]:
-    wu, wd = pruned(4 * hidden, hidden, sparsity, gen), pruned(hidden, 4 * hidden, sparsity, gen)
-    bu, bd = torch.randn(4 * hidden, generator=gen), torch.randn(hidden, generator=gen)
-    up = SparseLinear(CSR.from_dense(wu), bu, activation="gelu")
-    down = SparseLinear(CSR.from_dense(wd), bd)
+def candidates(kind: str, hidden: int, sparsity: float, tokens: int, gen: torch.Generator
+               ) -> tuple[str, dict[str, object]]:
+    """(group name, candidate -> callable) for one block."""
+    x = torch.randn(tokens, hidden, generator=gen)
+    if kind == "bert":
+        wu, wd = pruned(4 * hidden, hidden, sparsity, gen), pruned(hidden, 4 * hidden, sparsity, gen)
+        bu, bd = torch.randn(4 * hidden, generator=gen), torch.randn(hidden, generator=gen)
+        up, down = SparseLinear(CSR.from_dense(wu), bu, activation="gelu"), SparseLinear(CSR.from_dense(wd), bd)
+        block, group = SparseFFN(up, down), f"{hidden}->{4 * hidden}->{hidden}"
+        fns = {"dense": lambda: F.linear(F.gelu(F.linear(x, wu, bu)), wd, bd), "layers": lambda: down(up(x))}
+    else:
+        inner = round(8 * hidden / 3 / 64) * 64
+        wg, wu, wd = (pruned(o, i, sparsity, gen) for o, i in ((inner, hidden), (inner, hidden), (hidden, inner)))
+        gate, up, down = (SparseLinear(CSR.from_dense(w), activation=a) for w, a in ((wg, "silu"), (wu, None),
+                                                                                  (wd, None)))
+        block, group = SparseGatedFFN(gate, up, down), f"{hidden}->{inner}->{hidden} gated"
+        fns = {"dense": lambda: F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd),
+               "layers": lambda: down(gate(x) * up(x))}
     if not up.kernel.ffn:
         raise RuntimeError(f"our native kernel is unavailable (got {up.kernel.name}); nothing to measure")
-    x = torch.randn(tokens, hidden, generator=gen)
-    block = SparseFFN(up, down)
-    return {"dense": lambda: F.linear(F.gelu(F.linear(x, wu, bu)), wd, bd),
-            "two_layers": lambda: down(up(x)), "fused": functools.partial(block, x)}
+    return group, {**fns, "fused": functools.partial(block, x)}
 
 
-def measure(hidden: int, sparsity: float, tokens: int, repeats: int, min_sample_s: float,
+def measure(kind: str, hidden: int, sparsity: float, tokens: int, repeats: int, min_sample_s: float,
             gen: torch.Generator) -> list[dict[str, object]]:
-    fns = candidates(hidden, sparsity, tokens, gen)
+    group, fns = candidates(kind, hidden, sparsity, tokens, gen)
     with torch.inference_mode():
         ref = fns["dense"]()
         for name, fn in fns.items():
@@ -67,10 +80,9 @@ def measure(hidden: int, sparsity: float, tokens: int, repeats: int, min_sample_
     times = time_interleaved(fns, warmup=2, repeats=repeats, min_sample_s=min_sample_s)
     base = times["dense"]
     load = float(Path("/proc/loadavg").read_text().split()[0])
-    return [dict(group=f"{hidden}->{4 * hidden}->{hidden}", tokens=tokens, batch=tokens, sparsity=sparsity,
-                 candidate=name, median_s=t.median_s, p10_s=t.p10_s, p90_s=t.p90_s,
-                 speedup=round(t.ratio_to(base), 3),
-                 fused_over_two_layers=round(times["fused"].ratio_to(times["two_layers"]), 3), load_avg_1min=load)
+    return [dict(group=group, tokens=tokens, batch=tokens, sparsity=sparsity, candidate=name, median_s=t.median_s,
+                 p10_s=t.p10_s, p90_s=t.p90_s, speedup=round(t.ratio_to(base), 3),
+                 fused_over_layers=round(times["fused"].ratio_to(times["layers"]), 3), load_avg_1min=load)
             for name, t in times.items()]
 
 
@@ -80,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hidden", nargs="+", type=int, default=list(HIDDEN))
     p.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
     p.add_argument("--sparsities", nargs="+", type=float, default=list(SPARSITIES))
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--threads", type=int, default=0, help="torch (and our) threads; default: torch's choice")
     p.add_argument("--quick", action="store_true", help="hidden 384, 128 tokens, sparsity 0.9, 3 repeats")
@@ -92,24 +105,22 @@ def main(argv: list[str] | None = None) -> None:
     args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
     rows = []
     with RunFiles(a.out, "ffn", COLUMNS, {"environment": environment(), "args": args}) as files:
-        for hidden in a.hidden:
-            for sparsity in a.sparsities:
-                for tokens in a.tokens:
-                    point = measure(hidden, sparsity, tokens, a.repeats, 0.01 if a.quick else 0.03, gen)
-                    for r in point:
-                        files.add(r)
-                    rows += point
-                    print(f"{point[0]['group']} s={sparsity} tokens={tokens}: "
-                          + " ".join(f"{r['candidate']}={r['speedup']:.2f}x" for r in point[1:])
-                          + f" fused/two={point[0]['fused_over_two_layers']:.2f}x load={point[0]['load_avg_1min']}",
-                          flush=True)
+        for kind, hidden, sparsity, tokens in itertools.product(a.kinds, a.hidden, a.sparsities, a.tokens):
+            point = measure(kind, hidden, sparsity, tokens, a.repeats, 0.01 if a.quick else 0.03, gen)
+            for r in point:
+                files.add(r)
+            rows += point
+            print(f"{point[0]['group']} s={sparsity} tokens={tokens}: "
+                  + " ".join(f"{r['candidate']}={r['speedup']:.2f}x" for r in point[1:])
+                  + f" fused/layers={point[0]['fused_over_layers']:.2f}x load={point[0]['load_avg_1min']}",
+                  flush=True)
         env = files.header["environment"]
         plot_speedup(rows, files.path(".png"), title=f"FFN blocks, fp32: speedup over dense; {env['cpu']}, "
                                                      f"{env['torch_threads']} threads, torch {env['torch']}")
-    print(table(["block", "sparsity", "tokens", "two layers", "fused", "fused / two"],
-                [[r["group"], str(r["sparsity"]), str(r["tokens"]), f"{two['speedup']:.2f}x", f"{r['speedup']:.2f}x",
-                  f"{r['fused_over_two_layers']:.2f}x"]
-                 for r, two in zip(rows[2::3], rows[1::3])]))
+    print(table(["block", "sparsity", "tokens", "layers", "fused", "fused / layers"],
+                [[r["group"], str(r["sparsity"]), str(r["tokens"]), f"{lay['speedup']:.2f}x", f"{r['speedup']:.2f}x",
+                  f"{r['fused_over_layers']:.2f}x"]
+                 for r, lay in zip(rows[2::3], rows[1::3])]))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 LIMIT_STYLE = {"csr": "--", "2:4": ":"}
 # candidate -> colour, the same in every panel and plot
 COLORS = {"csr": "C0", "2:4": "C1", "auto": "C2", "torch_csr_i64": "C3", "torch_csr_i32": "C4", "scipy_csr": "C5",
-          "torch_2:4": "C6", "two_layers": "C0", "fused": "C2"}
+          "torch_2:4": "C6", "layers": "C0", "fused": "C2"}
 
 
 def _panels(rows: Sequence[Mapping[str, object]]) -> tuple[list[object], list[int]]:

@@ -1,7 +1,7 @@
 """Fusions for sparse transformer inference, each proven from ``torch.fx`` graphs before a module is swapped.
 
 ``fuse(model)`` runs all of them: the activations into their layers (``activations.fuse_activations``), then
-``fuse_ffn`` and ``fuse_add_norm``; ``checkpoint.sparsify(..., fuse=True)`` calls it.
+``fuse_ffn``, ``fuse_gated_ffn`` and ``fuse_add_norm``; ``checkpoint.sparsify(..., fuse=True)`` calls it.
 
 **Feed-forward blocks in one call** (``SparseFFN``, ``fuse_ffn``). A transformer's FFN is ``down(act(up(x)))``.
 Run as two layers, the hidden activations (tokens x hidden, 6 MB for a batch of 8 BERT sequences) are written
@@ -18,6 +18,11 @@ only to ``dense``). transformers' BERT-family layers cannot be traced; for those
 ``forward`` does not touch the two children itself) that method's graph is used. The fused pair's state dict
 keys move under ``down``'s place (``...output.dense.up.*``, ``...output.dense.down.*``): save checkpoints
 before fusing.
+
+**Gated feed-forward blocks** (``SparseGatedFFN``, ``fuse_gated_ffn``): LLaMA's MLP, ``down(act(gate(x)) *
+up(x))``, in the same kernel, the hidden tile being the gate's activated sums times the up layer's. The module
+whose forward is exactly that (transformers' ``LlamaMLP``, its activation fused into ``gate_proj``) is swapped
+for a ``SparseGatedFFN`` holding the same three layers under the same names: the state dict keys stay.
 
 **Residual add and LayerNorm in the kernel** (``SparseAddNorm``, ``fuse_add_norm``). A post-LN sublayer ends
 with ``norm(dropout(layer(x)) + residual)`` (BERT's ``BertSelfOutput`` and ``BertOutput``): two more passes
@@ -39,7 +44,7 @@ Example:
     >>> x = torch.randn(32, 8)
     >>> before = mlp(x)
     >>> fuse(mlp)
-    {'activations': ['0'], 'ffn': ['2'], 'add_norm': []}
+    {'activations': ['0'], 'ffn': ['2'], 'gated_ffn': [], 'add_norm': []}
     >>> [type(m).__name__ for m in mlp], torch.allclose(mlp(x), before, atol=1e-5)
     (['Identity', 'Identity', 'SparseFFN'], True)
 """
@@ -249,6 +254,110 @@ def fuse_ffn(model: nn.Module) -> list[str]:
     return fused
 
 
+class SparseGatedFFN(nn.Module):
+    """``down(gate(x) * up(x))`` for three ``SparseLinear`` layers, the activation in ``gate``: LLaMA's MLP,
+    ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``. One kernel call where the three run on a kernel with an
+    ``ffn`` path (per token tile, the gate's activated sums times the up layer's go straight into the packed
+    tile the down layer reads), else the layers in turn. Its children keep the names given (those of the
+    module it replaces, so the state dict keys stay).
+
+    >>> from sparse_ops.formats import CSR
+    >>> gate = SparseLinear(CSR.from_dense(torch.tensor([[1.0, 0.0]])), activation="relu")
+    >>> up, down = (SparseLinear(CSR.from_dense(torch.tensor(w))) for w in ([[0.0, 2.0]], [[3.0]]))
+    >>> SparseGatedFFN(gate, up, down)(torch.tensor([[1.0, 5.0], [-1.0, 5.0]])).tolist()  # 3 * relu(a) * 2b
+    [[30.0], [0.0]]
+    """
+
+    def __init__(self, gate: SparseLinear, up: SparseLinear, down: SparseLinear,
+                 names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")):
+        super().__init__()
+        if not all(isinstance(m, SparseLinear) for m in (gate, up, down)):
+            raise TypeError("SparseGatedFFN takes three SparseLinear layers, got "
+                            + ", ".join(type(m).__name__ for m in (gate, up, down)))
+        if (gate.in_features, gate.out_features) != (up.in_features, up.out_features) \
+                or up.out_features != down.in_features:
+            raise ValueError(f"gate ({gate.out_features}x{gate.in_features}) and up ({up.out_features}x"
+                             f"{up.in_features}) must have one shape, whose outputs down takes ({down.in_features})")
+        if up.activation is not None:
+            raise ValueError(f"the up layer must have no activation (the gate's is applied), got {up.activation!r}")
+        self._names = names
+        for name, layer in zip(names, (gate, up, down)):
+            self.add_module(name, layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., in) -> (..., down.out_features)."""
+        gate, up, down = (self._modules[n] for n in self._names)
+        ffn = up.kernel.ffn
+        if ffn is not None and gate.kernel is up.kernel and down.kernel is up.kernel:
+            up.check_input(x)
+            y = ffn(up._state, down._state, x if x.dim() == 2 else x.reshape(-1, up.in_features),
+                    up._buffers["bias"], down._buffers["bias"], gate.activation, gate=gate._state,
+                    gate_bias=gate._buffers["bias"])
+            if y is not None:
+                return y if x.dim() == 2 else y.reshape(*x.shape[:-1], down.out_features)
+        return down(gate(x) * up(x))
+
+
+def _gated_parts(module: nn.Module) -> tuple[str, str, str] | None:
+    """(a, b, down) child names where ``module.forward`` is exactly ``down(a(x) * b(x))`` with three sparse
+    layers, Identity modules allowed after ``a`` (an activation fused into it), else None."""
+    if isinstance(module, (SparseLinear, SparseFFN, SparseGatedFFN, SparseAddNorm)) or sum(
+            isinstance(c, SparseLinear) for c in module.children()) != 3:
+        return None
+    graph = _trace(module)
+    if graph is None:
+        return None
+    nodes = list(graph.nodes)
+    x, output, get = nodes[0], nodes[-1], module.get_submodule
+    if x.op != "placeholder" or len(x.users) != 2 or any(
+            n.op != "call_module" or n.args != (x,) or n.kwargs or not isinstance(get(n.target), SparseLinear)
+            for n in x.users):
+        return None
+    for a, b in (tuple(x.users), tuple(reversed(x.users))):
+        chain, end = [a], _through_identities(a, get)  # a, then the Identity modules after it
+        while chain[-1] is not end:
+            chain.append(next(iter(chain[-1].users)))
+        if len(chain[-1].users) != 1 or len(b.users) != 1 or next(iter(b.users)) is not next(iter(chain[-1].users)):
+            continue
+        (mul,) = b.users
+        if mul.op != "call_function" or mul.target not in (operator.mul, torch.mul) or mul.kwargs \
+                or set(mul.args) != {chain[-1], b} or len(mul.args) != 2 or len(mul.users) != 1:
+            return None
+        (down,) = mul.users
+        if down.op != "call_module" or down.args != (mul,) or down.kwargs \
+                or not isinstance(get(down.target), SparseLinear) or output.args != (down,) \
+                or len(nodes) != len({x, *chain, b, mul, down, output}):
+            return None
+        return a.target, b.target, down.target
+    return None
+
+
+def fuse_gated_ffn(model: nn.Module) -> list[str]:
+    """Swap each module computing exactly ``down(gate(x) * up(x))`` with three sparse layers on a kernel with
+    an ``ffn`` path (LLaMA's ``LlamaMLP`` once its activation is fused into ``gate_proj``) for a
+    ``SparseGatedFFN`` holding the same layers under the same names; returns the qualified names swapped.
+
+    >>> fuse_gated_ffn(nn.Sequential(nn.Linear(2, 2)))
+    []
+    """
+    uses = _use_counts(model)
+    fused = []
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            parts = _gated_parts(child) if uses.get(id(child)) == 1 else None
+            if parts is None:
+                continue
+            gate, up, down = (child.get_submodule(p) for p in parts)
+            if up.activation is not None and gate.activation is None:  # the product is symmetric: the gate is
+                gate, up, parts = up, gate, (parts[1], parts[0], parts[2])  # the layer holding the activation
+            if up.activation is not None or any(uses.get(id(m)) != 1 for m in (gate, up, down)) \
+                    or up.kernel.ffn is None or not (gate.kernel is up.kernel is down.kernel):
+                continue
+            setattr(parent, name, SparseGatedFFN(gate, up, down, parts))
+            fused.append(f"{parent_name}.{name}" if parent_name else name)
+    return fused
+
+
 class SparseAddNorm(nn.Module):
     """``norm(dropout(layer(x)) + residual)`` for a ``SparseLinear`` or ``SparseFFN`` layer and an
     ``nn.LayerNorm`` over its output features: the residual add and the LayerNorm run in the kernel, on each tile
@@ -383,10 +492,11 @@ def fuse_add_norm(model: nn.Module) -> list[str]:
 
 
 def fuse(model: nn.Module) -> dict[str, list[str]]:
-    """Every fusion of this module, in order: activations into their layers, FFN pairs, residual + LayerNorm;
-    returns the qualified names each one changed.
+    """Every fusion of this module, in order: activations into their layers, FFN pairs, gated FFNs, residual +
+    LayerNorm; returns the qualified names each one changed.
 
     >>> fuse(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
-    {'activations': [], 'ffn': [], 'add_norm': []}
+    {'activations': [], 'ffn': [], 'gated_ffn': [], 'add_norm': []}
     """
-    return {"activations": fuse_activations(model), "ffn": fuse_ffn(model), "add_norm": fuse_add_norm(model)}
+    return {"activations": fuse_activations(model), "ffn": fuse_ffn(model), "gated_ffn": fuse_gated_ffn(model),
+            "add_norm": fuse_add_norm(model)}

@@ -12,7 +12,7 @@ from torch import nn
 from sparse_ops.activations import ACTIVATIONS, fuse_activations
 from sparse_ops.checkpoint import sparsify
 from sparse_ops.formats import CSR, TwoFour
-from sparse_ops.fusion import SparseAddNorm, SparseFFN, fuse, fuse_add_norm, fuse_ffn
+from sparse_ops.fusion import SparseAddNorm, SparseFFN, SparseGatedFFN, fuse, fuse_add_norm, fuse_ffn, fuse_gated_ffn
 from sparse_ops.kernels import cpu_native, native
 from sparse_ops.kernels import reference as ref_kernels
 from sparse_ops.kernels.cpu_native import AddNorm
@@ -248,7 +248,7 @@ def test_sparsify_fuses_transformers_ffns(kind):
     assert add_norms == [f"encoder.layer.{i}.{m}" for i in (0, 1) for m in ("attention.output", "output")]
     assert all(m.up.activation == "gelu" for m in blocks.values())
     assert all(isinstance(layer.intermediate.dense, nn.Identity) for layer in fused.encoder.layer)
-    assert fuse(fused) == {"activations": [], "ffn": [], "add_norm": []}  # a second pass finds nothing new
+    assert not any(fuse(fused).values())  # a second pass finds nothing new
     ids = torch.randint(3, 50, (3, 30))  # 90 tokens: the fused kernel runs
     with torch.inference_mode():
         torch.testing.assert_close(fused(input_ids=ids).last_hidden_state, dense(input_ids=ids).last_hidden_state,
@@ -404,7 +404,7 @@ def test_fuse_add_norm_needs_a_kernel_with_the_post_op():
 def test_fuse_reports_every_fusion():
     model = nn.Sequential(nn.Linear(1, 1))
     model[0] = PostLN(SparseFFN(*pair(16, 32, 16, 0.5)), 16)
-    assert fuse(model) == {"activations": [], "ffn": [], "add_norm": ["0"]}
+    assert fuse(model) == {"activations": [], "ffn": [], "gated_ffn": [], "add_norm": ["0"]}
 
 
 @needs_native
@@ -413,3 +413,93 @@ def test_sparse_add_norm_keeps_torch_broadcasting():
     x, r = torch.randn(40, 16), torch.randn(40, 1)  # a residual the ops broadcast: no fused path, same result
     with torch.inference_mode():
         torch.testing.assert_close(block(x, r), block.LayerNorm(block.dense(x) + r), rtol=0, atol=0)
+
+
+def gated(inp, hidden, out, sparsity, dtype=torch.float32, bias=False, activation="silu"):
+    """(gate, up, down) SparseLinear layers of a LLaMA-style MLP (outputs O(1))."""
+    ws = [unstructured(s, sparsity) / s[1] ** 0.5 for s in ((hidden, inp), (hidden, inp), (out, hidden))]
+    bs = [torch.randn(w.shape[0]) if bias else None for w in ws]
+    return tuple(SparseLinear(CSR.from_dense(w.to(dtype)), None if b is None else b.to(dtype), activation=a)
+                 for w, b, a in zip(ws, bs, (activation, None, None)))
+
+
+def gated_reference(gate, up, down, x):
+    g = linear_reference(gate, x)
+    h = (g if gate.activation is None else ACTIVATIONS[gate.activation](g)) * linear_reference(up, x)
+    return linear_reference(down, h)
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(64, 172, 64), (37, 300, 45)])  # (in, hidden, out)
+@pytest.mark.parametrize("n", [16, 33, 129, 1030])  # both schedules
+@pytest.mark.parametrize("activation", ["silu", "gelu", None])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_ffn_kernel_matches_reference(shape, n, activation, bias, dtype):
+    gate, up, down = gated(*shape, 0.7, dtype, bias, activation)
+    x = torch.randn(n, shape[0], dtype=dtype)
+    with torch.inference_mode():
+        y = cpu_native.ffn_matmul(up._state, down._state, x, up.bias, down.bias, activation, gate=gate._state,
+                                  gate_bias=gate.bias)
+    assert y is not None and y.dtype == dtype
+    torch.testing.assert_close(y.double(), gated_reference(gate, up, down, x.float()), rtol=TOL[dtype],
+                               atol=TOL[dtype])
+
+
+class LlamaLikeMLP(nn.Module):  # transformers' LlamaMLP
+    def __init__(self, layers, extra=False):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = layers
+        self.act_fn, self.extra = nn.SiLU(), extra
+
+    def forward(self, x):
+        h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(h * 2 if self.extra else h)
+
+
+@needs_native
+@pytest.mark.parametrize("n", [4, 40, 300])  # the layers in turn below FFN_MIN_TOKENS, fused from there
+def test_fuse_gated_ffn_swaps_a_llama_mlp(n):
+    model = nn.Sequential(LlamaLikeMLP(gated(32, 80, 32, 0.6, activation=None)))
+    x = torch.randn(2, n, 32)
+    with torch.inference_mode():
+        before = model(x)
+        keys = set(model.state_dict())
+        assert fuse(model) == {"activations": ["0.gate_proj"], "ffn": [], "gated_ffn": ["0"], "add_norm": []}
+        assert isinstance(model[0], SparseGatedFFN) and model[0].gate_proj.activation == "silu"
+        assert set(model.state_dict()) == keys
+        torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-4)
+
+
+def test_fuse_gated_ffn_leaves_other_patterns_alone():
+    assert fuse_gated_ffn(nn.Sequential(LlamaLikeMLP(gated(16, 32, 16, 0.5), extra=True))) == []
+    on_torch = [SparseLinear(m.weight, activation=m.activation, torch_kernel=True) for m in gated(16, 32, 16, 0.5)]
+    assert fuse_gated_ffn(nn.Sequential(LlamaLikeMLP(on_torch))) == []
+
+
+def test_sparse_gated_ffn_errors_name_the_bad_value():
+    gate, up, down = gated(8, 16, 8, 0.5)
+    with pytest.raises(ValueError, match="must have one shape"):
+        SparseGatedFFN(gate, gated(8, 12, 8, 0.5)[1], down)
+    with pytest.raises(ValueError, match="the up layer must have no activation"):
+        SparseGatedFFN(gate, gate, down)
+    with pytest.raises(TypeError, match="three SparseLinear layers, got SparseLinear, Linear, SparseLinear"):
+        SparseGatedFFN(gate, nn.Linear(8, 16), down)
+
+
+@needs_native
+def test_sparsify_fuses_a_tiny_llama():
+    from transformers import LlamaConfig, LlamaModel
+
+    from prune import Pruner
+    config = LlamaConfig(hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=50, max_position_embeddings=64, attn_implementation="sdpa")
+    dense = Pruner(LlamaModel(config).eval(), sparsity=0.7, include=["layers.*"]).finalize()
+    linears = {f"{n}.weight" for n, m in dense.named_modules() if isinstance(m, nn.Linear) and "layers" in n}
+    state = {k: CSR.from_dense(v) if k in linears else v for k, v in dense.state_dict().items()}
+    fused = sparsify(copy.deepcopy(dense), state, fuse=True)
+    assert [n for n, m in fused.named_modules() if isinstance(m, SparseGatedFFN)] == ["layers.0.mlp", "layers.1.mlp"]
+    ids = torch.randint(0, 50, (2, 30))
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(input_ids=ids).last_hidden_state, dense(input_ids=ids).last_hidden_state,
+                                   rtol=1e-4, atol=1e-4)

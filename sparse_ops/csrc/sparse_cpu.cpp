@@ -669,9 +669,12 @@ int run_panels(const Panels<V>& w, const float* x, int64_t T, int64_t n, const f
 // and 18% of the two calls). Schedules: by tile when every thread gets TILES_PER_THREAD tiles (a thread packs
 // its tile, runs all of U's blocks, then all of D's, its hidden tile staying in its L2); else in two phases,
 // all threads sharing U's (block, tile) items, then D's, with one barrier between.
+// Gated (gate non-null, G (hidden, in) panelled like U; LLaMA's MLP): the hidden tile is act(x G^T + bg) times
+// (x U^T + bu), elementwise, and the activation applies to G's sums only.
 template <typename V>
-int run_ffn(const Panels<V>& up, const Panels<V>& down, const float* x, int64_t T, int64_t n, const float* bu,
-            const float* bd, float* y, int nthreads, int act, const Post& post) {
+int run_ffn(const Panels<V>* gate, const Panels<V>& up, const Panels<V>& down, const float* x, int64_t T,
+            int64_t n, const float* bg, const float* bu, const float* bd, float* y, int nthreads, int act,
+            const Post& post) {
   const int64_t in = up.in, hidden = up.out, R = up.R;
   // No switch to 32-token tiles as run_panels makes: with 128 tokens on 2 threads, 4 tiles by tile read both
   // weights twice per thread, and were 0-15% slower than 2 tiles in two phases (768 -> 3072 -> 768 at 90%).
@@ -679,9 +682,18 @@ int run_ffn(const Panels<V>& up, const Panels<V>& down, const float* x, int64_t 
   const bool by_tile = ntiles >= TILES_PER_THREAD * nthreads;
   float* s = scratch(static_cast<size_t>((by_tile ? nthreads : ntiles) * slot));
   if (!s) return ENTRY_OUT_OF_MEMORY;
-  const auto hidden_block = [&](int64_t b, const float* xtile, float* htile) {  // act(U's block b) into htile
+  // Block b of the hidden tile into htile; tmp: (R, T) floats of the thread's, free in this phase.
+  const auto hidden_block = [&](int64_t b, const float* xtile, float* htile, float* tmp) {
     float* dst = htile + b * R * T;
-    epilogue(dst, T, panel_sums(up, T, b, xtile, bu, dst), T, nullptr, act);
+    if (!gate) {
+      epilogue(dst, T, panel_sums(up, T, b, xtile, bu, dst), T, nullptr, act);
+      return;
+    }
+    const int64_t m = panel_sums(*gate, T, b, xtile, bg, dst) * T;  // the block's rows are contiguous
+    epilogue(dst, T, m / T, T, nullptr, act);
+    panel_sums(up, T, b, xtile, bu, tmp);
+#pragma omp simd
+    for (int64_t i = 0; i < m; ++i) dst[i] *= tmp[i];
   };
   if (by_tile) {
 #pragma omp parallel num_threads(nthreads)
@@ -692,7 +704,7 @@ int run_ffn(const Panels<V>& up, const Panels<V>& down, const float* x, int64_t 
 #pragma omp for schedule(dynamic, 1)
       for (int64_t t = 0; t < ntiles; ++t) {
         pack_tile(x, n, in, T, t, xs);
-        for (int64_t b = 0; b < up.nblocks(); ++b) hidden_block(b, xs, hs);
+        for (int64_t b = 0; b < up.nblocks(); ++b) hidden_block(b, xs, hs, buf);
         for (int64_t b = 0; b < down.nblocks(); ++b) panel_item(down, T, n, b, t, hs, bd, ACT_NONE, y, buf);
         if (post.kind) post_rows(post, y, down.out, t * T, std::min(n, t * T + T));
       }
@@ -708,7 +720,7 @@ int run_ffn(const Panels<V>& up, const Panels<V>& down, const float* x, int64_t 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < up.nblocks() * ntiles; ++item) {
       const int64_t b = item / ntiles, t = item % ntiles;
-      hidden_block(b, xt + t * in * T, ht + t * hidden * T);
+      hidden_block(b, xt + t * in * T, ht + t * hidden * T, buf);
     }  // implicit barrier: every hidden tile is complete
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < down.nblocks() * ntiles; ++item) {
@@ -767,7 +779,8 @@ int run_blocks(Body body, int64_t out, int64_t in, const float* x, int64_t n, in
 // ---- C entry points: <format>_<values>[_<indices>] ------------------------------------------------------
 // x (n, in) fp32 row-major, bias (out,) or NULL, y (n, out) = act(x W^T + bias) for an Act code act.
 // Panels: T in {16, 32, 64}, R * T <= MAX_ROWS * 64, P <= 256 (the caller checks); csr_ffn_*: y = act(x U^T + bu)
-// D^T + bd, both weights panelled with the same R and P. Each returns ENTRY_OK, or ENTRY_OUT_OF_MEMORY when the
+// D^T + bd, or with a gate G (gseg non-null) y = (act(x G^T + bg) * (x U^T + bu)) D^T + bd, all weights panelled
+// with the same R and P. Each returns ENTRY_OK, or ENTRY_OUT_OF_MEMORY when the
 // scratch buffer for the packed x could not be allocated (nothing was computed).
 
 // Every entry ends with the post-op's arguments: kind (PostKind), residual (n, out) or NULL, gamma, beta (out,)
@@ -781,13 +794,15 @@ int run_blocks(Body body, int64_t out, int64_t in, const float* x, int64_t n, in
                        float* y, int nthreads, int act, POST_ARGS) {                                        \
     return run_panels<V>(Panels<V>{seg, lcol, val, out, in, R, P}, x, T, n, bias, y, nthreads, act, POST);    \
   }                                                                                                         \
-  extern "C" int FFN(const int32_t* useg, const uint8_t* ulcol, const V* uval, const int32_t* dseg,        \
-                      const uint8_t* dlcol, const V* dval, int64_t in, int64_t hidden, int64_t out,        \
-                      int64_t R, int64_t P, const float* x, int64_t T, int64_t n, const float* ubias,       \
+  extern "C" int FFN(const int32_t* gseg, const uint8_t* glcol, const V* gval, const int32_t* useg,        \
+                      const uint8_t* ulcol, const V* uval, const int32_t* dseg, const uint8_t* dlcol,      \
+                      const V* dval, int64_t in, int64_t hidden, int64_t out, int64_t R, int64_t P,        \
+                      const float* x, int64_t T, int64_t n, const float* gbias, const float* ubias,        \
                       const float* dbias, float* y, int nthreads, int act, POST_ARGS) {                     \
-    return run_ffn<V>(Panels<V>{useg, ulcol, uval, hidden, in, R, P},                                       \
-                      Panels<V>{dseg, dlcol, dval, out, hidden, R, P}, x, T, n, ubias, dbias, y, nthreads,  \
-                      act, POST);                                                                           \
+    const Panels<V> gate{gseg, glcol, gval, hidden, in, R, P};                                              \
+    return run_ffn<V>(gseg ? &gate : nullptr, Panels<V>{useg, ulcol, uval, hidden, in, R, P},               \
+                      Panels<V>{dseg, dlcol, dval, out, hidden, R, P}, x, T, n, gbias, ubias, dbias, y,     \
+                      nthreads, act, POST);                                                                 \
   }
 SPARSE_PANEL_ENTRY(csr_panels_f32, csr_ffn_f32, float)
 SPARSE_PANEL_ENTRY(csr_panels_bf16, csr_ffn_bf16, bf16)
@@ -811,4 +826,4 @@ SPARSE_CSR_ENTRY(csr_bf16_i32, bf16, int32_t)
 SPARSE_24_ENTRY(two_four_f32, float)
 SPARSE_24_ENTRY(two_four_bf16, bf16)
 
-extern "C" int sparse_cpu_abi_version() { return 9; }
+extern "C" int sparse_cpu_abi_version() { return 10; }

@@ -82,7 +82,8 @@ class NativeWeight:
     value_code: str = "f32"  # the C++ value type: f32 or bf16
     panels: tuple[torch.Tensor, ...] = ()  # CSR only: (seg, lcol, values) of panel_parts, for large batches
     panel_call: Callable[..., None] | None = None  # (x_ptr, tile, n, bias_ptr, y_ptr, threads, act code)
-    ffn_call: tuple[NativeWeight, Callable[..., None]] | None = None  # ffn_matmul's (down weight, bound entry)
+    # ffn_matmul's (down weight, gate weight or None, bound entry), on the up weight
+    ffn_call: tuple[NativeWeight, NativeWeight | None, Callable[..., None]] | None = None
 
 
 class AddNorm(NamedTuple):  # a NamedTuple: built per call, it must be cheap (a frozen dataclass costs ~2 us)
@@ -277,32 +278,37 @@ FFN_MIN_TOKENS = 16
 
 
 def ffn_matmul(up: NativeWeight, down: NativeWeight, x: torch.Tensor, up_bias: torch.Tensor | None,
-               down_bias: torch.Tensor | None, activation: str | None = None, post: AddNorm | None = None
-               ) -> torch.Tensor | None:
+               down_bias: torch.Tensor | None, activation: str | None = None, post: AddNorm | None = None,
+               gate: NativeWeight | None = None, gate_bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """x: (N, in) -> post(activation(x U^T + up_bias) D^T + down_bias) (N, out) in one C++ call (``run_ffn``: the
-    hidden activations stay in the packed layout D's kernel reads), or None where that does not apply and the
-    caller runs the two layers: a gradient is needed, fewer than ``FFN_MIN_TOKENS`` tokens, a weight too sparse
-    for the panelled kernel, or different value types or dtypes. U (hidden, in) and D (out, hidden) are CSR."""
-    n = x.shape[0]
-    if n < FFN_MIN_TOKENS or _needs_grad(x, up_bias) or _needs_grad(x, down_bias) \
-            or min(up.density, down.density) < PANEL_MIN_DENSITY or up.value_code != down.value_code \
-            or up.out_dtype != down.out_dtype or not isinstance(up.source, CSR) or not isinstance(down.source, CSR):
+    hidden activations stay in the packed layout D's kernel reads); with a ``gate`` G, the hidden activations
+    are activation(x G^T + gate_bias) * (x U^T + up_bias) (LLaMA's MLP). None where that does not apply and the
+    caller runs the layers: a gradient is needed, fewer than ``FFN_MIN_TOKENS`` tokens, a weight too sparse for
+    the panelled kernel, or different value types or dtypes. U, G (hidden, in) and D (out, hidden) are CSR."""
+    n, weights = x.shape[0], (up, down) if gate is None else (gate, up, down)
+    if n < FFN_MIN_TOKENS or any(_needs_grad(x, b) for b in (up_bias, down_bias, gate_bias)) \
+            or min(w.density for w in weights) < PANEL_MIN_DENSITY or len({w.value_code for w in weights}) > 1 \
+            or len({w.out_dtype for w in weights}) > 1 or not all(isinstance(w.source, CSR) for w in weights):
         return None
     (hidden, inp), out = up.source.shape, down.source.shape[0]
     if down.source.shape[1] != hidden:
         raise ValueError(f"the down weight takes {down.source.shape[1]} inputs, the up weight gives {hidden}")
+    if gate is not None and gate.source.shape != up.source.shape:
+        raise ValueError(f"the gate weight is {tuple(gate.source.shape)}, the up weight {(hidden, inp)}")
     if x.dtype != torch.float32 or not x.is_contiguous():
         x = x.to(torch.float32).contiguous()
-    bu, bd = (None if b is None else b.to(torch.float32).contiguous() for b in (up_bias, down_bias))
-    if up.ffn_call is None or up.ffn_call[0] is not down:  # bind once per pair (a few us per call otherwise)
-        panelled(up), panelled(down)  # build the panelled copies on first use
-        up.ffn_call = (down, _entry(f"csr_ffn_{up.value_code}", *up.panels, *down.panels, inp, hidden, out,
-                                    PANEL_ROWS, PANEL_WIDTH))
+    bg, bu, bd = (_fp32(b) for b in (gate_bias, up_bias, down_bias))
+    call = up.ffn_call
+    if call is None or call[0] is not down or call[1] is not gate:  # bind once per set (a few us per call else)
+        for w in weights:
+            panelled(w)  # the panelled copies, built on first use
+        gate_parts = gate.panels if gate is not None else (None, None, None)
+        up.ffn_call = (down, gate, _entry(f"csr_ffn_{up.value_code}", *gate_parts, *up.panels, *down.panels, inp,
+                                          hidden, out, PANEL_ROWS, PANEL_WIDTH))
     y = torch.empty(n, out, dtype=torch.float32)
     post_args, _alive = post.args(n, out) if post is not None else (native.NO_POST, ())
-    up.ffn_call[1](x.data_ptr(), panel_tile(n), n, None if bu is None else bu.data_ptr(),
-                   None if bd is None else bd.data_ptr(), y.data_ptr(), native.num_threads(), CODES[activation],
-                   *post_args)
+    up.ffn_call[2](x.data_ptr(), panel_tile(n), n, *(None if t is None else t.data_ptr() for t in (bg, bu, bd)),
+                   y.data_ptr(), native.num_threads(), CODES[activation], *post_args)
     return y if up.out_dtype == torch.float32 else y.to(up.out_dtype)
 
 

@@ -32,7 +32,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "sparse_cpu.cpp"
-ABI_VERSION = 9
+ABI_VERSION = 10
 # -fno-trapping-math lets the epilogue's floor and float -> int conversions vectorise (no FP exception flags)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno",
          "-fno-trapping-math")
@@ -51,10 +51,11 @@ SIGNATURES: dict[str, tuple[type, ...]] = {
     # seg, lcol, val, out, in, rows per block, panel width, x, tile, n, bias, y, threads, activation code
     **{f"csr_panels_{v}": (_P, _P, _P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _P, _P, _INT, _INT, *_POST)
        for v in ("f32", "bf16")},
-    # up seg, lcol, val, down seg, lcol, val, in, hidden, out, rows per block, panel width, x, tile, n,
-    # up bias, down bias, y, threads, activation code (of the hidden layer)
-    **{f"csr_ffn_{v}": (_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P, _I64, _I64, _P, _P, _P, _INT,
-                        _INT, *_POST) for v in ("f32", "bf16")},
+    # gate seg, lcol, val (NULL: no gate), up seg, lcol, val, down seg, lcol, val, in, hidden, out, rows per
+    # block, panel width, x, tile, n, gate bias, up bias, down bias, y, threads, activation code (of the gate,
+    # else of the up layer)
+    **{f"csr_ffn_{v}": (*(_P,) * 9, _I64, _I64, _I64, _I64, _I64, _P, _I64, _I64, _P, _P, _P, _P, _INT, _INT,
+                        *_POST) for v in ("f32", "bf16")},
 }
 
 
