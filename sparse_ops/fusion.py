@@ -332,6 +332,20 @@ def _gated_parts(module: nn.Module) -> tuple[str, str, str] | None:
     return None
 
 
+def _swap_modules(model: nn.Module, build: Callable[[nn.Module, dict[int, int]], nn.Module | None]) -> list[str]:
+    """Replace each module of ``model`` held in one place only (not the model itself) by ``build(module, use
+    counts)`` where that returns one; returns the qualified names replaced."""
+    uses = _use_counts(model)
+    swapped = []
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            new = build(child, uses) if uses.get(id(child)) == 1 else None
+            if new is not None:
+                setattr(parent, name, new)
+                swapped.append(f"{parent_name}.{name}" if parent_name else name)
+    return swapped
+
+
 def fuse_gated_ffn(model: nn.Module) -> list[str]:
     """Swap each module computing exactly ``down(gate(x) * up(x))`` with three sparse layers on a kernel with
     an ``ffn`` path (LLaMA's ``LlamaMLP`` once its activation is fused into ``gate_proj``) for a
@@ -340,22 +354,19 @@ def fuse_gated_ffn(model: nn.Module) -> list[str]:
     >>> fuse_gated_ffn(nn.Sequential(nn.Linear(2, 2)))
     []
     """
-    uses = _use_counts(model)
-    fused = []
-    for parent_name, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            parts = _gated_parts(child) if uses.get(id(child)) == 1 else None
-            if parts is None:
-                continue
-            gate, up, down = (child.get_submodule(p) for p in parts)
-            if up.activation is not None and gate.activation is None:  # the product is symmetric: the gate is
-                gate, up, parts = up, gate, (parts[1], parts[0], parts[2])  # the layer holding the activation
-            if up.activation is not None or any(uses.get(id(m)) != 1 for m in (gate, up, down)) \
-                    or up.kernel.ffn is None or not (gate.kernel is up.kernel is down.kernel):
-                continue
-            setattr(parent, name, SparseGatedFFN(gate, up, down, parts))
-            fused.append(f"{parent_name}.{name}" if parent_name else name)
-    return fused
+    def build(child: nn.Module, uses: dict[int, int]) -> nn.Module | None:
+        parts = _gated_parts(child)
+        if parts is None:
+            return None
+        gate, up, down = (child.get_submodule(p) for p in parts)
+        if up.activation is not None and gate.activation is None:  # the product is symmetric: the gate is
+            gate, up, parts = up, gate, (parts[1], parts[0], parts[2])  # the layer holding the activation
+        if up.activation is not None or any(uses.get(id(m)) != 1 for m in (gate, up, down)) \
+                or up.kernel.ffn is None or not (gate.kernel is up.kernel is down.kernel):
+            return None
+        return SparseGatedFFN(gate, up, down, parts)
+
+    return _swap_modules(model, build)
 
 
 class SparseAddNorm(nn.Module):
@@ -456,8 +467,9 @@ def _add_norm_parts(module: nn.Module) -> tuple[tuple[str, str, str | None], tup
         return None
     out = get(layer.target)
     out = out.down.out_features if isinstance(out, SparseFFN) else out.out_features
-    if norm.op != "call_module" or norm.args != (add,) or norm.kwargs or not isinstance(get(norm.target), nn.LayerNorm) \
-            or tuple(get(norm.target).normalized_shape) != (out,) or output.op != "output" or output.args != (norm,):
+    if norm.op != "call_module" or norm.args != (add,) or norm.kwargs \
+            or not isinstance(get(norm.target), nn.LayerNorm) or tuple(get(norm.target).normalized_shape) != (out,) \
+            or output.op != "output" or output.args != (norm,):
         return None
     if any(len(n.users) != 1 for n in (x, r, layer, *middle, add, norm)):
         return None
@@ -472,23 +484,18 @@ def fuse_add_norm(model: nn.Module) -> list[str]:
     >>> fuse_add_norm(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)))  # nothing sparse: nothing swapped
     []
     """
-    uses = _use_counts(model)
-    fused = []
-    for parent_name, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            parts = _add_norm_parts(child) if uses.get(id(child)) == 1 else None
-            if parts is None:
-                continue
-            (layer, norm, dropout), args = parts
-            first = child.get_submodule(layer)
-            first = first.up if isinstance(first, SparseFFN) else first
-            if not first.kernel.fuses_post:
-                continue
-            setattr(parent, name, SparseAddNorm(child.get_submodule(layer), child.get_submodule(norm),
-                                                None if dropout is None else child.get_submodule(dropout),
-                                                (layer, norm, dropout or "dropout"), args))
-            fused.append(f"{parent_name}.{name}" if parent_name else name)
-    return fused
+    def build(child: nn.Module, _uses: dict[int, int]) -> nn.Module | None:
+        parts = _add_norm_parts(child)
+        if parts is None:
+            return None
+        (layer, norm, dropout), args = parts
+        first = child.get_submodule(layer)
+        if not (first.up if isinstance(first, SparseFFN) else first).kernel.fuses_post:
+            return None
+        drop = None if dropout is None else child.get_submodule(dropout)
+        return SparseAddNorm(first, child.get_submodule(norm), drop, (layer, norm, dropout or "dropout"), args)
+
+    return _swap_modules(model, build)
 
 
 def fuse(model: nn.Module) -> dict[str, list[str]]:

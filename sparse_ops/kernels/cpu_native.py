@@ -260,10 +260,7 @@ def _matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, panels:
     n, out = x.shape[0], w.source.shape[0]
     y = torch.empty(n, out, dtype=torch.float32)
     if n and out:  # conversions only where needed: each torch call costs ~2 us, a BERT forward makes 36 of these
-        if x.dtype != torch.float32 or not x.is_contiguous():
-            x = x.to(torch.float32).contiguous()
-        if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
-            bias = bias.to(torch.float32).contiguous()
+        x, bias = _fp32(x), _fp32(bias)
         bp = None if bias is None else bias.data_ptr()
         post_args, _alive = post.args(n, out) if post is not None else (native.NO_POST, ())
         if panels:
@@ -295,9 +292,7 @@ def ffn_matmul(up: NativeWeight, down: NativeWeight, x: torch.Tensor, up_bias: t
         raise ValueError(f"the down weight takes {down.source.shape[1]} inputs, the up weight gives {hidden}")
     if gate is not None and gate.source.shape != up.source.shape:
         raise ValueError(f"the gate weight is {tuple(gate.source.shape)}, the up weight {(hidden, inp)}")
-    if x.dtype != torch.float32 or not x.is_contiguous():
-        x = x.to(torch.float32).contiguous()
-    bg, bu, bd = (_fp32(b) for b in (gate_bias, up_bias, down_bias))
+    x, bg, bu, bd = (_fp32(t) for t in (x, gate_bias, up_bias, down_bias))
     call = up.ffn_call
     if call is None or call[0] is not down or call[1] is not gate:  # bind once per set (a few us per call else)
         for w in weights:
