@@ -7,7 +7,9 @@ figure is the median of the per-round ratios time(A) / time(B) (> 1: B is faster
 percentiles. Outputs of A and B are checked against each other first.
 
 Run: ``python -m benchmarks.kernel_ab A.cpp B.cpp [--shapes 384x384x1024 4096x4096x1] [--sparsity 0.9]
-[--threads 2] [--rounds 15] [--bias] [--activation gelu] [--no-check]``; shapes are OUTxINxTOKENS. Example:
+[--threads 2] [--rounds 15] [--bias] [--activation gelu] [--no-check] [--isa avx512 avx2]``; shapes are
+OUTxINxTOKENS; ``--isa`` names the targets of A and B (``native.ISAS``, or "native" for -march=native;
+default: the library's). The same source twice with two targets compares the builds. Example:
 compare the committed source with an edit (``git show HEAD:sparse_ops/csrc/sparse_cpu.cpp > /tmp/A.cpp``);
 ``--no-check`` times ablations whose outputs differ (e.g. a step skipped to measure its share).
 """
@@ -29,10 +31,11 @@ from sparse_ops.formats import CSR
 from sparse_ops.kernels import cpu_native, native
 
 
-def build(source: Path, out_dir: Path, tag: str) -> ctypes.CDLL:
-    """Compile ``source`` with the library's flags and load it with the library's signatures."""
+def build(source: Path, out_dir: Path, tag: str, target: str | None = None) -> ctypes.CDLL:
+    """Compile ``source`` with the library's flags for ``target`` and load it with the library's signatures."""
     so = out_dir / f"sparse_cpu_{tag}.so"
-    subprocess.run(["g++", *native.FLAGS, "-o", str(so), str(source)], check=True, capture_output=True, text=True)
+    subprocess.run(["g++", *native.build_flags(target), "-o", str(so), str(source)], check=True,
+                   capture_output=True, text=True)
     return native.open_library(so)
 
 
@@ -87,11 +90,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bias", action="store_true", help="with a bias (the epilogue adds it)")
     p.add_argument("--activation", choices=sorted(ACTIVATIONS), help="fused into the epilogue")
     p.add_argument("--no-check", action="store_true", help="skip comparing A's and B's outputs (ablations)")
+    p.add_argument("--isa", nargs="+", default=[], help="targets of A and B (one: both); default: the library's")
     a = p.parse_args(argv)
     threads = a.threads or torch.get_num_threads()
     gen = torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        libs = [build(src, Path(tmp), tag) for src, tag in ((a.a, "a"), (a.b, "b"))]
+        targets = (a.isa * 2)[:2] if a.isa else [None, None]
+        libs = [build(src, Path(tmp), tag, t) for src, tag, t in ((a.a, "a", targets[0]), (a.b, "b", targets[1]))]
         for spec in a.shapes:
             out, inp, n = (int(v) for v in spec.split("x"))
             w = torch.randn(out, inp, generator=gen)

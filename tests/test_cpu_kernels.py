@@ -1,4 +1,9 @@
-"""Our C++ CPU kernels (kernels/cpu_native.py) against the fp32 reference; their build, cache and fallback."""
+"""Our C++ CPU kernels (kernels/cpu_native.py) against the fp32 reference; their build, cache and fallback.
+
+The reference grids run on every build this CPU can execute (``native.ISAS``: an AVX-512 machine runs the
+avx512, avx2 and x86-64 builds), through the library's own Python path with that build loaded (``isa``).
+"""
+import functools
 import shutil
 
 import pytest
@@ -20,6 +25,23 @@ SHAPES = [(1, 4), (7, 12), (33, 64), (70, 40), (5, 2000), (0, 8), (3, 0)]
 # 1 (gemv), <= 8 (one 8-wide vector), then 16-wide tiles with every remainder width, several tiles
 BATCHES = [1, 2, 8, 9, 17, 100, 256]
 SPARSITIES = [0.0, 0.5, 0.9, 0.999, 1.0]
+# Every target this CPU runs; float16 (widened to float32 at prepare: the float32 kernels) on the default only
+RUNNABLE_ISAS = [name for name, target in native.ISAS.items() if native.runs_here(target)] or ["native"]
+ISA_DTYPES = [(i, d) for i in RUNNABLE_ISAS for d in DTYPES if d != torch.float16 or i == RUNNABLE_ISAS[0]]
+
+
+@functools.cache
+def _build_for(target):
+    return native.open_library(native.build(target=target))
+
+
+@pytest.fixture
+def isa(request, monkeypatch):
+    """The kernels of this test are the build for request.param (loaded in place of the default one)."""
+    if native.available() and request.param != native.isa():
+        lib = _build_for(request.param)
+        monkeypatch.setattr(native, "_load", lambda: lib)
+    return request.param
 
 
 def run_native(fmt, x, bias):
@@ -40,20 +62,54 @@ def check(fmt, batch, dtype, bias=True):
 
 
 @needs_native
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("isa,dtype", ISA_DTYPES, indirect=["isa"])
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_csr_matches_reference(shape, batch, sparsity, dtype):
+def test_csr_matches_reference(shape, batch, sparsity, isa, dtype):
     check(CSR.from_dense(unstructured(shape, sparsity, dtype)), batch, dtype, bias=batch % 2 == 1)
 
 
 @needs_native
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("isa", RUNNABLE_ISAS, indirect=True)
+@pytest.mark.parametrize("panels", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sparsity", [0.0, 0.7, 0.999])
+@pytest.mark.parametrize("batch", [2, 9, 16, 33, 64, 200])
+def test_both_csr_kernels_match_reference(batch, sparsity, dtype, panels, isa, monkeypatch):
+    # The plain and the panelled kernel on the same weights whatever use_panels would pick: 2-256 tokens,
+    # partial tiles, empty rows, several row blocks and column panels.
+    monkeypatch.setattr(cpu_native, "use_panels", lambda *args: panels)
+    w = unstructured((70, 300), sparsity, dtype)
+    w[5:9] = 0.0
+    check(CSR.from_dense(w), batch, dtype)
+
+
+@needs_native
+@pytest.mark.parametrize("isa", RUNNABLE_ISAS, indirect=True)
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("batch", [1, 8, 40, 100])
+def test_epilogue_and_post_op_on_every_build(batch, activation, isa):
+    # The fused activation (vectorised for the build's ISA or not) with a bias, then the residual + LayerNorm
+    # post-op, on the gemv, plain and panelled paths.
+    w = unstructured((37, 300), 0.8)
+    state = cpu_native.prepare_csr(CSR.from_dense(w))
+    x, b, r, g, beta = torch.randn(batch, 300), torch.randn(37), torch.randn(batch, 37), torch.randn(37), \
+        torch.randn(37)
+    with torch.inference_mode():
+        y = cpu_native.csr_matmul(state, x, b, activation)
+        torch.testing.assert_close(y, ACTIVATIONS[activation](x @ w.t() + b), rtol=1e-5, atol=1e-5)
+        y = cpu_native.csr_matmul(state, x, b, None, cpu_native.AddNorm(r, g, beta))
+    ref = torch.nn.functional.layer_norm(x @ w.t() + b + r, (37,), g, beta, 1e-5)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("isa,dtype", ISA_DTYPES, indirect=["isa"])
 @pytest.mark.parametrize("extra", [0.0, 0.9, 1.0])  # exactly 2:4, sparser, all zero
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("shape", [(1, 4), (7, 12), (33, 64), (5, 2000), (9, 36), (3, 0)])
-def test_two_four_matches_reference(shape, batch, extra, dtype):
+def test_two_four_matches_reference(shape, batch, extra, isa, dtype):
     # in/4 = 3, 16, 500, 9 groups: odd group counts (a padding nibble) and tails after 8-group steps
     check(TwoFour.from_dense(two_four(shape, dtype, extra)), batch, dtype, bias=batch % 2 == 0)
 
@@ -211,11 +267,12 @@ def test_panelled_copy_is_built_at_the_first_batch_that_needs_it():
 
 
 @needs_native
+@pytest.mark.parametrize("isa", RUNNABLE_ISAS, indirect=True)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape,batch", [((40, 300), 300), ((64, 64), 257), ((300, 40), 300), ((33, 600), 1100),
                                          ((64, 200), 120), ((300, 40), 1030)])
-def test_panelled_schedules_match_reference(shape, batch, dtype, threads):
+def test_panelled_schedules_match_reference(shape, batch, dtype, threads, isa):
     # Both schedules of the panelled kernel: by tile (in >= out, several 64-token tiles per thread, a partial
     # last tile; 120 tokens on 2 threads: 32-token tiles; out > in with 16 tiles or more) and by row block
     # (out > in, fewer tiles), on one and two threads.
@@ -249,50 +306,3 @@ def test_gemv_of_a_weight_too_big_for_cache_matches_reference():
     w = torch.randn(1800, 1800)
     w[0, :] = 0.0  # an empty row
     check(CSR.from_dense(w), 1, torch.float32)
-
-
-@pytest.mark.skipif(shutil.which("g++") is None, reason="no g++: the build path cannot run here")
-@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])  # AVX2 machines; plain x86-64 (no AVX at all)
-def test_builds_without_avx512_match_reference(tmp_path, march):
-    # This machine has AVX-512, so the library it builds never runs the AVX2 and scalar fallbacks; build them
-    # here and run every entry point against the reference.
-    import platform
-    import subprocess
-    if platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("the -march levels tested here exist only on x86-64")
-    so = tmp_path / f"sparse_cpu_{march}.so"
-    flags = [f if f != "-march=native" else f"-march={march}" for f in native.FLAGS]
-    subprocess.run(["g++", *flags, "-o", str(so), str(native.SOURCE)], check=True, capture_output=True)
-    lib = native.open_library(so)
-    w = unstructured((37, 300), 0.8)
-    csr = CSR.from_dense(w)
-    crow, cols, vals = csr.crow_indices.contiguous(), csr.col_indices.contiguous(), csr.values.contiguous()
-    seg, lcol, pvals = cpu_native.panel_parts(crow, cols, vals, (37, 300), cpu_native.PANEL_ROWS,
-                                              cpu_native.PANEL_WIDTH)
-    t = two_four((37, 300))
-    tf = TwoFour.from_dense(t)
-    tv, tm = tf.values.contiguous(), tf.metadata.contiguous()
-    b = torch.randn(37)
-    for n in (1, 8, 40, 100):
-        x = torch.randn(n, 300)
-        y = torch.empty(n, 37)
-        assert lib.csr_f32_i16(crow.data_ptr(), cols.data_ptr(), vals.data_ptr(), 37, 300, x.data_ptr(), n, None,
-                               y.data_ptr(), 2, 0, *native.NO_POST) == 0
-        torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-5)
-        assert lib.csr_panels_f32(seg.data_ptr(), lcol.data_ptr(), pvals.data_ptr(), 37, 300, cpu_native.PANEL_ROWS,
-                                  cpu_native.PANEL_WIDTH, x.data_ptr(), cpu_native.panel_tile(n), n, None,
-                                  y.data_ptr(), 2, 0, *native.NO_POST) == 0
-        torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-5)
-        assert lib.two_four_f32(tv.data_ptr(), tm.data_ptr(), 37, 300, x.data_ptr(), n, None, y.data_ptr(), 2, 0,
-                                *native.NO_POST) == 0
-        torch.testing.assert_close(y, x @ t.t(), rtol=1e-5, atol=1e-5)
-        for name, f in ACTIVATIONS.items():  # the epilogue, vectorised for this level or not, with a bias
-            assert lib.csr_f32_i16(crow.data_ptr(), cols.data_ptr(), vals.data_ptr(), 37, 300, x.data_ptr(), n,
-                                   b.data_ptr(), y.data_ptr(), 2, CODES[name], *native.NO_POST) == 0
-            torch.testing.assert_close(y, f(x @ w.t() + b), rtol=1e-5, atol=1e-5)
-        r, g, beta = torch.randn(n, 37), torch.randn(37), torch.randn(37)  # the residual + LayerNorm post-op
-        assert lib.csr_panels_f32(seg.data_ptr(), lcol.data_ptr(), pvals.data_ptr(), 37, 300, cpu_native.PANEL_ROWS,
-                                  cpu_native.PANEL_WIDTH, x.data_ptr(), cpu_native.panel_tile(n), n, b.data_ptr(),
-                                  y.data_ptr(), 2, 0, 2, r.data_ptr(), g.data_ptr(), beta.data_ptr(), 1e-5) == 0
-        ref = torch.nn.functional.layer_norm(x @ w.t() + b + r, (37,), g, beta, 1e-5)
-        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)

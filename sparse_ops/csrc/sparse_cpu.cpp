@@ -39,6 +39,22 @@ inline float load_value(const bf16* v, int64_t k) {
   return f;
 }
 
+// The target's vector width in floats: the token tiles are NV vectors of VW floats held in registers, so
+// the register blocking follows the ISA (a 16-float GCC vector on AVX2 is lowered through the stack: the
+// panelled kernel ran at 0.2-0.6x of dense). 128-bit targets (SSE2, NEON) use 4.
+#if defined(__AVX512F__)
+constexpr int VW = 16;
+#elif defined(__AVX__)
+constexpr int VW = 8;
+#else
+constexpr int VW = 4;
+#endif
+// At most 8 accumulator vectors per row (AVX2 has 16 registers): the widest token tile a kernel holds.
+constexpr int64_t MAX_TILE = 8 * VW;
+
+// Independent accumulator sets for a row of NV vectors: enough chains to hide the FMA latency.
+constexpr int chains(int nv) { return nv == 1 ? 4 : nv <= 3 ? 2 : 1; }
+
 template <int W>
 struct Vec {
   typedef float type __attribute__((vector_size(W * 4)));
@@ -56,7 +72,17 @@ inline typename Vec<W>::type load_vec(const float* p) {  // unaligned load of W 
 // when out * 4 is a multiple of 4 KiB and thrashes.
 constexpr int64_t TILE_STRIDE = 128;  // the widest tile
 constexpr int64_t MAX_ROWS = 64;      // rows per block; the buffer is MAX_ROWS * TILE_STRIDE floats (32 KiB)
-constexpr int64_t GEMV_CACHED_BYTES = 16 << 20;  // a CSR weight this small stays in L3 between gemv calls
+// Cache sizes (bytes) of the machine the library is built on: native.py passes them (-DSPARSE_L2_BYTES=...)
+#ifndef SPARSE_L1D_BYTES
+#define SPARSE_L1D_BYTES (32 << 10)
+#endif
+#ifndef SPARSE_L2_BYTES
+#define SPARSE_L2_BYTES (1 << 20)
+#endif
+#ifndef SPARSE_L3_BYTES
+#define SPARSE_L3_BYTES (32 << 20)
+#endif
+constexpr int64_t GEMV_CACHED_BYTES = SPARSE_L3_BYTES / 2;  // a CSR weight this small stays in L3 between calls
 
 template <int W, int NV>
 inline void store_row(const typename Vec<W>::type* acc, int64_t i, float* buf) {
@@ -407,21 +433,29 @@ void two_four_gemv_rows(const V* val, const uint8_t* meta, int64_t in, int64_t r
 inline int64_t token_width(int64_t n) { return n == 1 ? 1 : n <= 8 ? 8 : (n + 15) / 16 * 16; }
 
 // Computes one token tile [t0, t0 + tile) of rows [r0, r1) with body.template run<W, NV, S>, then flushes buf.
-// width == 8: one 8-wide vector; else up to `tile` tokens (16, 32, 64 or 128) in 16-wide vectors.
+// The tile's m tokens (8, or a multiple of 16 up to MAX_TILE) are m / VW target vectors (AVX-512 at width 8:
+// one 8-float vector).
+template <int NV, typename Body>
+inline void run_nv(const Body& body, int64_t r0, int64_t r1, int64_t t0, float* buf) {
+  body.template run<VW, NV, chains(NV)>(r0, r1, t0, buf);
+}
+
 template <typename Body>
 void one_tile(const Body& body, int64_t r0, int64_t r1, int64_t ld, int64_t n, int64_t t0, int64_t tile,
               float* buf) {
-  const int64_t width = token_width(n), nv = std::min(tile, width - t0) / 16;
-  switch (width == 8 ? 0 : nv) {
-    case 0: body.template run<8, 1, 4>(r0, r1, t0, buf); break;
-    case 1: body.template run<16, 1, 4>(r0, r1, t0, buf); break;
-    case 2: body.template run<16, 2, 2>(r0, r1, t0, buf); break;
-    case 3: body.template run<16, 3, 2>(r0, r1, t0, buf); break;
-    case 4: body.template run<16, 4, 1>(r0, r1, t0, buf); break;
-    case 5: body.template run<16, 5, 1>(r0, r1, t0, buf); break;
-    case 6: body.template run<16, 6, 1>(r0, r1, t0, buf); break;
-    case 7: body.template run<16, 7, 1>(r0, r1, t0, buf); break;
-    default: body.template run<16, 8, 1>(r0, r1, t0, buf); break;
+  const int64_t width = token_width(n), m = width == 8 ? 8 : std::min(tile, width - t0);
+  switch (m < VW ? 0 : m / VW) {
+    case 0:  // m == 8 < VW: one 8-float vector
+      if constexpr (VW > 8) body.template run<8, 1, 4>(r0, r1, t0, buf);
+      break;
+    case 1: run_nv<1>(body, r0, r1, t0, buf); break;
+    case 2: run_nv<2>(body, r0, r1, t0, buf); break;
+    case 3: run_nv<3>(body, r0, r1, t0, buf); break;
+    case 4: run_nv<4>(body, r0, r1, t0, buf); break;
+    case 5: run_nv<5>(body, r0, r1, t0, buf); break;
+    case 6: run_nv<6>(body, r0, r1, t0, buf); break;
+    case 7: run_nv<7>(body, r0, r1, t0, buf); break;
+    default: run_nv<8>(body, r0, r1, t0, buf); break;
   }
   flush_rows(buf, TILE_STRIDE, r0, r1 - r0, t0, std::min(tile, n - t0), body.bias, body.act, body.y, body.out);
 }
@@ -473,26 +507,26 @@ struct TwoFourBody {
 template <int NV, int S, typename V>
 __attribute__((always_inline)) inline void panel_row(const uint8_t* lcol, const V* val, int64_t k, int64_t e,
                                                      const float* xp, float* acc_mem, bool fresh, float start) {
-  typedef Vec<16>::type vec;
-  constexpr int64_t T = 16 * NV;
+  typedef Vec<VW>::type vec;
+  constexpr int64_t T = VW * NV;
   vec acc[S][NV];
-  for (int j = 0; j < NV; ++j) acc[0][j] = fresh ? vec{} + start : load_vec<16>(acc_mem + 16 * j);
+  for (int j = 0; j < NV; ++j) acc[0][j] = fresh ? vec{} + start : load_vec<VW>(acc_mem + VW * j);
   for (int s = 1; s < S; ++s)
     for (int j = 0; j < NV; ++j) acc[s][j] = vec{};
   for (; k + S <= e; k += S)
     for (int s = 0; s < S; ++s) {
       const float v = load_value(val, k + s);
       const float* xr = xp + static_cast<int64_t>(lcol[k + s]) * T;
-      for (int j = 0; j < NV; ++j) acc[s][j] += v * load_vec<16>(xr + 16 * j);
+      for (int j = 0; j < NV; ++j) acc[s][j] += v * load_vec<VW>(xr + VW * j);
     }
   for (; k < e; ++k) {
     const float v = load_value(val, k);
     const float* xr = xp + static_cast<int64_t>(lcol[k]) * T;
-    for (int j = 0; j < NV; ++j) acc[0][j] += v * load_vec<16>(xr + 16 * j);
+    for (int j = 0; j < NV; ++j) acc[0][j] += v * load_vec<VW>(xr + VW * j);
   }
   for (int s = 1; s < S; ++s)
     for (int j = 0; j < NV; ++j) acc[0][j] += acc[s][j];
-  for (int j = 0; j < NV; ++j) std::memcpy(acc_mem + 16 * j, &acc[0][j], sizeof(vec));
+  for (int j = 0; j < NV; ++j) std::memcpy(acc_mem + VW * j, &acc[0][j], sizeof(vec));
 }
 
 // Sums of rows [r0, r0 + nrows) (block b) over one token tile into buf (nrows, T), all panels in turn, each
@@ -500,7 +534,7 @@ __attribute__((always_inline)) inline void panel_row(const uint8_t* lcol, const 
 template <int NV, int S, typename V>
 void panel_block(const int32_t* seg, const uint8_t* lcol, const V* val, int64_t in, int64_t npanels, int64_t R,
                  int64_t P, int64_t b, int64_t nrows, const float* xtile, const float* bias, float* buf) {
-  constexpr int64_t T = 16 * NV;
+  constexpr int64_t T = VW * NV;
   // No software prefetch: prefetching each next panel (into L1, or into L2 only) was 3-12% slower than none in
   // paired runs on BERT shapes and 4096x4096 at 70-90% (64-1024 tokens).
   for (int64_t p = 0; p < npanels; ++p) {
@@ -586,10 +620,14 @@ template <typename V>
 int64_t panel_sums(const Panels<V>& w, int64_t T, int64_t b, const float* xtile, const float* bias, float* dst) {
   const int64_t r0 = b * w.R, nrows = std::min(w.R, w.out - r0), np = w.npanels();
   const float* rbias = bias ? bias + r0 : nullptr;
+  constexpr int N16 = 16 / VW, N32 = 32 / VW, N64 = 64 / VW;  // T tokens are T / VW target vectors
   switch (T) {
-    case 16: panel_block<1, 4>(w.seg, w.lcol, w.val, w.in, np, w.R, w.P, b, nrows, xtile, rbias, dst); break;
-    case 32: panel_block<2, 2>(w.seg, w.lcol, w.val, w.in, np, w.R, w.P, b, nrows, xtile, rbias, dst); break;
-    default: panel_block<4, 1>(w.seg, w.lcol, w.val, w.in, np, w.R, w.P, b, nrows, xtile, rbias, dst); break;
+    case 16: panel_block<N16, chains(N16)>(w.seg, w.lcol, w.val, w.in, np, w.R, w.P, b, nrows, xtile, rbias, dst);
+      break;
+    case 32: panel_block<N32, chains(N32)>(w.seg, w.lcol, w.val, w.in, np, w.R, w.P, b, nrows, xtile, rbias, dst);
+      break;
+    default: panel_block<N64, chains(N64)>(w.seg, w.lcol, w.val, w.in, np, w.R, w.P, b, nrows, xtile, rbias, dst);
+      break;
   }
   return nrows;
 }
@@ -612,7 +650,7 @@ void panel_item(const Panels<V>& w, int64_t T, int64_t n, int64_t b, int64_t t, 
 // 4096x1024 at 2048, +69% on 11008x4096 at 1024); it is 1-9% slower where out > in with fewer tiles
 // (1536x384 at 128-512) or where a weight too big for L2 is re-read for each of few tiles (4096x4096 at 256).
 constexpr int64_t TILES_PER_THREAD = 2;     // by tile needs this many tiles per thread
-constexpr int64_t L2_WEIGHT_BYTES = 512 * 1024;  // ... and in >= out with a weight this small, or MANY_TILES
+constexpr int64_t L2_WEIGHT_BYTES = SPARSE_L2_BYTES / 2;  // ... and in >= out with a weight this small, or MANY_TILES
 constexpr int64_t MANY_TILES = 16;
 
 template <typename V>
@@ -738,15 +776,15 @@ int run_ffn(const Panels<V>* gate, const Panels<V>& up, const Panels<V>& down, c
 // token tile) are handed out dynamically, each block running all its tiles in turn so its weights stay in
 // cache; a tile of x, (in, tile) floats, is kept to about L2_PANEL_BYTES.
 constexpr int64_t ROWS_PER_BLOCK = 32;  // enough work per hand-out, balanced over 2-64 threads
-constexpr int64_t L2_PANEL_BYTES = 512 * 1024;
-constexpr int64_t SMALL_PACK_BYTES = 64 * 1024;
+constexpr int64_t L2_PANEL_BYTES = SPARSE_L2_BYTES / 2;
+constexpr int64_t SMALL_PACK_BYTES = 2 * SPARSE_L1D_BYTES;
 
 template <typename Body>
 int run_blocks(Body body, int64_t out, int64_t in, const float* x, int64_t n, int nthreads, const Post& post) {
   const int64_t width = token_width(n);
   body.ld = width >= 32 && (width / 16) % 2 == 0 ? width + 16 : width;
   int64_t tile = 16;
-  while (tile < TILE_STRIDE && in * (2 * tile) * 4 <= L2_PANEL_BYTES) tile *= 2;
+  while (tile < MAX_TILE && in * (2 * tile) * 4 <= L2_PANEL_BYTES) tile *= 2;
   if (width == 8) tile = 8;
   float* xt = width == 1 ? nullptr : scratch(static_cast<size_t>(in * body.ld));
   if (width > 1 && !xt) return ENTRY_OUT_OF_MEMORY;
@@ -826,4 +864,4 @@ SPARSE_CSR_ENTRY(csr_bf16_i32, bf16, int32_t)
 SPARSE_24_ENTRY(two_four_f32, float)
 SPARSE_24_ENTRY(two_four_bf16, bf16)
 
-extern "C" int sparse_cpu_abi_version() { return 10; }
+extern "C" int sparse_cpu_abi_version() { return 11; }

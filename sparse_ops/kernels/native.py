@@ -1,18 +1,27 @@
 """Build and load our C++ CPU kernels (``sparse_ops/csrc/sparse_cpu.cpp``): compiled at first use, cached.
 
-The source has no torch headers, so ``g++ -O3 -march=native -fopenmp`` builds it in about 2 s; the shared
-library is loaded with ctypes (which releases the GIL during calls). It links ``libgomp.so.1``, which the
-loader resolves to the copy torch already loaded, so our parallel loops use torch's OpenMP thread pool and
-we pass ``torch.get_num_threads()``: the two never oversubscribe the cores.
+The source has no torch headers, so ``g++ -O3 -fopenmp`` builds it in a few seconds; the shared library is
+loaded with ctypes (which releases the GIL during calls). It links ``libgomp.so.1``, which the loader resolves
+to the copy torch already loaded, so our parallel loops use torch's OpenMP thread pool and we pass
+``torch.get_num_threads()``: the two never oversubscribe the cores.
 
-Cache: ``$SPARSE_OPS_CACHE`` or ``~/.cache/sparse_ops``, one file per hash of (source, flags, compiler, CPU
-flags), written to a temporary name and renamed, so concurrent processes never load half a file. The only
+Targets (``ISAS``): the kernels are built for one named instruction set, not ``-march=native``, so a figure
+measured for "avx2" means the same binary on every x86 CPU: ``avx512`` (x86-64-v4), ``avx2`` (x86-64-v3:
+AVX2 + FMA), ``x86-64`` (SSE2 baseline) and ``neon`` (aarch64). The default is the best one this CPU runs;
+``SPARSE_OPS_ISA=avx2`` chooses another (refused, with the reason logged, when the CPU lacks it). The vector
+width and register blocking follow the target (``sparse_cpu.cpp``: ``VW``); the cache sizes the tiling depends
+on are read from this machine (``caches()``) and compiled in as constants.
+
+Cache: ``$SPARSE_OPS_CACHE`` or ``~/.cache/sparse_ops``, one file per hash of (source, flags, compiler, target,
+cache sizes), written to a temporary name and renamed, so concurrent processes never load half a file. The only
 process state is ``_load``'s ``functools.cache`` of the loaded library (or of the reason it is unavailable).
 ``SPARSE_OPS_NATIVE=0`` disables the native kernels (the torch kernels are used instead).
 
 Example:
     >>> lib = library()
     >>> lib is None or lib.sparse_cpu_abi_version() == ABI_VERSION
+    True
+    >>> isa() in ISAS
     True
 """
 from __future__ import annotations
@@ -22,20 +31,43 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+
+from dataclasses import dataclass
 
 import torch
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "sparse_cpu.cpp"
-ABI_VERSION = 10
-# -fno-trapping-math lets the epilogue's floor and float -> int conversions vectorise (no FP exception flags)
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno",
-         "-fno-trapping-math")
+ABI_VERSION = 11
+# -fno-trapping-math lets the epilogue's floor and float -> int conversions vectorise (no FP exception flags);
+# the target's -march and the cache constants are added by build_flags
+FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno", "-fno-trapping-math")
+
+
+@dataclass(frozen=True)
+class Isa:
+    """A target the kernels are built for: ``-march=<march>``, run on ``machine`` CPUs having ``cpu_flags``."""
+
+    name: str
+    machine: str  # platform.machine()
+    march: str
+    cpu_flags: frozenset[str] = frozenset()  # /proc/cpuinfo flags the build's instructions need
+
+
+# Best first: isa() takes the first this CPU runs. x86-64-v3 / v4 as the psABI defines them.
+ISAS: dict[str, Isa] = {i.name: i for i in (
+    Isa("avx512", "x86_64", "x86-64-v4", frozenset({"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl",
+                                                     "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"})),
+    Isa("avx2", "x86_64", "x86-64-v3", frozenset({"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm"})),
+    Isa("x86-64", "x86_64", "x86-64"),
+    Isa("neon", "aarch64", "armv8-a"),
+)}
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 # Every entry point ends with the post-op's arguments (sparse_cpu.cpp, Post): kind, residual, gamma, beta, eps
@@ -81,44 +113,107 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SPARSE_OPS_CACHE") or Path.home() / ".cache" / "sparse_ops")
 
 
-def _cpu_flags() -> str:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (x86 ``/proc/cpuinfo``; empty elsewhere)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
+            line = next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
-        return ""
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
 
 
-def build_key(compiler: str) -> str:
-    """Hash of everything the binary depends on: source, flags, compiler version, this CPU's features."""
+def machine() -> str:
+    """'x86_64', 'aarch64', ... (Windows' 'AMD64' and macOS's 'arm64' spelled the Linux way)."""
+    m = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
+
+
+def runs_here(target: Isa) -> bool:
+    """Whether this CPU runs code built for ``target``."""
+    return target.machine == machine() and target.cpu_flags <= cpu_flags()
+
+
+def isa() -> str:
+    """The target the kernels are built for: ``$SPARSE_OPS_ISA`` if set, else the best this CPU runs (the
+    name of an ``ISAS`` entry; ValueError for an unknown name)."""
+    name = os.environ.get("SPARSE_OPS_ISA", "").strip().lower()
+    if name:
+        if name not in ISAS:
+            raise ValueError(f"SPARSE_OPS_ISA={name!r} is not a target; allowed: {', '.join(ISAS)}")
+        return name
+    return next((i.name for i in ISAS.values() if runs_here(i)), "native")
+
+
+# Cache sizes in bytes the kernels' tiling is sized from when the machine does not say (a Zen 4 core's)
+DEFAULT_CACHES = {"L1D": 32 << 10, "L2": 1 << 20, "L3": 32 << 20}
+
+
+@functools.cache
+def caches() -> dict[str, int]:
+    """{"L1D", "L2", "L3"}: this machine's data cache sizes per core (L3: the whole, shared), from sysfs.
+
+    >>> sorted(caches())
+    ['L1D', 'L2', 'L3']
+    """
+    found = dict(DEFAULT_CACHES)
+    root = Path("/sys/devices/system/cpu/cpu0/cache")
+    for index in root.glob("index*") if root.is_dir() else ():
+        try:
+            level, kind = (index / "level").read_text().strip(), (index / "type").read_text().strip()
+            size = (index / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+        name = "L1D" if level == "1" and kind == "Data" else f"L{level}" if level in ("2", "3") else ""
+        if name and size.rstrip("KMG").isdigit():
+            found[name] = int(size.rstrip("KMG")) * scale
+    return found
+
+
+def build_flags(target: str | None = None) -> list[str]:
+    """The compiler flags of a build for ``target`` (default ``isa()``): FLAGS, -march and this machine's
+    cache sizes as the constants ``SPARSE_L1D_BYTES``, ``SPARSE_L2_BYTES``, ``SPARSE_L3_BYTES``."""
+    target = target or isa()
+    march = ISAS[target].march if target in ISAS else "native"
+    return [*FLAGS, f"-march={march}", *(f"-DSPARSE_{k}_BYTES={v}" for k, v in caches().items())]
+
+
+def build_key(compiler: str, flags: list[str]) -> str:
+    """Hash of everything the binary depends on: source, flags (target, cache sizes), compiler version."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     h = hashlib.sha256(SOURCE.read_bytes())
-    for part in (" ".join(FLAGS), version, _cpu_flags(), str(ABI_VERSION)):
+    for part in (" ".join(flags), version, str(ABI_VERSION)):
         h.update(part.encode())
     return h.hexdigest()[:16]
 
 
-def build(compiler: str | None = None) -> Path:
-    """Compile the library unless the cache holds it; return its path. Raise RuntimeError on failure."""
+def build(compiler: str | None = None, target: str | None = None) -> Path:
+    """Compile the library for ``target`` (default ``isa()``) unless the cache holds it; return its path.
+    Raise RuntimeError on failure."""
     compiler = compiler or os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not compiler:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
-    target = cache_dir() / f"sparse_cpu_{build_key(compiler)}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    target = target or isa()
+    flags = build_flags(target)
+    path = cache_dir() / f"sparse_cpu_{target}_{build_key(compiler, flags)}.so"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+        done = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
                               timeout=300)
         if done.returncode:
-            raise RuntimeError(f"{compiler} failed building {SOURCE.name}:\n{done.stderr[-2000:]}")
-        os.replace(tmp, target)  # atomic: a concurrent process sees no file or a whole one
+            raise RuntimeError(f"{compiler} failed building {SOURCE.name} for {target}:\n{done.stderr[-2000:]}")
+        os.replace(tmp, path)  # atomic: a concurrent process sees no file or a whole one
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return target
+    return path
+
 
 
 @functools.cache
@@ -127,11 +222,15 @@ def _load() -> ctypes.CDLL | str:
     try:
         import torch.nn.functional  # noqa: F401  (torch, hence its libgomp.so.1, is loaded before our library)
 
+        target = isa()
+        if target in ISAS and not runs_here(ISAS[target]):
+            missing = sorted(ISAS[target].cpu_flags - cpu_flags())
+            return f"this CPU cannot run the {target} build (SPARSE_OPS_ISA; it lacks {', '.join(missing) or machine()})"
         lib = open_library(build())
         if lib.sparse_cpu_abi_version() != ABI_VERSION:
             return f"ABI version {lib.sparse_cpu_abi_version()} != {ABI_VERSION}"
         return lib
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+    except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:
         return f"{type(e).__name__}: {e}"
 
 
