@@ -110,12 +110,19 @@ def _start(args: argparse.Namespace) -> dict[str, object]:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)  # on a shared machine 1 thread avoids waiting on a descheduled one
-    return environment(args.device)
+    env = environment(args.device)
+    print(_title(env), file=sys.stderr)
+    if not str(args.device).startswith("cuda") and not env["native_kernels"]:
+        print("warning: our native CPU kernels are not in use (no compiler, SPARSE_OPS_NATIVE=0 or a refused "
+              "SPARSE_OPS_ISA): 'csr' and '2:4' run torch's kernels", file=sys.stderr)
+    return env
 
 
 def _title(env: dict[str, object]) -> str:
     where = env.get("gpu", env["device"]) if str(env["device"]).startswith("cuda") else env["cpu"]
-    return f"{where} ({env['cores']} cores), {env['torch_threads']} threads, torch {env['torch']}, {env['date']}"
+    isa = "" if str(env["device"]).startswith("cuda") else f", kernels {env.get('kernel_isa') or 'torch only'}"
+    return f"{where} ({env['cores']} cores){isa}, {env['torch_threads']} threads, torch {env['torch']}, " \
+           f"load {env.get('load_avg_1_5_15min')}, {env['date']}"
 
 
 def _argv(args: argparse.Namespace) -> dict[str, object]:
@@ -228,6 +235,7 @@ def run_matmul(args: argparse.Namespace) -> int:
         points = _noting_skipped(sweep(plan, Deadline(args.max_seconds)), skipped)
         done = _drive(points, files, plan.points, "bench matmul", rows.extend)
         print(matmul_table(rows))
+        _warn_spread([(r.p10_s, r.median_s, r.p90_s) for r in rows])
         _print_skipped(skipped)
         if files is not None:
             plot_speedup([dict(dataclasses.asdict(r), group=f"{r.shape} {r.dtype}") for r in rows],
@@ -241,6 +249,19 @@ def _noting_skipped(points: Iterator[tuple[list, dict[str, str]]], skipped: dict
     for rows, why in points:
         skipped.update(why)
         yield rows
+
+
+SPREAD_WARNING = 0.5  # (p90 - p10) / median above this: the timing says little
+
+
+def _warn_spread(timings: list[tuple[float, float, float]]) -> None:
+    """Warn (stderr) when measurements (p10, median, p90) spread too wide to trust their ratios."""
+    wide = [t for t in timings if t[1] > 0 and (t[2] - t[0]) / t[1] > SPREAD_WARNING]
+    if wide:
+        worst = max((t[2] - t[0]) / t[1] for t in wide)
+        print(f"warning: {len(wide)} of {len(timings)} measurements spread over {SPREAD_WARNING:.0%} of their "
+              f"median (p10-p90; worst {worst:.0%}): the machine is busy or noisy; rerun idle or with more "
+              f"--repeats before trusting those ratios", file=sys.stderr)
 
 
 def _print_skipped(skipped: dict[str, str]) -> None:

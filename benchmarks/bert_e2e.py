@@ -1,16 +1,23 @@
-"""End to end: a small BERT encoder with its encoder linears pruned to 90%, sparse (ours) vs the same dense model.
+"""End to end: a BERT encoder with its encoder linears pruned to 90%, sparse (ours) vs the same dense model.
 
-Model: transformers ``BertModel`` from a config (no download): 6 layers, hidden 384, FFN 1536, 12 heads, SDPA
-attention, sequence 128. ``prune.Pruner(model, sparsity=0.9, include=["encoder.*"]).finalize()`` zeroes 90% of
-each encoder linear; the pruned weights are stored as CSR and loaded with ``sparse_ops.checkpoint.sparsify``.
+Model: transformers ``BertModel`` from a config (no download; ``--size small``: 6 layers, hidden 384, FFN 1536,
+12 heads; ``--size base``: BERT-base's 12 layers, 768, 3072), SDPA attention, sequence 128, or a local Hugging
+Face folder (``--model DIR``, read with ``local_files_only``). ``prune.Pruner(model, sparsity=0.9,
+include=["encoder"]).finalize()`` zeroes 90% of each encoder linear; the pruned weights are stored as CSR and
+loaded with ``sparse_ops.checkpoint.sparsify``.
 Candidates, interleaved in one ``time_interleaved`` run per batch, under ``eval()`` + ``inference_mode``:
   dense        the pruned model as plain PyTorch runs it (dense weights with zeros)
-  sparse       sparsify(..., fuse=True): SparseLinear on our CPU kernels, with every proven fusion (the FFN's
-               GELU in its first layer, each FFN in one call, residual add + LayerNorm in the kernels)
-  sparse_torch the same with torch's CSR kernels (SPARSE_OPS_NATIVE=0 when the layers are built: only the GELU
-               is fused, applied after torch's product; the other fusions need our kernels)
+  sparse       sparsify(..., fuse=True), the default: each layer's path per batch planned on this machine
+               (dense, our kernels, torch's: sparse_ops.plan), with every proven fusion (the FFN's GELU in its
+               first layer, each FFN in one call, residual add + LayerNorm in the kernels) where ours run
+  sparse_ours  the same pinned to our kernels (kernel="ours": nothing measured, every layer sparse)
+  sparse_torch pinned to torch's CSR kernel (kernel="torch": only the GELU is fused, after torch's product)
+The plan is measured once before timing (``batches=`` at load) into a fresh cache file, then loaded again from
+that file as a new process would: both costs are reported (``plan_seconds``), with every layer's choice and the
+slowest chosen path (``plan``).
 
-Run: ``python -m benchmarks.bert_e2e --out benchmarks/results/bert_e2e [--threads 2] [--quick] [--malloc keep]``.
+Run: ``python -m benchmarks.bert_e2e --out benchmarks/results/bert_e2e [--threads 2] [--quick] [--malloc keep]
+[--size base] [--model DIR]``.
 ``--malloc keep`` (glibc only) tells malloc to keep freed memory (``mallopt``: no trimming, no mmap below
 32 MiB) before anything runs. By default glibc hands large freed blocks back to the OS, and the next
 activation of that size is page-faulted in again: on the 2-core VM that cost the sparse model, whose other
@@ -29,29 +36,36 @@ import copy
 import csv
 import ctypes
 import json
-import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-from transformers import BertConfig, BertModel
+from transformers import AutoModel, BertConfig, BertModel
 
 from benchmarks.timing import environment, time_interleaved
 from prune import Pruner
 from sparse_ops.checkpoint import sparsify
 from sparse_ops.formats import CSR
+from sparse_ops.plan import PlanCache, plan_rows
 
-CONFIG = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
-              max_position_embeddings=512, vocab_size=30522)
+SIZES = {"small": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
+         "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)}
+CONFIG = dict(SIZES["small"], max_position_embeddings=512, vocab_size=30522)
 SEQ = 128
 SPARSITY = 0.9
+KERNELS = {"sparse": "auto", "sparse_ours": "ours", "sparse_torch": "torch"}  # candidate -> sparsify(kernel=)
 
 
-def pruned_bert(seed: int = 0) -> BertModel:
+def pruned_bert(seed: int = 0, size: str = "small", path: Path | None = None) -> torch.nn.Module:
     """The dense model with 90% of every encoder linear weight exactly zero (magnitude, per layer)."""
     torch.manual_seed(seed)
-    model = BertModel(BertConfig(**CONFIG, attn_implementation="sdpa"), add_pooling_layer=False).eval()
+    if path is not None:
+        model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="sdpa").eval()
+    else:
+        config = BertConfig(**dict(CONFIG, **SIZES[size]), attn_implementation="sdpa")
+        model = BertModel(config, add_pooling_layer=False).eval()
     return Pruner(model, sparsity=SPARSITY, include=["encoder.*"]).finalize()
 
 
@@ -61,15 +75,43 @@ def sparse_state(model: BertModel) -> dict[str, torch.Tensor | CSR]:
     return {k: CSR.from_dense(v) if k in linears else v for k, v in model.state_dict().items()}
 
 
-def sparse_model(dense: BertModel, native: bool) -> BertModel:
-    """A copy of ``dense`` with its CSR encoder linears loaded by ``sparsify(..., fuse=True)`` (our kernels or
-    torch's; with torch's only the GELU moves into the layer before it, applied after the product)."""
-    old = os.environ.get("SPARSE_OPS_NATIVE")
-    os.environ["SPARSE_OPS_NATIVE"] = "1" if native else "0"  # read when each layer picks its kernel
-    try:
-        return sparsify(copy.deepcopy(dense), sparse_state(dense), fuse=True).eval()
-    finally:
-        os.environ.pop("SPARSE_OPS_NATIVE") if old is None else os.environ.__setitem__("SPARSE_OPS_NATIVE", old)
+def sparse_model(dense: torch.nn.Module, kernel: str, tokens: tuple[int, ...] = (),
+                 cache: PlanCache | None = None) -> torch.nn.Module:
+    """A copy of ``dense`` with its CSR encoder linears loaded by ``sparsify(..., kernel=kernel, fuse=True)``,
+    planned at load for each count in ``tokens`` (kernel="auto")."""
+    return sparsify(copy.deepcopy(dense), sparse_state(dense), kernel=kernel, fuse=True,
+                    batches=tokens if kernel == "auto" else (), cache=cache).eval()
+
+
+def planned_models(dense: torch.nn.Module, tokens: tuple[int, ...]) -> tuple[dict, dict, list[dict]]:
+    """The sparse candidates; the plan's cost in seconds over the load alone, measured (an empty cache file) and
+    read back (a new cache object on that file, as in a new process); every planned layer's row."""
+    def timed(kernel: str, cache: PlanCache | None) -> tuple[torch.nn.Module, float]:
+        t0 = time.perf_counter()
+        model = sparse_model(dense, kernel, tokens, cache)
+        return model, time.perf_counter() - t0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / "plans.json"
+        _, first = timed("auto", PlanCache(file))
+        planned, cached = timed("auto", PlanCache(file))
+    models = {"sparse": planned}
+    for name, kernel in KERNELS.items():
+        if kernel != "auto":
+            models[name], load = timed(kernel, None)
+    cost = {"first_s": round(first - load, 3), "cached_s": round(max(0.0, cached - load), 3), "load_s": round(load, 3)}
+    rows = [dict(r, routes={b: e for b, e in r["routes"].items() if e is not None}) for r in plan_rows(planned)]
+    return models, cost, rows
+
+
+def slowest_chosen(rows: list[dict]) -> dict[str, object] | None:
+    """The planned layer and bucket whose chosen path has the lowest measured speedup over dense."""
+    points = [(e["speedup"].get(e["choice"], 1.0), r["name"], b, e["choice"]) for r in rows
+              for b, e in r["routes"].items()]
+    if not points:
+        return None
+    x, name, b, choice = min(points)
+    return {"layer": name, "bucket": b, "choice": choice, "speedup": x}
 
 
 def encoder_sparsity(model: BertModel) -> float:
@@ -155,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="batch 1 only, 3 repeats, 1 run")
     p.add_argument("--malloc", choices=("default", "keep"), default="default",
                    help="keep: glibc keeps freed memory instead of returning it to the OS (see the module doc)")
+    p.add_argument("--size", choices=sorted(SIZES), default="small", help="the BERT built from a config")
+    p.add_argument("--model", type=Path, help="a local Hugging Face folder instead (BERT-family encoder)")
     a = p.parse_args(argv)
     if a.malloc == "keep":
         keep_freed_memory()
@@ -162,8 +206,12 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(a.threads)
     if a.quick:
         a.batches, a.repeats, a.runs = [1], 3, 1
-    dense = pruned_bert()
-    models = {"dense": dense, "sparse": sparse_model(dense, True), "sparse_torch": sparse_model(dense, False)}
+    dense = pruned_bert(size=a.size, path=a.model)
+    sparse, plan_cost, plan = planned_models(dense, tuple(SEQ * b for b in a.batches))
+    models = {"dense": dense, **sparse}
+    worst = slowest_chosen(plan)
+    print(f"plan: {plan_cost['first_s']:.2f} s measured, {plan_cost['cached_s']:.2f} s from the cache; slowest "
+          f"chosen path: {worst}", flush=True)
     rows, summary = [], {}
     for batch in a.batches:
         for run in range(a.runs):
@@ -179,8 +227,10 @@ def main(argv: list[str] | None = None) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    info = {"config": CONFIG, "seq": SEQ, "encoder_linear_sparsity": round(encoder_sparsity(dense), 4),
-            "kernels": sorted({m.kernel.name for n, m in models["sparse"].named_modules() if hasattr(m, "kernel")})}
+    info = {"config": str(a.model) if a.model else dict(CONFIG, **SIZES[a.size]), "seq": SEQ,
+            "encoder_linear_sparsity": round(encoder_sparsity(dense), 4),
+            "kernels": sorted({m.kernel.name for n, m in models["sparse"].named_modules() if hasattr(m, "kernel")}),
+            "plan_seconds": plan_cost, "slowest_chosen_path": worst, "plan": plan}
     args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
     (a.out / "bert_e2e.json").write_text(json.dumps({"environment": environment(), "args": args, **info,
                                                      "speedup_summary": summary, "rows": rows}, indent=1))

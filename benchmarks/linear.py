@@ -5,7 +5,9 @@ random zeros; below 50% sparsity plain random zeros), so every candidate multipl
 (dtype, batch) every candidate is timed interleaved with dense in one ``time_interleaved`` run:
   dense            F.linear(x, W)                                  the baseline every user has (cuBLAS, MKL)
   csr / 2:4        SparseLinear in that format (our kernels, through sparse_ops.dispatch)
-  auto             SparseLinear.from_dense(format="auto") measured at this batch; its choice is recorded
+  auto             what sparsify() gives by default: the weight stored as `prune convert --format auto` would
+                   (the smallest of dense/csr/2:4), planned at this batch (sparse_ops.plan: dense, each of
+                   our kernels, torch's, measured here); its choice is recorded
   torch_csr_i64    W.to_sparse_csr() + torch.sparse.mm             torch's CSR as a user calls it naively
   torch_csr_i32    the same with int32 indices                      (tuned; cuSPARSE on CUDA)
   scipy_csr        scipy.sparse.csr_matrix @ x^T                   (CPU, fp32 only)
@@ -38,8 +40,10 @@ import torch.nn.functional as F
 
 from benchmarks.shapes import LinearShape
 from benchmarks.timing import Deadline, Timing, time_interleaved
-from sparse_ops.formats import csr_nbytes, is_two_four, two_four_nbytes
+from sparse_ops.checkpoint import choose_storage
+from sparse_ops.formats import csr_nbytes, format_class, is_two_four, two_four_nbytes
 from sparse_ops.linear import SparseLinear
+from sparse_ops.plan import PlanCache, Planner
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 warnings.filterwarnings("ignore", message=".*semi-structured sparsity support is in prototype.*")
@@ -136,8 +140,22 @@ def anchors(w: torch.Tensor, x: torch.Tensor) -> dict[str, Callable[[], Callable
     return {k: b for k, b in builders.items() if w.device.type in ANCHOR_DEVICES[k]}
 
 
+def planned(w: torch.Tensor, x: torch.Tensor) -> Candidate:
+    """The layer ``sparsify`` makes by default for this weight, with its plan for x's batch measured here."""
+    stored = choose_storage("weight", w, "auto", None)
+    if stored == "dense":
+        return Candidate("auto", lambda: F.linear(x, w), "dense", auto_chose="dense")
+    layer = SparseLinear(format_class(stored).from_dense(w), planner=Planner(cache=PlanCache(None)))
+    with torch.inference_mode():
+        chose = layer.route(x.shape[0])
+    storage = STORAGE.get(chose) or STORAGE[chose.partition(".")[0]]  # csr.panels: csr
+    return Candidate("auto", lambda: layer(x), storage, auto_chose=chose)
+
+
 def ours(w: torch.Tensor, x: torch.Tensor, fmt: str, cache: dict) -> Candidate:
     """Our layer in ``fmt`` (csr, 2:4, auto); NotImplementedError/ValueError where this weight cannot use it."""
+    if fmt == "auto":
+        return planned(w, x)
     if fmt == "2:4" and not is_two_four(w):
         raise ValueError("2:4 needs at most 2 nonzeros in every 4 inputs (sparsity >= 0.5, in % 4 == 0)")
     lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)

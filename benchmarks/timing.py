@@ -148,12 +148,23 @@ def environment(device: str = "cpu") -> dict[str, object]:
         "device": device,
         "git": _git_head(),
         "load_avg_1_5_15min": _load_avg(),  # other work on the machine when the run started
+        **kernel_build(),
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.device(device))
         env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
                    cuda=torch.version.cuda, driver=_nvidia_driver())
     return env
+
+
+def kernel_build() -> dict[str, object]:
+    """Which build of our CPU kernels this process runs: its ISA (``native.isa()``, or None where torch's
+    kernels stand in), and the cache sizes its tiling was built for."""
+    from sparse_ops.kernels import native
+
+    on = native.available()
+    return {"kernel_isa": native.isa() if on else None, "native_kernels": on,
+            "kernel_caches_bytes": native.caches() if on else None}
 
 
 def _load_avg() -> list[float] | None:

@@ -361,14 +361,22 @@ def _split_state(state: Mapping[str, torch.Tensor | SparseFormat], model: nn.Mod
     return dense, swap
 
 
+KERNEL_CHOICES = ("auto", "ours", "torch")  # sparsify(kernel=...)
+
+
 def sparsify(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor | SparseFormat],
-             device: torch.device | str = "cpu", *, auto: bool = False, batch: int = 1, timer=None,
-             fuse_activations: bool = False, fuse: bool = False) -> nn.Module:
+             device: torch.device | str = "cpu", *, kernel: str = "auto", batches: tuple[int, ...] = (),
+             timer=None, cache=None, verbose: bool = False, fuse_activations: bool = False,
+             fuse: bool = False) -> nn.Module:
     """Load a checkpoint into ``model`` (in place) and swap each ``nn.Linear`` whose weight is stored sparse
     for a ``SparseLinear`` on ``device``; returns the model.
 
-    ``auto=True`` re-chooses per layer the fastest of dense/csr/2:4/csr:torch on ``device`` at ``batch`` tokens
-    (``SparseLinear.from_dense(format="auto")``), keeping a layer dense where sparse would be slower.
+    ``kernel="auto"`` (the default): each layer picks, per batch bucket, the fastest of dense, our kernels and
+    torch's, measured on this machine at the first call in the bucket (or at load for ``batches``) and cached
+    on disk, so that no layer runs slower than dense (``sparse_ops.plan``; ``plan.plan_report(model)`` shows
+    the choices, ``verbose=True`` prints them as they are made; ``timer`` and ``cache`` replace the timer and
+    the on-disk cache). ``kernel="ours"`` pins our kernels, ``"torch"`` torch's (where it has one) for every
+    sparse layer at every batch, measuring nothing.
     ``fuse_activations=True`` then moves each activation module that only consumes a sparse layer's output into
     that layer's kernel (``sparse_ops.activations.fuse_activations``: e.g. the GELU of a BERT FFN).
     ``fuse=True`` runs every proven fusion (``sparse_ops.fusion.fuse``): the activations, each feed-forward
@@ -376,7 +384,13 @@ def sparsify(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Te
     residual add and LayerNorm after a sparse layer in its kernel.
     """
     from sparse_ops.linear import SparseLinear
+    from sparse_ops.plan import Planner
 
+    if kernel not in KERNEL_CHOICES:
+        raise ValueError(f"unknown kernel {kernel!r}; allowed: {', '.join(KERNEL_CHOICES)}")
+    if any(not isinstance(b, int) or b < 1 for b in batches):
+        raise ValueError(f"batches must be positive token counts, got {batches!r}")
+    planner = Planner(timer=timer, cache=cache, verbose=verbose) if kernel == "auto" else None
     state = source if isinstance(source, Mapping) else load_sparse_state_dict(source)
     dense, swap = _split_state(state, model)
     result = model.load_state_dict(dense, strict=False)
@@ -392,9 +406,10 @@ def sparsify(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Te
             raise ValueError(f"{name}.weight is {weight.shape} in the checkpoint, {tuple(linear.weight.shape)} "
                              f"in the model")
         weight = dataclasses.replace(weight, values=weight.values.to(linear.weight.dtype)).to(device)
-        layer = SparseLinear(weight, linear.bias.detach() if linear.bias is not None else None)
-        if auto:
-            layer = SparseLinear.from_dense(_as_linear(layer, linear), "auto", batch=batch, timer=timer)
+        layer = SparseLinear(weight, linear.bias.detach() if linear.bias is not None else None,
+                             torch_kernel=kernel == "torch", planner=planner, name=name)
+        for b in batches:
+            layer.route(b)  # measured (or read from the cache) now rather than at the first call
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
     if fuse:
@@ -413,13 +428,6 @@ def _untied(model: nn.Module, missing: set[str], loaded: set[str]) -> set[str]:
     for name, t in tensors.items():
         names_of.setdefault(id(t), set()).add(name)
     return {k for k in missing if not names_of[id(tensors[k])] & loaded}
-
-
-def _as_linear(layer: nn.Module, linear: nn.Linear) -> nn.Linear:
-    """``linear`` holding ``layer``'s (sparse) weight as a dense parameter, for the auto choice."""
-    with torch.no_grad():
-        linear.weight.copy_(layer.weight.to_dense())
-    return linear
 
 
 # --- inspection ---

@@ -33,7 +33,10 @@ class Kernel:
     feed-forward block in one call, ``ffn(up_state, down_state, x, up_bias, down_bias, activation)``, or
     returns None where it does not apply (``sparse_ops.fusion.SparseFFN`` then runs the two layers).
     ``fuses_post``: ``matmul`` and ``ffn`` take ``post=`` (``kernels.cpu_native.AddNorm``: a residual add and
-    LayerNorm applied to whole output rows, ``sparse_ops.fusion.SparseAddNorm``). ``available()``
+    LayerNorm applied to whole output rows, ``sparse_ops.fusion.SparseAddNorm``). ``variants``, where set, gives
+    the names of the kernel's own paths for n tokens (e.g. CSR's "plain" and "panels"); ``matmul`` then takes
+    ``variant=`` one of them (None: the kernel's own choice by batch), and ``sparse_ops.plan`` times each.
+    ``available()``
     says whether the kernel can run in this process; when it cannot, ``fallback`` (which must always be
     available) is used.
     """
@@ -45,6 +48,7 @@ class Kernel:
     fuses_activation: bool = False
     ffn: Callable[..., torch.Tensor | None] | None = None
     fuses_post: bool = False
+    variants: Callable[[int], tuple[str, ...]] | None = None
     available: Callable[[], bool] = lambda: True
     fallback: Kernel | None = None
 
@@ -56,7 +60,8 @@ TORCH_CPU_TWO_FOUR = Kernel("torch.cpu.2:4", cpu.prepare_two_four, cpu.two_four_
 
 KERNELS: dict[tuple[str, str], Kernel] = {
     ("csr", "cpu"): Kernel("cpu.csr", cpu_native.prepare_csr, cpu_native.csr_matmul, fuses_activation=True,
-                           ffn=cpu_native.ffn_matmul, fuses_post=True, available=native.available,
+                           ffn=cpu_native.ffn_matmul, fuses_post=True, variants=cpu_native.csr_variants,
+                           available=native.available,
                            fallback=TORCH_CPU_CSR),
     ("2:4", "cpu"): Kernel("cpu.2:4", cpu_native.prepare_two_four, cpu_native.two_four_matmul,
                            fuses_activation=True, fuses_post=True, available=native.available,

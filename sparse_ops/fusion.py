@@ -85,8 +85,8 @@ class SparseFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., up.in_features) -> (..., down.out_features)."""
         up, down = self._modules["up"], self._modules["down"]  # direct lookups: this runs per forward
-        ffn = up.kernel.ffn
-        if ffn is not None and down.kernel is up.kernel:
+        ffn, n = up.kernel.ffn, x.numel() // max(1, x.shape[-1])
+        if ffn is not None and down.kernel is up.kernel and up.runs_own_kernel(n) and down.runs_own_kernel(n):
             up.check_input(x)
             y = ffn(up._state, down._state, x if x.dim() == 2 else x.reshape(-1, up.in_features),
                     up._buffers["bias"], down._buffers["bias"], up.activation)
@@ -287,8 +287,9 @@ class SparseGatedFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) -> (..., down.out_features)."""
         gate, up, down = (self._modules[n] for n in self._names)
-        ffn = up.kernel.ffn
-        if ffn is not None and gate.kernel is up.kernel and down.kernel is up.kernel:
+        ffn, n = up.kernel.ffn, x.numel() // max(1, x.shape[-1])
+        if ffn is not None and gate.kernel is up.kernel and down.kernel is up.kernel \
+                and all(m.runs_own_kernel(n) for m in (gate, up, down)):
             up.check_input(x)
             y = ffn(up._state, down._state, x if x.dim() == 2 else x.reshape(-1, up.in_features),
                     up._buffers["bias"], down._buffers["bias"], gate.activation, gate=gate._state,
@@ -427,15 +428,17 @@ def _with_post(layer: SparseLinear | SparseFFN, x: torch.Tensor, post: AddNorm) 
     first = layer.up if isinstance(layer, SparseFFN) else layer
     first.check_input(x)
     x2 = x if x.dim() == 2 else x.reshape(-1, first.in_features)
-    if not first.kernel.fuses_post or post.residual.dtype != x.dtype:
+    if not first.kernel.fuses_post or post.residual.dtype != x.dtype or not first.runs_own_kernel(x2.shape[0]):
         return None
     if isinstance(layer, SparseFFN):
         up, down = layer.up, layer.down
-        if up.kernel.ffn is None or down.kernel is not up.kernel:
+        if up.kernel.ffn is None or down.kernel is not up.kernel or not down.runs_own_kernel(x2.shape[0]):
             return None
         return up.kernel.ffn(up._state, down._state, x2, up._buffers["bias"], down._buffers["bias"], up.activation,
                              post=post)
-    return layer.kernel.matmul(layer._state, x2, layer._buffers["bias"], layer.activation, post=post)
+    variant = layer.route(x2.shape[0]).partition(".")[2] if layer.planner is not None else ""
+    return layer.kernel.matmul(layer._state, x2, layer._buffers["bias"], layer.activation, post=post,
+                               **({"variant": variant} if variant else {}))
 
 
 def _add_norm_parts(module: nn.Module) -> tuple[tuple[str, str, str | None], tuple[str, str]] | None:

@@ -13,21 +13,24 @@ Example:
 from __future__ import annotations
 
 import functools
+import sys
+import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse_ops import activations
+from sparse_ops import activations, plan
 from sparse_ops.autotune import AutoKey, Timer, auto_key, pick_format, time_candidates
 from sparse_ops.dispatch import TORCH_KERNELS, kernel_for
 from sparse_ops.formats import FORMATS, SparseFormat, format_class, is_two_four
+from sparse_ops.plan import DENSE, TORCH_SUFFIX, Planner
 
-TORCH_SUFFIX = ":torch"  # "csr:torch": CSR run by torch's kernel (dispatch.TORCH_KERNELS) instead of ours
 LAYER_FORMATS = (*FORMATS, *sorted({f + TORCH_SUFFIX for f, _ in TORCH_KERNELS}), "auto")
 
 # Measured choices of format="auto", shared by every layer of the process unless a cache is passed in.
 DEFAULT_AUTO_CACHE: dict[AutoKey, str] = {}
+_PLAN_LOCK = threading.Lock()  # one measurement at a time in the process: concurrent timings would be wrong
 
 
 class SparseLinear(nn.Module):
@@ -40,11 +43,17 @@ class SparseLinear(nn.Module):
     name in ``sparse_ops.activations.ACTIVATIONS``) is applied to the output, fused into the kernel where it
     supports that (ours on CPU); ``activations.fuse_activations`` sets it from the model's own activation
     modules. It is not saved in the state dict either.
+
+    ``planner`` (``sparse_ops.plan.Planner``; ``sparsify``'s default) makes the layer choose its path per batch
+    bucket, measured at the first call in each: dense, each of our kernel's variants, or torch's kernel; dense
+    unless sparse is faster (``route``). Without one the layer always runs its kernel. ``name`` labels the
+    layer in ``plan.plan_report`` and verbose messages.
     """
 
     def __init__(self, weight: SparseFormat, bias: torch.Tensor | None = None, *, torch_kernel: bool = False,
-                 activation: str | None = None):
+                 activation: str | None = None, planner: Planner | None = None, name: str = ""):
         super().__init__()
+        self.planner, self.name = planner, name
         weight.validate()
         out, inp = weight.shape
         if bias is not None and tuple(bias.shape) != (out,):
@@ -56,6 +65,7 @@ class SparseLinear(nn.Module):
         for name, t in weight.parts().items():
             self.register_buffer(f"weight_{name}", t)
         self.register_buffer("bias", None if bias is None else bias.to(weight.dtype))
+        self.sparsity = 1.0 - int((weight.values != 0).sum()) / max(1, out * inp)  # fraction of zero weights
         self._prepare()
 
     @property
@@ -83,6 +93,11 @@ class SparseLinear(nn.Module):
         self.kernel = kernel_for(w.format, w.device, torch_kernel=self.torch_kernel)
         self._state = self.kernel.prepare(w)
         self._dtype = w.dtype
+        # the planned paths' state, rebuilt lazily after a move or load: bucket -> plan entry, the dense
+        # weight (when a bucket chose dense), torch's (kernel, state) (when one chose it)
+        self._routes: dict[int, dict] = {}
+        self._dense: torch.Tensor | None = None
+        self._torch: tuple | None = None
 
     def _apply(self, fn, recurse=True):  # .to / .cuda / .half move the buffers; the kernel state follows
         super()._apply(fn, recurse)
@@ -90,7 +105,7 @@ class SparseLinear(nn.Module):
         return self
 
     def __getstate__(self) -> dict:  # copy.deepcopy, pickle: the kernel and its state (pointers) are rebuilt
-        return {k: v for k, v in self.__dict__.items() if k not in ("kernel", "_state")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("kernel", "_state", "_dense", "_torch")}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -112,15 +127,125 @@ class SparseLinear(nn.Module):
         self.check_input(x)
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         kernel, act, bias = self.kernel, self._activation, self._buffers["bias"]
-        if act is not None and kernel.fuses_activation:
-            y = kernel.matmul(self._state, x2, bias, act)  # (N, out)
-        else:
-            y = activations.apply(kernel.matmul(self._state, x2, bias), act)
+        path = None if self.planner is None or self._needs_grad(x, bias) else self.route(x2.shape[0])
+        if path is None or not self._off_kernel(path):
+            variant = None if path is None else path.partition(".")[2] or None
+            kw = {} if variant is None else {"variant": variant}
+            if act is not None and kernel.fuses_activation:
+                y = kernel.matmul(self._state, x2, bias, act, **kw)  # (N, out)
+            else:
+                y = activations.apply(kernel.matmul(self._state, x2, bias, **kw), act)
+        elif path == DENSE:
+            y = activations.apply(F.linear(x2, self.dense_weight(), bias), act)
+        else:  # torch's kernel
+            torch_kernel, state = self._torch_kernel()
+            y = activations.apply(torch_kernel.matmul(state, x2, bias), act)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+
+    # ---- planned paths (sparse_ops.plan) ----------------------------------------------------------------
+
+    @staticmethod
+    def _needs_grad(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+
+    def _off_kernel(self, path: str) -> bool:
+        """Whether ``path`` runs elsewhere than this layer's kernel (dense, or torch's kernel when ours is it)."""
+        return path == DENSE or (path.endswith(TORCH_SUFFIX) and self.kernel not in TORCH_KERNELS.values())
+
+    def runs_own_kernel(self, n: int) -> bool:
+        """Whether a call with n tokens runs this layer's kernel (the fused modules' one-call paths need that)."""
+        return self.planner is None or not self._off_kernel(self.route(n))
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight decompressed (built once, kept while the layer stays where it is: the dense path)."""
+        if self._dense is None:
+            self._dense = self.weight.to_dense()
+        return self._dense
+
+    def _torch_kernel(self) -> tuple:
+        if self._torch is None:
+            kernel = TORCH_KERNELS[(self.format, self.kernel_device.type)]
+            self._torch = (kernel, kernel.prepare(self.weight))
+        return self._torch
+
+    @property
+    def kernel_device(self) -> torch.device:
+        return self._buffers[f"weight_{self._part_names[0]}"].device
+
+    def paths(self, n: int) -> list[str]:
+        """The paths a plan chooses among for n tokens: dense, our kernel (each variant), torch's kernel."""
+        variants = self.kernel.variants(n) if self.kernel.variants else ()
+        ours = [f"{self.format}.{v}" for v in variants] or [self.choice]
+        torch_path = self.format + TORCH_SUFFIX
+        torch_kernel = TORCH_KERNELS.get((self.format, self.kernel_device.type))
+        has_torch = torch_kernel is not None and torch_kernel is not self.kernel and torch_path not in ours
+        return [DENSE, *ours, *([torch_path] if has_torch else [])]
+
+    def planned(self, batch: int) -> dict | None:
+        """The plan entry ``{"choice": path, "speedup": {path: x}}`` of a bucket, if a call has reached it."""
+        return self._routes.get(batch)
+
+    def route(self, n: int) -> str:
+        """The path a call with n tokens takes (``paths``): measured at the first call in n's bucket
+        (``plan.bucket``) or read from the planner's cache. Unplanned layers: ``choice``."""
+        if self.planner is None:
+            return self.choice
+        b = plan.bucket(n)
+        entry = self._routes.get(b)
+        if entry is None:
+            entry = self._plan(b)
+        return entry["choice"]
+
+    def _plan(self, b: int) -> dict:
+        with _PLAN_LOCK:
+            if b in self._routes:
+                return self._routes[b]
+            planner, device = self.planner, self.kernel_device
+            store, machine = planner.store(), plan.machine_key(device)
+            key = plan.layer_key(self.format, (self.out_features, self.in_features), self._dtype, self.sparsity,
+                                 device, b)
+            paths = self.paths(b)
+            entry = store.get(machine, key)
+            if entry is None or entry["choice"] not in paths:
+                times = self._time_paths(paths, b, planner.timer)
+                entry = {"choice": plan.choose(times, planner.min_speedup),
+                         "speedup": {p: round(times[DENSE] / max(t, 1e-12), 3) for p, t in times.items()}}
+                store.put(machine, key, entry)
+                measured = "measured"
+            else:
+                measured = "cached"
+            if planner.verbose:
+                x = entry["speedup"].get(entry["choice"])
+                print(f"sparse_ops: {self.name or key}: {b} token{'s' * (b > 1)} -> {entry['choice']}"
+                      + ("" if x is None else f" ({x:.2f}x of dense)") + f", {measured}", file=sys.stderr)
+            if entry["choice"] != DENSE and DENSE not in (e["choice"] for e in self._routes.values()):
+                self._dense = None  # the copy built for the timing: only kept where a bucket runs dense
+            self._routes[b] = entry
+            return entry
+
+    def _time_paths(self, paths: list[str], b: int, timer: Timer | None) -> dict[str, float]:
+        """Seconds per call of each path at b tokens on this layer's weight (no activation)."""
+        gen = torch.Generator(device=self.kernel_device).manual_seed(0)
+        x = torch.randn(b, self.in_features, generator=gen, device=self.kernel_device).to(self._dtype)
+        bias = self._buffers["bias"]
+        fns = {}
+        for p in paths:
+            if p == DENSE:
+                fns[p] = functools.partial(F.linear, x, self.dense_weight(), bias)
+            elif self._off_kernel(p):
+                torch_kernel, state = self._torch_kernel()
+                fns[p] = functools.partial(torch_kernel.matmul, state, x, bias)
+            else:
+                variant = p.partition(".")[2]
+                kw = {"variant": variant} if variant else {}
+                fns[p] = functools.partial(self.kernel.matmul, self._state, x, bias, **kw)
+        with torch.inference_mode():
+            return (timer or time_candidates)(fns, self.kernel_device)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format!r}, " \
-               f"kernel={self.kernel.name!r}" + (f", activation={self._activation!r}" if self._activation else "")
+               f"kernel={self.kernel.name!r}" + (f", activation={self._activation!r}" if self._activation else "") \
+               + (", planned" if self.planner is not None else "")
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, format: str = "csr", *, batch: int = 1, timer: Timer | None = None,

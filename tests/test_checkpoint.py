@@ -18,6 +18,7 @@ from sparse_ops.checkpoint import (
 )
 from sparse_ops.formats import CSR, TwoFour
 from sparse_ops.linear import SparseLinear
+from sparse_ops.plan import PlanCache, plan_rows
 from tests.test_formats import two_four, unstructured
 
 
@@ -251,15 +252,40 @@ def test_sparsify_tiny_bert_matches_dense_pruned_model(tmp_path, format, pattern
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_sparsify_from_state_dict_and_auto_keeps_dense_when_slower():
+def test_sparsify_by_default_runs_dense_where_an_injected_timer_says_sparse_is_slower():
     dense = prune_linears(tiny_bert(), 0.9)
     sd = {k: (CSR.from_dense(v) if v.dim() == 2 and "encoder" in k else v) for k, v in dense.state_dict().items()}
     slow_sparse = lambda fns, device: {k: (1.0 if k == "dense" else 2.0) for k in fns}
-    model = sparsify(tiny_bert(seed=1), sd, auto=True, timer=slow_sparse)
-    assert not any(isinstance(m, SparseLinear) for m in model.modules())
+    model = sparsify(tiny_bert(seed=1), sd, timer=slow_sparse, cache=PlanCache(None))
     ids = torch.randint(0, 100, (1, 5))
+    with torch.no_grad():  # dense F.linear on the same weights: bit for bit the dense model
+        torch.testing.assert_close(model(input_ids=ids).last_hidden_state, dense(input_ids=ids).last_hidden_state,
+                                   rtol=0, atol=0)
+    rows = plan_rows(model)
+    assert len(rows) == sum(isinstance(m, SparseLinear) for m in model.modules()) > 0
+    assert all(r["routes"][8]["choice"] == "dense" and r["routes"][1] is None for r in rows)  # 5 tokens: bucket 8
+
+
+def test_sparsify_plans_are_cached_on_disk_and_pinning_measures_nothing(tmp_path, capsys):
+    dense = prune_linears(tiny_bert(), 0.9)
+    sd = {k: (CSR.from_dense(v) if v.dim() == 2 and "encoder" in k else v) for k, v in dense.state_dict().items()}
+    fast_torch = lambda fns, device: {k: (0.1 if k.endswith(":torch") else 1.0) for k in fns}
+    first = sparsify(tiny_bert(seed=1), sd, timer=fast_torch, cache=PlanCache(tmp_path / "plans.json"),
+                     batches=(1, 300), verbose=True)
+    assert "-> csr:torch (10.00x of dense), measured" in capsys.readouterr().err
+    def no_timing(fns, device):
+        raise AssertionError("a cached plan was measured again")
+    again = sparsify(tiny_bert(seed=1), sd, timer=no_timing, cache=PlanCache(tmp_path / "plans.json"), batches=(1,))
+    assert [r["routes"][1] for r in plan_rows(again)] == [r["routes"][1] for r in plan_rows(first)]
+    pinned = sparsify(tiny_bert(seed=1), sd, kernel="ours", timer=no_timing)
+    ids = torch.randint(0, 100, (8, 20))  # 160 tokens: bucket 256
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids).last_hidden_state, dense(input_ids=ids).last_hidden_state)
+        want = dense(input_ids=ids).last_hidden_state
+        for model in (first, pinned):
+            torch.testing.assert_close(model(input_ids=ids).last_hidden_state, want, rtol=1e-5, atol=1e-5)
+    assert plan_rows(pinned) == []
+    with pytest.raises(ValueError, match="unknown kernel 'fast'; allowed: auto, ours, torch"):
+        sparsify(tiny_bert(seed=1), sd, kernel="fast")
 
 
 def test_sparsify_rejects_a_checkpoint_for_another_model():

@@ -307,13 +307,30 @@ def ffn_matmul(up: NativeWeight, down: NativeWeight, x: torch.Tensor, up_bias: t
     return y if up.out_dtype == torch.float32 else y.to(up.out_dtype)
 
 
+def csr_variants(n: int) -> tuple[str, ...]:
+    """The CSR kernels that can run n tokens: "plain" (the gemv at n == 1) and, from 2 tokens, "panels".
+
+    >>> csr_variants(1), csr_variants(8)
+    (('plain',), ('plain', 'panels'))
+    """
+    return ("plain",) if n < 2 else ("plain", "panels")
+
+
 def csr_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None,
-               post: AddNorm | None = None) -> torch.Tensor:
-    """x: (N, in) -> post(activation(x W^T + bias)) (N, out) in the weight's dtype."""
+               post: AddNorm | None = None, variant: str | None = None) -> torch.Tensor:
+    """x: (N, in) -> post(activation(x W^T + bias)) (N, out) in the weight's dtype. ``variant`` (one of
+    ``csr_variants(N)``) picks the kernel; None: ``use_panels`` picks by batch and density."""
     if _needs_grad(x, bias):  # the C++ kernels have no backward: torch's CSR path does
         y = apply(cpu.csr_matmul(cpu.prepare_csr(w.source), x, bias), activation)
         return y if post is None else post.apply(y)
-    return _matmul(w, x, bias, use_panels(x.shape[0], w.density, w.source.shape[1]), CODES[activation], post)
+    n = x.shape[0]
+    if variant is None:
+        panels = use_panels(n, w.density, w.source.shape[1])
+    elif variant in csr_variants(n):
+        panels = variant == "panels"
+    else:
+        raise ValueError(f"unknown CSR kernel variant {variant!r} for {n} tokens; allowed: {csr_variants(n)}")
+    return _matmul(w, x, bias, panels, CODES[activation], post)
 
 
 def two_four_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None,

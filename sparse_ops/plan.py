@@ -1,0 +1,209 @@
+"""Per layer and batch, the fastest way to run a sparse layer on this machine, measured: never slower than dense.
+
+A sparse kernel's speed against dense depends on the CPU (AVX2 or AVX-512, cache sizes), the thread count, the
+layer's shape and sparsity, and above all the batch: a kernel 8x faster than dense at 1 token can be slower at
+256. So a ``SparseLinear`` with a ``Planner`` (``sparsify``'s default) picks its path per batch *bucket*:
+
+- ``bucket(n)``: a call with n tokens is planned as 1 (n == 1, the gemv), 8, 64 or 256 tokens (``BUCKETS``,
+  the nearest in log scale; larger batches behave as 256: both sides are compute-bound there);
+- the paths (``candidates``): ``"dense"`` (``F.linear`` on the decompressed weight, built the first time a
+  bucket chooses it: the layer then also holds its dense weight), our kernel for the stored format and each of
+  its variants (``"csr.plain"``: gemv / plain CSR, ``"csr.panels"``: the panelled kernel), and torch's kernel
+  (``"csr:torch"``, MKL's CSR);
+- the first call in a bucket times every path at the bucket's batch on the layer's own weight (``Timer``:
+  interleaved, medians) and keeps dense unless a sparse path is at least ``MIN_SPEEDUP`` faster;
+- the choice is stored in ``PlanCache``, a JSON file in the kernels' cache directory keyed by this machine
+  (CPU model, kernel ISA, threads, torch version) and by the layer (format, shape, dtype, sparsity to 1%,
+  device, bucket): the same model on the same machine makes the same choices in every later process, with no
+  measuring.
+
+``plan_report(model)`` shows each layer's choice and speedup per bucket.
+
+Example:
+    >>> [bucket(n) for n in (1, 2, 22, 23, 127, 128, 4096)]
+    [1, 8, 8, 64, 64, 256, 256]
+    >>> choose({"dense": 1.0, "csr.plain": 0.5, "csr:torch": 0.6})
+    'csr.plain'
+    >>> choose({"dense": 1.0, "csr.plain": 0.99})  # 1% faster is noise: dense
+    'dense'
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sparse_ops.autotune import MIN_SPEEDUP, Timer, pick_format
+from sparse_ops.kernels import native
+
+BUCKETS = (1, 8, 64, 256)  # tokens per call at which paths are measured
+DENSE = "dense"
+TORCH_SUFFIX = ":torch"  # "csr:torch": the format on torch's kernel (dispatch.TORCH_KERNELS)
+
+
+def bucket(n: int) -> int:
+    """The measured batch that stands for n tokens: 1 for n == 1, else the nearest of 8, 64, 256 in log scale."""
+    if n <= 1:
+        return 1
+    for lo, hi in zip(BUCKETS[1:], BUCKETS[2:]):
+        if n < math.sqrt(lo * hi):  # the geometric midpoint (a tie goes to the larger)
+            return lo
+    return BUCKETS[-1]
+
+
+def choose(times: dict[str, float], min_speedup: float = MIN_SPEEDUP) -> str:
+    """The fastest path if it beats ``times["dense"]`` by ``min_speedup``, else ``"dense"``."""
+    return pick_format(times, min_speedup)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model name")):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_key(device: torch.device) -> str:
+    """What a measurement depends on besides the layer: the processor, the kernels' ISA and the threads."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}|cuda {torch.version.cuda}|torch {torch.__version__}"
+    isa = native.isa() if native.available() else "torch-only"
+    return f"{cpu_model()}|{isa}|abi {native.ABI_VERSION}|threads {torch.get_num_threads()}|torch {torch.__version__}"
+
+
+def layer_key(fmt: str, shape: tuple[int, int], dtype: torch.dtype, sparsity: float, device: torch.device,
+              batch: int) -> str:
+    """The layer half of a cache key (sparsity to 1%: layers that close share a measurement).
+
+    >>> layer_key("csr", (8, 4), torch.float32, 0.904, torch.device("cpu"), 64)
+    'csr 8x4 float32 s0.90 cpu n64'
+    """
+    return f"{fmt} {shape[0]}x{shape[1]} {str(dtype).removeprefix('torch.')} s{sparsity:.2f} {device.type} n{batch}"
+
+
+class PlanCache:
+    """Measured choices, ``{machine key: {layer key: {"choice": path, "speedup": {path: dense time / time}}}}``,
+    in a JSON file (``path=None``: in this process only). Written to a temporary file and renamed; entries other
+    processes added meanwhile are kept."""
+
+    def __init__(self, path: str | os.PathLike | None):
+        self.path = None if path is None else Path(path)
+        self._entries: dict[str, dict[str, dict]] = {}
+        self._lock = threading.Lock()
+        self._read = False
+
+    def __deepcopy__(self, memo: dict) -> PlanCache:  # a copied model shares its cache (and the file)
+        return self
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"])
+
+    def _load_file(self) -> dict[str, dict[str, dict]]:
+        if self.path is None or not self.path.exists():
+            return {}
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):  # a damaged cache is only a cache: measure again
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def get(self, machine: str, layer: str) -> dict | None:
+        with self._lock:
+            if not self._read:
+                self._entries, self._read = self._load_file(), True
+            entry = self._entries.get(machine, {}).get(layer)
+        return entry if isinstance(entry, dict) and isinstance(entry.get("choice"), str) else None
+
+    def put(self, machine: str, layer: str, entry: dict) -> None:
+        with self._lock:
+            self._entries.setdefault(machine, {})[layer] = entry
+            if self.path is None:
+                return
+            merged = self._load_file()
+            for m, layers in self._entries.items():
+                merged.setdefault(m, {}).update(layers)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(suffix=".json", dir=self.path.parent)
+                with os.fdopen(fd, "w") as f:
+                    json.dump(merged, f, indent=0, sort_keys=True)
+                os.replace(tmp, self.path)
+            except OSError:  # read-only home: the choices hold for this process
+                pass
+
+
+_DEFAULT_CACHES: dict[Path, PlanCache] = {}
+
+
+def default_cache() -> PlanCache:
+    """The on-disk cache of this user's plans (``<kernel cache dir>/plans.json``), one object per path."""
+    path = native.cache_dir() / "plans.json"
+    return _DEFAULT_CACHES.setdefault(path, PlanCache(path))
+
+
+@dataclass
+class Planner:
+    """How a layer plans its paths: the timer (None: ``autotune.time_candidates``), the cache (None: the
+    on-disk ``default_cache()``), ``verbose`` (print each choice as it is made) and ``min_speedup``."""
+
+    timer: Timer | None = None
+    cache: PlanCache | None = None
+    verbose: bool = False
+    min_speedup: float = MIN_SPEEDUP
+
+    def store(self) -> PlanCache:
+        return self.cache if self.cache is not None else default_cache()
+
+
+def plan_rows(model: torch.nn.Module) -> list[dict]:
+    """One row per planned ``SparseLinear``: name, shape, format, sparsity and, per bucket, the chosen path with
+    its speedup over dense (None where no call has reached that bucket yet)."""
+    from sparse_ops.linear import SparseLinear
+
+    rows = []
+    for name, m in model.named_modules():
+        if isinstance(m, SparseLinear) and m.planner is not None:
+            rows.append({"name": name or m.name, "shape": (m.out_features, m.in_features), "format": m.format,
+                         "sparsity": m.sparsity, "routes": {b: m.planned(b) for b in BUCKETS}})
+    return rows
+
+
+def plan_report(model: torch.nn.Module) -> str:
+    """A table of ``plan_rows``: each layer's path per bucket, as ``path (speedup x)``.
+
+    >>> print(plan_report(torch.nn.Linear(2, 2)))
+    no planned sparse layers
+    """
+    rows = plan_rows(model)
+    if not rows:
+        return "no planned sparse layers"
+    def cell(entry: dict | None) -> str:
+        if entry is None:
+            return "-"
+        x = entry.get("speedup", {}).get(entry["choice"])
+        return entry["choice"] + ("" if x is None else f" ({x:.2f}x)")
+    head = ["layer", "shape", "format", "sparsity", *(f"{b} token{'s' * (b > 1)}" for b in BUCKETS)]
+    body = [[r["name"], f"{r['shape'][0]}x{r['shape'][1]}", r["format"], f"{r['sparsity']:.3f}",
+             *(cell(r["routes"][b]) for b in BUCKETS)] for r in rows]
+    widths = [max(len(str(row[i])) for row in [head, *body]) for i in range(len(head))]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in [head, *body]]
+    worst = [r["routes"][b] for r in rows for b in BUCKETS if r["routes"][b] is not None]
+    if worst:
+        low = min(e["speedup"].get(e["choice"], 1.0) for e in worst)
+        lines.append(f"slowest chosen path: {low:.2f}x of dense (1.00x: dense itself)")
+    return "\n".join(lines)

@@ -1,0 +1,134 @@
+"""The C++ kernels built for another CPU and run there against ``kernels/reference.py``: aarch64 (NEON)
+cross-compiled with Debian's ``g++-aarch64-linux-gnu`` and run under ``qemu-aarch64`` (``qemu-user``), which
+``.ci/run`` installs. A small C++ driver (``tests/native_driver.cpp``) calls every entry point on cases this
+file writes (weights in each stored layout, inputs, the reference's outputs). The same driver built for this
+machine checks the driver itself wherever the cross tools are missing.
+"""
+from __future__ import annotations
+
+import platform
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparse_ops.activations import ACTIVATIONS, CODES
+from sparse_ops.formats import CSR, TwoFour
+from sparse_ops.kernels import cpu_native, native, reference
+from tests.test_formats import two_four, unstructured
+
+DRIVER = Path(__file__).with_name("native_driver.cpp")
+CROSS_CXX, QEMU = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
+ON_ARM = native.machine() == "aarch64"
+TOL_E6 = 100  # |y - ref| <= 1e-4 (1 + |ref|): fp32 sums in another order, the fitted erf / exp
+
+
+def _write_case(f, name: str, scalars: list[int], arrays: list[torch.Tensor | None]) -> None:
+    f.write(struct.pack("<I", len(name)) + name.encode())
+    sc = [*scalars, TOL_E6]
+    f.write(struct.pack(f"<I{len(sc)}q", len(sc), *sc))
+    f.write(struct.pack("<I", len(arrays)))
+    for a in arrays:
+        if a is None:
+            raw = b""
+        else:
+            a = a.contiguous()
+            raw = (a.view(torch.int16) if a.dtype == torch.bfloat16 else a).numpy().tobytes()
+        f.write(struct.pack("<Q", len(raw)) + raw)
+
+
+def _values(v: torch.Tensor) -> tuple[str, torch.Tensor]:
+    return ("bf16", v) if v.dtype == torch.bfloat16 else ("f32", v.float())
+
+
+def _expected(y: torch.Tensor, bias: torch.Tensor | None, act: str | None) -> torch.Tensor:
+    y = y if bias is None else y + bias
+    return y if act is None else ACTIVATIONS[act](y)
+
+
+def write_cases(path: Path) -> int:
+    """Every entry point over odd shapes, 1-256 tokens, sparsity 0-0.999, fp32 and bf16, with and without a
+    bias and an activation; returns the number of cases."""
+    gen = torch.Generator().manual_seed(0)
+    count = 0
+    with open(path, "wb") as f:
+        for (out, inp), sparsity, dtype in [((37, 300), 0.9, torch.float32), ((70, 40), 0.0, torch.bfloat16),
+                                            ((5, 2000), 0.999, torch.float32), ((64, 256), 0.5, torch.bfloat16),
+                                            ((1, 4), 0.5, torch.float32)]:
+            w = unstructured((out, inp), sparsity, dtype)
+            if out > 3:
+                w[:3] = 0.0  # empty rows
+            csr = CSR.from_dense(w)
+            code, vals = _values(csr.values)
+            crow, col = csr.crow_indices.to(torch.int32), csr.col_indices
+            seg, lcol, pvals = cpu_native.panel_parts(crow, col, vals, (out, inp), cpu_native.PANEL_ROWS,
+                                                      cpu_native.PANEL_WIDTH)
+            for n, act in [(1, None), (2, "relu"), (8, "gelu"), (9, None), (40, "silu"), (100, "gelu_tanh"),
+                           (256, None)]:
+                x = torch.randn(n, inp, generator=gen)
+                bias = torch.randn(out, generator=gen) if n % 2 else None
+                want = _expected(reference.csr_matmul(csr, x), bias, act)
+                for icode, c in (("i16", col.to(torch.int16)), ("i32", col.to(torch.int32))):
+                    _write_case(f, f"csr_{code}_{icode}", [out, inp, n, 2, CODES[act]],
+                                [crow, c, vals, x, bias, want])
+                    count += 1
+                if n > 1:
+                    _write_case(f, f"csr_panels_{code}", [out, inp, cpu_native.PANEL_ROWS, cpu_native.PANEL_WIDTH,
+                                                          cpu_native.panel_tile(n), n, 2, CODES[act]],
+                                [seg, lcol, pvals, x, bias, want])
+                    count += 1
+                if inp % 4 == 0:
+                    tf = TwoFour.from_dense(two_four((out, inp), dtype, sparsity / 2))
+                    tcode, tvals = _values(tf.values)
+                    _write_case(f, f"two_four_{tcode}", [out, inp, n, 2, CODES[act]],
+                                [tvals, tf.metadata, x, bias, _expected(reference.two_four_matmul(tf, x), bias, act)])
+                    count += 1
+        for hidden, (inp, out), n, dtype in [(96, (40, 24), 40, torch.float32), (300, (64, 70), 130, torch.bfloat16)]:
+            up, down = (CSR.from_dense(unstructured(s, 0.7, dtype)) for s in ((hidden, inp), (out, hidden)))
+            parts = []
+            for m, shape in ((up, (hidden, inp)), (down, (out, hidden))):
+                code, vals = _values(m.values)
+                parts += cpu_native.panel_parts(m.crow_indices.to(torch.int32), m.col_indices, vals, shape,
+                                                cpu_native.PANEL_ROWS, cpu_native.PANEL_WIDTH)
+            x, bu, bd = torch.randn(n, inp, generator=gen), torch.randn(hidden, generator=gen), torch.randn(out)
+            want = reference.csr_matmul(down, ACTIVATIONS["gelu"](reference.csr_matmul(up, x) + bu)) + bd
+            _write_case(f, f"csr_ffn_{code}", [inp, hidden, out, cpu_native.PANEL_ROWS, cpu_native.PANEL_WIDTH,
+                                               cpu_native.panel_tile(n), n, 2, CODES["gelu"]],
+                        [None, None, None, *parts, x, None, bu, bd, want])
+            count += 1
+    return count
+
+
+def _build_and_run(tmp_path: Path, target: str) -> subprocess.CompletedProcess:
+    """Compile the driver for ``target`` (``native.ISAS``) and run it on the cases (qemu for aarch64 here)."""
+    cases = tmp_path / "cases.bin"
+    n = write_cases(cases)
+    exe = tmp_path / f"driver_{target}"
+    flags = [f for f in native.build_flags(target) if f not in ("-shared", "-fPIC")]
+    cross = native.ISAS[target].machine == "aarch64" and not ON_ARM
+    cxx = CROSS_CXX if cross else shutil.which("g++")
+    build = subprocess.run([cxx, *flags, "-o", str(exe), str(DRIVER)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    cmd = [QEMU, "-L", "/usr/aarch64-linux-gnu", str(exe)] if cross else [str(exe)]
+    done = subprocess.run([*cmd, str(cases)], capture_output=True, text=True, timeout=600)
+    assert done.stdout.strip().endswith(f"0 of {n} cases off"), done.stdout[-3000:] + done.stderr[-2000:]
+    return done
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no g++")
+def test_driver_built_for_this_machine_matches_reference(tmp_path):
+    target = native.isa() if native.isa() in native.ISAS else next(
+        (t for t, i in native.ISAS.items() if native.runs_here(i)), None)
+    if target is None:
+        pytest.skip(f"no build target for {platform.machine()}")
+    _build_and_run(tmp_path, target)
+
+
+@pytest.mark.skipif(not ON_ARM and not (CROSS_CXX and QEMU),
+                    reason="needs g++-aarch64-linux-gnu and qemu-user (Debian packages; .ci/run installs them)")
+def test_aarch64_neon_build_matches_reference_under_qemu(tmp_path):
+    out = _build_and_run(tmp_path, "neon")
+    assert "csr_ffn_bf16" in out.stdout and "two_four_bf16" in out.stdout
