@@ -157,6 +157,20 @@ def test_prune_closed_heads_keeps_outputs_and_shrinks_parameters_exactly():
     assert layer.open_heads() == [0, 1]
 
 
+def test_open_heads_follow_every_change_of_the_gates():
+    # open_heads is remembered between forwards: an in-place update, a new tensor and loading a state dict
+    # must each be seen
+    layer = _layer(8, 4).eval()
+    assert layer.open_heads() == [0, 1, 2, 3]
+    with torch.no_grad():
+        layer.log_alpha[1] = CLOSED
+    assert layer.open_heads() == [0, 2, 3]
+    layer.log_alpha = torch.nn.Parameter(torch.full((4,), CLOSED))
+    assert layer.open_heads() == []
+    layer.load_state_dict({**layer.state_dict(), "log_alpha": torch.tensor([CLOSED, 3.0, 3.0, CLOSED])})
+    assert layer.open_heads() == [1, 2]
+
+
 def test_prune_open_heads_equals_reference_without_them():
     layer = _layer()
     x = torch.randn(2, 5, 16, dtype=torch.float64)
