@@ -96,6 +96,7 @@ class SparseLinear(nn.Module):
         # the planned paths' state, rebuilt lazily after a move or load: bucket -> plan entry, the dense
         # weight (when a bucket chose dense), torch's (kernel, state) (when one chose it)
         self._routes: dict[int, dict] = {}
+        self._last: tuple[int, str] = (-1, "")  # (tokens, path) of the latest routed call
         self._dense: torch.Tensor | None = None
         self._torch: tuple | None = None
 
@@ -190,10 +191,13 @@ class SparseLinear(nn.Module):
         (``plan.bucket``) or read from the planner's cache. Unplanned layers: ``choice``."""
         if self.planner is None:
             return self.choice
+        if self._last[0] == n:  # the usual case: the same batch as the call before (a few us per layer else)
+            return self._last[1]
         b = plan.bucket(n)
         entry = self._routes.get(b)
         if entry is None:
             entry = self._plan(b)
+        self._last = (n, entry["choice"])
         return entry["choice"]
 
     def _plan(self, b: int) -> dict:
