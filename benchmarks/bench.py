@@ -317,6 +317,7 @@ def run_families(args: argparse.Namespace) -> int:
         done = _drive(sweep(cfg, args.device, Deadline(args.max_seconds)), files, len(cfg.batches),
                       "bench families", rows.extend)
         print(families_table(rows))
+        _warn_spread([(r["p10_ms"], r["median_ms"], r["p90_ms"]) for r in rows])
         if files is not None:
             plot(rows, env, files.path(".png"))
             files.finish(_status(done, len(cfg.batches), args.max_seconds))
@@ -379,6 +380,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.file} has no linear (2-D float) weights to time")
         summary = whole_model(rows)
         print(checkpoint_table(rows, summary))
+        _warn_spread([(r.p10_s, r.median_s, r.p90_s) for r in rows])
         b = summary[0]
         print(f"linear weights: {b['dense_bytes'] / 1e6:,.2f} MB dense, {b['stored_bytes'] / 1e6:,.2f} MB as stored, "
               f"{b['csr_bytes'] / 1e6:,.2f} MB as csr, {b['2:4_bytes'] / 1e6:,.2f} MB as 2:4 (where the pattern fits)")

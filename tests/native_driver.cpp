@@ -72,6 +72,11 @@ bool run(const std::string& name, const std::vector<int64_t>& s, const std::vect
              fp(a[11]), fp(a[12]), y, int(s[7]), int(s[8]), NOPOST) == 0;
   FFN_CASE(csr_ffn_f32, float)
   FFN_CASE(csr_ffn_bf16, bf16)
+  if (name == "moe_forward_f32") {  // logits x w_in b_in w_gate b_gate w_out b_out | T K capacity E D H threads act
+    std::vector<int64_t> routed(s[3]);
+    return moe_forward_f32(fp(a[0]), fp(a[1]), s[0], s[1], s[2], fp(a[2]), fp(a[3]), fp(a[4]), fp(a[5]), fp(a[6]),
+                           fp(a[7]), s[3], s[4], s[5], y, routed.data(), int(s[6]), int(s[7])) == 0;
+  }
   std::fprintf(stderr, "unknown entry %s\n", name.c_str());
   return false;
 }

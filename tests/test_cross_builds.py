@@ -11,13 +11,16 @@ import shutil
 import struct
 import subprocess
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
 
+import sparse_ops.layers.moe as moe_module
 from sparse_ops.activations import ACTIVATIONS, CODES
 from sparse_ops.formats import CSR, TwoFour
 from sparse_ops.kernels import cpu_native, native, reference
+from sparse_ops.layers.moe import MoE, expert_capacity
 from tests.test_formats import two_four, unstructured
 
 DRIVER = Path(__file__).with_name("native_driver.cpp")
@@ -35,7 +38,7 @@ def _write_case(f, name: str, scalars: list[int], arrays: list[torch.Tensor | No
         if a is None:
             raw = b""
         else:
-            a = a.contiguous()
+            a = a.detach().contiguous()
             raw = (a.view(torch.int16) if a.dtype == torch.bfloat16 else a).numpy().tobytes()
         f.write(struct.pack("<Q", len(raw)) + raw)
 
@@ -99,6 +102,17 @@ def write_cases(path: Path) -> int:
                                                cpu_native.panel_tile(n), n, 2, CODES["gelu"]],
                         [None, None, None, *parts, x, None, bu, bd, want])
             count += 1
+        for tokens, gated, capacity_factor in [(9, False, None), (40, True, 0.6)]:  # routing to combine
+            moe = MoE(24, 40, num_experts=5, top_k=2, gated=gated, capacity_factor=capacity_factor).eval()
+            x = torch.randn(tokens, 24, generator=gen)
+            with torch.inference_mode():
+                logits = moe.router(x)
+                cap = -1 if capacity_factor is None else expert_capacity(tokens, 2, 5, capacity_factor)
+                with patch.object(moe_module, "moe_forward", lambda *a, **k: None):  # the torch path
+                    want = moe(x)
+            _write_case(f, "moe_forward_f32", [tokens, 2, cap, 5, 24, 40, 2, CODES[moe.config.activation]],
+                        [logits, x, moe.w_in, moe.b_in, moe.w_gate, moe.b_gate, moe.w_out, moe.b_out, want])
+            count += 1
     return count
 
 
@@ -131,4 +145,4 @@ def test_driver_built_for_this_machine_matches_reference(tmp_path):
                     reason="needs g++-aarch64-linux-gnu and qemu-user (Debian packages; .ci/run installs them)")
 def test_aarch64_neon_build_matches_reference_under_qemu(tmp_path):
     out = _build_and_run(tmp_path, "neon")
-    assert "csr_ffn_bf16" in out.stdout and "two_four_bf16" in out.stdout
+    assert all(e in out.stdout for e in ("csr_ffn_bf16", "two_four_bf16", "moe_forward_f32"))

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparse_ops.kernels import native
 from sparse_ops.layers.moe import MoE, expert_ffn, plan_dispatch, route
 
 TOL = {torch.float64: {"rtol": 1e-10, "atol": 1e-10}, torch.float32: {"rtol": 1e-5, "atol": 1e-5},
@@ -231,3 +232,34 @@ def test_cuda_matches_cpu(capacity_factor):
     torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=1e-4, atol=1e-5)
     assert moe.last_aux.tokens_per_expert.tolist() == aux_cpu.tokens_per_expert.tolist()
     assert int(moe.last_aux.dropped_tokens) == int(aux_cpu.dropped_tokens)
+
+
+@pytest.mark.skipif(not native.available(), reason="native CPU kernels unavailable (no compiler)")
+@pytest.mark.parametrize("gated,activation", [(False, "gelu"), (False, "relu"), (True, "silu")])
+@pytest.mark.parametrize("capacity_factor", [None, 0.6])
+@pytest.mark.parametrize("num_experts,top_k", [(4, 1), (8, 2), (5, 3)])
+@pytest.mark.parametrize("tokens", [1, 3, 9, 40, 100])
+def test_inference_kernel_equals_the_torch_path(tokens, num_experts, top_k, capacity_factor, gated, activation,
+                                                monkeypatch):
+    # At inference on the CPU the whole layer after the router runs in one C++ call (routing, capacity,
+    # dispatch, every expert, combine): outputs and last_aux equal the torch path's within fp32 tolerance.
+    import sparse_ops.layers.moe as moe_module
+
+    moe = MoE(24, 40, num_experts, top_k, gated=gated, activation=activation, bias=tokens % 2 == 1,
+              capacity_factor=capacity_factor).eval()
+    x = torch.randn(tokens, 24)
+    calls = []
+    real = moe_module.moe_forward
+    monkeypatch.setattr(moe_module, "moe_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.inference_mode():
+        y = moe(x)
+    fast = moe.last_aux
+    assert calls
+    monkeypatch.setattr(moe_module, "moe_forward", lambda *a, **k: None)
+    with torch.inference_mode():
+        ref = moe(x)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    slow = moe.last_aux
+    assert torch.equal(fast.tokens_per_expert, slow.tokens_per_expert) and int(fast.dropped_tokens) == int(slow.dropped_tokens)
+    torch.testing.assert_close(fast.aux_loss, slow.aux_loss)
+    torch.testing.assert_close(fast.z_loss, slow.z_loss)

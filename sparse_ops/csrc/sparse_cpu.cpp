@@ -471,10 +471,11 @@ inline void run_nv(const Body& body, int64_t r0, int64_t r1, int64_t t0, float* 
   body.template run<VW, NV, chains(NV)>(r0, r1, t0, buf);
 }
 
+// The sums alone, into buf (rows, TILE_STRIDE); ld is the packed x's width (8, or a multiple of 16).
 template <typename Body>
-void one_tile(const Body& body, int64_t r0, int64_t r1, int64_t ld, int64_t n, int64_t t0, int64_t tile,
-              float* buf) {
-  const int64_t width = token_width(n), m = width == 8 ? 8 : std::min(tile, width - t0);
+void dispatch_tile(const Body& body, int64_t r0, int64_t r1, int64_t ld, int64_t n, int64_t t0, int64_t tile,
+                   float* buf) {
+  const int64_t width = ld == 8 ? 8 : token_width(n), m = width == 8 ? 8 : std::min(tile, width - t0);
   switch (m < VW ? 0 : m / VW) {
     case 0:  // m == 8 < VW: one 8-float vector
       if constexpr (VW > 8) body.template run<8, 1, 4>(r0, r1, t0, buf);
@@ -488,6 +489,12 @@ void one_tile(const Body& body, int64_t r0, int64_t r1, int64_t ld, int64_t n, i
     case 7: run_nv<7>(body, r0, r1, t0, buf); break;
     default: run_nv<8>(body, r0, r1, t0, buf); break;
   }
+}
+
+template <typename Body>
+void one_tile(const Body& body, int64_t r0, int64_t r1, int64_t ld, int64_t n, int64_t t0, int64_t tile,
+              float* buf) {
+  dispatch_tile(body, r0, r1, ld, n, t0, tile, buf);
   flush_rows(buf, TILE_STRIDE, r0, r1 - r0, t0, std::min(tile, n - t0), body.bias, body.act, body.y, body.out);
 }
 
@@ -843,6 +850,253 @@ int run_blocks(Body body, int64_t out, int64_t in, const float* x, int64_t n, in
   return ENTRY_OK;
 }
 
+// ---- Mixture-of-Experts: every expert's FFN over its sorted tokens in one call -----------------------------
+//
+// Weights batched as the MoE layer stores them: w_in, w_gate (E, H, D), w_out (E, D, H) row-major, biases
+// (E, H) / (E, D) or null. xs (A, D): the kept (token, expert) assignments sorted by expert, expert e's at rows
+// [off[e], off[e + 1]). ys (A, D) = expert e's FFN of each row: act(x W_in^T + b_in) W_out^T + b_out, or gated
+// (act(x W_gate^T + b_gate) * (x W_in^T + b_in)) W_out^T + b_out. Made for small batches (a few tokens per
+// expert, where the layer is bound by reading the experts' weights): each expert's tokens are packed once into
+// (D, ld) and its weight rows read once per token tile, by the same register-blocked loops as the CSR kernels
+// with every column present. Three phases over all experts at once (pack, hidden, output), one barrier each.
+
+// Sums of dense rows [r0, r1) of w (rows, in) over one token tile into buf (rows - r0, T) (see csr_rows_tile).
+template <int W, int NV, int S>
+void dense_rows_tile(const float* w, int64_t in, int64_t r0, int64_t r1, const float* xt, int64_t ld,
+                     int64_t t0, float* buf) {
+  typedef typename Vec<W>::type vec;
+  const float* xb = xt + t0;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* wr = w + r * in;
+    vec acc[S][NV];
+    for (int s = 0; s < S; ++s)
+      for (int j = 0; j < NV; ++j) acc[s][j] = vec{};
+    int64_t k = 0;
+    for (; k + S <= in; k += S)
+      for (int s = 0; s < S; ++s) {
+        const float v = wr[k + s];
+        const float* xp = xb + (k + s) * ld;
+        for (int j = 0; j < NV; ++j) acc[s][j] += v * load_vec<W>(xp + j * W);
+      }
+    for (; k < in; ++k)
+      for (int j = 0; j < NV; ++j) acc[0][j] += wr[k] * load_vec<W>(xb + k * ld + j * W);
+    for (int s = 1; s < S; ++s)
+      for (int j = 0; j < NV; ++j) acc[0][j] += acc[s][j];
+    store_row<W, NV>(acc[0], r - r0, buf);
+  }
+}
+
+struct DenseBody {  // one_tile's body for a dense weight (rows, in); y / out / bias / act: where flush_rows writes
+  const float* w; int64_t in; const float* bias; float* y; int64_t out; int act;
+  const float* xt; int64_t ld;
+  template <int W, int NV, int S>
+  void run(int64_t r0, int64_t r1, int64_t t0, float* buf) const {
+    dense_rows_tile<W, NV, S>(w, in, r0, r1, xt, ld, t0, buf);
+  }
+};
+
+struct ExpertSlot {  // expert e's tokens: rows [start, start + m) of xs, packed x at xt (D, ld), hidden at ht
+  int64_t e, start, m, ld, tile; float* xt; float* ht;
+};
+
+// An expert with at most DOT_TOKENS tokens runs as dot products of weight rows with token rows instead (x not
+// packed, hidden (m, H) row-major): with tokens in vector lanes one token used 1 lane of 8 and the loop was
+// bound by one broadcast load per weight (a 768 -> 1536 -> 768 expert at 1 token: 0.66x of the dense FFN
+// with the same weight bytes).
+constexpr int64_t DOT_TOKENS = 4;
+
+// out[t * ostride] = w_row . x[t * xstride : + in] for t < M.
+template <int M>
+inline void dense_dots(const float* wr, const float* x, int64_t xstride, int64_t in, float* out, int64_t ostride) {
+  typedef Vec<VW>::type vec;
+  vec acc[M][2];
+  for (int t = 0; t < M; ++t) acc[t][0] = acc[t][1] = vec{};
+  int64_t k = 0;
+  for (; k + 2 * VW <= in; k += 2 * VW) {
+    const vec w0 = load_vec<VW>(wr + k), w1 = load_vec<VW>(wr + k + VW);
+    for (int t = 0; t < M; ++t) {
+      acc[t][0] += w0 * load_vec<VW>(x + t * xstride + k);
+      acc[t][1] += w1 * load_vec<VW>(x + t * xstride + k + VW);
+    }
+  }
+  for (int t = 0; t < M; ++t) {
+    const vec a = acc[t][0] + acc[t][1];
+    float sum = 0.0f;
+    for (int l = 0; l < VW; ++l) sum += a[l];
+    for (int64_t kk = k; kk < in; ++kk) sum += wr[kk] * x[t * xstride + kk];
+    out[t * ostride] = sum;
+  }
+}
+
+// buf[(r - r0) * TILE_STRIDE + t] = w[r] . x[t] for rows [r0, r1) and the m <= DOT_TOKENS tokens of x (m, in).
+inline void dense_dot_rows(const float* w, int64_t in, int64_t r0, int64_t r1, const float* x, int64_t m,
+                           float* buf) {
+  for (int64_t r = r0; r < r1; ++r) {
+    float* o = buf + (r - r0) * TILE_STRIDE;
+    switch (m) {
+      case 1: dense_dots<1>(w + r * in, x, in, in, o, 1); break;
+      case 2: dense_dots<2>(w + r * in, x, in, in, o, 1); break;
+      case 3: dense_dots<3>(w + r * in, x, in, in, o, 1); break;
+      default: dense_dots<4>(w + r * in, x, in, in, o, 1); break;
+    }
+  }
+}
+
+int run_experts(const float* w_in, const float* b_in, const float* w_gate, const float* b_gate, const float* w_out,
+                const float* b_out, int64_t E, int64_t D, int64_t H, const int64_t* off, const float* xs, float* ys,
+                int nthreads, int act) {
+  std::vector<ExpertSlot> slots;
+  size_t floats = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t m = off[e + 1] - off[e];
+    if (m <= 0) continue;
+    const int64_t width = m <= 8 ? 8 : token_width(m), tile = m <= DOT_TOKENS ? m : std::min<int64_t>(width, MAX_TILE);
+    slots.push_back({e, off[e], m, width, tile, nullptr, nullptr});
+    floats += static_cast<size_t>((D + H) * width);
+  }
+  if (slots.empty()) return ENTRY_OK;
+  float* s = scratch(floats);
+  if (!s) return ENTRY_OUT_OF_MEMORY;
+  for (auto& slot : slots) {
+    slot.xt = s;
+    slot.ht = s + D * slot.ld;
+    s += (D + H) * slot.ld;
+  }
+  // work items: (slot, row block, token tile) of the hidden phase (H rows) and of the output phase (D rows)
+  const auto items = [&](int64_t rows) {
+    std::vector<int64_t> begin{0};  // slot i's items are [begin[i], begin[i + 1])
+    for (const auto& slot : slots)
+      begin.push_back(begin.back() + (rows + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK * ((slot.m + slot.tile - 1) / slot.tile));
+    return begin;
+  };
+  const std::vector<int64_t> hid = items(H), outs = items(D);
+  const auto locate = [&](const std::vector<int64_t>& begin, int64_t item, int64_t& i, int64_t& rblock, int64_t& t) {
+    i = std::upper_bound(begin.begin(), begin.end(), item) - begin.begin() - 1;
+    const int64_t local = item - begin[i], ntiles = (slots[i].m + slots[i].tile - 1) / slots[i].tile;
+    rblock = local / ntiles;
+    t = local % ntiles;
+  };
+  const int64_t nslots = static_cast<int64_t>(slots.size()), cblocks = (D + 15) / 16;
+#pragma omp parallel num_threads(nthreads)
+  {
+    alignas(64) float buf[MAX_ROWS * TILE_STRIDE];
+    alignas(64) float gbuf[MAX_ROWS * TILE_STRIDE];
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < nslots * cblocks; ++item) {  // pack each expert's tokens into (D, ld)
+      const ExpertSlot& slot = slots[item / cblocks];
+      const int64_t c0 = item % cblocks * 16;
+      if (slot.m > DOT_TOKENS) pack_block(xs + slot.start * D, slot.m, D, slot.ld, 0, c0, std::min(D, c0 + 16), slot.xt);
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < hid.back(); ++item) {  // hidden: ht[r, j] = act(...) for the tile's tokens
+      int64_t i, rb, t;
+      locate(hid, item, i, rb, t);
+      const ExpertSlot& slot = slots[i];
+      const int64_t r0 = rb * ROWS_PER_BLOCK, r1 = std::min(H, r0 + ROWS_PER_BLOCK), t0 = t * slot.tile;
+      const int64_t n = slot.m, tw = std::min(slot.tile, slot.ld - t0);
+      const float* bi = b_in ? b_in + slot.e * H : nullptr;
+      const bool dot = n <= DOT_TOKENS;
+      const float* xrows = xs + slot.start * D;
+      const auto sums = [&](const float* w, float* dst) {  // (r1 - r0, tw) sums of the expert's rows of w
+        if (dot) dense_dot_rows(w + slot.e * H * D, D, r0, r1, xrows, n, dst);
+        else dispatch_tile(DenseBody{w + slot.e * H * D, D, nullptr, nullptr, 0, 0, slot.xt, slot.ld}, r0, r1,
+                           slot.ld, n, t0, slot.tile, dst);
+      };
+      sums(w_in, buf);
+      epilogue(buf, TILE_STRIDE, r1 - r0, tw, bi ? bi + r0 : nullptr, w_gate ? ACT_NONE : act);
+      if (w_gate) {
+        const float* bg = b_gate ? b_gate + slot.e * H : nullptr;
+        sums(w_gate, gbuf);
+        epilogue(gbuf, TILE_STRIDE, r1 - r0, tw, bg ? bg + r0 : nullptr, act);
+        for (int64_t r = 0; r < r1 - r0; ++r)
+#pragma omp simd
+          for (int64_t j = 0; j < tw; ++j) buf[r * TILE_STRIDE + j] *= gbuf[r * TILE_STRIDE + j];
+      }
+      if (dot) {  // hidden (m, H) row-major, the output phase's dot products read its rows
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t j = 0; j < n; ++j) slot.ht[j * H + r] = buf[(r - r0) * TILE_STRIDE + j];
+      } else {
+        for (int64_t r = r0; r < r1; ++r)  // padding tokens hold act(bias): the output phase never reads past m
+          std::memcpy(slot.ht + r * slot.ld + t0, buf + (r - r0) * TILE_STRIDE, tw * sizeof(float));
+      }
+    }  // implicit barrier: every hidden tile is complete
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < outs.back(); ++item) {  // output: ys rows of the expert's tokens
+      int64_t i, rb, t;
+      locate(outs, item, i, rb, t);
+      const ExpertSlot& slot = slots[i];
+      const int64_t r0 = rb * ROWS_PER_BLOCK, r1 = std::min(D, r0 + ROWS_PER_BLOCK), t0 = t * slot.tile;
+      const DenseBody down{w_out + slot.e * D * H, H, b_out ? b_out + slot.e * D : nullptr, ys + slot.start * D, D,
+                           ACT_NONE, slot.ht, slot.ld};
+      if (slot.m <= DOT_TOKENS) dense_dot_rows(down.w, H, r0, r1, slot.ht, slot.m, buf);
+      else dispatch_tile(down, r0, r1, slot.ld, slot.m, t0, slot.tile, buf);
+      flush_rows(buf, TILE_STRIDE, r0, r1 - r0, t0, std::min(slot.tile, slot.m - t0), down.bias, ACT_NONE, down.y,
+                 down.out);
+    }
+  }
+  return ENTRY_OK;
+}
+
+// The whole layer after the router's matmul. logits (T, E) -> per token the top K experts of the softmax (ties:
+// the lower index), weights renormalised over them (Mixtral); assignments counting-sorted by expert, token order
+// kept within an expert, at most `capacity` per expert (< 0: all; later tokens dropped); x rows gathered, the
+// experts run (run_experts), y (T, D) = sum over a token's kept assignments of weight * expert output.
+// routed (E,) int64: assignments sent to each expert before capacity. Scratch: the caller's work buffer
+// (xs and ys, A * D floats each) is allocated here, the packed tiles in the thread's scratch.
+int run_moe(const float* logits, const float* x, int64_t T, int64_t K, int64_t capacity, const float* w_in,
+            const float* b_in, const float* w_gate, const float* b_gate, const float* w_out, const float* b_out,
+            int64_t E, int64_t D, int64_t H, float* y, int64_t* routed, int nthreads, int act) {
+  std::vector<int64_t> expert(T * K), kept(E + 1, 0), slot_of(T * K, -1);
+  std::vector<float> weight(T * K);
+  std::vector<float> p(E);
+  std::vector<int64_t> order(E);
+  std::fill(routed, routed + E, 0);
+  for (int64_t t = 0; t < T; ++t) {  // softmax, top K, renormalise
+    const float* l = logits + t * E;
+    const float mx = *std::max_element(l, l + E);
+    float sum = 0.0f;
+    for (int64_t e = 0; e < E; ++e) sum += (p[e] = std::exp(l[e] - mx));
+    for (int64_t e = 0; e < E; ++e) order[e] = e;
+    std::partial_sort(order.begin(), order.begin() + K, order.end(),
+                      [&](int64_t a, int64_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+    float top = 0.0f;
+    for (int64_t k = 0; k < K; ++k) top += p[order[k]] / sum;
+    for (int64_t k = 0; k < K; ++k) {
+      expert[t * K + k] = order[k];
+      weight[t * K + k] = p[order[k]] / sum / top;
+      ++routed[order[k]];
+    }
+  }
+  for (int64_t e = 0; e < E; ++e) kept[e + 1] = kept[e] + (capacity < 0 ? routed[e] : std::min(routed[e], capacity));
+  std::vector<int64_t> fill(kept.begin(), kept.end() - 1), token(kept[E]);
+  for (int64_t a = 0; a < T * K; ++a) {  // token-major order: within an expert, tokens stay in order
+    const int64_t e = expert[a];
+    if (fill[e] < kept[e + 1]) {
+      slot_of[a] = fill[e];
+      token[fill[e]++] = a / K;
+    }
+  }
+  const int64_t A = kept[E];
+  std::vector<float> xs(A * D), ys(A * D);
+  for (int64_t i = 0; i < A; ++i) std::memcpy(&xs[i * D], x + token[i] * D, D * sizeof(float));
+  const int status = run_experts(w_in, b_in, w_gate, b_gate, w_out, b_out, E, D, H, kept.data(), xs.data(),
+                                 ys.data(), nthreads, act);
+  if (status != ENTRY_OK) return status;
+  for (int64_t t = 0; t < T; ++t) {  // combine: in the order of the token's choices
+    float* yt = y + t * D;
+    std::fill(yt, yt + D, 0.0f);
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t i = slot_of[t * K + k];
+      if (i < 0) continue;  // dropped for capacity
+      const float w = weight[t * K + k];
+      const float* src = &ys[i * D];
+#pragma omp simd
+      for (int64_t c = 0; c < D; ++c) yt[c] += w * src[c];
+    }
+  }
+  return ENTRY_OK;
+}
+
 }  // namespace
 
 // ---- C entry points: <format>_<values>[_<indices>] ------------------------------------------------------
@@ -895,4 +1149,13 @@ SPARSE_CSR_ENTRY(csr_bf16_i32, bf16, int32_t)
 SPARSE_24_ENTRY(two_four_f32, float)
 SPARSE_24_ENTRY(two_four_bf16, bf16)
 
-extern "C" int sparse_cpu_abi_version() { return 11; }
+// moe_forward_f32: see run_moe. logits (T, E) fp32, x (T, D), y (T, D), routed (E,) int64.
+extern "C" int moe_forward_f32(const float* logits, const float* x, int64_t T, int64_t K, int64_t capacity,
+                               const float* w_in, const float* b_in, const float* w_gate, const float* b_gate,
+                               const float* w_out, const float* b_out, int64_t E, int64_t D, int64_t H, float* y,
+                               int64_t* routed, int nthreads, int act) {
+  return run_moe(logits, x, T, K, capacity, w_in, b_in, w_gate, b_gate, w_out, b_out, E, D, H, y, routed,
+                 nthreads, act);
+}
+
+extern "C" int sparse_cpu_abi_version() { return 12; }

@@ -316,6 +316,38 @@ def csr_variants(n: int) -> tuple[str, ...]:
     return ("plain",) if n < 2 else ("plain", "panels")
 
 
+# Most tokens per expert (on average) for moe_forward: beyond, each expert's product is a GEMM that MKL runs
+# faster than our loops (the kernel reads the weights once per token tile but does not block for compute).
+MOE_MAX_TOKENS_PER_EXPERT = 32
+
+
+def moe_forward(logits: torch.Tensor, x: torch.Tensor, top_k: int, capacity: int | None, w_in: torch.Tensor,
+                b_in: torch.Tensor | None, w_out: torch.Tensor, b_out: torch.Tensor | None, activation: str,
+                w_gate: torch.Tensor | None = None,
+                b_gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A Mixture-of-Experts layer after its router's matmul, in one C++ call: logits (T, E), x (T, D) ->
+    (y (T, D), routed (E,) int64 assignments per expert before capacity). Routing as ``layers.moe.route``
+    (softmax, top-k, renormalised), dispatch as ``plan_dispatch`` (sorted by expert, later tokens dropped beyond
+    ``capacity``), each expert ``act(x W_in^T + b_in) W_out^T + b_out`` (gated: ``act(x W_gate^T + b_gate) *
+    (x W_in^T + b_in)`` inside) with w_in, w_gate (E, H, D), w_out (E, D, H). None where it does not apply
+    (the layer runs its torch path): no native kernels, not fp32 on the CPU, a gradient needed, or more than
+    ``MOE_MAX_TOKENS_PER_EXPERT`` assignments per expert on average."""
+    weights = [t for t in (w_in, b_in, w_out, b_out, w_gate, b_gate) if t is not None]
+    (T, D), (E, H, _) = x.shape, w_in.shape
+    lib = native.library()
+    if lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or T == 0 \
+            or T * top_k > MOE_MAX_TOKENS_PER_EXPERT * E or any(t.dtype != torch.float32 for t in weights) \
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in (x, logits, *weights))):
+        return None
+    x, logits = x.contiguous(), logits.float().contiguous()
+    parts = [None if t is None else t.detach().contiguous() for t in (w_in, b_in, w_gate, b_gate, w_out, b_out)]
+    y, routed = torch.empty_like(x), torch.empty(E, dtype=torch.int64)
+    lib.moe_forward_f32(logits.data_ptr(), x.data_ptr(), T, top_k, -1 if capacity is None else capacity,
+                        *(None if t is None else t.data_ptr() for t in parts), E, D, H, y.data_ptr(),
+                        routed.data_ptr(), native.num_threads(), CODES[activation])
+    return y, routed
+
+
 def csr_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None,
                post: AddNorm | None = None, variant: str | None = None) -> torch.Tensor:
     """x: (N, in) -> post(activation(x W^T + bias)) (N, out) in the weight's dtype. ``variant`` (one of

@@ -44,7 +44,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "sparse_cpu.cpp"
-ABI_VERSION = 11
+ABI_VERSION = 12
 # -fno-trapping-math lets the epilogue's floor and float -> int conversions vectorise (no FP exception flags);
 # the target's -march and the cache constants are added by build_flags
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno", "-fno-trapping-math")
@@ -88,6 +88,9 @@ SIGNATURES: dict[str, tuple[type, ...]] = {
     # else of the up layer)
     **{f"csr_ffn_{v}": (*(_P,) * 9, _I64, _I64, _I64, _I64, _I64, _P, _I64, _I64, _P, _P, _P, _P, _INT, _INT,
                         *_POST) for v in ("f32", "bf16")},
+    # logits, x, T, K, capacity (-1: none), w_in, b_in, w_gate, b_gate, w_out, b_out, E, D, H, y, routed,
+    # threads, activation code
+    "moe_forward_f32": (_P, _P, _I64, _I64, _I64, *(_P,) * 6, _I64, _I64, _I64, _P, _P, _INT, _INT),
 }
 
 

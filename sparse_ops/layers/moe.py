@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparse_ops.kernels.cpu_native import moe_forward
 from sparse_ops.layers.params import ParamCounts
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
@@ -212,7 +213,7 @@ class MoE(nn.Module):
         self.b_out = nn.Parameter(_uniform_(torch.empty(E, D), H)) if bias else None
         self.b_gate = nn.Parameter(_uniform_(torch.empty(E, H), D)) if bias and gated else None
         self._act = ACTIVATIONS[c.activation]
-        self.last_aux: MoEAux | None = None
+        self._aux: MoEAux | tuple | None = None
 
     def _expert(self, e: int, x: Tensor) -> Tensor:
         pick = lambda t: None if t is None else t[e]
@@ -226,18 +227,36 @@ class MoE(nn.Module):
         x2 = x.reshape(-1, c.d_model)  # (T, D)
         router_in = jitter(x2, c.router_jitter) if self.training and c.router_jitter > 0 else x2
         logits = self.router(router_in)  # (T, E)
-        r = route(logits, c.top_k)
         cap = None if c.capacity_factor is None else expert_capacity(
             x2.shape[0], c.top_k, c.num_experts, c.capacity_factor)
+        fast = None if self.training else moe_forward(logits, x2, c.top_k, cap, self.w_in, self.b_in, self.w_out,
+                                                      self.b_out, c.activation, self.w_gate, self.b_gate)
+        if fast is not None:  # inference on the CPU, few tokens per expert: routing to combine in one C++ call
+            y, routed = fast
+            self._aux = (logits, routed, cap)  # last_aux is computed from these if it is read
+            return y.reshape(x.shape)
+        r = route(logits, c.top_k)
         plan = plan_dispatch(r.experts, c.num_experts, cap)
         xs = x2[plan.token]  # (A, D) tokens grouped by expert
         ys = [self._expert(e, xe) for e, xe in enumerate(xs.split(plan.counts)) if xe.shape[0]]  # (A_e, D)
         y = torch.cat(ys) if ys else xs  # (A, D)
         w = r.weights.reshape(-1)[plan.slot].to(y.dtype)  # (A,)
         out = torch.zeros_like(x2).index_add(0, plan.token, y * w[:, None])  # (T, D)
-        self.last_aux = MoEAux(switch_aux_loss(r.probs, plan.routed, c.aux_loss_coef),
-                               router_z_loss(logits, c.z_loss_coef), plan.routed, plan.dropped)
+        self._aux = MoEAux(switch_aux_loss(r.probs, plan.routed, c.aux_loss_coef),
+                           router_z_loss(logits, c.z_loss_coef), plan.routed, plan.dropped)
         return out.reshape(x.shape)
+
+    @property
+    def last_aux(self) -> MoEAux | None:
+        """The losses and load statistics of the last forward pass (None before the first)."""
+        if isinstance(self._aux, tuple):  # the C++ path: the same terms, computed when asked for
+            logits, routed, cap = self._aux
+            c = self.config
+            kept = routed if cap is None else routed.clamp(max=cap)
+            probs = torch.softmax(logits.float(), dim=-1)
+            self._aux = MoEAux(switch_aux_loss(probs, routed, c.aux_loss_coef), router_z_loss(logits, c.z_loss_coef),
+                               routed, routed.sum() - kept.sum())
+        return self._aux
 
     def param_counts(self) -> ParamCounts:
         """Total parameters, and those one token reads: the router plus ``top_k`` experts."""
