@@ -48,6 +48,7 @@ from benchmarks.timing import environment, time_interleaved
 from prune import Pruner
 from sparse_ops.checkpoint import sparsify
 from sparse_ops.formats import CSR
+from sparse_ops.kernels import native
 from sparse_ops.plan import PlanCache, plan_rows
 
 SIZES = {"small": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
@@ -206,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(a.threads)
     if a.quick:
         a.batches, a.repeats, a.runs = [1], 3, 1
+    native.library()  # built (a few seconds the first time) before anything is timed
     dense = pruned_bert(size=a.size, path=a.model)
     sparse, plan_cost, plan = planned_models(dense, tuple(SEQ * b for b in a.batches))
     models = {"dense": dense, **sparse}
