@@ -244,7 +244,10 @@ class SparseLinear(nn.Module):
                 kw = {"variant": variant} if variant else {}
                 fns[p] = functools.partial(self.kernel.matmul, self._state, x, bias, **kw)
         with torch.inference_mode():
-            return (timer or time_candidates)(fns, self.kernel_device)
+            if timer is not None:
+                return timer(fns, self.kernel_device)
+            return time_candidates(fns, self.kernel_device, repeats=plan.PLAN_REPEATS,
+                                   min_sample_s=plan.PLAN_SAMPLE_S)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format!r}, " \

@@ -17,11 +17,19 @@ def _seed():
     torch.manual_seed(0)
 
 
-def _ours_fastest(fns, device):
+def _ours_fastest(fns, device, **timing):
     """The stand-in timer of ``sparse_ops.plan`` in tests: our kernel (its first variant) fastest, then torch's,
     dense slowest, so planned layers run our kernels without measuring anything (tests never depend on timing;
     the tests of the plan inject their own timers)."""
     return {k: 1.0 if k == "dense" else 0.9 if k.endswith(":torch") else 0.5 for k in fns}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _plans_of_subprocesses(tmp_path_factory):
+    """CLI tests run in subprocesses: their plans go to a file of this session, not the user's cache."""
+    import os
+
+    os.environ["SPARSE_OPS_PLANS"] = str(tmp_path_factory.mktemp("plans") / "plans.json")
 
 
 @pytest.fixture(autouse=True)
