@@ -212,7 +212,7 @@ class SparseLinear(nn.Module):
             entry = store.get(machine, key)
             if entry is None or entry["choice"] not in paths:
                 times = self._time_paths(paths, b, planner.timer)
-                entry = {"choice": plan.choose(times, planner.min_speedup),
+                entry = {"choice": plan.choose(times, planner.prefer_within),
                          "speedup": {p: round(times[DENSE] / max(t, 1e-12), 3) for p, t in times.items()}}
                 store.put(machine, key, entry)
                 measured = "measured"
