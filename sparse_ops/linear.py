@@ -45,15 +45,14 @@ class SparseLinear(nn.Module):
     modules. It is not saved in the state dict either.
 
     ``planner`` (``sparse_ops.plan.Planner``; ``sparsify``'s default) makes the layer choose its path per batch
-    bucket, measured at the first call in each: dense, each of our kernel's variants, or torch's kernel; dense
-    unless sparse is faster (``route``). Without one the layer always runs its kernel. ``name`` labels the
+    bucket, measured at the first call in each: dense, each of our kernel's variants, or torch's kernel, the
+    fastest (``plan.choose``, ``route``). Without one the layer always runs its kernel. ``name`` labels the
     layer in ``plan.plan_report`` and verbose messages.
     """
 
     def __init__(self, weight: SparseFormat, bias: torch.Tensor | None = None, *, torch_kernel: bool = False,
                  activation: str | None = None, planner: Planner | None = None, name: str = ""):
         super().__init__()
-        self.planner, self.name = planner, name
         weight.validate()
         out, inp = weight.shape
         if bias is not None and tuple(bias.shape) != (out,):
@@ -62,9 +61,10 @@ class SparseLinear(nn.Module):
         self.torch_kernel = torch_kernel  # torch's kernel instead of ours where dispatch.TORCH_KERNELS has one
         self.activation = activation
         self._part_names = tuple(weight.parts())
-        for name, t in weight.parts().items():
-            self.register_buffer(f"weight_{name}", t)
+        for part, t in weight.parts().items():
+            self.register_buffer(f"weight_{part}", t)
         self.register_buffer("bias", None if bias is None else bias.to(weight.dtype))
+        self.planner, self.name = planner, name
         self.sparsity = 1.0 - int((weight.values != 0).sum()) / max(1, out * inp)  # fraction of zero weights
         self._prepare()
 
@@ -127,21 +127,24 @@ class SparseLinear(nn.Module):
         """x: (..., in) -> (..., out)."""
         self.check_input(x)
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        kernel, act, bias = self.kernel, self._activation, self._buffers["bias"]
+        bias = self._buffers["bias"]
         path = None if self.planner is None or self._needs_grad(x, bias) else self.route(x2.shape[0])
+        y = self._call(path, x2, bias, self._activation)  # (N, out)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+
+    def _call(self, path: str | None, x2: torch.Tensor, bias: torch.Tensor | None,
+              act: str | None) -> torch.Tensor:
+        """act(x2 W^T + bias) by ``path`` (``paths``; None: the kernel's own choice).  x2: (N, in) -> (N, out)."""
         if path is None or not self._off_kernel(path):
-            variant = None if path is None else path.partition(".")[2] or None
+            kernel, variant = self.kernel, None if path is None else path.partition(".")[2] or None
             kw = {} if variant is None else {"variant": variant}
             if act is not None and kernel.fuses_activation:
-                y = kernel.matmul(self._state, x2, bias, act, **kw)  # (N, out)
-            else:
-                y = activations.apply(kernel.matmul(self._state, x2, bias, **kw), act)
-        elif path == DENSE:
-            y = activations.apply(F.linear(x2, self.dense_weight(), bias), act)
-        else:  # torch's kernel
-            torch_kernel, state = self._torch_kernel()
-            y = activations.apply(torch_kernel.matmul(state, x2, bias), act)
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+                return kernel.matmul(self._state, x2, bias, act, **kw)
+            return activations.apply(kernel.matmul(self._state, x2, bias, **kw), act)
+        if path == DENSE:
+            return activations.apply(F.linear(x2, self.dense_weight(), bias), act)
+        torch_kernel, state = self._torch_kernel()
+        return activations.apply(torch_kernel.matmul(state, x2, bias), act)
 
     # ---- planned paths (sparse_ops.plan) ----------------------------------------------------------------
 
@@ -231,18 +234,7 @@ class SparseLinear(nn.Module):
         """Seconds per call of each path at b tokens on this layer's weight (no activation)."""
         gen = torch.Generator(device=self.kernel_device).manual_seed(0)
         x = torch.randn(b, self.in_features, generator=gen, device=self.kernel_device).to(self._dtype)
-        bias = self._buffers["bias"]
-        fns = {}
-        for p in paths:
-            if p == DENSE:
-                fns[p] = functools.partial(F.linear, x, self.dense_weight(), bias)
-            elif self._off_kernel(p):
-                torch_kernel, state = self._torch_kernel()
-                fns[p] = functools.partial(torch_kernel.matmul, state, x, bias)
-            else:
-                variant = p.partition(".")[2]
-                kw = {"variant": variant} if variant else {}
-                fns[p] = functools.partial(self.kernel.matmul, self._state, x, bias, **kw)
+        fns = {p: functools.partial(self._call, p, x, self._buffers["bias"], None) for p in paths}
         with torch.inference_mode():
             if timer is not None:
                 return timer(fns, self.kernel_device)

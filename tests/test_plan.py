@@ -1,0 +1,101 @@
+"""sparse_ops.plan: per-layer, per-batch paths chosen by injected timers (never real ones), cached on disk."""
+import copy
+import json
+
+import pytest
+import torch
+
+from sparse_ops.formats import CSR, TwoFour
+from sparse_ops.kernels import native, reference
+from sparse_ops.linear import SparseLinear
+from sparse_ops.plan import BUCKETS, PlanCache, Planner, bucket, choose, machine_key, plan_report
+from tests.test_formats import two_four, unstructured
+
+
+def favour(path):
+    """A timer under which ``path`` is twice as fast as every other path."""
+    return lambda fns, device: {k: 0.5 if k == path else 1.0 for k in fns}
+
+
+def planned(w, timer, cache=None, bias=None):
+    return SparseLinear(CSR.from_dense(w) if not isinstance(w, TwoFour) else w, bias,
+                        planner=Planner(timer=timer, cache=cache or PlanCache(None)), name="layer")
+
+
+@pytest.mark.parametrize("n,expected", [(0, 1), (1, 1), (2, 8), (22, 8), (23, 64), (127, 64), (128, 256),
+                                        (10_000, 256)])
+def test_buckets_by_nearest_in_log_scale(n, expected):
+    assert bucket(n) == expected and expected in BUCKETS
+
+
+@pytest.mark.parametrize("times,expected", [
+    ({"dense": 1.0, "csr.plain": 0.4, "csr.panels": 0.5, "csr:torch": 0.45}, "csr.plain"),
+    ({"dense": 1.0, "csr.plain": 0.51, "csr.panels": 0.5}, "csr.plain"),  # within 3%: the first variant
+    ({"dense": 1.0, "csr.plain": 0.6, "csr.panels": 0.5}, "csr.panels"),
+    ({"dense": 1.0, "csr.plain": 1.02}, "csr.plain"),  # near-tie: ours (it fuses)
+    ({"dense": 1.0, "csr.plain": 1.05}, "dense"),
+    ({"dense": 1.0, "2:4": 0.9}, "2:4"),
+    ({"dense": 1.0, "csr.plain": 0.9, "csr:torch": 0.5}, "csr:torch"),
+])
+def test_choose_takes_the_fastest_and_ours_on_near_ties(times, expected):
+    assert choose(times) == expected
+
+
+@pytest.mark.skipif(not native.available(), reason="native CPU kernels unavailable (no compiler)")
+@pytest.mark.parametrize("path", ["dense", "csr.plain", "csr.panels", "csr:torch"])
+@pytest.mark.parametrize("n", [1, 9, 64, 300])
+def test_every_chosen_path_computes_the_layer(path, n):
+    w = unstructured((40, 72), 0.8)
+    w[3] = 0.0
+    b = torch.randn(40)
+    layer = planned(w, favour(path), bias=b)
+    x = torch.randn(n, 72)
+    with torch.inference_mode():
+        y = layer(x)
+    want = path if path in layer.paths(n) else "csr.plain"  # no panels for 1 token
+    assert layer.route(n) == want
+    torch.testing.assert_close(y, reference.csr_matmul(CSR.from_dense(w), x) + b, rtol=1e-5, atol=1e-5)
+
+
+def test_two_four_layers_choose_between_dense_and_their_kernel():
+    w = two_four((16, 32))
+    layer = planned(TwoFour.from_dense(w), favour("dense"))
+    assert layer.paths(8) == ["dense", "2:4"] and layer.route(8) == "dense"
+    x = torch.randn(8, 32)
+    torch.testing.assert_close(layer(x), x @ w.t(), rtol=0, atol=0)
+
+
+def test_report_shows_each_bucket_reached_and_the_worst_choice():
+    layer = planned(unstructured((16, 32), 0.9), lambda fns, d: {k: 1.0 if k == "dense" else 0.25 for k in fns})
+    model = torch.nn.Sequential(layer)
+    with torch.inference_mode():
+        model(torch.randn(5, 32))
+    text = plan_report(model)
+    assert "16x32" in text and "(4.00x)" in text and text.count(" - ") >= 1
+    assert text.splitlines()[-1] == "slowest chosen path: 4.00x of dense (1.00x: dense itself)"
+
+
+def test_cache_file_is_shared_merged_and_survives_damage(tmp_path):
+    path = tmp_path / "plans.json"
+    w = unstructured((16, 32), 0.9)
+    calls = []
+    timer = lambda fns, device: calls.append(1) or {k: 1.0 if k == "dense" else 0.5 for k in fns}
+    planned(w, timer, PlanCache(path)).route(1)
+    planned(w, timer, PlanCache(path)).route(1)  # a new process: read from the file, not measured
+    assert len(calls) == 1
+    planned(unstructured((8, 32), 0.9), timer, PlanCache(path)).route(1)  # another layer: merged in
+    entries = json.loads(path.read_text())[machine_key(torch.device("cpu"))]
+    assert len(entries) == 2 and all(e["choice"] != "dense" for e in entries.values())
+    path.write_text("{not json")
+    planned(w, timer, PlanCache(path)).route(1)  # a damaged cache is measured again and rewritten
+    assert len(calls) == 3 and json.loads(path.read_text())
+
+
+def test_planned_layer_deep_copies_sharing_its_cache():
+    layer = planned(unstructured((16, 32), 0.9), favour("dense"))
+    x = torch.randn(4, 32)
+    with torch.inference_mode():
+        y = layer(x)
+        clone = copy.deepcopy(layer)
+        torch.testing.assert_close(clone(x), y, rtol=0, atol=0)
+    assert clone.planner.cache is layer.planner.cache  # one cache shared by copies
