@@ -2,10 +2,10 @@
 
 For every linear (2-D, float) weight of a checkpoint that ``prune convert`` accepts (dense with zeros, or
 converted CSR / 2:4), read one tensor at a time: dense ``F.linear`` is timed against our CSR layer, where
-the weight has the 2:4 pattern our 2:4 layer, and CSR on torch's kernel ("csr:torch", which ``format="auto"``
-may choose too), interleaved in one run at the layer's real shape, dtype and sparsity, for each batch
-(tokens). ``format="auto"``'s choice for the layer is recorded too. The whole-model
-figure adds the layers up: sum of dense medians over the sum of the chosen format's medians (only the linear
+the weight has the 2:4 pattern our 2:4 layer, CSR on torch's kernel ("csr:torch"), and "auto": the layer
+``sparsify()`` makes by default, its path planned at this batch on this machine (``sparse_ops.plan``; its
+choice is recorded), interleaved in one run at the layer's real shape, dtype and sparsity, for each batch
+(tokens). The whole-model figure adds the layers up: sum of dense medians over the sum of the chosen format's medians (only the linear
 layers: attention scores, norms and activations are not counted).
 
 Example:
@@ -38,7 +38,7 @@ from benchmarks.linear import DTYPES, Measured, measure_weight, timed_columns
 from benchmarks.timing import Deadline
 from sparse_ops.checkpoint import EMBEDDING, iter_tensors
 from sparse_ops.formats import is_two_four
-from sparse_ops.linear import candidate_formats, choose_format
+from sparse_ops.linear import candidate_formats
 
 SPARSE = ("csr", "2:4")  # formats timed against dense for each layer (plus "csr:torch" where auto may pick it)
 
@@ -63,7 +63,7 @@ class LayerRow:
     limit: float
     fraction_of_limit: float
     max_rel_err: float
-    auto_chose: str  # format="auto"'s choice for this layer at this batch (its own measurement)
+    auto_chose: str  # the default plan's path for this layer at this batch (its own measurement)
 
 
 LAYER_COLUMNS = tuple(f.name for f in dataclasses.fields(LayerRow))
@@ -93,10 +93,10 @@ def linear_weights(path: str | os.PathLike, skipped: dict[str, str]) -> Iterator
         yield name, w, fmt
 
 
-def layer_rows(name: str, w: torch.Tensor, stored: str, batch: int, measured: list[Measured],
-               auto: str) -> list[LayerRow]:
+def layer_rows(name: str, w: torch.Tensor, stored: str, batch: int, measured: list[Measured]) -> list[LayerRow]:
     shape, nnz = (w.shape[0], w.shape[1]), int(torch.count_nonzero(w))
     dense = next(m.timing for m in measured if m.candidate == "dense")
+    auto = next((m.auto_chose for m in measured if m.candidate == "auto"), "dense")
     sparsity = round(1 - nnz / max(w.numel(), 1), 4)
     return [LayerRow(layer=name, out_features=shape[0], in_features=shape[1], dtype=_DTYPE_NAMES[w.dtype],
                      stored_format=stored, sparsity=sparsity, batch=batch, auto_chose=auto,
@@ -112,16 +112,15 @@ def sweep_checkpoint(path: str | os.PathLike, batches: tuple[int, ...], *, dtype
     for name, w, stored in linear_weights(path, skipped):
         w = w.to(device, DTYPES[dtype] if dtype else w.dtype)
         formats = tuple(f for f in SPARSE if f != "2:4" or is_two_four(w))
-        formats += tuple(c for c in candidate_formats(w) if c not in SPARSE)  # torch's kernel: auto's choices
+        formats += (*(c for c in candidate_formats(w) if c not in SPARSE), "auto")  # torch's kernel; the default
         for batch in batches:
             if not deadline.allows(done, clock() - start, last):
                 return
             t0 = clock()
             x = torch.randn(batch, w.shape[1], device=device).to(w.dtype)  # (batch, in)
-            auto = choose_format(w, None, batch=batch, cache=cache)
             measured, _ = measure_weight(w, x, ("dense", *formats), with_anchors=False, repeats=repeats,
                                          min_sample_s=min_sample_s, cache=cache)
-            yield layer_rows(name, w, stored, batch, measured, auto)
+            yield layer_rows(name, w, stored, batch, measured)
             done, last = done + 1, clock() - t0
 
 
@@ -142,7 +141,7 @@ def whole_model(rows: list[LayerRow]) -> list[dict[str, object]]:
                 sums[f] += pick.median_s
                 nbytes[f] += pick.weight_bytes
             nbytes["stored"] += by_cand.get(dense.stored_format, dense).weight_bytes
-            sums["auto"] += by_cand.get(dense.auto_chose, dense).median_s
+            sums["auto"] += by_cand.get("auto", dense).median_s
             sums["best"] += min(r.median_s for r in by_cand.values())
         with_fmt = {f: sum(f in by_cand for by_cand in layers.values()) for f in SPARSE}
         out.append({"batch": batch, "layers": len(layers), **{f"layers_{f}": n for f, n in with_fmt.items()},
