@@ -108,7 +108,7 @@ def sweep_checkpoint(path: str | os.PathLike, batches: tuple[int, ...], *, dtype
                      deadline: Deadline, skipped: dict[str, str],
                      clock: Callable[[], float] = time.perf_counter) -> Iterator[list[LayerRow]]:
     """Rows of each (layer, batch) in file order until done or out of time; ``dtype`` None keeps the file's."""
-    start, last, done, cache = clock(), 0.0, 0, {}
+    start, last, done = clock(), 0.0, 0
     for name, w, stored in linear_weights(path, skipped):
         w = w.to(device, DTYPES[dtype] if dtype else w.dtype)
         formats = tuple(f for f in SPARSE if f != "2:4" or is_two_four(w))
@@ -119,7 +119,7 @@ def sweep_checkpoint(path: str | os.PathLike, batches: tuple[int, ...], *, dtype
             t0 = clock()
             x = torch.randn(batch, w.shape[1], device=device).to(w.dtype)  # (batch, in)
             measured, _ = measure_weight(w, x, ("dense", *formats), with_anchors=False, repeats=repeats,
-                                         min_sample_s=min_sample_s, cache=cache)
+                                         min_sample_s=min_sample_s)
             yield layer_rows(name, w, stored, batch, measured)
             done, last = done + 1, clock() - t0
 

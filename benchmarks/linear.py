@@ -152,7 +152,7 @@ def planned(w: torch.Tensor, x: torch.Tensor) -> Candidate:
     return Candidate("auto", lambda: layer(x), storage, auto_chose=chose)
 
 
-def ours(w: torch.Tensor, x: torch.Tensor, fmt: str, cache: dict) -> Candidate:
+def ours(w: torch.Tensor, x: torch.Tensor, fmt: str) -> Candidate:
     """Our layer in ``fmt`` (csr, 2:4, auto); NotImplementedError/ValueError where this weight cannot use it."""
     if fmt == "auto":
         return planned(w, x)
@@ -161,9 +161,8 @@ def ours(w: torch.Tensor, x: torch.Tensor, fmt: str, cache: dict) -> Candidate:
     lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
     with torch.no_grad():
         lin.weight.copy_(w)
-    layer = SparseLinear.from_dense(lin, fmt, batch=x.shape[0], cache=cache)  # auto may return lin itself
-    chose = layer.choice if isinstance(layer, SparseLinear) else "dense"
-    return Candidate(fmt, lambda: layer(x), STORAGE[chose], auto_chose=chose if fmt == "auto" else "")
+    layer = SparseLinear.from_dense(lin, fmt)
+    return Candidate(fmt, lambda: layer(x), STORAGE[layer.choice])
 
 
 def rel_error(y: object, ref: torch.Tensor) -> float:
@@ -183,15 +182,15 @@ class Measured:
     auto_chose: str
 
 
-def collect(w: torch.Tensor, x: torch.Tensor, formats: tuple[str, ...], with_anchors: bool,
-            cache: dict) -> tuple[list[Candidate], dict[str, str]]:
+def collect(w: torch.Tensor, x: torch.Tensor, formats: tuple[str, ...],
+            with_anchors: bool) -> tuple[list[Candidate], dict[str, str]]:
     """Every candidate that can run for this weight and input; skipped ones -> reason."""
     cands, skipped = [Candidate("dense", lambda: F.linear(x, w), "dense")], {}
     for f in formats:
         if f == "dense":
             continue
         try:
-            cands.append(ours(w, x, f, cache))
+            cands.append(ours(w, x, f))
         except (NotImplementedError, ValueError, RuntimeError, TypeError) as e:
             skipped[f] = str(e).splitlines()[0]
     for name, build in (anchors(w, x) if with_anchors else {}).items():
@@ -203,14 +202,14 @@ def collect(w: torch.Tensor, x: torch.Tensor, formats: tuple[str, ...], with_anc
 
 
 def measure_weight(w: torch.Tensor, x: torch.Tensor, formats: tuple[str, ...], *, with_anchors: bool,
-                   repeats: int, min_sample_s: float, cache: dict) -> tuple[list[Measured], dict[str, str]]:
+                   repeats: int, min_sample_s: float) -> tuple[list[Measured], dict[str, str]]:
     """Time dense and every other candidate on (w (out, in), x (batch, in)), interleaved in one run.
 
     Each candidate's output is first compared with an fp32 reference (``max_rel_err``); one that raises on
     its first call is skipped with the reason instead of being timed.
     """
     ref = x.float() @ w.float().t()  # (batch, out)
-    cands, skipped = collect(w, x, formats, with_anchors, cache)
+    cands, skipped = collect(w, x, formats, with_anchors)
     errors = {}
     with torch.inference_mode():
         for c in list(cands):
@@ -306,7 +305,7 @@ def sweep(plan: MatmulPlan, deadline: Deadline,
 
     One weight per (shape, sparsity), built on the device from a generator seeded by ``plan.seed``.
     """
-    start, last, done, cache = clock(), 0.0, 0, {}
+    start, last, done = clock(), 0.0, 0
     for shape in plan.shapes:
         for sparsity in plan.sparsities:
             gen = torch.Generator(plan.device).manual_seed(plan.seed)
@@ -320,8 +319,7 @@ def sweep(plan: MatmulPlan, deadline: Deadline,
                     t0 = clock()
                     x = torch.randn(batch, shape.in_features, generator=gen, device=plan.device).to(w.dtype)
                     measured, skipped = measure_weight(w, x, plan.formats, with_anchors=plan.anchors,
-                                                       repeats=plan.repeats, min_sample_s=plan.min_sample_s,
-                                                       cache=cache)
+                                                       repeats=plan.repeats, min_sample_s=plan.min_sample_s)
                     yield point_rows(shape, sparsity, dtype, batch, plan.device, nnz, measured), skipped
                     done, last = done + 1, clock() - t0
 

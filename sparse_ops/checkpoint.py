@@ -274,7 +274,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, format: s
     Converted: 2-D fp32/fp16/bf16 tensors (embeddings only with ``embeddings=True``) whose sparsity is at least
     ``min_sparsity``; by default, csr where its storage is smaller than dense, 2:4 from 50% sparsity (a tensor
     that is that sparse but not 2:4 is an error), "auto" the smallest of dense/csr/2:4 per tensor. Speed is
-    chosen where the model runs: ``sparsify(..., auto=True)``.
+    chosen where the model runs: ``sparsify``'s per-batch plan (``sparse_ops.plan``).
 
     ``dst`` a folder (a new or empty one, or a path without a suffix): one sparse shard per source shard,
     ``model-0000k-of-0000n.sparse.safetensors``, and ``model.sparse.safetensors.index.json`` mapping each

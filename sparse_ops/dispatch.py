@@ -27,8 +27,8 @@ from sparse_ops.kernels import cpu, cpu_native, cuda, native
 class Kernel:
     """``prepare(weight) -> state`` once per layer and device; ``matmul(state, x (N, in), bias) -> (N, out)``.
 
-    ``native`` is False where the kernel does not exploit the format (torch's 2:4 on CPU): ``format="auto"``
-    skips it. ``fuses_activation``: ``matmul`` takes a fourth argument, an activation name
+    ``native`` is False where the kernel does not exploit the format (torch's 2:4 on CPU): benchmarks
+    and ``linear.candidate_formats`` skip it. ``fuses_activation``: ``matmul`` takes a fourth argument, an activation name
     (``sparse_ops.activations``), applied in the kernel's output writes. ``ffn``, where set, computes a whole
     feed-forward block in one call, ``ffn(up_state, down_state, x, up_bias, down_bias, activation)``, or
     returns None where it does not apply (``sparse_ops.fusion.SparseFFN`` then runs the two layers).
@@ -76,8 +76,8 @@ def supported() -> str:
     return ", ".join(f"{f} on {d}" for f, d in KERNELS)
 
 
-# torch's own kernel for a pair where ours is the default: format="auto" times it too and keeps it where it is
-# faster (e.g. MKL's CSR gemv on a weight that stays in L3), so auto is never slower than torch's path.
+# torch's own kernel for a pair where ours is the default: sparse_ops.plan times it too and keeps it where it is
+# faster (e.g. MKL's CSR gemv on a weight that stays in L3), so the default is never slower than torch's path.
 TORCH_KERNELS: dict[tuple[str, str], Kernel] = {("csr", "cpu"): TORCH_CPU_CSR}
 
 

@@ -21,15 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_ops import activations, plan
-from sparse_ops.autotune import AutoKey, Timer, auto_key, pick_format, time_candidates
+from sparse_ops.autotune import Timer, time_candidates
 from sparse_ops.dispatch import TORCH_KERNELS, kernel_for
 from sparse_ops.formats import FORMATS, SparseFormat, format_class, is_two_four
 from sparse_ops.plan import DENSE, TORCH_SUFFIX, Planner
 
-LAYER_FORMATS = (*FORMATS, *sorted({f + TORCH_SUFFIX for f, _ in TORCH_KERNELS}), "auto")
-
-# Measured choices of format="auto", shared by every layer of the process unless a cache is passed in.
-DEFAULT_AUTO_CACHE: dict[AutoKey, str] = {}
+LAYER_FORMATS = (*FORMATS, *sorted({f + TORCH_SUFFIX for f, _ in TORCH_KERNELS}))
 _PLAN_LOCK = threading.Lock()  # one measurement at a time in the process: concurrent timings would be wrong
 
 
@@ -38,8 +35,7 @@ class SparseLinear(nn.Module):
 
     The kernel is taken from ``sparse_ops.dispatch`` for the weight's device and prepared once; moving the
     module (``.to``, ``.cuda``, ``.half``) or loading a state dict prepares it again. ``torch_kernel=True``
-    runs torch's own kernel where ours is the default (``dispatch.TORCH_KERNELS``; ``format="auto"`` sets it
-    when that measured faster); it is a runtime choice, not saved in the state dict. ``activation`` (None or a
+    runs torch's own kernel where ours is the default (``dispatch.TORCH_KERNELS``); it is a runtime choice, not saved in the state dict. ``activation`` (None or a
     name in ``sparse_ops.activations.ACTIVATIONS``) is applied to the output, fused into the kernel where it
     supports that (ours on CPU); ``activations.fuse_activations`` sets it from the model's own activation
     modules. It is not saved in the state dict either.
@@ -70,7 +66,7 @@ class SparseLinear(nn.Module):
 
     @property
     def choice(self) -> str:
-        """The format, with ``TORCH_SUFFIX`` when torch's kernel runs it: what ``format="auto"`` chose."""
+        """The format, with ``TORCH_SUFFIX`` when torch's kernel runs it ("csr", "2:4", "csr:torch")."""
         return self.format + (TORCH_SUFFIX if self.torch_kernel and self.kernel in TORCH_KERNELS.values() else "")
 
     @property
@@ -247,33 +243,18 @@ class SparseLinear(nn.Module):
                + (", planned" if self.planner is not None else "")
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, format: str = "csr", *, batch: int = 1, timer: Timer | None = None,
-                   cache: dict[AutoKey, str] | None = None) -> nn.Module:
-        """A SparseLinear holding ``linear``'s weight in ``format`` ("csr", "2:4", "csr:torch" or "auto").
-
-        "auto" measures dense / csr / 2:4 (and csr on torch's kernel, where ours is the default) for this weight
-        at ``batch`` tokens on its device (``timer``, cached in ``cache``) and returns ``linear`` itself when
-        dense is fastest.
-        """
+    def from_dense(cls, linear: nn.Linear, format: str = "csr") -> SparseLinear:
+        """A SparseLinear holding ``linear``'s weight in ``format`` ("csr", "2:4" or "csr:torch": CSR on torch's
+        kernel). Which path runs per batch is ``sparsify``'s plan (``planner``); this builds the layer alone."""
         if format not in LAYER_FORMATS:
             raise ValueError(f"unknown format {format!r}; allowed: {', '.join(LAYER_FORMATS)}")
-        w = linear.weight.detach()
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        if format == "auto":
-            format = choose_format(w, bias, batch=batch, timer=timer, cache=cache)
-            if format == "dense":
-                return linear
-        return _layer(format, w, bias)
-
-
-def _layer(choice: str, w: torch.Tensor, bias: torch.Tensor | None) -> SparseLinear:
-    """The layer for a choice of ``candidate_formats`` ("csr", "2:4", "csr:torch")."""
-    fmt = choice.removesuffix(TORCH_SUFFIX)
-    return SparseLinear(format_class(fmt).from_dense(w), bias, torch_kernel=choice != fmt)
+        fmt = format.removesuffix(TORCH_SUFFIX)
+        return cls(format_class(fmt).from_dense(linear.weight.detach()), bias, torch_kernel=format != fmt)
 
 
 def candidate_formats(w: torch.Tensor) -> list[str]:
-    """Sparse choices worth timing for a weight on its device: formats with a native kernel whose pattern fits,
+    """Sparse layers worth timing for a weight on its device: formats with a native kernel whose pattern fits,
     then torch's kernel for the formats where ours is the default ("csr:torch" on CPU)."""
     names, torch_names = [], []
     for name, fmt in FORMATS.items():
@@ -286,24 +267,3 @@ def candidate_formats(w: torch.Tensor) -> list[str]:
         if kernel_for(name, w.device, torch_kernel=True) is not kernel:
             torch_names.append(name + TORCH_SUFFIX)
     return names + torch_names
-
-
-def choose_format(w: torch.Tensor, bias: torch.Tensor | None, *, batch: int = 1, timer: Timer | None = None,
-                  cache: dict[AutoKey, str] | None = None) -> str:
-    """"dense" or one of ``candidate_formats``: the fastest for this weight at ``batch`` tokens, measured once
-    per AutoKey."""
-    cache = DEFAULT_AUTO_CACHE if cache is None else cache
-    key = auto_key(w, w.device, batch)
-    if key in cache:
-        return cache[key]
-    x = torch.randn(batch, w.shape[1], dtype=w.dtype, device=w.device)  # (batch, in)
-    fns = {"dense": functools.partial(F.linear, x, w, bias)}
-    for name in candidate_formats(w):
-        try:
-            fns[name] = functools.partial(_layer(name, w, bias), x)
-        except NotImplementedError:  # e.g. CUDA 2:4 with fp32 values
-            continue
-    with torch.inference_mode():
-        times = (timer or time_candidates)(fns, w.device)
-    cache[key] = pick_format(times)
-    return cache[key]

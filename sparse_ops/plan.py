@@ -77,8 +77,8 @@ def choose(times: dict[str, float], prefer_within: float = PREFER_WITHIN) -> str
     return ours[0] if ours else min(times, key=times.__getitem__)
 
 
-# The plan's own timing: more samples than format="auto"'s, since a choice is cached and kept (a 20-30% error
-# between close paths was seen with 5 samples of 2 ms on a shared VM)
+# The plan's timing: a choice is cached and kept, so it gets more samples than time_candidates' default (a
+# 20-30% error between close paths was seen with 5 samples of 2 ms on a shared VM)
 PLAN_REPEATS, PLAN_SAMPLE_S = 9, 4e-3
 
 

@@ -1,11 +1,10 @@
-"""SparseLinear equals nn.Linear; format="auto" picks by injected timings (never real ones) and caches."""
+"""SparseLinear equals nn.Linear in every format and dtype; its candidates per device (the plan: test_plan.py)."""
 import pytest
 import torch
 from torch import nn
 
-from sparse_ops.autotune import auto_key, pick_format
 from sparse_ops.kernels import native
-from sparse_ops.linear import SparseLinear, candidate_formats, choose_format
+from sparse_ops.linear import SparseLinear, candidate_formats
 from tests.test_formats import two_four, unstructured
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -83,76 +82,15 @@ def test_bad_inputs_name_the_problem():
         layer(torch.randn(2, 7))
     with pytest.raises(TypeError, match="float64 does not match the weight's torch.float32"):
         layer(torch.randn(2, 8, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"unknown format 'bsr'; allowed: csr, 2:4, csr:torch, auto"):
+    with pytest.raises(ValueError, match=r"unknown format 'bsr'; allowed: csr, 2:4, csr:torch"):
         SparseLinear.from_dense(nn.Linear(8, 6), format="bsr")
     with pytest.raises(ValueError, match="not 2:4"):
         SparseLinear.from_dense(nn.Linear(8, 6), format="2:4")
 
 
-def fixed_timer(times, calls):
-    """A Timer returning ``times`` for the candidates it is offered (and recording what it was offered)."""
-    def timer(fns, device):
-        calls.append(sorted(fns))
-        for fn in fns.values():
-            fn()  # the candidates must run
-        return {k: times.get(k, 10.0) for k in fns}  # a candidate not named is slow
-    return timer
-
-
-@pytest.mark.parametrize("times,expected", [
-    ({"dense": 1.0, "csr": 0.2}, "csr"),
-    ({"dense": 1.0, "csr": 1.2}, "dense"),
-    ({"dense": 1.0, "csr": 0.97}, "dense"),  # within the 5% noise margin: dense
-    ({"dense": 1.0, "csr": 0.5, "2:4": 0.4}, "2:4"),
-    ({"dense": 1.0}, "dense"),
-])
-def test_pick_format_rule(times, expected):
-    assert pick_format(times) == expected
-
-
-@pytest.mark.parametrize("csr_time,expected_type", [(0.1, SparseLinear), (10.0, nn.Linear)])
-def test_auto_builds_the_fastest_and_keeps_dense_when_sparse_is_slower(csr_time, expected_type):
-    w = unstructured((16, 32), 0.9)
-    lin = pruned_linear(16, 32, torch.float32, w)
-    calls, cache = [], {}
-    layer = SparseLinear.from_dense(lin, format="auto", timer=fixed_timer({"dense": 1.0, "csr": csr_time}, calls),
-                                    cache=cache)
-    assert type(layer) is expected_type and calls == [sorted(["dense", *candidate_formats(w)])]
-    if expected_type is nn.Linear:
-        assert layer is lin
-    x = torch.randn(4, 32)
-    torch.testing.assert_close(layer(x), lin(x))
-
-
-def exact(shape, sparsity):
-    """Random weight with exactly round(sparsity * numel) zeros."""
-    w = torch.randn(shape)
-    w.view(-1)[torch.randperm(w.numel())[: round(sparsity * w.numel())]] = 0.0
-    return w
-
-
-def test_auto_measures_once_per_key():
-    calls, cache = [], {}
-    timer = fixed_timer({"dense": 1.0, "csr": 0.5}, calls)
-    for sparsity in (0.9, 0.91, 0.92):  # same shape, sparsity bucket, dtype, device, batch
-        choose_format(exact((16, 32), sparsity), None, timer=timer, cache=cache)
-    assert len(calls) == 1
-    choose_format(exact((16, 32), 0.9), None, batch=8, timer=timer, cache=cache)
-    choose_format(exact((16, 32), 0.5), None, timer=timer, cache=cache)
-    choose_format(exact((16, 28), 0.9), None, timer=timer, cache=cache)
-    assert len(calls) == 4 and len(cache) == 4
-
-
-def test_auto_key_buckets_sparsity():
-    w = torch.ones(10, 10)
-    w.view(-1)[:93] = 0
-    key = auto_key(w, "cpu", 4)
-    assert (key.shape, key.sparsity_bucket, key.dtype, key.device, key.batch) == ((10, 10), 0.9, "float32", "cpu", 4)
-
-
 def test_cpu_candidates_time_two_four_only_with_our_kernel(monkeypatch):
-    # Our C++ 2:4 kernel exploits the pattern, so auto times it; torch's fallback only emulates 2:4 (dense or
-    # CSR), so without the native kernels auto never times 2:4 on CPU. Unstructured weights never get 2:4.
+    # Our C++ 2:4 kernel exploits the pattern, so it is a candidate; torch's fallback only emulates 2:4 (dense or
+    # CSR), so without the native kernels 2:4 is never timed on CPU. Unstructured weights never get 2:4.
     # With our kernels, torch's CSR kernel is a candidate too ("csr:torch"); without them "csr" already is it.
     expected = ["csr", "2:4", "csr:torch"] if native.available() else ["csr"]
     assert candidate_formats(two_four((8, 16))) == expected
@@ -162,13 +100,10 @@ def test_cpu_candidates_time_two_four_only_with_our_kernel(monkeypatch):
 
 
 @pytest.mark.skipif(not native.available(), reason="needs our CPU kernels: else csr is torch's kernel already")
-def test_auto_keeps_torchs_kernel_where_it_is_faster():
+def test_csr_on_torchs_kernel_stays_there_when_moved():
     w = unstructured((16, 32), 0.9)
     lin = pruned_linear(16, 32, torch.float32, w)
-    calls = []
-    layer = SparseLinear.from_dense(lin, format="auto", cache={},
-                                    timer=fixed_timer({"dense": 1.0, "csr": 0.5, "csr:torch": 0.3}, calls))
-    assert calls == [["csr", "csr:torch", "dense"]]
+    layer = SparseLinear.from_dense(lin, format="csr:torch")
     assert layer.choice == "csr:torch" and layer.kernel.name == "torch.cpu.csr" and layer.torch_kernel
     x = torch.randn(4, 32)
     with torch.no_grad():
