@@ -35,7 +35,8 @@ class SparseLinear(nn.Module):
 
     The kernel is taken from ``sparse_ops.dispatch`` for the weight's device and prepared once; moving the
     module (``.to``, ``.cuda``, ``.half``) or loading a state dict prepares it again. ``torch_kernel=True``
-    runs torch's own kernel where ours is the default (``dispatch.TORCH_KERNELS``); it is a runtime choice, not saved in the state dict. ``activation`` (None or a
+    runs torch's own kernel where ours is the default (``dispatch.TORCH_KERNELS``); it is a runtime choice,
+    not saved in the state dict. ``activation`` (None or a
     name in ``sparse_ops.activations.ACTIVATIONS``) is applied to the output, fused into the kernel where it
     supports that (ours on CPU); ``activations.fuse_activations`` sets it from the model's own activation
     modules. It is not saved in the state dict either.

@@ -110,7 +110,8 @@ def layer_key(fmt: str, shape: tuple[int, int], dtype: torch.dtype, sparsity: fl
     >>> layer_key("csr", (8, 4), torch.float32, 0.904, torch.device("cpu"), 64)
     'csr 8x4 float32 s0.90 cpu n64'
     """
-    return f"{fmt} {shape[0]}x{shape[1]} {str(dtype).removeprefix('torch.')} s{sparsity:.2f} {device.type} n{batch}"
+    dtype_name = str(dtype).removeprefix("torch.")
+    return f"{fmt} {shape[0]}x{shape[1]} {dtype_name} s{sparsity:.2f} {device.type} n{batch}"
 
 
 class PlanCache:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from sparse_ops.activations import ACTIVATIONS, CODES
+from sparse_ops.activations import ACTIVATIONS
 from sparse_ops.dispatch import kernel_for
 from sparse_ops.formats import CSR, TwoFour
 from sparse_ops.kernels import cpu_native, native, reference

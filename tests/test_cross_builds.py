@@ -86,10 +86,12 @@ def write_cases(path: Path) -> int:
                 if inp % 4 == 0:
                     tf = TwoFour.from_dense(two_four((out, inp), dtype, sparsity / 2))
                     tcode, tvals = _values(tf.values)
+                    want24 = _expected(reference.two_four_matmul(tf, x), bias, act)
                     _write_case(f, f"two_four_{tcode}", [out, inp, n, 2, CODES[act]],
-                                [tvals, tf.metadata, x, bias, _expected(reference.two_four_matmul(tf, x), bias, act)])
+                                [tvals, tf.metadata, x, bias, want24])
                     count += 1
-        for hidden, (inp, out), n, dtype in [(96, (40, 24), 40, torch.float32), (300, (64, 70), 130, torch.bfloat16)]:
+        for hidden, (inp, out), n, dtype in [(96, (40, 24), 40, torch.float32),
+                                             (300, (64, 70), 130, torch.bfloat16)]:
             up, down = (CSR.from_dense(unstructured(s, 0.7, dtype)) for s in ((hidden, inp), (out, hidden)))
             parts = []
             for m, shape in ((up, (hidden, inp)), (down, (out, hidden))):
@@ -124,7 +126,8 @@ def _build_and_run(tmp_path: Path, target: str) -> subprocess.CompletedProcess:
     flags = [f for f in native.build_flags(target) if f not in ("-shared", "-fPIC")]
     cross = native.ISAS[target].machine == "aarch64" and not ON_ARM
     cxx = CROSS_CXX if cross else shutil.which("g++")
-    build = subprocess.run([cxx, *flags, "-o", str(exe), str(DRIVER)], capture_output=True, text=True, timeout=300)
+    build = subprocess.run([cxx, *flags, "-o", str(exe), str(DRIVER)], capture_output=True, text=True,
+                           timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]
     cmd = [QEMU, "-L", "/usr/aarch64-linux-gnu", str(exe)] if cross else [str(exe)]
     done = subprocess.run([*cmd, str(cases)], capture_output=True, text=True, timeout=600)
@@ -142,7 +145,7 @@ def test_driver_built_for_this_machine_matches_reference(tmp_path):
 
 
 @pytest.mark.skipif(not ON_ARM and not (CROSS_CXX and QEMU),
-                    reason="needs g++-aarch64-linux-gnu and qemu-user (Debian packages; .ci/run installs them)")
+                    reason="needs g++-aarch64-linux-gnu and qemu-user (Debian; .ci/run installs them)")
 def test_aarch64_neon_build_matches_reference_under_qemu(tmp_path):
     out = _build_and_run(tmp_path, "neon")
     assert all(e in out.stdout for e in ("csr_ffn_bf16", "two_four_bf16", "moe_forward_f32"))

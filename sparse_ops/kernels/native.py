@@ -228,7 +228,8 @@ def _load() -> ctypes.CDLL | str:
         target = isa()
         if target in ISAS and not runs_here(ISAS[target]):
             missing = sorted(ISAS[target].cpu_flags - cpu_flags())
-            return f"this CPU cannot run the {target} build (SPARSE_OPS_ISA; it lacks {', '.join(missing) or machine()})"
+            lacks = ", ".join(missing) or machine()
+            return f"this CPU cannot run the {target} build (SPARSE_OPS_ISA; it lacks {lacks})"
         lib = open_library(build())
         if lib.sparse_cpu_abi_version() != ABI_VERSION:
             return f"ABI version {lib.sparse_cpu_abi_version()} != {ABI_VERSION}"
