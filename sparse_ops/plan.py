@@ -6,9 +6,9 @@ layer's shape and sparsity, and above all the batch: a kernel 8x faster than den
 
 - ``bucket(n)``: a call with n tokens is planned as 1 (n == 1, the gemv), 8, 64 or 256 tokens (``BUCKETS``,
   the nearest in log scale; larger batches behave as 256: both sides are compute-bound there);
-- the paths (``SparseLinear.paths``): ``"dense"`` (``F.linear`` on the decompressed weight, built the first time a
-  bucket chooses it: the layer then also holds its dense weight), our kernel for the stored format and each of
-  its variants (``"csr.plain"``: gemv / plain CSR, ``"csr.panels"``: the panelled kernel), and torch's kernel
+- the paths (``SparseLinear.paths``): ``"dense"`` (``F.linear`` on the decompressed weight, built the first
+  time a bucket chooses it: the layer then also holds its dense weight), our kernel for the stored format and
+  each of its variants (``"csr.plain"``: gemv / plain CSR, ``"csr.panels"``: the panelled kernel), and torch's kernel
   (``"csr:torch"``, MKL's CSR);
 - the first call in a bucket times every path at the bucket's batch on the layer's own weight (``Timer``:
   interleaved, medians) and takes the fastest, our kernel where it is within 3% of it (``choose``): no layer
