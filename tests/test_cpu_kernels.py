@@ -321,3 +321,14 @@ def test_gemv_of_a_weight_too_big_for_cache_matches_reference():
     w = torch.randn(1800, 1800)
     w[0, :] = 0.0  # an empty row
     check(CSR.from_dense(w), 1, torch.float32)
+
+
+def test_an_isa_this_cpu_cannot_run_or_an_unknown_one_is_refused_with_the_reason(monkeypatch):
+    # SPARSE_OPS_ISA is checked before anything is built or loaded: the library is then unavailable (torch's
+    # kernels run) and the logged reason names the value and what is allowed, or what the CPU lacks.
+    monkeypatch.setenv("SPARSE_OPS_ISA", "avx9")
+    assert native._load.__wrapped__() == \
+        "ValueError: SPARSE_OPS_ISA='avx9' is not a target; allowed: avx512, avx2, x86-64, neon"
+    foreign = "avx2" if native.machine() == "aarch64" else "neon"
+    monkeypatch.setenv("SPARSE_OPS_ISA", foreign)
+    assert native._load.__wrapped__().startswith(f"this CPU cannot run the {foreign} build (SPARSE_OPS_ISA")
