@@ -263,3 +263,17 @@ def test_inference_kernel_equals_the_torch_path(tokens, num_experts, top_k, capa
     assert torch.equal(fast.tokens_per_expert, slow.tokens_per_expert) and int(fast.dropped_tokens) == int(slow.dropped_tokens)
     torch.testing.assert_close(fast.aux_loss, slow.aux_loss)
     torch.testing.assert_close(fast.z_loss, slow.z_loss)
+
+
+@pytest.mark.skipif(not native.available(), reason="native CPU kernels unavailable (no compiler)")
+def test_inference_kernel_takes_many_tokens_only_for_small_experts():
+    # Above MOE_MAX_TOKENS_PER_EXPERT pairs per expert MKL's GEMMs beat our loops, unless experts are small
+    from sparse_ops.kernels.cpu_native import MOE_MAX_TOKENS_PER_EXPERT, MOE_SMALL_EXPERT, moe_forward
+
+    for d, h, expected_none in [(24, 40, False), (512, 512, True)]:
+        moe = MoE(d, h, num_experts=2, top_k=1).eval()
+        assert (d * h > MOE_SMALL_EXPERT) == expected_none
+        x = torch.randn(2 * MOE_MAX_TOKENS_PER_EXPERT + 2, d)
+        with torch.inference_mode():
+            out = moe_forward(moe.router(x), x, 1, None, moe.w_in, moe.b_in, moe.w_out, moe.b_out, "gelu")
+        assert (out is None) == expected_none
