@@ -3,7 +3,7 @@
 Model: transformers ``BertModel`` from a config (no download; ``--size small``: 6 layers, hidden 384, FFN 1536,
 12 heads; ``--size base``: BERT-base's 12 layers, 768, 3072), SDPA attention, sequence 128, or a local Hugging
 Face folder (``--model DIR``, read with ``local_files_only``). ``prune.Pruner(model, sparsity=0.9,
-include=["encoder"]).finalize()`` zeroes 90% of each encoder linear; the pruned weights are stored as CSR and
+include=["encoder.*"]).finalize()`` zeroes 90% of each encoder linear; the pruned weights are stored as CSR and
 loaded with ``sparse_ops.checkpoint.sparsify``.
 Candidates, interleaved in one ``time_interleaved`` run per batch, under ``eval()`` + ``inference_mode``:
   dense        the pruned model as plain PyTorch runs it (dense weights with zeros)

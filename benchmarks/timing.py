@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sparse_ops.kernels import native
+
 Clock = Callable[[], float]  # seconds from a monotonic origin, like time.perf_counter
 
 
@@ -112,17 +114,6 @@ def time_interleaved(
     return {k: summarize(v) for k, v in samples.items()}
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _blas() -> str:
     cfg = torch.__config__.show()
     for name in ("MKL", "OpenBLAS", "BLIS", "Accelerate"):
@@ -135,7 +126,7 @@ def environment(device: str = "cpu") -> dict[str, object]:
     """Hardware and software facts to write beside every result (CPU, threads, torch, BLAS, GPU, date)."""
     env: dict[str, object] = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": _cpu_model(),
+        "cpu": native.cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
@@ -160,8 +151,6 @@ def environment(device: str = "cpu") -> dict[str, object]:
 def kernel_build() -> dict[str, object]:
     """Which build of our CPU kernels this process runs: its ISA (``native.isa()``, or None where torch's
     kernels stand in), and the cache sizes its tiling was built for."""
-    from sparse_ops.kernels import native
-
     on = native.available()
     return {"kernel_isa": native.isa() if on else None, "native_kernels": on,
             "kernel_caches_bytes": native.caches() if on else None}

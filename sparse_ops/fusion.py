@@ -436,9 +436,8 @@ def _with_post(layer: SparseLinear | SparseFFN, x: torch.Tensor, post: AddNorm) 
             return None
         return up.kernel.ffn(up._state, down._state, x2, up._buffers["bias"], down._buffers["bias"], up.activation,
                              post=post)
-    variant = layer.route(x2.shape[0]).partition(".")[2] if layer.planner is not None else ""
     return layer.kernel.matmul(layer._state, x2, layer._buffers["bias"], layer.activation, post=post,
-                               **({"variant": variant} if variant else {}))
+                               **layer.kernel_kwargs(x2.shape[0]))
 
 
 def _add_norm_parts(module: nn.Module) -> tuple[tuple[str, str, str | None], tuple[str, str]] | None:

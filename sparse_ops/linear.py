@@ -133,8 +133,7 @@ class SparseLinear(nn.Module):
               act: str | None) -> torch.Tensor:
         """act(x2 W^T + bias) by ``path`` (``paths``; None: the kernel's own choice).  x2: (N, in) -> (N, out)."""
         if path is None or not self._off_kernel(path):
-            kernel, variant = self.kernel, None if path is None else path.partition(".")[2] or None
-            kw = {} if variant is None else {"variant": variant}
+            kernel, kw = self.kernel, _variant_kw(path)
             if act is not None and kernel.fuses_activation:
                 return kernel.matmul(self._state, x2, bias, act, **kw)
             return activations.apply(kernel.matmul(self._state, x2, bias, **kw), act)
@@ -156,6 +155,10 @@ class SparseLinear(nn.Module):
     def runs_own_kernel(self, n: int) -> bool:
         """Whether a call with n tokens runs this layer's kernel (the fused modules' one-call paths need that)."""
         return self.planner is None or not self._off_kernel(self.route(n))
+
+    def kernel_kwargs(self, n: int) -> dict[str, str]:
+        """The extra arguments of ``kernel.matmul`` for n tokens: the planned ``variant``, where there is one."""
+        return {} if self.planner is None else _variant_kw(self.route(n))
 
     def dense_weight(self) -> torch.Tensor:
         """The weight decompressed (built once, kept while the layer stays where it is: the dense path)."""
@@ -252,6 +255,12 @@ class SparseLinear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().clone()
         fmt = format.removesuffix(TORCH_SUFFIX)
         return cls(format_class(fmt).from_dense(linear.weight.detach()), bias, torch_kernel=format != fmt)
+
+
+def _variant_kw(path: str | None) -> dict[str, str]:
+    """``variant=`` of our kernel's matmul for a path: "csr.panels" -> {"variant": "panels"}, "csr" -> {}."""
+    variant = "" if path is None else path.partition(".")[2]
+    return {"variant": variant} if variant else {}
 
 
 def candidate_formats(w: torch.Tensor) -> list[str]:

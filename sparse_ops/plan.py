@@ -33,9 +33,9 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-import platform
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -45,6 +45,8 @@ import torch
 
 from sparse_ops.autotune import Timer
 from sparse_ops.kernels import native
+
+log = logging.getLogger(__name__)
 
 BUCKETS = (1, 8, 64, 256)  # tokens per call at which paths are measured
 PLAN_VERSION = 3  # of the choice rule: cached choices made by another rule are measured again
@@ -82,25 +84,13 @@ def choose(times: dict[str, float], prefer_within: float = PREFER_WITHIN) -> str
 PLAN_REPEATS, PLAN_SAMPLE_S = 9, 4e-3
 
 
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` says."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("model name", "Model name")):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_key(device: torch.device) -> str:
     """What a measurement depends on besides the layer: the processor, the kernels' ISA and the threads."""
     rule = f"plan {PLAN_VERSION}|torch {torch.__version__}"
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}|cuda {torch.version.cuda}|{rule}"
     isa = native.isa() if native.available() else "torch-only"
-    return f"{cpu_model()}|{isa}|abi {native.ABI_VERSION}|threads {torch.get_num_threads()}|{rule}"
+    return f"{native.cpu_model()}|{isa}|abi {native.ABI_VERSION}|threads {torch.get_num_threads()}|{rule}"
 
 
 def layer_key(fmt: str, shape: tuple[int, int], dtype: torch.dtype, sparsity: float, device: torch.device,
@@ -164,8 +154,8 @@ class PlanCache:
                 with os.fdopen(fd, "w") as f:
                     json.dump(merged, f, indent=0, sort_keys=True)
                 os.replace(tmp, self.path)
-            except OSError:  # read-only home: the choices hold for this process
-                pass
+            except OSError as e:  # read-only home: the choices hold for this process only
+                log.warning("sparse_ops: could not write the plan cache %s (%s); choices are not kept", self.path, e)
 
 
 _DEFAULT_CACHES: dict[Path, PlanCache] = {}

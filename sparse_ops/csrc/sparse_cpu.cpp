@@ -471,11 +471,10 @@ inline void run_nv(const Body& body, int64_t r0, int64_t r1, int64_t t0, float* 
   body.template run<VW, NV, chains(NV)>(r0, r1, t0, buf);
 }
 
-// The sums alone, into buf (rows, TILE_STRIDE); ld is the packed x's width (8, or a multiple of 16).
+// The sums alone, into buf (rows, TILE_STRIDE), for n >= 2 tokens packed token_width(n) wide.
 template <typename Body>
-void dispatch_tile(const Body& body, int64_t r0, int64_t r1, int64_t ld, int64_t n, int64_t t0, int64_t tile,
-                   float* buf) {
-  const int64_t width = ld == 8 ? 8 : token_width(n), m = width == 8 ? 8 : std::min(tile, width - t0);
+void dispatch_tile(const Body& body, int64_t r0, int64_t r1, int64_t n, int64_t t0, int64_t tile, float* buf) {
+  const int64_t width = token_width(n), m = width == 8 ? 8 : std::min(tile, width - t0);
   switch (m < VW ? 0 : m / VW) {
     case 0:  // m == 8 < VW: one 8-float vector
       if constexpr (VW > 8) body.template run<8, 1, 4>(r0, r1, t0, buf);
@@ -492,9 +491,8 @@ void dispatch_tile(const Body& body, int64_t r0, int64_t r1, int64_t ld, int64_t
 }
 
 template <typename Body>
-void one_tile(const Body& body, int64_t r0, int64_t r1, int64_t ld, int64_t n, int64_t t0, int64_t tile,
-              float* buf) {
-  dispatch_tile(body, r0, r1, ld, n, t0, tile, buf);
+void one_tile(const Body& body, int64_t r0, int64_t r1, int64_t n, int64_t t0, int64_t tile, float* buf) {
+  dispatch_tile(body, r0, r1, n, t0, tile, buf);
   flush_rows(buf, TILE_STRIDE, r0, r1 - r0, t0, std::min(tile, n - t0), body.bias, body.act, body.y, body.out);
 }
 
@@ -843,7 +841,7 @@ int run_blocks(Body body, int64_t out, int64_t in, const float* x, int64_t n, in
       if (width == 1) {
         body.gemv(r0, r1);  // bias added
         if (body.act) epilogue(body.y + r0, 0, 1, r1 - r0, nullptr, body.act);
-      } else one_tile(body, r0, r1, body.ld, n, item % ntiles * tile, tile, buf);
+      } else one_tile(body, r0, r1, n, item % ntiles * tile, tile, buf);
     }  // implicit barrier: y is complete
     post_in_region(post, body.y, out, n);
   }
@@ -950,7 +948,8 @@ int run_experts(const float* w_in, const float* b_in, const float* w_gate, const
   for (int64_t e = 0; e < E; ++e) {
     const int64_t m = off[e + 1] - off[e];
     if (m <= 0) continue;
-    const int64_t width = m <= 8 ? 8 : token_width(m), tile = m <= DOT_TOKENS ? m : std::min<int64_t>(width, MAX_TILE);
+    // dot experts need only ld >= m (their hidden rows); the others are packed token_width(m) wide
+    const int64_t width = token_width(m), tile = m <= DOT_TOKENS ? m : std::min<int64_t>(width, MAX_TILE);
     slots.push_back({e, off[e], m, width, tile, nullptr, nullptr});
     floats += static_cast<size_t>((D + H) * width);
   }
@@ -999,8 +998,8 @@ int run_experts(const float* w_in, const float* b_in, const float* w_gate, const
       const float* xrows = xs + slot.start * D;
       const auto sums = [&](const float* w, float* dst) {  // (r1 - r0, tw) sums of the expert's rows of w
         if (dot) dense_dot_rows(w + slot.e * H * D, D, r0, r1, xrows, n, dst);
-        else dispatch_tile(DenseBody{w + slot.e * H * D, D, nullptr, nullptr, 0, 0, slot.xt, slot.ld}, r0, r1,
-                           slot.ld, n, t0, slot.tile, dst);
+        else dispatch_tile(DenseBody{w + slot.e * H * D, D, nullptr, nullptr, 0, 0, slot.xt, slot.ld}, r0, r1, n,
+                           t0, slot.tile, dst);
       };
       sums(w_in, buf);
       epilogue(buf, TILE_STRIDE, r1 - r0, tw, bi ? bi + r0 : nullptr, w_gate ? ACT_NONE : act);
@@ -1029,7 +1028,7 @@ int run_experts(const float* w_in, const float* b_in, const float* w_gate, const
       const DenseBody down{w_out + slot.e * D * H, H, b_out ? b_out + slot.e * D : nullptr, ys + slot.start * D, D,
                            ACT_NONE, slot.ht, slot.ld};
       if (slot.m <= DOT_TOKENS) dense_dot_rows(down.w, H, r0, r1, slot.ht, slot.m, buf);
-      else dispatch_tile(down, r0, r1, slot.ld, slot.m, t0, slot.tile, buf);
+      else dispatch_tile(down, r0, r1, slot.m, t0, slot.tile, buf);
       flush_rows(buf, TILE_STRIDE, r0, r1 - r0, t0, std::min(slot.tile, slot.m - t0), down.bias, ACT_NONE, down.y,
                  down.out);
     }

@@ -117,14 +117,27 @@ def cache_dir() -> Path:
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """This CPU's feature flags (x86 ``/proc/cpuinfo``; empty elsewhere)."""
+def _cpuinfo() -> tuple[str, ...]:
+    """The first processor's ``/proc/cpuinfo`` lines (none where the file is missing)."""
     try:
         with open("/proc/cpuinfo") as f:
-            line = next((line for line in f if line.startswith(("flags", "Features"))), "")
+            return tuple(f.read().partition("\n\n")[0].splitlines())
     except OSError:
-        return frozenset()
-    return frozenset(line.partition(":")[2].split())
+        return ()
+
+
+def _cpuinfo_field(*names: str) -> str:
+    return next((line.partition(":")[2].strip() for line in _cpuinfo() if line.startswith(names)), "")
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (``/proc/cpuinfo``; empty where it says none)."""
+    return frozenset(_cpuinfo_field("flags", "Features").split())
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` says."""
+    return _cpuinfo_field("model name", "Model name") or platform.processor() or platform.machine()
 
 
 def machine() -> str:
