@@ -72,7 +72,8 @@ def choose(times: dict[str, float], prefer_within: float = PREFER_WITHIN) -> str
     Near-ties go to our kernel because a layer timed alone cannot show what it gains inside the model: our
     kernels fuse the activation, the FFN pair and the residual + LayerNorm, and dense needs its own
     decompressed copy of the weight. Beyond 3% the measurement decides: a 2:4 layer 3-5% slower than dense
-    kept sparse made the demo's 2:4 model 0.84-0.92x of dense at 256 tokens."""
+    kept sparse made the demo's 2:4 model 0.84-0.92x of dense at 256 tokens (avx512 build, AMD EPYC
+    Zen 4)."""
     fastest = min(times.values())
     ours = [k for k, t in times.items() if k != DENSE and not k.endswith(TORCH_SUFFIX)
             and t <= prefer_within * fastest]

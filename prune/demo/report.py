@@ -73,7 +73,8 @@ def write_report(out_dir: str, results: dict, plots: list[str]) -> None:
              f"Digits (scikit-learn, 8x8), a {results['config']['model']} trained "
              f"{results['config']['steps']} steps per run with seed {results['config']['seed']}. "
              f"Latency: median of interleaved repeats on {env['cpu']} ({env['torch_threads']} threads, "
-             f"torch {env['torch']}); speedup against the dense baseline in the same run.", "",
+             f"kernels built for {env.get('kernel_isa') or 'none: torch kernels'}, torch {env['torch']}); "
+             f"speedup against the dense baseline in the same run.", "",
              table(results["runs"]), "", *[f"- {s}" for s in findings(results["runs"])], ""]
     lines += [f"![{os.path.splitext(p)[0]}]({p})" for p in plots]
     with open(os.path.join(out_dir, "report.md"), "w") as f:

@@ -41,7 +41,7 @@ inline float load_value(const bf16* v, int64_t k) {
 
 // The target's vector width in floats: the token tiles are NV vectors of VW floats held in registers, so
 // the register blocking follows the ISA (a 16-float GCC vector on AVX2 is lowered through the stack: the
-// panelled kernel ran at 0.2-0.6x of dense). 128-bit targets (SSE2, NEON) use 4.
+// panelled kernel ran at 0.2-0.6x of dense, avx2 build on an AMD EPYC Zen 4). 128-bit targets (SSE2, NEON) use 4.
 #if defined(__AVX512F__)
 constexpr int VW = 16;
 #elif defined(__AVX__)
@@ -434,7 +434,7 @@ void two_four_gemv_rows(const V* val, const uint8_t* meta, int64_t in, int64_t r
 #elif defined(__AVX2__) && defined(__FMA__)
     // AVX2: 4 groups (16 inputs, 8 values, 16 bits of codes) per step. Lanes 0-3 take their x from the first 8
     // inputs, lanes 4-7 from the next 8, so two in-lane permutes and one fixed blend gather them (the scalar
-    // loop ran at 1.0-1.3x of dense at 1 token; measured in results/matmul-avx2).
+    // loop ran at 1.0-1.3x of dense at 1 token on an AMD EPYC Zen 4; results/matmul-avx2).
     const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
     const __m256i base = _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4);  // group offsets within each 8 inputs
     const __m256i three = _mm256_set1_epi32(3);
@@ -900,7 +900,7 @@ struct ExpertSlot {  // expert e's tokens: rows [start, start + m) of xs, packed
 // An expert with at most DOT_TOKENS tokens runs as dot products of weight rows with token rows instead (x not
 // packed, hidden (m, H) row-major): with tokens in vector lanes one token used 1 lane of 8 and the loop was
 // bound by one broadcast load per weight (a 768 -> 1536 -> 768 expert at 1 token: 0.66x of the dense FFN
-// with the same weight bytes).
+// with the same weight bytes; avx512 build, AMD EPYC Zen 4).
 constexpr int64_t DOT_TOKENS = 4;
 
 // out[t * ostride] = w_row . x[t * xstride : + in] for t < M.
