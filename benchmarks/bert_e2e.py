@@ -7,9 +7,12 @@ include=["encoder.*"]).finalize()`` zeroes 90% of each encoder linear; the prune
 loaded with ``sparse_ops.checkpoint.sparsify``.
 Candidates, interleaved in one ``time_interleaved`` run per batch, under ``eval()`` + ``inference_mode``:
   dense        the pruned model as plain PyTorch runs it (dense weights with zeros)
+  dense_fast_attention  the dense model with our attention kernel instead of SDPA (use_fast_attention): the
+               part of the sparse models' speedup that is not sparsity
   sparse       sparsify(..., fuse=True), the default: each layer's path per batch planned on this machine
                (dense, our kernels, torch's: sparse_ops.plan), with every proven fusion (the FFN's GELU in its
-               first layer, each FFN in one call, residual add + LayerNorm in the kernels) where ours run
+               first layer, each FFN in one call, residual add + LayerNorm in the kernels) where ours run, and
+               our attention kernel
   sparse_ours  the same pinned to our kernels (kernel="ours": nothing measured, every layer sparse)
   sparse_torch pinned to torch's CSR kernel (kernel="torch": only the GELU is fused, after torch's product)
 The plan is measured once before timing (``batches=`` at load) into a fresh cache file, then loaded again from
@@ -46,6 +49,7 @@ from transformers import AutoModel, BertConfig, BertModel
 
 from benchmarks.timing import environment, time_interleaved
 from prune import Pruner
+from sparse_ops.attention import use_fast_attention
 from sparse_ops.checkpoint import sparsify
 from sparse_ops.formats import CSR
 from sparse_ops.kernels import native
@@ -212,7 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     native.library()  # built (a few seconds the first time) before anything is timed
     dense = pruned_bert(size=a.size, path=a.model)
     sparse, plan_cost, plan = planned_models(dense, tuple(SEQ * b for b in a.batches))
-    models = {"dense": dense, **sparse}
+    dense_attention = copy.deepcopy(dense)  # how much of the speedup is attention alone
+    use_fast_attention(dense_attention)
+    models = {"dense": dense, "dense_fast_attention": dense_attention, **sparse}
     worst = slowest_chosen(plan)
     print(f"sparsify: {plan_cost['first_s']:.2f} s planning, {plan_cost['cached_s']:.2f} s with the plan cached, "
           f"{plan_cost['load_s']:.2f} s pinned; slowest chosen path: {worst}", flush=True)

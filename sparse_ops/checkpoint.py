@@ -381,7 +381,8 @@ def sparsify(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Te
     that layer's kernel (``sparse_ops.activations.fuse_activations``: e.g. the GELU of a BERT FFN).
     ``fuse=True`` runs every proven fusion (``sparse_ops.fusion.fuse``): the activations, each feed-forward
     block of two sparse layers as one kernel call (the pair's state dict keys move under the second), and the
-    residual add and LayerNorm after a sparse layer in its kernel.
+    residual add and LayerNorm after a sparse layer in its kernel; and a ``transformers`` model's attention goes
+    to our kernel where it is faster than SDPA (``sparse_ops.attention.use_fast_attention``).
     """
     from sparse_ops.linear import SparseLinear
     from sparse_ops.plan import Planner
@@ -413,9 +414,11 @@ def sparsify(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Te
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
     if fuse:
+        from sparse_ops.attention import use_fast_attention
         from sparse_ops.fusion import fuse as fuse_all
 
         fuse_all(model)
+        use_fast_attention(model)
     elif fuse_activations:
         activations.fuse_activations(model)
     return model

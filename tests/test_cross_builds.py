@@ -20,6 +20,7 @@ from sparse_ops.activations import ACTIVATIONS, CODES
 from sparse_ops.formats import CSR, TwoFour
 from sparse_ops.kernels import cpu_native, native, reference
 from sparse_ops.layers.moe import MoE, expert_capacity
+from tests.test_attention import reference as reference_attention
 from tests.test_formats import two_four, unstructured
 
 DRIVER = Path(__file__).with_name("native_driver.cpp")
@@ -110,6 +111,13 @@ def write_cases(path: Path) -> int:
             _write_case(f, "moe_forward_f32", [tokens, 2, cap, 5, 24, 40, 2, CODES[moe.config.activation]],
                         [logits, x, moe.w_in, moe.b_in, moe.w_gate, moe.b_gate, moe.w_out, moe.b_out, want])
             count += 1
+        for (B, H, Hk, S, L, D), causal, masked in [((2, 4, 2, 37, 45, 20), True, False),
+                                                    ((1, 3, 3, 33, 70, 32), False, True)]:
+            q, k, v = (torch.randn(B, h, n, D, generator=gen) for h, n in ((H, S), (Hk, L), (Hk, L)))
+            mask = torch.randn(B, H, S, L, generator=gen) if masked else None
+            want = reference_attention(q, k, v, mask, 0.25, causal)
+            _write_case(f, "attention_f32", [B, H, Hk, S, L, D, 250000, int(causal), 2], [q, k, v, mask, want])
+            count += 1
     return count
 
 
@@ -139,4 +147,4 @@ def test_driver_built_for_this_machine_matches_reference(tmp_path):
                     reason="needs g++-aarch64-linux-gnu and qemu-user (Debian; .ci/run installs them)")
 def test_aarch64_neon_build_matches_reference_under_qemu(tmp_path):
     out = _build_and_run(tmp_path, "neon")
-    assert all(e in out.stdout for e in ("csr_ffn_bf16", "two_four_bf16", "moe_forward_f32"))
+    assert all(e in out.stdout for e in ("csr_ffn_bf16", "two_four_bf16", "moe_forward_f32", "attention_f32"))

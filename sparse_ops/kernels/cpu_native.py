@@ -28,6 +28,7 @@ Example:
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import threading
 from collections.abc import Callable
@@ -352,6 +353,52 @@ def moe_forward(logits: torch.Tensor, x: torch.Tensor, top_k: int, capacity: int
                         *(None if t is None else t.data_ptr() for t in parts), E, D, H, y.data_ptr(),
                         routed.data_ptr(), native.num_threads(), CODES[activation])
     return y, routed
+
+
+# Longest key sequence attention() takes: a query block's scores are held whole (32 x L floats per thread), not
+# streamed as in flash attention; beyond, torch's SDPA.
+ATTENTION_MAX_KEYS = 4096
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              scale: float | None = None, causal: bool = False) -> torch.Tensor | None:
+    """``softmax(q k^T * scale + mask) v`` in one C++ call over every batch and head: q (B, H, S, D), k and v
+    (B, Hk, L, D) with H a multiple of Hk (grouped-query: head h reads key head h // (H // Hk)), fp32, any
+    strides with a contiguous last dimension. ``mask`` broadcasts to (B, H, S, L): additive (float) or which
+    keys to attend to (bool); ``causal``: query i sees keys j <= i + L - S. ``scale`` defaults to D ** -0.5.
+    Returns (B, S, H, D), the layout of the output projection's input (``.transpose(1, 2)`` of SDPA's output); a
+    query that sees no key gets zeros (SDPA: NaN). None where it does not apply (the caller runs SDPA): no
+    native kernels, not fp32 on the CPU, a gradient needed, an unsupported layout, or more than
+    ``ATTENTION_MAX_KEYS`` keys.
+
+    >>> q = k = v = torch.eye(2).reshape(1, 1, 2, 2)
+    >>> out = attention(q, k, v, scale=100.0)
+    >>> out is None or out.reshape(2, 2).round().tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    True
+    """
+    lib = native.library()
+    if lib is None or q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return None
+    (B, H, S, D), (_, Hk, L, _) = q.shape, k.shape
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1 for t in (q, k, v)) \
+            or k.shape != (B, Hk, L, D) or v.shape != k.shape or Hk == 0 or H % Hk or L > ATTENTION_MAX_KEYS \
+            or S == 0 or L == 0 or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+        return None
+    kind, mask_strides = 0, (0, 0, 0)
+    if mask is not None:
+        if mask.dim() > 4 or mask.device.type != "cpu" or mask.requires_grad and torch.is_grad_enabled():
+            return None
+        kind = 2 if mask.dtype == torch.bool else 1
+        mask = mask.to(torch.uint8 if kind == 2 else torch.float32).expand(B, H, S, L)
+        if mask.stride(-1) != 1:
+            mask = mask.contiguous()
+        mask_strides = mask.stride()[:3]
+    strides = (ctypes.c_int64 * 12)(*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides)
+    out = torch.empty(B, S, H, D, dtype=torch.float32)
+    lib.attention_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), ctypes.addressof(strides),
+                      None if mask is None else mask.data_ptr(), kind, B, H, Hk, S, L, D,
+                      D ** -0.5 if scale is None else scale, int(causal), out.data_ptr(), native.num_threads())
+    return out
 
 
 def csr_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None,

@@ -44,7 +44,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "sparse_cpu.cpp"
-ABI_VERSION = 12
+ABI_VERSION = 13
 # -fno-trapping-math lets the epilogue's floor and float -> int conversions vectorise (no FP exception flags);
 # the target's -march and the cache constants are added by build_flags
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno", "-fno-trapping-math")
@@ -91,6 +91,9 @@ SIGNATURES: dict[str, tuple[type, ...]] = {
     # logits, x, T, K, capacity (-1: none), w_in, b_in, w_gate, b_gate, w_out, b_out, E, D, H, y, routed,
     # threads, activation code
     "moe_forward_f32": (_P, _P, _I64, _I64, _I64, *(_P,) * 6, _I64, _I64, _I64, _P, _P, _INT, _INT),
+    # q, k, v, strides (12 int64: q, k, v, mask by batch, head, position), mask, mask kind, B, H, Hk, S, L, D,
+    # scale, causal, out, threads
+    "attention_f32": (_P, _P, _P, _P, _P, _INT, *(_I64,) * 6, ctypes.c_float, _INT, _P, _INT),
 }
 
 
