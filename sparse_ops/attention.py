@@ -5,7 +5,7 @@ sparsity it took about a quarter of the sparse model's time under torch's SDPA. 
 switches a ``transformers`` model that dispatches through ``AttentionInterface`` (BERT, Llama, Qwen2, ...) to
 ``attention_forward``: our kernel where it applies and is measured faster than SDPA, SDPA otherwise (training,
 dropout, attention weights asked for, soft-capping, sinks, position bias, another device or dtype, or more than
-``FAST_MAX_KEYS`` keys). ``sparsify(..., fuse=True)`` calls it.
+``cpu_native.ATTENTION_MAX_KEYS`` keys, beyond which SDPA is faster). ``sparsify(..., fuse=True)`` calls it.
 
 Example:
     >>> import torch
@@ -27,11 +27,6 @@ from torch import nn
 from sparse_ops.kernels import cpu_native
 
 NAME = "sparse_ops"  # the implementation's name in transformers' AttentionInterface
-# Most keys at which ours runs instead of SDPA: a query block's scores are held whole (not streamed as in flash
-# attention), so long sequences lose. Paired runs, 2 threads, AMD EPYC Zen 4, ours / torch 2.14 SDPA speed
-# (torch at the same ISA, ATEN_CPU_CAPABILITY): avx512 build 1.4-1.6x at (1-8, 12 heads, 128 keys, head 32-64),
-# 1.2x at 512 keys, 1.1x at 1024; avx2 build 1.0-1.6x at 128 keys, 1.1x at 512, 0.9x at 1024.
-FAST_MAX_KEYS = 512
 # keyword arguments of an attention call that our kernel does not implement when set
 _UNSUPPORTED = ("softcap", "sliding_window", "s_aux", "sinks", "position_bias", "head_mask")
 
@@ -41,7 +36,7 @@ def _fast(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torc
           kwargs: dict) -> torch.Tensor | None:
     """Our kernel's output (B, S, H, D), or None where SDPA must run."""
     if dropout or module.training or kwargs.get("output_attentions") \
-            or any(kwargs.get(k) is not None for k in _UNSUPPORTED) or key.shape[2] > FAST_MAX_KEYS:
+            or any(kwargs.get(k) is not None for k in _UNSUPPORTED):
         return None
     q_len, kv_len = query.shape[2], key.shape[2]
     # SDPA's rule (transformers' sdpa_attention_forward): causal only without a mask, for more than one query

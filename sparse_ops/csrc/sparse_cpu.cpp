@@ -1203,6 +1203,8 @@ inline void attn_pv_rows(const float* p, int64_t ld, const float* v, int64_t L, 
   constexpr int CV = DV < 4 ? DV : 4;
   constexpr int RB = floor_pow2(ATTN_ACC / (CV > 0 ? CV : 1));
   const int64_t chunk = std::max<int64_t>(16, 4096 / D);
+  if (L == 0)  // no key seen by any row (causal, more queries than keys): zeros
+    for (int64_t r = 0; r < nr; ++r) std::fill(o + r * ostride, o + r * ostride + D, 0.0f);
   for (int64_t j0 = 0; j0 < L; j0 += chunk) {
     const int64_t j1 = std::min(L, j0 + chunk);
     if (DV == 0) {
@@ -1272,7 +1274,10 @@ int run_attention(const AttnArgs& a, int nthreads) {
       }
       const float* qb = a.q + b * a.qs[0] + h * a.qs[1];
       transpose_rows(qb + i0 * a.qs[2], a.qs[2], nq, ATTN_QB, D, qt, ATTN_QB);
-      for (int64_t j = 0; j < Lp; j += 2 * VW) {  // a strip of keys stays in L1 for every row block
+      // causal: the block's last query sees keys < kv_end; the strips beyond are never computed
+      const int64_t kv_end = a.causal ? std::min(a.L, std::max<int64_t>(0, i0 + nq + a.L - a.S)) : a.L;
+      const int64_t strips_end = (kv_end + 2 * VW - 1) / (2 * VW) * (2 * VW);
+      for (int64_t j = 0; j < strips_end; j += 2 * VW) {  // a strip of keys stays in L1 for every row block
         int64_t r0 = 0;
         for (; r0 + ATTN_RB <= nq; r0 += ATTN_RB) attn_scores<ATTN_RB>(qt + r0, ktb, ld, D, a.scale, j, s + r0 * ld);
         for (; r0 < nq; ++r0) attn_scores<1>(qt + r0, ktb, ld, D, a.scale, j, s + r0 * ld);
@@ -1295,7 +1300,7 @@ int run_attention(const AttnArgs& a, int nthreads) {
         const float mx = row_max(row, seen);
         float sum = 0.0f;
         if (mx == -INFINITY) {  // nothing to attend to
-          std::fill(row, row + a.L, 0.0f);
+          std::fill(row, row + kv_end, 0.0f);
         } else {
 #pragma omp simd reduction(+ : sum)
           for (int64_t j = 0; j < seen; ++j) {
@@ -1303,19 +1308,19 @@ int run_attention(const AttnArgs& a, int nthreads) {
             row[j] = e;
             sum += e;
           }
-          std::fill(row + seen, row + a.L, 0.0f);
+          std::fill(row + seen, row + kv_end, 0.0f);
         }
         inv[r] = sum > 0.0f ? 1.0f / sum : 0.0f;
       }
       float* ob = a.out + (b * a.S + i0) * a.H * D + h * D;
       const int64_t ostride = a.H * D;
       switch (dv) {
-        case 1: attn_pv_rows<1>(s, ld, vp, a.L, D, inv, nq, ob, ostride); break;
-        case 2: attn_pv_rows<2>(s, ld, vp, a.L, D, inv, nq, ob, ostride); break;
-        case 4: attn_pv_rows<4>(s, ld, vp, a.L, D, inv, nq, ob, ostride); break;
-        case 8: attn_pv_rows<8>(s, ld, vp, a.L, D, inv, nq, ob, ostride); break;
-        case 16: attn_pv_rows<16>(s, ld, vp, a.L, D, inv, nq, ob, ostride); break;
-        default: attn_pv_rows<0>(s, ld, vp, a.L, D, inv, nq, ob, ostride);
+        case 1: attn_pv_rows<1>(s, ld, vp, kv_end, D, inv, nq, ob, ostride); break;
+        case 2: attn_pv_rows<2>(s, ld, vp, kv_end, D, inv, nq, ob, ostride); break;
+        case 4: attn_pv_rows<4>(s, ld, vp, kv_end, D, inv, nq, ob, ostride); break;
+        case 8: attn_pv_rows<8>(s, ld, vp, kv_end, D, inv, nq, ob, ostride); break;
+        case 16: attn_pv_rows<16>(s, ld, vp, kv_end, D, inv, nq, ob, ostride); break;
+        default: attn_pv_rows<0>(s, ld, vp, kv_end, D, inv, nq, ob, ostride);
       }
     }
   }

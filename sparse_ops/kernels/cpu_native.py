@@ -355,9 +355,12 @@ def moe_forward(logits: torch.Tensor, x: torch.Tensor, top_k: int, capacity: int
     return y, routed
 
 
-# Longest key sequence attention() takes: a query block's scores are held whole (32 x L floats per thread), not
-# streamed as in flash attention; beyond, torch's SDPA.
-ATTENTION_MAX_KEYS = 4096
+# Most keys attention() takes (beyond, the caller runs torch's SDPA): a query block's scores are held whole (32 x L
+# floats per thread), not streamed as in flash attention, so long sequences lose. benchmarks/attention.py, 2
+# threads, AMD EPYC Zen 4, ours / torch 2.14 SDPA at the same ISA (ATEN_CPU_CAPABILITY), heads of 32-128, batch
+# 1-8: avx512 build 1.4-2.5x at 64-128 keys, 1.4-2.1x at 256-512, 1.2-1.5x at 1024; avx2 build 1.3-1.9x at 64-128
+# keys, 1.0-1.6x at 256-512, 0.87-1.2x at 1024 (results/attention/).
+ATTENTION_MAX_KEYS = 512
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
