@@ -18,6 +18,12 @@ SHAPES = [(1, 12, 12, 128, 128, 32), (2, 4, 2, 37, 45, 64), (1, 3, 1, 5, 70, 24)
           (1, 2, 2, 70, 9, 16)]  # causal with more queries than keys: the first 61 see none
 
 
+@pytest.fixture(autouse=True)
+def any_size(monkeypatch):
+    """The kernel takes the tiny shapes here too (by default SDPA runs those: ``ATTENTION_MIN_WORK``)."""
+    monkeypatch.setattr(cpu_native, "ATTENTION_MIN_WORK", 0)
+
+
 def reference(q, k, v, mask=None, scale=None, causal=False):
     """softmax(q k^T scale + mask) v in float64, (B, S, H, D); rows that see no key are zero."""
     B, H, S, D = q.shape
@@ -77,13 +83,15 @@ def test_a_row_that_sees_no_key_is_zero_and_the_others_are_exact():
 
 
 @needs_native
-def test_attention_declines_what_it_does_not_run():
+def test_attention_declines_what_it_does_not_run(monkeypatch):
     q, k, v = heads(1, 2, 2, 4, 4, 8, torch.Generator().manual_seed(0))
     assert cpu_native.attention(q.double(), k.double(), v.double()) is None  # not fp32
     assert cpu_native.attention(q, k[:, :1].expand(1, 3, 4, 8), v[:, :1].expand(1, 3, 4, 8)) is None  # 2 % 3
     assert cpu_native.attention(q.requires_grad_(), k, v) is None  # a gradient is needed
     long = torch.randn(1, 1, cpu_native.ATTENTION_MAX_KEYS + 1, 8)
     assert cpu_native.attention(torch.randn(1, 1, 1, 8), long, long) is None
+    monkeypatch.setattr(cpu_native, "ATTENTION_MIN_WORK", 4 * 4 * 8 + 1)  # too little work to pay for the call
+    assert cpu_native.attention(q[:, :1], k[:, :1], v[:, :1]) is None
 
 
 def _bert(**kw):

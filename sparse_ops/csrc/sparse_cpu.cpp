@@ -1106,8 +1106,8 @@ int run_moe(const float* logits, const float* x, int64_t T, int64_t K, int64_t c
 // sees keys j <= i + L - S. out (B, S, H, D) contiguous: the layout the output projection reads. A row that
 // sees no key (masked entirely) is zero.
 // Items (b, h, block of QB queries), each thread a run of them: the key head transposed into kt (D, Lp) when
-// it changes (Lp = L rounded up to 2 VW, zero columns), the block's queries into (D, QB); scores by
-// broadcast-FMA over d (RB rows x 2 vectors of keys in registers), scaled and masked; the row softmax
+// it changes (Lp = L rounded up to VW, zero columns), the block's queries into (D, QB); scores by
+// broadcast-FMA over d (RB rows x 2 vectors of keys in registers, 1 at the end), scaled and masked; the row softmax
 // (exp_fast); P v with the rows' outputs in registers, scaled by 1 / sum.
 struct AttnArgs {
   const float *q, *k, *v;
@@ -1125,26 +1125,34 @@ constexpr int ATTN_QB = 32;  // query rows per item
 constexpr int ATTN_ACC = VW == 16 ? 24 : 12;
 constexpr int ATTN_RB = ATTN_ACC / 2 >= 8 ? 8 : 4;  // query rows per register block of the scores
 
-// s[r * ld + j .. + 2 VW) = scale * sum_d qt[d * QB + r] kt[d * ld + j ..] for RB rows: one strip of 2 VW keys;
-// qt: the item's queries transposed, so that the RB broadcasts per d read one line.
-template <int RB>
+// s[r * ld + j .. + NK VW) = scale * sum_d qt[d * QB + r] kt[d * ld + j ..] for RB rows: one strip of NK vectors
+// of keys; qt: the item's queries transposed, so that the RB broadcasts per d read one line.
+template <int RB, int NK>
 inline void attn_scores(const float* qt, const float* kt, int64_t ld, int64_t D, float scale, int64_t j, float* s) {
   typedef Vec<VW>::type V;
-  V acc[RB][2];
-  for (int r = 0; r < RB; ++r) acc[r][0] = acc[r][1] = V{};
+  V acc[RB][NK];
+  for (int r = 0; r < RB; ++r)
+    for (int c = 0; c < NK; ++c) acc[r][c] = V{};
   for (int64_t d = 0; d < D; ++d) {
-    const V k0 = load_vec<VW>(kt + d * ld + j), k1 = load_vec<VW>(kt + d * ld + j + VW);
+    V kv[NK];
+    for (int c = 0; c < NK; ++c) kv[c] = load_vec<VW>(kt + d * ld + j + c * VW);
     const float* qd = qt + d * ATTN_QB;
-    for (int r = 0; r < RB; ++r) {
-      acc[r][0] += qd[r] * k0;
-      acc[r][1] += qd[r] * k1;
-    }
+    for (int r = 0; r < RB; ++r)
+      for (int c = 0; c < NK; ++c) acc[r][c] += qd[r] * kv[c];
   }
   for (int r = 0; r < RB; ++r) {
-    acc[r][0] *= scale;
-    acc[r][1] *= scale;
-    std::memcpy(s + r * ld + j, acc[r], 2 * VW * sizeof(float));
+    for (int c = 0; c < NK; ++c) acc[r][c] *= scale;
+    std::memcpy(s + r * ld + j, acc[r], NK * VW * sizeof(float));
   }
+}
+
+// The scores of rows 0 .. nr for the strip at j (NK vectors): register blocks of ATTN_RB, then single rows.
+template <int NK>
+inline void attn_score_rows(const float* qt, const float* kt, int64_t ld, int64_t D, float scale, int64_t j,
+                            int64_t nr, float* s) {
+  int64_t r = 0;
+  for (; r + ATTN_RB <= nr; r += ATTN_RB) attn_scores<ATTN_RB, NK>(qt + r, kt, ld, D, scale, j, s + r * ld);
+  for (; r < nr; ++r) attn_scores<1, NK>(qt + r, kt, ld, D, scale, j, s + r * ld);
 }
 
 // o_r[0 .. CV VW) (+)= sum_{j0 <= j < j1} p[r * ld + j] v[j * D ..] for RB rows at o[r * ostride]: `first`
@@ -1194,6 +1202,16 @@ inline void attn_pv_any(const float* p, const float* v, int64_t D, int64_t j0, i
 
 constexpr int floor_pow2(int x) { return x < 2 ? 1 : 2 * floor_pow2(x / 2); }
 
+// attn_pv over rows 0 .. nr in register blocks of RB, the rest in blocks of RB / 2, RB / 4, ... 1.
+template <int RB, int CV>
+inline void attn_pv_blocks(const float* p, int64_t ld, const float* v, int64_t D, int64_t j0, int64_t j1,
+                           int64_t nr, float* o, int64_t ostride) {
+  int64_t r = 0;
+  for (; r + RB <= nr; r += RB) attn_pv<RB, CV>(p + r * ld, ld, v, D, j0, j1, j0 == 0, o + r * ostride, ostride);
+  if constexpr (RB > 1)
+    if (r < nr) attn_pv_blocks<RB / 2, CV>(p + r * ld, ld, v, D, j0, j1, nr - r, o + r * ostride, ostride);
+}
+
 // Rows 0 .. nr (nr <= QB) of P v for one item, v (L, D) packed, D = DV * VW (DV 0: any D): keys in chunks of
 // about 16 KiB of v, which every row block rereads from L1; within a chunk, output columns in runs of at most 4
 // vectors and as many rows per register block as the accumulators allow. Then each row scaled by inv.
@@ -1211,13 +1229,8 @@ inline void attn_pv_rows(const float* p, int64_t ld, const float* v, int64_t L, 
       for (int64_t r = 0; r < nr; ++r) attn_pv_any(p + r * ld, v, D, j0, j1, j0 == 0, o + r * ostride);
       continue;
     }
-    for (int c0 = 0; c0 < DV; c0 += CV) {
-      int64_t r = 0;
-      for (; r + RB <= nr; r += RB)
-        attn_pv<RB, CV>(p + r * ld, ld, v + c0 * VW, D, j0, j1, j0 == 0, o + r * ostride + c0 * VW, ostride);
-      for (; r < nr; ++r)
-        attn_pv<1, CV>(p + r * ld, ld, v + c0 * VW, D, j0, j1, j0 == 0, o + r * ostride + c0 * VW, ostride);
-    }
+    for (int c0 = 0; c0 < DV; c0 += CV)
+      attn_pv_blocks<RB, CV>(p, ld, v + c0 * VW, D, j0, j1, nr, o + c0 * VW, ostride);
   }
   for (int64_t r = 0; r < nr; ++r)
 #pragma omp simd
@@ -1246,7 +1259,7 @@ inline void transpose_rows(const float* src, int64_t sstride, int64_t nrows, int
 int run_attention(const AttnArgs& a, int nthreads) {
   // Rows of kt and s are ld = Lp + 16 floats apart: at 4 KiB multiples every row of a column strip fell in one
   // L1 set (the avx2 build at 0.6x of SDPA at 1024 keys, AMD EPYC Zen 4).
-  const int64_t Lp = (a.L + 2 * VW - 1) / (2 * VW) * (2 * VW), ld = Lp + 16, D = a.D;
+  const int64_t Lp = (a.L + VW - 1) / VW * VW, ld = Lp + 16, D = a.D;
   const int64_t qblocks = (a.S + ATTN_QB - 1) / ATTN_QB, per_thread = (D + ATTN_QB) * ld + D * ATTN_QB + Lp * D;
   float* work = scratch(static_cast<size_t>(nthreads * per_thread));
   if (!work) return ENTRY_OUT_OF_MEMORY;
@@ -1276,12 +1289,11 @@ int run_attention(const AttnArgs& a, int nthreads) {
       transpose_rows(qb + i0 * a.qs[2], a.qs[2], nq, ATTN_QB, D, qt, ATTN_QB);
       // causal: the block's last query sees keys < kv_end; the strips beyond are never computed
       const int64_t kv_end = a.causal ? std::min(a.L, std::max<int64_t>(0, i0 + nq + a.L - a.S)) : a.L;
-      const int64_t strips_end = (kv_end + 2 * VW - 1) / (2 * VW) * (2 * VW);
-      for (int64_t j = 0; j < strips_end; j += 2 * VW) {  // a strip of keys stays in L1 for every row block
-        int64_t r0 = 0;
-        for (; r0 + ATTN_RB <= nq; r0 += ATTN_RB) attn_scores<ATTN_RB>(qt + r0, ktb, ld, D, a.scale, j, s + r0 * ld);
-        for (; r0 < nq; ++r0) attn_scores<1>(qt + r0, ktb, ld, D, a.scale, j, s + r0 * ld);
-      }
+      const int64_t strips_end = (kv_end + VW - 1) / VW * VW;
+      int64_t j = 0;
+      for (; j + 2 * VW <= strips_end; j += 2 * VW)  // a strip of keys stays in L1 for every row block
+        attn_score_rows<2>(qt, ktb, ld, D, a.scale, j, nq, s);
+      if (j < strips_end) attn_score_rows<1>(qt, ktb, ld, D, a.scale, j, nq, s);
       float inv[ATTN_QB];
       for (int64_t r = 0; r < nq; ++r) {  // scale, mask, softmax
         float* row = s + r * ld;

@@ -28,8 +28,8 @@ Example:
 """
 from __future__ import annotations
 
-import ctypes
 import functools
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -361,6 +361,9 @@ def moe_forward(logits: torch.Tensor, x: torch.Tensor, top_k: int, capacity: int
 # 1-8: avx512 build 1.4-2.5x at 64-128 keys, 1.4-2.1x at 256-512, 1.2-1.5x at 1024; avx2 build 1.3-1.9x at 64-128
 # keys, 1.0-1.6x at 256-512, 0.87-1.2x at 1024 (results/attention/).
 ATTENTION_MAX_KEYS = 512
+# Fewest multiply-adds per product (B H S L D) worth the call: below, the ~15 us of Python and ctypes are about
+# SDPA's whole time (same runs: 0.87-1.4x at 8-32K, 1.4-2.2x from 64K).
+ATTENTION_MIN_WORK = 1 << 16
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
@@ -370,37 +373,40 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     strides with a contiguous last dimension. ``mask`` broadcasts to (B, H, S, L): additive (float) or which
     keys to attend to (bool); ``causal``: query i sees keys j <= i + L - S. ``scale`` defaults to D ** -0.5.
     Returns (B, S, H, D), the layout of the output projection's input (``.transpose(1, 2)`` of SDPA's output); a
-    query that sees no key gets zeros (SDPA: NaN). None where it does not apply (the caller runs SDPA): no
-    native kernels, not fp32 on the CPU, a gradient needed, an unsupported layout, or more than
-    ``ATTENTION_MAX_KEYS`` keys.
+    query that sees no key gets zeros (SDPA: NaN). None where it does not apply or does not pay (the caller runs
+    SDPA): no native kernels, not fp32 on the CPU, a gradient needed, an unsupported layout, more than
+    ``ATTENTION_MAX_KEYS`` keys or fewer than ``ATTENTION_MIN_WORK`` products.
 
-    >>> q = k = v = torch.eye(2).reshape(1, 1, 2, 2)
+    >>> q = k = v = torch.eye(64).expand(1, 1, 64, 64)  # each query matches only its own key
     >>> out = attention(q, k, v, scale=100.0)
-    >>> out is None or out.reshape(2, 2).round().tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    >>> out is None or torch.allclose(out[0, :, 0], torch.eye(64), atol=1e-6)
     True
     """
     lib = native.library()
     if lib is None or q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return None
     (B, H, S, D), (_, Hk, L, _) = q.shape, k.shape
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1 for t in (q, k, v)) \
-            or k.shape != (B, Hk, L, D) or v.shape != k.shape or Hk == 0 or H % Hk or L > ATTENTION_MAX_KEYS \
-            or S == 0 or L == 0 or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+    f32, grad = torch.float32, torch.is_grad_enabled()
+    if q.dtype != f32 or k.dtype != f32 or v.dtype != f32 or q.device.type != "cpu" or k.device != q.device \
+            or v.device != q.device or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 \
+            or k.shape != (B, Hk, L, D) or v.shape != k.shape or Hk == 0 or H % Hk or not 0 < L <= ATTENTION_MAX_KEYS \
+            or S == 0 or B * H * S * L * D < ATTENTION_MIN_WORK \
+            or (grad and (q.requires_grad or k.requires_grad or v.requires_grad)):
         return None
     kind, mask_strides = 0, (0, 0, 0)
     if mask is not None:
-        if mask.dim() > 4 or mask.device.type != "cpu" or mask.requires_grad and torch.is_grad_enabled():
+        if mask.dim() > 4 or mask.device.type != "cpu" or (grad and mask.requires_grad):
             return None
         kind = 2 if mask.dtype == torch.bool else 1
-        mask = mask.to(torch.uint8 if kind == 2 else torch.float32).expand(B, H, S, L)
+        mask = mask.to(torch.uint8 if kind == 2 else f32).expand(B, H, S, L)
         if mask.stride(-1) != 1:
             mask = mask.contiguous()
         mask_strides = mask.stride()[:3]
-    strides = (ctypes.c_int64 * 12)(*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides)
-    out = torch.empty(B, S, H, D, dtype=torch.float32)
-    lib.attention_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), ctypes.addressof(strides),
-                      None if mask is None else mask.data_ptr(), kind, B, H, Hk, S, L, D,
-                      D ** -0.5 if scale is None else scale, int(causal), out.data_ptr(), native.num_threads())
+    strides = struct.pack("12q", *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides)
+    out = torch.empty(B, S, H, D, dtype=f32)
+    lib.attention_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), strides, None if mask is None else mask.data_ptr(),
+                      kind, B, H, Hk, S, L, D, D ** -0.5 if scale is None else scale, int(causal), out.data_ptr(),
+                      native.num_threads())
     return out
 
 
