@@ -382,15 +382,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     >>> out is None or torch.allclose(out[0, :, 0], torch.eye(64), atol=1e-6)
     True
     """
-    lib = native.library()
-    if lib is None or q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return None
     (B, H, S, D), (_, Hk, L, _) = q.shape, k.shape
-    f32, grad = torch.float32, torch.is_grad_enabled()
-    if q.dtype != f32 or k.dtype != f32 or v.dtype != f32 or q.device.type != "cpu" or k.device != q.device \
-            or v.device != q.device or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 \
-            or k.shape != (B, Hk, L, D) or v.shape != k.shape or Hk == 0 or H % Hk or not 0 < L <= ATTENTION_MAX_KEYS \
-            or S == 0 or B * H * S * L * D < ATTENTION_MIN_WORK \
+    if not 0 < L <= ATTENTION_MAX_KEYS or B * H * S * L * D < max(ATTENTION_MIN_WORK, 1):  # first: cheapest
+        return None
+    lib, f32, grad = native.library(), torch.float32, torch.is_grad_enabled()
+    if lib is None or q.dtype != f32 or k.dtype != f32 or v.dtype != f32 or q.device.type != "cpu" \
+            or k.device != q.device or v.device != q.device or q.stride(-1) != 1 or k.stride(-1) != 1 \
+            or v.stride(-1) != 1 or k.shape != (B, Hk, L, D) or v.shape != k.shape or Hk == 0 or H % Hk \
             or (grad and (q.requires_grad or k.requires_grad or v.requires_grad)):
         return None
     kind, mask_strides = 0, (0, 0, 0)
