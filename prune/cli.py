@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -73,14 +74,15 @@ def add_inspect(p: argparse.ArgumentParser) -> None:
 def run_inspect(args: argparse.Namespace) -> int:
     from sparse_ops.checkpoint import inspect_checkpoint
 
-    print(f"{'name':<48} {'shape':<16} {'format':<6} {'dtype':<9} {'sparsity':>8} {'bytes':>14}")
-    rows = stored = dense = 0
-    for t in inspect_checkpoint(args.file):
+    infos = list(inspect_checkpoint(args.file))  # metadata only; the name column fits the longest name
+    width = max([len("name"), *(len(t.name) for t in infos)])
+    print(f"{'name':<{width}} {'shape':<16} {'format':<6} {'dtype':<9} {'sparsity':>8} {'bytes':>14}")
+    for t in infos:
         shape = "x".join(map(str, t.shape)) or "scalar"
-        print(f"{t.name:<48} {shape:<16} {t.format:<6} {str(t.dtype).removeprefix('torch.'):<9} "
+        print(f"{t.name:<{width}} {shape:<16} {t.format:<6} {str(t.dtype).removeprefix('torch.'):<9} "
               f"{t.sparsity:>8.1%} {t.nbytes:>14,}")
-        rows, stored, dense = rows + 1, stored + t.nbytes, dense + t.dense_nbytes
-    print(f"total: {rows} tensors, {stored:,} bytes stored, {dense:,} bytes dense "
+    stored, dense = sum(t.nbytes for t in infos), sum(t.dense_nbytes for t in infos)
+    print(f"total: {len(infos)} tensors, {stored:,} bytes stored, {dense:,} bytes dense "
           f"({stored / max(dense, 1):.1%} of dense)")
     return 0
 
@@ -131,6 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("prune: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`prune inspect FILE | head`): what it read was enough
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+        return 0
     except USER_ERRORS as e:
         if args.debug:
             raise

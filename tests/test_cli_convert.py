@@ -98,3 +98,24 @@ def test_inspect_bad_file_and_no_traceback_in_a_real_process(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == EXIT_USER_ERROR and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("prune inspect: error: cannot read") and len(proc.stderr.splitlines()) == 1
+
+
+def test_inspect_into_a_closed_pipe_exits_quietly(tmp_path):
+    path = tmp_path / "many.safetensors"
+    save_file({f"layer{i}.weight": torch.zeros(2, 2) for i in range(5000)}, str(path))  # more than a pipe holds
+    # head reads one line and exits: every later write of ours meets a closed pipe
+    done = subprocess.run(f"{sys.executable} -m prune inspect {path} | head -1", shell=True, capture_output=True,
+                          text=True, timeout=120, executable="/bin/bash")
+    assert done.stdout.startswith("name") and done.stderr == ""
+    status = subprocess.run(f"set -o pipefail; {sys.executable} -m prune inspect {path} | head -1 > /dev/null",
+                            shell=True, executable="/bin/bash", timeout=120)
+    assert status.returncode == 0
+
+
+def test_inspect_columns_fit_long_names(tmp_path, capsys):
+    long = "model.encoder.layers.11.self_attention.linear_qkv.weight_with_a_long_suffix"
+    save_file({long: torch.zeros(3, 4), "b": torch.zeros(2)}, str(tmp_path / "m.safetensors"))
+    assert main(["inspect", str(tmp_path / "m.safetensors")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    starts = {line.index("3x4") if "3x4" in line else line.index("2 ") for line in lines[1:3]}
+    assert len(starts) == 1 and lines[0].index("shape") in starts  # the shape column lines up
