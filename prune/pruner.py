@@ -20,10 +20,8 @@ Example:
 """
 from __future__ import annotations
 
-import fnmatch
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -33,48 +31,10 @@ from prune import criteria as _criteria
 from prune import masks as _masks
 from prune.report import SparsityReport, layer_row
 from prune.schedules import Constant, Schedule, schedule_from_dict
+from prune.targets import Target, find_targets
 
 SCOPES = ("layer", "global")
 STATE_VERSION = 1
-
-# Which dimension of each module type's weight is its input dimension (N:M groups run along it).
-INPUT_DIM: dict[type[nn.Module], int] = {
-    nn.Linear: 1, nn.Conv1d: 1, nn.Conv2d: 1, nn.Conv3d: 1, nn.Embedding: 1, nn.Bilinear: 2,
-}
-
-
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2): a linear layer whose weight is stored (in, out)."""
-    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in type(module).__mro__)
-
-
-def input_dim(module: nn.Module) -> int:
-    """Index of the input dimension of ``module.weight`` (0 for transformers' transposed ``Conv1D``)."""
-    if _is_hf_conv1d(module):
-        return 0
-    for cls in type(module).__mro__:
-        if cls in INPUT_DIM:
-            return INPUT_DIM[cls]
-    return 1 if module.weight.dim() > 1 else 0
-
-
-def _default_type(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or _is_hf_conv1d(module)
-
-
-def _matches(name: str, pattern: str) -> bool:
-    """Glob ``pattern`` against the full module name or any dotted suffix ("classifier" matches "bert.classifier")."""
-    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
-
-
-@dataclass(frozen=True)
-class Target:
-    """One pruned weight: the module's qualified name, the module, and its weight's input dimension."""
-
-    name: str
-    module: nn.Module
-    in_dim: int
-
 
 class _Mask(nn.Module):
     """Parametrization ``W -> where(mask, W, 0)``; with movement pruning also accumulates ``-W * dL/dW'``.
@@ -120,53 +80,6 @@ class _MaskedWeight(torch.autograd.Function):
         return torch.where(mask, grad, 0), None, None
 
 
-def find_targets(
-    model: nn.Module,
-    types: Sequence[type[nn.Module]] | None = None,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] = (),
-) -> list[Target]:
-    """Modules whose ``weight`` will be pruned: by type (default: linear layers), then include/exclude globs.
-
-    Weights shared with another module (e.g. an output layer tied to the embeddings) are skipped with a warning.
-    """
-    is_type = _default_type if types is None else (lambda m: isinstance(m, tuple(types)))
-    named = [(n, m) for n, m in model.named_modules()
-             if n and is_type(m) and isinstance(getattr(m, "weight", None), nn.Parameter)]
-    for kind, pats in (("include", include or ()), ("exclude", exclude)):
-        for pat in pats:
-            if not any(_matches(n, pat) for n, _ in model.named_modules()):
-                msg = f"{kind} pattern {pat!r} matches no module of the model"
-                if kind == "include":
-                    raise ValueError(msg + f"; module names: {_module_names(model)}")
-                warnings.warn(msg, stacklevel=3)
-    named = [(n, m) for n, m in named if include is None or any(_matches(n, p) for p in include)]
-    named = [(n, m) for n, m in named if not any(_matches(n, p) for p in exclude)]
-    owners: dict[int, list[str]] = {}
-    for n, m in model.named_modules(remove_duplicate=False):
-        for pn, p in m.named_parameters(recurse=False, remove_duplicate=False):
-            owners.setdefault(id(p), []).append(f"{n}.{pn}" if n else pn)
-    targets = []
-    for n, m in named:
-        sharers = owners.get(id(m.weight), [])
-        if len(set(sharers)) > 1:
-            warnings.warn(f"not pruning {n}.weight: it is shared with {sorted(set(sharers) - {n + '.weight'})}",
-                          stacklevel=3)
-            continue
-        targets.append(Target(n, m, input_dim(m)))
-    if not targets:
-        kinds = "nn.Linear / transformers Conv1D" if types is None else ", ".join(t.__name__ for t in types)
-        raise ValueError(f"no weight to prune: no module of type {kinds} passes include={include!r} "
-                         f"exclude={list(exclude)!r}; module names: {_module_names(model)}")
-    return targets
-
-
-def _module_names(model: nn.Module, limit: int = 200) -> str:
-    names = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if n]
-    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
 class Pruner:
     """Prune a model while it trains; your loop only adds ``pruner.step()`` and ``pruner.finalize()``.
 
@@ -178,7 +91,8 @@ class Pruner:
             then be ``1 - N/M``; intermediate targets prune a subset of the final N:M zeros).
         scope: ``"layer"`` (each weight reaches the target exactly) or ``"global"`` (one threshold over all).
         types: module types to prune (default: ``nn.Linear`` and transformers' ``Conv1D``).
-        include, exclude: glob patterns on module names (a pattern also matches any dotted suffix).
+        include, exclude: module name patterns, each covering its module's subtree (``prune.targets``): a
+            glob on the name or any dotted suffix; a string is one pattern.
         max_layer_sparsity: with ``scope="global"``, no single weight is pruned beyond this.
         process_group: under ``torch.distributed`` (e.g. DDP), the group whose ranks share masks (default: the
             whole world when a process group is initialized). Movement scores are averaged over it before every
@@ -199,8 +113,8 @@ class Pruner:
         pattern: str = "unstructured",
         scope: str = "layer",
         types: Sequence[type[nn.Module]] | None = None,
-        include: Sequence[str] | None = None,
-        exclude: Sequence[str] = (),
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] = (),
         max_layer_sparsity: float | None = None,
         process_group: object | None = None,
     ) -> None:

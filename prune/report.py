@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from prune.targets import input_dim
+
 
 @dataclass(frozen=True)
 class LayerSparsity:
@@ -88,8 +90,6 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
 
     The pattern column says ``"2:4"`` where the weight already satisfies it along its input dimension.
     """
-    from prune.pruner import input_dim
-
     rows = []
     for name, module in model.named_modules():
         w = getattr(module, "weight", None)

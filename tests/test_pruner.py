@@ -254,9 +254,9 @@ def test_tied_weights_are_skipped():
     assert [t.name for t in pruner.targets] == ["1"]
 
 
-def test_zero_targets_lists_module_names():
+def test_zero_targets_say_why():
     model = nn.Sequential(nn.Embedding(10, 8), nn.LayerNorm(8))
-    with pytest.raises(ValueError, match=r"no weight to prune.*module names: 0 \(Embedding\), 1 \(LayerNorm\)"):
+    with pytest.raises(ValueError, match=r"no weight to prune.*the model has no module of the types to prune"):
         Pruner(model, sparsity=0.5)
     with pytest.raises(ValueError, match="include pattern 'encoder' matches no module"):
         Pruner(nn.Sequential(nn.Linear(4, 4)), sparsity=0.5, include=["encoder"])
@@ -346,3 +346,41 @@ def test_dtype_and_device_moves_keep_mask_and_score_types():
     assert all(m.dtype == torch.bool for m in state["masks"].values())
     assert all(s.dtype == torch.float32 and s.abs().sum() > 0 for s in state["scores"].values())
     assert model[0].weight.dtype == torch.float64 and int((model[0].weight == 0).sum()) == 256
+
+
+def _bert_classifier():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=100)
+    return BertForSequenceClassification(config)
+
+
+def _pruned(pruner):
+    return {t.name for t in pruner.targets}
+
+
+def test_a_module_name_covers_its_subtree_as_users_write_it():
+    model = _bert_classifier()
+    everything = _pruned(Pruner(_bert_classifier(), sparsity=0.5))
+    assert "bert.pooler.dense" in everything
+    assert not any("pooler" in n for n in _pruned(Pruner(model, sparsity=0.5, exclude=["pooler"])))
+    no_attention = _pruned(Pruner(_bert_classifier(), sparsity=0.5, exclude=["attention"]))
+    assert no_attention and not any(".attention." in n for n in no_attention)
+    encoder = _pruned(Pruner(_bert_classifier(), sparsity=0.5, include=["encoder"]))
+    assert encoder == {n for n in everything if n.startswith("bert.encoder.")} and len(encoder) == 12
+
+
+def test_a_string_is_one_pattern():
+    kept = _pruned(Pruner(_bert_classifier(), sparsity=0.5, exclude="classifier"))  # not c, l, a, s, ...
+    assert "classifier" not in kept and "bert.pooler.dense" in kept
+    assert _pruned(Pruner(_bert_classifier(), sparsity=0.5, include="pooler")) == {"bert.pooler.dense"}
+
+
+def test_an_empty_selection_is_a_short_error_with_the_fix():
+    with pytest.raises(ValueError) as e:
+        Pruner(_bert_classifier(), sparsity=0.5, include=["encoder"], exclude=["layer"])
+    msg = str(e.value)
+    assert len(msg) < 600 and "covers the module's subtree" in msg and "bert.encoder.layer.0.attention.self.query" in msg
+    with pytest.raises(TypeError, match="include must be a module name pattern or a list of them"):
+        Pruner(_bert_classifier(), sparsity=0.5, include=[3])
