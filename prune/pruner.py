@@ -159,8 +159,34 @@ class Pruner:
         for t in self.targets:
             parametrize.remove_parametrizations(t.module, "weight", leave_parametrized=True)
             _restore_order(t.module._parameters, self._param_order[t.name])
+        if self._model_save_pretrained is not None:
+            del self.model.save_pretrained  # the instance attribute: the class's method again
         self._finalized = True
         return self.model
+
+    def masked_state_dict(self) -> dict[str, Tensor]:
+        """The model's state dict as the finalized model will have it: original keys, each target weight masked
+        (exact zeros), nothing of the pruner's. What to export or convert before :meth:`finalize`; a Hugging
+        Face model's ``save_pretrained`` saves this while the pruner is attached. To resume training, save
+        ``model.state_dict()`` (the dense weights movement pruning may regrow) and :meth:`state_dict` instead.
+
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 4))
+        >>> state = Pruner(model, sparsity=0.5).masked_state_dict()
+        >>> sorted(state), float((state["0.weight"] == 0).float().mean())
+        (['0.bias', '0.weight'], 0.5)
+        """
+        self._check_live("masked_state_dict()")
+        originals = {f"{t.name}.parametrizations.weight.original": t for t in self.targets}
+        with torch.no_grad():
+            return {(f"{originals[k].name}.weight" if k in originals else k):
+                    (originals[k].module.weight.detach().clone() if k in originals else v)
+                    for k, v in self.model.state_dict().items()}
+
+    def _save_pretrained(self, *args, state_dict: dict | None = None, **kwargs):
+        """The model's own ``save_pretrained`` with :meth:`masked_state_dict` (unless a state dict is given)."""
+        return self._model_save_pretrained(*args, state_dict=self.masked_state_dict() if state_dict is None
+                                           else state_dict, **kwargs)
 
     @property
     def step_count(self) -> int:
@@ -228,6 +254,12 @@ class Pruner:
             score = torch.zeros_like(w, dtype=torch.float32) if self.criterion.uses_gradients else None
             parametrize.register_parametrization(t.module, "weight", _Mask(mask, score))
         self._set_accumulate()
+        # Hugging Face's save_pretrained would store the dense `...parametrizations.weight.original` tensors and
+        # lose the masks: while attached, it saves the masked weights under the original keys.
+        save = getattr(self.model, "save_pretrained", None)
+        self._model_save_pretrained = save if callable(save) else None
+        if self._model_save_pretrained is not None:
+            self.model.save_pretrained = self._save_pretrained
 
     def _param(self, t: Target) -> _Mask:
         return t.module.parametrizations["weight"][0]

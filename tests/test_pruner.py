@@ -384,3 +384,19 @@ def test_an_empty_selection_is_a_short_error_with_the_fix():
     assert len(msg) < 600 and "covers the module's subtree" in msg and "bert.encoder.layer.0.attention.self.query" in msg
     with pytest.raises(TypeError, match="include must be a module name pattern or a list of them"):
         Pruner(_bert_classifier(), sparsity=0.5, include=[3])
+
+
+def test_save_pretrained_under_a_pruner_saves_the_masked_weights_under_their_keys(tmp_path):
+    from transformers import BertModel
+
+    model = _bert_classifier()
+    pruner = Pruner(model, sparsity=0.75, include=["encoder"])
+    masked = {k: v.clone() for k, v in pruner.masked_state_dict().items()}
+    model.save_pretrained(tmp_path / "mid")
+    loaded = BertModel.from_pretrained(tmp_path / "mid")  # a plain model: no parametrizations, no lost masks
+    q = loaded.encoder.layer[0].attention.self.query.weight
+    assert torch.equal(q, masked["bert.encoder.layer.0.attention.self.query.weight"])
+    assert float((q == 0).float().mean()) == 0.75
+    pruner.finalize()
+    assert "save_pretrained" not in vars(model)  # the class's method again
+    assert all(torch.equal(v, masked[k]) for k, v in model.state_dict().items())
