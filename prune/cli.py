@@ -28,7 +28,7 @@ def add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a small budget (seconds, not minutes)")
     p.add_argument("--runs", default=None,
                    help="comma-separated runs (default: all): dense, magnitude, movement, 2:4, moe, heads")
-    p.add_argument("--steps", type=int, default=None, help="training steps per run (default: 500; 60 quick)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default: 500; 20 quick)")
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -44,21 +44,37 @@ def add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="a .safetensors file, a .pt/.bin state dict, or a Hugging Face model directory")
     p.add_argument("-o", "--output", required=True,
                    help="the sparse .safetensors file to write, or a new (or empty) folder for sharded output: "
-                        "one sparse shard per source shard plus model.sparse.safetensors.index.json")
+                        "one sparse shard per source shard plus model.sparse.safetensors.index.json (a model "
+                        "directory's other files, config and tokenizer, are copied beside them); never the "
+                        "source or a path inside the source directory")
     p.add_argument("--format", default="csr", help="csr, 2:4 or auto (smallest per tensor) (default: csr)")
     p.add_argument("--min-sparsity", type=float, default=None,
                    help="convert tensors at least this sparse (default: where sparse storage is smaller; "
                         "0.5 for 2:4)")
     p.add_argument("--embeddings", action="store_true", help="convert embedding tables too")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output file (or sparse checkpoint folder) once the new one is complete")
+    p.add_argument("--allow-dense", action="store_true",
+                   help="write the output even when no tensor is sparse enough to convert (a warning; "
+                        "without this flag, an error)")
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    import warnings
+
     from sparse_ops.checkpoint import convert_checkpoint
 
-    s = convert_checkpoint(args.src, args.output, format=args.format, min_sparsity=args.min_sparsity,
-                           embeddings=args.embeddings, progress=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = convert_checkpoint(args.src, args.output, format=args.format, min_sparsity=args.min_sparsity,
+                               embeddings=args.embeddings, progress=True, overwrite=args.overwrite,
+                               allow_dense=args.allow_dense)
+    for w in caught:  # one line each, not warnings' "file:line: UserWarning:" and source line
+        print(f"prune convert: warning: {str(w.message).strip().splitlines()[0]}", file=sys.stderr)
     print(f"converted {s.converted} of {s.tensors} tensors to {s.format}: {_mb(s.bytes_before)} -> "
           f"{_mb(s.bytes_after)} ({s.ratio:.1%} of dense), written to {s.dst}")
+    if s.copied:
+        print(f"copied {len(s.copied)} other files of the model folder: {', '.join(s.copied)}")
     return 0
 
 

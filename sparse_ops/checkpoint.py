@@ -9,6 +9,10 @@ Output: one safetensors file, or a folder of shards with an index (one shard per
 under ``<name>/<part>``; which one, and the format, shape and dtype of every tensor, live only in the file's
 metadata (``sparse_ops.tensors``, JSON) beside ``sparse_ops.format_version``. Conversion streams tensor by
 tensor (peak memory ~ 2x the largest tensor beyond the interpreter) into a temporary file in the destination folder, renamed at the end.
+A folder converted to a folder keeps its other files (config, tokenizer, ...), so ``sparse_ops.pretrained.
+from_pretrained`` can rebuild the model from it. The output is never the source, inside the source folder, or
+an existing file (unless ``overwrite=True``); a checkpoint with nothing sparse in it is refused (unless
+``allow_dense=True``).
 
 Example:
     >>> import os, tempfile, torch
@@ -29,8 +33,10 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,11 +44,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from sparse_ops import activations
 from sparse_ops.formats import (
+    CSR,
     FORMATS,
     VALUE_DTYPES,
     SparseFormat,
+    csr_col_dtype,
     csr_nbytes,
     format_class,
     is_two_four,
@@ -57,6 +64,16 @@ CONVERT_FORMATS = ("csr", "2:4", "auto")
 DENSE = "dense"
 TWO_FOUR_MIN_SPARSITY = 0.5  # a 2:4 tensor is at least 50% sparse; below that a tensor stays dense
 EMBEDDING = re.compile(r"embed|(^|\.)(wte|wpe)(\.|$)")  # names of embedding tables (stay dense by default)
+# Files of a model folder that hold weights (of any framework) or an index of them: converted, or left out, when
+# a folder converts to a folder; every other file (config, tokenizer, ...) is copied.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
+INDEX_SUFFIX = ".index.json"
+PRE_FINALIZE_KEY = ".parametrizations."  # in the keys of a model saved with its Pruner still attached
+
+
+class OutputExistsError(FileExistsError, ValueError):
+    """``convert_checkpoint``'s output exists and ``overwrite`` was not given (a ValueError like every other
+    refusal of a bad argument, and a FileExistsError)."""
 
 
 @dataclass(frozen=True)
@@ -178,23 +195,6 @@ def load_sparse_state_dict(path: str | os.PathLike, dense: bool = False) -> dict
 
 # --- conversion ---
 
-@dataclass(frozen=True)
-class ConvertSummary:
-    """What ``convert_checkpoint`` did: tensor counts and data bytes before/after (headers aside)."""
-
-    src: str
-    dst: str
-    format: str
-    tensors: int
-    converted: int
-    bytes_before: int
-    bytes_after: int
-
-    @property
-    def ratio(self) -> float:
-        return self.bytes_after / max(self.bytes_before, 1)
-
-
 def sparsity_of(t: torch.Tensor) -> float:
     """Fraction of exact zeros (0.0 for an empty tensor)."""
     return 1.0 - int(torch.count_nonzero(t)) / t.numel() if t.numel() else 0.0
@@ -232,6 +232,7 @@ class _Options:
     min_sparsity: float | None
     embeddings: bool
     progress: bool
+    allow_dense: bool = False
 
 
 @dataclass(frozen=True)
@@ -240,9 +241,12 @@ class _Totals:
     converted: int = 0
     before: int = 0
     after: int = 0
+    sparsest: float | None = None  # the highest sparsity of a tensor that could be converted (None: no such one)
 
     def __add__(self, other: _Totals) -> _Totals:
-        return _Totals(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+        sparsest = max((s for s in (self.sparsest, other.sparsest) if s is not None), default=None)
+        return _Totals(self.tensors + other.tensors, self.converted + other.converted, self.before + other.before,
+                       self.after + other.after, sparsest)
 
 
 def _is_dir_output(dst: Path) -> bool:
@@ -250,7 +254,7 @@ def _is_dir_output(dst: Path) -> bool:
     return dst.is_dir() or (dst.suffix == "" and not dst.exists())
 
 
-def _check_convert_args(src: Path, dst: Path, format: str, min_sparsity: float | None) -> None:
+def _check_convert_args(src: Path, dst: Path, format: str, min_sparsity: float | None, overwrite: bool) -> None:
     if format not in CONVERT_FORMATS:
         raise ValueError(f"unknown format {format!r}; allowed: {', '.join(CONVERT_FORMATS)}")
     if min_sparsity is not None and not 0.0 <= min_sparsity <= 1.0:
@@ -258,17 +262,94 @@ def _check_convert_args(src: Path, dst: Path, format: str, min_sparsity: float |
     if dst.suffix != ".safetensors" and not _is_dir_output(dst):
         raise ValueError(f"output must be a .safetensors file or a folder (for sharded output), "
                          f"got {dst.name!r}")
-    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
-        raise ValueError(f"output {dst} is the input; choose another path")
-    if dst.is_dir() and any(dst.iterdir()):
-        raise ValueError(f"output folder {dst} is not empty; choose a new or empty folder")
+    _check_not_source(src, dst)
+    _check_existing_output(dst, overwrite)
     if not dst.parent.is_dir():
         raise FileNotFoundError(f"output folder does not exist: {dst.parent}")
 
 
+def _source_folder(src: Path) -> Path | None:
+    """The folder a source reads from as a whole: a model folder, or the folder of an index file's shards."""
+    if src.is_dir():
+        return src
+    return src.parent if src.name.endswith(INDEX_SUFFIX) else None
+
+
+def _check_not_source(src: Path, dst: Path) -> None:
+    """ValueError, naming both paths, when writing ``dst`` could replace what ``src`` reads (links resolved)."""
+    s, d = src.resolve(), dst.resolve()
+    if d == s or (src.exists() and dst.exists() and os.path.samefile(src, dst)):
+        raise ValueError(f"output {dst} is the source {src}; choose another output path")
+    folder = _source_folder(src)
+    if folder is not None and d.is_relative_to(folder.resolve()):
+        raise ValueError(f"output {dst} lies inside the source folder {folder}, which conversion reads (it would "
+                         f"write into, or replace, the checkpoint); choose an output outside {folder}")
+    if _is_dir_output(dst) and s.is_relative_to(d):
+        raise ValueError(f"source {src} lies inside the output folder {dst}, which conversion fills (or with "
+                         f"overwrite replaces); choose an output folder that does not hold the source")
+
+
+def _check_existing_output(dst: Path, overwrite: bool) -> None:
+    """Refuse an existing output unless ``overwrite``; even then only a file or a sparse checkpoint folder
+    (one holding our index) is replaced, never an arbitrary folder. An existing empty folder is filled."""
+    if dst.is_dir():
+        if not any(dst.iterdir()):
+            return
+        if not overwrite:
+            raise OutputExistsError(f"output folder {dst} is not empty; choose a new or empty folder, or pass "
+                                    f"overwrite=True (CLI: --overwrite) to replace the sparse checkpoint in it")
+        if not (dst / SPARSE_INDEX).is_file():
+            raise ValueError(f"output folder {dst} is not empty and holds no {SPARSE_INDEX}: it is not a sparse "
+                             f"checkpoint, so it is not replaced even with overwrite; choose a new or empty folder")
+    elif dst.exists() and not overwrite:
+        raise OutputExistsError(f"output {dst} exists; pass overwrite=True (CLI: --overwrite) to replace it, "
+                                f"or choose another path")
+
+
+def _is_weight_file(name: str) -> bool:
+    return name.endswith(WEIGHT_SUFFIXES) or name.endswith(INDEX_SUFFIX)
+
+
+def extra_files(src: str | os.PathLike) -> list[Path]:
+    """The files a folder-to-folder conversion copies: every file of a model folder ``src`` (links followed;
+    subfolders not) but weights and weight indexes (``WEIGHT_SUFFIXES``, ``*.index.json``); none for a file.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> for name in ("config.json", "vocab.txt", "model.safetensors", "model.safetensors.index.json"):
+        ...     _ = (d / name).write_text("{}")
+        >>> [p.name for p in extra_files(d)]
+        ['config.json', 'vocab.txt']
+    """
+    src = Path(src)
+    if not src.is_dir():
+        return []
+    return sorted(p for p in src.iterdir() if p.is_file() and not _is_weight_file(p.name))
+
+
+@dataclass(frozen=True)
+class ConvertSummary:
+    """What ``convert_checkpoint`` did: tensor counts and data bytes before/after (headers aside), and the
+    other files of a model folder copied beside the weights."""
+
+    src: str
+    dst: str
+    format: str
+    tensors: int
+    converted: int
+    bytes_before: int
+    bytes_after: int
+    copied: tuple[str, ...] = ()  # file names (config.json, tokenizer.json, ...)
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_after / max(self.bytes_before, 1)
+
+
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, format: str = "csr",
                        min_sparsity: float | None = None, *, embeddings: bool = False,
-                       progress: bool = False) -> ConvertSummary:
+                       progress: bool = False, overwrite: bool = False, allow_dense: bool = False) -> ConvertSummary:
     """Write ``src`` as a sparse safetensors file ``dst``, one tensor at a time; returns a summary.
 
     Converted: 2-D fp32/fp16/bf16 tensors (embeddings only with ``embeddings=True``) whose sparsity is at least
@@ -278,27 +359,61 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, format: s
 
     ``dst`` a folder (a new or empty one, or a path without a suffix): one sparse shard per source shard,
     ``model-0000k-of-0000n.sparse.safetensors``, and ``model.sparse.safetensors.index.json`` mapping each
-    tensor name to its shard; the folder appears complete or not at all.
+    tensor name to its shard; the folder appears complete or not at all. A model folder converted to a folder
+    keeps its other files (``extra_files``: config.json, tokenizer files, ...), copied unchanged.
+
+    Refused with a ValueError naming the paths, before anything is read: ``dst`` is ``src``, lies inside the
+    source folder, or is a folder holding ``src``; ``dst`` exists (``OutputExistsError``) unless
+    ``overwrite=True``, which replaces a file or a sparse checkpoint folder (never another folder) only once
+    the new output is complete. Refused at the end, leaving nothing on disk: no tensor converted (an unpruned
+    model, one saved before ``Pruner.finalize()``, or ``min_sparsity`` too high), unless ``allow_dense=True``,
+    which writes the file and warns.
     """
     src, dst = Path(src), Path(dst)
-    _check_convert_args(src, dst, format, min_sparsity)
-    opts = _Options(format, min_sparsity, embeddings, progress)
+    _check_convert_args(src, dst, format, min_sparsity, overwrite)
+    opts = _Options(format, min_sparsity, embeddings, progress, allow_dense)
+    copied: list[Path] = []
     with open_raw(src) as source:
         if _is_dir_output(dst):
-            t = _convert_sharded(source, dst, opts)
+            copied = extra_files(src)
+            t = _convert_sharded(source, dst, opts, copied)
         else:
-            t = _convert_file(source, read_entries(source), dst, opts)
-    return ConvertSummary(str(src), str(dst), format, t.tensors, t.converted, t.before, t.after)
+            t = _convert_file(source, read_entries(source), dst, opts, final=True)
+    return ConvertSummary(str(src), str(dst), format, t.tensors, t.converted, t.before, t.after,
+                          tuple(p.name for p in copied))
 
 
-def _convert_file(source: RawSource, entries: list[Entry], dst: Path, opts: _Options) -> _Totals:
-    """Convert ``entries`` of ``source`` into one safetensors file ``dst`` (atomically)."""
+def _check_sparse(totals: _Totals, names: list[str], opts: _Options) -> None:
+    """Refuse (ValueError) or, with ``allow_dense``, warn when no tensor was converted; one line naming the
+    likely cause."""
+    if totals.converted:
+        return
+    causes = ["the model is unpruned", "it was saved before Pruner.finalize() (masks not yet in the weights)"]
+    if any(PRE_FINALIZE_KEY in n for n in names):
+        causes = [(f"it was saved before Pruner.finalize(): its keys hold {PRE_FINALIZE_KEY.strip('.')} "
+                   f"(save pruner.masked_state_dict(), or the model after finalize())")]
+    if opts.min_sparsity is not None:
+        causes.append(f"min_sparsity={opts.min_sparsity} is too high")
+    sparsest = ("no 2-D float weight to consider" if totals.sparsest is None
+                else f"the sparsest 2-D weight is {totals.sparsest:.1%} zeros")
+    msg = (f"nothing to convert: none of the {totals.tensors} tensors is sparse enough for {opts.format} storage "
+           f"({sparsest}); likely {', or '.join(causes)}")
+    if not opts.allow_dense:
+        raise ValueError(f"{msg}; pass allow_dense=True (CLI: --allow-dense) to write it anyway")
+    warnings.warn(f"{msg}; written anyway (allow_dense)", UserWarning, stacklevel=4)
+
+
+def _convert_file(source: RawSource, entries: list[Entry], dst: Path, opts: _Options, final: bool) -> _Totals:
+    """Convert ``entries`` of ``source`` into one safetensors file ``dst`` (atomically); ``final``: the whole
+    output, checked for having anything sparse before it is committed."""
     records, totals = {}, _Totals()
     with SafetensorsWriter(dst) as writer:
         bar = None if opts.progress else True  # tqdm's disable=None: a bar on a terminal only
         for entry in tqdm(entries, desc="convert", unit="tensor", disable=bar):
             records[entry.name], t = _convert_entry(source, entry, writer, opts)
             totals += t
+        if final:
+            _check_sparse(totals, list(records), opts)
         writer.commit({VERSION_KEY: FORMAT_VERSION, TENSORS_KEY: json.dumps(records)})
     return totals
 
@@ -316,49 +431,153 @@ def _convert_entry(source: RawSource, entry: Entry, writer: SafetensorsWriter, o
     names = {p: entry.name if fmt == DENSE else f"{entry.name}/{p}" for p in parts}
     after = sum(writer.add(names[p], v) for p, v in parts.items())
     record = Entry(entry.name, fmt, tuple(t.shape), t.dtype, names).to_json()
-    return record, _Totals(1, int(fmt != DENSE), t.numel() * t.element_size(), after)
+    candidate = t.dim() == 2 and t.dtype in VALUE_DTYPES and (opts.embeddings or not EMBEDDING.search(entry.name))
+    return record, _Totals(1, int(fmt != DENSE), t.numel() * t.element_size(), after,
+                           sparsity_of(t) if candidate else None)
 
 
-def _convert_sharded(source: RawSource, out: Path, opts: _Options) -> _Totals:
-    """One output shard per source shard, built in a hidden sibling folder renamed onto ``out`` at the end."""
+def _convert_sharded(source: RawSource, out: Path, opts: _Options, extras: list[Path]) -> _Totals:
+    """One output shard per source shard, plus copies of ``extras``, built in a hidden sibling folder renamed
+    onto ``out`` at the end."""
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         shards = shard_entries(source)
         weight_map, totals = {}, _Totals()
         for k, (shard, entries) in enumerate(shards, 1):
             name = f"model-{k:05d}-of-{len(shards):05d}.sparse.safetensors"
-            totals += _convert_file(shard, entries, tmp / name, opts)
+            totals += _convert_file(shard, entries, tmp / name, opts, final=False)
             weight_map.update({e.name: name for e in entries})
+        _check_sparse(totals, list(weight_map), opts)
+        for file in extras:
+            shutil.copyfile(file, tmp / file.name)  # the content (an HF cache's links followed), usual mode
         index = {"metadata": {VERSION_KEY: FORMAT_VERSION, "total_size": totals.after},
                  "weight_map": weight_map}
         (tmp / SPARSE_INDEX).write_text(json.dumps(index, indent=2))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result gets the usual mode
-        os.replace(tmp, out)  # onto a missing or empty folder
+        _replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return totals
 
 
+def _replace_folder(new: Path, out: Path) -> None:
+    """Move the complete folder ``new`` onto ``out``: a missing or empty folder is replaced in one rename; a full
+    one (``overwrite``, checked to be a sparse checkpoint) is moved aside first and deleted once ``new`` is in."""
+    if not out.is_dir() or not any(out.iterdir()):
+        os.replace(new, out)
+        return
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+    os.replace(out, old)  # onto the empty folder just made
+    try:
+        os.replace(new, out)
+    except BaseException:
+        os.replace(old, out)  # the previous output stays
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 # --- loading into a model ---
 
-def _split_state(state: Mapping[str, torch.Tensor | SparseFormat], model: nn.Module
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, SparseFormat]]:
-    """(dense tensors to load_state_dict, sparse weights of nn.Linear modules to swap); sparse weights of
-    other modules are densified and loaded as ordinary parameters."""
-    linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    dense, swap = {}, {}
+def transpose_csr(w: CSR) -> CSR:
+    """The CSR of ``w``'s transpose, without a dense copy: (rows, cols) -> (cols, rows), entries re-sorted by
+    column (a stable sort keeps the rows increasing within each new row). Scratch: a few int64 (nnz,) tensors.
+
+    Example:
+        >>> w = torch.tensor([[0.0, 1.0, 2.0], [3.0, 0.0, 4.0]])
+        >>> t = transpose_csr(CSR.from_dense(w))
+        >>> t.shape, torch.equal(t.to_dense(), w.t()), t.crow_indices.tolist(), t.col_indices.tolist()
+        ((3, 2), True, [0, 1, 2, 4], [1, 0, 0, 1])
+    """
+    rows, cols = w.shape
+    counts = (w.crow_indices[1:] - w.crow_indices[:-1]).to(torch.int64)
+    row_of = torch.repeat_interleave(torch.arange(rows, device=w.device), counts)  # (nnz,) row of each entry
+    col_of = w.col_indices.to(torch.int64)  # (nnz,)
+    order = torch.argsort(col_of, stable=True)  # (nnz,) entries in (column, row) order
+    crow = torch.zeros(cols + 1, dtype=torch.int64, device=w.device)
+    crow[1:] = torch.cumsum(torch.bincount(col_of, minlength=cols), 0)
+    return CSR(crow.to(torch.int32), row_of[order].to(csr_col_dtype(rows)), w.values[order], (cols, rows))
+
+
+def transpose_sparse(w: SparseFormat) -> tuple[SparseFormat, str | None]:
+    """(w^T, None) in ``w``'s format; CSR directly, others through dense once. Where w^T breaks the format
+    (the transpose of a 2:4 weight is rarely 2:4), w^T as CSR and a note saying why."""
+    if isinstance(w, CSR):
+        return transpose_csr(w), None
+    t = w.to_dense().t().contiguous()  # (cols, rows)
+    try:
+        return format_class(w.format).from_dense(t), None
+    except ValueError:
+        return CSR.from_dense(t), f"loads as csr: its (out, in) transpose is not {w.format}"
+
+
+def _as_is(w: SparseFormat) -> tuple[SparseFormat, str | None]:
+    return w, None
+
+
+ToLinear = Callable[[SparseFormat], tuple[SparseFormat, str | None]]  # stored weight -> ((out, in) weight, note)
+
+
+def _sparse_layers() -> dict[type, ToLinear]:
+    """Module type -> how its stored sparse weight becomes a SparseLinear's (out, in) weight: nn.Linear's as it
+    is; transformers' Conv1D (GPT-2: y = x @ W + b, W stored (in, out)) transposed. Conv1D is looked up among
+    the imported modules: a model holding one has imported it, and no model needs transformers imported."""
+    table: dict[type, ToLinear] = {nn.Linear: _as_is}
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    if isinstance(conv1d, type):
+        table[conv1d] = transpose_sparse
+    return table
+
+
+def _to_linear_for(module: nn.Module, table: dict[type, ToLinear]) -> ToLinear | None:
+    return next((table[c] for c in type(module).__mro__ if c in table), None)
+
+
+@dataclass(frozen=True)
+class _Split:
+    """A checkpoint sorted for one model."""
+
+    dense: dict[str, torch.Tensor]  # for load_state_dict (sparse weights of other modules densified)
+    swap: dict[str, tuple[SparseFormat, ToLinear]]  # module name -> its stored sparse weight, to a SparseLinear's
+    buffers: dict[str, torch.Tensor]  # keys naming a non-persistent buffer (not in the model's state_dict)
+    left_dense: dict[str, str]  # key of a sparse weight loaded dense -> why
+
+
+def _split_state(state: Mapping[str, torch.Tensor | SparseFormat], model: nn.Module) -> _Split:
+    table = _sparse_layers()
+    modules = dict(model.named_modules())
+    persistent = set(model.state_dict(keep_vars=True))
+    loose = {n for n, _ in model.named_buffers(remove_duplicate=False)} - persistent
+    split = _Split({}, {}, {}, {})
     for key, value in state.items():
-        module = key.rpartition(".")[0]
-        if isinstance(value, torch.Tensor):
-            dense[key] = value
-        elif key.endswith(".weight") and module in linears:
-            swap[module] = value
+        name, _, leaf = key.rpartition(".")
+        module = modules.get(name)
+        to_linear = _to_linear_for(module, table) if module is not None and leaf == "weight" else None
+        if key in loose:
+            split.buffers[key] = value if isinstance(value, torch.Tensor) else value.to_dense()
+        elif isinstance(value, torch.Tensor):
+            split.dense[key] = value
+        elif to_linear is not None:
+            split.swap[name] = (value, to_linear)
         else:
-            dense[key] = value.to_dense()
-    return dense, swap
+            split.dense[key] = value.to_dense()
+            if key in persistent:  # else: not the model's, reported as unexpected
+                why = (f"{type(module).__name__} has no sparse layer" if leaf == "weight"
+                       else "not a layer's weight")
+                split.left_dense[key] = why
+    return split
+
+
+def _load_buffers(model: nn.Module, buffers: Mapping[str, torch.Tensor]) -> None:
+    """Copy each tensor into the non-persistent buffer it names where the shapes agree; skip it otherwise (the
+    model computes such buffers itself, e.g. BERT's ``position_ids``, saved by older transformers)."""
+    with torch.no_grad():
+        for key, value in buffers.items():
+            buffer = model.get_buffer(key)
+            if tuple(buffer.shape) == tuple(value.shape):
+                buffer.copy_(value)
 
 
 KERNEL_CHOICES = ("auto", "ours", "torch")  # sparsify(kernel=...)
@@ -368,8 +587,12 @@ def sparsify(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Te
              device: torch.device | str = "cpu", *, kernel: str = "auto", batches: tuple[int, ...] = (),
              timer=None, cache=None, verbose: bool = False, fuse_activations: bool = False,
              fuse: bool = False) -> nn.Module:
-    """Load a checkpoint into ``model`` (in place) and swap each ``nn.Linear`` whose weight is stored sparse
-    for a ``SparseLinear`` on ``device``; returns the model.
+    """Load a checkpoint into ``model`` (in place) and swap each ``nn.Linear`` (and transformers' ``Conv1D``,
+    its weight transposed) whose weight is stored sparse for a ``SparseLinear`` on ``device``; returns the model.
+
+    A sparse weight of any other module (an embedding converted with ``embeddings=True``) loads dense, with a
+    warning naming it and why. A checkpoint key naming a non-persistent buffer of the model (not in its
+    ``state_dict``) is copied into it where the shapes agree, and skipped otherwise.
 
     ``kernel="auto"`` (the default): each layer picks, per batch bucket, the fastest of dense, our kernels and
     torch's, measured on this machine at the first call in the bucket (or at load for ``batches``) and cached
@@ -378,7 +601,7 @@ def sparsify(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Te
     the on-disk cache). ``kernel="ours"`` pins our kernels, ``"torch"`` torch's (where it has one) for every
     sparse layer at every batch, measuring nothing.
     ``fuse_activations=True`` then moves each activation module that only consumes a sparse layer's output into
-    that layer's kernel (``sparse_ops.activations.fuse_activations``: e.g. the GELU of a BERT FFN).
+    that layer's kernel (``sparse_ops.fusion.fuse_activations``: e.g. the GELU of a BERT FFN).
     ``fuse=True`` runs every proven fusion (``sparse_ops.fusion.fuse``): the activations, each feed-forward
     block of two sparse layers as one kernel call (the pair's state dict keys move under the second), and the
     residual add and LayerNorm after a sparse layer in its kernel; and a ``transformers`` model's attention goes
@@ -393,26 +616,32 @@ def sparsify(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Te
         raise ValueError(f"batches must be positive token counts, got {batches!r}")
     planner = Planner(timer=timer, cache=cache, verbose=verbose) if kernel == "auto" else None
     state = source if isinstance(source, Mapping) else load_sparse_state_dict(source)
-    dense, swap = _split_state(state, model)
-    result = model.load_state_dict(dense, strict=False)
-    missing = _untied(model, set(result.missing_keys) - {f"{m}.weight" for m in swap}, set(dense))
+    split = _split_state(state, model)
+    result = model.load_state_dict(split.dense, strict=False)
+    missing = _untied(model, set(result.missing_keys) - {f"{m}.weight" for m in split.swap}, set(split.dense))
     if result.unexpected_keys or missing:
         bad = sorted(result.unexpected_keys)[:1] or sorted(missing)[:1]
         raise ValueError(f"checkpoint does not fit the model: {len(result.unexpected_keys)} unexpected and "
                          f"{len(missing)} missing tensors, e.g. {bad[0]!r}")
+    _load_buffers(model, split.buffers)
     model.to(device)
-    for name, weight in swap.items():
-        linear = model.get_submodule(name)
-        if tuple(linear.weight.shape) != weight.shape:
-            raise ValueError(f"{name}.weight is {weight.shape} in the checkpoint, {tuple(linear.weight.shape)} "
+    notes = {}
+    for name, (weight, to_linear) in split.swap.items():
+        module = model.get_submodule(name)
+        if tuple(module.weight.shape) != weight.shape:
+            raise ValueError(f"{name}.weight is {weight.shape} in the checkpoint, {tuple(module.weight.shape)} "
                              f"in the model")
-        weight = dataclasses.replace(weight, values=weight.values.to(linear.weight.dtype)).to(device)
-        layer = SparseLinear(weight, linear.bias.detach() if linear.bias is not None else None,
+        weight, note = to_linear(dataclasses.replace(weight, values=weight.values.to(module.weight.dtype)))
+        if note:
+            notes[f"{name}.weight"] = note
+        layer = SparseLinear(weight.to(device), module.bias.detach() if module.bias is not None else None,
                              torch_kernel=kernel == "torch", planner=planner, name=name)
         for b in batches:
             layer.route(b)  # measured (or read from the cache) now rather than at the first call
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
+    _warn_layers(split.left_dense, "sparse weight(s) load dense")
+    _warn_layers(notes, "sparse weight(s) change format")
     if fuse:
         from sparse_ops.attention import use_fast_attention
         from sparse_ops.fusion import fuse as fuse_all
@@ -420,8 +649,16 @@ def sparsify(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Te
         fuse_all(model)
         use_fast_attention(model)
     elif fuse_activations:
-        activations.fuse_activations(model)
+        from sparse_ops.fusion import fuse_activations as fuse_acts
+
+        fuse_acts(model)
     return model
+
+
+def _warn_layers(reasons: Mapping[str, str], what: str) -> None:
+    if reasons:
+        named = "; ".join(f"{key}: {why}" for key, why in sorted(reasons.items()))
+        warnings.warn(f"sparsify: {len(reasons)} {what}: {named}", UserWarning, stacklevel=3)
 
 
 def _untied(model: nn.Module, missing: set[str], loaded: set[str]) -> set[str]:

@@ -1,7 +1,9 @@
 """Checkpoint conversion, reading of every source kind, validation of bad files, and sparsify on a tiny BERT."""
 import json
 import os
+import re
 import struct
+import warnings
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from sparse_ops.checkpoint import (
 from sparse_ops.formats import CSR, TwoFour
 from sparse_ops.linear import SparseLinear
 from sparse_ops.plan import PlanCache, plan_rows
+from sparse_ops.tensorio import SPARSE_INDEX
 from tests.test_formats import two_four, unstructured
 
 
@@ -90,7 +93,11 @@ def test_sizes_at_90_percent_csr_and_2_4(tmp_path):
 @pytest.mark.parametrize("min_sparsity,converted", [(None, 1), (0.0, 2), (0.95, 0)])
 def test_min_sparsity_threshold(tmp_path, min_sparsity, converted):
     sd = {"a": unstructured((64, 64), 0.9), "b": unstructured((64, 64), 0.2)}  # b: CSR would be larger
-    s = convert_checkpoint(write(tmp_path, sd, "pt"), tmp_path / "o.safetensors", min_sparsity=min_sparsity)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nothing converted: refused without allow_dense, a warning with it
+        allow = {"allow_dense": True} if converted == 0 else {}
+        s = convert_checkpoint(write(tmp_path, sd, "pt"), tmp_path / "o.safetensors", min_sparsity=min_sparsity,
+                               **allow)
     assert s.converted == converted
 
 
@@ -292,3 +299,264 @@ def test_sparsify_rejects_a_checkpoint_for_another_model():
     sd = {"nope.weight": CSR.from_dense(torch.zeros(4, 4))}
     with pytest.raises(ValueError, match="does not fit the model: 1 unexpected and 2 missing tensors, e.g. .nope.weight."):
         sparsify(nn.Sequential(nn.Linear(4, 4)), sd)
+
+
+# --- user traps: the output and its source, overwriting, nothing sparse, model folders, buffers, Conv1D ---
+
+def snapshot(root):
+    """Every file under ``root`` (hidden ones too) -> its bytes: what a refused conversion must leave as it was."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _symlink_to_source(tmp_path, src):
+    (tmp_path / "link.safetensors").symlink_to(src)
+    return tmp_path / "link.safetensors"
+
+
+OWN_SOURCE = {  # case -> (source kind, output from (tmp_path, source), overwrite)
+    "the source's own weights file": ("hf", lambda tmp, src: src / "model.safetensors", False),
+    "the same, with overwrite": ("hf", lambda tmp, src: src / "model.safetensors", True),
+    "a new file inside the source folder": ("hf", lambda tmp, src: src / "sparse.safetensors", False),
+    "a new folder inside the source folder": ("hf-sharded", lambda tmp, src: src / "sparse", False),
+    "the source folder itself": ("hf", lambda tmp, src: src, True),
+    "the source file itself": ("safetensors", lambda tmp, src: src, True),
+    "the source file through a link": ("safetensors", _symlink_to_source, True),
+    "a shard of an index file's folder": ("hf-sharded", lambda tmp, src: src / "a.safetensors", True),
+    "a folder holding the source file": ("safetensors", lambda tmp, src: tmp, True),
+    "a folder holding the source folder": ("hf", lambda tmp, src: tmp, True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OWN_SOURCE))
+def test_an_output_that_could_replace_its_source_is_refused_naming_both(tmp_path, case):
+    kind, output, overwrite = OWN_SOURCE[case]
+    src = write(tmp_path, state(), kind)
+    dst = output(tmp_path, src)
+    named = src  # the source the message names: an index file's folder is its source folder
+    if case == "a shard of an index file's folder":
+        src = src / "model.safetensors.index.json"
+    (tmp_path / "out").mkdir()  # any output folder at all: a "folder holding the source" may not be replaced
+    (tmp_path / "out" / SPARSE_INDEX).write_text("{}")
+    if case.startswith("a folder holding"):
+        (dst / SPARSE_INDEX).write_text("{}")  # looks like a sparse checkpoint: overwrite would replace it
+    before = snapshot(tmp_path)
+    first, second = (src, dst) if case.startswith("a folder holding") else (dst, named)
+    with pytest.raises(ValueError, match=f"{re.escape(str(first))} .*{re.escape(str(second))}"):
+        convert_checkpoint(src, dst, overwrite=overwrite)
+    assert snapshot(tmp_path) == before  # the source intact, nothing written, no temporary file
+
+
+@pytest.mark.parametrize("out", ["o.safetensors", "out"])
+def test_an_existing_output_is_kept_unless_overwrite(tmp_path, out):
+    sd = state()
+    src, dst = write(tmp_path, sd, "pt"), tmp_path / out
+    convert_checkpoint(src, dst)
+    before = snapshot(tmp_path)
+    with pytest.raises(FileExistsError, match=f"{re.escape(str(dst))} .*overwrite=True") as refused:
+        convert_checkpoint(src, dst, embeddings=True, min_sparsity=0.0)
+    assert isinstance(refused.value, ValueError) and snapshot(tmp_path) == before
+    convert_checkpoint(src, dst, embeddings=True, min_sparsity=0.0, overwrite=True)  # a different output
+    assert isinstance(load_sparse_state_dict(dst)["emb.embeddings.weight"], CSR)
+    assert sorted(os.listdir(tmp_path)) == sorted(["m.pt", out])  # no temporary file, no old copy left
+    dense = load_sparse_state_dict(dst, dense=True)
+    assert all(torch.equal(dense[k], v) for k, v in sd.items())
+
+
+def test_overwrite_never_replaces_a_folder_that_is_not_a_sparse_checkpoint(tmp_path):
+    src = write(tmp_path, state(), "pt")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path / 'notes'))} is not empty and holds no "
+                                         f"{re.escape(SPARSE_INDEX)}"):
+        convert_checkpoint(src, tmp_path / "notes", overwrite=True)
+    assert snapshot(tmp_path / "notes") == {"todo.txt": b"keep me"}
+
+
+@pytest.mark.parametrize("out", ["o.safetensors", "out"])
+def test_a_failed_overwrite_keeps_the_previous_output(tmp_path, out):
+    src = write(tmp_path, state(), "pt")
+    convert_checkpoint(src, tmp_path / out)
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match=r"fc1.weight: weight of shape \(256, 128\) is not 2:4"):
+        convert_checkpoint(src, tmp_path / out, format="2:4", overwrite=True)
+    assert snapshot(tmp_path) == before
+
+
+def _pre_finalize_state():
+    """A model saved with its Pruner attached: dense ``...parametrizations.weight.original`` tensors."""
+    from prune import Pruner
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    Pruner(model, sparsity=0.9).step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+NOTHING_SPARSE = {  # case -> (state, min_sparsity, what the message says: sparsest weight; likely cause)
+    "unpruned": (lambda: {"fc.weight": torch.randn(64, 64), "fc.bias": torch.randn(64)}, None,
+                 r"\(the sparsest 2-D weight is 0.0% zeros\); likely the model is unpruned, or it was saved "
+                 + r"before Pruner.finalize\(\)"),
+    "saved before finalize": (_pre_finalize_state, None,
+                              r"\(the sparsest 2-D weight is 0.0% zeros\); likely it was saved before "
+                              + r"Pruner.finalize\(\): its keys hold parametrizations"),
+    "min_sparsity too high": (lambda: {"fc.weight": unstructured((64, 64), 0.9)}, 0.99,
+                              r"\(the sparsest 2-D weight is [89]\d.\d% zeros\); likely .*, "
+                              + r"or min_sparsity=0.99 is too high"),
+}
+
+
+@pytest.mark.parametrize("out", ["o.safetensors", "out"])
+@pytest.mark.parametrize("case", sorted(NOTHING_SPARSE))
+def test_a_checkpoint_with_nothing_sparse_is_refused_unless_allow_dense(tmp_path, case, out):
+    make, min_sparsity, cause = NOTHING_SPARSE[case]
+    sd = make()
+    src = write(tmp_path, sd, "pt")
+    with pytest.raises(ValueError, match=rf"nothing to convert: none of the {len(sd)} tensors is sparse enough "
+                                         rf"for csr storage {cause}.*allow_dense=True"):
+        convert_checkpoint(src, tmp_path / out, min_sparsity=min_sparsity)
+    assert sorted(os.listdir(tmp_path)) == ["m.pt"]  # no output, no temporary file
+    with pytest.warns(UserWarning, match=rf"nothing to convert: .*{cause}.*written anyway"):
+        s = convert_checkpoint(src, tmp_path / out, min_sparsity=min_sparsity, allow_dense=True)
+    assert (s.tensors, s.converted) == (len(sd), 0)
+    assert all(torch.equal(v, sd[k]) for k, v in load_sparse_state_dict(tmp_path / out).items())
+
+
+MODEL_FOLDER_FILES = {  # everything but weights is copied, byte for byte
+    "config.json": b'{"model_type": "bert"}', "generation_config.json": b"{}", "tokenizer.json": b'{"v": 1}',
+    "tokenizer_config.json": b"{}", "special_tokens_map.json": b"{}", "vocab.txt": b"[PAD]\nhello\n",
+    "vocab.json": b'{"a": 0}', "merges.txt": b"#version: 0.2\na b\n", "spiece.model": bytes(range(256)),
+    "added_tokens.json": b"{}", "chat_template.jinja": b"{{ messages }}", "preprocessor_config.json": b"{}",
+    "README.md": b"# a model\n",
+}
+NOT_COPIED = ("training_args.bin", "optimizer.pt", "tf_model.h5", "flax_model.msgpack", "pytorch_model.bin.index.json")
+
+
+@pytest.mark.parametrize("kind", ["hf", "hf-sharded"])
+def test_a_model_folder_converted_to_a_folder_keeps_config_and_tokenizer_files(tmp_path, kind):
+    sd = state()
+    src = write(tmp_path, sd, kind)
+    for name, data in {**MODEL_FOLDER_FILES, **{n: b"dense weights" for n in NOT_COPIED}}.items():
+        (src / name).write_bytes(data)
+    (src / "runs").mkdir()  # subfolders (training logs, checkpoints) are not copied
+    (src / "runs" / "log.txt").write_text("step 1")
+    s = convert_checkpoint(src, tmp_path / "out")
+    copied = {k: v for k, v in snapshot(tmp_path / "out").items() if not k.startswith("model")}
+    assert copied == MODEL_FOLDER_FILES and s.copied == tuple(sorted(MODEL_FOLDER_FILES))
+    n = 1 if kind == "hf" else 2
+    shards = [f"model-{k:05d}-of-{n:05d}.sparse.safetensors" for k in range(1, n + 1)]
+    assert sorted(set(os.listdir(tmp_path / "out")) - set(copied)) == [*shards, SPARSE_INDEX]
+    dense = load_sparse_state_dict(tmp_path / "out", dense=True)
+    assert all(torch.equal(dense[k], v) for k, v in sd.items())
+
+
+class WithBuffers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.register_buffer("scale", torch.ones(8), persistent=False)
+        self.register_buffer("table", torch.zeros(3), persistent=False)
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+
+def test_checkpoint_keys_of_non_persistent_buffers_are_copied_or_skipped():
+    w = unstructured((8, 8), 0.9)
+    sd = {"fc.weight": CSR.from_dense(w), "fc.bias": torch.zeros(8), "scale": torch.full((8,), 2.0),
+          "table": torch.ones(5)}  # scale fits: copied; table does not: skipped
+    model = sparsify(WithBuffers(), sd)
+    assert isinstance(model.fc, SparseLinear)
+    assert torch.equal(model.scale, torch.full((8,), 2.0)) and torch.equal(model.table, torch.zeros(3))
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(model(x), 2.0 * (x @ w.t()), rtol=1e-5, atol=1e-5)
+
+
+def test_sparsify_a_bert_checkpoint_that_holds_position_ids(tmp_path):
+    dense = prune_linears(tiny_bert(), 0.9)
+    sd = {k: v.contiguous() for k, v in dense.state_dict().items()}
+    assert "embeddings.position_ids" not in sd  # a non-persistent buffer in current transformers
+    sd["embeddings.position_ids"] = torch.arange(32)[None]  # as older transformers saved it
+    save_file(sd, tmp_path / "bert.safetensors")
+    convert_checkpoint(tmp_path / "bert.safetensors", tmp_path / "sparse.safetensors")
+    model = sparsify(tiny_bert(seed=1), tmp_path / "sparse.safetensors")
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).last_hidden_state, dense(input_ids=ids).last_hidden_state,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def tiny_gpt2(seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=16, bos_token_id=0,
+                     eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def prune_conv1d(model, pattern):
+    """90% of each Conv1D weight (in, out) zero, or 2:4 along its stored last dimension (out)."""
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, Conv1D):
+                w = m.weight
+                if pattern == "2:4":
+                    g = w.abs().reshape(w.shape[0], -1, 4)
+                    w.copy_(w.reshape(g.shape).scatter(-1, g.argsort(-1)[..., :2], 0.0).reshape(w.shape))
+                else:
+                    w.masked_fill_(torch.rand(w.shape) < 0.9, 0.0)
+    return model
+
+
+@pytest.mark.parametrize("format,pattern", [("csr", "unstructured"), ("auto", "unstructured"), ("2:4", "2:4")])
+def test_sparsify_loads_gpt2_conv1d_layers_sparse(tmp_path, format, pattern):
+    from transformers.pytorch_utils import Conv1D
+
+    dense = prune_conv1d(tiny_gpt2(), pattern)
+    dense.save_pretrained(tmp_path / "dense")  # no lm_head.weight: tied to the token embedding
+    convert_checkpoint(tmp_path / "dense", tmp_path / "sparse.safetensors", format=format)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = sparsify(tiny_gpt2(seed=1), tmp_path / "sparse.safetensors")
+    ours = [str(w.message) for w in caught if str(w.message).startswith("sparsify")]
+    layers = [n for n, m in dense.named_modules() if isinstance(m, Conv1D)]
+    assert len(layers) == 8 and all(isinstance(model.get_submodule(n), SparseLinear) for n in layers)
+    if format == "2:4":  # the (out, in) transpose of a weight 2:4 along out is not 2:4: csr, said once
+        assert len(ours) == 1 and ours[0].startswith("sparsify: 8 sparse weight(s) change format: ")
+        assert all(f"{n}.weight: loads as csr: its (out, in) transpose is not 2:4" in ours[0] for n in layers)
+    else:
+        assert ours == []
+    ids = torch.randint(0, 100, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, dense(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (1, 1), (0, 4), (4, 0), (40000, 3), (6, 6)])
+def test_transpose_csr_equals_the_dense_transpose(shape):
+    from sparse_ops.checkpoint import transpose_csr
+    from sparse_ops.formats import csr_col_dtype
+
+    w = unstructured(shape, 0.7) if 0 not in shape else torch.zeros(shape)
+    if shape == (6, 6):
+        w[2] = 0.0  # an empty row and column
+        w[:, 4] = 0.0
+    t = transpose_csr(CSR.from_dense(w)).validate()
+    assert t.shape == shape[::-1] and t.col_indices.dtype == csr_col_dtype(shape[0])
+    assert torch.equal(t.to_dense(), w.t())
+
+
+def test_sparse_weights_of_other_layers_load_dense_with_a_warning_naming_them():
+    dense = prune_linears(tiny_bert(), 0.9)
+    with torch.no_grad():
+        emb = dense.embeddings.word_embeddings.weight
+        emb.masked_fill_(torch.rand(emb.shape) < 0.9, 0.0)
+    sd = dict(dense.state_dict())
+    sd["embeddings.word_embeddings.weight"] = CSR.from_dense(emb.detach().clone())
+    with pytest.warns(UserWarning, match=r"^sparsify: 1 sparse weight\(s\) load dense: "
+                                         r"embeddings.word_embeddings.weight: Embedding has no sparse layer$"):
+        model = sparsify(tiny_bert(seed=1), sd)
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).last_hidden_state, dense(input_ids=ids).last_hidden_state,
+                                   rtol=1e-5, atol=1e-5)

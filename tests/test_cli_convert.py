@@ -119,3 +119,72 @@ def test_inspect_columns_fit_long_names(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     starts = {line.index("3x4") if "3x4" in line else line.index("2 ") for line in lines[1:3]}
     assert len(starts) == 1 and lines[0].index("shape") in starts  # the shape column lines up
+
+
+# --- user traps: own source, overwriting, nothing sparse, model folders ---
+
+def _hf_folder(tmp_path):
+    d = tmp_path / "hf"
+    d.mkdir()
+    save_file({"fc.weight": unstructured((256, 256), 0.9), "fc.bias": torch.randn(256)}, d / "model.safetensors")
+    for name in ("config.json", "tokenizer.json", "vocab.txt"):
+        (d / name).write_text(f"{name} of the model")
+    return d
+
+
+def _files(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_convert_refuses_to_write_into_its_own_source_folder(tmp_path, capsys):
+    src = _hf_folder(tmp_path)
+    before = _files(tmp_path)
+    for extra in ([], ["--overwrite"]):
+        assert main(["convert", str(src), "-o", str(src / "model.safetensors"), *extra]) == EXIT_USER_ERROR
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and err.startswith(
+            f"prune convert: error: output {src / 'model.safetensors'} lies inside the source folder {src}"), err
+    assert _files(tmp_path) == before  # the source checkpoint is intact
+
+
+def test_convert_keeps_an_existing_output_unless_overwrite(tmp_path, dense_file, capsys):
+    out = tmp_path / "s.safetensors"
+    assert main(["convert", str(dense_file), "-o", str(out)]) == 0
+    first = out.read_bytes()
+    assert main(["convert", str(dense_file), "-o", str(out), "--format", "auto", "--embeddings",
+                 "--min-sparsity", "0"]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err == f"prune convert: error: output {out} exists; pass overwrite=True (CLI: --overwrite) to replace " \
+                  f"it, or choose another path\n" and out.read_bytes() == first
+    assert main(["convert", str(dense_file), "-o", str(out), "--min-sparsity", "0", "--overwrite"]) == 0
+    assert "converted 2 of 3 tensors" in capsys.readouterr().out and out.read_bytes() != first
+    assert sorted(os.listdir(tmp_path)) == ["model.safetensors", "s.safetensors"]
+
+
+def test_convert_of_a_checkpoint_with_nothing_sparse_fails_unless_allow_dense(tmp_path, capsys):
+    save_file({"fc.weight": torch.randn(64, 64), "fc.bias": torch.randn(64)}, tmp_path / "dense.safetensors")
+    before = sorted(os.listdir(tmp_path))
+    assert main(["convert", str(tmp_path / "dense.safetensors"), "-o", str(tmp_path / "s.safetensors")]) \
+        == EXIT_USER_ERROR
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.splitlines()) == 1
+    assert re.match(r"prune convert: error: nothing to convert: .* likely the model is unpruned, or it was saved "
+                    r"before Pruner.finalize\(\) .*--allow-dense", captured.err), captured.err
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written
+    assert main(["convert", str(tmp_path / "dense.safetensors"), "-o", str(tmp_path / "s.safetensors"),
+                 "--allow-dense"]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.err.splitlines()) == 1 and captured.err.startswith(
+        "prune convert: warning: nothing to convert: "), captured.err
+    assert "converted 0 of 2 tensors" in captured.out and (tmp_path / "s.safetensors").is_file()
+
+
+def test_convert_of_a_model_folder_to_a_folder_copies_its_config_and_tokenizer(tmp_path, capsys):
+    src = _hf_folder(tmp_path)
+    assert main(["convert", str(src), "-o", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "copied 3 other files of the model folder: config.json, tokenizer.json, vocab.txt" in out
+    copied = _files(tmp_path / "out")
+    assert all(copied[name] == data for name, data in _files(src).items() if name != "model.safetensors")
+    assert sorted(copied) == ["config.json", "model-00001-of-00001.sparse.safetensors",
+                              "model.sparse.safetensors.index.json", "tokenizer.json", "vocab.txt"]
