@@ -1,12 +1,16 @@
 """``prune bench``: sparse against dense on your shapes, your checkpoint and your machine (CPU or CUDA).
 
-  prune bench matmul      [--shapes bert-base,4096x11008] [--sparsity 0.5,0.9] [--batch 1,64] [--formats ...]
+  prune bench matmul      [--shapes bert-base,4096x11008] [--sparsity 0.5,0.9] [--tokens 1,64] [--formats ...]
   prune bench families    dense FFN vs sparse FFN vs MoE vs gated heads at matched active parameters
-  prune bench checkpoint  FILE [--batch 1,64]: per layer and whole model, is sparsity worth it?
+  prune bench checkpoint  FILE [--tokens 1,64]: per layer and whole model, is sparsity worth it?
 
-Each prints a progress bar and a table; with ``--out DIR`` it writes ``<what>.csv`` (rows, as measured),
-``<what>.json`` (command, arguments, environment, status, summary) and ``<what>.png``. ``--max-seconds``
-ends a sweep on time with what it measured. Bad input is checked before anything runs or is written.
+``--tokens`` is the number of rows of x per call (a batch of 4 sequences of 16 tokens is 64 tokens); the old
+name ``--batch`` still works, hidden, with a deprecation notice on stderr, and the CSV column keeps the name
+``batch`` so new results read like the committed ones. Each command prints a progress bar and a table; with
+``--out DIR`` it writes ``<what>.csv`` (rows, as measured), ``<what>.json`` (command, arguments, environment,
+status, summary) and ``<what>.png``. ``--max-seconds`` ends a sweep on time with what it measured, and the
+status says so ("complete", or "stopped by --max-seconds S after N of M points"). Bad input is checked before
+anything runs or is written.
 
 This module is imported when ``prune`` builds its parser, so it imports torch and the engines lazily.
 
@@ -81,6 +85,29 @@ def check_device(device: str) -> str:
     return device
 
 
+TOKENS_HELP = "tokens (rows of x) per call"
+
+
+class _DeprecatedName(argparse.Action):
+    """An old option name, hidden from --help: stores like the new one and says so on stderr (one line)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"warning: {option_string} is deprecated, use --{self.dest} (the same values: {TOKENS_HELP})",
+              file=sys.stderr)
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"_{self.dest}_option", option_string)  # error messages name what the user typed
+
+
+def _add_tokens(p: argparse.ArgumentParser, default: list[str] | None, help_: str) -> None:
+    p.add_argument("--tokens", nargs="+", default=default, metavar="N", help=help_)
+    p.add_argument("--batch", nargs="+", dest="tokens", action=_DeprecatedName, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
+
+
+def _tokens_option(args: argparse.Namespace) -> str:
+    return getattr(args, "_tokens_option", "--tokens")
+
+
 def _common(p: argparse.ArgumentParser, repeats: int | None) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--out", type=Path, help="write <what>.csv, .json and .png into this folder")
@@ -129,11 +156,16 @@ def _argv(args: argparse.Namespace) -> dict[str, object]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")}
 
 
-def _status(done: int, total: int | None, max_seconds: float | None) -> str:
-    if total is not None and done >= total:
+def _status(done: int, total: int, max_seconds: float | None) -> str:
+    """"complete" when all ``total`` points were measured, else where the sweep stopped and why.
+
+    >>> _status(74, 74, 60.0), _status(74, 120, 60.0)
+    ('complete', 'stopped by --max-seconds 60 after 74 of 120 points')
+    """
+    if done >= total:
         return "complete"
-    return f"stopped by --max-seconds {max_seconds:g} after {done} of {total if total is not None else '?'} points" \
-        if max_seconds is not None else "complete"
+    why = f" by --max-seconds {max_seconds:g}" if max_seconds is not None else ""
+    return f"stopped{why} after {done} of {total} points"
 
 
 def _drive(points: Iterator[list], files, total: int | None, desc: str, on_point: Callable[[list], None]) -> int:
@@ -169,8 +201,7 @@ def add_matmul(p: argparse.ArgumentParser) -> None:
                    help=f"OUTxIN weights and/or sets: {', '.join(SHAPE_SETS)} (default: square-4096)")
     p.add_argument("--sparsity", nargs="+", default=[",".join(map(str, SPARSITIES))],
                    help=f"fractions of zeros (default: {','.join(map(str, SPARSITIES))})")
-    p.add_argument("--batch", nargs="+", default=[",".join(map(str, BATCHES))],
-                   help=f"tokens per call (default: {','.join(map(str, BATCHES))})")
+    _add_tokens(p, [",".join(map(str, BATCHES))], f"{TOKENS_HELP} (default: {','.join(map(str, BATCHES))})")
     p.add_argument("--formats", nargs="+", default=[",".join(FORMAT_CHOICES)],
                    help=f"our layers to time against dense: {', '.join(FORMAT_CHOICES)} (default: all)")
     p.add_argument("--dtype", nargs="+", default=["fp32"], help=f"{', '.join(DTYPE_CHOICES)} (default: fp32)")
@@ -189,7 +220,7 @@ def matmul_plan(args: argparse.Namespace):
     formats = parse_choices(args.formats, "--formats", FORMAT_CHOICES)
     return MatmulPlan(shapes=tuple(shapes(split_values(args.shapes))),
                       sparsities=parse_floats(args.sparsity, "--sparsity", 0.0, 1.0),
-                      batches=parse_ints(args.batch, "--batch"),
+                      batches=parse_ints(args.tokens, _tokens_option(args)),
                       dtypes=parse_choices(args.dtype, "--dtype", DTYPE_CHOICES),
                       formats=("dense", *(f for f in formats if f != "dense")), device=args.device,
                       anchors=args.anchors, repeats=args.repeats,
@@ -214,7 +245,7 @@ def matmul_table(rows: list) -> str:
             cells.append("-" if r is None else f"{r.speedup:.2f}{'!' if bad else ''}"
                          + (f" ({r.auto_chose})" if r.auto_chose else ""))
         body.append(cells)
-    return table(["shape", "dtype", "sparsity", "batch", "dense ms", *(f"x {c}" for c in cands)], body)
+    return table(["shape", "dtype", "sparsity", "tokens", "dense ms", *(f"x {c}" for c in cands)], body)
 
 
 def run_matmul(args: argparse.Namespace) -> int:
@@ -228,6 +259,7 @@ def run_matmul(args: argparse.Namespace) -> int:
     env = _start(args)
     header = {"command": "prune bench matmul", "args": _argv(args), "plan": dataclasses.asdict(plan),
               "environment": env, "units": {"median_s": "seconds per call", "speedup": "dense median / median",
+                                            "batch": TOKENS_HELP,
                                             "gbps": "(weight + input + output bytes) / median / 1e9",
                                             "limit": "dense weight bytes / candidate's weight bytes"}}
     rows, skipped = [], {}
@@ -272,32 +304,35 @@ def _print_skipped(skipped: dict[str, str]) -> None:
 # --- prune bench families ---
 
 def add_families(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="small shapes (D=256), batches 1 and 64, 5 repeats")
-    p.add_argument("--batch", nargs="+", help="tokens per forward pass (default: 1,8,64,256; quick: 1,64)")
+    p.add_argument("--quick", action="store_true", help="small shapes (D=256), 1 and 64 tokens, 5 repeats")
+    _add_tokens(p, None, "tokens per forward pass, split into sequences of at most 128 "
+                         "(default: 1,8,64,256; quick: 1,64)")
     _common(p, repeats=None)
     p.set_defaults(_bench=run_families)
 
 
 def families_config(args: argparse.Namespace):
-    """The validated ``FamiliesConfig``: batches above seq_len must be multiples of it (whole sequences)."""
+    """The validated ``FamiliesConfig``: token counts above seq_len must be multiples of it (whole sequences)."""
     import dataclasses
 
     from benchmarks.families import QUICK, FamiliesConfig
 
     _check_common(args)
     cfg = QUICK if args.quick else FamiliesConfig()
-    if args.batch:
-        cfg = dataclasses.replace(cfg, batches=parse_ints(args.batch, "--batch"))
+    option = _tokens_option(args)
+    if args.tokens:
+        cfg = dataclasses.replace(cfg, batches=parse_ints(args.tokens, option))
     bad = [b for b in cfg.batches if b > cfg.seq_len and b % cfg.seq_len]
     if bad:
-        raise ValueError(f"--batch: {bad[0]} is above seq_len={cfg.seq_len} and not a multiple of it")
+        raise ValueError(f"{option}: {bad[0]} is above seq_len={cfg.seq_len} and not a multiple of it "
+                         f"(allowed: up to {cfg.seq_len}, or a multiple of {cfg.seq_len})")
     return dataclasses.replace(cfg, repeats=args.repeats) if args.repeats else cfg
 
 
 def families_table(rows: list[dict[str, object]]) -> str:
     from benchmarks.output import table
 
-    return table(["batch", "candidate", "active params", "median ms", "p10-p90 ms", "speedup", "vs"],
+    return table(["tokens", "candidate", "active params", "median ms", "p10-p90 ms", "speedup", "vs"],
                  [[str(r["batch"]), r["name"], f"{r['active_params']:,}", f"{r['median_ms']:.3f}",
                    f"{r['p10_ms']:.3f}-{r['p90_ms']:.3f}", f"{r['speedup']:.2f}", r["baseline"]] for r in rows])
 
@@ -311,7 +346,7 @@ def run_families(args: argparse.Namespace) -> int:
     cfg = families_config(args)
     env = _start(args)
     header = {"command": "prune bench families", "args": _argv(args), "config": dataclasses.asdict(cfg),
-              "environment": env, "units": UNITS}
+              "environment": env, "units": {"batch": TOKENS_HELP, **UNITS}}
     rows: list[dict[str, object]] = []
     with _files(args, "families", FAMILIES_COLUMNS, header) as files:
         done = _drive(sweep(cfg, args.device, Deadline(args.max_seconds)), files, len(cfg.batches),
@@ -330,14 +365,15 @@ def run_families(args: argparse.Namespace) -> int:
 def add_checkpoint(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="a checkpoint `prune convert` accepts: .safetensors (dense or sparse), "
                                 ".pt/.bin, or a Hugging Face model folder")
-    p.add_argument("--batch", nargs="+", default=["1,64"], help="tokens per call (default: 1,64)")
+    _add_tokens(p, ["1,64"], f"{TOKENS_HELP} (default: 1,64)")
     p.add_argument("--dtype", help=f"time in this dtype ({', '.join(DTYPE_CHOICES)}; default: as stored)")
     _common(p, repeats=5)
     p.set_defaults(_bench=run_checkpoint)
 
 
 def checkpoint_table(rows: list, summary: list[dict[str, object]]) -> str:
-    """One line per (layer, batch): sparsity, dense ms, csr and 2:4 speedups, auto's choice; then the totals."""
+    """One line per (layer, tokens): sparsity, dense ms, csr and 2:4 speedups, auto's choice; then the totals,
+    labelled with how many of the checkpoint's linear layers they cover."""
     from benchmarks.output import table
 
     by: dict[tuple[str, int], dict] = {}
@@ -347,51 +383,91 @@ def checkpoint_table(rows: list, summary: list[dict[str, object]]) -> str:
              c["dense"].stored_format, f"{c['dense'].sparsity:.3f}", str(batch), f"{1e3 * c['dense'].median_s:.3f}",
              *(f"{c[f].speedup:.2f}" if f in c else "-" for f in ("csr", "2:4")), c["dense"].auto_chose]
             for (layer, batch), c in by.items()]
-    body += [[f"whole model ({s['layers']} linear layers)", "", "", "", "", str(s["batch"]), f"{1e3 * s['dense_s']:.3f}",
+    body += [[_whole_label(s), "", "", "", "", str(s["batch"]), f"{1e3 * s['dense_s']:.3f}",
               *(f"{s[f'speedup_{f}']:.2f}" if s[f"layers_{f}"] else "-" for f in ("csr", "2:4")),
               f"x{s['speedup_auto']:.2f}"] for s in summary]
-    return table(["layer", "shape", "dtype", "stored", "sparsity", "batch", "dense ms", "x csr", "x 2:4", "auto"],
+    return table(["layer", "shape", "dtype", "stored", "sparsity", "tokens", "dense ms", "x csr", "x 2:4", "auto"],
                  body)
 
 
-def run_checkpoint(args: argparse.Namespace) -> int:
-    import dataclasses
+def _whole_label(s: dict[str, object]) -> str:
+    if s["layers"] >= s["layers_total"]:
+        return f"whole model ({s['layers']} linear layers)"
+    return f"whole model: {s['layers']} of {s['layers_total']} linear layers"
 
-    from benchmarks.checkpoint import LAYER_COLUMNS, sweep_checkpoint, whole_model
-    from benchmarks.plots import plot_speedup
-    from benchmarks.timing import Deadline
+
+def _bytes_line(s: dict[str, object]) -> str:
+    n, total = s["layers"], s["layers_total"]
+    which = "linear weights" if n >= total else f"linear weights of the {n} measured layer{'s' * (n != 1)} (of {total})"
+    return (f"{which}: {s['dense_bytes'] / 1e6:,.2f} MB dense, {s['stored_bytes'] / 1e6:,.2f} MB as stored, "
+            f"{s['csr_bytes'] / 1e6:,.2f} MB as csr, {s['2:4_bytes'] / 1e6:,.2f} MB as 2:4 "
+            f"(where the pattern fits)")
+
+
+def _tokens_title(n: int) -> str:
+    return f"{n} token{'s' if n != 1 else ''} per call"
+
+
+def run_checkpoint(args: argparse.Namespace) -> int:
+    from benchmarks.checkpoint import LAYER_COLUMNS, count_linear, coverage, whole_model
 
     _check_common(args)
     if not Path(args.file).exists():
         raise FileNotFoundError(f"no such file or directory: {args.file}")
-    batches = parse_ints(args.batch, "--batch")
+    batches = parse_ints(args.tokens, _tokens_option(args))
     dtype = parse_choices([args.dtype], "--dtype", DTYPE_CHOICES)[0] if args.dtype else None
+    skipped: dict[str, str] = {}
+    total = count_linear(args.file, skipped)  # from the headers: what a cut-short run reports against
+    if not total:
+        raise ValueError(f"{args.file} has no linear (2-D float) weights to time")
     env = _start(args)
     header = {"command": "prune bench checkpoint", "args": _argv(args), "environment": env,
               "units": {"median_s": "seconds per call", "speedup": "dense median / median (same run)",
-                        "whole_model": "sums over the linear layers only"}}
-    rows, skipped = [], {}
+                        "batch": TOKENS_HELP, "whole_model": "sums over the measured linear layers only "
+                                                             "(layers of layers_total; see coverage)"}}
+    rows: list = []
     with _files(args, "checkpoint", LAYER_COLUMNS, header) as files:
-        points = sweep_checkpoint(args.file, batches, dtype=dtype, device=args.device, repeats=args.repeats,
-                                  min_sample_s=0.01 if args.device.startswith("cuda") else 0.02,
-                                  deadline=Deadline(args.max_seconds), skipped=skipped)
-        done = _drive(points, files, None, "bench checkpoint", rows.extend)
-        if not rows:
+        points = _checkpoint_points(args, batches, dtype, skipped)
+        done = _drive(points, files, total * len(batches), "bench checkpoint", rows.extend)
+        if not rows:  # the headers promised linear weights that the tensors do not hold
             raise ValueError(f"{args.file} has no linear (2-D float) weights to time")
-        summary = whole_model(rows)
+        summary = whole_model(rows, layers_total=total)
+        note = coverage(summary[0]["layers"], total, args.max_seconds)
         print(checkpoint_table(rows, summary))
+        if summary[0]["layers"] < total:
+            print(f"note: {note}")
         _warn_spread([(r.p10_s, r.median_s, r.p90_s) for r in rows])
-        b = summary[0]
-        print(f"linear weights: {b['dense_bytes'] / 1e6:,.2f} MB dense, {b['stored_bytes'] / 1e6:,.2f} MB as stored, "
-              f"{b['csr_bytes'] / 1e6:,.2f} MB as csr, {b['2:4_bytes'] / 1e6:,.2f} MB as 2:4 (where the pattern fits)")
+        print(_bytes_line(summary[0]))
         print(f"not timed: {len(skipped)} tensors (not 2-D float weights, or embeddings)")
         if files is not None:
-            plot_speedup([dict(dataclasses.asdict(r), group=r.dtype) for r in rows], files.path(".png"),
-                         title=f"{Path(args.file).name}: one mark per layer; {_title(env)}", connect=False)
-            status = "complete" if args.max_seconds is None else _status(done, None, args.max_seconds)
-            files.finish(status, whole_model=summary, skipped=skipped)
+            _plot_checkpoint(rows, summary, files.path(".png"), f"{Path(args.file).name}: {note}", env)
+            files.finish(_status(done, total * len(batches), args.max_seconds), skipped=skipped,
+                         whole_model=summary,
+                         coverage={"layers_measured": summary[0]["layers"], "layers_total": total, "note": note})
             print(f"wrote {files.out}/checkpoint.csv, checkpoint.json, checkpoint.png")
     return 0
+
+
+def _checkpoint_points(args: argparse.Namespace, batches: tuple[int, ...], dtype: str | None,
+                       skipped: dict[str, str]) -> Iterator[list]:
+    from benchmarks.checkpoint import sweep_checkpoint
+    from benchmarks.timing import Deadline
+
+    return sweep_checkpoint(args.file, batches, dtype=dtype, device=args.device, repeats=args.repeats,
+                            min_sample_s=0.01 if args.device.startswith("cuda") else 0.02,
+                            deadline=Deadline(args.max_seconds), skipped=skipped)
+
+
+def _plot_checkpoint(rows: list, summary: list[dict[str, object]], path: Path, what: str,
+                     env: dict[str, object]) -> None:
+    """Per token count: the whole-model bar, then each layer's (or group of alike layers') speedup."""
+    from benchmarks.checkpoint import speedup_bars, whole_model_bar
+    from benchmarks.plots import plot_bars
+
+    panels = {_tokens_title(s["batch"]): [whole_model_bar(s), *speedup_bars(rows, s["batch"])]
+              for s in summary}
+    plot_bars(panels, path,
+              title=f"{what}\nspeedup over dense per linear layer and whole model; {_title(env)}")
 
 
 # --- wiring into `prune` ---

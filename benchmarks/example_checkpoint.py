@@ -6,7 +6,7 @@ whose linear weights are magnitude-pruned to ``--sparsity`` each (``prune.masks.
 
     python -m benchmarks.example_checkpoint --out /tmp/bert.safetensors --layers 2 --sparsity 0.9
     prune convert /tmp/bert.safetensors -o /tmp/bert-sparse.safetensors --format auto
-    prune bench checkpoint /tmp/bert-sparse.safetensors --batch 1,64 --threads 1 --out results/checkpoint
+    prune bench checkpoint /tmp/bert-sparse.safetensors --tokens 1,64 --threads 1 --out results/checkpoint
 """
 from __future__ import annotations
 

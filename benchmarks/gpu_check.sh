@@ -43,8 +43,8 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND under a time limit, output
 step gpu 30 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 step versions 30 "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
 step tests 75 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests
-step matmul 200 "$PY" -m prune bench matmul --device cuda --dtype fp16,bf16 --shapes bert-base,llama-7b --batch 1,16,128,2048 --sparsity 0.5,0.75,0.9,0.98 --formats dense,csr,2:4 --repeats 7 --max-seconds 150 --out "$OUT"
-step families 75 "$PY" -m prune bench families --device cuda --batch 1,16,128,2048 --repeats 11 --max-seconds 45 --out "$OUT"
+step matmul 200 "$PY" -m prune bench matmul --device cuda --dtype fp16,bf16 --shapes bert-base,llama-7b --tokens 1,16,128,2048 --sparsity 0.5,0.75,0.9,0.98 --formats dense,csr,2:4 --repeats 7 --max-seconds 150 --out "$OUT"
+step families 75 "$PY" -m prune bench families --device cuda --tokens 1,16,128,2048 --repeats 11 --max-seconds 45 --out "$OUT"
 
 echo "== results in $OUT: $(ls "$OUT" | tr '\n' ' ')" | tee -a "$LOG"
 if [ ${#failed[@]} -gt 0 ]; then

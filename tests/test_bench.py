@@ -4,6 +4,7 @@ JSON / PNG, bad input (one line, exit 2, nothing written), and gpu_check.sh on a
 No assertion here depends on how fast anything ran: only on what was measured, counted and written.
 """
 import csv
+import dataclasses
 import doctest
 import importlib
 import json
@@ -17,8 +18,9 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks import plots, timing
 from benchmarks.bench import families_config, matmul_plan
-from benchmarks.checkpoint import LAYER_COLUMNS
+from benchmarks.checkpoint import LAYER_COLUMNS, LayerRow
 from benchmarks.linear import MATMUL_COLUMNS
 from benchmarks.output import RunFiles
 from benchmarks.timing import Deadline, _quantile, summarize, time_interleaved
@@ -145,7 +147,7 @@ TINY = ["--threads", "1", "--repeats", "2"]
 
 
 def test_matmul_stops_on_max_seconds_with_what_it_measured(tmp_path, capsys):
-    rc = main(["bench", "matmul", "--shapes", "32x64", "--sparsity", "0.5,0.9", "--batch", "1", "4",
+    rc = main(["bench", "matmul", "--shapes", "32x64", "--sparsity", "0.5,0.9", "--tokens", "1", "4",
                "--out", str(tmp_path), "--max-seconds", "0.001", *TINY])
     assert rc == 0
     cols, rows = read_csv(tmp_path / "matmul.csv")
@@ -163,7 +165,7 @@ def test_matmul_stops_on_max_seconds_with_what_it_measured(tmp_path, capsys):
 
 
 def test_matmul_rows_are_consistent(tmp_path):
-    assert main(["bench", "matmul", "--shapes", "16x64", "--sparsity", "0.75", "--batch", "1,3", "--dtype",
+    assert main(["bench", "matmul", "--shapes", "16x64", "--sparsity", "0.75", "--tokens", "1,3", "--dtype",
                  "fp32,bf16", "--formats", "csr,2:4", "--out", str(tmp_path), *TINY]) == 0
     _, rows = read_csv(tmp_path / "matmul.csv")
     header = json.loads((tmp_path / "matmul.json").read_text())
@@ -202,7 +204,7 @@ def make_checkpoint(directory):
 def test_checkpoint_per_layer_and_whole_model(tmp_path, capsys):
     _, sparse, state = make_checkpoint(tmp_path)
     out = tmp_path / "out"
-    assert main(["bench", "checkpoint", str(sparse), "--batch", "1,8", "--out", str(out), *TINY]) == 0
+    assert main(["bench", "checkpoint", str(sparse), "--tokens", "1,8", "--out", str(out), *TINY]) == 0
     cols, rows = read_csv(out / "checkpoint.csv")
     assert tuple(cols) == LAYER_COLUMNS
     got = {(r["layer"], r["batch"], r["candidate"]) for r in rows}
@@ -221,8 +223,10 @@ def test_checkpoint_per_layer_and_whole_model(tmp_path, capsys):
     assert s["layers"] == 2 and s["dense_bytes"] == (48 * 32 + 32 * 48) * 4 and s["stored_bytes"] < s["dense_bytes"]
     assert s["speedup_best"] >= max(s["speedup_csr"], s["speedup_2:4"], s["speedup_auto"]) - 1e-9
     assert set(header["skipped"]) == {"ffn.up.bias", "embed_tokens.weight"}
+    assert header["status"] == "complete" and header["coverage"]["note"] == "all 2 linear layers measured"
     assert_png(out / "checkpoint.png")
-    assert "whole model (2 linear layers)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "whole model (2 linear layers)" in printed and "note:" not in printed
 
 
 def test_checkpoint_dense_file_gives_the_same_layers(tmp_path):
@@ -238,12 +242,170 @@ def test_checkpoint_dense_file_gives_the_same_layers(tmp_path):
 
 
 def test_families_quick(tmp_path, capsys):
-    assert main(["bench", "families", "--quick", "--batch", "4", "--out", str(tmp_path), *TINY]) == 0
+    assert main(["bench", "families", "--quick", "--tokens", "4", "--out", str(tmp_path), *TINY]) == 0
     cols, rows = read_csv(tmp_path / "families.csv")
     assert {"ffn_dense", "attn_full_mha"} <= {r["name"] for r in rows} and "active_params" in cols
     assert all(r["batch"] == "4" and float(r["speedup"]) > 0 for r in rows)
     assert json.loads((tmp_path / "families.json").read_text())["status"] == "complete"
     assert_png(tmp_path / "families.png")
+
+
+# --- a sweep cut short says so, and how far it got; the checkpoint plot answers "faster or not?" ---
+
+@dataclasses.dataclass(frozen=True)
+class StopAfter(Deadline):
+    """A deadline that allows ``points`` points (layers, for a checkpoint) whatever the clock says."""
+
+    points: int = 1
+
+    def allows(self, done, elapsed, next_cost):
+        return done < self.points
+
+
+def stop_after(monkeypatch, points):
+    """Make `prune bench` run under ``StopAfter(points)`` instead of its real ``Deadline(--max-seconds)``."""
+    monkeypatch.setattr(timing, "Deadline", lambda max_seconds: StopAfter(max_seconds, points))
+
+
+def spy_plot_bars(monkeypatch):
+    """Record each ``plot_bars`` call (panels, title) and still draw it."""
+    calls, real = [], getattr(plots, "plot_bars", None)
+
+    def spy(panels, path, **kw):
+        calls.append((panels, kw["title"]))
+        real(panels, path, **kw)
+    monkeypatch.setattr(plots, "plot_bars", spy, raising=False)  # raising=False: fail on the output, not here
+    return calls
+
+
+def test_checkpoint_cut_short_says_which_layers_the_whole_model_covers(tmp_path, capsys, monkeypatch):
+    _, sparse, _ = make_checkpoint(tmp_path)
+    stop_after(monkeypatch, 1)  # the first of the two linear layers, at both token counts
+    calls = spy_plot_bars(monkeypatch)
+    out = tmp_path / "out"
+    assert main(["bench", "checkpoint", str(sparse), "--tokens", "1,8", "--max-seconds", "60", "--out", str(out),
+                 *TINY]) == 0
+    note = ("1 of 2 linear layers measured (stopped by --max-seconds 60): "
+            "the whole-model figure covers this one only")
+    printed = capsys.readouterr().out
+    assert "whole model (" not in printed and printed.count("whole model: 1 of 2 linear layers") == 2
+    assert f"note: {note}" in printed and "linear weights of the 1 measured layer (of 2):" in printed
+    _, rows = read_csv(out / "checkpoint.csv")
+    assert len({r["layer"] for r in rows}) == 1 and {r["batch"] for r in rows} == {"1", "8"}
+    header = json.loads((out / "checkpoint.json").read_text())
+    assert header["status"] == "stopped by --max-seconds 60 after 2 of 4 points"
+    assert header["coverage"] == {"layers_measured": 1, "layers_total": 2, "note": note}
+    assert [(s["layers"], s["layers_total"]) for s in header["whole_model"]] == [(1, 2), (1, 2)]
+    (panels, title), = calls
+    assert note in title
+    assert [bars[0].label for bars in panels.values()] == ["whole model: 1 of 2 layers measured"] * 2
+    assert_png(out / "checkpoint.png")
+
+
+def test_checkpoint_that_finished_under_max_seconds_is_complete(tmp_path, monkeypatch):
+    _, sparse, _ = make_checkpoint(tmp_path)
+    stop_after(monkeypatch, 10**6)  # --max-seconds given, never reached
+    out = tmp_path / "out"
+    assert main(["bench", "checkpoint", str(sparse), "--tokens", "1,8", "--max-seconds", "60", "--out", str(out),
+                 *TINY]) == 0
+    header = json.loads((out / "checkpoint.json").read_text())
+    assert header["status"] == "complete" and header["coverage"]["layers_measured"] == 2
+
+
+@pytest.mark.parametrize("points,status", [(1, "stopped by --max-seconds 60 after 1 of 4 points"),
+                                           (4, "complete")])
+def test_matmul_status_counts_the_real_total(tmp_path, monkeypatch, points, status):
+    stop_after(monkeypatch, points)
+    assert main(["bench", "matmul", "--shapes", "16x32", "--sparsity", "0.5,0.9", "--tokens", "1,2", "--formats",
+                 "csr", "--no-anchors", "--max-seconds", "60", "--out", str(tmp_path), *TINY]) == 0
+    assert json.loads((tmp_path / "matmul.json").read_text())["status"] == status
+
+
+def test_count_linear_reads_headers_like_the_sweep(tmp_path):
+    from benchmarks.checkpoint import count_linear
+
+    dense, sparse, _ = make_checkpoint(tmp_path)
+    for path in (dense, sparse):
+        skipped = {}
+        assert count_linear(path, skipped) == 2 and set(skipped) == {"ffn.up.bias", "embed_tokens.weight"}
+
+
+def test_checkpoint_plot_answers_per_layer_and_whole_model(tmp_path, monkeypatch):
+    _, sparse, _ = make_checkpoint(tmp_path)
+    calls = spy_plot_bars(monkeypatch)
+    out = tmp_path / "out"
+    assert main(["bench", "checkpoint", str(sparse), "--tokens", "1,8", "--out", str(out), *TINY]) == 0
+    (panels, title), = calls
+    assert list(panels) == ["1 token per call", "8 tokens per call"] and "all 2 linear layers measured" in title
+    _, rows = read_csv(out / "checkpoint.csv")
+    whole = {s["batch"]: s for s in json.loads((out / "checkpoint.json").read_text())["whole_model"]}
+    for tokens, bars in zip((1, 8), panels.values()):
+        assert bars[0].whole and bars[0].label == "whole model (2 linear layers)"
+        assert bars[0].speedup == pytest.approx(whole[tokens]["speedup_auto"], rel=1e-3)
+        assert dict(bars[0].marks) == pytest.approx({"csr": whole[tokens]["speedup_csr"],
+                                                     "2:4": whole[tokens]["speedup_2:4"]}, rel=1e-3)
+        assert [b.label for b in bars[1:]] == ["ffn.up.weight (48x32, 91%)", "ffn.down.weight (32x48, 50%)"]
+        for bar, layer in zip(bars[1:], ("ffn.up.weight", "ffn.down.weight")):
+            by = {r["candidate"]: float(r["median_s"]) for r in rows
+                  if r["layer"] == layer and r["batch"] == str(tokens)}
+            assert bar.speedup == pytest.approx(by["dense"] / by["auto"])
+            assert {m for m, _ in bar.marks} == ({"csr", "2:4"} if "2:4" in by else {"csr"})
+
+
+def fake_layer(i, shape, sparsity, dense_s, auto_s, batch=1):
+    common = {"layer": f"model.layers.{i}.w", "out_features": shape[0], "in_features": shape[1],
+              "dtype": "fp32", "stored_format": "csr", "sparsity": sparsity, "batch": batch, "p10_s": 0.0,
+              "p90_s": 0.0, "weight_bytes": 0, "limit": 1.0, "fraction_of_limit": 1.0, "max_rel_err": 0.0,
+              "auto_chose": "csr"}
+    return [LayerRow(candidate="dense", median_s=dense_s, speedup=1.0, **common),
+            LayerRow(candidate="csr", median_s=auto_s, speedup=dense_s / auto_s, **common),
+            LayerRow(candidate="auto", median_s=auto_s, speedup=dense_s / auto_s, **common)]
+
+
+def test_speedup_bars_stay_readable_for_a_hundred_layers(tmp_path):
+    from benchmarks.checkpoint import MAX_BARS, speedup_bars
+
+    shapes = [(768, 768), (3072, 768), (768, 3072), (768, 2304)]  # a uniformly pruned 24-block encoder: 96 layers
+    rows = [r for i in range(96) for r in fake_layer(i, shapes[i % 4], 0.9, 2.0, 1.0 + (i % 4 == 3) * 3.0)]
+    bars = speedup_bars(rows, 1)
+    assert [b.label for b in bars] == [f"{o}x{n}, 90% (24 layers)" for o, n in shapes]
+    assert [b.speedup for b in bars] == [2.0, 2.0, 2.0, 0.5] and [b.layers for b in bars] == [24] * 4
+    # few layers: one bar each; many shapes: at most MAX_BARS bars, the smallest weights lumped together
+    assert len(speedup_bars(rows[:3 * 12], 1)) == 12
+    many = [r for i in range(100) for r in fake_layer(i, (64 + i, 64), 0.5 + i / 250, 1.0, 0.5)]
+    bars = speedup_bars(many, 1)
+    assert len(bars) == MAX_BARS and bars[-1].label == f"other shapes ({100 - MAX_BARS + 1} layers)"
+    assert sum(b.layers for b in bars) == 100 and bars[0].label == "model.layers.61.w (125x64, 74%)"  # file order
+    assert all(b.speedup == pytest.approx(2.0) for b in bars)
+    panels = {f"{t} tokens per call": [plots.SpeedupBar("whole model (100 linear layers)", 2.0, whole=True), *bars]
+              for t in (1, 64)}
+    plots.plot_bars(panels, tmp_path / "many.png", title="100 layers")
+    assert_png(tmp_path / "many.png")
+
+
+# --- --tokens (rows of x per call); --batch is its hidden, deprecated old name ---
+
+@pytest.mark.parametrize("what", ["matmul", "families", "checkpoint"])
+def test_tokens_option_and_its_deprecated_alias(capsys, what):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", what, "--help"])
+    help_text = capsys.readouterr().out
+    assert "--tokens" in help_text and "--batch" not in help_text and "tokens" in help_text
+    file = ["m.safetensors"] if what == "checkpoint" else []
+    args = build_parser().parse_args(["bench", what, *file, "--tokens", "1,8"])
+    assert args.tokens == ["1,8"] and capsys.readouterr().err == ""
+    args = build_parser().parse_args(["bench", what, *file, "--batch", "1,8"])
+    err = capsys.readouterr().err
+    assert args.tokens == ["1,8"] and err.count("\n") == 1 and "--batch is deprecated, use --tokens" in err
+
+
+def test_deprecated_batch_still_runs_and_errors_name_it(tmp_path, capsys):
+    assert main(["bench", "matmul", "--shapes", "16x32", "--sparsity", "0.5", "--batch", "2", "--formats", "csr",
+                 "--no-anchors", *TINY]) == 0
+    captured = capsys.readouterr()
+    assert "deprecated" in captured.err and captured.out.splitlines()[0].split()[3] == "tokens"
+    assert main(["bench", "matmul", "--batch", "0", "--out", str(tmp_path / "out")]) == 2
+    assert "--batch: '0' is not an integer >= 1" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 # --- bad input: one line on stderr, exit 2, nothing written ---
@@ -255,10 +417,10 @@ BAD = [
     (["matmul", "--formats", "csr,bsr"], "unknown value 'bsr'"),
     (["matmul", "--dtype", "fp8"], "unknown value 'fp8'"),
     (["matmul", "--sparsity", "1.0"], "--sparsity: 1.0 is not in [0.0, 1.0)"),
-    (["matmul", "--batch", "0"], "--batch: '0' is not an integer >= 1"),
+    (["matmul", "--tokens", "0"], "--tokens: '0' is not an integer >= 1"),
     (["matmul", "--max-seconds", "0"], "--max-seconds must be > 0"),
     (["matmul", "--device", "tpu"], "unknown device 'tpu'"),
-    (["families", "--batch", "200"], "not a multiple of it"),
+    (["families", "--tokens", "200"], "--tokens: 200 is above seq_len=128 and not a multiple of it (allowed: "),
     (["checkpoint", "missing.safetensors"], "no such file"),
 ]
 

@@ -3,16 +3,19 @@ import json
 import re
 
 import pytest
+import torch
 
 from prune.cli import main
-from prune.demo import DemoConfig
+from prune.demo import RUNS, DemoConfig
 from prune.demo.report import TABLE_COLUMNS
 
 
 @pytest.fixture(scope="module")
 def report_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--quick", "--out", str(out), "--steps", "30"]) == 0
+    threads = torch.get_num_threads()
+    assert main(["demo", "--quick", "--out", str(out)]) == 0  # exactly what a user runs
+    assert torch.get_num_threads() == threads  # the quick run's single thread does not leak out
     return out
 
 
@@ -25,13 +28,15 @@ def test_files_exist_and_parse(report_dir):
 
 def test_results_fields(report_dir):
     res = json.loads((report_dir / "results.json").read_text())
-    assert res["environment"]["cpu"] and res["config"]["steps"] == 30 and res["config"]["quick"]
+    quick_steps = DemoConfig(quick=True).budget.steps
+    assert res["environment"]["cpu"] and res["config"]["steps"] == quick_steps and res["config"]["quick"]
+    assert res["environment"]["torch_threads"] == res["config"]["torch_threads"] == 1
     runs = {r["run"]: r for r in res["runs"]}
     assert list(runs) == ["dense", "magnitude", "movement", "2:4", "moe", "heads"]
     for r in runs.values():
         assert 0.0 <= r["accuracy"] <= 1.0 and r["params_active"] <= r["params_total"]
         assert set(r["latency"]) == {"1", "16"} and all(c["deployed_ms"] > 0 for c in r["latency"].values())
-        assert r["curve"][-1][0] == 30
+        assert r["curve"][-1][0] == quick_steps
     for name in ("magnitude", "movement"):
         assert runs[name]["sparsity"] == pytest.approx(0.9, abs=1e-3) and runs[name]["deployed_as"] == "csr"
         assert runs[name]["file_deployed_bytes"] <= 0.25 * runs[name]["file_dense_bytes"]
@@ -63,3 +68,18 @@ def test_bad_runs_and_steps(capsys):
     assert "unknown run(s) ['lottery']" in capsys.readouterr().err
     with pytest.raises(ValueError, match="steps must be >= 1"):
         DemoConfig(steps=0)
+    with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
+        DemoConfig(threads=0)
+
+
+def test_quick_is_a_seconds_long_smoke_budget():
+    """`--quick` must stay seconds-long on a loaded 2-core machine: one torch thread (two spin against each
+    other when another job holds a core: 3-15x slower), few steps and evaluations, few timed repeats.
+    Checked on the budget, not on a clock."""
+    quick, full = DemoConfig(quick=True), DemoConfig()
+    assert quick.torch_threads == 1 and full.torch_threads is None
+    assert DemoConfig(quick=True, threads=2).torch_threads == 2
+    assert quick.budget.steps * len(RUNS) <= 150  # training steps over all runs (60 per run took ~90 s loaded)
+    assert quick.budget.steps // quick.budget.eval_every <= 2  # each evaluation runs the whole test set
+    assert quick.repeats <= 3 and quick.batches == (1, 16)
+    assert DemoConfig(quick=True, steps=30).budget.steps == 30 and full.budget.steps == 500

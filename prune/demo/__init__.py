@@ -14,9 +14,11 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -26,18 +28,26 @@ from prune.demo.deploy import deploy, measure_latency
 from prune.demo.report import findings, plot_deployment, plot_training, table, write_report
 from prune.demo.runs import RUNS, Budget, Data, load_data, train_run
 
-__all__ = ["DemoConfig", "run_demo", "RUNS"]
+__all__ = ["RUNS", "DemoConfig", "run_demo"]
+
+
+# ``quick``: a smoke run of every stage (train, prune, convert, sparsify, time, report), not a result.
+QUICK_STEPS = 20  # per run; the pruning schedules still reach their final sparsity (cubic ends at 70-80%)
+QUICK_EVALS = 2  # accuracy points per run's curve (each evaluates the whole test set: ~3 training steps)
+QUICK_THREADS = 1  # on a shared 2-core machine two torch threads spin against each other: 3-15x slower
+QUICK_REPEATS = 3  # timed samples per candidate and batch
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """What to run. ``quick`` is a small budget (used by the tests); the dense baseline always runs."""
+    """What to run. ``quick`` is the smoke-run budget above (the tests use it); the dense baseline always runs."""
 
     out: str = "demo-report"
     seed: int = 0
     quick: bool = False
     runs: tuple[str, ...] = tuple(RUNS)
-    steps: int | None = None  # default: 500, or 60 with quick
+    steps: int | None = None  # default: 500, or QUICK_STEPS with quick
+    threads: int | None = None  # torch CPU threads; default: torch's choice, or QUICK_THREADS with quick
 
     def __post_init__(self) -> None:
         unknown = [r for r in self.runs if r not in RUNS]
@@ -45,27 +55,53 @@ class DemoConfig:
             raise ValueError(f"unknown run(s) {unknown or list(self.runs)}; choose from {list(RUNS)}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
 
     @property
     def budget(self) -> Budget:
-        steps = self.steps or (60 if self.quick else 500)
-        return Budget(steps=steps, eval_every=max(5, steps // 20))
+        steps = self.steps or (QUICK_STEPS if self.quick else 500)
+        evals = max(1, steps // QUICK_EVALS) if self.quick else max(5, steps // 20)
+        return Budget(steps=steps, eval_every=evals)
 
     @property
     def batches(self) -> tuple[int, ...]:
         return (1, 16) if self.quick else (1, 32, 256)
+
+    @property
+    def repeats(self) -> int:
+        """Timed samples per candidate and batch size."""
+        return QUICK_REPEATS if self.quick else 9
+
+    @property
+    def torch_threads(self) -> int | None:
+        """Threads the run sets (None: leave torch's setting)."""
+        return self.threads or (QUICK_THREADS if self.quick else None)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` torch CPU threads (None: unchanged), restoring the caller's setting afterwards."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True, verbose: bool = True) -> dict:
     """Train, deploy and measure every run; write the report; return the results dict (as in results.json)."""
     names = ["dense"] + [r for r in dict.fromkeys(config.runs) if r != "dense"]
     data = load_data(config.seed)
-    trained = [train_run(RUNS[n], data, config.budget, config.seed, progress) for n in names]
-    with tempfile.TemporaryDirectory() as work:
-        deployed = [deploy(t, work) for t in trained]
-        latency = measure_latency(deployed, data.x_test, config.batches, repeats=3 if config.quick else 9)
-        rows = [_row(t, d, latency, data) for t, d in zip(trained, deployed)]
-    results = {"environment": environment(), "config": _config_dict(config, trained[0]), "runs": rows}
+    with _torch_threads(config.torch_threads):  # environment() and the config record the threads used
+        trained = [train_run(RUNS[n], data, config.budget, config.seed, progress) for n in names]
+        with tempfile.TemporaryDirectory() as work:
+            deployed = [deploy(t, work) for t in trained]
+            latency = measure_latency(deployed, data.x_test, config.batches, repeats=config.repeats)
+            rows = [_row(t, d, latency, data) for t, d in zip(trained, deployed)]
+        results = {"environment": environment(), "config": _config_dict(config, trained[0]), "runs": rows}
     _write(config.out, results)
     if verbose:
         print(table(rows))

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from prune.demo.model import DigitsTransformer, ModelConfig
 from prune.pruner import Pruner
-from prune.schedules import Cubic, Schedule
+from prune.schedules import CubicRamp, Schedule
 
 PRUNE_EXCLUDE = ("embed", "classifier")  # the input embedding and the output layer stay dense
 
@@ -89,8 +89,8 @@ class RunSpec:
 def _cubic(final: float, begin: float, end: float, updates: int = 40) -> Callable[[int], Schedule]:
     """A cubic schedule whose begin/end are fractions of the run's steps, with about ``updates`` mask updates
     over the whole run."""
-    return lambda steps: Cubic(0.0, final, begin_step=max(1, int(begin * steps)),
-                               end_step=max(2, int(end * steps)), every=max(1, steps // updates))
+    return lambda steps: CubicRamp(0.0, final, begin_step=max(1, int(begin * steps)),
+                                   end_step=max(2, int(end * steps)), every=max(1, steps // updates))
 
 
 RUNS: dict[str, RunSpec] = {r.name: r for r in [
