@@ -8,7 +8,7 @@ Attention family: head-gated attention with 25/50/75/100% of heads open, gathere
 physically pruned, against full ``nn.MultiheadAttention``. All candidates of one batch are timed interleaved
 in one run; ratios are to the dense FFN (FFN rows) or full attention (attention rows) of the same run.
 
-Run: ``prune bench families --out benchmarks/results/families [--quick] [--batch 1,64] [--device cuda]
+Run: ``prune bench families --out benchmarks/results/families [--quick] [--tokens 1,64] [--device cuda]
 [--threads 1] [--repeats 21] [--max-seconds S]`` (or ``python -m benchmarks.families ...``) writes
 families.csv, families.json (environment, config) and families.png. The committed results used
 ``--threads 1``: on a 2-core machine shared with other jobs, two torch threads spin against each other and
@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from benchmarks.timing import Deadline, time_interleaved
-from sparse_ops.activations import fuse_activations
-from sparse_ops.fusion import fuse_ffn
+
+from sparse_ops.fusion import fuse_activations, fuse_ffn
 from sparse_ops.layers import GatedMultiheadAttention, MoE, ParamCounts
 
 

@@ -27,7 +27,7 @@ from benchmarks.output import RunFiles, table
 from benchmarks.plots import plot_speedup
 from benchmarks.timing import environment, time_interleaved
 from sparse_ops.formats import CSR
-from sparse_ops.fusion import SparseFFN, SparseGatedFFN
+from sparse_ops.fused import SparseFFN, SparseGatedFFN
 from sparse_ops.linear import SparseLinear
 
 HIDDEN = (384, 768)  # BERT-small-like (MiniLM: 384 -> 1536) and BERT-base (768 -> 3072)

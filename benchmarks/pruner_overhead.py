@@ -18,7 +18,7 @@ import time
 import torch
 
 from benchmarks.timing import environment
-from prune import Linear, Pruner
+from prune import LinearRamp, Pruner
 
 
 def _rss_bytes() -> int:
@@ -55,7 +55,7 @@ def bert_base(layers: int):
 def measure(criterion: str, scope: str, layers: int, updates: int) -> dict[str, object]:
     model = bert_base(layers)
     n_params = sum(p.numel() for p in model.parameters())
-    schedule = Linear(0.0, 0.9, begin_step=1, end_step=10_000, every=1)  # every step is an update
+    schedule = LinearRamp(0.0, 0.9, begin_step=1, end_step=10_000, every=1)  # every step is an update
     pruner = Pruner(model, sparsity=schedule, criterion=criterion, scope=scope)
     pruned = sum(t.module.weight.numel() for t in pruner.targets)
     if criterion == "movement":  # one backward fills the scores through the pruner's own hook

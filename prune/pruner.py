@@ -8,9 +8,9 @@ kept so that movement pruning can let a weight regrow. ``finalize()`` bakes the 
 Example:
     >>> import torch
     >>> from torch import nn
-    >>> from prune.schedules import Linear
+    >>> from prune.schedules import LinearRamp
     >>> model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
-    >>> pruner = Pruner(model, sparsity=Linear(0.0, 0.75, begin_step=0, end_step=4, every=2))
+    >>> pruner = Pruner(model, sparsity=LinearRamp(0.0, 0.75, begin_step=0, end_step=4, every=2))
     >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
     >>> for _ in range(5):
     ...     model(torch.randn(8, 16)).square().mean().backward(); opt.step(); pruner.step(); opt.zero_grad()

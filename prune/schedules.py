@@ -6,7 +6,7 @@ on the target is held at ``final``: cool-down) and ``every`` (the target only ch
 ``end_step``; between those boundaries it is held). Targets never decrease.
 
 Example:
-    >>> s = Cubic(initial=0.0, final=0.9, begin_step=0, end_step=100, every=10)
+    >>> s = CubicRamp(initial=0.0, final=0.9, begin_step=0, end_step=100, every=10)
     >>> [round(s(t), 4) for t in (0, 5, 10, 50, 100, 1000)]
     [0.0, 0.0, 0.2439, 0.7875, 0.9, 0.9]
     >>> s.is_update_step(20), s.is_update_step(25)
@@ -115,7 +115,7 @@ class Constant(Schedule):
 
 
 @dataclass(frozen=True)
-class Linear(Schedule):
+class LinearRamp(Schedule):
     """s_t = s_i + (s_f - s_i) * p, with p = (t - t0) / (t_end - t0) at update boundaries."""
 
     def ramp(self, p: float) -> float:
@@ -123,7 +123,7 @@ class Linear(Schedule):
 
 
 @dataclass(frozen=True)
-class Cubic(Schedule):
+class CubicRamp(Schedule):
     """Zhu & Gupta 2017 ("To prune, or not to prune"): s_t = s_f + (s_i - s_f) * (1 - p)^3.
 
     Prunes fastest early, when redundancy is highest, and slows down near the end. Not to be confused with
@@ -135,7 +135,7 @@ class Cubic(Schedule):
 
 
 @dataclass(frozen=True)
-class Exponential(Schedule):
+class ExponentialRamp(Schedule):
     """Density decays geometrically: 1 - s_t = (1 - s_i) * ((1 - s_f) / (1 - s_i)) ** p.
 
     Every update removes the same *fraction* of the remaining weights.
@@ -149,18 +149,36 @@ class Exponential(Schedule):
         return (d_i - density) / (d_i - d_f)
 
 
-SCHEDULES: dict[str, type[Schedule]] = {c.__name__: c for c in (Constant, Linear, Cubic, Exponential)}
+SCHEDULES: dict[str, type[Schedule]] = {c.__name__: c for c in (Constant, LinearRamp, CubicRamp, ExponentialRamp)}
+# The names before 0.2 (`Linear` read like nn.Linear): still importable with a DeprecationWarning, and the kinds
+# of pruner states saved under them still load.
+RENAMED = {"Linear": "LinearRamp", "Cubic": "CubicRamp", "Exponential": "ExponentialRamp"}
+
+
+def deprecated_name(module: str, name: str) -> type[Schedule]:
+    """The schedule an old name stands for, with a DeprecationWarning; AttributeError for any other name."""
+    if name not in RENAMED:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    import warnings
+
+    warnings.warn(f"{module}.{name} is now {RENAMED[name]}", DeprecationWarning, stacklevel=3)
+    return SCHEDULES[RENAMED[name]]
+
+
+def __getattr__(name: str) -> type[Schedule]:
+    return deprecated_name(__name__, name)
 
 
 def schedule_from_dict(d: dict[str, object]) -> Schedule:
     """Inverse of :meth:`Schedule.to_dict`.
 
     Example:
-        >>> schedule_from_dict(Linear(0.0, 0.5, 0, 10).to_dict()) == Linear(0.0, 0.5, 0, 10)
+        >>> schedule_from_dict(LinearRamp(0.0, 0.5, 0, 10).to_dict()) == LinearRamp(0.0, 0.5, 0, 10)
         True
     """
     fields = dict(d)
     kind = fields.pop("kind", None)
+    kind = RENAMED.get(kind, kind)  # type: ignore[arg-type]
     if kind not in SCHEDULES:
         raise ValueError(f"unknown schedule kind {kind!r}; known: {sorted(SCHEDULES)}")
     return SCHEDULES[kind](**fields)  # type: ignore[arg-type]

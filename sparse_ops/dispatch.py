@@ -31,9 +31,9 @@ class Kernel:
     and ``linear.candidate_formats`` skip it. ``fuses_activation``: ``matmul`` takes a fourth argument, an activation name
     (``sparse_ops.activations``), applied in the kernel's output writes. ``ffn``, where set, computes a whole
     feed-forward block in one call, ``ffn(up_state, down_state, x, up_bias, down_bias, activation)``, or
-    returns None where it does not apply (``sparse_ops.fusion.SparseFFN`` then runs the two layers).
+    returns None where it does not apply (``sparse_ops.fused.SparseFFN`` then runs the two layers).
     ``fuses_post``: ``matmul`` and ``ffn`` take ``post=`` (``kernels.cpu_native.AddNorm``: a residual add and
-    LayerNorm applied to whole output rows, ``sparse_ops.fusion.SparseAddNorm``). ``variants``, where set, gives
+    LayerNorm applied to whole output rows, ``sparse_ops.fused.SparseAddNorm``). ``variants``, where set, gives
     the names of the kernel's own paths for n tokens (e.g. CSR's "plain" and "panels"); ``matmul`` then takes
     ``variant=`` one of them (None: the kernel's own choice by batch), and ``sparse_ops.plan`` times each.
     ``available()``

@@ -1,7 +1,13 @@
 """Fusions for sparse transformer inference, each proven from ``torch.fx`` graphs before a module is swapped.
 
-``fuse(model)`` runs all of them: the activations into their layers (``activations.fuse_activations``), then
-``fuse_ffn``, ``fuse_gated_ffn`` and ``fuse_add_norm``; ``checkpoint.sparsify(..., fuse=True)`` calls it.
+``fuse(model)`` runs all of them: the activations into their layers (``fuse_activations``), then ``fuse_ffn``,
+``fuse_gated_ffn`` and ``fuse_add_norm``; ``checkpoint.sparsify(..., fuse=True)`` calls it. The modules they swap
+in are in ``sparse_ops.fused``; this module holds only the passes.
+
+**Activations into their layers** (``fuse_activations``): each ``SparseLinear`` whose only consumer is an
+activation module, both children of the same parent, takes the activation into its kernel (the activation
+module becomes ``nn.Identity``). The pattern is proven from the parent's fx graph, not guessed from names: a
+parent whose forward fx cannot trace, or that uses the layer's output anywhere else, is left alone.
 
 **Feed-forward blocks in one call** (``SparseFFN``, ``fuse_ffn``). A transformer's FFN is ``down(act(up(x)))``.
 Run as two layers, the hidden activations (tokens x hidden, 6 MB for a batch of 8 BERT sequences) are written
@@ -57,42 +63,69 @@ from collections.abc import Callable
 import torch
 from torch import fx, nn
 
-from sparse_ops.activations import _ChildrenAreLeaves, _use_counts, fuse_activations
-from sparse_ops.kernels.cpu_native import AddNorm
+from sparse_ops.activations import activation_of
+from sparse_ops.fused import SparseAddNorm, SparseFFN, SparseGatedFFN
 from sparse_ops.linear import SparseLinear
 
 
-class SparseFFN(nn.Module):
-    """``down(up(x))`` for two ``SparseLinear`` layers, ``up``'s activation in between, in one kernel call where
-    both run on a kernel with an ``ffn`` path (``dispatch.Kernel.ffn``), else the two layers in turn.
+def _use_counts(model: nn.Module) -> dict[int, int]:
+    """id(module) -> how many places of ``model`` hold it (a module held twice is shared: never fused)."""
+    uses: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        uses[id(m)] = uses.get(id(m), 0) + 1
+    return uses
 
-    >>> from sparse_ops.formats import CSR
-    >>> up = SparseLinear(CSR.from_dense(torch.tensor([[1.0, 0.0], [0.0, -1.0]])), activation="relu")
-    >>> down = SparseLinear(CSR.from_dense(torch.tensor([[1.0, 1.0]])))
-    >>> SparseFFN(up, down)(torch.tensor([[2.0, 3.0], [-2.0, -3.0]])).tolist()
-    [[2.0], [3.0]]
+
+class _ChildrenAreLeaves(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return True
+
+
+def _consumed_by(parent: nn.Module, layers: set[str], acts: set[str]) -> list[tuple[str, str]]:
+    """(layer, activation) children where the parent's forward calls each once and feeds the layer's output
+    only to that activation, as its only argument."""
+    try:
+        graph = _ChildrenAreLeaves().trace(parent)
+    except Exception:  # noqa: BLE001  untraceable forward (data-dependent control flow, ...): nothing fused
+        return []
+    calls: dict[str, list[fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls.setdefault(node.target, []).append(node)
+    pairs = []
+    for name in layers & set(calls):
+        if len(calls[name]) != 1 or len(calls[name][0].users) != 1:
+            continue
+        (user,) = calls[name][0].users
+        if user.op == "call_module" and user.target in acts and len(calls[user.target]) == 1 \
+                and user.args == (calls[name][0],) and not user.kwargs:
+            pairs.append((name, user.target))
+    return pairs
+
+
+def fuse_activations(model: nn.Module) -> list[str]:
+    """Fuse each activation module that is the only consumer of a ``SparseLinear`` into that layer (see the
+    module doc); returns the qualified names of the layers that took one. Layers already fused, or shared by
+    several parents, are skipped. Only parents holding both a candidate layer and an activation child are
+    traced. The model's outputs are unchanged (to the kernels' rounding), and so are its state dict keys.
+
+    >>> fuse_activations(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))  # a dense nn.Linear is not touched
+    []
     """
-
-    def __init__(self, up: SparseLinear, down: SparseLinear):
-        super().__init__()
-        if not isinstance(up, SparseLinear) or not isinstance(down, SparseLinear):
-            raise TypeError(f"SparseFFN takes two SparseLinear layers, got {type(up).__name__} and "
-                            f"{type(down).__name__}")
-        if up.out_features != down.in_features:
-            raise ValueError(f"up gives {up.out_features} features, down takes {down.in_features}")
-        self.up, self.down = up, down
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., up.in_features) -> (..., down.out_features)."""
-        up, down = self._modules["up"], self._modules["down"]  # direct lookups: this runs per forward
-        ffn, n = up.kernel.ffn, x.numel() // max(1, x.shape[-1])
-        if ffn is not None and down.kernel is up.kernel and up.runs_own_kernel(n) and down.runs_own_kernel(n):
-            up.check_input(x)
-            y = ffn(up._state, down._state, x if x.dim() == 2 else x.reshape(-1, up.in_features),
-                    up._buffers["bias"], down._buffers["bias"], up.activation)
-            if y is not None:
-                return y if x.dim() == 2 else y.reshape(*x.shape[:-1], down.out_features)
-        return down(up(x))
+    uses = _use_counts(model)
+    fused = []
+    for parent_name, parent in list(model.named_modules()):
+        children = dict(parent.named_children())
+        layers = {n for n, c in children.items()
+                  if isinstance(c, SparseLinear) and c.activation is None and uses[id(c)] == 1}
+        kinds = {n: k for n, c in children.items() if layers and (k := activation_of(c))}
+        if not kinds:
+            continue
+        for layer_name, act_name in _consumed_by(parent, layers, set(kinds)):
+            children[layer_name].activation = kinds[act_name]
+            setattr(parent, act_name, nn.Identity())
+            fused.append(f"{parent_name}.{layer_name}" if parent_name else layer_name)
+    return fused
 
 
 def _trace(module: nn.Module, method: str = "forward") -> fx.Graph | None:
@@ -254,51 +287,6 @@ def fuse_ffn(model: nn.Module) -> list[str]:
     return fused
 
 
-class SparseGatedFFN(nn.Module):
-    """``down(gate(x) * up(x))`` for three ``SparseLinear`` layers, the activation in ``gate``: LLaMA's MLP,
-    ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``. One kernel call where the three run on a kernel with an
-    ``ffn`` path (per token tile, the gate's activated sums times the up layer's go straight into the packed
-    tile the down layer reads), else the layers in turn. Its children keep the names given (those of the
-    module it replaces, so the state dict keys stay).
-
-    >>> from sparse_ops.formats import CSR
-    >>> gate = SparseLinear(CSR.from_dense(torch.tensor([[1.0, 0.0]])), activation="relu")
-    >>> up, down = (SparseLinear(CSR.from_dense(torch.tensor(w))) for w in ([[0.0, 2.0]], [[3.0]]))
-    >>> SparseGatedFFN(gate, up, down)(torch.tensor([[1.0, 5.0], [-1.0, 5.0]])).tolist()  # 3 * relu(a) * 2b
-    [[30.0], [0.0]]
-    """
-
-    def __init__(self, gate: SparseLinear, up: SparseLinear, down: SparseLinear,
-                 names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")):
-        super().__init__()
-        if not all(isinstance(m, SparseLinear) for m in (gate, up, down)):
-            raise TypeError("SparseGatedFFN takes three SparseLinear layers, got "
-                            + ", ".join(type(m).__name__ for m in (gate, up, down)))
-        if (gate.in_features, gate.out_features) != (up.in_features, up.out_features) \
-                or up.out_features != down.in_features:
-            raise ValueError(f"gate ({gate.out_features}x{gate.in_features}) and up ({up.out_features}x"
-                             f"{up.in_features}) must have one shape, whose outputs down takes ({down.in_features})")
-        if up.activation is not None:
-            raise ValueError(f"the up layer must have no activation (the gate's is applied), got {up.activation!r}")
-        self._names = names
-        for name, layer in zip(names, (gate, up, down)):
-            self.add_module(name, layer)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., in) -> (..., down.out_features)."""
-        gate, up, down = (self._modules[n] for n in self._names)
-        ffn, n = up.kernel.ffn, x.numel() // max(1, x.shape[-1])
-        if ffn is not None and gate.kernel is up.kernel and down.kernel is up.kernel \
-                and all(m.runs_own_kernel(n) for m in (gate, up, down)):
-            up.check_input(x)
-            y = ffn(up._state, down._state, x if x.dim() == 2 else x.reshape(-1, up.in_features),
-                    up._buffers["bias"], down._buffers["bias"], gate.activation, gate=gate._state,
-                    gate_bias=gate._buffers["bias"])
-            if y is not None:
-                return y if x.dim() == 2 else y.reshape(*x.shape[:-1], down.out_features)
-        return down(gate(x) * up(x))
-
-
 def _gated_parts(module: nn.Module) -> tuple[str, str, str] | None:
     """(a, b, down) child names where ``module.forward`` is exactly ``down(a(x) * b(x))`` with three sparse
     layers, Identity modules allowed after ``a`` (an activation fused into it), else None."""
@@ -368,76 +356,6 @@ def fuse_gated_ffn(model: nn.Module) -> list[str]:
         return SparseGatedFFN(gate, up, down, parts)
 
     return _swap_modules(model, build)
-
-
-class SparseAddNorm(nn.Module):
-    """``norm(dropout(layer(x)) + residual)`` for a ``SparseLinear`` or ``SparseFFN`` layer and an
-    ``nn.LayerNorm`` over its output features: the residual add and the LayerNorm run in the kernel, on each tile
-    of output rows while it is in cache, where the kernel has that post-op (``Kernel.fuses_post``: ours on CPU),
-    the dropout is inactive (eval mode or p = 0) and no gradient is needed; else the ops in turn. Its children
-    keep the names given (those of the module it replaces, so the state dict keys stay); it is called as that
-    module was, ``(x, residual)`` by position or by ``arg_names``.
-
-    >>> from sparse_ops.formats import CSR
-    >>> block = SparseAddNorm(SparseLinear(CSR.from_dense(torch.eye(2))), nn.LayerNorm(2))
-    >>> block(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 0.0]])).tolist()  # layer_norm([2, 2]): zeros
-    [[0.0, 0.0]]
-    """
-
-    def __init__(self, layer: nn.Module, norm: nn.LayerNorm, dropout: nn.Module | None = None,
-                 names: tuple[str, str, str] = ("dense", "LayerNorm", "dropout"),
-                 arg_names: tuple[str, str] = ("hidden_states", "input_tensor")):
-        super().__init__()
-        if not isinstance(layer, (SparseLinear, SparseFFN)):
-            raise TypeError(f"SparseAddNorm takes a SparseLinear or SparseFFN layer, got {type(layer).__name__}")
-        out = layer.down.out_features if isinstance(layer, SparseFFN) else layer.out_features
-        if not isinstance(norm, nn.LayerNorm) or tuple(norm.normalized_shape) != (out,):
-            raise ValueError(f"norm must be an nn.LayerNorm over the layer's {out} output features, got {norm}")
-        self._names, self._arg_names = names, arg_names
-        self.add_module(names[0], layer)
-        self.add_module(names[1], norm)
-        if dropout is not None:
-            self.add_module(names[2], dropout)
-
-    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
-        """(x (..., in), residual (..., out)) -> (..., out)."""
-        if len(args) == 2 and not kwargs:  # the usual call, checked first: this runs per sublayer and forward
-            x, residual = args
-        elif len(args) + len(kwargs) == 2 and set(kwargs) <= set(self._arg_names[len(args):]):
-            x, residual = (*args, *(kwargs[k] for k in self._arg_names[len(args):]))
-        else:
-            raise TypeError(f"SparseAddNorm takes ({', '.join(self._arg_names)}), got {len(args)} positional "
-                            f"and {sorted(kwargs)} keyword arguments")
-        modules = self._modules
-        layer, norm, dropout = modules[self._names[0]], modules[self._names[1]], modules.get(self._names[2])
-        live = dropout is not None and dropout.training and getattr(dropout, "p", 0.0) > 0.0
-        grads = torch.is_grad_enabled() and (x.requires_grad or residual.requires_grad
-                                             or any(p.requires_grad for p in norm.parameters()))
-        if not live and not grads and residual.shape[:-1] == x.shape[:-1] \
-                and residual.shape[-1] == norm.normalized_shape[0]:  # else torch broadcasts, or raises
-            r = residual if residual.dim() == 2 else residual.reshape(-1, residual.shape[-1])
-            y = _with_post(layer, x, AddNorm(r, norm.weight, norm.bias, norm.eps))
-            if y is not None:
-                return y if y.shape == residual.shape else y.reshape(residual.shape)
-        h = layer(x)
-        return norm((h if dropout is None else dropout(h)) + residual)
-
-
-def _with_post(layer: SparseLinear | SparseFFN, x: torch.Tensor, post: AddNorm) -> torch.Tensor | None:
-    """The layer's output for x with the post-op applied by its kernel, (N, out); None where it cannot."""
-    first = layer.up if isinstance(layer, SparseFFN) else layer
-    first.check_input(x)
-    x2 = x if x.dim() == 2 else x.reshape(-1, first.in_features)
-    if not first.kernel.fuses_post or post.residual.dtype != x.dtype or not first.runs_own_kernel(x2.shape[0]):
-        return None
-    if isinstance(layer, SparseFFN):
-        up, down = layer.up, layer.down
-        if up.kernel.ffn is None or down.kernel is not up.kernel or not down.runs_own_kernel(x2.shape[0]):
-            return None
-        return up.kernel.ffn(up._state, down._state, x2, up._buffers["bias"], down._buffers["bias"], up.activation,
-                             post=post)
-    return layer.kernel.matmul(layer._state, x2, layer._buffers["bias"], layer.activation, post=post,
-                               **layer.kernel_kwargs(x2.shape[0]))
 
 
 def _add_norm_parts(module: nn.Module) -> tuple[tuple[str, str, str | None], tuple[str, str]] | None:

@@ -38,7 +38,7 @@ class SparseLinear(nn.Module):
     runs torch's own kernel where ours is the default (``dispatch.TORCH_KERNELS``); it is a runtime choice,
     not saved in the state dict. ``activation`` (None or a
     name in ``sparse_ops.activations.ACTIVATIONS``) is applied to the output, fused into the kernel where it
-    supports that (ours on CPU); ``activations.fuse_activations`` sets it from the model's own activation
+    supports that (ours on CPU); ``fusion.fuse_activations`` sets it from the model's own activation
     modules. It is not saved in the state dict either.
 
     ``planner`` (``sparse_ops.plan.Planner``; ``sparsify``'s default) makes the layer choose its path per batch
@@ -151,6 +151,12 @@ class SparseLinear(nn.Module):
     def _off_kernel(self, path: str) -> bool:
         """Whether ``path`` runs elsewhere than this layer's kernel (dense, or torch's kernel when ours is it)."""
         return path == DENSE or (path.endswith(TORCH_SUFFIX) and self.kernel not in TORCH_KERNELS.values())
+
+    @property
+    def prepared(self) -> object:
+        """The weight as this layer's kernel prepared it (``kernel.prepare``): what the kernel's ``matmul`` and
+        ``ffn`` paths take (the fused modules call them with it)."""
+        return self._state
 
     def runs_own_kernel(self, n: int) -> bool:
         """Whether a call with n tokens runs this layer's kernel (the fused modules' one-call paths need that)."""

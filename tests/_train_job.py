@@ -14,13 +14,13 @@ import time
 import torch
 from torch import nn
 
-from prune import Cubic, Pruner
+from prune import CubicRamp, Pruner
 
 
 def build():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 4))
-    pruner = Pruner(model, sparsity=Cubic(0.0, 0.9, begin_step=2, end_step=30, every=4), criterion="movement")
+    pruner = Pruner(model, sparsity=CubicRamp(0.0, 0.9, begin_step=2, end_step=30, every=4), criterion="movement")
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     return model, pruner, opt
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from sparse_ops.activations import ACTIVATIONS, activation_of, fuse_activations
+from sparse_ops.activations import ACTIVATIONS, activation_of
 from sparse_ops.formats import CSR, TwoFour
+from sparse_ops.fusion import fuse_activations
 from sparse_ops.kernels import native
 from sparse_ops.linear import SparseLinear
 from tests.test_formats import two_four, unstructured

@@ -332,3 +332,13 @@ def test_an_isa_this_cpu_cannot_run_or_an_unknown_one_is_refused_with_the_reason
     foreign = "avx2" if native.machine() == "aarch64" else "neon"
     monkeypatch.setenv("SPARSE_OPS_ISA", foreign)
     assert native._load.__wrapped__().startswith(f"this CPU cannot run the {foreign} build (SPARSE_OPS_ISA")
+
+
+@needs_native
+def test_the_cpp_and_python_constants_are_checked_against_each_other(monkeypatch):
+    lib = native.library()
+    assert native.constants_mismatch(lib) is None
+    from sparse_ops import activations
+
+    monkeypatch.setitem(activations.CODES, "silu", 7)  # a Python table edited without the C++ enum
+    assert native.constants_mismatch(lib) == "the C++ and Python constants differ (act.silu: C++ 4, Python 7)"

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from prune import Cubic, Pruner
+from prune import CubicRamp, Pruner
 
 STEPS, WORLD, GLOBAL_BATCH = 14, 2, 16
 
@@ -16,7 +16,7 @@ STEPS, WORLD, GLOBAL_BATCH = 14, 2, 16
 def build(criterion):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3))
-    pruner = Pruner(model, sparsity=Cubic(0.0, 0.8, begin_step=2, end_step=10, every=2), criterion=criterion,
+    pruner = Pruner(model, sparsity=CubicRamp(0.0, 0.8, begin_step=2, end_step=10, every=2), criterion=criterion,
                     scope="global")
     return model, pruner
 

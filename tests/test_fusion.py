@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse_ops.activations import ACTIVATIONS, fuse_activations
+from sparse_ops.activations import ACTIVATIONS
 from sparse_ops.checkpoint import sparsify
 from sparse_ops.formats import CSR, TwoFour
-from sparse_ops.fusion import SparseAddNorm, SparseFFN, SparseGatedFFN, fuse, fuse_add_norm, fuse_ffn, fuse_gated_ffn
+from sparse_ops.fused import SparseAddNorm, SparseFFN, SparseGatedFFN
+from sparse_ops.fusion import fuse, fuse_activations, fuse_add_norm, fuse_ffn, fuse_gated_ffn
 from sparse_ops.kernels import cpu_native, native
 from sparse_ops.kernels import reference as ref_kernels
 from sparse_ops.kernels.cpu_native import AddNorm

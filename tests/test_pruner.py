@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from prune import Constant, Cubic, Linear, Pruner, sparsity_report
+from prune import Constant, CubicRamp, LinearRamp, Pruner, sparsity_report
 
 # A 4x8 weight whose |W| order is easy to follow by hand.
 W = torch.tensor([
@@ -86,7 +86,7 @@ def test_movement_by_hand_with_regrowth():
     w = torch.ones(4, 8)
     w[:, 1::2] = -1.0  # alternating signs
     model = nn.Sequential(linear_with(w))
-    pruner = Pruner(model, sparsity=Linear(0.5, 0.5, begin_step=1, end_step=2), criterion="movement")
+    pruner = Pruner(model, sparsity=LinearRamp(0.5, 0.5, begin_step=1, end_step=2), criterion="movement")
     assert pruner.masks["0"].all()
     top, bottom = slice(0, 2), slice(2, 4)
     g1 = torch.empty(4, 8)
@@ -125,7 +125,7 @@ OPTIMIZERS = {
 @pytest.mark.parametrize("clip", [False, True])
 def test_masks_hold_under_optimizers(opt_name, criterion, clip):
     model = _mlp()
-    pruner = Pruner(model, sparsity=Cubic(0.0, 0.8, begin_step=2, end_step=10, every=2), criterion=criterion)
+    pruner = Pruner(model, sparsity=CubicRamp(0.0, 0.8, begin_step=2, end_step=10, every=2), criterion=criterion)
     opt = OPTIMIZERS[opt_name](model.parameters())
     seen = []
     hook = lambda mod, inp, out: seen.append(bool((mod.weight[~pruner.masks[name_of[mod]]] == 0).all()))
@@ -150,7 +150,7 @@ def test_masks_hold_under_optimizers(opt_name, criterion, clip):
 
 def test_exact_counts_per_layer_every_update():
     model = _mlp()
-    pruner = Pruner(model, sparsity=Linear(0.1, 0.9, begin_step=0, end_step=8, every=1))
+    pruner = Pruner(model, sparsity=LinearRamp(0.1, 0.9, begin_step=0, end_step=8, every=1))
     for _ in range(10):
         pruner.step()
         for t in pruner.targets:
@@ -159,7 +159,7 @@ def test_exact_counts_per_layer_every_update():
 
 def test_magnitude_never_regrows():
     model = _mlp()
-    pruner = Pruner(model, sparsity=Linear(0.0, 0.9, begin_step=0, end_step=6, every=1))
+    pruner = Pruner(model, sparsity=LinearRamp(0.0, 0.9, begin_step=0, end_step=6, every=1))
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     before = {k: v.clone() for k, v in pruner.masks.items()}
     for _ in range(8):
@@ -196,7 +196,7 @@ def test_finalize_keys_values_and_outputs():
 def test_state_round_trip_in_process():
     def run(steps, state=None, model_state=None, opt_state=None):
         model = _mlp()
-        pruner = Pruner(model, sparsity=Cubic(0.0, 0.9, begin_step=1, end_step=12, every=3), criterion="movement")
+        pruner = Pruner(model, sparsity=CubicRamp(0.0, 0.9, begin_step=1, end_step=12, every=3), criterion="movement")
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
         start = 0
         if state is not None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from prune import Cubic, Linear, Pruner
+from prune import CubicRamp, LinearRamp, Pruner
 
 transformers = pytest.importorskip("transformers")
 
@@ -43,7 +43,7 @@ def test_small_cnn_with_conv_targets_and_nm():
     model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
                           nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
     keys = list(model.state_dict())
-    pruner = Pruner(model, sparsity=Linear(0.0, 0.5, begin_step=0, end_step=6, every=2), pattern="2:4",
+    pruner = Pruner(model, sparsity=LinearRamp(0.0, 0.5, begin_step=0, end_step=6, every=2), pattern="2:4",
                     types=(nn.Conv2d, nn.Linear), include=["2", "5"])
     x = torch.randn(16, 4, 6, 6)
     y = torch.randint(0, 5, (16,))
@@ -68,7 +68,7 @@ def tiny_bert():
 def test_bert_movement_global():
     model = tiny_bert()
     keys = list(model.state_dict())
-    pruner = Pruner(model, sparsity=Cubic(0.0, 0.9, begin_step=2, end_step=12, every=2), criterion="movement",
+    pruner = Pruner(model, sparsity=CubicRamp(0.0, 0.9, begin_step=2, end_step=12, every=2), criterion="movement",
                     scope="global", max_layer_sparsity=0.98, exclude=["classifier", "pooler.*"])
     names = [t.name for t in pruner.targets]
     assert len(names) == 12 and all(n.startswith("bert.encoder.layer.") for n in names)
@@ -90,7 +90,7 @@ def test_gpt2_conv1d_magnitude_layer_scope():
     model = transformers.GPT2LMHeadModel(cfg).train()
     keys = list(model.state_dict())
     with pytest.warns(UserWarning, match="not pruning lm_head.weight: it is shared"):
-        pruner = Pruner(model, sparsity=Cubic(0.0, 0.75, begin_step=0, end_step=8, every=2))
+        pruner = Pruner(model, sparsity=CubicRamp(0.0, 0.75, begin_step=0, end_step=8, every=2))
     assert len(pruner.targets) == 8 and all(isinstance(t.module, transformers.pytorch_utils.Conv1D) for t in pruner.targets)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 100, (4, 16), generator=gen)

@@ -17,6 +17,7 @@
 // (acc[S][NV] vectors of W floats); S > 1 splits a row's nonzeros over independent accumulators so short
 // tiles are not bound by the FMA latency. The weight is read once per tile of tokens.
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <algorithm>
@@ -1411,3 +1412,15 @@ extern "C" int attention_f32(const float* q, const float* k, const float* v, con
 }
 
 extern "C" int sparse_cpu_abi_version() { return 13; }
+
+// The codes Python passes and reads, from the enums themselves: native.py compares them with its own tables at
+// load and refuses a library that disagrees (one source of truth per side, checked against the other).
+extern "C" const char* sparse_cpu_constants() {
+  static char text[256];
+  std::snprintf(text, sizeof(text),
+                "act.none=%d act.relu=%d act.gelu=%d act.gelu_tanh=%d act.silu=%d post.none=%d post.add=%d "
+                "post.add_norm=%d status.ok=%d status.out_of_memory=%d",
+                ACT_NONE, ACT_RELU, ACT_GELU, ACT_GELU_TANH, ACT_SILU, POST_NONE, POST_ADD, POST_ADD_NORM, ENTRY_OK,
+                ENTRY_OUT_OF_MEMORY);
+  return text;
+}

@@ -90,7 +90,7 @@ class NativeWeight:
 class AddNorm(NamedTuple):  # a NamedTuple: built per call, it must be cheap (a frozen dataclass costs ~2 us)
     """A post-op the kernels apply to whole output rows once they are written: ``y + residual``, then (``norm``)
     ``F.layer_norm`` over the row with ``weight`` / ``bias`` (None: no affine) and ``eps``. A post-LN
-    transformer sublayer's output (``sparse_ops.fusion.SparseAddNorm``)."""
+    transformer sublayer's output (``sparse_ops.fused.SparseAddNorm``)."""
 
     residual: torch.Tensor  # (N, out)
     weight: torch.Tensor | None = None
@@ -115,7 +115,7 @@ class AddNorm(NamedTuple):  # a NamedTuple: built per call, it must be cheap (a 
         for t in parts[1:]:
             if t is not None and t.shape != (out,):
                 raise ValueError(f"the norm's weight and bias must have shape ({out},), got {tuple(t.shape)}")
-        return ((2 if self.norm else 1, *(None if t is None else t.data_ptr() for t in parts), float(self.eps)),
+        return ((native.POST_KINDS["add_norm" if self.norm else "add"], *(None if t is None else t.data_ptr() for t in parts), float(self.eps)),
                 parts)
 
 

@@ -72,7 +72,9 @@ ISAS: dict[str, Isa] = {i.name: i for i in (
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 # Every entry point ends with the post-op's arguments (sparse_cpu.cpp, Post): kind, residual, gamma, beta, eps
 _POST = (_INT, _P, _P, _P, ctypes.c_float)
-NO_POST = (0, None, None, None, 0.0)  # kind POST_NONE: y is the product (and activation) alone
+POST_KINDS = {"none": 0, "add": 1, "add_norm": 2}  # sparse_cpu.cpp's PostKind
+NO_POST = (POST_KINDS["none"], None, None, None, 0.0)  # y is the product (and activation) alone
+STATUS = {"ok": 0, "out_of_memory": 1}  # what the entry points return (ENTRY_OK, ENTRY_OUT_OF_MEMORY)
 # entry point -> argument types (pointers as integers from Tensor.data_ptr(); NULL bias as None)
 SIGNATURES: dict[str, tuple[type, ...]] = {
     # rowptr, col, val, out, in, x, n, bias, y, threads, activation code
@@ -97,6 +99,27 @@ SIGNATURES: dict[str, tuple[type, ...]] = {
 }
 
 
+def expected_constants() -> dict[str, int]:
+    """The codes this side passes to and reads from the C++ code, named as ``sparse_cpu_constants()`` names them.
+
+    >>> expected_constants()["act.gelu"], expected_constants()["post.add_norm"]
+    (2, 2)
+    """
+    from sparse_ops.activations import CODES
+
+    return {**{f"act.{'none' if name is None else name}": code for name, code in CODES.items()},
+            **{f"post.{k}": v for k, v in POST_KINDS.items()}, **{f"status.{k}": v for k, v in STATUS.items()}}
+
+
+def constants_mismatch(lib: ctypes.CDLL) -> str | None:
+    """Why a build's constants (its C++ enums, ``sparse_cpu_constants()``) disagree with ours, or None."""
+    got = {k: int(v) for k, _, v in (item.partition("=") for item in lib.sparse_cpu_constants().decode().split())}
+    want = expected_constants()
+    diff = sorted(f"{k}: C++ {got.get(k)}, Python {want.get(k)}" for k in set(got) | set(want)
+                  if got.get(k) != want.get(k))
+    return f"the C++ and Python constants differ ({'; '.join(diff)})" if diff else None
+
+
 def _check_status(status: int, fn: object, _args: tuple) -> int:
     """ctypes errcheck of the kernel entry points: 0 is success (returned), 1 means the packed-x buffer was not
     allocated (MemoryError)."""
@@ -112,6 +135,7 @@ def open_library(path: str | os.PathLike) -> ctypes.CDLL:
     for name, argtypes in SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype, fn.errcheck = argtypes, ctypes.c_int, _check_status
+    lib.sparse_cpu_constants.argtypes, lib.sparse_cpu_constants.restype = (), ctypes.c_char_p
     return lib
 
 
@@ -249,7 +273,7 @@ def _load() -> ctypes.CDLL | str:
         lib = open_library(build())
         if lib.sparse_cpu_abi_version() != ABI_VERSION:
             return f"ABI version {lib.sparse_cpu_abi_version()} != {ABI_VERSION}"
-        return lib
+        return constants_mismatch(lib) or lib
     except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:
         return f"{type(e).__name__}: {e}"
 

@@ -1,0 +1,161 @@
+"""The fused sparse modules ``sparse_ops.fusion``'s passes swap in: ``SparseFFN`` (a feed-forward pair in one
+kernel call), ``SparseGatedFFN`` (LLaMA's gated MLP) and ``SparseAddNorm`` (the residual add and LayerNorm in the
+kernel). Each runs its one-call path where the layers' kernel has it (``dispatch.Kernel.ffn``,
+``Kernel.fuses_post``) and the layers in turn otherwise, through ``SparseLinear``'s public interface
+(``kernel``, ``prepared``, ``bias``, ``runs_own_kernel``, ``kernel_kwargs``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparse_ops.kernels.cpu_native import AddNorm
+from sparse_ops.linear import SparseLinear
+
+
+class SparseFFN(nn.Module):
+    """``down(up(x))`` for two ``SparseLinear`` layers, ``up``'s activation in between, in one kernel call where
+    both run on a kernel with an ``ffn`` path (``dispatch.Kernel.ffn``), else the two layers in turn.
+
+    >>> from sparse_ops.formats import CSR
+    >>> up = SparseLinear(CSR.from_dense(torch.tensor([[1.0, 0.0], [0.0, -1.0]])), activation="relu")
+    >>> down = SparseLinear(CSR.from_dense(torch.tensor([[1.0, 1.0]])))
+    >>> SparseFFN(up, down)(torch.tensor([[2.0, 3.0], [-2.0, -3.0]])).tolist()
+    [[2.0], [3.0]]
+    """
+
+    def __init__(self, up: SparseLinear, down: SparseLinear):
+        super().__init__()
+        if not isinstance(up, SparseLinear) or not isinstance(down, SparseLinear):
+            raise TypeError(f"SparseFFN takes two SparseLinear layers, got {type(up).__name__} and "
+                            f"{type(down).__name__}")
+        if up.out_features != down.in_features:
+            raise ValueError(f"up gives {up.out_features} features, down takes {down.in_features}")
+        self.up, self.down = up, down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., up.in_features) -> (..., down.out_features)."""
+        up, down = self._modules["up"], self._modules["down"]  # direct lookups: this runs per forward
+        ffn, n = up.kernel.ffn, x.numel() // max(1, x.shape[-1])
+        if ffn is not None and down.kernel is up.kernel and up.runs_own_kernel(n) and down.runs_own_kernel(n):
+            up.check_input(x)
+            y = ffn(up.prepared, down.prepared, x if x.dim() == 2 else x.reshape(-1, up.in_features),
+                    up.bias, down.bias, up.activation)
+            if y is not None:
+                return y if x.dim() == 2 else y.reshape(*x.shape[:-1], down.out_features)
+        return down(up(x))
+
+
+class SparseGatedFFN(nn.Module):
+    """``down(gate(x) * up(x))`` for three ``SparseLinear`` layers, the activation in ``gate``: LLaMA's MLP,
+    ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``. One kernel call where the three run on a kernel with an
+    ``ffn`` path (per token tile, the gate's activated sums times the up layer's go straight into the packed
+    tile the down layer reads), else the layers in turn. Its children keep the names given (those of the
+    module it replaces, so the state dict keys stay).
+
+    >>> from sparse_ops.formats import CSR
+    >>> gate = SparseLinear(CSR.from_dense(torch.tensor([[1.0, 0.0]])), activation="relu")
+    >>> up, down = (SparseLinear(CSR.from_dense(torch.tensor(w))) for w in ([[0.0, 2.0]], [[3.0]]))
+    >>> SparseGatedFFN(gate, up, down)(torch.tensor([[1.0, 5.0], [-1.0, 5.0]])).tolist()  # 3 * relu(a) * 2b
+    [[30.0], [0.0]]
+    """
+
+    def __init__(self, gate: SparseLinear, up: SparseLinear, down: SparseLinear,
+                 names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")):
+        super().__init__()
+        if not all(isinstance(m, SparseLinear) for m in (gate, up, down)):
+            raise TypeError("SparseGatedFFN takes three SparseLinear layers, got "
+                            + ", ".join(type(m).__name__ for m in (gate, up, down)))
+        if (gate.in_features, gate.out_features) != (up.in_features, up.out_features) \
+                or up.out_features != down.in_features:
+            raise ValueError(f"gate ({gate.out_features}x{gate.in_features}) and up ({up.out_features}x"
+                             f"{up.in_features}) must have one shape, whose outputs down takes ({down.in_features})")
+        if up.activation is not None:
+            raise ValueError(f"the up layer must have no activation (the gate's is applied), got {up.activation!r}")
+        self._names = names
+        for name, layer in zip(names, (gate, up, down)):
+            self.add_module(name, layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., in) -> (..., down.out_features)."""
+        gate, up, down = (self._modules[n] for n in self._names)
+        ffn, n = up.kernel.ffn, x.numel() // max(1, x.shape[-1])
+        if ffn is not None and gate.kernel is up.kernel and down.kernel is up.kernel \
+                and all(m.runs_own_kernel(n) for m in (gate, up, down)):
+            up.check_input(x)
+            y = ffn(up.prepared, down.prepared, x if x.dim() == 2 else x.reshape(-1, up.in_features),
+                    up.bias, down.bias, gate.activation, gate=gate.prepared,
+                    gate_bias=gate.bias)
+            if y is not None:
+                return y if x.dim() == 2 else y.reshape(*x.shape[:-1], down.out_features)
+        return down(gate(x) * up(x))
+
+
+class SparseAddNorm(nn.Module):
+    """``norm(dropout(layer(x)) + residual)`` for a ``SparseLinear`` or ``SparseFFN`` layer and an
+    ``nn.LayerNorm`` over its output features: the residual add and the LayerNorm run in the kernel, on each tile
+    of output rows while it is in cache, where the kernel has that post-op (``Kernel.fuses_post``: ours on CPU),
+    the dropout is inactive (eval mode or p = 0) and no gradient is needed; else the ops in turn. Its children
+    keep the names given (those of the module it replaces, so the state dict keys stay); it is called as that
+    module was, ``(x, residual)`` by position or by ``arg_names``.
+
+    >>> from sparse_ops.formats import CSR
+    >>> block = SparseAddNorm(SparseLinear(CSR.from_dense(torch.eye(2))), nn.LayerNorm(2))
+    >>> block(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 0.0]])).tolist()  # layer_norm([2, 2]): zeros
+    [[0.0, 0.0]]
+    """
+
+    def __init__(self, layer: nn.Module, norm: nn.LayerNorm, dropout: nn.Module | None = None,
+                 names: tuple[str, str, str] = ("dense", "LayerNorm", "dropout"),
+                 arg_names: tuple[str, str] = ("hidden_states", "input_tensor")):
+        super().__init__()
+        if not isinstance(layer, (SparseLinear, SparseFFN)):
+            raise TypeError(f"SparseAddNorm takes a SparseLinear or SparseFFN layer, got {type(layer).__name__}")
+        out = layer.down.out_features if isinstance(layer, SparseFFN) else layer.out_features
+        if not isinstance(norm, nn.LayerNorm) or tuple(norm.normalized_shape) != (out,):
+            raise ValueError(f"norm must be an nn.LayerNorm over the layer's {out} output features, got {norm}")
+        self._names, self._arg_names = names, arg_names
+        self.add_module(names[0], layer)
+        self.add_module(names[1], norm)
+        if dropout is not None:
+            self.add_module(names[2], dropout)
+
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        """(x (..., in), residual (..., out)) -> (..., out)."""
+        if len(args) == 2 and not kwargs:  # the usual call, checked first: this runs per sublayer and forward
+            x, residual = args
+        elif len(args) + len(kwargs) == 2 and set(kwargs) <= set(self._arg_names[len(args):]):
+            x, residual = (*args, *(kwargs[k] for k in self._arg_names[len(args):]))
+        else:
+            raise TypeError(f"SparseAddNorm takes ({', '.join(self._arg_names)}), got {len(args)} positional "
+                            f"and {sorted(kwargs)} keyword arguments")
+        modules = self._modules
+        layer, norm, dropout = modules[self._names[0]], modules[self._names[1]], modules.get(self._names[2])
+        live = dropout is not None and dropout.training and getattr(dropout, "p", 0.0) > 0.0
+        grads = torch.is_grad_enabled() and (x.requires_grad or residual.requires_grad
+                                             or any(p.requires_grad for p in norm.parameters()))
+        if not live and not grads and residual.shape[:-1] == x.shape[:-1] \
+                and residual.shape[-1] == norm.normalized_shape[0]:  # else torch broadcasts, or raises
+            r = residual if residual.dim() == 2 else residual.reshape(-1, residual.shape[-1])
+            y = _with_post(layer, x, AddNorm(r, norm.weight, norm.bias, norm.eps))
+            if y is not None:
+                return y if y.shape == residual.shape else y.reshape(residual.shape)
+        h = layer(x)
+        return norm((h if dropout is None else dropout(h)) + residual)
+
+
+def _with_post(layer: SparseLinear | SparseFFN, x: torch.Tensor, post: AddNorm) -> torch.Tensor | None:
+    """The layer's output for x with the post-op applied by its kernel, (N, out); None where it cannot."""
+    first = layer.up if isinstance(layer, SparseFFN) else layer
+    first.check_input(x)
+    x2 = x if x.dim() == 2 else x.reshape(-1, first.in_features)
+    if not first.kernel.fuses_post or post.residual.dtype != x.dtype or not first.runs_own_kernel(x2.shape[0]):
+        return None
+    if isinstance(layer, SparseFFN):
+        up, down = layer.up, layer.down
+        if up.kernel.ffn is None or down.kernel is not up.kernel or not down.runs_own_kernel(x2.shape[0]):
+            return None
+        return up.kernel.ffn(up.prepared, down.prepared, x2, up.bias, down.bias, up.activation,
+                             post=post)
+    return layer.kernel.matmul(layer.prepared, x2, layer.bias, layer.activation, post=post,
+                               **layer.kernel_kwargs(x2.shape[0]))
