@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.output import RunFiles
-from benchmarks.timing import environment, time_interleaved
+from prune.bench.output import RunFiles
+from sparse_ops.timing import environment, time_interleaved
 from sparse_ops.kernels import cpu_native, native
 
 # name -> (heads, head size, causal)

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, BertConfig, BertModel
 
-from benchmarks.timing import environment, time_interleaved
+from sparse_ops.timing import environment, time_interleaved
 from prune import Pruner
 from sparse_ops.attention import use_fast_attention
 from sparse_ops.checkpoint import sparsify

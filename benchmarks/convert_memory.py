@@ -138,8 +138,8 @@ def run(total_bytes: int, largest_bytes: int, sparsity: float, formats: list[str
 
 
 def write_results(rows: list[MemoryRow], out: Path, args: dict[str, object]) -> None:
-    from benchmarks.output import write_json
-    from benchmarks.timing import environment
+    from prune.bench.output import write_json
+    from sparse_ops.timing import environment
 
     out.mkdir(parents=True, exist_ok=True)
     dicts = [r.as_dict() for r in rows]

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.output import RunFiles, table
-from benchmarks.plots import plot_speedup
-from benchmarks.timing import environment, time_interleaved
+from prune.bench.output import RunFiles, table
+from prune.bench.plots import plot_speedup
+from sparse_ops.timing import environment, time_interleaved
 from sparse_ops.formats import CSR
 from sparse_ops.fused import SparseFFN, SparseGatedFFN
 from sparse_ops.linear import SparseLinear

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from benchmarks.timing import environment
+from sparse_ops.timing import environment
 from prune import LinearRamp, Pruner
 
 

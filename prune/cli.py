@@ -104,13 +104,13 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def add_bench(p: argparse.ArgumentParser) -> None:
-    from benchmarks.bench import add_arguments  # light: torch and the engines load when a bench runs
+    from prune.bench.command import add_arguments  # light: torch and the engines load when a bench runs
 
     add_arguments(p)
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from benchmarks.bench import run
+    from prune.bench.command import run
 
     return run(args)
 

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_ops import activations, plan
-from sparse_ops.autotune import Timer, time_candidates
 from sparse_ops.dispatch import TORCH_KERNELS, kernel_for
 from sparse_ops.formats import FORMATS, SparseFormat, format_class, is_two_four
 from sparse_ops.plan import DENSE, TORCH_SUFFIX, Planner
+from sparse_ops.timing import Timer, time_candidates
 
 LAYER_FORMATS = (*FORMATS, *sorted({f + TORCH_SUFFIX for f, _ in TORCH_KERNELS}))
 _PLAN_LOCK = threading.Lock()  # one measurement at a time in the process: concurrent timings would be wrong

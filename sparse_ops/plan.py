@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from sparse_ops.autotune import Timer
+from sparse_ops.timing import Timer
 from sparse_ops.kernels import native
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ def default_cache() -> PlanCache:
 
 @dataclass
 class Planner:
-    """How a layer plans its paths: the timer (None: ``autotune.time_candidates``), the cache (None: the
+    """How a layer plans its paths: the timer (None: ``timing.time_candidates``), the cache (None: the
     on-disk ``default_cache()``), ``verbose`` (print each choice as it is made) and ``prefer_within``
     (``choose``)."""
 

@@ -18,19 +18,20 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import plots, timing
-from benchmarks.bench import families_config, matmul_plan
-from benchmarks.checkpoint import LAYER_COLUMNS, LayerRow
-from benchmarks.linear import MATMUL_COLUMNS
-from benchmarks.output import RunFiles
-from benchmarks.timing import Deadline, _quantile, summarize, time_interleaved
+from prune.bench import plots
+from sparse_ops import timing
+from prune.bench.command import families_config, matmul_plan
+from prune.bench.checkpoint import LAYER_COLUMNS, LayerRow
+from prune.bench.matmul import MATMUL_COLUMNS
+from prune.bench.output import RunFiles
+from sparse_ops.timing import Deadline, _quantile, summarize, time_interleaved
 from prune.cli import build_parser, main
 from sparse_ops.checkpoint import convert_checkpoint
 from sparse_ops.kernels import native
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH_MODULES = ["benchmarks.timing", "benchmarks.shapes", "benchmarks.linear", "benchmarks.checkpoint",
-                 "benchmarks.output", "benchmarks.plots", "benchmarks.bench"]
+BENCH_MODULES = ["sparse_ops.timing", "prune.bench.shapes", "prune.bench.matmul", "prune.bench.checkpoint",
+                 "prune.bench.output", "prune.bench.plots", "prune.bench.command"]
 
 
 # --- the timer, on a fake clock ---
@@ -230,7 +231,7 @@ def test_checkpoint_per_layer_and_whole_model(tmp_path, capsys):
 
 
 def test_checkpoint_dense_file_gives_the_same_layers(tmp_path):
-    from benchmarks.checkpoint import sweep_checkpoint
+    from prune.bench.checkpoint import sweep_checkpoint
 
     dense, sparse, _ = make_checkpoint(tmp_path)
     seen = []
@@ -322,7 +323,7 @@ def test_matmul_status_counts_the_real_total(tmp_path, monkeypatch, points, stat
 
 
 def test_count_linear_reads_headers_like_the_sweep(tmp_path):
-    from benchmarks.checkpoint import count_linear
+    from prune.bench.checkpoint import count_linear
 
     dense, sparse, _ = make_checkpoint(tmp_path)
     for path in (dense, sparse):
@@ -363,7 +364,7 @@ def fake_layer(i, shape, sparsity, dense_s, auto_s, batch=1):
 
 
 def test_speedup_bars_stay_readable_for_a_hundred_layers(tmp_path):
-    from benchmarks.checkpoint import MAX_BARS, speedup_bars
+    from prune.bench.checkpoint import MAX_BARS, speedup_bars
 
     shapes = [(768, 768), (3072, 768), (768, 3072), (768, 2304)]  # a uniformly pruned 24-block encoder: 96 layers
     rows = [r for i in range(96) for r in fake_layer(i, shapes[i % 4], 0.9, 2.0, 1.0 + (i % 4 == 3) * 3.0)]

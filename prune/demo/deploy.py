@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from benchmarks.timing import time_interleaved
+from sparse_ops.timing import time_interleaved
 from prune.demo.model import DigitsTransformer
 from prune.demo.runs import Trained
 from sparse_ops.checkpoint import convert_checkpoint, sparsify
@@ -90,7 +90,7 @@ def measure_latency(deployed: list[Deployed], x: Tensor, batches: tuple[int, ...
                     ) -> dict[str, dict[int, dict[str, float]]]:
     """Milliseconds per forward of every deployed model (and dense execution of pruned ones) per batch size.
 
-    All candidates of one batch size are timed interleaved in the same run (``benchmarks.timing``).
+    All candidates of one batch size are timed interleaved in the same run (``sparse_ops.timing``).
     Returns ``{run: {batch: {"deployed_ms", "dense_exec_ms"?, "p10_ms", "p90_ms"}}}``.
     """
     out: dict[str, dict[int, dict[str, float]]] = {d.name: {} for d in deployed}

@@ -12,7 +12,7 @@ total to report against (``coverage``), and ``speedup_bars`` is the per-layer an
 
 Example:
     >>> import os, tempfile, torch
-    >>> from benchmarks.timing import Deadline
+    >>> from sparse_ops.timing import Deadline
     >>> path = os.path.join(tempfile.mkdtemp(), "m.pt")
     >>> w = torch.zeros(32, 64)
     >>> w[:, :8] = 1.0  # 87.5% sparse, not 2:4 (its first groups of 4 are full)
@@ -40,9 +40,9 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.linear import DTYPES, Measured, measure_weight, timed_columns
-from benchmarks.plots import SpeedupBar
-from benchmarks.timing import Deadline
+from prune.bench.matmul import DTYPES, Measured, measure_weight, timed_columns
+from prune.bench.plots import SpeedupBar
+from sparse_ops.timing import Deadline
 from sparse_ops.checkpoint import EMBEDDING, Entry, iter_tensors, read_entries
 from sparse_ops.formats import is_two_four
 from sparse_ops.linear import candidate_formats

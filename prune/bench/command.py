@@ -29,7 +29,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from benchmarks.shapes import BATCHES, SHAPE_SETS, SPARSITIES
+from prune.bench.shapes import BATCHES, SHAPE_SETS, SPARSITIES
 
 FORMAT_CHOICES = ("dense", "csr", "2:4", "auto")
 DTYPE_CHOICES = ("fp32", "bf16", "fp16")
@@ -133,7 +133,7 @@ def _start(args: argparse.Namespace) -> dict[str, object]:
     """Apply --threads; the environment to write beside the results."""
     import torch
 
-    from benchmarks.timing import environment
+    from sparse_ops.timing import environment
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)  # on a shared machine 1 thread avoids waiting on a descheduled one
@@ -189,7 +189,7 @@ def _drive(points: Iterator[list], files, total: int | None, desc: str, on_point
 def _files(args: argparse.Namespace, stem: str, columns: Sequence[str], header: dict[str, object]):
     from contextlib import nullcontext
 
-    from benchmarks.output import RunFiles
+    from prune.bench.output import RunFiles
 
     return RunFiles(args.out, stem, columns, header) if args.out is not None else nullcontext()
 
@@ -213,8 +213,8 @@ def add_matmul(p: argparse.ArgumentParser) -> None:
 
 def matmul_plan(args: argparse.Namespace):
     """The validated ``MatmulPlan`` of the arguments (ValueError naming a bad value)."""
-    from benchmarks.linear import MatmulPlan
-    from benchmarks.shapes import shapes
+    from prune.bench.matmul import MatmulPlan
+    from prune.bench.shapes import shapes
 
     _check_common(args)
     formats = parse_choices(args.formats, "--formats", FORMAT_CHOICES)
@@ -229,8 +229,8 @@ def matmul_plan(args: argparse.Namespace):
 
 def matmul_table(rows: list) -> str:
     """One line per point: dense ms, then each candidate's speedup ('!' marks an output off the reference)."""
-    from benchmarks.linear import DTYPES, TOLERANCE
-    from benchmarks.output import table
+    from prune.bench.matmul import DTYPES, TOLERANCE
+    from prune.bench.output import table
 
     cands = list(dict.fromkeys(r.candidate for r in rows if r.candidate != "dense"))
     points: dict[tuple, dict] = {}
@@ -251,9 +251,9 @@ def matmul_table(rows: list) -> str:
 def run_matmul(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from benchmarks.linear import MATMUL_COLUMNS, sweep
-    from benchmarks.plots import plot_speedup
-    from benchmarks.timing import Deadline
+    from prune.bench.matmul import MATMUL_COLUMNS, sweep
+    from prune.bench.plots import plot_speedup
+    from sparse_ops.timing import Deadline
 
     plan = matmul_plan(args)
     env = _start(args)
@@ -315,7 +315,7 @@ def families_config(args: argparse.Namespace):
     """The validated ``FamiliesConfig``: token counts above seq_len must be multiples of it (whole sequences)."""
     import dataclasses
 
-    from benchmarks.families import QUICK, FamiliesConfig
+    from prune.bench.families import QUICK, FamiliesConfig
 
     _check_common(args)
     cfg = QUICK if args.quick else FamiliesConfig()
@@ -330,7 +330,7 @@ def families_config(args: argparse.Namespace):
 
 
 def families_table(rows: list[dict[str, object]]) -> str:
-    from benchmarks.output import table
+    from prune.bench.output import table
 
     return table(["tokens", "candidate", "active params", "median ms", "p10-p90 ms", "speedup", "vs"],
                  [[str(r["batch"]), r["name"], f"{r['active_params']:,}", f"{r['median_ms']:.3f}",
@@ -340,8 +340,8 @@ def families_table(rows: list[dict[str, object]]) -> str:
 def run_families(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from benchmarks.families import FAMILIES_COLUMNS, UNITS, plot, sweep
-    from benchmarks.timing import Deadline
+    from prune.bench.families import FAMILIES_COLUMNS, UNITS, plot, sweep
+    from sparse_ops.timing import Deadline
 
     cfg = families_config(args)
     env = _start(args)
@@ -374,7 +374,7 @@ def add_checkpoint(p: argparse.ArgumentParser) -> None:
 def checkpoint_table(rows: list, summary: list[dict[str, object]]) -> str:
     """One line per (layer, tokens): sparsity, dense ms, csr and 2:4 speedups, auto's choice; then the totals,
     labelled with how many of the checkpoint's linear layers they cover."""
-    from benchmarks.output import table
+    from prune.bench.output import table
 
     by: dict[tuple[str, int], dict] = {}
     for r in rows:
@@ -409,7 +409,7 @@ def _tokens_title(n: int) -> str:
 
 
 def run_checkpoint(args: argparse.Namespace) -> int:
-    from benchmarks.checkpoint import LAYER_COLUMNS, count_linear, coverage, whole_model
+    from prune.bench.checkpoint import LAYER_COLUMNS, count_linear, coverage, whole_model
 
     _check_common(args)
     if not Path(args.file).exists():
@@ -450,8 +450,8 @@ def run_checkpoint(args: argparse.Namespace) -> int:
 
 def _checkpoint_points(args: argparse.Namespace, batches: tuple[int, ...], dtype: str | None,
                        skipped: dict[str, str]) -> Iterator[list]:
-    from benchmarks.checkpoint import sweep_checkpoint
-    from benchmarks.timing import Deadline
+    from prune.bench.checkpoint import sweep_checkpoint
+    from sparse_ops.timing import Deadline
 
     return sweep_checkpoint(args.file, batches, dtype=dtype, device=args.device, repeats=args.repeats,
                             min_sample_s=0.01 if args.device.startswith("cuda") else 0.02,
@@ -461,8 +461,8 @@ def _checkpoint_points(args: argparse.Namespace, batches: tuple[int, ...], dtype
 def _plot_checkpoint(rows: list, summary: list[dict[str, object]], path: Path, what: str,
                      env: dict[str, object]) -> None:
     """Per token count: the whole-model bar, then each layer's (or group of alike layers') speedup."""
-    from benchmarks.checkpoint import speedup_bars, whole_model_bar
-    from benchmarks.plots import plot_bars
+    from prune.bench.checkpoint import speedup_bars, whole_model_bar
+    from prune.bench.plots import plot_bars
 
     panels = {_tokens_title(s["batch"]): [whole_model_bar(s), *speedup_bars(rows, s["batch"])]
               for s in summary}

@@ -1,6 +1,10 @@
-"""The one timer every benchmark uses: interleaved, warmed up, median with spread, hardware stated.
+"""The one timer: interleaved, warmed up, median with spread, hardware stated (the benchmarks, the demo and the
+per-layer plan all time with it).
 
 Machines here are noisy, so candidates are timed A B C A B C ... in one run and compared by ratio.
+``time_interleaved`` gives the statistics benchmarks report; ``time_candidates`` the medians the plan
+(``sparse_ops.plan``) chooses by, calibrated from a single call so that planning a model stays cheap. Tests
+inject their own ``Timer`` so that the plan's choices are checked without measuring anything.
 
 Example:
     >>> import torch
@@ -81,6 +85,31 @@ def _calls_per_sample(fn: Callable[[], object], min_sample_s: float, device: str
         if dt >= min_sample_s or n >= 1 << 20:
             return n
         n = max(n * 2, int(n * min_sample_s / max(dt, 1e-9) * 1.2))
+
+
+# seconds per call for each named candidate: time_candidates, or a test's stand-in
+Timer = Callable[[dict[str, Callable[[], object]], torch.device], dict[str, float]]
+
+
+def time_candidates(fns: dict[str, Callable[[], object]], device: torch.device, *, repeats: int = 5,
+                    calls: int = 0, min_sample_s: float = 2e-3) -> dict[str, float]:
+    """Median seconds per call of each candidate, timed interleaved (A B C A B C ...) after one warm-up call;
+    ``calls`` per sample, or (0) as many as last about ``min_sample_s`` judging by the warm-up call.
+
+    >>> sorted(time_candidates({"a": lambda: None, "b": lambda: sum(range(100))}, torch.device("cpu"), repeats=2))
+    ['a', 'b']
+    """
+    dev = device.type
+    n = {}
+    for k, fn in fns.items():
+        _timed(fn, 1, dev, time.perf_counter)  # warm-up
+        dt = _timed(fn, 1, dev, time.perf_counter)
+        n[k] = calls or max(1, min(1000, int(min_sample_s / max(dt, 1e-7))))
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            samples[k].append(_timed(fn, n[k], dev, time.perf_counter) / n[k])
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def time_interleaved(

@@ -9,7 +9,7 @@ physically pruned, against full ``nn.MultiheadAttention``. All candidates of one
 in one run; ratios are to the dense FFN (FFN rows) or full attention (attention rows) of the same run.
 
 Run: ``prune bench families --out benchmarks/results/families [--quick] [--tokens 1,64] [--device cuda]
-[--threads 1] [--repeats 21] [--max-seconds S]`` (or ``python -m benchmarks.families ...``) writes
+[--threads 1] [--repeats 21] [--max-seconds S]`` writes
 families.csv, families.json (environment, config) and families.png. The committed results used
 ``--threads 1``: on a 2-core machine shared with other jobs, two torch threads spin against each other and
 times jump by 10x or more.
@@ -17,7 +17,6 @@ times jump by 10x or more.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.timing import Deadline, time_interleaved
+from sparse_ops.timing import Deadline, time_interleaved
 
 from sparse_ops.fusion import fuse_activations, fuse_ffn
 from sparse_ops.layers import GatedMultiheadAttention, MoE, ParamCounts
@@ -273,14 +272,3 @@ def plot(rows: list[dict[str, object]], env: dict[str, object], path: Path) -> N
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.families ARGS`` = ``prune bench families ARGS``."""
-    from prune.cli import main as prune_main
-
-    return prune_main(["bench", "families", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

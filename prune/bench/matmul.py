@@ -18,7 +18,7 @@ Memory-bound limit (batch 1 reads each weight byte once): dense weight bytes / t
 the candidate stores it (``weight_bytes``); ``fraction_of_limit`` = speedup / limit. A kernel that does not
 read its own format (2:4 on CPU runs as CSR or dense) can exceed its format's limit.
 
-Run: ``prune bench matmul --help`` (``python -m benchmarks.linear ...`` is the same command).
+Run: ``prune bench matmul --help``.
 
 Example:
     >>> import torch
@@ -29,7 +29,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -38,15 +37,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from benchmarks.shapes import LinearShape
-from benchmarks.timing import Deadline, Timing, time_interleaved
+from prune.bench.shapes import LinearShape
+from sparse_ops.timing import Deadline, Timing, time_interleaved
 from sparse_ops.checkpoint import choose_storage
 from sparse_ops.formats import csr_nbytes, format_class, is_two_four, two_four_nbytes
 from sparse_ops.linear import SparseLinear
 from sparse_ops.plan import PlanCache, Planner
 
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-warnings.filterwarnings("ignore", message=".*semi-structured sparsity support is in prototype.*")
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FORMATS = ("dense", "csr", "2:4", "auto")  # what --formats accepts: our layers
@@ -208,6 +205,14 @@ def measure_weight(w: torch.Tensor, x: torch.Tensor, formats: tuple[str, ...], *
     Each candidate's output is first compared with an fp32 reference (``max_rel_err``); one that raises on
     its first call is skipped with the reason instead of being timed.
     """
+    with warnings.catch_warnings():  # torch's beta / prototype notices, for this measurement only
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        warnings.filterwarnings("ignore", message=".*semi-structured sparsity support is in prototype.*")
+        return _measure(w, x, formats, with_anchors, repeats, min_sample_s)
+
+
+def _measure(w: torch.Tensor, x: torch.Tensor, formats: tuple[str, ...], with_anchors: bool, repeats: int,
+             min_sample_s: float) -> tuple[list[Measured], dict[str, str]]:
     ref = x.float() @ w.float().t()  # (batch, out)
     cands, skipped = collect(w, x, formats, with_anchors)
     errors = {}
@@ -322,15 +327,3 @@ def sweep(plan: MatmulPlan, deadline: Deadline,
                                                        repeats=plan.repeats, min_sample_s=plan.min_sample_s)
                     yield point_rows(shape, sparsity, dtype, batch, plan.device, nnz, measured), skipped
                     done, last = done + 1, clock() - t0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.linear ARGS`` = ``prune bench matmul ARGS``."""
-    from prune.cli import main as prune_main
-
-    return prune_main(["bench", "matmul", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
