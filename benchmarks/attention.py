@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from prune.bench.output import RunFiles
-from sparse_ops.timing import environment, time_interleaved
 from sparse_ops.kernels import cpu_native, native
+from sparse_ops.timing import environment, time_interleaved
 
 # name -> (heads, head size, causal)
 MODELS = {"bert-small": (12, 32, False), "bert-base": (12, 64, False), "llama-7b": (32, 128, True)}

@@ -47,13 +47,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, BertConfig, BertModel
 
-from sparse_ops.timing import environment, time_interleaved
 from prune import Pruner
 from sparse_ops.attention import use_fast_attention
 from sparse_ops.checkpoint import sparsify
 from sparse_ops.formats import CSR
 from sparse_ops.kernels import native
 from sparse_ops.plan import PlanCache, plan_rows
+from sparse_ops.timing import environment, time_interleaved
 
 SIZES = {"small": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
          "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)}

@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from prune.bench.matmul import two_four_weight
-from sparse_ops.timing import environment, time_interleaved
 from sparse_ops.formats import csr_nbytes, two_four_nbytes
 from sparse_ops.kernels import native
 from sparse_ops.linear import SparseLinear
+from sparse_ops.timing import environment, time_interleaved
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 
 from prune.bench.output import RunFiles, table
 from prune.bench.plots import plot_speedup
-from sparse_ops.timing import environment, time_interleaved
 from sparse_ops.formats import CSR
 from sparse_ops.fused import SparseFFN, SparseGatedFFN
 from sparse_ops.linear import SparseLinear
+from sparse_ops.timing import environment, time_interleaved
 
 HIDDEN = (384, 768)  # BERT-small-like (MiniLM: 384 -> 1536) and BERT-base (768 -> 3072)
 TOKENS = (16, 128, 1024)

@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from sparse_ops.timing import environment
 from prune import LinearRamp, Pruner
+from sparse_ops.timing import environment
 
 
 def _rss_bytes() -> int:

@@ -43,8 +43,8 @@ from pathlib import Path
 
 import torch
 
-from sparse_ops.timing import Timer
 from sparse_ops.kernels import native
+from sparse_ops.timing import Timer
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sparse_ops import attention as fast
-from sparse_ops.kernels import cpu_native, native
+from sparse_ops.kernels import cpu_native
 from tests.test_cpu_kernels import RUNNABLE_ISAS, isa, needs_native  # noqa: F401 (isa: the fixture)
 
 # (B, H, Hk, S, L, D): tails of the 32-query blocks and of the key strips, one query / one key, grouped-query
@@ -55,7 +55,7 @@ def heads(B, H, Hk, S, L, D, gen):
 @pytest.mark.parametrize("isa", RUNNABLE_ISAS, indirect=True)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("how", ["plain", "causal", "bool_keys", "float_full", "scale"])
-def test_attention_kernel_matches_reference_on_every_build(shape, how, isa):
+def test_attention_kernel_matches_reference_on_every_build(shape, how, isa):  # noqa: F811 (the fixture)
     gen = torch.Generator().manual_seed(sum(shape))
     B, H, Hk, S, L, D = shape
     q, k, v = heads(*shape, gen)

@@ -19,15 +19,15 @@ import pytest
 import torch
 
 from prune.bench import plots
-from sparse_ops import timing
-from prune.bench.command import families_config, matmul_plan
 from prune.bench.checkpoint import LAYER_COLUMNS, LayerRow
+from prune.bench.command import families_config, matmul_plan
 from prune.bench.matmul import MATMUL_COLUMNS
 from prune.bench.output import RunFiles
-from sparse_ops.timing import Deadline, _quantile, summarize, time_interleaved
 from prune.cli import build_parser, main
+from sparse_ops import timing
 from sparse_ops.checkpoint import convert_checkpoint
 from sparse_ops.kernels import native
+from sparse_ops.timing import Deadline, _quantile, summarize, time_interleaved
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_MODULES = ["sparse_ops.timing", "prune.bench.shapes", "prune.bench.matmul", "prune.bench.checkpoint",

@@ -42,11 +42,11 @@ import torch
 
 from prune.bench.matmul import DTYPES, Measured, measure_weight, timed_columns
 from prune.bench.plots import SpeedupBar
-from sparse_ops.timing import Deadline
 from sparse_ops.checkpoint import EMBEDDING, Entry, iter_tensors, read_entries
 from sparse_ops.formats import is_two_four
 from sparse_ops.linear import candidate_formats
 from sparse_ops.tensorio import RawSource, open_raw
+from sparse_ops.timing import Deadline
 
 SPARSE = ("csr", "2:4")  # formats timed against dense for each layer (plus "csr:torch" where auto may pick it)
 

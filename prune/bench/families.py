@@ -25,10 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparse_ops.timing import Deadline, time_interleaved
-
 from sparse_ops.fusion import fuse_activations, fuse_ffn
 from sparse_ops.layers import GatedMultiheadAttention, MoE, ParamCounts
+from sparse_ops.timing import Deadline, time_interleaved
 
 
 @dataclass(frozen=True)

@@ -38,12 +38,11 @@ import torch
 import torch.nn.functional as F
 
 from prune.bench.shapes import LinearShape
-from sparse_ops.timing import Deadline, Timing, time_interleaved
 from sparse_ops.checkpoint import choose_storage
 from sparse_ops.formats import csr_nbytes, format_class, is_two_four, two_four_nbytes
 from sparse_ops.linear import SparseLinear
 from sparse_ops.plan import PlanCache, Planner
-
+from sparse_ops.timing import Deadline, Timing, time_interleaved
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FORMATS = ("dense", "csr", "2:4", "auto")  # what --formats accepts: our layers

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
-from sparse_ops.timing import environment
 from prune.demo.deploy import deploy, measure_latency
 from prune.demo.report import findings, plot_deployment, plot_training, table, write_report
 from prune.demo.runs import RUNS, Budget, Data, load_data, train_run
+from sparse_ops.timing import environment
 
 __all__ = ["RUNS", "DemoConfig", "run_demo"]
 

@@ -24,12 +24,12 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from sparse_ops.timing import time_interleaved
 from prune.demo.model import DigitsTransformer
 from prune.demo.runs import Trained
 from sparse_ops.checkpoint import convert_checkpoint, sparsify
 from sparse_ops.layers.head_gating import GatedMultiheadAttention
 from sparse_ops.layers.moe import MoE
+from sparse_ops.timing import time_interleaved
 
 
 @dataclass
