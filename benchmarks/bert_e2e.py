@@ -4,7 +4,7 @@ Model: transformers ``BertModel`` from a config (no download; ``--size small``: 
 12 heads; ``--size base``: BERT-base's 12 layers, 768, 3072), SDPA attention, sequence 128, or a local Hugging
 Face folder (``--model DIR``, read with ``local_files_only``). ``prune.Pruner(model, sparsity=0.9,
 include=["encoder.*"]).finalize()`` zeroes 90% of each encoder linear; the pruned weights are stored as CSR and
-loaded with ``sparse_ops.checkpoint.sparsify``.
+loaded with ``sparse_ops.loading.sparsify``.
 Candidates, interleaved in one ``time_interleaved`` run per batch, under ``eval()`` + ``inference_mode``:
   dense        the pruned model as plain PyTorch runs it (dense weights with zeros)
   dense_fast_attention  the dense model with our attention kernel instead of SDPA (use_fast_attention): the
@@ -49,9 +49,9 @@ from transformers import AutoModel, BertConfig, BertModel
 
 from prune import Pruner
 from sparse_ops.attention import use_fast_attention
-from sparse_ops.checkpoint import sparsify
 from sparse_ops.formats import CSR
 from sparse_ops.kernels import native
+from sparse_ops.loading import sparsify
 from sparse_ops.plan import PlanCache, plan_rows
 from sparse_ops.timing import environment, time_interleaved
 

@@ -23,7 +23,7 @@ import importlib
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "sparsify": "sparse_ops.checkpoint", "convert_checkpoint": "sparse_ops.checkpoint",
+    "sparsify": "sparse_ops.loading", "convert_checkpoint": "sparse_ops.checkpoint",
     "load_sparse_state_dict": "sparse_ops.checkpoint", "inspect_checkpoint": "sparse_ops.checkpoint",
     "from_pretrained": "sparse_ops.pretrained", "SparseLinear": "sparse_ops.linear", "plan_report": "sparse_ops.plan", "use_fast_attention": "sparse_ops.attention",
     "CSR": "sparse_ops.formats", "TwoFour": "sparse_ops.formats",

@@ -1,4 +1,4 @@
-"""Read, convert and write sparse checkpoints; load them into a model.
+"""Read, convert, write and inspect sparse checkpoints (loading one into a model: ``sparse_ops.loading``).
 
 Sources: a ``.safetensors`` file (dense, or sparse as written here), a ``.pt`` / ``.bin`` state dict (read with
 ``torch.load(weights_only=True)``, never a full unpickle), or a Hugging Face model directory
@@ -28,28 +28,23 @@ Example:
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from sparse_ops.formats import (
-    CSR,
     FORMATS,
     VALUE_DTYPES,
     SparseFormat,
-    csr_col_dtype,
     csr_nbytes,
     format_class,
     is_two_four,
@@ -60,7 +55,7 @@ from sparse_ops.tensorio import DTYPES, SPARSE_INDEX, BadFileError, RawSource, S
 FORMAT_VERSION = "1"
 VERSION_KEY = "sparse_ops.format_version"
 TENSORS_KEY = "sparse_ops.tensors"
-CONVERT_FORMATS = ("csr", "2:4", "auto")
+CONVERT_FORMATS = (*FORMATS, "auto")  # "auto": per tensor, whichever stores it smaller
 DENSE = "dense"
 TWO_FOUR_MIN_SPARSITY = 0.5  # a 2:4 tensor is at least 50% sparse; below that a tensor stays dense
 EMBEDDING = re.compile(r"embed|(^|\.)(wte|wpe)(\.|$)")  # names of embedding tables (stay dense by default)
@@ -478,199 +473,6 @@ def _replace_folder(new: Path, out: Path) -> None:
         raise
     shutil.rmtree(old, ignore_errors=True)
 
-
-# --- loading into a model ---
-
-def transpose_csr(w: CSR) -> CSR:
-    """The CSR of ``w``'s transpose, without a dense copy: (rows, cols) -> (cols, rows), entries re-sorted by
-    column (a stable sort keeps the rows increasing within each new row). Scratch: a few int64 (nnz,) tensors.
-
-    Example:
-        >>> w = torch.tensor([[0.0, 1.0, 2.0], [3.0, 0.0, 4.0]])
-        >>> t = transpose_csr(CSR.from_dense(w))
-        >>> t.shape, torch.equal(t.to_dense(), w.t()), t.crow_indices.tolist(), t.col_indices.tolist()
-        ((3, 2), True, [0, 1, 2, 4], [1, 0, 0, 1])
-    """
-    rows, cols = w.shape
-    counts = (w.crow_indices[1:] - w.crow_indices[:-1]).to(torch.int64)
-    row_of = torch.repeat_interleave(torch.arange(rows, device=w.device), counts)  # (nnz,) row of each entry
-    col_of = w.col_indices.to(torch.int64)  # (nnz,)
-    order = torch.argsort(col_of, stable=True)  # (nnz,) entries in (column, row) order
-    crow = torch.zeros(cols + 1, dtype=torch.int64, device=w.device)
-    crow[1:] = torch.cumsum(torch.bincount(col_of, minlength=cols), 0)
-    return CSR(crow.to(torch.int32), row_of[order].to(csr_col_dtype(rows)), w.values[order], (cols, rows))
-
-
-def transpose_sparse(w: SparseFormat) -> tuple[SparseFormat, str | None]:
-    """(w^T, None) in ``w``'s format; CSR directly, others through dense once. Where w^T breaks the format
-    (the transpose of a 2:4 weight is rarely 2:4), w^T as CSR and a note saying why."""
-    if isinstance(w, CSR):
-        return transpose_csr(w), None
-    t = w.to_dense().t().contiguous()  # (cols, rows)
-    try:
-        return format_class(w.format).from_dense(t), None
-    except ValueError:
-        return CSR.from_dense(t), f"loads as csr: its (out, in) transpose is not {w.format}"
-
-
-def _as_is(w: SparseFormat) -> tuple[SparseFormat, str | None]:
-    return w, None
-
-
-ToLinear = Callable[[SparseFormat], tuple[SparseFormat, str | None]]  # stored weight -> ((out, in) weight, note)
-
-
-def _sparse_layers() -> dict[type, ToLinear]:
-    """Module type -> how its stored sparse weight becomes a SparseLinear's (out, in) weight: nn.Linear's as it
-    is; transformers' Conv1D (GPT-2: y = x @ W + b, W stored (in, out)) transposed. Conv1D is looked up among
-    the imported modules: a model holding one has imported it, and no model needs transformers imported."""
-    table: dict[type, ToLinear] = {nn.Linear: _as_is}
-    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
-    if isinstance(conv1d, type):
-        table[conv1d] = transpose_sparse
-    return table
-
-
-def _to_linear_for(module: nn.Module, table: dict[type, ToLinear]) -> ToLinear | None:
-    return next((table[c] for c in type(module).__mro__ if c in table), None)
-
-
-@dataclass(frozen=True)
-class _Split:
-    """A checkpoint sorted for one model."""
-
-    dense: dict[str, torch.Tensor]  # for load_state_dict (sparse weights of other modules densified)
-    swap: dict[str, tuple[SparseFormat, ToLinear]]  # module name -> its stored sparse weight, to a SparseLinear's
-    buffers: dict[str, torch.Tensor]  # keys naming a non-persistent buffer (not in the model's state_dict)
-    left_dense: dict[str, str]  # key of a sparse weight loaded dense -> why
-
-
-def _split_state(state: Mapping[str, torch.Tensor | SparseFormat], model: nn.Module) -> _Split:
-    table = _sparse_layers()
-    modules = dict(model.named_modules())
-    persistent = set(model.state_dict(keep_vars=True))
-    loose = {n for n, _ in model.named_buffers(remove_duplicate=False)} - persistent
-    split = _Split({}, {}, {}, {})
-    for key, value in state.items():
-        name, _, leaf = key.rpartition(".")
-        module = modules.get(name)
-        to_linear = _to_linear_for(module, table) if module is not None and leaf == "weight" else None
-        if key in loose:
-            split.buffers[key] = value if isinstance(value, torch.Tensor) else value.to_dense()
-        elif isinstance(value, torch.Tensor):
-            split.dense[key] = value
-        elif to_linear is not None:
-            split.swap[name] = (value, to_linear)
-        else:
-            split.dense[key] = value.to_dense()
-            if key in persistent:  # else: not the model's, reported as unexpected
-                why = (f"{type(module).__name__} has no sparse layer" if leaf == "weight"
-                       else "not a layer's weight")
-                split.left_dense[key] = why
-    return split
-
-
-def _load_buffers(model: nn.Module, buffers: Mapping[str, torch.Tensor]) -> None:
-    """Copy each tensor into the non-persistent buffer it names where the shapes agree; skip it otherwise (the
-    model computes such buffers itself, e.g. BERT's ``position_ids``, saved by older transformers)."""
-    with torch.no_grad():
-        for key, value in buffers.items():
-            buffer = model.get_buffer(key)
-            if tuple(buffer.shape) == tuple(value.shape):
-                buffer.copy_(value)
-
-
-KERNEL_CHOICES = ("auto", "ours", "torch")  # sparsify(kernel=...)
-
-
-def sparsify(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor | SparseFormat],
-             device: torch.device | str = "cpu", *, kernel: str = "auto", batches: tuple[int, ...] = (),
-             timer=None, cache=None, verbose: bool = False, fuse_activations: bool = False,
-             fuse: bool = False) -> nn.Module:
-    """Load a checkpoint into ``model`` (in place) and swap each ``nn.Linear`` (and transformers' ``Conv1D``,
-    its weight transposed) whose weight is stored sparse for a ``SparseLinear`` on ``device``; returns the model.
-
-    A sparse weight of any other module (an embedding converted with ``embeddings=True``) loads dense, with a
-    warning naming it and why. A checkpoint key naming a non-persistent buffer of the model (not in its
-    ``state_dict``) is copied into it where the shapes agree, and skipped otherwise.
-
-    ``kernel="auto"`` (the default): each layer picks, per batch bucket, the fastest of dense, our kernels and
-    torch's, measured on this machine at the first call in the bucket (or at load for ``batches``) and cached
-    on disk, so that no layer runs slower than dense (``sparse_ops.plan``; ``plan.plan_report(model)`` shows
-    the choices, ``verbose=True`` prints them as they are made; ``timer`` and ``cache`` replace the timer and
-    the on-disk cache). ``kernel="ours"`` pins our kernels, ``"torch"`` torch's (where it has one) for every
-    sparse layer at every batch, measuring nothing.
-    ``fuse_activations=True`` then moves each activation module that only consumes a sparse layer's output into
-    that layer's kernel (``sparse_ops.fusion.fuse_activations``: e.g. the GELU of a BERT FFN).
-    ``fuse=True`` runs every proven fusion (``sparse_ops.fusion.fuse``): the activations, each feed-forward
-    block of two sparse layers as one kernel call (the pair's state dict keys move under the second), and the
-    residual add and LayerNorm after a sparse layer in its kernel; and a ``transformers`` model's attention goes
-    to our kernel where it is faster than SDPA (``sparse_ops.attention.use_fast_attention``).
-    """
-    from sparse_ops.linear import SparseLinear
-    from sparse_ops.plan import Planner
-
-    if kernel not in KERNEL_CHOICES:
-        raise ValueError(f"unknown kernel {kernel!r}; allowed: {', '.join(KERNEL_CHOICES)}")
-    if any(not isinstance(b, int) or b < 1 for b in batches):
-        raise ValueError(f"batches must be positive token counts, got {batches!r}")
-    planner = Planner(timer=timer, cache=cache, verbose=verbose) if kernel == "auto" else None
-    state = source if isinstance(source, Mapping) else load_sparse_state_dict(source)
-    split = _split_state(state, model)
-    result = model.load_state_dict(split.dense, strict=False)
-    missing = _untied(model, set(result.missing_keys) - {f"{m}.weight" for m in split.swap}, set(split.dense))
-    if result.unexpected_keys or missing:
-        bad = sorted(result.unexpected_keys)[:1] or sorted(missing)[:1]
-        raise ValueError(f"checkpoint does not fit the model: {len(result.unexpected_keys)} unexpected and "
-                         f"{len(missing)} missing tensors, e.g. {bad[0]!r}")
-    _load_buffers(model, split.buffers)
-    model.to(device)
-    notes = {}
-    for name, (weight, to_linear) in split.swap.items():
-        module = model.get_submodule(name)
-        if tuple(module.weight.shape) != weight.shape:
-            raise ValueError(f"{name}.weight is {weight.shape} in the checkpoint, {tuple(module.weight.shape)} "
-                             f"in the model")
-        weight, note = to_linear(dataclasses.replace(weight, values=weight.values.to(module.weight.dtype)))
-        if note:
-            notes[f"{name}.weight"] = note
-        layer = SparseLinear(weight.to(device), module.bias.detach() if module.bias is not None else None,
-                             torch_kernel=kernel == "torch", planner=planner, name=name)
-        for b in batches:
-            layer.route(b)  # measured (or read from the cache) now rather than at the first call
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
-    _warn_layers(split.left_dense, "sparse weight(s) load dense")
-    _warn_layers(notes, "sparse weight(s) change format")
-    if fuse:
-        from sparse_ops.attention import use_fast_attention
-        from sparse_ops.fusion import fuse as fuse_all
-
-        fuse_all(model)
-        use_fast_attention(model)
-    elif fuse_activations:
-        from sparse_ops.fusion import fuse_activations as fuse_acts
-
-        fuse_acts(model)
-    return model
-
-
-def _warn_layers(reasons: Mapping[str, str], what: str) -> None:
-    if reasons:
-        named = "; ".join(f"{key}: {why}" for key, why in sorted(reasons.items()))
-        warnings.warn(f"sparsify: {len(reasons)} {what}: {named}", UserWarning, stacklevel=3)
-
-
-def _untied(model: nn.Module, missing: set[str], loaded: set[str]) -> set[str]:
-    """Missing keys that are not tied to (the same tensor as) a loaded one; HF files omit tied copies."""
-    tensors = model.state_dict(keep_vars=True)
-    names_of: dict[int, set[str]] = {}
-    for name, t in tensors.items():
-        names_of.setdefault(id(t), set()).add(name)
-    return {k for k in missing if not names_of[id(tensors[k])] & loaded}
-
-
-# --- inspection ---
 
 @dataclass(frozen=True)
 class TensorInfo:

@@ -1,7 +1,7 @@
 """Fusions for sparse transformer inference, each proven from ``torch.fx`` graphs before a module is swapped.
 
 ``fuse(model)`` runs all of them: the activations into their layers (``fuse_activations``), then ``fuse_ffn``,
-``fuse_gated_ffn`` and ``fuse_add_norm``; ``checkpoint.sparsify(..., fuse=True)`` calls it. The modules they swap
+``fuse_gated_ffn`` and ``fuse_add_norm``; ``loading.sparsify(..., fuse=True)`` calls it. The modules they swap
 in are in ``sparse_ops.fused``; this module holds only the passes.
 
 **Activations into their layers** (``fuse_activations``): each ``SparseLinear`` whose only consumer is an

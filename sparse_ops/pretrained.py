@@ -2,7 +2,7 @@
 
 ``prune convert hf_dir -o sparse_dir`` writes the sparse weights and copies ``config.json`` (and the tokenizer
 files) beside them; ``from_pretrained(sparse_dir)`` builds the class named in the config (weights left
-uninitialised: every one is then read from the folder) and loads it with ``sparse_ops.checkpoint.sparsify``.
+uninitialised: every one is then read from the folder) and loads it with ``sparse_ops.loading.sparsify``.
 
 Example:
     >>> import tempfile, torch
@@ -37,7 +37,7 @@ from types import ModuleType
 
 from torch import nn
 
-from sparse_ops.checkpoint import sparsify
+from sparse_ops.loading import sparsify
 
 CONFIG = "config.json"
 
@@ -75,7 +75,7 @@ def _model_folder(path: str | os.PathLike) -> Path:
     if not folder.is_dir():
         raise NotADirectoryError(f"from_pretrained needs a model folder (config.json beside the weights), got the "
                                  f"file {folder}; load a file into a model you build with "
-                                 f"sparse_ops.checkpoint.sparsify(model, {str(folder)!r})")
+                                 f"sparse_ops.loading.sparsify(model, {str(folder)!r})")
     if not (folder / CONFIG).is_file():
         raise FileNotFoundError(f"{folder} has no {CONFIG}: from_pretrained builds the model from it; convert the "
                                 f"Hugging Face folder to a folder (prune convert HF_DIR -o OUT_DIR copies it), or "
@@ -88,7 +88,7 @@ def _import_transformers() -> ModuleType:
         return importlib.import_module("transformers")
     except ImportError:
         raise ImportError("from_pretrained needs the transformers package (pip install transformers); without "
-                          "it, build the model yourself and call sparse_ops.checkpoint.sparsify(model, path)") from None
+                          "it, build the model yourself and call sparse_ops.loading.sparsify(model, path)") from None
 
 
 def _build(transformers: ModuleType, config, folder: Path) -> nn.Module:

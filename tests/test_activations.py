@@ -165,7 +165,7 @@ def test_sparsify_fuses_a_bert_ffn_gelu():
     from transformers import BertConfig, BertModel
 
     from prune import Pruner
-    from sparse_ops.checkpoint import sparsify
+    from sparse_ops.loading import sparsify
     config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                         vocab_size=50, max_position_embeddings=16, attn_implementation="sdpa")
     dense = Pruner(BertModel(config, add_pooling_layer=False).eval(), sparsity=0.8, include=["encoder.*"]).finalize()

@@ -507,3 +507,11 @@ def test_ffn_benchmark_writes_consistent_rows(tmp_path, capsys):
     assert json.loads((tmp_path / "ffn.json").read_text())["status"] == "complete"
     assert (tmp_path / "ffn.png").read_bytes()[:4] == b"\x89PNG"
     assert "fused / layers" in capsys.readouterr().out
+
+
+def test_the_bench_format_choices_are_the_registry_and_dense_and_auto():
+    from prune.bench.command import FORMAT_CHOICES
+    from sparse_ops.checkpoint import CONVERT_FORMATS
+    from sparse_ops.formats import FORMATS
+
+    assert FORMAT_CHOICES == ("dense", *FORMATS, "auto") and CONVERT_FORMATS == (*FORMATS, "auto")

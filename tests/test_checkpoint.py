@@ -16,10 +16,10 @@ from sparse_ops.checkpoint import (
     convert_checkpoint,
     inspect_checkpoint,
     load_sparse_state_dict,
-    sparsify,
 )
 from sparse_ops.formats import CSR, TwoFour
 from sparse_ops.linear import SparseLinear
+from sparse_ops.loading import sparsify
 from sparse_ops.plan import PlanCache, plan_rows
 from sparse_ops.tensorio import SPARSE_INDEX
 from tests.test_formats import two_four, unstructured
@@ -534,8 +534,8 @@ def test_sparsify_loads_gpt2_conv1d_layers_sparse(tmp_path, format, pattern):
 
 @pytest.mark.parametrize("shape", [(5, 7), (1, 1), (0, 4), (4, 0), (40000, 3), (6, 6)])
 def test_transpose_csr_equals_the_dense_transpose(shape):
-    from sparse_ops.checkpoint import transpose_csr
     from sparse_ops.formats import csr_col_dtype
+    from sparse_ops.loading import transpose_csr
 
     w = unstructured(shape, 0.7) if 0 not in shape else torch.zeros(shape)
     if shape == (6, 6):

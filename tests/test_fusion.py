@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_ops.activations import ACTIVATIONS
-from sparse_ops.checkpoint import sparsify
 from sparse_ops.formats import CSR, TwoFour
 from sparse_ops.fused import SparseAddNorm, SparseFFN, SparseGatedFFN
 from sparse_ops.fusion import fuse, fuse_activations, fuse_add_norm, fuse_ffn, fuse_gated_ffn
@@ -18,6 +17,7 @@ from sparse_ops.kernels import cpu_native, native
 from sparse_ops.kernels import reference as ref_kernels
 from sparse_ops.kernels.cpu_native import AddNorm
 from sparse_ops.linear import SparseLinear
+from sparse_ops.loading import sparsify
 from tests.test_formats import two_four, unstructured
 
 needs_native = pytest.mark.skipif(not native.available(), reason="needs our CPU kernels")

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from prune.cli import EXIT_USER_ERROR, main
-from sparse_ops.checkpoint import convert_checkpoint, inspect_checkpoint, load_sparse_state_dict, sparsify
+from sparse_ops.checkpoint import convert_checkpoint, inspect_checkpoint, load_sparse_state_dict
 from sparse_ops.formats import CSR
 from sparse_ops.linear import SparseLinear
+from sparse_ops.loading import sparsify
 from sparse_ops.tensorio import SPARSE_INDEX
 from tests.test_checkpoint import rewrite_metadata, state, write
 

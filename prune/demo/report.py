@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 
+from sparse_ops.formats import FORMATS
+
 TABLE_COLUMNS = ["run", "deployed as", "accuracy %", "sparsity %", "params", "active params", "file KB",
                  "shipped KB"]
 
@@ -48,7 +50,7 @@ def findings(rows: list[dict]) -> list[str]:
                f"({fastest['latency'][b1]['deployed_ms']:.3f} ms, {fastest['latency'][b1]['speedup_vs_dense']:.2f}x "
                f"the dense baseline).")
     if "dense" in by:
-        pruned = [r for r in rows if r["deployed_as"] in ("csr", "2:4")]
+        pruned = [r for r in rows if r["deployed_as"] in FORMATS]
         if pruned:
             parts = [f"{r['run']} {100 * (r['accuracy'] - by['dense']['accuracy']):+.2f} points at "
                      f"{100 * r['sparsity']:.0f}% sparsity, file {r['file_deployed_bytes'] / r['file_dense_bytes']:.0%} "
@@ -93,7 +95,7 @@ def plot_training(out_dir: str, runs: list[dict]) -> str:
     for i, r in enumerate(runs):
         steps, acc, sparsity = zip(*r["curve"])
         line, = ax.plot(steps, [100 * a for a in acc], label=r["run"], color=f"C{i}")
-        if r["deployed_as"] in ("csr", "2:4"):
+        if r["deployed_as"] in FORMATS:
             ax2.plot(steps, [100 * s for s in sparsity], "--", color=line.get_color(), alpha=0.6)
     ax.set(xlabel="step", ylabel="test accuracy % (solid)", ylim=(0, 100))
     ax2.set(ylabel="target sparsity % (dashed)", ylim=(0, 100))
