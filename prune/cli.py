@@ -74,7 +74,8 @@ def run_convert(args: argparse.Namespace) -> int:
     print(f"converted {s.converted} of {s.tensors} tensors to {s.format}: {_mb(s.bytes_before)} -> "
           f"{_mb(s.bytes_after)} ({s.ratio:.1%} of dense), written to {s.dst}")
     if s.copied:
-        print(f"copied {len(s.copied)} other files of the model folder: {', '.join(s.copied)}")
+        n = len(s.copied)
+        print(f"copied {n} other file{'' if n == 1 else 's'} of the model folder: {', '.join(s.copied)}")
     return 0
 
 
