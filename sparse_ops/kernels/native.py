@@ -127,14 +127,18 @@ def _check_status(status: int, fn: object, _args: tuple) -> int:
     return status
 
 
-def open_library(path: str | os.PathLike) -> ctypes.CDLL:
+def open_library(path: str | os.PathLike, strict: bool = True) -> ctypes.CDLL:
     """Load a build of ``sparse_cpu.cpp`` with the entry points' signatures and status check bound (also used
-    for other builds: ``benchmarks/kernel_ab.py``, the -march tests)."""
+    for other builds: ``benchmarks/kernel_ab.py``, the -march tests). ``strict=False`` binds only the entry
+    points the build has (an older source, for A/B timing)."""
     lib = ctypes.CDLL(str(path))
     for name, argtypes in SIGNATURES.items():
+        if not strict and not hasattr(lib, name):
+            continue
         fn = getattr(lib, name)
         fn.argtypes, fn.restype, fn.errcheck = argtypes, ctypes.c_int, _check_status
-    lib.sparse_cpu_constants.argtypes, lib.sparse_cpu_constants.restype = (), ctypes.c_char_p
+    if strict or hasattr(lib, "sparse_cpu_constants"):
+        lib.sparse_cpu_constants.argtypes, lib.sparse_cpu_constants.restype = (), ctypes.c_char_p
     return lib
 
 
