@@ -13,14 +13,25 @@ Example:
 """
 __version__ = "0.2.0"
 
-from prune.pruner import Pruner
-from prune.report import SparsityReport, sparsity_report
-from prune.schedules import Constant, CubicRamp, ExponentialRamp, LinearRamp, Schedule, deprecated_name
-from prune.targets import Target, find_targets
+import importlib
 
-__all__ = ["Pruner", "Schedule", "Constant", "LinearRamp", "CubicRamp", "ExponentialRamp", "find_targets", "Target",
-           "sparsity_report", "SparsityReport", "__version__"]
+# public name -> the module that defines it, imported on first use (`prune --version` does not load torch)
+_EXPORTS = {"Pruner": "prune.pruner", "Schedule": "prune.schedules", "Constant": "prune.schedules",
+            "LinearRamp": "prune.schedules", "CubicRamp": "prune.schedules", "ExponentialRamp": "prune.schedules",
+            "find_targets": "prune.targets", "Target": "prune.targets", "sparsity_report": "prune.report",
+            "SparsityReport": "prune.report"}
+__all__ = [*_EXPORTS, "__version__"]
 
 
-def __getattr__(name: str) -> type[Schedule]:  # prune.Linear / Cubic / Exponential: renamed, with a warning
+def __getattr__(name: str) -> object:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # once loaded, a plain attribute
+        return value
+    from prune.schedules import deprecated_name  # prune.Linear / Cubic / Exponential: renamed, with a warning
+
     return deprecated_name(__name__, name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
