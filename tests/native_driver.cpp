@@ -81,8 +81,9 @@ bool run(const std::string& name, const std::vector<int64_t>& s, const std::vect
     const int64_t B = s[0], H = s[1], Hk = s[2], S = s[3], L = s[4], D = s[5];  // q, k, v contiguous
     const int64_t strides[12] = {H * S * D, S * D, D, Hk * L * D, L * D, D, Hk * L * D, L * D, D,
                                  H * S * L, S * L, L};
-    return attention_f32(fp(a[0]), fp(a[1]), fp(a[2]), strides, P(3), a[3].empty() ? 0 : 1, B, H, Hk, S, L, D,
-                         s[6] * 1e-6f, int(s[7]), y, int(s[8])) == 0;
+    const int kind = a[3].empty() ? MASK_NONE : MASK_ADDITIVE;
+    return attention_f32(fp(a[0]), fp(a[1]), fp(a[2]), strides, P(3), kind, B, H, Hk, S, L, D, s[6] * 1e-6f,
+                         int(s[7]), y, int(s[8])) == 0;
   }
   std::fprintf(stderr, "unknown entry %s\n", name.c_str());
   return false;

@@ -1114,13 +1114,14 @@ struct AttnArgs {
   const float *q, *k, *v;
   int64_t qs[3], ks[3], vs[3];  // strides of dims 0-2 (batch, head, position)
   const void* mask;
-  int mask_kind;  // 0 none, 1 additive fp32, 2 keep bytes
+  int mask_kind;  // MaskKind
   int64_t ms[3];  // mask strides of (batch, head, query)
   int64_t B, H, Hk, S, L, D;
   float scale;
   int causal;
   float* out;
 };
+enum MaskKind { MASK_NONE = 0, MASK_ADDITIVE = 1, MASK_KEEP = 2 };  // fp32 added to the scores; bytes, 1: attend
 constexpr int ATTN_QB = 32;  // query rows per item
 // Accumulator vectors a register block may hold: 16 registers on AVX2 and NEON's 32 of 4 floats, 32 on AVX-512.
 constexpr int ATTN_ACC = VW == 16 ? 24 : 12;
@@ -1220,18 +1221,18 @@ template <int DV>
 inline void attn_pv_rows(const float* p, int64_t ld, const float* v, int64_t L, int64_t D, const float* inv,
                          int64_t nr, float* o, int64_t ostride) {
   constexpr int CV = DV < 4 ? DV : 4;
-  constexpr int RB = floor_pow2(ATTN_ACC / (CV > 0 ? CV : 1));
+  constexpr int RB = floor_pow2(ATTN_ACC / (DV == 0 ? 1 : CV));
   const int64_t chunk = std::max<int64_t>(16, 4096 / D);
   if (L == 0)  // no key seen by any row (causal, more queries than keys): zeros
     for (int64_t r = 0; r < nr; ++r) std::fill(o + r * ostride, o + r * ostride + D, 0.0f);
   for (int64_t j0 = 0; j0 < L; j0 += chunk) {
     const int64_t j1 = std::min(L, j0 + chunk);
-    if (DV == 0) {
+    if constexpr (DV == 0) {
       for (int64_t r = 0; r < nr; ++r) attn_pv_any(p + r * ld, v, D, j0, j1, j0 == 0, o + r * ostride);
-      continue;
+    } else {
+      for (int c0 = 0; c0 < DV; c0 += CV)
+        attn_pv_blocks<RB, CV>(p, ld, v + c0 * VW, D, j0, j1, nr, o + c0 * VW, ostride);
     }
-    for (int c0 = 0; c0 < DV; c0 += CV)
-      attn_pv_blocks<RB, CV>(p, ld, v + c0 * VW, D, j0, j1, nr, o + c0 * VW, ostride);
   }
   for (int64_t r = 0; r < nr; ++r)
 #pragma omp simd
@@ -1301,11 +1302,11 @@ int run_attention(const AttnArgs& a, int nthreads) {
         const int64_t i = i0 + r;
         const int64_t seen = a.causal ? std::min(a.L, std::max<int64_t>(0, i + a.L - a.S + 1)) : a.L;
         const int64_t mo = b * a.ms[0] + h * a.ms[1] + i * a.ms[2];
-        if (a.mask_kind == 1) {
+        if (a.mask_kind == MASK_ADDITIVE) {
           const float* m = static_cast<const float*>(a.mask) + mo;
 #pragma omp simd
           for (int64_t j = 0; j < seen; ++j) row[j] += m[j];
-        } else if (a.mask_kind == 2) {
+        } else if (a.mask_kind == MASK_KEEP) {
           const uint8_t* m = static_cast<const uint8_t*>(a.mask) + mo;
 #pragma omp simd
           for (int64_t j = 0; j < seen; ++j) row[j] = m[j] ? row[j] : -INFINITY;
@@ -1419,8 +1420,8 @@ extern "C" const char* sparse_cpu_constants() {
   static char text[256];
   std::snprintf(text, sizeof(text),
                 "act.none=%d act.relu=%d act.gelu=%d act.gelu_tanh=%d act.silu=%d post.none=%d post.add=%d "
-                "post.add_norm=%d status.ok=%d status.out_of_memory=%d",
+                "post.add_norm=%d status.ok=%d status.out_of_memory=%d mask.none=%d mask.additive=%d mask.keep=%d",
                 ACT_NONE, ACT_RELU, ACT_GELU, ACT_GELU_TANH, ACT_SILU, POST_NONE, POST_ADD, POST_ADD_NORM, ENTRY_OK,
-                ENTRY_OUT_OF_MEMORY);
+                ENTRY_OUT_OF_MEMORY, MASK_NONE, MASK_ADDITIVE, MASK_KEEP);
   return text;
 }

@@ -115,8 +115,8 @@ class AddNorm(NamedTuple):  # a NamedTuple: built per call, it must be cheap (a 
         for t in parts[1:]:
             if t is not None and t.shape != (out,):
                 raise ValueError(f"the norm's weight and bias must have shape ({out},), got {tuple(t.shape)}")
-        return ((native.POST_KINDS["add_norm" if self.norm else "add"], *(None if t is None else t.data_ptr() for t in parts), float(self.eps)),
-                parts)
+        kind = native.POST_KINDS["add_norm" if self.norm else "add"]
+        return (kind, *(None if t is None else t.data_ptr() for t in parts), float(self.eps)), parts
 
 
 def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -385,7 +385,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return None
     (B, H, S, D), (_, Hk, L, _) = q.shape, k.shape
-    if not 0 < L <= ATTENTION_MAX_KEYS or B * H * S * L * D < max(ATTENTION_MIN_WORK, 1):  # first: cheapest
+    work = B * H * S * L * D  # multiply-adds of each product
+    if not 0 < L <= ATTENTION_MAX_KEYS or work == 0 or work < ATTENTION_MIN_WORK:  # first: the cheapest checks
         return None
     lib, f32, grad = native.library(), torch.float32, torch.is_grad_enabled()
     if lib is None or q.dtype != f32 or k.dtype != f32 or v.dtype != f32 or q.device.type != "cpu" \
@@ -393,12 +394,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
             or v.stride(-1) != 1 or k.shape != (B, Hk, L, D) or v.shape != k.shape or Hk == 0 or H % Hk \
             or (grad and (q.requires_grad or k.requires_grad or v.requires_grad)):
         return None
-    kind, mask_strides = 0, (0, 0, 0)
+    kind, mask_strides = native.MASK_KINDS["none"], (0, 0, 0)
     if mask is not None:
         if mask.dim() > 4 or mask.device.type != "cpu" or (grad and mask.requires_grad):
             return None
-        kind = 2 if mask.dtype == torch.bool else 1
-        mask = mask.to(torch.uint8 if kind == 2 else f32).expand(B, H, S, L)
+        keep = mask.dtype == torch.bool
+        kind = native.MASK_KINDS["keep" if keep else "additive"]
+        mask = mask.to(torch.uint8 if keep else f32).expand(B, H, S, L)
         if mask.stride(-1) != 1:
             mask = mask.contiguous()
         mask_strides = mask.stride()[:3]

@@ -74,6 +74,7 @@ _POST = (_INT, _P, _P, _P, ctypes.c_float)
 POST_KINDS = {"none": 0, "add": 1, "add_norm": 2}  # sparse_cpu.cpp's PostKind
 NO_POST = (POST_KINDS["none"], None, None, None, 0.0)  # y is the product (and activation) alone
 STATUS = {"ok": 0, "out_of_memory": 1}  # what the entry points return (ENTRY_OK, ENTRY_OUT_OF_MEMORY)
+MASK_KINDS = {"none": 0, "additive": 1, "keep": 2}  # attention_f32's mask: fp32 added, or bytes (1: attend)
 # entry point -> argument types (pointers as integers from Tensor.data_ptr(); NULL bias as None)
 SIGNATURES: dict[str, tuple[type, ...]] = {
     # rowptr, col, val, out, in, x, n, bias, y, threads, activation code
@@ -107,7 +108,8 @@ def expected_constants() -> dict[str, int]:
     from sparse_ops.activations import CODES
 
     return {**{f"act.{'none' if name is None else name}": code for name, code in CODES.items()},
-            **{f"post.{k}": v for k, v in POST_KINDS.items()}, **{f"status.{k}": v for k, v in STATUS.items()}}
+            **{f"post.{k}": v for k, v in POST_KINDS.items()}, **{f"status.{k}": v for k, v in STATUS.items()},
+            **{f"mask.{k}": v for k, v in MASK_KINDS.items()}}
 
 
 def constants_mismatch(lib: ctypes.CDLL) -> str | None:
