@@ -104,6 +104,19 @@ def layer_mask(scores: Tensor, sparsity: float) -> Tensor:
     return prune_lowest(scores, num_pruned(sparsity, scores.numel()))
 
 
+def row_mask(scores: Tensor, sparsity: float) -> Tensor:
+    """Keep the top ``1 - sparsity`` of every row (last dim) of ``scores``: each row gets exactly
+    ``round(s * in)`` zeros; ties keep the lower index. ``scores``: (rows, in).
+
+    >>> row_mask(torch.tensor([[1.0, 3.0, 2.0, 2.0], [4.0, 0.0, 0.0, 1.0]]), 0.5).int().tolist()
+    [[0, 1, 1, 0], [1, 0, 0, 1]]
+    """
+    inp = scores.shape[-1]
+    keep = inp - num_pruned(sparsity, inp)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :keep]
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, True)
+
+
 def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
     """Keep the ``n`` highest scores in every group of ``m`` along the last dim; ties keep the lower index.
 

@@ -28,25 +28,28 @@ from torch.nn.utils import parametrize
 
 from prune import criteria as _criteria
 from prune import masks as _masks
+from prune.calibration import InputStats
 from prune.report import SparsityReport, layer_row
 from prune.schedules import Constant, Schedule, schedule_from_dict
 from prune.targets import Target, find_targets
 
-SCOPES = ("layer", "global")
+SCOPES = ("layer", "row", "global")
 STATE_VERSION = 1
 
 class _Mask(nn.Module):
-    """Parametrization ``W -> where(mask, W, 0)``; with movement pruning also accumulates ``-W * dL/dW'``.
+    """Parametrization ``W -> where(mask, W, 0)``; with a gradient criterion (movement) it also adds the
+    criterion's ``increment(W, dL/dW')`` into ``score`` in every backward.
 
     ``mask`` and ``score`` are plain attributes, not buffers: DDP broadcasts buffers from rank 0 at every forward,
     which would overwrite each rank's own score and cost a mask-sized broadcast per step. They are saved by
     ``Pruner.state_dict()`` and follow the module across devices through ``_apply``.
     """
 
-    def __init__(self, mask: Tensor, score: Tensor | None) -> None:
+    def __init__(self, mask: Tensor, score: Tensor | None, criterion: _criteria.Criterion) -> None:
         super().__init__()
         self.mask = mask
         self.score = score
+        self.criterion = criterion
         self.accumulate = score is not None
 
     def _apply(self, fn, recurse=True):  # model.to(device) / .cuda(): move mask and score, keep their dtypes
@@ -59,24 +62,25 @@ class _Mask(nn.Module):
 
     def forward(self, weight: Tensor) -> Tensor:
         if self.accumulate and torch.is_grad_enabled() and weight.requires_grad:
-            return _MaskedWeight.apply(weight, self.mask, self.score)
+            return _MaskedWeight.apply(weight, self.mask, self.score, self.criterion)
         return torch.where(self.mask, weight, 0)
 
 
 class _MaskedWeight(torch.autograd.Function):
-    """``where(mask, W, 0)`` whose backward also adds ``-W * dL/dW'`` (the movement score) into ``score``."""
+    """``where(mask, W, 0)`` whose backward also adds ``criterion.increment(W, dL/dW')`` into ``score``."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, mask: Tensor, score: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, weight: Tensor, mask: Tensor, score: Tensor,  # type: ignore[override]
+                criterion: _criteria.Criterion) -> Tensor:
         ctx.save_for_backward(weight, mask)
-        ctx.score = score
+        ctx.score, ctx.criterion = score, criterion
         return torch.where(mask, weight, 0)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         weight, mask = ctx.saved_tensors
-        ctx.score.add_(_criteria.movement_increment(weight, grad))  # grad is dL/dW', dense
-        return torch.where(mask, grad, 0), None, None
+        ctx.score.add_(ctx.criterion.increment(weight, grad))  # grad is dL/dW', dense
+        return torch.where(mask, grad, 0), None, None, None
 
 
 class Pruner:
@@ -85,10 +89,12 @@ class Pruner:
     Args:
         model: any ``nn.Module``; its target weights are masked in place.
         sparsity: a :class:`~prune.schedules.Schedule`, or a float for one-shot pruning at step 0.
-        criterion: ``"magnitude"`` or ``"movement"`` (see :mod:`prune.criteria`).
+        criterion: ``"magnitude"``, ``"movement"`` or ``"wanda"`` (|W| times the input feature's norm over the
+            forward passes since the last update), or a :class:`~prune.criteria.Criterion` (see :mod:`prune.criteria`).
         pattern: ``"unstructured"`` or ``"N:M"`` along the input dimension (the schedule's final sparsity must
             then be ``1 - N/M``; intermediate targets prune a subset of the final N:M zeros).
-        scope: ``"layer"`` (each weight reaches the target exactly) or ``"global"`` (one threshold over all).
+        scope: ``"layer"`` (each weight reaches the target exactly), ``"row"`` (each output row of each weight
+            does: the comparison Wanda prescribes) or ``"global"`` (one threshold over all).
         types: module types to prune (default: ``nn.Linear`` and transformers' ``Conv1D``).
         include, exclude: module name patterns, each covering its module's subtree (``prune.targets``): a
             glob on the name or any dotted suffix; a string is one pattern.
@@ -126,14 +132,18 @@ class Pruner:
         if self.nm and abs(self.schedule.final - self.nm.sparsity) > 1e-9:
             raise ValueError(f"pattern {self.pattern} means sparsity {self.nm.sparsity}, but the schedule's final "
                              f"sparsity is {self.schedule.final}")
-        if self.criterion.uses_gradients and self.schedule.is_update_step(0) and self.schedule(0) > 0:
-            raise ValueError(f"criterion {criterion!r} ranks weights by scores accumulated over training steps, "
+        needs_data = self.criterion.uses_gradients or self.criterion.uses_inputs
+        if needs_data and self.schedule.is_update_step(0) and self.schedule(0) > 0:
+            what = "gradients" if self.criterion.uses_gradients else "inputs"
+            raise ValueError(f"criterion {self.criterion.name!r} ranks weights by the {what} of training steps, "
                              f"so it cannot prune at step 0 (target {self.schedule(0)}): use begin_step >= 1")
         self.model = model
         self.process_group = process_group
         self.targets = find_targets(model, types, include, exclude)
         for t in self.targets:
             _check_nm_shape(t, self.nm)
+            if self.criterion.uses_inputs:
+                _check_feature_input(t, self.criterion)
         self._step = 0
         self._finalized = False
         self._attach()
@@ -155,6 +165,8 @@ class Pruner:
         The model's ``state_dict()`` has its original keys again and its outputs equal the masked model's.
         """
         self._check_live("finalize()")
+        for handle in self._hooks:
+            handle.remove()
         for t in self.targets:
             parametrize.remove_parametrizations(t.module, "weight", leave_parametrized=True)
             _restore_order(t.module._parameters, self._param_order[t.name])
@@ -218,6 +230,8 @@ class Pruner:
         }
         if self.criterion.uses_gradients:
             state["scores"] = {t.name: self._param(t).score.clone() for t in self.targets}
+        if self.criterion.uses_inputs:
+            state["inputs"] = {name: stats.state_dict() for name, stats in self._inputs.items()}
         return state
 
     def load_state_dict(self, state: dict[str, object]) -> None:
@@ -241,6 +255,8 @@ class Pruner:
             _copy_checked(p.mask, masks[t.name], f"mask of {t.name}")  # type: ignore[index]
             if p.score is not None:
                 _copy_checked(p.score, scores[t.name], f"score of {t.name}")  # type: ignore[index]
+            if t.name in self._inputs:
+                self._inputs[t.name].load_state_dict(state["inputs"][t.name])  # type: ignore[index]
         self._step = int(state["step"])  # type: ignore[arg-type]
         self._set_accumulate()
 
@@ -251,7 +267,14 @@ class Pruner:
             w = t.module.weight
             mask = torch.ones_like(w, dtype=torch.bool)
             score = torch.zeros_like(w, dtype=torch.float32) if self.criterion.uses_gradients else None
-            parametrize.register_parametrization(t.module, "weight", _Mask(mask, score))
+            parametrize.register_parametrization(t.module, "weight", _Mask(mask, score, self.criterion))
+        # criteria that read the layers' inputs: a forward pre-hook per target feeds its InputStats
+        self._inputs: dict[str, InputStats] = {}
+        self._hooks = []
+        if self.criterion.uses_inputs:
+            for t in self.targets:
+                stats = self._inputs[t.name] = InputStats(t.module.weight.shape[t.in_dim], device=w.device)
+                self._hooks.append(t.module.register_forward_pre_hook(self._input_hook(stats)))
         self._set_accumulate()
         # Hugging Face's save_pretrained would store the dense `...parametrizations.weight.original` tensors and
         # lose the masks: while attached, it saves the masked weights under the original keys.
@@ -266,15 +289,27 @@ class Pruner:
     def _dense(self, t: Target) -> Tensor:
         return t.module.parametrizations["weight"].original
 
+    def _input_hook(self, stats: InputStats):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            if self._collecting and args and isinstance(args[0], Tensor):
+                stats.update(args[0])
+        return hook
+
     def _set_accumulate(self) -> None:
-        # Scores only matter until the last mask update; after it, stop paying for them.
-        on = self.criterion.uses_gradients and self._step < self.schedule.end_step
+        # Scores and input statistics only matter until the last mask update; after it, stop paying for them.
+        live = self._step < self.schedule.end_step
+        self._collecting = self.criterion.uses_inputs and live
         for t in self.targets:
-            self._param(t).accumulate = on
+            self._param(t).accumulate = self.criterion.uses_gradients and live
 
     def _scores(self, t: Target) -> Tensor:
         p = self._param(t)
-        s = p.score.clone() if self.criterion.score is None else self.criterion.score(self._dense(t))
+        inputs = self._inputs.get(t.name)
+        if inputs is not None and inputs.rows == 0:
+            raise RuntimeError(f"criterion {self.criterion.name!r} scores layer {t.name!r} by its inputs, but no "
+                               "forward pass reached it since the last mask update; run the model between updates")
+        evidence = _criteria.Evidence(in_dim=t.in_dim, accumulated=p.score, inputs=inputs)
+        s = self.criterion.score(self._dense(t), evidence)
         if _criteria.has_nan(s):
             raise ValueError(f"layer {t.name!r}: {self.criterion.name} scores contain NaN (NaN weights or "
                              "gradients); fix the weights or exclude the layer")
@@ -289,15 +324,19 @@ class Pruner:
         return dist.get_world_size(self.process_group)
 
     def _sync_scores(self) -> None:
-        """Average movement scores over ranks: each rank accumulated ``-W * g_local``; W is the same on every
-        rank (DDP), so the mean is ``-W * mean(g)``, the score of the all-reduced gradient."""
+        """Average gradient scores over ranks: each rank accumulated ``-W * g_local``; W is the same on every
+        rank (DDP), so the mean is ``-W * mean(g)``, the score of the all-reduced gradient. Input statistics are
+        summed: every rank then scores from all ranks' data."""
         world = self._world_size()
-        if world == 1 or not self.criterion.uses_gradients:
+        if world == 1:
             return
         for t in self.targets:
             score = self._param(t).score
-            torch.distributed.all_reduce(score, group=self.process_group)
-            score.div_(world)
+            if score is not None:
+                torch.distributed.all_reduce(score, group=self.process_group)
+                score.div_(world)
+        for stats in self._inputs.values():
+            stats.all_reduce(self.process_group)
 
     @torch.no_grad()
     def _update_masks(self, sparsity: float) -> None:
@@ -312,15 +351,18 @@ class Pruner:
             del flat
             for t, m in zip(self.targets, new):
                 self._param(t).mask.copy_(m.view_as(self._param(t).mask))
-            return
-        for t in self.targets:  # one layer's scores at a time
+        for t in self.targets if self.scope != "global" else ():  # one layer's scores at a time
             s = self._scores(t)
-            if self.nm is None:
+            if self.nm is None and self.scope == "layer":
                 m = _masks.layer_mask(s, sparsity)
             else:
-                m = _masks.from_input_last(_masks.nm_schedule_mask(_masks.input_last(s, t.in_dim), self.nm,
-                                                                   sparsity), s.shape, t.in_dim)
+                rows = _masks.input_last(s, t.in_dim)
+                rows = (_masks.row_mask(rows, sparsity) if self.nm is None
+                        else _masks.nm_schedule_mask(rows, self.nm, sparsity))
+                m = _masks.from_input_last(rows, s.shape, t.in_dim)
             self._param(t).mask.copy_(m)
+        for stats in self._inputs.values():  # the next update scores the inputs seen from now on
+            stats.reset()
 
     def _check_live(self, what: str) -> None:
         if self._finalized:
@@ -339,6 +381,13 @@ def _check_scope(scope: str, nm: _masks.NMPattern | None, max_layer_sparsity: fl
         if not 0.0 < max_layer_sparsity <= 1.0:
             raise ValueError(f"max_layer_sparsity must be in (0, 1], got {max_layer_sparsity!r}")
     return scope
+
+
+def _check_feature_input(t: Target, criterion: _criteria.Criterion) -> None:
+    """Input statistics are per feature of the input's last dim: linear layers (nn.Linear, Conv1D) only."""
+    if not (isinstance(t.module, nn.Linear) or t.in_dim == 0) or t.module.weight.dim() != 2:
+        raise ValueError(f"criterion {criterion.name!r} reads each layer's input features, which only linear "
+                         f"layers have; layer {t.name!r} is a {type(t.module).__name__}: exclude it")
 
 
 def _check_nm_shape(t: Target, nm: _masks.NMPattern | None) -> None:

@@ -1,0 +1,63 @@
+"""The criterion interface: how a pruning criterion scores weights and what it may observe to do so.
+
+A criterion scores one weight tensor (higher score = more important = kept) from the dense weight and an
+:class:`Evidence`: what the pruner collected for that layer since it was attached or last updated.
+A criterion says what it needs:
+
+- ``uses_gradients``: the pruner's masked-weight autograd function adds ``increment(W, dL/dW')`` into a
+  float32 running score after every backward (``Evidence.accumulated``); such a criterion cannot prune at step 0.
+- ``uses_inputs``: a forward pre-hook collects the layer's input statistics (``prune.calibration.InputStats``,
+  ``Evidence.inputs``) during the forward passes between mask updates; also not at step 0 (no data yet), except
+  in one-shot pruning, which runs calibration data first.
+- ``regrows``: a pruned weight may come back at a later update (else its score is -inf once pruned).
+
+A new criterion is one new file in this package defining ``CRITERION`` (an instance of a subclass);
+``prune.criteria`` finds it by name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import Tensor
+
+from prune.calibration import InputStats
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What a criterion may read about one weight besides the weight itself.
+
+    ``in_dim``: which dimension of the weight is its input (0 for transformers' ``Conv1D``, else 1): per-input
+    statistics broadcast along it (``per_input``).
+    """
+
+    in_dim: int = 1
+    accumulated: Tensor | None = None  # the running gradient score (uses_gradients)
+    inputs: InputStats | None = None  # the layer's input statistics (uses_inputs)
+
+    def per_input(self, values: Tensor, weight: Tensor) -> Tensor:
+        """Shape (in,) ``values`` so that they broadcast against ``weight`` along its input dimension."""
+        shape = [1] * weight.dim()
+        shape[self.in_dim] = values.numel()
+        return values.view(shape)
+
+
+class Criterion:
+    """Base of every criterion; see the module docstring. Subclasses set ``name`` and implement ``score``."""
+
+    name: ClassVar[str]
+    uses_gradients: ClassVar[bool] = False
+    uses_inputs: ClassVar[bool] = False
+    regrows: ClassVar[bool] = False
+
+    def score(self, weight: Tensor, evidence: Evidence) -> Tensor:
+        """float32 scores, the weight's shape; higher is kept. ``weight`` is the dense (unmasked) weight."""
+        raise NotImplementedError
+
+    def increment(self, weight: Tensor, grad_masked: Tensor) -> Tensor:
+        """One backward's addition to the running score (criteria with ``uses_gradients``)."""
+        raise NotImplementedError(f"criterion {self.name!r} does not use gradients")
+
+    def __repr__(self) -> str:
+        return f"<criterion {self.name}>"
