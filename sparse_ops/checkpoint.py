@@ -45,19 +45,16 @@ from sparse_ops.formats import (
     FORMATS,
     VALUE_DTYPES,
     SparseFormat,
-    csr_nbytes,
     format_class,
-    is_two_four,
-    two_four_nbytes,
 )
 from sparse_ops.tensorio import DTYPES, SPARSE_INDEX, BadFileError, RawSource, SafetensorsWriter, open_raw
 
 FORMAT_VERSION = "1"
 VERSION_KEY = "sparse_ops.format_version"
 TENSORS_KEY = "sparse_ops.tensors"
-CONVERT_FORMATS = (*FORMATS, "auto")  # "auto": per tensor, whichever stores it smaller
+AUTO = "auto"
+CONVERT_FORMATS = (*FORMATS, AUTO)  # "auto": per tensor, whichever stores it smaller
 DENSE = "dense"
-TWO_FOUR_MIN_SPARSITY = 0.5  # a 2:4 tensor is at least 50% sparse; below that a tensor stays dense
 EMBEDDING = re.compile(r"embed|(^|\.)(wte|wpe)(\.|$)")  # names of embedding tables (stay dense by default)
 # Files of a model folder that hold weights (of any framework) or an index of them: converted, or left out, when
 # a folder converts to a folder; every other file (config, tokenizer, ...) is copied.
@@ -197,27 +194,31 @@ def sparsity_of(t: torch.Tensor) -> float:
 
 def choose_storage(name: str, t: torch.Tensor, format: str, min_sparsity: float | None,
                    embeddings: bool = False) -> str:
-    """"dense", "csr" or "2:4" for one tensor (see ``convert_checkpoint``); ValueError on a non-2:4 tensor
-    when 2:4 is asked for."""
+    """"dense" or a format name (``formats.FORMATS``) for one tensor (see ``convert_checkpoint``).
+
+    A format is worth storing when the tensor is at least ``min_sparsity`` sparse (None: the format's own
+    ``MIN_SPARSITY``, or, where it has none, when it stores the tensor smaller than dense). A format asked for
+    by name whose pattern the tensor breaks raises ValueError naming what breaks it; "auto" takes the smallest
+    of dense and the formats that are worth it and fit."""
     if t.dim() != 2 or t.dtype not in VALUE_DTYPES or (EMBEDDING.search(name) and not embeddings):
         return DENSE
     shape, nnz, dense_bytes = tuple(t.shape), int(torch.count_nonzero(t)), t.numel() * t.element_size()
     sparsity = 1.0 - nnz / max(t.numel(), 1)
-    if format == "2:4":
-        if sparsity < (TWO_FOUR_MIN_SPARSITY if min_sparsity is None else min_sparsity):
+
+    def worth(cls: type) -> bool:
+        need = cls.MIN_SPARSITY if min_sparsity is None else min_sparsity
+        return cls.estimate_nbytes(shape, nnz, t.dtype) < dense_bytes if need is None else sparsity >= need
+
+    if format != AUTO:
+        cls = format_class(format)
+        if not worth(cls):
             return DENSE
-        if not is_two_four(t):
-            format_class("2:4").from_dense(t)  # raises, naming the shape or the count of bad groups
-        return "2:4"
-    csr_ok = csr_nbytes(shape, nnz, t.dtype) < dense_bytes if min_sparsity is None else sparsity >= min_sparsity
-    if format == "csr":
-        return "csr" if csr_ok else DENSE
-    # auto: the smallest of what applies; a 2:4 tensor is ~53% (fp32) of dense whatever its sparsity
+        if not cls.eligible(t):
+            cls.from_dense(t)  # raises, naming the shape or the count of groups that break the pattern
+        return format
     sizes = {DENSE: dense_bytes}
-    if csr_ok:
-        sizes["csr"] = csr_nbytes(shape, nnz, t.dtype)
-    if is_two_four(t) and (min_sparsity is None or sparsity >= min_sparsity):
-        sizes["2:4"] = two_four_nbytes(shape, t.dtype)
+    sizes.update({f: cls.estimate_nbytes(shape, nnz, t.dtype) for f, cls in FORMATS.items()
+                  if worth(cls) and cls.eligible(t)})
     return min(sizes, key=sizes.__getitem__)
 
 

@@ -1,13 +1,24 @@
-"""Which kernel computes a sparse product: one explicit table keyed by (format, device type).
+"""Which kernel computes a sparse product: one registry keyed by (format, device type), each entry an ordered
+tuple of candidates.
 
-CPU entries are our C++ kernels (``kernels/cpu_native.py``); where they cannot be built (no compiler) or are
-disabled (``SPARSE_OPS_NATIVE=0``), ``kernel_for`` returns the entry's ``fallback``: torch's kernels.
+- The first candidate that can run in this process (``Kernel.available``) is the layer's kernel: ours (C++ on
+  CPU) first, torch's after it. That is the one fallback mechanism: where our kernels cannot be built (no
+  compiler) or are disabled (``SPARSE_OPS_NATIVE=0``), torch's kernel is the next candidate.
+- Every available candidate that exploits the format (``Kernel.native``) is a path ``sparse_ops.plan`` times
+  per batch: a candidate of torch's is the path ``"<format>:torch"`` (``TORCH_SUFFIX``), e.g. MKL's CSR gemv,
+  kept where it beats ours so that the default is never slower than torch's path.
+- Every kernel's ``matmul`` has one signature, ``matmul(state, x (N, in), bias, activation=None, *, post=None,
+  variant=None) -> (N, out)``: a kernel that cannot fuse the activation or post-op is wrapped (``unfused``) to
+  apply them after the product with torch ops, so callers never branch on what a kernel can do.
+
+A new kernel backend is one module under ``kernels/`` (``prepare`` and ``matmul``) and its place in a tuple of
+``KERNELS``.
 
 Example:
     >>> kernel_for("csr", "cuda").name
     'cuda.csr'
-    >>> kernel_for("csr", "cpu").name in ("cpu.csr", "torch.cpu.csr")
-    True
+    >>> [k.name for k in KERNELS[("csr", "cpu")]]
+    ['cpu.csr', 'torch.cpu.csr']
     >>> kernel_for("2:4", "mps")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
@@ -20,54 +31,64 @@ from dataclasses import dataclass
 
 import torch
 
+from sparse_ops import activations
 from sparse_ops.kernels import cpu, cpu_native, cuda, native
+from sparse_ops.plan import TORCH_SUFFIX
+
+OURS, TORCH = "ours", "torch"
 
 
 @dataclass(frozen=True)
 class Kernel:
-    """``prepare(weight) -> state`` once per layer and device; ``matmul(state, x (N, in), bias) -> (N, out)``.
+    """``prepare(weight) -> state`` once per layer and device; ``matmul(state, x, bias, activation=None, *,
+    post=None, variant=None)`` per call (the module docstring).
 
-    ``native`` is False where the kernel does not exploit the format (torch's 2:4 on CPU): benchmarks
-    and ``linear.candidate_formats`` skip it. ``fuses_activation``: ``matmul`` takes a fourth argument, an activation name
-    (``sparse_ops.activations``), applied in the kernel's output writes. ``ffn``, where set, computes a whole
-    feed-forward block in one call, ``ffn(up_state, down_state, x, up_bias, down_bias, activation)``, or
-    returns None where it does not apply (``sparse_ops.fused.SparseFFN`` then runs the two layers).
-    ``fuses_post``: ``matmul`` and ``ffn`` take ``post=`` (``kernels.cpu_native.AddNorm``: a residual add and
-    LayerNorm applied to whole output rows, ``sparse_ops.fused.SparseAddNorm``). ``variants``, where set, gives
-    the names of the kernel's own paths for n tokens (e.g. CSR's "plain" and "panels"); ``matmul`` then takes
-    ``variant=`` one of them (None: the kernel's own choice by batch), and ``sparse_ops.plan`` times each.
-    ``available()``
-    says whether the kernel can run in this process; when it cannot, ``fallback`` (which must always be
-    available) is used.
+    ``backend``: ``"ours"`` or ``"torch"``. ``native`` is False where the kernel does not exploit the format
+    (torch's 2:4 on CPU runs dense or CSR): the plan and ``linear.candidate_formats`` skip it.
+    ``fuses``: the activation and the post-op (``kernels.cpu_native.AddNorm``: residual add and LayerNorm on
+    whole output rows) are applied inside the kernel's output writes, so fusing them is worth a module swap
+    (``sparse_ops.fusion``). ``ffn``, where set, computes a whole feed-forward block in one call,
+    ``ffn(up_state, down_state, x, up_bias, down_bias, activation, *, post=None, gate=None, gate_bias=None)``,
+    or returns None where it does not apply (``sparse_ops.fused`` then runs the layers in turn).
+    ``variants``, where set, names the kernel's own paths for n tokens (CSR's "plain" and "panels"), each
+    planned as ``"<format>.<variant>"``. ``available()`` says whether the kernel can run in this process.
     """
 
     name: str
     prepare: Callable[[object], object]
-    matmul: Callable[..., torch.Tensor]  # (state, x, bias[, activation]) -> y
+    matmul: Callable[..., torch.Tensor]
+    backend: str = OURS
     native: bool = True
-    fuses_activation: bool = False
+    fuses: bool = False
     ffn: Callable[..., torch.Tensor | None] | None = None
-    fuses_post: bool = False
     variants: Callable[[int], tuple[str, ...]] | None = None
     available: Callable[[], bool] = lambda: True
-    fallback: Kernel | None = None
 
 
-# torch's CPU kernels: the fallbacks of ours, and references in the benchmarks
-TORCH_CPU_CSR = Kernel("torch.cpu.csr", cpu.prepare_csr, cpu.csr_matmul)
-TORCH_CPU_TWO_FOUR = Kernel("torch.cpu.2:4", cpu.prepare_two_four, cpu.two_four_matmul, native=False)
+def unfused(matmul: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``matmul(state, x, bias)`` with the common signature: activation and post-op applied after it."""
+    def call(state: object, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None, *,
+             post: cpu_native.AddNorm | None = None, variant: str | None = None) -> torch.Tensor:
+        if variant is not None:
+            raise ValueError(f"this kernel has no variants, got {variant!r}")
+        y = activations.apply(matmul(state, x, bias), activation)
+        return y if post is None else post.apply(y)
+    return call
 
 
-KERNELS: dict[tuple[str, str], Kernel] = {
-    ("csr", "cpu"): Kernel("cpu.csr", cpu_native.prepare_csr, cpu_native.csr_matmul, fuses_activation=True,
-                           ffn=cpu_native.ffn_matmul, fuses_post=True, variants=cpu_native.csr_variants,
-                           available=native.available,
-                           fallback=TORCH_CPU_CSR),
-    ("2:4", "cpu"): Kernel("cpu.2:4", cpu_native.prepare_two_four, cpu_native.two_four_matmul,
-                           fuses_activation=True, fuses_post=True, available=native.available,
-                           fallback=TORCH_CPU_TWO_FOUR),
-    ("csr", "cuda"): Kernel("cuda.csr", cuda.prepare_csr, cuda.csr_matmul),
-    ("2:4", "cuda"): Kernel("cuda.2:4", cuda.prepare_two_four, cuda.two_four_matmul),
+TORCH_CPU_CSR = Kernel("torch.cpu.csr", cpu.prepare_csr, unfused(cpu.csr_matmul), backend=TORCH)
+
+KERNELS: dict[tuple[str, str], tuple[Kernel, ...]] = {
+    ("csr", "cpu"): (
+        Kernel("cpu.csr", cpu_native.prepare_csr, cpu_native.csr_matmul, fuses=True, ffn=cpu_native.ffn_matmul,
+               variants=cpu_native.csr_variants, available=native.available),
+        TORCH_CPU_CSR),
+    ("2:4", "cpu"): (
+        Kernel("cpu.2:4", cpu_native.prepare_two_four, cpu_native.two_four_matmul, fuses=True,
+               available=native.available),
+        Kernel("torch.cpu.2:4", cpu.prepare_two_four, unfused(cpu.two_four_matmul), backend=TORCH, native=False)),
+    ("csr", "cuda"): (Kernel("cuda.csr", cuda.prepare_csr, unfused(cuda.csr_matmul), backend=TORCH),),
+    ("2:4", "cuda"): (Kernel("cuda.2:4", cuda.prepare_two_four, unfused(cuda.two_four_matmul), backend=TORCH),),
 }
 
 
@@ -76,20 +97,35 @@ def supported() -> str:
     return ", ".join(f"{f} on {d}" for f, d in KERNELS)
 
 
-# torch's own kernel for a pair where ours is the default: sparse_ops.plan times it too and keeps it where it is
-# faster (e.g. MKL's CSR gemv on a weight that stays in L3), so the default is never slower than torch's path.
-TORCH_KERNELS: dict[tuple[str, str], Kernel] = {("csr", "cpu"): TORCH_CPU_CSR}
-
-
-def kernel_for(format: str, device: torch.device | str, *, torch_kernel: bool = False) -> Kernel:
-    """The kernel for a format name on a device (its fallback when it cannot run here); NotImplementedError
-    listing the supported pairs otherwise. ``torch_kernel``: torch's kernel where ``TORCH_KERNELS`` has one."""
+def candidates(format: str, device: torch.device | str) -> list[Kernel]:
+    """The kernels that can run a format on a device in this process, in order of preference; NotImplementedError
+    listing the supported pairs where the registry has none."""
     device_type = torch.device(device).type
-    if torch_kernel and (format, device_type) in TORCH_KERNELS:
-        return TORCH_KERNELS[(format, device_type)]
     try:
-        kernel = KERNELS[(format, device_type)]
+        listed = KERNELS[(format, device_type)]
     except KeyError:
         raise NotImplementedError(f"no kernel for format {format!r} on device type {device_type!r}; "
                                   f"supported: {supported()}") from None
-    return kernel if kernel.fallback is None or kernel.available() else kernel.fallback
+    return [k for k in listed if k.available()]
+
+
+def kernel_for(format: str, device: torch.device | str, *, torch_kernel: bool = False) -> Kernel:
+    """The first available candidate for a format on a device; ``torch_kernel``: the first of torch's."""
+    found = candidates(format, device)
+    if torch_kernel:
+        found = [k for k in found if k.backend == TORCH] or found
+    return found[0]
+
+
+def torch_path_kernel(format: str, device: torch.device | str) -> Kernel | None:
+    """The kernel of the path ``"<format>:torch"``: torch's native candidate where ours is also available
+    (else torch's kernel already is the layer's kernel, or there is none)."""
+    found = candidates(format, device)
+    theirs = [k for k in found if k.backend == TORCH and k.native]
+    return theirs[0] if theirs and found[0].backend == OURS else None
+
+
+def torch_path_formats() -> list[str]:
+    """Every ``"<format>:torch"`` a layer can be asked for (torch's native kernel listed after ours)."""
+    return sorted({f + TORCH_SUFFIX for (f, _), ks in KERNELS.items()
+                   if ks[0].backend == OURS and any(k.backend == TORCH and k.native for k in ks)})

@@ -1,8 +1,13 @@
 """Sparse storage formats for 2-D weights: CSR and 2:4 semi-structured.
 
-Each format is a small frozen container with ``from_dense`` / ``to_dense`` (lossless), ``nbytes``, ``validate``
-(every invariant, so a corrupted file raises ``ValueError`` before any index reaches torch) and
-``parts`` / ``from_parts`` (a dict of named tensors, how a checkpoint stores it).
+Each format is a small frozen container that describes itself: ``from_dense`` / ``to_dense`` (lossless),
+``nbytes`` and ``estimate_nbytes(shape, nnz, dtype)`` (before encoding), ``eligible(w)`` (whether a dense
+weight fits the format's pattern), ``MIN_SPARSITY`` (below it the format is not worth storing; None: whenever
+it is smaller than dense), ``validate`` (every invariant, so a corrupted file raises ``ValueError`` before any
+index reaches torch) and ``parts`` / ``from_parts`` (a dict of named tensors, how a checkpoint stores it).
+``FORMATS`` is the one registry: every list of formats (conversion, layers, benchmarks) derives from it, so a
+new format is one class here and its entry there (plus a kernel in ``sparse_ops.dispatch`` and a reference
+product in ``kernels/reference.py``).
 
 Zeros: a "nonzero" is ``w != 0``, so ``-0.0`` counts as zero and comes back from ``to_dense`` as ``+0.0``.
 Keeping ``-0.0`` would store half the pruned weights of any model pruned by ``w * mask`` (negative weight
@@ -39,7 +44,13 @@ class SparseFormat(Protocol):
 
     format: ClassVar[str]
     PARTS: ClassVar[tuple[str, ...]]  # names of the stored tensors, as in parts()
+    MIN_SPARSITY: ClassVar[float | None]  # below it a weight stays dense (None: when smaller than dense)
     shape: tuple[int, int]
+
+    @staticmethod
+    def estimate_nbytes(shape: tuple[int, int], nnz: int, dtype: torch.dtype) -> int: ...
+    @staticmethod
+    def eligible(w: torch.Tensor) -> bool: ...
 
     @property
     def dtype(self) -> torch.dtype: ...
@@ -144,6 +155,16 @@ class CSR(_ValuesMixin):
 
     format: ClassVar[str] = "csr"
     PARTS: ClassVar[tuple[str, ...]] = ("crow_indices", "col_indices", "values")
+    MIN_SPARSITY: ClassVar[float | None] = None
+
+    @staticmethod
+    def estimate_nbytes(shape: tuple[int, int], nnz: int, dtype: torch.dtype) -> int:
+        return csr_nbytes(shape, nnz, dtype)
+
+    @staticmethod
+    def eligible(w: torch.Tensor) -> bool:
+        """Any 2-D weight of a value dtype."""
+        return w.dim() == 2 and w.dtype in VALUE_DTYPES
 
     @classmethod
     def from_dense(cls, w: torch.Tensor) -> CSR:
@@ -302,6 +323,16 @@ class TwoFour(_ValuesMixin):
 
     format: ClassVar[str] = "2:4"
     PARTS: ClassVar[tuple[str, ...]] = ("values", "metadata")
+    MIN_SPARSITY: ClassVar[float | None] = 0.5  # what the pattern itself implies
+
+    @staticmethod
+    def estimate_nbytes(shape: tuple[int, int], nnz: int, dtype: torch.dtype) -> int:
+        return two_four_nbytes(shape, dtype)
+
+    @staticmethod
+    def eligible(w: torch.Tensor) -> bool:
+        """A 2-D weight of a value dtype with at most 2 nonzeros in every group of 4 input columns."""
+        return w.dtype in VALUE_DTYPES and is_two_four(w)
 
     @classmethod
     def from_dense(cls, w: torch.Tensor) -> TwoFour:

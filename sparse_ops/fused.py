@@ -1,7 +1,7 @@
 """The fused sparse modules ``sparse_ops.fusion``'s passes swap in: ``SparseFFN`` (a feed-forward pair in one
 kernel call), ``SparseGatedFFN`` (LLaMA's gated MLP) and ``SparseAddNorm`` (the residual add and LayerNorm in the
 kernel). Each runs its one-call path where the layers' kernel has it (``dispatch.Kernel.ffn``,
-``Kernel.fuses_post``) and the layers in turn otherwise, through ``SparseLinear``'s public interface
+``Kernel.fuses``) and the layers in turn otherwise, through ``SparseLinear``'s public interface
 (``kernel``, ``prepared``, ``bias``, ``runs_own_kernel``, ``kernel_kwargs``).
 """
 from __future__ import annotations
@@ -94,7 +94,7 @@ class SparseGatedFFN(nn.Module):
 class SparseAddNorm(nn.Module):
     """``norm(dropout(layer(x)) + residual)`` for a ``SparseLinear`` or ``SparseFFN`` layer and an
     ``nn.LayerNorm`` over its output features: the residual add and the LayerNorm run in the kernel, on each tile
-    of output rows while it is in cache, where the kernel has that post-op (``Kernel.fuses_post``: ours on CPU),
+    of output rows while it is in cache, where the kernel has that post-op (``Kernel.fuses``: ours on CPU),
     the dropout is inactive (eval mode or p = 0) and no gradient is needed; else the ops in turn. Its children
     keep the names given (those of the module it replaces, so the state dict keys stay); it is called as that
     module was, ``(x, residual)`` by position or by ``arg_names``.
@@ -149,7 +149,7 @@ def _with_post(layer: SparseLinear | SparseFFN, x: torch.Tensor, post: AddNorm) 
     first = layer.up if isinstance(layer, SparseFFN) else layer
     first.check_input(x)
     x2 = x if x.dim() == 2 else x.reshape(-1, first.in_features)
-    if not first.kernel.fuses_post or post.residual.dtype != x.dtype or not first.runs_own_kernel(x2.shape[0]):
+    if not first.kernel.fuses or post.residual.dtype != x.dtype or not first.runs_own_kernel(x2.shape[0]):
         return None
     if isinstance(layer, SparseFFN):
         up, down = layer.up, layer.down

@@ -410,7 +410,7 @@ def fuse_add_norm(model: nn.Module) -> list[str]:
             return None
         (layer, norm, dropout), args = parts
         first = child.get_submodule(layer)
-        if not (first.up if isinstance(first, SparseFFN) else first).kernel.fuses_post:
+        if not (first.up if isinstance(first, SparseFFN) else first).kernel.fuses:
             return None
         drop = None if dropout is None else child.get_submodule(dropout)
         return SparseAddNorm(first, child.get_submodule(norm), drop, (layer, norm, dropout or "dropout"), args)

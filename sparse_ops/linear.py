@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_ops import activations, plan
-from sparse_ops.dispatch import TORCH_KERNELS, kernel_for
-from sparse_ops.formats import FORMATS, SparseFormat, format_class, is_two_four
+from sparse_ops.dispatch import candidates, kernel_for, torch_path_formats, torch_path_kernel
+from sparse_ops.formats import FORMATS, SparseFormat, format_class
 from sparse_ops.plan import DENSE, TORCH_SUFFIX, Planner
 from sparse_ops.timing import Timer, time_candidates
 
-LAYER_FORMATS = (*FORMATS, *sorted({f + TORCH_SUFFIX for f, _ in TORCH_KERNELS}))
+LAYER_FORMATS = (*FORMATS, *torch_path_formats())
 _PLAN_LOCK = threading.Lock()  # one measurement at a time in the process: concurrent timings would be wrong
 
 
@@ -35,7 +35,7 @@ class SparseLinear(nn.Module):
 
     The kernel is taken from ``sparse_ops.dispatch`` for the weight's device and prepared once; moving the
     module (``.to``, ``.cuda``, ``.half``) or loading a state dict prepares it again. ``torch_kernel=True``
-    runs torch's own kernel where ours is the default (``dispatch.TORCH_KERNELS``); it is a runtime choice,
+    runs torch's own kernel where ours is the default (``dispatch.torch_path_kernel``); it is a runtime choice,
     not saved in the state dict. ``activation`` (None or a
     name in ``sparse_ops.activations.ACTIVATIONS``) is applied to the output, fused into the kernel where it
     supports that (ours on CPU); ``fusion.fuse_activations`` sets it from the model's own activation
@@ -55,7 +55,7 @@ class SparseLinear(nn.Module):
         if bias is not None and tuple(bias.shape) != (out,):
             raise ValueError(f"bias must have shape ({out},), got {tuple(bias.shape)}")
         self.format, self.out_features, self.in_features = weight.format, out, inp
-        self.torch_kernel = torch_kernel  # torch's kernel instead of ours where dispatch.TORCH_KERNELS has one
+        self.torch_kernel = torch_kernel  # torch's kernel instead of ours where the registry lists one
         self.activation = activation
         self._part_names = tuple(weight.parts())
         for part, t in weight.parts().items():
@@ -68,7 +68,8 @@ class SparseLinear(nn.Module):
     @property
     def choice(self) -> str:
         """The format, with ``TORCH_SUFFIX`` when torch's kernel runs it ("csr", "2:4", "csr:torch")."""
-        return self.format + (TORCH_SUFFIX if self.torch_kernel and self.kernel in TORCH_KERNELS.values() else "")
+        return self.format + (TORCH_SUFFIX if self.torch_kernel and self.kernel.backend == "torch"
+                              and self._own_kernel().backend == "ours" else "")
 
     @property
     def activation(self) -> str | None:
@@ -96,6 +97,10 @@ class SparseLinear(nn.Module):
         self._last: tuple[int, str] = (-1, "")  # (tokens, path) of the latest routed call
         self._dense: torch.Tensor | None = None
         self._torch: tuple | None = None
+
+    def _own_kernel(self):
+        """The kernel this layer would run without ``torch_kernel``."""
+        return kernel_for(self.format, self.kernel_device)
 
     def _apply(self, fn, recurse=True):  # .to / .cuda / .half move the buffers; the kernel state follows
         super()._apply(fn, recurse)
@@ -133,14 +138,11 @@ class SparseLinear(nn.Module):
               act: str | None) -> torch.Tensor:
         """act(x2 W^T + bias) by ``path`` (``paths``; None: the kernel's own choice).  x2: (N, in) -> (N, out)."""
         if path is None or not self._off_kernel(path):
-            kernel, kw = self.kernel, _variant_kw(path)
-            if act is not None and kernel.fuses_activation:
-                return kernel.matmul(self._state, x2, bias, act, **kw)
-            return activations.apply(kernel.matmul(self._state, x2, bias, **kw), act)
+            return self.kernel.matmul(self._state, x2, bias, act, **_variant_kw(path))
         if path == DENSE:
             return activations.apply(F.linear(x2, self.dense_weight(), bias), act)
         torch_kernel, state = self._torch_kernel()
-        return activations.apply(torch_kernel.matmul(state, x2, bias), act)
+        return torch_kernel.matmul(state, x2, bias, act)
 
     # ---- planned paths (sparse_ops.plan) ----------------------------------------------------------------
 
@@ -150,7 +152,7 @@ class SparseLinear(nn.Module):
 
     def _off_kernel(self, path: str) -> bool:
         """Whether ``path`` runs elsewhere than this layer's kernel (dense, or torch's kernel when ours is it)."""
-        return path == DENSE or (path.endswith(TORCH_SUFFIX) and self.kernel not in TORCH_KERNELS.values())
+        return path == DENSE or (path.endswith(TORCH_SUFFIX) and self.kernel.backend != "torch")
 
     @property
     def prepared(self) -> object:
@@ -174,7 +176,7 @@ class SparseLinear(nn.Module):
 
     def _torch_kernel(self) -> tuple:
         if self._torch is None:
-            kernel = TORCH_KERNELS[(self.format, self.kernel_device.type)]
+            kernel = torch_path_kernel(self.format, self.kernel_device)
             self._torch = (kernel, kernel.prepare(self.weight))
         return self._torch
 
@@ -187,8 +189,7 @@ class SparseLinear(nn.Module):
         variants = self.kernel.variants(n) if self.kernel.variants else ()
         ours = [f"{self.format}.{v}" for v in variants] or [self.choice]
         torch_path = self.format + TORCH_SUFFIX
-        torch_kernel = TORCH_KERNELS.get((self.format, self.kernel_device.type))
-        has_torch = torch_kernel is not None and torch_kernel is not self.kernel and torch_path not in ours
+        has_torch = self.kernel.backend != "torch" and torch_path_kernel(self.format, self.kernel_device) is not None
         return [DENSE, *ours, *([torch_path] if has_torch else [])]
 
     def planned(self, batch: int) -> dict | None:
@@ -275,11 +276,11 @@ def candidate_formats(w: torch.Tensor) -> list[str]:
     names, torch_names = [], []
     for name, fmt in FORMATS.items():
         try:
-            kernel = kernel_for(name, w.device)
+            kernel = candidates(name, w.device)[0]
         except NotImplementedError:
             continue
-        if kernel.native and (fmt.format != "2:4" or is_two_four(w)):
+        if kernel.native and fmt.eligible(w):
             names.append(name)
-        if kernel_for(name, w.device, torch_kernel=True) is not kernel:
+        if torch_path_kernel(name, w.device) is not None:
             torch_names.append(name + TORCH_SUFFIX)
     return names + torch_names

@@ -52,7 +52,7 @@ BUCKETS = (1, 8, 64, 256)  # tokens per call at which paths are measured
 PLAN_VERSION = 3  # of the choice rule: cached choices made by another rule are measured again
 PREFER_WITHIN = 1.03  # our kernel this close to the fastest path is chosen (the first variant listed so close)
 DENSE = "dense"
-TORCH_SUFFIX = ":torch"  # "csr:torch": the format on torch's kernel (dispatch.TORCH_KERNELS)
+TORCH_SUFFIX = ":torch"  # "csr:torch": the format on torch's kernel (dispatch.torch_path_kernel)
 
 
 def bucket(n: int) -> int:

@@ -68,7 +68,7 @@ def test_unfused_kernels_apply_it_after(monkeypatch):
     y.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     on_torch = SparseLinear(CSR.from_dense(w), activation="relu", torch_kernel=True)
-    assert not on_torch.kernel.fuses_activation
+    assert not on_torch.kernel.fuses and on_torch.kernel.backend == "torch"
     with torch.no_grad():
         torch.testing.assert_close(on_torch(x), torch.relu(x @ w.t()), rtol=1e-5, atol=1e-5)
 

@@ -96,3 +96,21 @@ def test_cuda_two_four_matches_reference(shape, batch, extra, dtype):
 def test_cuda_two_four_refuses_fp32():
     with pytest.raises(NotImplementedError, match="float16 or bfloat16"):
         kernel_for("2:4", "cuda").prepare(TwoFour.from_dense(two_four((32, 64))).to("cuda"))
+
+
+def test_every_candidate_takes_one_signature():
+    """Each available kernel of a (format, cpu) pair gives act(x W^T + b) followed by the post-op from the same call,
+    fused or not (``dispatch.unfused``), so callers never branch on what a kernel can do."""
+    from sparse_ops.dispatch import candidates
+    from sparse_ops.kernels.cpu_native import AddNorm
+
+    w = torch.zeros(8, 16)
+    w[:, ::4] = torch.randn(8, 4)  # 2:4 and 75% sparse
+    x, bias, residual = torch.randn(3, 16), torch.randn(8), torch.randn(3, 8)
+    expect = torch.nn.functional.layer_norm(torch.relu(x @ w.t() + bias) + residual, (8,))
+    for fmt in (CSR, TwoFour):
+        found = candidates(fmt.format, "cpu")
+        assert found and found[0].backend in ("ours", "torch")
+        for kernel in found:
+            y = kernel.matmul(kernel.prepare(fmt.from_dense(w)), x, bias, "relu", post=AddNorm(residual))
+            torch.testing.assert_close(y, expect, rtol=1e-5, atol=1e-5, msg=kernel.name)

@@ -43,12 +43,12 @@ import torch
 from prune.bench.matmul import DTYPES, Measured, measure_weight, timed_columns
 from prune.bench.plots import SpeedupBar
 from sparse_ops.checkpoint import EMBEDDING, Entry, iter_tensors, read_entries
-from sparse_ops.formats import is_two_four
+from sparse_ops.formats import FORMATS
 from sparse_ops.linear import candidate_formats
 from sparse_ops.tensorio import RawSource, open_raw
 from sparse_ops.timing import Deadline
 
-SPARSE = ("csr", "2:4")  # formats timed against dense for each layer (plus "csr:torch" where auto may pick it)
+SPARSE = tuple(FORMATS)  # formats timed against dense for each layer (plus "csr:torch" where auto may pick it)
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ def sweep_checkpoint(path: str | os.PathLike, batches: tuple[int, ...], *, dtype
             return
         t0 = clock()
         w = w.to(device, DTYPES[dtype] if dtype else w.dtype)
-        formats = tuple(f for f in SPARSE if f != "2:4" or is_two_four(w))
+        formats = tuple(f for f in SPARSE if FORMATS[f].eligible(w))
         formats += (*(c for c in candidate_formats(w) if c not in SPARSE), "auto")  # torch's kernel; the default
         for batch in batches:
             x = torch.randn(batch, w.shape[1], device=device).to(w.dtype)  # (batch, in)

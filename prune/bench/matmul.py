@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -39,18 +40,19 @@ import torch.nn.functional as F
 
 from prune.bench.shapes import LinearShape
 from sparse_ops.checkpoint import choose_storage
-from sparse_ops.formats import csr_nbytes, format_class, is_two_four, two_four_nbytes
+from sparse_ops.formats import FORMATS as SPARSE_FORMATS
+from sparse_ops.formats import format_class
 from sparse_ops.linear import SparseLinear
 from sparse_ops.plan import PlanCache, Planner
 from sparse_ops.timing import Deadline, Timing, time_interleaved
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-FORMATS = ("dense", "csr", "2:4", "auto")  # what --formats accepts: our layers
+FORMATS = ("dense", *SPARSE_FORMATS, "auto")  # what --formats accepts: our layers
 ANCHOR_DEVICES: dict[str, tuple[str, ...]] = {  # anchor -> device types it runs on
     "torch_csr_i64": ("cpu", "cuda"), "torch_csr_i32": ("cpu", "cuda"), "scipy_csr": ("cpu",),
     "torch_2:4": ("cuda",)}
 # candidate -> the storage its kernel reads (for weight_bytes and the memory-bound limit); auto: its choice
-STORAGE = {"dense": "dense", "csr": "csr", "2:4": "2:4", "csr:torch": "csr_i32", "torch_csr_i64": "csr_i64",
+STORAGE = {"dense": "dense", **{f: f for f in SPARSE_FORMATS}, "csr:torch": "csr_i32", "torch_csr_i64": "csr_i64",
            "torch_csr_i32": "csr_i32", "scipy_csr": "csr_i32", "torch_2:4": "2:4"}
 # largest relative error (max |y - ref| / max |ref|) a candidate may show against the fp32 reference
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -80,8 +82,7 @@ def weight_bytes(storage: str, shape: tuple[int, int], nnz: int, dtype: torch.dt
     table = {"dense": lambda: out * inp * es,
              "csr_i64": lambda: (out + 1) * 8 + nnz * (8 + es),  # int64 row pointers and column indices
              "csr_i32": lambda: (out + 1) * 4 + nnz * (4 + es),
-             "csr": lambda: csr_nbytes(shape, nnz, dtype),  # ours: int16 columns where in <= 32767
-             "2:4": lambda: two_four_nbytes(shape, dtype)}
+             **{f: functools.partial(cls.estimate_nbytes, shape, nnz, dtype) for f, cls in SPARSE_FORMATS.items()}}
     return table[storage]()
 
 
@@ -152,8 +153,8 @@ def ours(w: torch.Tensor, x: torch.Tensor, fmt: str) -> Candidate:
     """Our layer in ``fmt`` (csr, 2:4, auto); NotImplementedError/ValueError where this weight cannot use it."""
     if fmt == "auto":
         return planned(w, x)
-    if fmt == "2:4" and not is_two_four(w):
-        raise ValueError("2:4 needs at most 2 nonzeros in every 4 inputs (sparsity >= 0.5, in % 4 == 0)")
+    if fmt in SPARSE_FORMATS and not SPARSE_FORMATS[fmt].eligible(w):
+        format_class(fmt).from_dense(w)  # raises, naming what breaks the format's pattern
     lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
     with torch.no_grad():
         lin.weight.copy_(w)

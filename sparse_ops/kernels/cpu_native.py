@@ -430,8 +430,10 @@ def csr_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, acti
 
 
 def two_four_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None,
-                    post: AddNorm | None = None) -> torch.Tensor:
-    """x: (N, in) -> post(activation(x W^T + bias)) (N, out) in the weight's dtype."""
+                    post: AddNorm | None = None, variant: str | None = None) -> torch.Tensor:
+    """x: (N, in) -> post(activation(x W^T + bias)) (N, out) in the weight's dtype (no variants)."""
+    if variant is not None:
+        raise ValueError(f"the 2:4 kernel has no variants, got {variant!r}")
     if _needs_grad(x, bias):
         y = apply(cpu.csr_matmul(cpu.prepare_csr(CSR.from_dense(w.source.to_dense())), x, bias), activation)
         return y if post is None else post.apply(y)
