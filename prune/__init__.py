@@ -3,7 +3,9 @@
 The public API (``__all__``): :class:`Pruner` (wrap a model, ``step()`` after each optimizer step,
 ``finalize()``); the sparsity schedules :class:`Constant` (one-shot), :class:`LinearRamp`, :class:`CubicRamp`
 (Zhu & Gupta) and :class:`ExponentialRamp`, all :class:`Schedule`; :func:`find_targets` (which weights a pruner
-takes, from include/exclude module name patterns); :func:`sparsity_report` (any model's per-layer sparsity).
+takes, from include/exclude module name patterns); :func:`sparsity_report` (any model's per-layer sparsity);
+:func:`oneshot` (prune a pretrained model from calibration data: SparseGPT, Wanda, magnitude, OWL; returns the
+model and a :class:`OneShotReport`); :func:`perplexity` (a causal LM's perplexity on token ids, in windows).
 
 Example:
     >>> from torch import nn
@@ -19,7 +21,8 @@ import importlib
 _EXPORTS = {"Pruner": "prune.pruner", "Schedule": "prune.schedules", "Constant": "prune.schedules",
             "LinearRamp": "prune.schedules", "CubicRamp": "prune.schedules", "ExponentialRamp": "prune.schedules",
             "find_targets": "prune.targets", "Target": "prune.targets", "sparsity_report": "prune.report",
-            "SparsityReport": "prune.report"}
+            "SparsityReport": "prune.report", "oneshot": "prune.one_shot.run", "OneShotReport": "prune.one_shot.run",
+            "perplexity": "prune.evaluate"}
 __all__ = [*_EXPORTS, "__version__"]
 
 

@@ -18,7 +18,7 @@ from prune import __version__
 
 # Errors that mean "the user gave us something we cannot use"; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError, RuntimeError,
-               NotImplementedError, OSError, KeyError)
+               NotImplementedError, OSError, KeyError, ImportError)
 EXIT_USER_ERROR = 2
 
 
@@ -104,6 +104,53 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_oneshot(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a Hugging Face model folder (config, weights, tokenizer)")
+    p.add_argument("-o", "--output", required=True, help="the pruned model folder to write (must not exist)")
+    p.add_argument("--method", default="sparsegpt", help="sparsegpt, wanda or magnitude (default: sparsegpt)")
+    p.add_argument("--sparsity", type=float, default=None, help="per layer (default: 0.5, or 1-N/M for N:M)")
+    p.add_argument("--pattern", default="unstructured", help="unstructured or N:M, e.g. 2:4 (default: unstructured)")
+    p.add_argument("--calibration", required=True, help="a .txt (one stream of text) or .jsonl (a text per line)")
+    p.add_argument("--samples", type=int, default=128, help="calibration windows (default: 128)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default: 512)")
+    p.add_argument("--profile", default="uniform", help="uniform or owl (per-block sparsity from outliers)")
+    p.add_argument("--include", action="append", default=None, help="module name pattern to prune (repeatable)")
+    p.add_argument("--exclude", action="append", default=[], help="module name pattern to keep dense (repeatable)")
+    p.add_argument("--device", default=None, help="where blocks compute, e.g. cuda (default: the model's device)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default: 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder once done")
+
+
+def run_oneshot(args: argparse.Namespace) -> int:
+    from prune.one_shot.folder import oneshot_folder
+
+    report = oneshot_folder(args.model, args.output, args.calibration, overwrite=args.overwrite,
+                            method=args.method, sparsity=args.sparsity, pattern=args.pattern,
+                            profile=args.profile, include=args.include, exclude=args.exclude,
+                            samples=args.samples, seq_len=args.seq_len, device=args.device, seed=args.seed)
+    print(report)
+    print(f"written to {args.output}")
+    return 0
+
+
+def add_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a dense or converted sparse Hugging Face causal-LM folder")
+    p.add_argument("--text", required=True, help="a .txt or .jsonl file of the text to score")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default: 512)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="score only the last STRIDE tokens of windows moved by STRIDE (default: disjoint windows)")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward (default: 1)")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from prune.one_shot.folder import folder_perplexity
+
+    result = folder_perplexity(args.model, args.text, seq_len=args.seq_len, stride=args.stride,
+                               batch_size=args.batch_size, progress=True)
+    print(result)
+    return 0
+
+
 def add_bench(p: argparse.ArgumentParser) -> None:
     from prune.bench.command import add_arguments  # light: torch and the engines load when a bench runs
 
@@ -122,6 +169,9 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
              add_demo, run_demo),
     "convert": ("convert a checkpoint to a sparse safetensors file (csr, 2:4)", add_convert, run_convert),
     "inspect": ("list a checkpoint's tensors: shape, format, sparsity, bytes", add_inspect, run_inspect),
+    "oneshot": ("prune a pretrained model folder in one shot from calibration text (SparseGPT, Wanda, magnitude)",
+                add_oneshot, run_oneshot),
+    "eval": ("perplexity of a dense or sparse model folder on your own text", add_eval, run_eval),
     "bench": ("time sparse against dense: matmul shapes, sparse families, a checkpoint's layers", add_bench,
               run_bench),
 }

@@ -1,7 +1,7 @@
 """Perplexity of a causal language model on a user's own text (how much pruning cost, in the usual measure).
 
 :func:`perplexity` scores a 1-D token stream; :func:`text_perplexity` tokenizes texts or a ``.txt``/``.jsonl``
-file first (as :mod:`prune.oneshot.data` reads them). By default the stream is cut into non-overlapping
+file first (as :mod:`prune.one_shot.data` reads them). By default the stream is cut into non-overlapping
 windows of ``seq_len`` tokens and every token but the first of each window is predicted: the WikiText-2
 evaluation of SparseGPT and Wanda. With ``stride < seq_len`` the windows slide by ``stride`` and each scores
 only the tokens the previous did not (the Hugging Face recipe), so every token after the first is scored
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from prune.oneshot.data import _check_ids, as_texts, token_stream
+from prune.one_shot.data import _check_ids, as_texts, token_stream
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,6 @@ def perplexity(model: nn.Module, ids: Tensor, *, seq_len: int = 512, stride: int
 def text_perplexity(model: nn.Module, tokenizer, text_or_path: Sequence[str] | str | os.PathLike,
                     **kwargs) -> Perplexity:
     """:func:`perplexity` of ``model`` on texts (a sequence of strings) or a ``.txt``/``.jsonl`` file (a
-    ``str`` or path object, read by :func:`prune.oneshot.data.read_texts`), tokenized by ``tokenizer`` into
+    ``str`` or path object, read by :func:`prune.one_shot.data.read_texts`), tokenized by ``tokenizer`` into
     one stream with its eos token between texts. ``kwargs`` go to :func:`perplexity`."""
     return perplexity(model, token_stream(as_texts(text_or_path), tokenizer), **kwargs)

@@ -183,6 +183,21 @@ def global_masks(flat: Tensor, sizes: Sequence[int], sparsity: float,
     return masks
 
 
+def weight_mask(scores: Tensor, sparsity: float, *, scope: str = "layer", nm: NMPattern | None = None,
+                in_dim: int = 1) -> Tensor:
+    """The mask of one weight from its scores: ``scope="layer"`` (the whole tensor to ``sparsity``), ``"row"``
+    (every row along the input dimension to it), or the N:M pattern ``nm`` (gradually, ``nm_schedule_mask``).
+
+    >>> weight_mask(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), 0.5, scope="row").tolist()
+    [[False, True], [False, True]]
+    """
+    if nm is None and scope == "layer":
+        return layer_mask(scores, sparsity)
+    rows = input_last(scores, in_dim)
+    rows = row_mask(rows, sparsity) if nm is None else nm_schedule_mask(rows, nm, sparsity)
+    return from_input_last(rows, scores.shape, in_dim)
+
+
 def input_last(t: Tensor, in_dim: int) -> Tensor:
     """View a weight as (rows, in) with its input dimension last, e.g. a conv's (out, in, kh, kw) -> (out*kh*kw, in)."""
     return t.movedim(in_dim, -1).reshape(-1, t.shape[in_dim])

@@ -352,14 +352,7 @@ class Pruner:
             for t, m in zip(self.targets, new):
                 self._param(t).mask.copy_(m.view_as(self._param(t).mask))
         for t in self.targets if self.scope != "global" else ():  # one layer's scores at a time
-            s = self._scores(t)
-            if self.nm is None and self.scope == "layer":
-                m = _masks.layer_mask(s, sparsity)
-            else:
-                rows = _masks.input_last(s, t.in_dim)
-                rows = (_masks.row_mask(rows, sparsity) if self.nm is None
-                        else _masks.nm_schedule_mask(rows, self.nm, sparsity))
-                m = _masks.from_input_last(rows, s.shape, t.in_dim)
+            m = _masks.weight_mask(self._scores(t), sparsity, scope=self.scope, nm=self.nm, in_dim=t.in_dim)
             self._param(t).mask.copy_(m)
         for stats in self._inputs.values():  # the next update scores the inputs seen from now on
             stats.reset()

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from prune.evaluate import Perplexity, perplexity, text_perplexity
-from prune.oneshot.data import token_stream
+from prune.one_shot.data import token_stream
 from tests.test_oneshot_data import TEXTS, word_tokenizer
 
 

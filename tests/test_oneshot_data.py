@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from prune.oneshot.data import calibration_batches, read_texts, token_stream
+from prune.one_shot.data import calibration_batches, read_texts, token_stream
 
 VOCAB = 300  # words w0..w297 plus [UNK] and </s>
 EOS = 1

@@ -1,9 +1,9 @@
-"""The layer-sequential calibration runner (prune.oneshot.sequential) on tiny Hugging Face models of each family."""
+"""The layer-sequential calibration runner (prune.one_shot.sequential) on tiny Hugging Face models of each family."""
 import pytest
 import torch
 from torch import nn
 
-from prune.oneshot.sequential import block_linears, find_blocks, run_sequential
+from prune.one_shot.sequential import block_linears, find_blocks, run_sequential
 
 transformers = pytest.importorskip("transformers")
 
@@ -234,7 +234,7 @@ def test_generic_model_with_keyword_hidden_states():
 
 def test_embedding_stage_covers_everything_but_the_blocks():
     """What ``device`` moves for the capture: every tensor of the model outside the blocks, each once."""
-    from prune.oneshot.sequential import _outside
+    from prune.one_shot.sequential import _outside
 
     model = make("OPTForCausalLM")
     blocks = find_blocks(model)

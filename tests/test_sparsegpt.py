@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from prune.masks import NMPattern, nm_mask, num_pruned, row_mask
-from prune.oneshot.sparsegpt import relative_error, sparsegpt_prune
+from prune.one_shot.sparsegpt import relative_error, sparsegpt_prune
 
 
 def correlated_inputs(rows, features, big=4):

@@ -1,0 +1,96 @@
+"""One-shot pruning and evaluation of Hugging Face model folders: what ``prune oneshot`` and ``prune eval`` run.
+
+``oneshot_folder(model_dir, out_dir, calibration_file, ...)`` loads the folder's model (its own dtype) and
+tokenizer with transformers (local files only), prunes it with :func:`prune.one_shot.run.oneshot`, and writes
+a Hugging Face folder: config, tokenizer, safetensors weights with exact zeros under the original keys, and
+``oneshot_report.json``. The folder is written beside ``out_dir`` under a temporary name and renamed once
+complete, so no partial ``out_dir`` is ever left; an existing one is replaced only with ``overwrite``.
+``folder_perplexity(model_dir, text_file)`` loads a dense or a converted sparse folder
+(``sparse_ops.from_pretrained``: sparse layers run our kernels) and measures perplexity on the text.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from prune.evaluate import Perplexity, text_perplexity
+from prune.one_shot.run import OneShotReport, check_options, oneshot
+
+REPORT = "oneshot_report.json"
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError("one-shot pruning of a model folder needs transformers (pip install transformers)") from None
+    return transformers
+
+
+def load_folder(model_dir: str | os.PathLike):
+    """(model, tokenizer) of a dense Hugging Face folder, in the dtype it was saved in, eval mode."""
+    folder = Path(model_dir)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    tf = _transformers()
+    config = tf.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(tf, names[0], None) if names else tf.AutoModel
+    if not (isinstance(cls, type) and issubclass(cls, tf.PreTrainedModel)):
+        raise ValueError(f"unknown architecture {names[0]!r} in {folder / 'config.json'} "
+                         f"(transformers {tf.__version__})")
+    model = cls.from_pretrained(str(folder), local_files_only=True, dtype="auto").eval()
+    try:
+        tokenizer = tf.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    return model, tokenizer
+
+
+def oneshot_folder(model_dir: str | os.PathLike, out_dir: str | os.PathLike, calibration: str | os.PathLike, *,
+                   overwrite: bool = False, **options) -> OneShotReport:
+    """Prune a model folder in one shot into ``out_dir`` (see the module docstring); ``options`` go to
+    ``oneshot``. Returns its report."""
+    check_options(**{k: options[k] for k in ("method", "sparsity", "pattern", "profile", "scope") if k in options})
+    src, dst = Path(model_dir).resolve(), Path(out_dir).resolve()
+    if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
+        raise ValueError(f"output {out_dir} and model folder {model_dir} overlap; choose an output elsewhere")
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"output {out_dir} exists; pass --overwrite to replace it")
+    if not dst.parent.is_dir():
+        raise FileNotFoundError(f"output folder's parent does not exist: {dst.parent}")
+    model, tokenizer = load_folder(src)
+    if tokenizer is None:
+        raise ValueError(f"{model_dir} has no tokenizer, which text calibration needs")
+    _, report = oneshot(model, calibration, tokenizer=tokenizer, **options)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / REPORT).write_text(json.dumps(report.to_dict(), indent=1))
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old")
+            dst.rename(old)
+            tmp.rename(dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def folder_perplexity(model_dir: str | os.PathLike, text: str | os.PathLike, **options) -> Perplexity:
+    """Perplexity of a dense or sparse model folder on a .txt / .jsonl file (``options``: ``perplexity``'s)."""
+    from sparse_ops.pretrained import from_pretrained
+
+    tf = _transformers()
+    try:
+        tokenizer = tf.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"{model_dir} has no tokenizer that transformers can load: {e}") from e
+    return text_perplexity(from_pretrained(model_dir), tokenizer, text, **options)

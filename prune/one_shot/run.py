@@ -1,0 +1,233 @@
+"""``oneshot``: prune a pretrained model in one shot from calibration data, block by block, no training.
+
+The calibration windows run through the model one transformer block at a time (``sequential.run_sequential``):
+each block sees the inputs its pruned predecessors give it, forward pre-hooks collect its linears' input
+statistics (``prune.calibration.InputStats``), and then each linear is pruned in place:
+
+- ``"sparsegpt"``: the OBS reconstruction update from the layer's Gram matrix (``sparsegpt.py``);
+- ``"wanda"``: ``|W| * ||X_j||`` compared within each output row (``prune.criteria.wanda``; ``scope="row"``);
+- ``"magnitude"``: ``|W|``, across the layer by default (``scope="layer"``) or per row.
+
+``pattern`` is ``"unstructured"`` or ``"N:M"`` along the input dimension. ``profile="owl"`` spreads the
+sparsity over blocks by their outlier ratios (``owl.py``; one more calibration pass, over the dense model).
+The model keeps its modules and state-dict keys: pruned weights are exact zeros, so ``save_pretrained`` gives
+a folder ``prune convert`` and ``sparse_ops.from_pretrained`` take.
+
+Peak memory is the model plus one block's calibration activations and, per linear of the block being pruned,
+an (in, in) float64 Gram matrix (SparseGPT needs it; for the other methods it only gives the report's error,
+``errors=False`` skips it).
+
+Example:
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+    ...                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
+    >>> calibration = torch.randint(0, 64, (8, 16))  # token ids: 8 windows of 16
+    >>> model, report = oneshot(model, calibration, method="wanda", sparsity=0.5, progress=False)
+    >>> len(report.layers), round(report.sparsity, 3)
+    (14, 0.5)
+    >>> float((model.model.layers[0].mlp.up_proj.weight == 0).float().mean())
+    0.5
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from prune.calibration import InputStats
+from prune.criteria import CRITERIA, Evidence
+from prune.masks import NMPattern, parse_pattern, weight_mask
+from prune.one_shot import owl
+from prune.one_shot.data import calibration_batches
+from prune.one_shot.sequential import block_linears, find_blocks, run_sequential
+from prune.one_shot.sparsegpt import relative_error, sparsegpt_prune
+from prune.targets import find_targets, input_dim
+
+METHODS = ("sparsegpt", "wanda", "magnitude")
+PROFILES = ("uniform", "owl")
+SCOPES = ("layer", "row")
+DEFAULT_SCOPE = {"sparsegpt": None, "wanda": "row", "magnitude": "layer"}
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """One pruned linear: its sparsity (reached and asked), the relative reconstruction error on the calibration
+    inputs ``||W X - W' X|| / ||W X||`` (None without ``errors``), and the seconds its pruning took."""
+
+    name: str
+    shape: tuple[int, ...]
+    sparsity: float
+    target: float
+    error: float | None
+    seconds: float
+
+
+@dataclass(frozen=True)
+class OneShotReport:
+    """What ``oneshot`` did: the settings, one ``LayerResult`` per pruned layer, the selected layers left dense
+    (outside the transformer blocks), and the total seconds."""
+
+    method: str
+    pattern: str
+    profile: str
+    target: float
+    layers: tuple[LayerResult, ...]
+    left_dense: tuple[str, ...]
+    seconds: float
+
+    @property
+    def sparsity(self) -> float:
+        """Zeros over all pruned weights (parameter-weighted)."""
+        numel = [torch.Size(r.shape).numel() for r in self.layers]
+        return sum(r.sparsity * n for r, n in zip(self.layers, numel)) / max(sum(numel), 1)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "sparsity": self.sparsity}
+
+    def __str__(self) -> str:
+        rows = [("layer", "shape", "sparsity", "rel. error", "s")]
+        rows += [(r.name, "x".join(map(str, r.shape)), f"{r.sparsity:.3f}",
+                  "-" if r.error is None else f"{r.error:.4f}", f"{r.seconds:.2f}") for r in self.layers]
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
+        lines.append(f"{self.method}, {self.pattern}, {self.profile}: {len(self.layers)} layers at "
+                     f"{self.sparsity:.4f} sparsity (asked {self.target}) in {self.seconds:.1f} s")
+        if self.left_dense:
+            lines.append(f"left dense (outside the blocks): {', '.join(self.left_dense)}")
+        return "\n".join(lines)
+
+
+class OneShotResult(NamedTuple):
+    model: nn.Module
+    report: OneShotReport
+
+
+def oneshot(model: nn.Module, calibration: Tensor | Sequence[str] | str | os.PathLike, *, tokenizer=None,
+            method: str = "sparsegpt", sparsity: float | None = None, pattern: str = "unstructured",
+            include: str | Sequence[str] | None = None, exclude: str | Sequence[str] = (),
+            profile: str = "uniform", scope: str | None = None, samples: int = 128, seq_len: int = 512,
+            batch_size: int = 8, block_size: int = 128, damp: float = 0.01, owl_threshold: float = 5.0,
+            owl_lambda: float = 0.08, errors: bool = True, device: torch.device | str | None = None,
+            seed: int = 0, progress: bool = True) -> OneShotResult:
+    """Prune ``model`` (a Hugging Face decoder or BERT-family encoder) in place; returns ``(model, report)``.
+
+    ``calibration``: token ids ((n, seq) windows or a 1-D stream), or texts / a .txt or .jsonl path with
+    ``tokenizer`` (``data.calibration_batches``: ``samples`` windows of ``seq_len`` tokens, ``seed``).
+    ``sparsity``: per layer (default 0.5; with an N:M ``pattern``, 1 - N/M and nothing else). ``include`` /
+    ``exclude``: module name patterns (``prune.targets``); only linears inside the blocks are pruned.
+    ``scope``: ``"row"`` or ``"layer"`` for wanda / magnitude (defaults: row, layer). ``block_size`` and
+    ``damp``: SparseGPT's column block and relative dampening. ``profile="owl"``: per-block sparsities from
+    outlier ratios (``owl_threshold`` = M, ``owl_lambda``), mean ``sparsity``. ``device``: where blocks compute
+    (a CPU model is moved there one block at a time). Example: the module docstring.
+    """
+    nm, sparsity, scope = check_options(method, sparsity, pattern, profile, scope)
+    start = time.perf_counter()
+    batches = (calibration_batches(calibration, tokenizer, samples=samples, seq_len=seq_len, seed=seed,
+                                   batch_size=batch_size))
+    blocks = find_blocks(model)
+    with warnings.catch_warnings(record=True) as caught:  # tied output layers: outside the blocks, not pruned
+        warnings.simplefilter("always")
+        selected = {t.name: t for t in find_targets(model, include=include, exclude=exclude)}
+    for w in caught:
+        if f" {blocks.path}." in str(w.message) or "shared with" not in str(w.message):
+            warnings.warn(w.message, stacklevel=2)
+    in_blocks = {n for n in selected if n.startswith(blocks.path + ".")}
+    if not in_blocks:
+        raise ValueError(f"no selected linear layer lies inside the blocks ({blocks.path}.*); check include/exclude")
+    per_block = [sparsity] * len(blocks.layers)
+    if profile == "owl":
+        ratios = _outlier_ratios(model, batches, in_blocks, owl_threshold, device, progress)
+        per_block = owl.block_sparsities(ratios, sparsity, lam=owl_lambda)
+    results: list[LayerResult] = []
+
+    def on_block(i: int, name: str, block: nn.Module, forward) -> None:
+        layers = {f"{name}.{k}": m for k, m in block_linears(block).items() if f"{name}.{k}" in in_blocks}
+        stats = _collect(layers, forward, gram=errors or method == "sparsegpt")
+        for lname, module in layers.items():
+            results.append(_prune_layer(lname, module, stats[lname], method, per_block[i], nm, scope,
+                                        block_size, damp))
+            del stats[lname]  # its Gram matrix: (in, in) float64
+
+    run_sequential(model, batches, on_block, device=device, progress=progress)
+    report = OneShotReport(method, str(nm) if nm else "unstructured", profile, sparsity, tuple(results),
+                           tuple(sorted(set(selected) - in_blocks)), time.perf_counter() - start)
+    return OneShotResult(model, report)
+
+
+def check_options(method: str, sparsity: float | None = None, pattern: str = "unstructured",
+                  profile: str = "uniform", scope: str | None = None) -> tuple[NMPattern | None, float, str | None]:
+    """(N:M pattern or None, sparsity, scope) of valid options; ValueError naming the bad one otherwise."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {list(PROFILES)}")
+    nm = parse_pattern(pattern)
+    if nm is not None:
+        if sparsity is not None and abs(sparsity - nm.sparsity) > 1e-9:
+            raise ValueError(f"pattern {nm} means sparsity {nm.sparsity}, got sparsity={sparsity}")
+        if profile != "uniform":
+            raise ValueError(f"profile {profile!r} varies sparsity per block, which pattern {nm} fixes; "
+                             "use profile='uniform'")
+        sparsity = nm.sparsity
+    sparsity = 0.5 if sparsity is None else sparsity
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if scope is not None and (method == "sparsegpt" or scope not in SCOPES):
+        allowed = "none (SparseGPT chooses per column block)" if method == "sparsegpt" else list(SCOPES)
+        raise ValueError(f"scope {scope!r} does not apply to method {method!r}; allowed: {allowed}")
+    return nm, sparsity, scope or DEFAULT_SCOPE[method]
+
+
+def _collect(layers: dict[str, nn.Module], forward, *, gram: bool) -> dict[str, InputStats]:
+    """Every layer's input statistics over one pass of the calibration inputs through the block."""
+    stats = {n: InputStats(m.weight.shape[input_dim(m)], gram=gram, device=m.weight.device)
+             for n, m in layers.items()}
+    handles = [stats[n].attach(m) for n, m in layers.items()]
+    try:
+        forward()
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+@torch.no_grad()
+def _prune_layer(name: str, module: nn.Module, stats: InputStats, method: str, sparsity: float,
+                 nm: NMPattern | None, scope: str | None, block_size: int, damp: float) -> LayerResult:
+    t0 = time.perf_counter()
+    w, in_dim = module.weight, input_dim(module)
+    if stats.rows == 0:
+        raise RuntimeError(f"no calibration input reached layer {name!r}; it cannot be pruned from data")
+    if method == "sparsegpt":
+        result = sparsegpt_prune(w, stats.gram, sparsity, nm=nm, block_size=block_size, damp=damp, in_dim=in_dim)
+        new, error = result.weight, result.error
+    else:
+        scores = CRITERIA[method].score(w, Evidence(in_dim=in_dim, inputs=stats))
+        new = torch.where(weight_mask(scores, sparsity, scope=scope, nm=nm, in_dim=in_dim), w, 0)
+        error = None if stats.gram is None else relative_error(w, new, stats.gram, in_dim)
+    w.copy_(new)
+    zeros = int((w == 0).sum()) / max(w.numel(), 1)
+    return LayerResult(name, tuple(w.shape), zeros, sparsity, error, time.perf_counter() - t0)
+
+
+def _outlier_ratios(model: nn.Module, batches: list[Tensor], in_blocks: set[str], threshold: float,
+                    device: torch.device | str | None, progress: bool) -> list[float]:
+    """Each block's OWL outlier ratio, from a pass over the dense model (nothing pruned)."""
+    ratios: list[float] = []
+
+    def on_block(i: int, name: str, block: nn.Module, forward) -> None:
+        layers = {f"{name}.{k}": m for k, m in block_linears(block).items() if f"{name}.{k}" in in_blocks}
+        stats = _collect(layers, forward, gram=False)
+        scores = [CRITERIA["wanda"].score(m.weight, Evidence(in_dim=input_dim(m), inputs=stats[n]))
+                  for n, m in layers.items()]
+        ratios.append(owl.outlier_ratio(scores, threshold) if scores else 0.0)
+
+    run_sequential(model, batches, on_block, device=device, progress=progress)
+    return ratios
