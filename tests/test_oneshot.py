@@ -163,3 +163,26 @@ def test_cli_oneshot_and_eval(tmp_path):
     for folder in ("dense", "pruned"):
         done = _run_cli("eval", tmp_path / folder, "--text", text, "--seq-len", 32)
         assert done.returncode == 0 and done.stdout.startswith("perplexity "), done.stderr
+
+
+def test_cli_bad_inputs_one_line_and_nothing_written(tmp_path):
+    tiny_llama(vocab=VOCAB).save_pretrained(tmp_path / "dense")
+    word_tokenizer().save_pretrained(tmp_path / "dense")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "calib.txt").write_text(words(0, 200))
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "config.json").write_text(json.dumps({"architectures": ["NoSuchModel"],
+                                                              "model_type": "llama"}))
+    out = tmp_path / "out"
+    cases = {  # model folder, calibration, extra arguments -> what the one line says
+        "no such": (tmp_path / "missing", "calib.txt", []),
+        "no text in the file": (tmp_path / "dense", "empty.txt", []),
+        "unknown architecture 'NoSuchModel'": (tmp_path / "odd", "calib.txt", []),
+        r"sparsity must be in [0, 1), got 1.5": (tmp_path / "dense", "calib.txt", ["--sparsity", "1.5"]),
+        "tokens": (tmp_path / "dense", "calib.txt", ["--seq-len", "4096"]),  # a stream too short for one window
+    }
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for expect, (folder, calib, extra) in cases.items():
+        done = _run_cli("oneshot", folder, "-o", out, "--calibration", tmp_path / calib, *extra)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and expect in done.stderr, (expect, done.stderr)
+        assert sorted(p.name for p in tmp_path.iterdir()) == before

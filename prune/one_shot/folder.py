@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from prune.evaluate import Perplexity, text_perplexity
+from prune.one_shot.data import as_texts
 from prune.one_shot.run import OneShotReport, check_options, oneshot
 
 REPORT = "oneshot_report.json"
@@ -27,12 +28,15 @@ def _transformers():
         import transformers
     except ImportError:
         raise ImportError("one-shot pruning of a model folder needs transformers (pip install transformers)") from None
+    transformers.utils.logging.disable_progress_bar()  # its per-file bars: ours show the work
     return transformers
 
 
 def load_folder(model_dir: str | os.PathLike):
     """(model, tokenizer) of a dense Hugging Face folder, in the dtype it was saved in, eval mode."""
     folder = Path(model_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no such model folder: {folder}")
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a Hugging Face model folder (no config.json)")
     tf = _transformers()
@@ -62,10 +66,11 @@ def oneshot_folder(model_dir: str | os.PathLike, out_dir: str | os.PathLike, cal
         raise FileExistsError(f"output {out_dir} exists; pass --overwrite to replace it")
     if not dst.parent.is_dir():
         raise FileNotFoundError(f"output folder's parent does not exist: {dst.parent}")
+    texts = as_texts(calibration)  # read (and refused when empty or malformed) before the model loads
     model, tokenizer = load_folder(src)
     if tokenizer is None:
         raise ValueError(f"{model_dir} has no tokenizer, which text calibration needs")
-    _, report = oneshot(model, calibration, tokenizer=tokenizer, **options)
+    _, report = oneshot(model, texts, tokenizer=tokenizer, **options)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
         model.save_pretrained(tmp)
