@@ -96,7 +96,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     print(f"{'name':<{width}} {'shape':<16} {'format':<6} {'dtype':<9} {'sparsity':>8} {'bytes':>14}")
     for t in infos:
         shape = "x".join(map(str, t.shape)) or "scalar"
-        print(f"{t.name:<{width}} {shape:<16} {t.format:<6} {str(t.dtype).removeprefix('torch.'):<9} "
+        print(f"{t.name:<{width}} {shape:<16} {t.label:<6} {str(t.dtype).removeprefix('torch.'):<9} "
               f"{t.sparsity:>8.1%} {t.nbytes:>14,}")
     stored, dense = sum(t.nbytes for t in infos), sum(t.dense_nbytes for t in infos)
     print(f"total: {len(infos)} tensors, {stored:,} bytes stored, {dense:,} bytes dense "

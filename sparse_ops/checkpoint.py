@@ -7,8 +7,11 @@ sparse checkpoint as written here (its folder or its ``model.sparse.safetensors.
 
 Output: one safetensors file, or a folder of shards with an index (one shard per source shard). Each logical tensor is stored dense under its own name or as its format's parts
 under ``<name>/<part>``; which one, and the format, shape and dtype of every tensor, live only in the file's
-metadata (``sparse_ops.tensors``, JSON) beside ``sparse_ops.format_version``. Conversion streams tensor by
-tensor (peak memory ~ 2x the largest tensor beyond the interpreter) into a temporary file in the destination folder, renamed at the end.
+metadata (``sparse_ops.tensors``, JSON) beside ``sparse_ops.format_version``. A 2-D tensor whose pattern holds
+along dim 0 only (a 2:4-pruned GPT-2 ``Conv1D`` weight, stored (in, out)) is stored as its transpose in the
+format, its record saying ``"transposed": true`` (``shape`` stays the tensor's own; files without the flag
+read as before); it loads as a ``Transposed`` (``to_dense`` gives the tensor back).
+Conversion streams tensor by tensor (peak memory ~ 2x the largest tensor beyond the interpreter) into a temporary file in the destination folder, renamed at the end.
 A folder converted to a folder keeps its other files (config, tokenizer, ...), so ``sparse_ops.pretrained.
 from_pretrained`` can rebuild the model from it. The output is never the source, inside the source folder, or
 an existing file (unless ``overwrite=True``); a checkpoint with nothing sparse in it is refused (unless
@@ -28,6 +31,7 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -37,6 +41,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -55,6 +60,7 @@ TENSORS_KEY = "sparse_ops.tensors"
 AUTO = "auto"
 CONVERT_FORMATS = (*FORMATS, AUTO)  # "auto": per tensor, whichever stores it smaller
 DENSE = "dense"
+TRANSPOSED_MARK = "^T"  # after the format's name where a tensor is stored transposed (``TensorInfo.label``)
 EMBEDDING = re.compile(r"embed|(^|\.)(wte|wpe)(\.|$)")  # names of embedding tables (stay dense by default)
 # Files of a model folder that hold weights (of any framework) or an index of them: converted, or left out, when
 # a folder converts to a folder; every other file (config, tokenizer, ...) is copied.
@@ -68,19 +74,90 @@ class OutputExistsError(FileExistsError, ValueError):
     refusal of a bad argument, and a FileExistsError)."""
 
 
+TRANSPOSED = "transposed"  # optional key of a tensor's record: true when its parts hold its transpose
+RECORD_KEYS = frozenset({"format", "shape", "dtype", "parts"})  # in every record (TRANSPOSED may join them)
+
+
 @dataclass(frozen=True)
 class Entry:
-    """One logical tensor of a file: format, shape, dtype, and the stored tensor name of each part."""
+    """One logical tensor of a file: format, shape, dtype, and the stored tensor name of each part;
+    ``transposed``: the parts hold the (shape[1], shape[0]) transpose in ``format``."""
 
     name: str
     format: str
     shape: tuple[int, ...] | None  # None: a plain (dense) file, nothing declared beyond the tensor itself
     dtype: torch.dtype | None
     parts: dict[str, str]
+    transposed: bool = False
 
     def to_json(self) -> dict[str, object]:
         dtype = str(self.dtype).removeprefix("torch.")
-        return {"format": self.format, "shape": list(self.shape), "dtype": dtype, "parts": self.parts}
+        record = {"format": self.format, "shape": list(self.shape), "dtype": dtype, "parts": self.parts}
+        if self.transposed:  # written only when set: a file without transposed tensors reads as before
+            record[TRANSPOSED] = True
+        return record
+
+
+@dataclass(frozen=True, eq=False)
+class Transposed:
+    """A tensor stored as its transpose in a sparse format: ``inner`` holds the (cols, rows) transpose of this
+    (rows, cols) tensor. ``to_dense`` gives the tensor itself; ``format`` is the inner format's name, and
+    ``transposed`` marks it (a plain format object has no such attribute: ``getattr(w, "transposed",
+    False)``). ``sparse_ops.loading.sparsify`` gives ``inner`` to a transformers ``Conv1D`` as its (out, in)
+    weight, as it is.
+
+    Example:
+        >>> from sparse_ops.formats import TwoFour
+        >>> w = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0], [0.0, 4.0]])  # 2:4 down each column
+        >>> t = Transposed(TwoFour.from_dense(w.t().contiguous()))
+        >>> t.format, t.shape, t.inner.shape, torch.equal(t.to_dense(), w)
+        ('2:4', (4, 2), (2, 4), True)
+    """
+
+    inner: SparseFormat
+    transposed = True  # class attribute, not a field
+
+    @property
+    def format(self) -> str:
+        return self.inner.format
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, cols = self.inner.shape
+        return (cols, rows)
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.inner.values
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.inner.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.inner.nbytes
+
+    def to_dense(self) -> torch.Tensor:
+        return self.inner.to_dense().t().contiguous()
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        return self.inner.parts()
+
+    def validate(self) -> Transposed:
+        self.inner.validate()
+        return self
+
+    def to(self, device: torch.device | str) -> Transposed:
+        return Transposed(self.inner.to(device))
+
+    def with_values(self, values: torch.Tensor) -> Transposed:
+        """The same tensor with ``values`` (e.g. cast to another dtype) in place of the inner values."""
+        return Transposed(dataclasses.replace(self.inner, values=values))
 
 
 def _part_names(fmt: str) -> tuple[str, ...]:
@@ -89,9 +166,13 @@ def _part_names(fmt: str) -> tuple[str, ...]:
 
 def _parse_entry(name: str, info: object, stored: set[str]) -> Entry:
     """Validate one metadata record against the file's stored tensor names; ValueError naming the problem."""
-    if not isinstance(info, dict) or set(info) != {"format", "shape", "dtype", "parts"}:
-        raise ValueError(f"metadata of {name!r} must have keys format, shape, dtype, parts; got {info!r:.200}")
+    if not isinstance(info, dict) or not RECORD_KEYS <= set(info) <= RECORD_KEYS | {TRANSPOSED}:
+        raise ValueError(f"metadata of {name!r} must have keys format, shape, dtype, parts (and optionally "
+                         f"{TRANSPOSED}); got {info!r:.200}")
     fmt, shape, dtype, parts = info["format"], info["shape"], info["dtype"], info["parts"]
+    transposed = info.get(TRANSPOSED, False)
+    if type(transposed) is not bool:  # 1, "true", null, [...] are not a flag
+        raise ValueError(f"metadata {TRANSPOSED} of {name!r} must be true or false, got {transposed!r:.100}")
     if not isinstance(fmt, str) or (fmt != DENSE and fmt not in FORMATS):  # a list would be unhashable
         raise ValueError(f"metadata format of {name!r} is {fmt!r}; known: {DENSE}, {', '.join(FORMATS)}")
     if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
@@ -106,7 +187,10 @@ def _parse_entry(name: str, info: object, stored: set[str]) -> Entry:
     if fmt != DENSE and (len(shape) != 2 or DTYPES[dtype] not in VALUE_DTYPES):
         raise ValueError(f"{fmt} tensor {name!r} must be 2-D with float32/float16/bfloat16 values, "
                          f"got shape {shape} dtype {dtype}")
-    return Entry(name, fmt, tuple(shape), DTYPES[dtype], dict(parts))
+    if transposed and fmt == DENSE:
+        raise ValueError(f"metadata of {name!r} says {TRANSPOSED} for a {DENSE} tensor; only a sparse format "
+                         f"is stored transposed")
+    return Entry(name, fmt, tuple(shape), DTYPES[dtype], dict(parts), transposed)
 
 
 def read_entries(src: RawSource) -> list[Entry]:
@@ -154,8 +238,9 @@ def _file_entries(src: RawSource) -> list[Entry]:
     return entries
 
 
-def load_entry(src: RawSource, entry: Entry) -> torch.Tensor | SparseFormat:
-    """Load one logical tensor, checked against its metadata (a format object validates all its invariants)."""
+def load_entry(src: RawSource, entry: Entry) -> torch.Tensor | SparseFormat | Transposed:
+    """Load one logical tensor, checked against its metadata (a format object validates all its invariants);
+    a tensor stored transposed as a ``Transposed`` of its stored (shape[1], shape[0]) format object."""
     parts = {part: src.get(stored) for part, stored in entry.parts.items()}
     if entry.format == DENSE:
         t = parts["tensor"]
@@ -163,24 +248,28 @@ def load_entry(src: RawSource, entry: Entry) -> torch.Tensor | SparseFormat:
             raise BadFileError(f"cannot read {src.path}: {entry.name!r} is {t.dtype} {tuple(t.shape)}, "
                                f"metadata says {entry.dtype} {entry.shape}")
         return t
+    stored_shape = entry.shape[::-1] if entry.transposed else entry.shape
     try:
-        fmt = format_class(entry.format).from_parts(parts, entry.shape)
+        fmt = format_class(entry.format).from_parts(parts, stored_shape)
     except ValueError as e:
         raise BadFileError(f"cannot read {src.path}: {entry.name!r}: {e}") from None
     if fmt.dtype != entry.dtype:
         raise BadFileError(f"cannot read {src.path}: {entry.name!r} has {fmt.dtype} values, metadata says {entry.dtype}")
-    return fmt
+    return Transposed(fmt) if entry.transposed else fmt
 
 
-def iter_tensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor | SparseFormat]]:
-    """(name, dense tensor or format object) for each logical tensor of a checkpoint, one at a time."""
+def iter_tensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor | SparseFormat | Transposed]]:
+    """(name, dense tensor, format object or ``Transposed``) for each logical tensor of a checkpoint, one at a
+    time."""
     with open_raw(path) as src:
         for entry in read_entries(src):
             yield entry.name, load_entry(src, entry)
 
 
-def load_sparse_state_dict(path: str | os.PathLike, dense: bool = False) -> dict[str, torch.Tensor | SparseFormat]:
-    """A checkpoint's tensors: sparse ones as format objects (or dense tensors with ``dense=True``)."""
+def load_sparse_state_dict(path: str | os.PathLike, dense: bool = False
+                           ) -> dict[str, torch.Tensor | SparseFormat | Transposed]:
+    """A checkpoint's tensors: sparse ones as format objects, those stored transposed as ``Transposed`` (or
+    every one as its dense tensor, the shape it was converted from, with ``dense=True``)."""
     return {name: (t.to_dense() if dense and not isinstance(t, torch.Tensor) else t)
             for name, t in iter_tensors(path)}
 
@@ -192,34 +281,81 @@ def sparsity_of(t: torch.Tensor) -> float:
     return 1.0 - int(torch.count_nonzero(t)) / t.numel() if t.numel() else 0.0
 
 
+class Storage(NamedTuple):
+    """How one tensor is stored: "dense" or a format name, and whether as its transpose."""
+
+    format: str
+    transposed: bool = False
+
+
+def choose_layout(name: str, t: torch.Tensor, format: str, min_sparsity: float | None,
+                  embeddings: bool = False, *, transpose: bool = True) -> Storage:
+    """The ``Storage`` of one tensor (see ``convert_checkpoint``): as ``choose_storage``, and where a format's
+    pattern fails along the last dim but holds for the transpose (groups along dim 0: the (in, out) weight of
+    transformers' ``Conv1D`` pruned along its input), that format of the transpose (``transpose=False``:
+    never). The transpose is tried only where the tensor as it is breaks the pattern.
+
+    Example:
+        >>> w = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 5.0],
+        ...                   [0.0, 6.0, 0.0, 7.0], [0.0, 0.0, 8.0, 0.0]])  # 2:4 down each column, not row 0
+        >>> choose_layout("h.0.attn.c_attn.weight", w, "2:4", None)
+        Storage(format='2:4', transposed=True)
+        >>> choose_storage("fc.weight", w.t(), "2:4", None)
+        '2:4'
+    """
+    if t.dim() != 2 or t.dtype not in VALUE_DTYPES or (EMBEDDING.search(name) and not embeddings):
+        return Storage(DENSE)
+    shape, nnz, dense_bytes = tuple(t.shape), int(torch.count_nonzero(t)), t.numel() * t.element_size()
+    sparsity = 1.0 - nnz / max(t.numel(), 1)
+
+    def worth(cls: type, shape: tuple[int, int]) -> bool:
+        need = cls.MIN_SPARSITY if min_sparsity is None else min_sparsity
+        return cls.estimate_nbytes(shape, nnz, t.dtype) < dense_bytes if need is None else sparsity >= need
+
+    def fit(cls: type) -> Storage | None:
+        """The orientation ``cls`` stores ``t`` in, if any: as is where that fits the pattern (and is worth
+        it), else the transpose where it fits (and is worth it). Worth is asked before any pattern scan."""
+        worth_as_is = worth(cls, shape)
+        if worth_as_is and cls.eligible(t):
+            return Storage(cls.format)
+        if not transpose or not worth(cls, shape[::-1]):
+            return None
+        if not worth_as_is and cls.eligible(t):
+            return None  # fits as is, only not worth it there: no reason to turn it round
+        return Storage(cls.format, True) if cls.eligible(t.t()) else None
+
+    if format != AUTO:
+        cls = format_class(format)
+        found = fit(cls)
+        if found is not None:
+            return found
+        if not worth(cls, shape):
+            return Storage(DENSE)
+        try:
+            cls.from_dense(t)  # raises, naming the shape or the count of groups that break the pattern
+        except ValueError as e:
+            tried = transpose and worth(cls, shape[::-1])
+            raise ValueError(f"{e} (nor along dim 0: its transpose is not {format} either)" if tried
+                             else str(e)) from None
+        return Storage(format)
+    sizes = {Storage(DENSE): dense_bytes}
+    for cls in FORMATS.values():
+        found = fit(cls)
+        if found is not None:
+            sizes[found] = cls.estimate_nbytes(shape[::-1] if found.transposed else shape, nnz, t.dtype)
+    return min(sizes, key=sizes.__getitem__)
+
+
 def choose_storage(name: str, t: torch.Tensor, format: str, min_sparsity: float | None,
                    embeddings: bool = False) -> str:
-    """"dense" or a format name (``formats.FORMATS``) for one tensor (see ``convert_checkpoint``).
+    """"dense" or a format name (``formats.FORMATS``) for one tensor as it is, never transposed (see
+    ``convert_checkpoint``; ``choose_layout`` also considers the transpose, as conversion does).
 
     A format is worth storing when the tensor is at least ``min_sparsity`` sparse (None: the format's own
     ``MIN_SPARSITY``, or, where it has none, when it stores the tensor smaller than dense). A format asked for
     by name whose pattern the tensor breaks raises ValueError naming what breaks it; "auto" takes the smallest
     of dense and the formats that are worth it and fit."""
-    if t.dim() != 2 or t.dtype not in VALUE_DTYPES or (EMBEDDING.search(name) and not embeddings):
-        return DENSE
-    shape, nnz, dense_bytes = tuple(t.shape), int(torch.count_nonzero(t)), t.numel() * t.element_size()
-    sparsity = 1.0 - nnz / max(t.numel(), 1)
-
-    def worth(cls: type) -> bool:
-        need = cls.MIN_SPARSITY if min_sparsity is None else min_sparsity
-        return cls.estimate_nbytes(shape, nnz, t.dtype) < dense_bytes if need is None else sparsity >= need
-
-    if format != AUTO:
-        cls = format_class(format)
-        if not worth(cls):
-            return DENSE
-        if not cls.eligible(t):
-            cls.from_dense(t)  # raises, naming the shape or the count of groups that break the pattern
-        return format
-    sizes = {DENSE: dense_bytes}
-    sizes.update({f: cls.estimate_nbytes(shape, nnz, t.dtype) for f, cls in FORMATS.items()
-                  if worth(cls) and cls.eligible(t)})
-    return min(sizes, key=sizes.__getitem__)
+    return choose_layout(name, t, format, min_sparsity, embeddings, transpose=False).format
 
 
 @dataclass(frozen=True)
@@ -350,8 +486,11 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, format: s
 
     Converted: 2-D fp32/fp16/bf16 tensors (embeddings only with ``embeddings=True``) whose sparsity is at least
     ``min_sparsity``; by default, csr where its storage is smaller than dense, 2:4 from 50% sparsity (a tensor
-    that is that sparse but not 2:4 is an error), "auto" the smallest of dense/csr/2:4 per tensor. Speed is
-    chosen where the model runs: ``sparsify``'s per-batch plan (``sparse_ops.plan``).
+    that is that sparse but not 2:4 is an error), "auto" the smallest of dense/csr/2:4 per tensor. A tensor
+    that breaks a format's pattern as it is but whose transpose fits it (2:4 groups along dim 0: a GPT-2
+    ``Conv1D`` weight pruned along its input) is stored as that transpose, marked ``"transposed": true``
+    (``choose_layout``). Speed is chosen where the model runs: ``sparsify``'s per-batch plan
+    (``sparse_ops.plan``).
 
     ``dst`` a folder (a new or empty one, or a path without a suffix): one sparse shard per source shard,
     ``model-0000k-of-0000n.sparse.safetensors``, and ``model.sparse.safetensors.index.json`` mapping each
@@ -420,13 +559,15 @@ def _convert_entry(source: RawSource, entry: Entry, writer: SafetensorsWriter, o
     t = load_entry(source, entry)
     t = t if isinstance(t, torch.Tensor) else t.to_dense()
     try:
-        fmt = choose_storage(entry.name, t, opts.format, opts.min_sparsity, opts.embeddings)
+        fmt, transposed = choose_layout(entry.name, t, opts.format, opts.min_sparsity, opts.embeddings)
     except ValueError as e:
         raise ValueError(f"{entry.name}: {e}") from None
-    parts = {"tensor": t} if fmt == DENSE else format_class(fmt).from_dense(t).parts()
+    # a transposed view: the encoders work on blocks of its rows, so no full transposed copy is made
+    stored = t.t() if transposed else t
+    parts = {"tensor": t} if fmt == DENSE else format_class(fmt).from_dense(stored).parts()
     names = {p: entry.name if fmt == DENSE else f"{entry.name}/{p}" for p in parts}
     after = sum(writer.add(names[p], v) for p, v in parts.items())
-    record = Entry(entry.name, fmt, tuple(t.shape), t.dtype, names).to_json()
+    record = Entry(entry.name, fmt, tuple(t.shape), t.dtype, names, transposed).to_json()
     candidate = t.dim() == 2 and t.dtype in VALUE_DTYPES and (opts.embeddings or not EMBEDDING.search(entry.name))
     return record, _Totals(1, int(fmt != DENSE), t.numel() * t.element_size(), after,
                            sparsity_of(t) if candidate else None)
@@ -477,7 +618,8 @@ def _replace_folder(new: Path, out: Path) -> None:
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """One row of ``prune inspect``: a logical tensor, its storage format and bytes."""
+    """One row of ``prune inspect``: a logical tensor (its own shape), its storage format and bytes;
+    ``transposed``: stored as its transpose in ``format`` (``label`` shows it as e.g. "2:4^T")."""
 
     name: str
     shape: tuple[int, ...]
@@ -485,6 +627,12 @@ class TensorInfo:
     dtype: torch.dtype
     sparsity: float
     nbytes: int  # bytes stored in the file for this tensor (all its parts)
+    transposed: bool = False
+
+    @property
+    def label(self) -> str:
+        """The format, with ``TRANSPOSED_MARK`` when stored transposed: "dense", "csr", "2:4", "2:4^T"."""
+        return self.format + (TRANSPOSED_MARK if self.transposed else "")
 
     @property
     def dense_nbytes(self) -> int:
@@ -502,4 +650,4 @@ def inspect_checkpoint(path: str | os.PathLike) -> Iterator[TensorInfo]:
         else:
             numel = t.shape[0] * t.shape[1]
             sparsity = 1.0 - int(torch.count_nonzero(t.values)) / numel if numel else 0.0
-            yield TensorInfo(name, t.shape, t.format, t.dtype, sparsity, t.nbytes)
+            yield TensorInfo(name, t.shape, t.format, t.dtype, sparsity, t.nbytes, isinstance(t, Transposed))

@@ -1,5 +1,6 @@
 """Loading a sparse checkpoint into a model: ``sparsify`` swaps each linear layer stored sparse for a
-``SparseLinear`` (nn.Linear as stored; transformers' Conv1D, whose weight is (in, out), transposed at load),
+``SparseLinear`` (nn.Linear as stored; transformers' Conv1D, whose weight is (in, out), transposed at load, or
+taken as it is where the checkpoint stores its transpose: ``checkpoint.Transposed``),
 loads the rest as a state dict (tied weights and non-persistent buffers handled), plans each layer's path per
 batch bucket (``sparse_ops.plan``) and runs the proven fusions on request. Reading, converting and inspecting
 checkpoints is ``sparse_ops.checkpoint``; building the model from a folder's config is ``sparse_ops.pretrained``.
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sparse_ops.checkpoint import load_sparse_state_dict
+from sparse_ops.checkpoint import Transposed, load_sparse_state_dict
 from sparse_ops.formats import CSR, SparseFormat, csr_col_dtype, format_class
 
 
@@ -40,9 +41,12 @@ def transpose_csr(w: CSR) -> CSR:
     return CSR(crow.to(torch.int32), row_of[order].to(csr_col_dtype(rows)), w.values[order], (cols, rows))
 
 
-def transpose_sparse(w: SparseFormat) -> tuple[SparseFormat, str | None]:
-    """(w^T, None) in ``w``'s format; CSR directly, others through dense once. Where w^T breaks the format
-    (the transpose of a 2:4 weight is rarely 2:4), w^T as CSR and a note saying why."""
+def transpose_sparse(w: SparseFormat | Transposed) -> tuple[SparseFormat, str | None]:
+    """(w^T, None) in ``w``'s format; a ``Transposed`` (w stored as its transpose) its stored format object as
+    it is, CSR directly, others through dense once. Where w^T breaks the format (the transpose of a 2:4 weight
+    is rarely 2:4), w^T as CSR and a note saying why."""
+    if isinstance(w, Transposed):
+        return w.inner, None
     if isinstance(w, CSR):
         return transpose_csr(w), None
     t = w.to_dense().t().contiguous()  # (cols, rows)
@@ -52,11 +56,19 @@ def transpose_sparse(w: SparseFormat) -> tuple[SparseFormat, str | None]:
         return CSR.from_dense(t), f"loads as csr: its (out, in) transpose is not {w.format}"
 
 
-def _as_is(w: SparseFormat) -> tuple[SparseFormat, str | None]:
-    return w, None
+def _as_is(w: SparseFormat | Transposed) -> tuple[SparseFormat, str | None]:
+    """An (out, in) weight as it is; one stored transposed (an nn.Linear's, which conversion does only where
+    its pattern holds down the columns) turned back, as CSR with a note where that breaks its format."""
+    return transpose_sparse(w.inner) if isinstance(w, Transposed) else (w, None)
 
 
-ToLinear = Callable[[SparseFormat], tuple[SparseFormat, str | None]]  # stored weight -> ((out, in) weight, note)
+def _with_dtype(w: SparseFormat | Transposed, dtype: torch.dtype) -> SparseFormat | Transposed:
+    values = w.values.to(dtype)
+    return w.with_values(values) if isinstance(w, Transposed) else dataclasses.replace(w, values=values)
+
+
+# stored weight -> ((out, in) weight, note)
+ToLinear = Callable[[SparseFormat | Transposed], tuple[SparseFormat, str | None]]
 
 
 def _sparse_layers() -> dict[type, ToLinear]:
@@ -79,12 +91,13 @@ class _Split:
     """A checkpoint sorted for one model."""
 
     dense: dict[str, torch.Tensor]  # for load_state_dict (sparse weights of other modules densified)
-    swap: dict[str, tuple[SparseFormat, ToLinear]]  # module name -> its stored sparse weight, to a SparseLinear's
+    # module name -> its stored sparse weight, and how it becomes a SparseLinear's
+    swap: dict[str, tuple[SparseFormat | Transposed, ToLinear]]
     buffers: dict[str, torch.Tensor]  # keys naming a non-persistent buffer (not in the model's state_dict)
     left_dense: dict[str, str]  # key of a sparse weight loaded dense -> why
 
 
-def _split_state(state: Mapping[str, torch.Tensor | SparseFormat], model: nn.Module) -> _Split:
+def _split_state(state: Mapping[str, torch.Tensor | SparseFormat | Transposed], model: nn.Module) -> _Split:
     table = _sparse_layers()
     modules = dict(model.named_modules())
     persistent = set(model.state_dict(keep_vars=True))
@@ -122,12 +135,16 @@ def _load_buffers(model: nn.Module, buffers: Mapping[str, torch.Tensor]) -> None
 KERNEL_CHOICES = ("auto", "ours", "torch")  # sparsify(kernel=...)
 
 
-def sparsify(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor | SparseFormat],
+def sparsify(model: nn.Module,
+             source: str | os.PathLike | Mapping[str, torch.Tensor | SparseFormat | Transposed],
              device: torch.device | str = "cpu", *, kernel: str = "auto", batches: tuple[int, ...] = (),
              timer=None, cache=None, verbose: bool = False, fuse_activations: bool = False,
              fuse: bool = False) -> nn.Module:
     """Load a checkpoint into ``model`` (in place) and swap each ``nn.Linear`` (and transformers' ``Conv1D``,
     its weight transposed) whose weight is stored sparse for a ``SparseLinear`` on ``device``; returns the model.
+    A Conv1D weight stored transposed (``checkpoint.Transposed``: 2:4 of its (out, in) transpose) becomes the
+    layer's weight as stored, with no dense copy; an nn.Linear weight stored so is turned back (as CSR, with a
+    warning, where its (out, in) form breaks the format).
 
     A sparse weight of any other module (an embedding converted with ``embeddings=True``) loads dense, with a
     warning naming it and why. A checkpoint key naming a non-persistent buffer of the model (not in its
@@ -170,7 +187,7 @@ def sparsify(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Te
         if tuple(module.weight.shape) != weight.shape:
             raise ValueError(f"{name}.weight is {weight.shape} in the checkpoint, {tuple(module.weight.shape)} "
                              f"in the model")
-        weight, note = to_linear(dataclasses.replace(weight, values=weight.values.to(module.weight.dtype)))
+        weight, note = to_linear(_with_dtype(weight, module.weight.dtype))
         if note:
             notes[f"{name}.weight"] = note
         layer = SparseLinear(weight.to(device), module.bias.detach() if module.bias is not None else None,

@@ -131,7 +131,8 @@ def linear_weights(path: str | os.PathLike, skipped: dict[str, str]) -> Iterator
     """(name, dense (out, in) weight, stored format) per linear weight, one at a time; others -> ``skipped``."""
     for name, t in iter_tensors(path):
         fmt = "dense" if isinstance(t, torch.Tensor) else t.format
-        w = t if isinstance(t, torch.Tensor) else t.to_dense()
+        # a Conv1D weight stored transposed: its inner (out, in) weight is the layer the kernels run
+        w = t if isinstance(t, torch.Tensor) else (t.inner if getattr(t, "transposed", False) else t).to_dense()
         reason = not_linear(name, w)
         if reason:
             skipped[name] = reason
