@@ -110,8 +110,11 @@ def sparsegpt_prune(weight: Tensor, gram: Tensor, sparsity: float, *, nm: NMPatt
     total, pruned = num_pruned(sparsity, w.numel()), 0
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        w1, u1, dead1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2], dead[i1:i2]
-        err1 = torch.zeros_like(w1)
+        # the block transposed, (columns, rows) and contiguous: each column's update of the later columns is
+        # one rank-1 update of contiguous rows (on the strided (rows, columns) slice it was 50x slower)
+        w1t, u1, dead1 = w[:, i1:i2].t().contiguous(), u[i1:i2, i1:i2], dead[i1:i2]
+        w1 = w1t.t()  # (rows, columns) view of the same storage, for the masks
+        err1t = torch.zeros_like(w1t)
         if nm is None:
             scores = (w1.square() / diag[i1:i2].square()).masked_fill_(dead1, -math.inf)
             target = total if i2 == cols else round(sparsity * w.numel() * i2 / cols)
@@ -125,14 +128,14 @@ def sparsegpt_prune(weight: Tensor, gram: Tensor, sparsity: float, *, nm: NMPatt
                 g = slice(j, j + nm.m)
                 scores = (w1[:, g].square() / diag[i1:i2][g].square()).masked_fill_(dead1[g], -math.inf)
                 keep[:, g] = nm_mask(scores, nm.n, nm.m)
-            col = w1[:, j]
+            col = w1t[j]
             q = torch.where(keep[:, j], col, 0.0)
             err = (col - q) / u1[j, j]
-            w1[:, j + 1:].addr_(err, u1[j, j + 1:], alpha=-1.0)
-            w1[:, j] = q
-            err1[:, j] = err
+            w1t[j + 1:].addr_(u1[j, j + 1:], err, alpha=-1.0)
+            w1t[j] = q
+            err1t[j] = err
         w[:, i1:i2] = w1
-        w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1.0)
+        w[:, i2:].addmm_(err1t.t(), u[i1:i2, i2:], alpha=-1.0)
     new = from_input_last(w, weight.shape, in_dim).to(weight.dtype).contiguous()
     return SparseGPTResult(new, relative_error(weight, new, gram, in_dim))
 
