@@ -6,7 +6,8 @@ disjoint ``lee`` articles (non-overlapping windows of ``--eval-len``). Each conf
 process (so its peak RSS is its own) from the saved dense folder: ``prune.oneshot`` then ``prune.perplexity``;
 the report's seconds are the one-shot call's. The calibration windows are saved as ``calibration_ids.npy`` so
 that a reference implementation (``benchmarks/llmcompressor_reference.py``) prunes on exactly the same tokens;
-``--eval-folder DIR --name NAME`` adds the perplexity of a folder it wrote to the same table.
+``--eval-folder DIR --name NAME`` adds the perplexity of a folder it wrote to the same table, and ``--ids FILE``
+calibrates on the first ``--samples`` windows of such a saved array (a comparison at fewer windows).
 
 Run: ``python -m benchmarks.oneshot_quality [--configs sparsegpt-50,wanda-2:4,...] [--samples 128]
 [--seq-len 512] [--out benchmarks/results/oneshot_quality]``. Results: ``results.json`` / ``results.csv``
@@ -62,10 +63,13 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     row: dict = {"name": name, **CONFIGS.get(name, {"method": "reference"}), "samples": args.samples,
                  "seq_len": args.seq_len}
     if name in CONFIGS and CONFIGS[name]:
-        batches = calibration_batches(read_texts(calib_file), tok, samples=args.samples, seq_len=args.seq_len,
-                                      batch_size=8)
-        ids = torch.cat(batches)
-        np.save(Path(args.out) / "calibration_ids.npy", ids.numpy())
+        if args.ids:  # the first --samples windows of a saved array (what the reference run also read)
+            ids = torch.from_numpy(np.load(args.ids, allow_pickle=False)[:args.samples])
+            row["seq_len"] = ids.shape[1]
+        else:
+            ids = torch.cat(calibration_batches(read_texts(calib_file), tok, samples=args.samples,
+                                                seq_len=args.seq_len, batch_size=8))
+            np.save(Path(args.out) / "calibration_ids.npy", ids.numpy())
         rss0, t0 = _peak_rss_mb(), time.perf_counter()
         _, report = oneshot(model, ids, progress=not args.quiet, **CONFIGS[name])
         row.update(seconds=round(time.perf_counter() - t0, 1), sparsity=round(report.sparsity, 4),
@@ -87,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="benchmarks/results/oneshot_quality")
     p.add_argument("--eval-folder", default=None, help="evaluate this pruned folder instead (with --name)")
     p.add_argument("--name", default=None, help="the row name of --eval-folder (or of one config in-process)")
+    p.add_argument("--ids", default=None, help="calibrate on the first --samples rows of this .npy of token ids")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -108,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def _passed(args: argparse.Namespace) -> list[str]:
     return ["--samples", str(args.samples), "--seq-len", str(args.seq_len), "--eval-len", str(args.eval_len),
-            "--threads", str(args.threads), "--out", args.out, *(["--quiet"] if args.quiet else [])]
+            "--threads", str(args.threads), "--out", args.out, *(["--quiet"] if args.quiet else []),
+            *(["--ids", args.ids] if args.ids else [])]
 
 
 def write(out: Path, new_rows: dict[str, dict]) -> None:

@@ -186,3 +186,29 @@ def test_cli_bad_inputs_one_line_and_nothing_written(tmp_path):
         done = _run_cli("oneshot", folder, "-o", out, "--calibration", tmp_path / calib, *extra)
         assert done.returncode == 2 and done.stderr.count("\n") == 1 and expect in done.stderr, (expect, done.stderr)
         assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_layers_reading_one_tensor_share_their_statistics():
+    from prune.one_shot.run import _collect
+    from prune.one_shot.sequential import block_linears
+
+    model = tiny_llama()
+    block = model.model.layers[0]
+    layers = {f"b.{k}": m for k, m in block_linears(block).items()}
+    x = torch.randn(2, 6, 32)
+    kwargs = dict(position_embeddings=model.model.rotary_emb(x, torch.arange(6)[None]))
+
+    def forward():
+        with torch.no_grad():
+            for _ in range(2):
+                block(x, attention_mask=None, **kwargs)
+    stats = _collect(layers, forward, gram=True)
+    q, k, v = (stats[f"b.self_attn.{p}_proj"] for p in "qkv")
+    assert q is k is v and stats["b.mlp.gate_proj"] is stats["b.mlp.up_proj"]
+    assert stats["b.self_attn.o_proj"] is not q and stats["b.mlp.down_proj"] is not q
+    separate = InputStats(32, gram=True)  # the same numbers as a hook of its own would collect
+    handle = separate.attach(block.self_attn.k_proj)
+    forward()
+    handle.remove()
+    assert q.rows == separate.rows == 24
+    torch.testing.assert_close(q.gram, separate.gram, rtol=0, atol=0)

@@ -186,16 +186,39 @@ def check_options(method: str, sparsity: float | None = None, pattern: str = "un
 
 
 def _collect(layers: dict[str, nn.Module], forward, *, gram: bool) -> dict[str, InputStats]:
-    """Every layer's input statistics over one pass of the calibration inputs through the block."""
-    stats = {n: InputStats(m.weight.shape[input_dim(m)], gram=gram, device=m.weight.device)
-             for n, m in layers.items()}
-    handles = [stats[n].attach(m) for n, m in layers.items()]
+    """Every layer's input statistics over one pass of the calibration inputs through the block. Layers that
+    read the very same input tensor (q, k and v; gate and up) share one ``InputStats``: the Gram matrices are
+    most of the pass's cost beyond the forward itself."""
+    stats: dict[str, InputStats] = {}
+    owner: dict[str, str] = {}  # layer -> the layer whose statistics it shares (itself, mostly): set at first sight
+    last: list = [None, None]  # the latest input tensor counted, and by whom
+
+    def hook_for(name: str, module: nn.Module):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if name not in owner:
+                owner[name] = last[1] if last[0] is x else name
+                if owner[name] == name:
+                    stats[name] = InputStats(module.weight.shape[input_dim(module)], gram=gram,
+                                             device=module.weight.device)
+            if owner[name] != name:
+                if last[0] is not x:
+                    raise RuntimeError(f"layer {name!r} read {owner[name]!r}'s input on one batch and not on "
+                                       "another; their statistics cannot be shared")
+                return  # counted by its owner
+            stats[name].update(x)
+            last[0], last[1] = x, name
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(n, m)) for n, m in layers.items()]
     try:
         forward()
     finally:
         for h in handles:
             h.remove()
-    return stats
+        last.clear()
+    return {n: stats[owner[n]] if n in owner else InputStats(m.weight.shape[input_dim(m)], gram=gram)
+            for n, m in layers.items()}  # a layer no input reached: 0 rows, refused when pruned
 
 
 @torch.no_grad()
