@@ -273,7 +273,8 @@ class Pruner:
         self._hooks = []
         if self.criterion.uses_inputs:
             for t in self.targets:
-                stats = self._inputs[t.name] = InputStats(t.module.weight.shape[t.in_dim], device=w.device)
+                weight = t.module.weight
+                stats = self._inputs[t.name] = InputStats(weight.shape[t.in_dim], device=weight.device)
                 self._hooks.append(t.module.register_forward_pre_hook(self._input_hook(stats)))
         self._set_accumulate()
         # Hugging Face's save_pretrained would store the dense `...parametrizations.weight.original` tensors and

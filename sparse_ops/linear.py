@@ -68,8 +68,8 @@ class SparseLinear(nn.Module):
     @property
     def choice(self) -> str:
         """The format, with ``TORCH_SUFFIX`` when torch's kernel runs it ("csr", "2:4", "csr:torch")."""
-        return self.format + (TORCH_SUFFIX if self.torch_kernel and self.kernel.backend == "torch"
-                              and self._own_kernel().backend == "ours" else "")
+        on_torch_path = self.torch_kernel and torch_path_kernel(self.format, self.kernel_device) is self.kernel
+        return self.format + (TORCH_SUFFIX if on_torch_path else "")
 
     @property
     def activation(self) -> str | None:
@@ -97,10 +97,6 @@ class SparseLinear(nn.Module):
         self._last: tuple[int, str] = (-1, "")  # (tokens, path) of the latest routed call
         self._dense: torch.Tensor | None = None
         self._torch: tuple | None = None
-
-    def _own_kernel(self):
-        """The kernel this layer would run without ``torch_kernel``."""
-        return kernel_for(self.format, self.kernel_device)
 
     def _apply(self, fn, recurse=True):  # .to / .cuda / .half move the buffers; the kernel state follows
         super()._apply(fn, recurse)
