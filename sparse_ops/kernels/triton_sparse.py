@@ -1,0 +1,569 @@
+"""Triton kernels for unstructured sparse weights: "load as sparse, compute as dense", ``y = x @ W^T + b``.
+
+Why: inference at 1-256 tokens (decode, small batches) is memory-bound: the time is the time to stream the
+weight from HBM, so a weight stored in fewer bytes is a faster product, but only if the kernel still runs at
+tensor-core speed. cuSPARSE's CSR SpMM only beats cuBLAS above ~95% sparsity (its per-entry column indices
+cost 2-4 bytes next to a 2-byte value, and its gathers do not feed tensor cores). Flash-LLM (tiled-CSL) and
+SpInfer (bitmaps) instead store the weight in tiles, each compressed, and expand every tile into a dense tile
+on chip before a dense MMA. ``TiledBitmap`` is that layout; ``_tiled_kernel`` its Triton kernel.
+
+Layout (``TiledBitmap``), for an (out, in) weight in tiles of TILE_OUT x TILE_K (default 32 x 64)::
+
+    weight (out, in), padded with zeros to whole tiles      per tile row r (TILE_OUT output rows):
+    +--------+--------+--------+--------+                   tile_ptr[r] .. tile_ptr[r+1]: its nonempty tiles
+    | t0     | (zero) | t1     | t2     |  tile row 0       tile_cols[t]: the tile's column of tiles
+    +--------+--------+--------+--------+                   bitmaps[t]: (TILE_OUT, TILE_K / 32) int32 words,
+    | (zero) | t3     | (zero) | (zero) |  tile row 1           bit b of word (i, j): entry (i, 32 j + b)
+    +--------+--------+--------+--------+                   value_offsets[t] .. value_offsets[t+1]: its
+                                                             nonzeros in values, row-major within the tile
+    tile_ptr      (tile_rows + 1,) int32    like CSR's crow, over tiles
+    tile_cols     (T,) int32                T = nonempty tiles, in (tile row, tile column) order
+    value_offsets (T + 1,) int32            prefix sums of the tiles' nonzero counts
+    bitmaps       (T, TILE_OUT, TILE_K // 32) int32
+    values        (nnz,) fp32 / fp16 / bf16 (the weight's dtype)
+
+All-zero tiles are not listed (a block-CSR over tiles): they cost no bitmap, no values and no work, and
+split-K divides each tile row's *nonempty* tiles, so structured zeros (pruned heads or neurons) balance well.
+With unstructured pruning nearly every tile is nonempty (a 32 x 64 tile at 90% sparsity is empty with
+probability 0.9^2048), and the cost per stored tile is 8 bytes of indices plus 1 bit per entry: at 50%
+sparsity in fp16 the layout is 9/16 of dense (CSR with int16 columns: 2x the values, i.e. dense's size), at
+90% 0.16 of dense. A fully dense tile needs no special case: its bitmap is all ones and its values are the
+tile, read contiguously.
+
+Kernel: grid (tile rows, token blocks, splits). A program owns TILE_OUT output rows x BLOCK_N tokens and loops
+over its share of the tile row's nonempty tiles. Per tile it loads the TILE_K / 32 bitmap words of each row,
+popcounts them (the hardware's popc compiled, SWAR bit tricks on int32 under the interpreter, which lacks
+libdevice) and takes an exclusive cumsum over the TILE_OUT rows (a scan of TILE_OUT counts, not of the tile's
+entries). The rank of entry (i, k) among the tile's nonzeros is then row_prefix[i] + popcounts of the earlier
+words of row i + popcount(word & ((1 << (k % 32)) - 1)); the tile is expanded in registers by one masked
+gather ``values[value_offsets[t] + rank]`` (a tile's values are contiguous, so the gather touches only its own
+cache lines), cast to x's dtype and fed to ``tl.dot(x_tile, w_tile^T)`` with an fp32 accumulator. Tails:
+padding bits are zero, x columns >= in and tokens >= N are masked loads, rows >= out masked stores.
+
+Split-K (variant "splitk"): for skinny products (few tile rows, few tokens) the grid is too small to fill the
+GPU, so each tile row's nonempty tiles are split over SPLITS programs; each writes its fp32 partial tile into
+a (SPLITS, N, out) buffer (plain stores: deterministic, and safe to rerun while autotuning, unlike atomics)
+and a second kernel sums the splits, adds the bias and casts. Variant "plain" writes y directly (bias in the
+epilogue). ``variant=None`` chooses split-K when tokens <= ``SPLITK_MAX_TOKENS`` and the tile rows are fewer
+than ``target_programs`` (4 per SM).
+
+Autotune: the tile shape is the layout's (fixed at load); ``triton.autotune`` chooses BLOCK_N (16..128 tokens,
+pruned to configs no larger than the token count's power of two, 16 at least: ``tl.dot``'s minimum), num_warps
+and num_stages, keyed on ``AUTOTUNE_KEY`` (token bucket, out, in, tile, splits) and the dtypes. Under
+``TRITON_INTERPRET=1`` there is one config (BLOCK_N=16), so nothing is benchmarked. The kernels are decorated
+lazily, at the first product (``_build``), so whether they run compiled or interpreted follows
+``TRITON_INTERPRET`` at that moment, not at import (importing ``sparse_ops`` before setting it is fine).
+
+Tested without a GPU: every path runs on CPU tensors under the interpreter (``tests/test_triton_sparse.py``),
+and the compiled kernels are built for sm_80 and sm_90 (TTIR to cubin: no device needed), where fp16 / bf16
+lower to tensor-core MMAs; a CUDA-marked test runs the same grid compiled on a GPU.
+
+Interpreter notes: the interpreter stores bf16 as uint16 and its ``tl.dot`` multiplies those integers, so
+under the interpreter bf16 tiles are upcast to fp32 before the dot (``DOT_FP32``; compiled, bf16 goes to the
+tensor cores as is). fp32 uses ``input_precision="ieee"`` unless ``torch.backends.cuda.matmul.allow_tf32``.
+
+Still to do: the entry in ``sparse_ops.dispatch`` (``("csr", "cuda")`` before cuSPARSE, ``variants`` below as
+its planned paths), measurements on a real GPU (fp16 / bf16 decode against cuBLAS and cuSPARSE at 50-95%
+sparsity, tile shapes 32 x 64 vs 64 x 64, configs), a GEMV path for N = 1 (broadcast-multiply-sum instead of a
+16-row dot), staging values through shared memory, and activations fused into the epilogue.
+
+Example:
+    >>> import torch
+    >>> w = torch.zeros(40, 100); w[3, 7] = 2.0; w[35, 90] = -1.0
+    >>> tb = TiledBitmap.from_dense(w)
+    >>> tb.num_tiles, tb.nnz, torch.equal(tb.to_dense(), w)
+    (2, 2, True)
+    >>> tb.reference_matmul(torch.ones(1, 100))[0, [3, 35]].tolist()
+    [2.0, -1.0]
+"""
+import dataclasses
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+from sparse_ops import activations
+from sparse_ops.formats import CSR, INT32_MAX, VALUE_DTYPES
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+except ImportError:  # the layout and its reference still work; available() is False
+    triton = tl = libdevice = None
+
+TILE_OUTS = (16, 32, 64, 128)  # powers of two (tl.arange) and >= 16 (tl.dot)
+TILE_KS = (32, 64, 128)  # whole int32 words per tile row
+DEFAULT_TILE = (32, 64)
+VARIANTS = ("plain", "splitk")
+SPLITK_MAX_TOKENS = 64  # variant=None: split-K only for skinny products
+MAX_SPLITS = 16
+MIN_TILES_PER_SPLIT = 2  # a split should stream at least this many tiles
+# what autotune keys its choice on (besides the arguments' dtypes): token bucket, shape, layout tile, splits
+AUTOTUNE_KEY = ("N_BUCKET", "OUT", "IN", "TILE_OUT", "TILE_K", "SPLITS")
+_ENCODE_BLOCK = 1 << 22  # weight entries per block of tile rows when encoding
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available() -> bool:
+    """Triton is importable and there is a CUDA device or the interpreter is on."""
+    return triton is not None and (torch.cuda.is_available() or interpreting())
+
+
+def variants(n: int) -> tuple[str, ...]:
+    """The kernel's paths for n tokens: "plain" always, "splitk" where split-K can pay (few tokens).
+
+    >>> variants(1), variants(1024)
+    (('plain', 'splitk'), ('plain',))
+    """
+    return VARIANTS if n <= 256 else ("plain",)
+
+
+# --- the layout --------------------------------------------------------------------------------------------
+
+def _to_int32_words(words: torch.Tensor) -> torch.Tensor:
+    """int64 words in [0, 2^32) -> int32 with the same bits."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _word_bits(words: torch.Tensor) -> torch.Tensor:
+    """(..., W) int32 words -> (..., 32 W) bool, bit b of word j at position 32 j + b."""
+    shifts = torch.arange(32, device=words.device, dtype=torch.int64)
+    bits = (words.to(torch.int64).unsqueeze(-1) >> shifts) & 1  # int64: >> of the sign bit stays in bit 31
+    return bits.reshape(*words.shape[:-1], words.shape[-1] * 32).bool()
+
+
+@dataclass(frozen=True, eq=False)
+class TiledBitmap:
+    """An (out, in) weight in TILE_OUT x TILE_K tiles, each a bitmap and its packed nonzeros (see the module
+    docstring).
+
+    Python ints (``shape``, the tile shape, ``max_row_tiles``) are kept so a product never reads a tensor back
+    to the host.
+    """
+
+    tile_ptr: torch.Tensor  # (tile_rows + 1,) int32
+    tile_cols: torch.Tensor  # (T,) int32
+    value_offsets: torch.Tensor  # (T + 1,) int32
+    bitmaps: torch.Tensor  # (T, TILE_OUT, TILE_K // 32) int32
+    values: torch.Tensor  # (nnz,)
+    shape: tuple[int, int]
+    tile_out: int
+    tile_k: int
+    max_row_tiles: int  # most nonempty tiles in one tile row
+
+    PARTS = ("tile_ptr", "tile_cols", "value_offsets", "bitmaps", "values")
+
+    # -- sizes
+    @property
+    def tile_rows(self) -> int:
+        return -(-self.shape[0] // self.tile_out)
+
+    @property
+    def tile_col_count(self) -> int:
+        return -(-self.shape[1] // self.tile_k)
+
+    @property
+    def words(self) -> int:
+        """int32 bitmap words per tile row."""
+        return self.tile_k // 32
+
+    @property
+    def num_tiles(self) -> int:
+        """Nonempty (stored) tiles."""
+        return self.tile_cols.numel()
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.PARTS}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every stored part: an all-zero tile costs nothing (it is not listed)."""
+        return sum(t.numel() * t.element_size() for t in self.parts().values())
+
+    @staticmethod
+    def estimate_nbytes(shape: tuple[int, int], nnz: int, dtype: torch.dtype, tiles: int | None = None,
+                        tile: tuple[int, int] = DEFAULT_TILE) -> int:
+        """Bytes for ``nnz`` values in ``tiles`` nonempty tiles (None: every tile nonempty)."""
+        tile_out, tile_k = tile
+        rows, cols = -(-shape[0] // tile_out), -(-shape[1] // tile_k)
+        tiles = rows * cols if tiles is None else tiles
+        value_bytes = torch.empty((), dtype=dtype).element_size()
+        return 4 * (rows + 1) + tiles * (8 + tile_out * tile_k // 8) + 4 + nnz * value_bytes
+
+    def to(self, device: torch.device | str) -> "TiledBitmap":
+        return dataclasses.replace(self, **{k: v.to(device) for k, v in self.parts().items()})
+
+    # -- encoding
+    @staticmethod
+    def _check_tile(tile: tuple[int, int]) -> tuple[int, int]:
+        tile_out, tile_k = tile
+        if tile_out not in TILE_OUTS or tile_k not in TILE_KS:
+            raise ValueError(f"tile must be (TILE_OUT in {TILE_OUTS}, TILE_K in {TILE_KS}), got {tile}")
+        return tile_out, tile_k
+
+    @classmethod
+    def _encode(cls, shape: tuple[int, int], dtype: torch.dtype, device: torch.device, tile: tuple[int, int],
+                blocks) -> "TiledBitmap":
+        """Assemble from ``blocks``: per block of whole tile rows (first weight row r0, rows), the stored
+        entries (rows relative to r0, columns, values) in any order. Vectorised within a block (sort, unique,
+        index_add); blocks bound the int64 scratch."""
+        out, inp = shape
+        tile_out, tile_k = cls._check_tile(tile)
+        kt, words, per_tile = -(-inp // tile_k), tile_k // 32, tile_out * tile_k
+        row_counts, cols_l, counts_l, bitmaps_l, values_l = [], [], [], [], []
+        for r0, nrows, rows, cols, vals in blocks:
+            block_tile_rows = -(-nrows // tile_out)
+            tr, r = rows // tile_out, rows % tile_out
+            tc, c = cols // tile_k, cols % tile_k
+            key = tr * kt + tc  # tile id within the block, row-major over tiles
+            order = torch.argsort(key * per_tile + r * tile_k + c)  # entries in (tile, row, column) order
+            tiles, inverse, counts = torch.unique(key, return_inverse=True, return_counts=True)
+            words_flat = torch.zeros(tiles.numel() * tile_out * words, dtype=torch.int64, device=device)
+            # each bit is set once, so adding the bits is or-ing them
+            word_index = (inverse * tile_out + r) * words + c // 32
+            words_flat.index_add_(0, word_index, torch.ones_like(c) << (c % 32))
+            bitmaps_l.append(_to_int32_words(words_flat).view(-1, tile_out, words))
+            row_counts.append(torch.bincount(tiles // kt, minlength=block_tile_rows))
+            cols_l.append((tiles % kt).to(torch.int32))
+            counts_l.append(counts)
+            values_l.append(vals[order])
+        if sum(v.numel() for v in values_l) > INT32_MAX:
+            raise ValueError(f"a tiled bitmap holds at most {INT32_MAX} nonzeros with int32 offsets")
+        cat = lambda parts, empty: torch.cat(parts) if parts else empty
+        i64 = torch.empty(0, dtype=torch.int64, device=device)
+        row_counts, counts = cat(row_counts, i64), cat(counts_l, i64)
+        tile_ptr = torch.zeros(-(-out // tile_out) + 1, dtype=torch.int64, device=device)
+        tile_ptr[1:] = torch.cumsum(row_counts, 0)
+        value_offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=device)
+        value_offsets[1:] = torch.cumsum(counts, 0)
+        return cls(tile_ptr.to(torch.int32), cat(cols_l, torch.empty(0, dtype=torch.int32, device=device)),
+                   value_offsets.to(torch.int32),
+                   cat(bitmaps_l, torch.empty(0, tile_out, words, dtype=torch.int32, device=device)),
+                   cat(values_l, torch.empty(0, dtype=dtype, device=device)), (out, inp), tile_out, tile_k,
+                   int(row_counts.max()) if row_counts.numel() else 0)
+
+    @staticmethod
+    def _tile_row_blocks(out: int, inp: int, tile_out: int) -> list[tuple[int, int]]:
+        """(first row, rows) of blocks of whole tile rows, about ``_ENCODE_BLOCK`` entries each."""
+        step = max(1, _ENCODE_BLOCK // max(inp * tile_out, 1)) * tile_out
+        return [(r, min(step, out - r)) for r in range(0, out, step)]
+
+    @classmethod
+    def from_dense(cls, w: torch.Tensor, tile: tuple[int, int] = DEFAULT_TILE) -> "TiledBitmap":
+        """Keep the entries with ``w != 0`` (``-0.0`` is a zero, NaN is kept, as ``formats.CSR``)."""
+        if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.dtype not in VALUE_DTYPES:
+            raise ValueError(f"TiledBitmap needs a 2-D fp32 / fp16 / bf16 weight, got "
+                             f"{getattr(w, 'dtype', type(w).__name__)} {tuple(getattr(w, 'shape', ()))}")
+        out, inp = w.shape
+        tile_out, _ = cls._check_tile(tile)
+
+        def blocks():
+            for r0, nrows in cls._tile_row_blocks(out, inp, tile_out):
+                block = w[r0:r0 + nrows]
+                rows, cols = (block != 0).nonzero(as_tuple=True)
+                yield r0, nrows, rows, cols, block[rows, cols]
+        return cls._encode((out, inp), w.dtype, w.device, tile, blocks())
+
+    @classmethod
+    def from_csr(cls, w: CSR, tile: tuple[int, int] = DEFAULT_TILE) -> "TiledBitmap":
+        """From the stored CSR, without a dense copy: blocks of tile rows are slices of its entries."""
+        out, inp = w.shape
+        tile_out, _ = cls._check_tile(tile)
+        spans = cls._tile_row_blocks(out, inp, tile_out)
+        bounds = w.crow_indices[[r for r, _ in spans] + [out]].tolist() if spans else [0]
+
+        def blocks():
+            for i, (r0, nrows) in enumerate(spans):
+                lo, hi = bounds[i], bounds[i + 1]
+                crow = w.crow_indices[r0:r0 + nrows + 1].to(torch.int64)
+                counts = crow[1:] - crow[:-1]
+                rows = torch.repeat_interleave(torch.arange(nrows, device=w.device), counts)
+                yield r0, nrows, rows, w.col_indices[lo:hi].to(torch.int64), w.values[lo:hi]
+        return cls._encode((out, inp), w.dtype, w.device, tile, blocks())
+
+    # -- decoding
+    def entries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, cols) int64 of every stored value, in the order of ``values``."""
+        t, r, c = _word_bits(self.bitmaps).nonzero(as_tuple=True)  # (tile, row, column) order, as encoded
+        counts = (self.tile_ptr[1:] - self.tile_ptr[:-1]).to(torch.int64)
+        tile_row = torch.repeat_interleave(torch.arange(self.tile_rows, device=self.device), counts)  # (T,)
+        return tile_row[t] * self.tile_out + r, self.tile_cols.to(torch.int64)[t] * self.tile_k + c
+
+    def to_dense(self) -> torch.Tensor:
+        """The weight, exactly (the sign of zeros aside)."""
+        rows, cols = self.entries()
+        dense = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        dense[rows, cols] = self.values
+        return dense
+
+    def reference_matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 ``x @ W^T (+ bias)`` from the stored parts with torch ops, the yardstick of the kernel."""
+        rows, cols = self.entries()
+        x = x.to(torch.float32)
+        y = torch.zeros(x.shape[0], self.shape[0], dtype=torch.float32, device=x.device)
+        y.index_add_(1, rows, x[:, cols] * self.values.to(torch.float32))
+        return y if bias is None else y + bias.to(torch.float32)
+
+    def validate(self) -> "TiledBitmap":
+        """Check dtypes, shapes, pointers, column order, offsets against the popcounts and that padding bits
+        are zero; return self or raise ValueError."""
+        out, inp = self.shape
+        self._check_tile((self.tile_out, self.tile_k))
+        t, nnz = self.num_tiles, self.nnz
+        expect = {"tile_ptr": ((self.tile_rows + 1,), (torch.int32,)), "tile_cols": ((t,), (torch.int32,)),
+                  "value_offsets": ((t + 1,), (torch.int32,)),
+                  "bitmaps": ((t, self.tile_out, self.words), (torch.int32,)),
+                  "values": ((nnz,), VALUE_DTYPES)}
+        for name, (shape, dtypes) in expect.items():
+            part = getattr(self, name)
+            if tuple(part.shape) != shape or part.dtype not in dtypes:
+                raise ValueError(f"tiled bitmap {name}: need shape {shape} of {dtypes}, got "
+                                 f"{tuple(part.shape)} {part.dtype}")
+        ptr = self.tile_ptr.to(torch.int64)
+        if ptr[0].item() != 0 or ptr[-1].item() != t or bool((ptr[1:] < ptr[:-1]).any()):
+            raise ValueError("tiled bitmap tile_ptr must rise from 0 to the number of tiles")
+        counts = ptr[1:] - ptr[:-1]
+        if (int(counts.max()) if counts.numel() else 0) != self.max_row_tiles:
+            raise ValueError("tiled bitmap max_row_tiles does not match tile_ptr")
+        cols = self.tile_cols.to(torch.int64)
+        if t and (cols.min().item() < 0 or cols.max().item() >= self.tile_col_count):
+            raise ValueError("tiled bitmap tile_cols out of range")
+        if t > 1:
+            rising = cols[1:] > cols[:-1]
+            starts = ptr[1:-1]
+            rising[starts[(starts > 0) & (starts < t)] - 1] = True
+            if not bool(rising.all()):
+                raise ValueError("tiled bitmap tile_cols must increase within a tile row")
+        bits = _word_bits(self.bitmaps)  # (T, TILE_OUT, TILE_K)
+        offsets = self.value_offsets.to(torch.int64)
+        if offsets[0].item() != 0 or not torch.equal(offsets[1:] - offsets[:-1], bits.sum((1, 2))) \
+                or offsets[-1].item() != nnz:
+            raise ValueError("tiled bitmap value_offsets must be the prefix sums of the bitmaps' popcounts")
+        rows, cols = self.entries()
+        if nnz and (rows.max().item() >= out or cols.max().item() >= inp):
+            raise ValueError("tiled bitmap has bits set in the padding beyond the weight's shape")
+        return self
+
+
+# --- the kernels -------------------------------------------------------------------------------------------
+# Plain functions here, decorated by _build at the first product: the interpreter resolves the helper
+# ``_popc32`` through the module's globals, so the decorated functions replace these names.
+
+if tl is not None:
+    def _popc32(v, HW: tl.constexpr):
+        # bits set in each int32 of v: the hardware's popc compiled (one instruction on NVIDIA and AMD); SWAR
+        # bit tricks in the interpreter, which has no libdevice popc (every shift is masked, so arithmetic
+        # shifts are fine)
+        if HW:
+            return libdevice.popc(v)
+        v = v - ((v >> 1) & 0x55555555)
+        v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+        v = (v + (v >> 4)) & 0x0F0F0F0F  # per byte, <= 8: no sign bit from here on
+        v = v + (v >> 8)
+        v = v + (v >> 16)
+        return v & 0x3F
+
+    def _tiled_kernel(x_ptr, tile_ptr, tile_cols, value_offsets, bitmaps, values, bias_ptr, y_ptr,
+                      N, OUT, IN, N_BUCKET, stride_xn, stride_yn, SPLITS,
+                      TILE_OUT: tl.constexpr, TILE_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      PARTIAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                      HW_POPC: tl.constexpr, BLOCK_N: tl.constexpr):
+        WORDS: tl.constexpr = TILE_K // 32
+        pid_o, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        start = tl.load(tile_ptr + pid_o)
+        end = tl.load(tile_ptr + pid_o + 1)
+        chunk = (end - start + SPLITS - 1) // SPLITS
+        lo = start + pid_s * chunk
+        hi = tl.minimum(lo + chunk, end)
+
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # tokens
+        i = tl.arange(0, TILE_OUT)  # rows within the tile
+        k = tl.arange(0, TILE_K)  # columns within the tile
+        kw = k // 32  # the column's word
+        kb = k % 32  # its bit
+        below = (tl.full((TILE_K,), 1, tl.int32) << kb) - 1  # bits before the column's (1 << 31 wraps: fine)
+        n_ok = n < N
+        acc = tl.zeros((BLOCK_N, TILE_OUT), dtype=tl.float32)
+        for t in range(lo, hi):
+            base = t * (TILE_OUT * WORDS) + i * WORDS  # (TILE_OUT,) each row's first word
+            row_nnz = tl.zeros((TILE_OUT,), dtype=tl.int32)
+            word = tl.zeros((TILE_OUT, TILE_K), dtype=tl.int32)  # each entry's word
+            earlier = tl.zeros((TILE_OUT, TILE_K), dtype=tl.int32)  # nonzeros in its row's earlier words
+            for j in tl.static_range(WORDS):
+                wj = tl.load(bitmaps + base + j)  # (TILE_OUT,)
+                cj = _popc32(wj, HW_POPC)
+                row_nnz += cj
+                word = tl.where((kw == j)[None, :], wj[:, None], word)
+                earlier += tl.where((kw > j)[None, :], cj[:, None], 0)
+            row_start = tl.cumsum(row_nnz, 0) - row_nnz  # exclusive prefix over the tile's rows
+            rank = row_start[:, None] + earlier + _popc32(word & below[None, :], HW_POPC)
+            present = ((word >> kb[None, :]) & 1) != 0
+            w = tl.load(values + tl.load(value_offsets + t) + rank, mask=present, other=0.0)
+
+            cols = tl.load(tile_cols + t) * TILE_K + k
+            xt = tl.load(x_ptr + n[:, None] * stride_xn + cols[None, :],
+                         mask=n_ok[:, None] & (cols < IN)[None, :], other=0.0)
+            if DOT_FP32:
+                acc += tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=PRECISION)
+            else:
+                acc += tl.dot(xt, tl.trans(w.to(xt.dtype)), input_precision=PRECISION)
+
+        o = pid_o * TILE_OUT + i
+        ok = n_ok[:, None] & (o < OUT)[None, :]
+        if PARTIAL:  # fp32 (SPLITS, N, OUT) buffer
+            tl.store(y_ptr + pid_s * N * OUT + n[:, None] * OUT + o[None, :], acc, mask=ok)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + o, mask=o < OUT, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + n[:, None] * stride_yn + o[None, :], acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+    def _splitk_reduce(partial, bias_ptr, y_ptr, TOTAL, OUT, SPLITS, HAS_BIAS: tl.constexpr,
+                       BLOCK: tl.constexpr):
+        """y (N, OUT) contiguous = sum over splits of partial (SPLITS, N, OUT) (+ bias), in y's dtype."""
+        idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = idx < TOTAL
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in range(SPLITS):
+            acc += tl.load(partial + s * TOTAL + idx, mask=ok, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + idx % OUT, mask=ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + idx, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def _configs(interpret: bool) -> list:
+    """One config under the interpreter (autotune benchmarks nothing), else token blocks x warps x stages."""
+    if interpret:
+        return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bn in (16, 32, 64, 128) for w, s in ((4, 2), (4, 3), (8, 3))]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Token blocks no larger than the token count's power of two (16 at least)."""
+    largest = max(16, named_args["N_BUCKET"])
+    return [c for c in configs if c.kwargs["BLOCK_N"] <= largest] or configs[:1]
+
+
+@dataclass(frozen=True)
+class _Kernels:
+    tiled: object  # the autotuned _tiled_kernel
+    reduce: object
+    interpret: bool
+
+
+@functools.cache
+def _build() -> _Kernels:
+    """Decorate the kernels (once per process): compiled or interpreted per ``TRITON_INTERPRET`` now."""
+    if triton is None:
+        raise RuntimeError("the Triton sparse kernels need triton")
+    interpret = interpreting()
+    g = globals()
+    for name in ("_popc32", "_tiled_kernel", "_splitk_reduce"):
+        g[name] = triton.jit(getattr(g[name], "fn", g[name]))
+    tiled = triton.autotune(configs=_configs(interpret), key=list(AUTOTUNE_KEY),
+                            prune_configs_by={"early_config_prune": _prune})(g["_tiled_kernel"])
+    return _Kernels(tiled, g["_splitk_reduce"], interpret)
+
+
+def target_programs(device: torch.device) -> int:
+    """Programs that fill the device: 4 per SM on CUDA; 8 elsewhere (the interpreter: only for the tests)."""
+    if device.type != "cuda":
+        return 8
+    return _cuda_programs(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_programs(index: int) -> int:
+    return 4 * torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def choose_splits(tb: TiledBitmap, n: int, variant: str | None) -> int:
+    """Programs per tile row: 1 for "plain"; for "splitk" at least 2; for None split-K only when skinny."""
+    if variant not in (None, *VARIANTS):
+        raise ValueError(f"unknown variant {variant!r}; allowed: None, {', '.join(VARIANTS)}")
+    if variant == "plain" or (variant is None and (n > SPLITK_MAX_TOKENS or tb.max_row_tiles < 2)):
+        return 1
+    programs = tb.tile_rows * -(-n // 16)
+    want = -(-target_programs(tb.device) // max(programs, 1))
+    splits = min(want, -(-tb.max_row_tiles // MIN_TILES_PER_SPLIT), MAX_SPLITS)
+    return max(splits, 2) if variant == "splitk" else max(splits, 1)
+
+
+def tiled_matmul(tb: TiledBitmap, x: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 splits: int = 1) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` for x (N, in) on the Triton kernel, in x's dtype; ``splits`` > 1: split-K."""
+    out, inp = tb.shape
+    if x.dim() != 2 or x.shape[1] != inp:
+        raise ValueError(f"x must have shape (N, {inp}), got {tuple(x.shape)}")
+    if x.dtype not in VALUE_DTYPES:
+        raise ValueError(f"x must be fp32 / fp16 / bf16, got {x.dtype}")
+    if x.device != tb.device:
+        raise ValueError(f"x is on {x.device}, the weight on {tb.device}")
+    if bias is not None and bias.shape != (out,):
+        raise ValueError(f"bias must have shape ({out},), got {tuple(bias.shape)}")
+    if splits < 1:
+        raise ValueError(f"splits must be >= 1, got {splits}")
+    kernels = _build()
+    if x.device.type != "cuda" and not kernels.interpret:
+        raise RuntimeError("the Triton kernels run CPU tensors only under the interpreter: "
+                           "TRITON_INTERPRET=1 before the first product")
+    n = x.shape[0]
+    y = torch.empty(n, out, dtype=x.dtype, device=x.device)
+    if n == 0 or out == 0:
+        return y
+    x = x.contiguous()
+    bias_arg = x if bias is None else bias.contiguous()  # any pointer when there is no bias
+    # an empty part (all tiles zero) is never read; give the kernel a real pointer anyway
+    parts = [p if p.numel() else torch.zeros(1, dtype=p.dtype, device=p.device)
+             for p in (tb.tile_cols, tb.bitmaps, tb.values)]
+    partial = torch.empty(splits, n, out, dtype=torch.float32, device=x.device) if splits > 1 else None
+    precision = "tf32" if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    dot_fp32 = kernels.interpret and (x.dtype == torch.bfloat16 or tb.dtype == torch.bfloat16)
+    grid = lambda meta: (tb.tile_rows, triton.cdiv(n, meta["BLOCK_N"]), splits)
+    kernels.tiled[grid](
+        x, tb.tile_ptr, parts[0], tb.value_offsets, parts[1], parts[2], bias_arg,
+        y if partial is None else partial,
+        n, out, inp, triton.next_power_of_2(n), x.stride(0), y.stride(0), splits,
+        TILE_OUT=tb.tile_out, TILE_K=tb.tile_k, HAS_BIAS=bias is not None, PARTIAL=partial is not None,
+        DOT_FP32=dot_fp32, PRECISION=precision, HW_POPC=not kernels.interpret)
+    if partial is not None:
+        total, block = n * out, 1024
+        kernels.reduce[(triton.cdiv(total, block),)](partial, bias_arg, y, total, out, splits,
+                                                     HAS_BIAS=bias is not None, BLOCK=block)
+    return y
+
+
+# --- the registry's entry points ---------------------------------------------------------------------------
+
+def prepare(w: CSR | TiledBitmap, tile: tuple[int, int] = DEFAULT_TILE) -> TiledBitmap:
+    """The layer's state, once per layer and device: the tiled bitmap of a CSR weight, on its device."""
+    return w if isinstance(w, TiledBitmap) else TiledBitmap.from_csr(w, tile)
+
+
+def matmul(state: TiledBitmap, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None, *,
+           post=None, variant: str | None = None) -> torch.Tensor:
+    """The registry's signature (``sparse_ops.dispatch``): ``post(act(x @ W^T + bias))``; the activation and
+    the post-op (``kernels.cpu_native.AddNorm``) run after the kernel with torch ops. ``variant``: None
+    (``choose_splits`` decides), "plain" or "splitk"."""
+    activations.check(activation)
+    splits = choose_splits(state, x.shape[0], variant)
+    y = activations.apply(tiled_matmul(state, x, bias, splits=splits), activation)
+    return y if post is None else post.apply(y)
