@@ -61,7 +61,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     tok = AutoTokenizer.from_pretrained(smollm2_folder(), local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
     row: dict = {"name": name, **CONFIGS.get(name, {"method": "reference"}), "samples": args.samples,
-                 "seq_len": args.seq_len}
+                 "seq_len": args.seq_len, "threads": args.threads}
     if name in CONFIGS and CONFIGS[name]:
         if args.ids:  # the first --samples windows of a saved array (what the reference run also read)
             ids = torch.from_numpy(np.load(args.ids, allow_pickle=False)[:args.samples])
@@ -96,8 +96,18 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.name:  # one row, in this process
-        print(json.dumps(run_one(args.name, args)))
+    if args.name:  # one row, in this process (a subprocess of the loop below, or a reference folder's row)
+        row = run_one(args.name, args)
+        if args.eval_folder:
+            run = Path(args.eval_folder) / "llmcompressor_run.json"
+            if run.exists():  # the reference's own record: its seconds and peak memory
+                ref = json.loads(run.read_text())
+                calib = ref.get("calibration", {})
+                row.update(samples=calib.get("windows"), seq_len=calib.get("seq_len"), seconds=ref.get("seconds"),
+                           prune_peak_rss_mb=ref.get("peak_rss_mb"), sparsity=ref.get("overall_sparsity"),
+                           threads=ref.get("threads"), modifier=ref.get("modifier_args"), tool=ref.get("versions"))
+            write(out, {args.name: row})
+        print(json.dumps(row))
         return
     rows = {}
     for name in args.configs.split(","):
