@@ -1,6 +1,13 @@
-"""Shared test set-up: CUDA-marked tests skip cleanly without a GPU; seeds are fixed."""
+"""Shared test set-up: CUDA-marked tests skip cleanly without a GPU; seeds are fixed; without a GPU, Triton runs
+its kernels in its CPU interpreter for the whole session (set before any test module imports triton: a process
+that used triton compiled first cannot interpret its kernels later)."""
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
