@@ -19,6 +19,8 @@ Example:
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -50,10 +52,11 @@ class InputStats:
         """(features,) float32: the L2 norm of each input feature over all rows seen (Wanda's ``||X_j||_2``)."""
         return self.sq_sum.sqrt()
 
-    def attach(self, module: nn.Module) -> RemovableHandle:
-        """Collect ``module``'s first positional input on every forward; remove the returned handle to stop."""
+    def attach(self, module: nn.Module, when: Callable[[], bool] | None = None) -> RemovableHandle:
+        """Collect ``module``'s first positional input on every forward (where ``when()``, if given, is True);
+        remove the returned handle to stop."""
         def hook(_module: nn.Module, args: tuple) -> None:
-            if args and isinstance(args[0], Tensor):
+            if (when is None or when()) and args and isinstance(args[0], Tensor):
                 self.update(args[0])
         return module.register_forward_pre_hook(hook)
 

@@ -275,7 +275,7 @@ class Pruner:
             for t in self.targets:
                 weight = t.module.weight
                 stats = self._inputs[t.name] = InputStats(weight.shape[t.in_dim], device=weight.device)
-                self._hooks.append(t.module.register_forward_pre_hook(self._input_hook(stats)))
+                self._hooks.append(stats.attach(t.module, when=lambda: self._collecting))
         self._set_accumulate()
         # Hugging Face's save_pretrained would store the dense `...parametrizations.weight.original` tensors and
         # lose the masks: while attached, it saves the masked weights under the original keys.
@@ -289,12 +289,6 @@ class Pruner:
 
     def _dense(self, t: Target) -> Tensor:
         return t.module.parametrizations["weight"].original
-
-    def _input_hook(self, stats: InputStats):
-        def hook(_module: nn.Module, args: tuple) -> None:
-            if self._collecting and args and isinstance(args[0], Tensor):
-                stats.update(args[0])
-        return hook
 
     def _set_accumulate(self) -> None:
         # Scores and input statistics only matter until the last mask update; after it, stop paying for them.

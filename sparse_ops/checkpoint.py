@@ -50,6 +50,7 @@ from sparse_ops.formats import (
     FORMATS,
     VALUE_DTYPES,
     SparseFormat,
+    ValuesMixin,
     format_class,
 )
 from sparse_ops.tensorio import DTYPES, SPARSE_INDEX, BadFileError, RawSource, SafetensorsWriter, open_raw
@@ -99,7 +100,7 @@ class Entry:
 
 
 @dataclass(frozen=True, eq=False)
-class Transposed:
+class Transposed(ValuesMixin):
     """A tensor stored as its transpose in a sparse format: ``inner`` holds the (cols, rows) transpose of this
     (rows, cols) tensor. ``to_dense`` gives the tensor itself; ``format`` is the inner format's name, and
     ``transposed`` marks it (a plain format object has no such attribute: ``getattr(w, "transposed",
@@ -127,20 +128,8 @@ class Transposed:
         return (cols, rows)
 
     @property
-    def values(self) -> torch.Tensor:
+    def values(self) -> torch.Tensor:  # dtype, device and nbytes follow (ValuesMixin)
         return self.inner.values
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.inner.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.inner.device
-
-    @property
-    def nbytes(self) -> int:
-        return self.inner.nbytes
 
     def to_dense(self) -> torch.Tensor:
         return self.inner.to_dense().t().contiguous()

@@ -114,8 +114,9 @@ def _row_blocks(out: int, inp: int) -> list[tuple[int, int]]:
     return [(r, min(step, out - r)) for r in range(0, out, step)]
 
 
-class _ValuesMixin:
-    """dtype / device / nbytes of a container whose ``values`` part carries the dtype."""
+class ValuesMixin:
+    """dtype / device / nbytes of a container whose ``values`` part carries the dtype (every format here,
+    ``checkpoint.Transposed``, ``kernels.triton_sparse.TiledBitmap``)."""
 
     values: torch.Tensor
 
@@ -140,7 +141,7 @@ def two_four_nbytes(shape: tuple[int, int], dtype: torch.dtype) -> int:
 
 
 @dataclass(frozen=True, eq=False)
-class CSR(_ValuesMixin):
+class CSR(ValuesMixin):
     """Compressed sparse rows of an (out, in) weight.
 
     crow_indices: (out + 1,) int32, row r holds entries crow[r]:crow[r+1]
@@ -308,7 +309,7 @@ def _encode_two_four(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @dataclass(frozen=True, eq=False)
-class TwoFour(_ValuesMixin):
+class TwoFour(ValuesMixin):
     """2:4 semi-structured (out, in) weight: at most 2 nonzeros in each group of 4 input columns.
 
     values:   (out, in/2) fp32 / fp16 / bf16, the two kept entries of each group in column order

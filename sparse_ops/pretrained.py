@@ -103,12 +103,14 @@ def _build(transformers: ModuleType, config, folder: Path) -> nn.Module:
                                  f"transformers {transformers.__version__} has no AutoModel for model_type "
                                  f"{getattr(config, 'model_type', None)!r} ({_first_line(e)})") from e
         else:
-            model = _model_class(transformers, names[0], folder)(config)
+            model = model_class(transformers, names[0], folder)(config)
     model.tie_weights()  # init_weights, skipped above, is where transformers ties them
     return model
 
 
-def _model_class(transformers: ModuleType, name: object, folder: Path) -> type:
+def model_class(transformers: ModuleType, name: object, folder: Path) -> type:
+    """The transformers model class named ``name`` (``architectures[0]`` of ``folder``'s config); ValueError
+    naming it and what is allowed otherwise."""
     try:
         cls = getattr(transformers, name) if isinstance(name, str) else None
     except (AttributeError, ImportError, RuntimeError):  # a lazy module whose dependencies are missing

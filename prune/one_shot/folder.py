@@ -19,6 +19,7 @@ from pathlib import Path
 from prune.evaluate import Perplexity, text_perplexity
 from prune.one_shot.data import as_texts
 from prune.one_shot.run import OneShotReport, check_options, oneshot
+from sparse_ops.pretrained import from_pretrained, model_class
 
 REPORT = "oneshot_report.json"
 
@@ -42,10 +43,7 @@ def load_folder(model_dir: str | os.PathLike):
     tf = _transformers()
     config = tf.AutoConfig.from_pretrained(str(folder), local_files_only=True)
     names = getattr(config, "architectures", None) or []
-    cls = getattr(tf, names[0], None) if names else tf.AutoModel
-    if not (isinstance(cls, type) and issubclass(cls, tf.PreTrainedModel)):
-        raise ValueError(f"unknown architecture {names[0]!r} in {folder / 'config.json'} "
-                         f"(transformers {tf.__version__})")
+    cls = model_class(tf, names[0], folder) if names else tf.AutoModel
     model = cls.from_pretrained(str(folder), local_files_only=True, dtype="auto").eval()
     try:
         tokenizer = tf.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -91,8 +89,6 @@ def oneshot_folder(model_dir: str | os.PathLike, out_dir: str | os.PathLike, cal
 
 def folder_perplexity(model_dir: str | os.PathLike, text: str | os.PathLike, **options) -> Perplexity:
     """Perplexity of a dense or sparse model folder on a .txt / .jsonl file (``options``: ``perplexity``'s)."""
-    from sparse_ops.pretrained import from_pretrained
-
     tf = _transformers()
     try:
         tokenizer = tf.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)

@@ -148,7 +148,7 @@ def oneshot(model: nn.Module, calibration: Tensor | Sequence[str] | str | os.Pat
     results: list[LayerResult] = []
 
     def on_block(i: int, name: str, block: nn.Module, forward) -> None:
-        layers = {f"{name}.{k}": m for k, m in block_linears(block).items() if f"{name}.{k}" in in_blocks}
+        layers = _selected(name, block, in_blocks)
         stats = _collect(layers, forward, gram=errors or method == "sparsegpt")
         for lname, module in layers.items():
             results.append(_prune_layer(lname, module, stats[lname], method, per_block[i], nm, scope,
@@ -183,6 +183,11 @@ def check_options(method: str, sparsity: float | None = None, pattern: str = "un
         allowed = "none (SparseGPT chooses per column block)" if method == "sparsegpt" else list(SCOPES)
         raise ValueError(f"scope {scope!r} does not apply to method {method!r}; allowed: {allowed}")
     return nm, sparsity, scope or DEFAULT_SCOPE[method]
+
+
+def _selected(name: str, block: nn.Module, in_blocks: set[str]) -> dict[str, nn.Module]:
+    """The block's linears to prune, by qualified name."""
+    return {f"{name}.{k}": m for k, m in block_linears(block).items() if f"{name}.{k}" in in_blocks}
 
 
 def _collect(layers: dict[str, nn.Module], forward, *, gram: bool) -> dict[str, InputStats]:
@@ -246,7 +251,7 @@ def _outlier_ratios(model: nn.Module, batches: list[Tensor], in_blocks: set[str]
     ratios: list[float] = []
 
     def on_block(i: int, name: str, block: nn.Module, forward) -> None:
-        layers = {f"{name}.{k}": m for k, m in block_linears(block).items() if f"{name}.{k}" in in_blocks}
+        layers = _selected(name, block, in_blocks)
         stats = _collect(layers, forward, gram=False)
         scores = [CRITERIA["wanda"].score(m.weight, Evidence(in_dim=input_dim(m), inputs=stats[n]))
                   for n, m in layers.items()]

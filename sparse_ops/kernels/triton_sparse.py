@@ -84,7 +84,7 @@ from dataclasses import dataclass
 import torch
 
 from sparse_ops import activations
-from sparse_ops.formats import CSR, INT32_MAX, VALUE_DTYPES
+from sparse_ops.formats import CSR, INT32_MAX, VALUE_DTYPES, ValuesMixin
 
 try:
     import triton
@@ -139,7 +139,7 @@ def _word_bits(words: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True, eq=False)
-class TiledBitmap:
+class TiledBitmap(ValuesMixin):
     """An (out, in) weight in TILE_OUT x TILE_K tiles, each a bitmap and its packed nonzeros (see the module
     docstring).
 
@@ -182,21 +182,8 @@ class TiledBitmap:
     def nnz(self) -> int:
         return self.values.numel()
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
-
-    def parts(self) -> dict[str, torch.Tensor]:
+    def parts(self) -> dict[str, torch.Tensor]:  # nbytes (ValuesMixin) sums them: an all-zero tile costs nothing
         return {name: getattr(self, name) for name in self.PARTS}
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of every stored part: an all-zero tile costs nothing (it is not listed)."""
-        return sum(t.numel() * t.element_size() for t in self.parts().values())
 
     @staticmethod
     def estimate_nbytes(shape: tuple[int, int], nnz: int, dtype: torch.dtype, tiles: int | None = None,
