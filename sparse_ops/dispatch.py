@@ -2,7 +2,7 @@
 tuple of candidates.
 
 - The first candidate that can run in this process (``Kernel.available``) is the layer's kernel: ours (C++ on
-  CPU) first, torch's after it. That is the one fallback mechanism: where our kernels cannot be built (no
+  CPU, Triton on CUDA) first, torch's (MKL / cuSPARSE / cuSPARSELt) after it. That is the one fallback mechanism: where our kernels cannot be built (no
   compiler) or are disabled (``SPARSE_OPS_NATIVE=0``), torch's kernel is the next candidate.
 - Every available candidate that exploits the format (``Kernel.native``) is a path ``sparse_ops.plan`` times
   per batch: a candidate of torch's is the path ``"<format>:torch"`` (``TORCH_SUFFIX``), e.g. MKL's CSR gemv,
@@ -15,8 +15,8 @@ A new kernel backend is one module under ``kernels/`` (``prepare`` and ``matmul`
 ``KERNELS``.
 
 Example:
-    >>> kernel_for("csr", "cuda").name
-    'cuda.csr'
+    >>> [k.name for k in KERNELS[("csr", "cuda")]]
+    ['cuda.csr', 'torch.cuda.csr']
     >>> [k.name for k in KERNELS[("csr", "cpu")]]
     ['cpu.csr', 'torch.cpu.csr']
     >>> kernel_for("2:4", "mps")  # doctest: +ELLIPSIS
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from sparse_ops import activations
-from sparse_ops.kernels import cpu, cpu_native, cuda, native
+from sparse_ops.kernels import cpu, cpu_native, cuda, native, triton_sparse, triton_two_four
 from sparse_ops.plan import TORCH_SUFFIX
 
 OURS, TORCH = "ours", "torch"
@@ -51,7 +51,8 @@ class Kernel:
     ``ffn(up_state, down_state, x, up_bias, down_bias, activation, *, post=None, gate=None, gate_bias=None)``,
     or returns None where it does not apply (``sparse_ops.fused`` then runs the layers in turn).
     ``variants``, where set, names the kernel's own paths for n tokens (CSR's "plain" and "panels"), each
-    planned as ``"<format>.<variant>"``. ``available()`` says whether the kernel can run in this process.
+    planned as ``"<format>.<variant>"``. ``available()`` says whether the kernel can run in this process,
+    ``accepts(weight)`` whether it takes this weight (torch's CUDA 2:4: fp16 / bf16 only).
     """
 
     name: str
@@ -63,6 +64,7 @@ class Kernel:
     ffn: Callable[..., torch.Tensor | None] | None = None
     variants: Callable[[int], tuple[str, ...]] | None = None
     available: Callable[[], bool] = lambda: True
+    accepts: Callable[[object], bool] = lambda weight: True
 
 
 def unfused(matmul: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -87,8 +89,15 @@ KERNELS: dict[tuple[str, str], tuple[Kernel, ...]] = {
         Kernel("cpu.2:4", cpu_native.prepare_two_four, cpu_native.two_four_matmul, fuses=True,
                available=native.available),
         Kernel("torch.cpu.2:4", cpu.prepare_two_four, unfused(cpu.two_four_matmul), backend=TORCH, native=False)),
-    ("csr", "cuda"): (Kernel("cuda.csr", cuda.prepare_csr, unfused(cuda.csr_matmul), backend=TORCH),),
-    ("2:4", "cuda"): (Kernel("cuda.2:4", cuda.prepare_two_four, unfused(cuda.two_four_matmul), backend=TORCH),),
+    ("csr", "cuda"): (
+        Kernel("cuda.csr", triton_sparse.prepare, triton_sparse.matmul, variants=triton_sparse.variants,
+               available=triton_sparse.available),
+        Kernel("torch.cuda.csr", cuda.prepare_csr, unfused(cuda.csr_matmul), backend=TORCH)),
+    ("2:4", "cuda"): (
+        Kernel("cuda.2:4", triton_two_four.prepare, triton_two_four.matmul, variants=triton_two_four.variants,
+               available=triton_two_four.available),
+        Kernel("torch.cuda.2:4", cuda.prepare_two_four, unfused(cuda.two_four_matmul), backend=TORCH,
+               accepts=cuda.accepts_two_four)),
 }
 
 
@@ -109,19 +118,23 @@ def candidates(format: str, device: torch.device | str) -> list[Kernel]:
     return [k for k in listed if k.available()]
 
 
-def kernel_for(format: str, device: torch.device | str, *, torch_kernel: bool = False) -> Kernel:
-    """The first available candidate for a format on a device; ``torch_kernel``: the first of torch's."""
+def kernel_for(format: str, device: torch.device | str, *, torch_kernel: bool = False,
+               weight: object = None) -> Kernel:
+    """The first available candidate for a format on a device (with ``weight``: the first that accepts it, if
+    any does); ``torch_kernel``: the first of torch's."""
     found = candidates(format, device)
+    if weight is not None:
+        found = [k for k in found if k.accepts(weight)] or found
     if torch_kernel:
         found = [k for k in found if k.backend == TORCH] or found
     return found[0]
 
 
-def torch_path_kernel(format: str, device: torch.device | str) -> Kernel | None:
+def torch_path_kernel(format: str, device: torch.device | str, weight: object = None) -> Kernel | None:
     """The kernel of the path ``"<format>:torch"``: torch's native candidate where ours is also available
-    (else torch's kernel already is the layer's kernel, or there is none)."""
+    (else torch's kernel already is the layer's kernel, or there is none); with ``weight``, one that accepts it."""
     found = candidates(format, device)
-    theirs = [k for k in found if k.backend == TORCH and k.native]
+    theirs = [k for k in found if k.backend == TORCH and k.native and (weight is None or k.accepts(weight))]
     return theirs[0] if theirs and found[0].backend == OURS else None
 
 

@@ -68,7 +68,8 @@ class SparseLinear(nn.Module):
     @property
     def choice(self) -> str:
         """The format, with ``TORCH_SUFFIX`` when torch's kernel runs it ("csr", "2:4", "csr:torch")."""
-        on_torch_path = self.torch_kernel and torch_path_kernel(self.format, self.kernel_device) is self.kernel
+        on_torch_path = self.torch_kernel and torch_path_kernel(self.format, self.kernel_device,
+                                                                 self.weight) is self.kernel
         return self.format + (TORCH_SUFFIX if on_torch_path else "")
 
     @property
@@ -88,7 +89,7 @@ class SparseLinear(nn.Module):
 
     def _prepare(self) -> None:
         w = self.weight
-        self.kernel = kernel_for(w.format, w.device, torch_kernel=self.torch_kernel)
+        self.kernel = kernel_for(w.format, w.device, torch_kernel=self.torch_kernel, weight=w)
         self._state = self.kernel.prepare(w)
         self._dtype = w.dtype
         # the planned paths' state, rebuilt lazily after a move or load: bucket -> plan entry, the dense
@@ -172,7 +173,7 @@ class SparseLinear(nn.Module):
 
     def _torch_kernel(self) -> tuple:
         if self._torch is None:
-            kernel = torch_path_kernel(self.format, self.kernel_device)
+            kernel = torch_path_kernel(self.format, self.kernel_device, self.weight)
             self._torch = (kernel, kernel.prepare(self.weight))
         return self._torch
 
@@ -185,7 +186,8 @@ class SparseLinear(nn.Module):
         variants = self.kernel.variants(n) if self.kernel.variants else ()
         ours = [f"{self.format}.{v}" for v in variants] or [self.choice]
         torch_path = self.format + TORCH_SUFFIX
-        has_torch = self.kernel.backend != "torch" and torch_path_kernel(self.format, self.kernel_device) is not None
+        has_torch = (self.kernel.backend != "torch"
+                     and torch_path_kernel(self.format, self.kernel_device, self.weight) is not None)
         return [DENSE, *ours, *([torch_path] if has_torch else [])]
 
     def planned(self, batch: int) -> dict | None:
@@ -277,6 +279,6 @@ def candidate_formats(w: torch.Tensor) -> list[str]:
             continue
         if kernel.native and fmt.eligible(w):
             names.append(name)
-        if torch_path_kernel(name, w.device) is not None:
+        if torch_path_kernel(name, w.device, w) is not None:
             torch_names.append(name + TORCH_SUFFIX)
     return names + torch_names

@@ -15,15 +15,13 @@ if not torch.cuda.is_available():  # on a GPU the same tests run compiled (test_
 
 import dataclasses
 import itertools
-import json
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("triton", reason="the Triton kernels need triton")
+
+from _triton_compile import compile_for_gpu
 
 from sparse_ops.formats import CSR
 from sparse_ops.kernels import reference
@@ -212,12 +210,12 @@ def test_choose_splits():
 
 
 def test_autotune_configs():
-    one = ts._configs(True)
+    one = ts.token_configs(True)
     assert len(one) == 1 and one[0].kwargs["BLOCK_N"] == 16  # the interpreter: nothing to benchmark
-    full = ts._configs(False)
+    full = ts.token_configs(False)
     assert len(full) > 1
-    assert {c.kwargs["BLOCK_N"] for c in ts._prune(full, {"N_BUCKET": 1})} == {16}
-    assert {c.kwargs["BLOCK_N"] for c in ts._prune(full, {"N_BUCKET": 64})} == {16, 32, 64}
+    assert {c.kwargs["BLOCK_N"] for c in ts.prune_token_configs(full, {"N_BUCKET": 1})} == {16}
+    assert {c.kwargs["BLOCK_N"] for c in ts.prune_token_configs(full, {"N_BUCKET": 64})} == {16, 32, 64}
 
 
 @needs_interpreter
@@ -287,16 +285,7 @@ _COMPILE = textwrap.dedent("""
 def test_compiles_for_gpu(tmp_path):
     """The compiled path type-checks and lowers without a GPU: TTIR to cubin for sm_80 / sm_90; fp16, bf16 and
     tf32 dots become tensor-core MMAs, exact fp32 ("ieee") does not."""
-    import triton.backends
-
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("triton has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)  # a fresh compile, outside the user's cache
-    done = subprocess.run([sys.executable, "-c", _COMPILE], env=env, cwd=Path(__file__).resolve().parents[1],
-                          capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    mmas = json.loads(done.stdout.strip().splitlines()[-1])
+    mmas = compile_for_gpu(_COMPILE, tmp_path)
     assert mmas["sm90-fp16-ieee"] > 0 and mmas["sm80-bf16-ieee"] > 0 and mmas["sm80-fp32-tf32"] > 0
     assert mmas["sm90-fp32-ieee"] == 0
 

@@ -1,4 +1,6 @@
-"""CUDA kernels: ``y = x @ W^T + b`` for x (N, in), each a ``prepare`` (once, at load) and a ``matmul`` (per call).
+"""torch's CUDA kernels: ``y = x @ W^T + b`` for x (N, in), each a ``prepare`` (once per layer, at load) and a
+``matmul`` (per call); the dispatch lists them after ours (``triton_sparse``, ``triton_two_four``) as the paths
+``"csr:torch"`` and ``"2:4:torch"``.
 
 CSR runs on cuSPARSE through ``torch.sparse.mm`` with int32 indices, in the weight's own dtype.
 2:4 runs on cuSPARSELt / CUTLASS through ``torch.sparse.to_sparse_semi_structured`` (fp16 / bf16 only), the
@@ -46,6 +48,11 @@ def _tile_multiples(dtype: torch.dtype) -> tuple[int, int]:
         if cfg is not None:
             rows, cols = max(rows, cfg.sparse_min_rows), max(cols, cfg.sparse_min_cols)
     return rows, cols
+
+
+def accepts_two_four(w: TwoFour) -> bool:
+    """torch's semi-structured kernels take fp16 / bf16 values only."""
+    return w.dtype in SEMI_STRUCTURED_DTYPES
 
 
 def prepare_two_four(w: TwoFour) -> SemiStructured:

@@ -435,7 +435,7 @@ if tl is not None:
         tl.store(y_ptr + idx, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-def _configs(interpret: bool) -> list:
+def token_configs(interpret: bool) -> list:
     """One config under the interpreter (autotune benchmarks nothing), else token blocks x warps x stages."""
     if interpret:
         return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
@@ -443,7 +443,7 @@ def _configs(interpret: bool) -> list:
             for bn in (16, 32, 64, 128) for w, s in ((4, 2), (4, 3), (8, 3))]
 
 
-def _prune(configs, named_args, **kwargs):
+def prune_token_configs(configs, named_args, **kwargs):
     """Token blocks no larger than the token count's power of two (16 at least)."""
     largest = max(16, named_args["N_BUCKET"])
     return [c for c in configs if c.kwargs["BLOCK_N"] <= largest] or configs[:1]
@@ -465,8 +465,8 @@ def _build() -> _Kernels:
     g = globals()
     for name in ("_popc32", "_tiled_kernel", "_splitk_reduce"):
         g[name] = triton.jit(getattr(g[name], "fn", g[name]))
-    tiled = triton.autotune(configs=_configs(interpret), key=list(AUTOTUNE_KEY),
-                            prune_configs_by={"early_config_prune": _prune})(g["_tiled_kernel"])
+    tiled = triton.autotune(configs=token_configs(interpret), key=list(AUTOTUNE_KEY),
+                            prune_configs_by={"early_config_prune": prune_token_configs})(g["_tiled_kernel"])
     return _Kernels(tiled, g["_splitk_reduce"], interpret)
 
 
@@ -494,24 +494,32 @@ def choose_splits(tb: TiledBitmap, n: int, variant: str | None) -> int:
     return max(splits, 2) if variant == "splitk" else max(splits, 1)
 
 
-def tiled_matmul(tb: TiledBitmap, x: torch.Tensor, bias: torch.Tensor | None = None, *,
-                 splits: int = 1) -> torch.Tensor:
-    """``x @ W^T (+ bias)`` for x (N, in) on the Triton kernel, in x's dtype; ``splits`` > 1: split-K."""
-    out, inp = tb.shape
+def check_product(shape: tuple[int, int], device: torch.device, x: torch.Tensor, bias: torch.Tensor | None,
+                  splits: int) -> None:
+    """ValueError naming the bad argument of ``x @ W^T + bias`` for a weight of ``shape`` on ``device``;
+    RuntimeError for CPU tensors outside the interpreter."""
+    out, inp = shape
     if x.dim() != 2 or x.shape[1] != inp:
         raise ValueError(f"x must have shape (N, {inp}), got {tuple(x.shape)}")
     if x.dtype not in VALUE_DTYPES:
         raise ValueError(f"x must be fp32 / fp16 / bf16, got {x.dtype}")
-    if x.device != tb.device:
-        raise ValueError(f"x is on {x.device}, the weight on {tb.device}")
+    if x.device != device:
+        raise ValueError(f"x is on {x.device}, the weight on {device}")
     if bias is not None and bias.shape != (out,):
         raise ValueError(f"bias must have shape ({out},), got {tuple(bias.shape)}")
     if splits < 1:
         raise ValueError(f"splits must be >= 1, got {splits}")
-    kernels = _build()
-    if x.device.type != "cuda" and not kernels.interpret:
+    if x.device.type != "cuda" and not interpreting():
         raise RuntimeError("the Triton kernels run CPU tensors only under the interpreter: "
                            "TRITON_INTERPRET=1 before the first product")
+
+
+def tiled_matmul(tb: TiledBitmap, x: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 splits: int = 1) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` for x (N, in) on the Triton kernel, in x's dtype; ``splits`` > 1: split-K."""
+    out, inp = tb.shape
+    check_product(tb.shape, tb.device, x, bias, splits)
+    kernels = _build()
     n = x.shape[0]
     y = torch.empty(n, out, dtype=x.dtype, device=x.device)
     if n == 0 or out == 0:
@@ -532,10 +540,17 @@ def tiled_matmul(tb: TiledBitmap, x: torch.Tensor, bias: torch.Tensor | None = N
         TILE_OUT=tb.tile_out, TILE_K=tb.tile_k, HAS_BIAS=bias is not None, PARTIAL=partial is not None,
         DOT_FP32=dot_fp32, PRECISION=precision, HW_POPC=not kernels.interpret)
     if partial is not None:
-        total, block = n * out, 1024
-        kernels.reduce[(triton.cdiv(total, block),)](partial, bias_arg, y, total, out, splits,
-                                                     HAS_BIAS=bias is not None, BLOCK=block)
+        sum_splits(partial, bias, y)
     return y
+
+
+def sum_splits(partial: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
+    """y (N, out) contiguous = the sum over splits of partial (SPLITS, N, out) fp32, plus bias, in y's dtype:
+    split-K's second kernel (deterministic: a fixed order of plain loads)."""
+    splits, n, out = partial.shape
+    total, block = n * out, 1024
+    _build().reduce[(triton.cdiv(total, block),)](partial, y if bias is None else bias.contiguous(), y, total,
+                                                  out, splits, HAS_BIAS=bias is not None, BLOCK=block)
 
 
 # --- the registry's entry points ---------------------------------------------------------------------------

@@ -6,7 +6,9 @@ E = num_experts, K = top_k, A = kept (token, expert) assignments (A <= T*K).
 Routing follows Mixtral: router linear -> softmax over E -> top-K -> weights renormalised over the chosen
 experts. Dispatch does work proportional to K: the T*K assignments are sorted by expert (stable, so token
 order is kept within an expert), each expert runs once on its contiguous slice, and the weighted results
-are index-added back. Load-balancing terms (Switch aux loss, ST-MoE router z-loss) are pure functions below.
+are index-added back. At inference the experts run without a Python loop: on the CPU routing to combine is
+one C++ call (``kernels.cpu_native.moe_forward``), on CUDA each expert matrix is one Triton grouped matmul over
+the sorted slices (``kernels.triton_moe``). Load-balancing terms (Switch aux loss, ST-MoE router z-loss) are pure functions below.
 
 Example:
     >>> import torch
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparse_ops.kernels import triton_moe
 from sparse_ops.kernels.cpu_native import moe_forward
 from sparse_ops.layers.params import ParamCounts
 
@@ -220,6 +223,22 @@ class MoE(nn.Module):
         return expert_ffn(x, self.w_in[e], pick(self.b_in), self.w_out[e], pick(self.b_out), self._act,
                           pick(self.w_gate), pick(self.b_gate))
 
+    def _grouped(self, xs: Tensor) -> bool:
+        """Whether the experts run as Triton grouped matmuls (``kernels.triton_moe``): on CUDA, where no
+        gradient is asked for (the kernel has no backward; training runs the per-expert loop)."""
+        needs_grad = torch.is_grad_enabled() and (xs.requires_grad or self.w_in.requires_grad)
+        return xs.is_cuda and not needs_grad and triton_moe.available()
+
+    def _experts_grouped(self, xs: Tensor, counts: list[int]) -> Tensor:
+        """Every expert on its slice of ``xs`` (A, D), sorted by expert with ``counts`` rows each: (A, D)."""
+        offsets = F.pad(torch.tensor(counts, dtype=torch.int64).cumsum(0), (1, 0)).to(xs.device)
+        h = triton_moe.grouped_linear(xs, offsets, self.w_in, self.b_in)  # (A, H)
+        if self.w_gate is not None:
+            h = self._act(triton_moe.grouped_linear(xs, offsets, self.w_gate, self.b_gate)) * h
+        else:
+            h = self._act(h)
+        return triton_moe.grouped_linear(h, offsets, self.w_out, self.b_out)  # (A, D)
+
     def forward(self, x: Tensor) -> Tensor:
         c = self.config
         if x.shape[-1] != c.d_model:
@@ -238,8 +257,11 @@ class MoE(nn.Module):
         r = route(logits, c.top_k)
         plan = plan_dispatch(r.experts, c.num_experts, cap)
         xs = x2[plan.token]  # (A, D) tokens grouped by expert
-        ys = [self._expert(e, xe) for e, xe in enumerate(xs.split(plan.counts)) if xe.shape[0]]  # (A_e, D)
-        y = torch.cat(ys) if ys else xs  # (A, D)
+        if self._grouped(xs):  # inference on the GPU: every expert in one launch per matrix
+            y = self._experts_grouped(xs, plan.counts)
+        else:
+            ys = [self._expert(e, xe) for e, xe in enumerate(xs.split(plan.counts)) if xe.shape[0]]  # (A_e, D)
+            y = torch.cat(ys) if ys else xs  # (A, D)
         w = r.weights.reshape(-1)[plan.slot].to(y.dtype)  # (A,)
         out = torch.zeros_like(x2).index_add(0, plan.token, y * w[:, None])  # (T, D)
         self._aux = MoEAux(switch_aux_loss(r.probs, plan.routed, c.aux_loss_coef),

@@ -1,0 +1,173 @@
+"""A Triton kernel for 2:4 weights at small batch: ``y = x @ W^T + b`` read straight from the stored ``TwoFour``.
+
+Why: torch's semi-structured 2:4 (cuSPARSELt / CUTLASS) is tuned for large products; at decode batches it is
+slower than dense (pytorch #111339: 0.11x at batch 1 on 4096 x 4096; it wins only above about 1,280 tokens,
+pytorch/ao #1460). At 1-256 tokens the product is memory-bound, and a 2:4 weight is 9/16 of dense in fp16
+(its values, half the entries, plus a 4-bit code per group of four: 1/16 of dense). So the kernel streams only
+those bytes and expands each tile into a dense tile in registers before a dense ``tl.dot`` on tensor cores, as
+the tiled-bitmap kernel does for unstructured weights (``triton_sparse``, whose split-K reduction and token-
+block autotuning it shares).
+
+Layout: the stored ``sparse_ops.formats.TwoFour`` itself, nothing derived at load: ``values`` (out, in/2),
+the two kept entries of each group of four in column order, and ``metadata`` (out, ceil(in/8)) uint8, per
+group the code ``p0 | p1 << 2`` (0 <= p0 < p1 <= 3), even group in the low nibble.
+
+Kernel: grid (row tiles of TILE_OUT, token blocks of BLOCK_N, splits of the input). For entry (i, k) of a
+TILE_OUT x TILE_K tile, group g = k // 4 and position p = k % 4: the group's code is nibble g % 2 of byte
+g // 2; the entry is ``values[i, 2 g]`` where p == p0, ``values[i, 2 g + 1]`` where p == p1, else zero: one
+masked gather per entry, each stored value read by exactly one entry (the code bytes by eight, from cache).
+Tails: in is a multiple of 4 (the format's rule); columns >= in, tokens >= N and rows >= out are masked.
+
+Split-K (variant "splitk"): the input dimension is cut into SPLITS ranges of whole tiles, each program writes
+its fp32 partial product, and ``triton_sparse.sum_splits`` adds them, the bias and the cast (deterministic).
+``variant=None``: split-K when tokens <= ``triton_sparse.SPLITK_MAX_TOKENS`` and the row tiles x token blocks
+are fewer than ``triton_sparse.target_programs`` (4 per SM).
+
+Tested on CPU tensors under ``TRITON_INTERPRET=1`` (``tests/test_triton_two_four.py``) and compiled for sm_80
+/ sm_90 without a device; on a GPU the CUDA-marked test runs the same grid compiled.
+
+Example:
+    >>> import torch
+    >>> from sparse_ops.formats import TwoFour
+    >>> w = torch.tensor([[1.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 3.0]])
+    >>> wt = TwoFour.from_dense(w)
+    >>> choose_splits(wt, 1, "plain"), choose_splits(wt, 1, "splitk")
+    (1, 2)
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from sparse_ops import activations
+from sparse_ops.formats import TwoFour
+from sparse_ops.kernels import triton_sparse as ts
+
+triton, tl = ts.triton, ts.tl
+
+TILE_OUT, TILE_K = 32, 64  # a tile: TILE_OUT rows x TILE_K input columns (16 groups of four)
+AUTOTUNE_KEY = ("N_BUCKET", "OUT", "IN", "SPLITS")
+VARIANTS = ts.VARIANTS
+available = ts.available
+variants = ts.variants
+
+
+def choose_splits(w: TwoFour, n: int, variant: str | None) -> int:
+    """Input ranges per row tile: 1 for "plain"; for "splitk" at least 2; for None split-K only when skinny."""
+    if variant not in (None, *VARIANTS):
+        raise ValueError(f"unknown variant {variant!r}; allowed: None, {', '.join(VARIANTS)}")
+    k_tiles = -(-w.shape[1] // TILE_K)
+    if variant == "plain" or (variant is None and (n > ts.SPLITK_MAX_TOKENS or k_tiles < 2)):
+        return 1
+    programs = -(-w.shape[0] // TILE_OUT) * -(-n // 16)
+    want = -(-ts.target_programs(w.values.device) // max(programs, 1))
+    splits = min(want, -(-k_tiles // ts.MIN_TILES_PER_SPLIT), ts.MAX_SPLITS)
+    return max(splits, 2) if variant == "splitk" else max(splits, 1)
+
+
+if tl is not None:
+    def _two_four_kernel(x_ptr, values, metadata, bias_ptr, y_ptr, N, OUT, IN, N_BUCKET, stride_xn, stride_yn,
+                         SPLITS, TILES_PER_SPLIT, TILE_OUT: tl.constexpr, TILE_K: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, DOT_FP32: tl.constexpr,
+                         PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid_o, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # tokens
+        o = pid_o * TILE_OUT + tl.arange(0, TILE_OUT)  # output rows
+        k = tl.arange(0, TILE_K)  # columns within the tile
+        n_ok, o_ok = n < N, o < OUT
+        half, code_row = IN // 2, (IN + 7) // 8  # values and metadata row lengths
+        pos = k % 4
+        acc = tl.zeros((BLOCK_N, TILE_OUT), dtype=tl.float32)
+        k_lo = pid_s * TILES_PER_SPLIT * TILE_K
+        k_hi = tl.minimum(k_lo + TILES_PER_SPLIT * TILE_K, IN)
+        for k0 in range(k_lo, k_hi, TILE_K):
+            cols = k0 + k
+            group = cols // 4
+            ok = o_ok[:, None] & (cols < IN)[None, :]
+            byte = tl.load(metadata + o[:, None] * code_row + (group // 2)[None, :], mask=ok, other=0)
+            code = (byte.to(tl.int32) >> ((group % 2) * 4)[None, :]) & 0xF
+            first = (code & 3) == pos[None, :]
+            second = (code >> 2) == pos[None, :]
+            w = tl.load(values + o[:, None] * half + (2 * group)[None, :] + second.to(tl.int32),
+                        mask=ok & (first | second), other=0.0)
+            xt = tl.load(x_ptr + n[:, None] * stride_xn + cols[None, :],
+                         mask=n_ok[:, None] & (cols < IN)[None, :], other=0.0)
+            if DOT_FP32:
+                acc += tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=PRECISION)
+            else:
+                acc += tl.dot(xt, tl.trans(w.to(xt.dtype)), input_precision=PRECISION)
+
+        ok = n_ok[:, None] & o_ok[None, :]
+        if PARTIAL:  # fp32 (SPLITS, N, OUT) buffer
+            tl.store(y_ptr + pid_s * N * OUT + n[:, None] * OUT + o[None, :], acc, mask=ok)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + n[:, None] * stride_yn + o[None, :], acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@dataclass(frozen=True)
+class _Kernel:
+    fn: object  # the autotuned _two_four_kernel
+    interpret: bool
+
+
+@functools.cache
+def _build() -> _Kernel:
+    """Decorate the kernel (once per process), compiled or interpreted per ``TRITON_INTERPRET`` now."""
+    if triton is None:
+        raise RuntimeError("the Triton 2:4 kernel needs triton")
+    interpret = ts.interpreting()
+    g = globals()
+    g["_two_four_kernel"] = triton.jit(getattr(g["_two_four_kernel"], "fn", g["_two_four_kernel"]))
+    fn = triton.autotune(configs=ts.token_configs(interpret), key=list(AUTOTUNE_KEY),
+                         prune_configs_by={"early_config_prune": ts.prune_token_configs})(g["_two_four_kernel"])
+    return _Kernel(fn, interpret)
+
+
+def two_four_matmul(w: TwoFour, x: torch.Tensor, bias: torch.Tensor | None = None, *,
+                    splits: int = 1) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` for x (N, in) on the Triton kernel, in x's dtype; ``splits`` > 1: split-K."""
+    out, inp = w.shape
+    ts.check_product(w.shape, w.values.device, x, bias, splits)
+    kernel = _build()
+    n = x.shape[0]
+    y = torch.empty(n, out, dtype=x.dtype, device=x.device)
+    if n == 0 or out == 0:
+        return y
+    x = x.contiguous()
+    bias_arg = x if bias is None else bias.contiguous()  # any pointer when there is no bias
+    k_tiles = -(-inp // TILE_K)
+    per_split = -(-k_tiles // splits)
+    splits = -(-k_tiles // per_split)  # no empty split
+    partial = torch.empty(splits, n, out, dtype=torch.float32, device=x.device) if splits > 1 else None
+    precision = "tf32" if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    dot_fp32 = kernel.interpret and (x.dtype == torch.bfloat16 or w.dtype == torch.bfloat16)
+    grid = lambda meta: (triton.cdiv(out, TILE_OUT), triton.cdiv(n, meta["BLOCK_N"]), splits)
+    kernel.fn[grid](
+        x, w.values.contiguous(), w.metadata.contiguous(), bias_arg, y if partial is None else partial,
+        n, out, inp, triton.next_power_of_2(n), x.stride(0), y.stride(0), splits, per_split,
+        TILE_OUT=TILE_OUT, TILE_K=TILE_K, HAS_BIAS=bias is not None, PARTIAL=partial is not None,
+        DOT_FP32=dot_fp32, PRECISION=precision)
+    if partial is not None:
+        ts.sum_splits(partial, bias, y)
+    return y
+
+
+# --- the registry's entry points ---------------------------------------------------------------------------
+
+def prepare(w: TwoFour) -> TwoFour:
+    """The layer's state: the stored weight itself, its parts made contiguous (nothing re-encoded)."""
+    return TwoFour(w.values.contiguous(), w.metadata.contiguous(), w.shape)
+
+
+def matmul(state: TwoFour, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None, *,
+           post=None, variant: str | None = None) -> torch.Tensor:
+    """The registry's signature (``sparse_ops.dispatch``): ``post(act(x @ W^T + bias))``; the activation and
+    the post-op run after the kernel with torch ops. ``variant``: None (``choose_splits``), "plain", "splitk"."""
+    activations.check(activation)
+    y = activations.apply(two_four_matmul(state, x, bias, splits=choose_splits(state, x.shape[0], variant)),
+                          activation)
+    return y if post is None else post.apply(y)
