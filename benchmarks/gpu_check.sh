@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # One prepared command for a lent GPU machine (../shared/BENCHMARKING.md), all inside 6 minutes:
-#   1. the CUDA-marked tests (pytest -m cuda);
-#   2. prune bench matmul --device cuda in fp16 and bf16 on the BERT-base and Llama-7B shapes at batches
-#      1, 16, 128, 2048: dense cuBLAS vs our csr (cuSPARSE) and 2:4 (cuSPARSELt / CUTLASS) layers, with the
-#      anchors torch CSR int64/int32 (cuSPARSE) and torch's to_sparse_semi_structured;
-#   3. prune bench families --device cuda.
+#   1. the CUDA-marked tests (pytest -m cuda), Triton autotuning off (one compiled config per case);
+#   2. prune bench matmul --device cuda, fp16 and bf16, on the Llama-7B, Llama-70B and BERT-base shapes at
+#      1, 16, 128, 2048 tokens and sparsity 0.5 / 0.7 / 0.9 / 0.98 (2:4 at 0.5 and above): dense cuBLAS, our
+#      csr layer (the Triton tiled-bitmap kernel), our 2:4 layer (the Triton 2:4 kernel), auto (the plan:
+#      cuBLAS / Triton / cuSPARSE per batch), and the anchors torch CSR int64 / int32 (cuSPARSE) and torch's
+#      to_sparse_semi_structured (cuSPARSELt / CUTLASS); Llama-7B first, so that it is measured if time runs out;
+#   3. prune bench families --device cuda: unstructured sparsity vs MoE (Triton grouped experts) vs head
+#      gating at matched active parameters.
 # Results and a log go to $OUT (default benchmarks/results/gpu): gpu_check.log, matmul.{csv,json,png},
-# families.{csv,json,png} (7 files: the device tool brings back at most 8).
+# families.{csv,json,png} (7 files: the device tool brings back at most 8). The log states the GPU, driver,
+# CUDA, torch and triton versions.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
 #
@@ -40,11 +44,11 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND under a time limit, output
     [ "$rc" -eq 0 ] || failed+=("$name (exit $rc)")
 }
 
-step gpu 30 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-step versions 30 "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
-step tests 75 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests
-step matmul 200 "$PY" -m prune bench matmul --device cuda --dtype fp16,bf16 --shapes bert-base,llama-7b --tokens 1,16,128,2048 --sparsity 0.5,0.75,0.9,0.98 --formats dense,csr,2:4 --repeats 7 --max-seconds 150 --out "$OUT"
-step families 75 "$PY" -m prune bench families --device cuda --tokens 1,16,128,2048 --repeats 11 --max-seconds 45 --out "$OUT"
+step gpu 20 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+step versions 30 "$PY" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, torch.cuda.get_device_name())'
+step tests 80 env SPARSE_OPS_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests
+step matmul 170 "$PY" -m prune bench matmul --device cuda --dtype fp16,bf16 --shapes llama-7b,llama-70b,bert-base --tokens 1,16,128,2048 --sparsity 0.5,0.7,0.9,0.98 --formats dense,csr,2:4,auto --repeats 5 --max-seconds 150 --out "$OUT"
+step families 55 "$PY" -m prune bench families --device cuda --tokens 1,16,128,2048 --repeats 7 --max-seconds 40 --out "$OUT"
 
 echo "== results in $OUT: $(ls "$OUT" | tr '\n' ' ')" | tee -a "$LOG"
 if [ ${#failed[@]} -gt 0 ]; then

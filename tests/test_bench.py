@@ -475,7 +475,8 @@ def test_gpu_check_commands_parse():
         plan = matmul_plan(args) if args.bench_command == "matmul" else families_config(args)
         if args.bench_command == "matmul":
             assert plan.dtypes == ("fp16", "bf16") and plan.batches == (1, 16, 128, 2048)
-            assert {s.name.split()[0] for s in plan.shapes} == {"bert-base", "llama-7b"}
+            assert {s.name.split()[0] for s in plan.shapes} == {"bert-base", "llama-7b", "llama-70b"}
+            assert plan.sparsities == (0.5, 0.7, 0.9, 0.98)
     assert subprocess.run(["bash", "-n", str(GPU_SCRIPT)], check=False).returncode == 0
 
 

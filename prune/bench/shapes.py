@@ -39,6 +39,8 @@ SHAPE_SETS: dict[str, tuple[LinearShape, ...]] = {
                   LinearShape("bert-base attn", 768, 768)),
     "llama-7b": (LinearShape("llama-7b attn", 4096, 4096), LinearShape("llama-7b ffn-up", 4096, 11008),
                  LinearShape("llama-7b ffn-down", 11008, 4096)),
+    "llama-70b": (LinearShape("llama-70b attn", 8192, 8192), LinearShape("llama-70b kv", 8192, 1024),
+                  LinearShape("llama-70b ffn-up", 8192, 28672), LinearShape("llama-70b ffn-down", 28672, 8192)),
     "small": (LinearShape("small ffn-up", 384, 1536),),
     "square-4096": (LinearShape("llama-7b attn", 4096, 4096),),
 }

@@ -50,7 +50,8 @@ than ``target_programs`` (4 per SM).
 Autotune: the tile shape is the layout's (fixed at load); ``triton.autotune`` chooses BLOCK_N (16..128 tokens,
 pruned to configs no larger than the token count's power of two, 16 at least: ``tl.dot``'s minimum), num_warps
 and num_stages, keyed on ``AUTOTUNE_KEY`` (token bucket, out, in, tile, splits) and the dtypes. Under
-``TRITON_INTERPRET=1`` there is one config (BLOCK_N=16), so nothing is benchmarked. The kernels are decorated
+``TRITON_INTERPRET=1`` (or ``SPARSE_OPS_TRITON_AUTOTUNE=0``) there is one config (BLOCK_N=16), so nothing
+is benchmarked. The kernels are decorated
 lazily, at the first product (``_build``), so whether they run compiled or interpreted follows
 ``TRITON_INTERPRET`` at that moment, not at import (importing ``sparse_ops`` before setting it is fine).
 
@@ -62,10 +63,13 @@ Interpreter notes: the interpreter stores bf16 as uint16 and its ``tl.dot`` mult
 under the interpreter bf16 tiles are upcast to fp32 before the dot (``DOT_FP32``; compiled, bf16 goes to the
 tensor cores as is). fp32 uses ``input_precision="ieee"`` unless ``torch.backends.cuda.matmul.allow_tf32``.
 
-Still to do: the entry in ``sparse_ops.dispatch`` (``("csr", "cuda")`` before cuSPARSE, ``variants`` below as
-its planned paths), measurements on a real GPU (fp16 / bf16 decode against cuBLAS and cuSPARSE at 50-95%
-sparsity, tile shapes 32 x 64 vs 64 x 64, configs), a GEMV path for N = 1 (broadcast-multiply-sum instead of a
-16-row dot), staging values through shared memory, and activations fused into the epilogue.
+Dispatch: ``sparse_ops.dispatch`` lists this kernel first for ``("csr", "cuda")``, cuSPARSE after it as the
+planned path ``"csr:torch"``; the plan times dense (cuBLAS), each variant here and cuSPARSE per batch bucket.
+
+Still to do (needs a GPU): measurements on a real one (fp16 / bf16 decode against cuBLAS and cuSPARSE at
+50-98% sparsity, tile shapes 32 x 64 vs 64 x 64, configs: ``benchmarks/gpu_check.sh``), a GEMV path for N = 1
+(broadcast-multiply-sum instead of a 16-row dot), staging values through shared memory, and activations fused
+into the epilogue.
 
 Example:
     >>> import torch
@@ -436,8 +440,9 @@ if tl is not None:
 
 
 def token_configs(interpret: bool) -> list:
-    """One config under the interpreter (autotune benchmarks nothing), else token blocks x warps x stages."""
-    if interpret:
+    """One config under the interpreter or with ``SPARSE_OPS_TRITON_AUTOTUNE=0`` (autotune benchmarks nothing:
+    the CUDA tests compile one kernel per case), else token blocks x warps x stages."""
+    if interpret or os.environ.get("SPARSE_OPS_TRITON_AUTOTUNE") == "0":
         return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
             for bn in (16, 32, 64, 128) for w, s in ((4, 2), (4, 3), (8, 3))]
