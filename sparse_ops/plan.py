@@ -49,7 +49,7 @@ from sparse_ops.timing import Timer
 log = logging.getLogger(__name__)
 
 BUCKETS = (1, 8, 64, 256)  # tokens per call at which paths are measured
-PLAN_VERSION = 3  # of the choice rule: cached choices made by another rule are measured again
+PLAN_VERSION = 4  # of the choice rule and paths (4: Triton kernels on CUDA): older cached choices are measured again
 PREFER_WITHIN = 1.03  # our kernel this close to the fastest path is chosen (the first variant listed so close)
 DENSE = "dense"
 TORCH_SUFFIX = ":torch"  # "csr:torch": the format on torch's kernel (dispatch.torch_path_kernel)
@@ -89,7 +89,10 @@ def machine_key(device: torch.device) -> str:
     """What a measurement depends on besides the layer: the processor, the kernels' ISA and the threads."""
     rule = f"plan {PLAN_VERSION}|torch {torch.__version__}"
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}|cuda {torch.version.cuda}|{rule}"
+        from sparse_ops.kernels import triton_sparse  # our CUDA kernels are Triton's: its version matters
+
+        triton_version = getattr(triton_sparse.triton, "__version__", "none")
+        return f"{torch.cuda.get_device_name(device)}|cuda {torch.version.cuda}|triton {triton_version}|{rule}"
     isa = native.isa() if native.available() else "torch-only"
     return f"{native.cpu_model()}|{isa}|abi {native.ABI_VERSION}|threads {torch.get_num_threads()}|{rule}"
 
