@@ -34,6 +34,11 @@ CONFIGS: dict[str, dict] = {
     "magnitude-2:4": dict(method="magnitude", pattern="2:4"),
     "wanda-2:4": dict(method="wanda", pattern="2:4"),
     "sparsegpt-2:4": dict(method="sparsegpt", pattern="2:4"),
+    # within each block, each stage of linears pruned from the inputs its pruned predecessors give
+    "wanda-50-seq": dict(method="wanda", sparsity=0.5, sequential=True),
+    "sparsegpt-50-seq": dict(method="sparsegpt", sparsity=0.5, sequential=True),
+    "wanda-2:4-seq": dict(method="wanda", pattern="2:4", sequential=True),
+    "sparsegpt-2:4-seq": dict(method="sparsegpt", pattern="2:4", sequential=True),
     "wanda-70": dict(method="wanda", sparsity=0.7),
     "wanda-70-owl": dict(method="wanda", sparsity=0.7, profile="owl"),
     "sparsegpt-70": dict(method="sparsegpt", sparsity=0.7),

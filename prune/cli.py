@@ -116,6 +116,9 @@ def add_oneshot(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="uniform", help="uniform or owl (per-block sparsity from outliers)")
     p.add_argument("--include", action="append", default=None, help="module name pattern to prune (repeatable)")
     p.add_argument("--exclude", action="append", default=[], help="module name pattern to keep dense (repeatable)")
+    p.add_argument("--sequential", action="store_true",
+                   help="within a block, prune q/k/v, then o, then gate/up, then down, each from the inputs the "
+                        "pruned earlier ones give (default: all from one pass over the dense block)")
     p.add_argument("--device", default=None, help="where blocks compute, e.g. cuda (default: the model's device)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default: 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder once done")
@@ -127,7 +130,8 @@ def run_oneshot(args: argparse.Namespace) -> int:
     report = oneshot_folder(args.model, args.output, args.calibration, overwrite=args.overwrite,
                             method=args.method, sparsity=args.sparsity, pattern=args.pattern,
                             profile=args.profile, include=args.include, exclude=args.exclude,
-                            samples=args.samples, seq_len=args.seq_len, device=args.device, seed=args.seed)
+                            samples=args.samples, seq_len=args.seq_len, sequential=args.sequential,
+                            device=args.device, seed=args.seed)
     print(report)
     print(f"written to {args.output}")
     return 0

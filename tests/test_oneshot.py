@@ -212,3 +212,30 @@ def test_layers_reading_one_tensor_share_their_statistics():
     handle.remove()
     assert q.rows == separate.rows == 24
     torch.testing.assert_close(q.gram, separate.gram, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_sequential_stages_see_their_pruned_predecessors(sequential):
+    """With ``sequential=True`` each stage of a block (q/k/v, o, gate/up, down) is pruned from the inputs the
+    block gives once its earlier stages are pruned; without it, every linear from the dense block's inputs.
+    Checked on down_proj, the last stage: its Wanda row mask is recomputed from its inputs in the model whose
+    other linears are as the run left them (sequential) or all dense (one pass)."""
+    dense = tiny_llama(layers=1)
+    original = dense.model.layers[0].mlp.down_proj.weight.detach().clone()
+    model, _ = oneshot(tiny_llama(layers=1), CALIB, method="wanda", sparsity=0.5, sequential=sequential,
+                       progress=False)
+    probe = model if sequential else dense
+    down = probe.model.layers[0].mlp.down_proj
+    pruned = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    with torch.no_grad():
+        down.weight.copy_(original)  # down_proj dense again: its input does not depend on its own weight
+        stats = InputStats(down.in_features)
+        handle = stats.attach(down)
+        probe(CALIB)
+        handle.remove()
+    scores = CRITERIA["wanda"].score(original, Evidence(inputs=stats))
+    assert torch.equal(pruned != 0, row_mask(scores, 0.5))
+    # and the two settings do differ here: the sequential run saw other inputs
+    other, _ = oneshot(tiny_llama(layers=1), CALIB, method="wanda", sparsity=0.5, sequential=not sequential,
+                       progress=False)
+    assert not torch.equal(other.model.layers[0].mlp.down_proj.weight != 0, pruned != 0)

@@ -12,7 +12,7 @@ Example:
     >>> from prune.criteria.base import Evidence
     >>> stats = InputStats(2); stats.update(torch.tensor([[3.0, 0.1], [4.0, 0.0]]))
     >>> CRITERION.score(torch.tensor([[1.0, 2.0]]), Evidence(inputs=stats))
-    tensor([[5.0000, 0.2000]])
+    tensor([[5.0000, 0.2000]], dtype=torch.float64)
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class Wanda(Criterion):
     def score(self, weight: Tensor, evidence: Evidence) -> Tensor:
         assert evidence.inputs is not None, "wanda needs the layer's input statistics"
         norms = evidence.inputs.norms().to(weight.device)
-        return weight.detach().abs().float() * evidence.per_input(norms, weight)
+        return weight.detach().abs().double() * evidence.per_input(norms, weight)  # float64: see calibration
 
 
 CRITERION = Wanda()

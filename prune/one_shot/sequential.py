@@ -137,7 +137,11 @@ def find_blocks(model: nn.Module) -> Blocks:
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook on block 0 to end the model's forward there."""
+    """Raised by a pre-hook to end a forward there: the capture hook on block 0, ``forward(until=...)``."""
+
+
+def _stop(_module: nn.Module, _args: tuple) -> None:
+    raise _StopForward
 
 
 def _normalize(device: torch.device | str) -> torch.device:
@@ -269,8 +273,10 @@ def run_sequential(
     """Run the calibration ``batches`` (token ids, each (b, seq) int64) through ``model`` block by block, calling
     ``on_block(i, name, block, forward)`` for each block in order, where ``name`` is the block's qualified name
     (``"model.layers.3"``) and ``forward()`` runs the block on every calibration input (no grad, outputs discarded;
-    call it as often as needed, with hooks attached). The block's outputs after ``on_block`` returns are the next
-    block's inputs, so a callback that prunes its block in place sees the effect of every earlier pruning.
+    call it as often as needed, with hooks attached). ``forward(until=module)`` ends each input's pass where
+    ``module`` (inside the block) is about to run, ``forward(count=n)`` runs the first ``n`` inputs only. The
+    block's outputs after ``on_block`` returns are the next block's inputs, so a callback that prunes its block
+    in place sees the effect of every earlier pruning.
 
     ``attention_mask``: one mask per batch (padded batches), passed to the model's forward. ``device``: where the
     blocks compute and the activations live (default: the model's device); a model elsewhere is moved onto it one
@@ -313,10 +319,18 @@ def _run_block(
     block = blocks.layers[i]
     moved = _move([(block, True)], device) if device is not None else []
     try:
-        def forward() -> None:
-            with torch.no_grad():
-                for args, kwargs in inputs:
-                    block(*args, **kwargs)
+        def forward(until: nn.Module | None = None, count: int | None = None) -> None:
+            handle = until.register_forward_pre_hook(_stop) if until is not None else None
+            try:
+                with torch.no_grad():
+                    for args, kwargs in inputs[:count]:
+                        try:
+                            block(*args, **kwargs)
+                        except _StopForward:
+                            pass
+            finally:
+                if handle is not None:
+                    handle.remove()
 
         before = _hook_keys(block)
         try:
