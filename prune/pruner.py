@@ -4,6 +4,7 @@ Masks are attached with ``torch.nn.utils.parametrize``: the module's ``weight`` 
 ``where(mask, W, 0)`` computed from the dense parameter ``W`` at every access, so masked weights are exactly
 0.0 in every forward whatever the optimizer does to ``W`` (momentum, weight decay, clipping). The dense ``W`` is
 kept so that movement pruning can let a weight regrow. ``finalize()`` bakes the zeros in and removes all of it.
+Under FSDP2 (``fully_shard``) masks and scores live on the weights' shards instead (:mod:`prune.sharding`).
 
 Example:
     >>> import torch
@@ -28,9 +29,12 @@ from torch.nn.utils import parametrize
 
 from prune import criteria as _criteria
 from prune import masks as _masks
+from prune import recipe as _recipe
+from prune import sharding as _sharding
 from prune.calibration import InputStats
 from prune.report import SparsityReport, layer_row
 from prune.schedules import Constant, Schedule, schedule_from_dict
+from prune.sharded_masks import ShardedMaskMath
 from prune.targets import Target, find_targets
 
 SCOPES = ("layer", "row", "global")
@@ -42,45 +46,62 @@ class _Mask(nn.Module):
 
     ``mask`` and ``score`` are plain attributes, not buffers: DDP broadcasts buffers from rank 0 at every forward,
     which would overwrite each rank's own score and cost a mask-sized broadcast per step. They are saved by
-    ``Pruner.state_dict()`` and follow the module across devices through ``_apply``.
+    ``Pruner.state_dict()`` and follow the module across devices through ``_apply``. ``energy`` (0-d) sums
+    ``||increment||^2`` over backward passes: the noise level the criterion compares its score to. With a
+    ``learned`` criterion ``score`` is a leaf that receives ``-increment`` as its gradient, and ``state`` holds its
+    optimizer state. ``world`` is the DDP world size (see ``Pruner._sync_scores``).
     """
 
     def __init__(self, mask: Tensor, score: Tensor | None, criterion: _criteria.Criterion) -> None:
         super().__init__()
         self.mask = mask
-        self.score = score
+        self.score = score.requires_grad_(criterion.learned) if score is not None else None
+        self.energy = torch.zeros((), device=mask.device) if score is not None else None
+        self.state: dict[str, Tensor] = {}
         self.criterion = criterion
         self.accumulate = score is not None
+        self.world = 1
 
     def _apply(self, fn, recurse=True):  # model.to(device) / .cuda(): move mask and score, keep their dtypes
         super()._apply(fn, recurse)
         device = fn(torch.empty(0, device=self.mask.device)).device
         self.mask = self.mask.to(device)
         if self.score is not None:
-            self.score = self.score.to(device)
+            self.score = self.score.detach().to(device).requires_grad_(self.criterion.learned)
+            self.energy = self.energy.to(device)
+            self.state = {k: v.to(device) for k, v in self.state.items()}
         return self
 
     def forward(self, weight: Tensor) -> Tensor:
         if self.accumulate and torch.is_grad_enabled() and weight.requires_grad:
-            return _MaskedWeight.apply(weight, self.mask, self.score, self.criterion)
+            return _MaskedWeight.apply(weight, self.mask, self.score, self.energy, self.criterion, self.world)
         return torch.where(self.mask, weight, 0)
 
 
 class _MaskedWeight(torch.autograd.Function):
-    """``where(mask, W, 0)`` whose backward also adds ``criterion.increment(W, dL/dW')`` into ``score``."""
+    """``where(mask, W, 0)`` whose backward also adds ``criterion.increment(W, dL/dW')`` into ``score`` (or, for a
+    learned score, returns ``-increment`` as its gradient) and ``||increment||^2`` into ``energy``. Under DDP
+    (``world`` > 1) a quantity of degree k in the gradient is divided by ``world ** (k - 1)`` here, so that the
+    ranks' mean at the next sync is what one process accumulating their micro-batches (loss / world) would sum."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, mask: Tensor, score: Tensor,  # type: ignore[override]
-                criterion: _criteria.Criterion) -> Tensor:
+    def forward(ctx, weight: Tensor, mask: Tensor, score: Tensor, energy: Tensor,  # type: ignore[override]
+                criterion: _criteria.Criterion, world: int) -> Tensor:
         ctx.save_for_backward(weight, mask)
-        ctx.score, ctx.criterion = score, criterion
+        ctx.score, ctx.energy, ctx.criterion, ctx.world = score, energy, criterion, world
         return torch.where(mask, weight, 0)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         weight, mask = ctx.saved_tensors
-        ctx.score.add_(ctx.criterion.increment(weight, grad))  # grad is dL/dW', dense
-        return torch.where(mask, grad, 0), None, None, None
+        inc = ctx.criterion.increment(weight, grad)  # grad is dL/dW', dense
+        if ctx.world > 1 and ctx.criterion.increment_degree > 1:
+            inc = inc / ctx.world ** (ctx.criterion.increment_degree - 1)
+        ctx.energy.add_(inc.square().sum() / ctx.world)  # degree 2 * increment_degree
+        if ctx.criterion.learned:  # straight-through: dL/dS = -increment (S ranks W as -W * dL/dW' would)
+            return torch.where(mask, grad, 0), None, -inc, None, None, None
+        ctx.score.add_(inc)
+        return torch.where(mask, grad, 0), None, None, None, None, None
 
 
 class Pruner:
@@ -102,6 +123,8 @@ class Pruner:
         process_group: under ``torch.distributed`` (e.g. DDP), the group whose ranks share masks (default: the
             whole world when a process group is initialized). Movement scores are averaged over it before every
             mask update, which equals scoring from the all-reduced gradient, so every rank picks the same mask.
+            Under FSDP2 (``fully_shard``) leave it None: build the pruner after ``fully_shard``; masks and scores
+            are then kept as shards like the weights (see :mod:`prune.sharding`).
 
     Masks are recomputed on the schedule's update steps (``begin_step + k * every`` up to ``end_step``), then
     frozen. Step ``t`` counts calls to :meth:`step`; masks for ``t = 0`` are set at construction.
@@ -139,11 +162,18 @@ class Pruner:
                              f"so it cannot prune at step 0 (target {self.schedule(0)}): use begin_step >= 1")
         self.model = model
         self.process_group = process_group
+        _sharding.refuse_fsdp1(model)  # before find_targets: FSDP1 hides the weights in flat parameters
         self.targets = find_targets(model, types, include, exclude)
+        self._target_args = {"types": types, "include": include, "exclude": exclude}  # for to_recipe()
         for t in self.targets:
             _check_nm_shape(t, self.nm)
             if self.criterion.uses_inputs:
                 _check_feature_input(t, self.criterion)
+        mesh = _sharding.fsdp2_mesh(model, self.targets)  # None unless FSDP2 shards the weights
+        if mesh is not None:
+            _sharding.check_settings(self.targets, self.criterion, self.nm, self.scope, process_group)
+        self._shards = None if mesh is None else _sharding.ShardedMasks(model, self.targets, self.criterion, mesh)
+        self._select = _masks if self._shards is None else ShardedMaskMath(self._shards.group)
         self._step = 0
         self._finalized = False
         self._attach()
@@ -154,10 +184,20 @@ class Pruner:
     def step(self) -> None:
         """Call once after every ``optimizer.step()``: advances the schedule and updates masks when it is due."""
         self._check_live("step()")
+        if self.criterion.learned and self._step < self.schedule.end_step:
+            self._learn_scores()
         self._step += 1
         if self.schedule.is_update_step(self._step):
             self._update_masks(self.schedule(self._step))
         self._set_accumulate()
+
+    def regularization(self) -> Tensor:
+        """The criterion's loss term on its learned scores (``soft_movement``'s pull towards pruning): add it to
+        the loss before ``backward()``. A 0-d zero for other criteria and after the last mask update."""
+        self._check_live("regularization()")
+        live = self.criterion.learned and self._step < self.schedule.end_step
+        scores = [self._param(t).score for t in self.targets] if live else []
+        return self.criterion.regularization(scores) if scores else torch.zeros(())
 
     def finalize(self) -> nn.Module:
         """Bake the zeros into the weights and remove all pruning machinery; returns the (same) model.
@@ -167,7 +207,9 @@ class Pruner:
         self._check_live("finalize()")
         for handle in self._hooks:
             handle.remove()
-        for t in self.targets:
+        if self._shards is not None:  # zeros into the shards; the model stays sharded (gather a full state dict)
+            self._shards.finalize()
+        for t in self.targets if self._shards is None else ():
             parametrize.remove_parametrizations(t.module, "weight", leave_parametrized=True)
             _restore_order(t.module._parameters, self._param_order[t.name])
         if self._model_save_pretrained is not None:
@@ -188,6 +230,8 @@ class Pruner:
         (['0.bias', '0.weight'], 0.5)
         """
         self._check_live("masked_state_dict()")
+        if self._shards is not None:  # FSDP2: the sharded (DTensor) state dict, target weights masked
+            return self._shards.masked_state_dict(self.model)
         originals = {f"{t.name}.parametrizations.weight.original": t for t in self.targets}
         with torch.no_grad():
             return {(f"{originals[k].name}.weight" if k in originals else k):
@@ -211,17 +255,27 @@ class Pruner:
 
     @property
     def masks(self) -> dict[str, Tensor]:
-        """Current masks by module name (``True`` = kept). Read-only: change masks through the pruner."""
+        """Current masks by module name (``True`` = kept). Read-only: change masks through the pruner.
+        Under FSDP2, DTensors sharded like the weights (``.full_tensor()`` gathers one)."""
+        if self._shards is not None:
+            return {t.name: self._shards[t.name].to_dtensor(self._param(t).mask) for t in self.targets}
         return {t.name: self._param(t).mask for t in self.targets}
 
     def report(self) -> SparsityReport:
         """Per-layer rows (name, shape, nnz, sparsity, pattern) and totals for the target weights."""
+        if self._shards is not None:  # counted over all ranks
+            return SparsityReport(self._shards.report_rows(self.pattern))
         with torch.no_grad():
             return SparsityReport([layer_row(t.name, t.module.weight, self.pattern) for t in self.targets])
 
     # -- state -------------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, object]:
-        """Everything needed to resume: step, schedule, masks and (movement) scores. Safe for ``weights_only``."""
+    def state_dict(self, full_state_dict: bool = False) -> dict[str, object]:
+        """Everything needed to resume: step, schedule, masks and (movement) scores. Safe for ``weights_only``.
+
+        Under FSDP2 masks and scores are DTensors sharded like the weights (for ``torch.distributed.checkpoint``),
+        or with ``full_state_dict=True`` whole tensors on every rank, as a single process saves them (a
+        collective: call it on every rank). Without FSDP2 the flag changes nothing.
+        """
         self._check_live("state_dict()")
         state: dict[str, object] = {
             "version": STATE_VERSION, "step": self._step, "criterion": self.criterion.name,
@@ -229,9 +283,15 @@ class Pruner:
             "masks": {t.name: self._param(t).mask.clone() for t in self.targets},
         }
         if self.criterion.uses_gradients:
-            state["scores"] = {t.name: self._param(t).score.clone() for t in self.targets}
+            state["scores"] = {t.name: self._param(t).score.detach().clone() for t in self.targets}
+            state["energy"] = {t.name: self._param(t).energy.clone() for t in self.targets}
+        if self.criterion.learned:
+            state["score_state"] = {t.name: {k: v.clone() for k, v in self._param(t).state.items()}
+                                    for t in self.targets}
         if self.criterion.uses_inputs:
             state["inputs"] = {name: stats.state_dict() for name, stats in self._inputs.items()}
+        if self._shards is not None:
+            state = self._shards.export_state(state, full=full_state_dict)
         return state
 
     def load_state_dict(self, state: dict[str, object]) -> None:
@@ -245,28 +305,53 @@ class Pruner:
                 raise ValueError(f"saved pruner has {key}={state.get(key)!r}, this one has {mine!r}")
         if schedule_from_dict(state["schedule"]) != self.schedule:  # type: ignore[arg-type]
             raise ValueError(f"saved schedule {state['schedule']} differs from this pruner's {self.schedule}")
+        if self._shards is not None:  # sharded (DTensor) or whole tensors -> this rank's shards
+            state = self._shards.import_state(state)
         masks = state["masks"]
         scores = state.get("scores", {})
         names = [t.name for t in self.targets]
         if sorted(masks) != sorted(names):  # type: ignore[arg-type]
             raise ValueError(f"saved masks are for {sorted(masks)}, this pruner targets {sorted(names)}")
+        energy, score_state = state.get("energy", {}), state.get("score_state", {})
         for t in self.targets:
             p = self._param(t)
             _copy_checked(p.mask, masks[t.name], f"mask of {t.name}")  # type: ignore[index]
             if p.score is not None:
-                _copy_checked(p.score, scores[t.name], f"score of {t.name}")  # type: ignore[index]
+                with torch.no_grad():
+                    _copy_checked(p.score, scores[t.name], f"score of {t.name}")  # type: ignore[index]
+                # a state saved before `energy` existed: unknown noise level (nan), not "no gradients"
+                p.energy.copy_(energy.get(t.name, torch.tensor(float("nan"))))  # type: ignore[union-attr]
+                p.state = {k: v.to(p.score.device).clone()
+                           for k, v in score_state.get(t.name, {}).items()}  # type: ignore[union-attr]
             if t.name in self._inputs:
                 self._inputs[t.name].load_state_dict(state["inputs"][t.name])  # type: ignore[index]
         self._step = int(state["step"])  # type: ignore[arg-type]
         self._set_accumulate()
 
+    # -- recipes (prune.recipe) ------------------------------------------------------------------------------
+    @classmethod
+    def from_recipe(cls, model: nn.Module, recipe: _recipe.RecipeSource, **kwargs: object) -> Pruner:
+        """A pruner with a recipe's settings (a ``.yaml``/``.toml`` path, a mapping or a
+        :class:`~prune.recipe.Recipe`); ``kwargs`` (``process_group``) go to the constructor.
+
+        >>> from torch import nn
+        >>> spec = {"scope": "global", "schedule": {"kind": "Constant", "final": 0.5}}
+        >>> Pruner.from_recipe(nn.Sequential(nn.Linear(4, 4)), spec).to_recipe().scope
+        'global'
+        """
+        return cls(model, **_recipe.as_recipe(recipe).pruner_kwargs(), **kwargs)  # type: ignore[arg-type]
+
+    def to_recipe(self) -> _recipe.Recipe:
+        """This pruner's settings as a :class:`~prune.recipe.Recipe`: compare it, or ``.save(path)`` it."""
+        return _recipe.recipe_of(self)
+
     # -- internals ---------------------------------------------------------------------------------------------
     def _attach(self) -> None:
         self._param_order = {t.name: list(t.module._parameters) for t in self.targets}
-        for t in self.targets:
+        for t in self.targets if self._shards is None else ():  # FSDP2: ShardedMasks holds masks and scores
             w = t.module.weight
             mask = torch.ones_like(w, dtype=torch.bool)
-            score = torch.zeros_like(w, dtype=torch.float32) if self.criterion.uses_gradients else None
+            score = self.criterion.initial_score(w.detach()).float() if self.criterion.uses_gradients else None
             parametrize.register_parametrization(t.module, "weight", _Mask(mask, score, self.criterion))
         # criteria that read the layers' inputs: a forward pre-hook per target feeds its InputStats
         self._inputs: dict[str, InputStats] = {}
@@ -285,17 +370,23 @@ class Pruner:
             self.model.save_pretrained = self._save_pretrained
 
     def _param(self, t: Target) -> _Mask:
+        if self._shards is not None:
+            return self._shards[t.name]  # type: ignore[return-value]  # the same mask/score/energy attributes
         return t.module.parametrizations["weight"][0]
 
     def _dense(self, t: Target) -> Tensor:
+        if self._shards is not None:
+            return self._shards[t.name].dense()  # this rank's shard
         return t.module.parametrizations["weight"].original
 
     def _set_accumulate(self) -> None:
         # Scores and input statistics only matter until the last mask update; after it, stop paying for them.
         live = self._step < self.schedule.end_step
         self._collecting = self.criterion.uses_inputs and live
+        world = self._world_size() if self._shards is None else 1  # FSDP2 increments use the averaged gradient
         for t in self.targets:
             self._param(t).accumulate = self.criterion.uses_gradients and live
+            self._param(t).world = world
 
     def _scores(self, t: Target) -> Tensor:
         p = self._param(t)
@@ -303,8 +394,14 @@ class Pruner:
         if inputs is not None and inputs.rows == 0:
             raise RuntimeError(f"criterion {self.criterion.name!r} scores layer {t.name!r} by its inputs, but no "
                                "forward pass reached it since the last mask update; run the model between updates")
-        evidence = _criteria.Evidence(in_dim=t.in_dim, accumulated=p.score, inputs=inputs)
-        s = self.criterion.score(self._dense(t), evidence)
+        energy = float(p.energy) if p.energy is not None else None
+        evidence = _criteria.Evidence(in_dim=t.in_dim, accumulated=p.score.detach() if p.score is not None else None,
+                                      inputs=inputs, energy=None if energy is not None and energy != energy
+                                      else energy)
+        if self._shards is not None:  # FSDP2: scored on the whole layer (gathered), this rank's shard returned
+            s = self._shards[t.name].criterion_score(self.criterion, evidence)
+        else:
+            s = self.criterion.score(self._dense(t), evidence)
         if _criteria.has_nan(s):
             raise ValueError(f"layer {t.name!r}: {self.criterion.name} scores contain NaN (NaN weights or "
                              "gradients); fix the weights or exclude the layer")
@@ -320,18 +417,37 @@ class Pruner:
 
     def _sync_scores(self) -> None:
         """Average gradient scores over ranks: each rank accumulated ``-W * g_local``; W is the same on every
-        rank (DDP), so the mean is ``-W * mean(g)``, the score of the all-reduced gradient. Input statistics are
-        summed: every rank then scores from all ranks' data."""
+        rank (DDP), so the mean is ``-W * mean(g)``, the score of the all-reduced gradient. Scores of higher degree
+        in the gradient (``taylor``'s squares, the noise ``energy``) were divided by ``world ** (k - 1)`` as they
+        accumulated (``_MaskedWeight``): after the mean, a DDP run holds exactly what one process accumulating the
+        ranks' micro-batches with loss / world would, whatever the degree. Input statistics are summed: every
+        rank then scores from all ranks' data."""
         world = self._world_size()
-        if world == 1:
+        if world == 1 or self._shards is not None:  # FSDP2: shard gradients arrive reduce-scattered (averaged)
             return
         for t in self.targets:
-            score = self._param(t).score
+            score, energy = self._param(t).score, self._param(t).energy
             if score is not None:
                 torch.distributed.all_reduce(score, group=self.process_group)
                 score.div_(world)
+                torch.distributed.all_reduce(energy, group=self.process_group)
+                energy.div_(world)
         for stats in self._inputs.values():
             stats.all_reduce(self.process_group)
+
+    @torch.no_grad()
+    def _learn_scores(self) -> None:
+        """One step of the criterion's own optimizer on learned scores; gradients averaged over ranks first."""
+        world = self._world_size()
+        for t in self.targets:
+            p = self._param(t)
+            if p.score.grad is None:
+                continue
+            if world > 1:
+                torch.distributed.all_reduce(p.score.grad, group=self.process_group)
+                p.score.grad.div_(world)
+            self.criterion.learn(p.score, p.score.grad, p.state, self._step + 1)
+            p.score.grad = None
 
     @torch.no_grad()
     def _update_masks(self, sparsity: float) -> None:
@@ -342,12 +458,12 @@ class Pruner:
             flat = torch.empty(sum(sizes), dtype=torch.float32, device=self._dense(self.targets[0]).device)
             for t, part in zip(self.targets, flat.split(sizes)):
                 part.copy_(self._scores(t).reshape(-1))
-            new = _masks.global_masks(flat, sizes, sparsity, self.max_layer_sparsity)
+            new = self._select.global_masks(flat, sizes, sparsity, self.max_layer_sparsity)
             del flat
             for t, m in zip(self.targets, new):
                 self._param(t).mask.copy_(m.view_as(self._param(t).mask))
         for t in self.targets if self.scope != "global" else ():  # one layer's scores at a time
-            m = _masks.weight_mask(self._scores(t), sparsity, scope=self.scope, nm=self.nm, in_dim=t.in_dim)
+            m = self._select.weight_mask(self._scores(t), sparsity, scope=self.scope, nm=self.nm, in_dim=t.in_dim)
             self._param(t).mask.copy_(m)
         for stats in self._inputs.values():  # the next update scores the inputs seen from now on
             stats.reset()
@@ -355,6 +471,9 @@ class Pruner:
     def _check_live(self, what: str) -> None:
         if self._finalized:
             raise RuntimeError(f"{what} called after finalize(): the pruner has been removed from the model")
+        if self._shards is None and any(_sharding.is_sharded(self._dense(t)) for t in self.targets):
+            raise RuntimeError(f"{what}: fully_shard (FSDP2) sharded the model after the Pruner was built, which "
+                               "the pruner cannot follow; " + _sharding.ORDER)
 
 
 def _check_scope(scope: str, nm: _masks.NMPattern | None, max_layer_sparsity: float | None) -> str:

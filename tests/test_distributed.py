@@ -1,5 +1,6 @@
 """Pruner under DistributedDataParallel (2 processes, gloo, CPU): masks identical on every rank at every update
-and equal to a single-process run with the same global batch."""
+and equal to a single process that accumulates the ranks' micro-batches (loss / world each): the run DDP is
+equivalent to, also for criteria whose scores are squares of gradients (taylor) or compare to a noise level."""
 import os
 
 import pytest
@@ -27,12 +28,13 @@ def global_batch(step):
     return x, torch.randint(0, 3, (GLOBAL_BATCH,), generator=g)
 
 
-def train(model, pruner, forward, shard):
+def train(model, pruner, forward, shards, scale=1.0):
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     masks_per_update = []
     for step in range(STEPS):
         x, y = global_batch(step)
-        nn.functional.cross_entropy(forward(x[shard]), y[shard]).backward()
+        for shard in shards:
+            (nn.functional.cross_entropy(forward(x[shard]), y[shard]) * scale).backward()
         opt.step()
         pruner.step()
         opt.zero_grad()
@@ -48,19 +50,21 @@ def _rank_main(rank, criterion, init_file, out_dir):
         model, pruner = build(criterion)
         ddp = nn.parallel.DistributedDataParallel(model)
         per_rank = GLOBAL_BATCH // WORLD
-        masks = train(model, pruner, ddp, slice(rank * per_rank, (rank + 1) * per_rank))
+        masks = train(model, pruner, ddp, [slice(rank * per_rank, (rank + 1) * per_rank)])
         torch.save({"masks": masks, "model": pruner.finalize().state_dict()}, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("criterion", ["movement", "magnitude"])
+@pytest.mark.parametrize("criterion", ["movement", "taylor", "magnitude"])
 def test_ddp_masks_identical_and_match_single_process(criterion, tmp_path):
     mp.start_processes(_rank_main, args=(criterion, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD,
                        join=True, start_method="spawn")
     ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(WORLD)]
     model, pruner = build(criterion)
-    single_masks = train(model, pruner, model, slice(None))
+    per_rank = GLOBAL_BATCH // WORLD
+    single_masks = train(model, pruner, model, [slice(r * per_rank, (r + 1) * per_rank) for r in range(WORLD)],
+                         scale=1 / WORLD)
     single_model = pruner.finalize().state_dict()
     assert len(ranks[0]["masks"]) == len(single_masks) == 5
     for update, expected in enumerate(single_masks):

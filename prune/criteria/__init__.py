@@ -2,7 +2,10 @@
 :mod:`prune.criteria.base` for the interface; a new criterion is one new file here).
 
 - ``magnitude``: |W| (``magnitude.py``).
-- ``movement``: accumulated ``-W * dL/dW'`` (``movement.py``).
+- ``movement``: accumulated ``-W * dL/dW'`` in units of its noise, plus a magnitude prior (``movement.py``).
+- ``soft_movement``: learned scores (Adam, straight-through ``W * dL/dW'``) with a regulariser the loss adds
+  through ``Pruner.regularization()`` (``soft_movement.py``).
+- ``taylor``: accumulated ``(W * dL/dW')^2``, a first-order / Fisher saliency, plus a magnitude prior (``taylor.py``).
 - ``wanda``: |W| times the input feature's L2 norm (``wanda.py``).
 
 Scores are float32 whatever the weight's dtype. NaN scores are an error (the pruner names the layer); an
@@ -10,7 +13,7 @@ infinite weight has an infinite magnitude and is kept.
 
 Example:
     >>> sorted(CRITERIA)
-    ['magnitude', 'movement', 'wanda']
+    ['magnitude', 'movement', 'soft_movement', 'taylor', 'wanda']
     >>> get_criterion("magnitude").uses_gradients
     False
 """
@@ -28,7 +31,7 @@ from prune.criteria.base import Criterion, Evidence
 def _discover() -> dict[str, Criterion]:
     found: dict[str, Criterion] = {}
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        if info.name == "base":
+        if info.name in ("base", "signal"):
             continue
         criterion = getattr(importlib.import_module(f"{__name__}.{info.name}"), "CRITERION", None)
         if isinstance(criterion, Criterion):

@@ -1,0 +1,32 @@
+"""benchmarks/quality.py's quick path: a tiny BERT from a config, every kind of method, files written."""
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+
+from benchmarks import quality  # noqa: E402
+
+
+def test_quick_run_writes_rows_for_every_kind_of_method(tmp_path):
+    methods = [quality.ONESHOT, "ours-magnitude", "ours-soft_movement", quality.TORCH_AO]
+    quality.main(["--quick", "--sparsities", "0.5", "--methods", ",".join(methods), "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "quality.json").read_text())
+    assert {"cpu", "torch", "cores"} <= set(data["environment"])
+    rows = {r["method"]: r for r in data["rows"]}
+    assert sorted(rows) == sorted(methods)
+    for name, row in rows.items():
+        assert row["measured_sparsity"] == pytest.approx(0.5, abs=0.01), name
+        assert 0.0 < row["cosine"] <= 1.0
+    assert (tmp_path / "quality.csv").read_text().startswith("method,")
+    assert (tmp_path / "quality.png").stat().st_size > 0
+    lines = quality.table(data["rows"]).splitlines()
+    assert lines[0] == "| 20 steps | 0.5 |" and len(lines) == 2 + len(methods)
+    assert {line.split(" | ")[0][2:] for line in lines[2:]} == set(methods)
+    assert lines[2].split(" | ")[1] == f"{max(r['cosine'] for r in rows.values()):.4f} |"
+
+
+def test_unknown_method_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="unknown methods \\['ours-nope'\\]"):
+        quality.main(["--quick", "--methods", "ours-nope", "--out", str(tmp_path)])
