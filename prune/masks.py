@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -144,42 +144,50 @@ def nm_schedule_mask(scores: Tensor, pattern: NMPattern, sparsity: float) -> Ten
     return prune_lowest(ranked, n_prune)
 
 
-def global_masks(flat: Tensor, sizes: Sequence[int], sparsity: float,
-                 max_layer_sparsity: float | None = None) -> list[Tensor]:
+def global_masks(flat: Tensor, sizes: Sequence[int], sparsity: float, max_layer_sparsity: float | None = None, *,
+                 lowest: Callable[[Tensor, list[int], int], Tensor] | None = None,
+                 count: Callable[[list[int]], list[int]] | None = None) -> list[Tensor]:
     """One threshold over several tensors' scores: exactly ``round(s * total)`` zeros in total.
 
     ``flat`` holds the tensors' scores end to end (``sizes`` long each), so the caller can fill one buffer
     instead of keeping every tensor's scores *and* their concatenation. Returns one flat mask per tensor.
     With ``max_layer_sparsity``, no tensor is pruned beyond it: capped tensors get exactly their cap and the
     rest of the budget goes to the others by a new common threshold (repeated until no tensor exceeds its cap).
+    ``lowest(pool, sizes, n)`` (the mask pruning the ``n`` lowest of ``pool``) and ``count(per_tensor)`` (totals
+    of per-tensor counts) default to this process's; sharded callers pass collective ones
+    (:mod:`prune.sharded_masks`), where ``flat`` is this rank's part of every tensor.
 
     Example:
         >>> [m.tolist() for m in global_masks(torch.tensor([1.0, 5.0, 2.0, 3.0]), [2, 2], 0.5)]
         [[False, True], [False, True]]
     """
+    lowest = lowest or (lambda pool, _sizes, n: prune_lowest(pool, n))
+    count = count or list
     if flat.numel() != sum(sizes):
         raise ValueError(f"scores hold {flat.numel()} entries but sizes add up to {sum(sizes)}")
     parts = flat.split(list(sizes))
-    budget = num_pruned(sparsity, flat.numel())
-    cap = [int(max_layer_sparsity * n) if max_layer_sparsity is not None else n for n in sizes]
+    totals = count(list(sizes))  # whole tensors' numel
+    budget = num_pruned(sparsity, sum(totals))
+    cap = [int(max_layer_sparsity * n) if max_layer_sparsity is not None else n for n in totals]
     if budget > sum(cap):
         raise ValueError(f"sparsity {sparsity} is unreachable with max_layer_sparsity={max_layer_sparsity}: "
-                         f"at most {sum(cap) / flat.numel():.4f} of the weights may be pruned")
+                         f"at most {sum(cap) / sum(totals):.4f} of the weights may be pruned")
     capped: set[int] = set()
     while True:
         free = [i for i in range(len(sizes)) if i not in capped]
         n_free = budget - sum(cap[i] for i in capped)
         pool = flat if not capped else torch.cat([parts[i] for i in free]) if free else flat[:0]
-        kept = prune_lowest(pool, n_free).split([sizes[i] for i in free])
-        over = {i for i, k in zip(free, kept) if sizes[i] - int(torch.count_nonzero(k)) > cap[i]}
+        kept = lowest(pool, [sizes[i] for i in free], n_free).split([sizes[i] for i in free])
+        pruned = count([sizes[i] - int(torch.count_nonzero(k)) for i, k in zip(free, kept)])
+        over = {i for i, p in zip(free, pruned) if p > cap[i]}
         if not over:
             break
         capped |= over
     masks: list[Tensor] = [flat[:0].bool()] * len(sizes)
     for i, k in zip(free, kept):
         masks[i] = k
-    for i in capped:
-        masks[i] = prune_lowest(parts[i], cap[i])
+    for i in sorted(capped):
+        masks[i] = lowest(parts[i], [sizes[i]], cap[i])
     return masks
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from prune import masks as _masks
 from prune.masks import NMPattern, from_input_last, input_last, nm_mask, num_pruned, row_mask
 
 _SIGN = -(2**31)  # int32 with only the sign bit set
@@ -132,33 +133,9 @@ def global_masks(flat: Tensor, sizes: Sequence[int], sparsity: float, max_layer_
                  group: object | None = None) -> list[Tensor]:
     """Sharded :func:`prune.masks.global_masks`: ``flat`` holds this rank's parts of the tensors (``sizes`` long
     each); one threshold over all of every rank's scores, the same cap rule. Returns this rank's flat masks."""
-    if flat.numel() != sum(sizes):
-        raise ValueError(f"scores hold {flat.numel()} entries but sizes add up to {sum(sizes)}")
-    parts = flat.split(list(sizes))
-    total_sizes = sum_over_ranks(sizes, group, flat.device)  # whole tensors' numel
-    budget = num_pruned(sparsity, sum(total_sizes))
-    cap = [int(max_layer_sparsity * n) if max_layer_sparsity is not None else n for n in total_sizes]
-    if budget > sum(cap):
-        raise ValueError(f"sparsity {sparsity} is unreachable with max_layer_sparsity={max_layer_sparsity}: "
-                         f"at most {sum(cap) / sum(total_sizes):.4f} of the weights may be pruned")
-    capped: set[int] = set()
-    while True:
-        free = [i for i in range(len(sizes)) if i not in capped]
-        pool = flat if not capped else torch.cat([parts[i] for i in free]) if free else flat[:0]
-        n_free = budget - sum(cap[i] for i in capped)
-        kept = prune_lowest(pool, [sizes[i] for i in free], n_free, group).split([sizes[i] for i in free])
-        pruned = sum_over_ranks([sizes[i] - int(torch.count_nonzero(k)) for i, k in zip(free, kept)], group,
-                                flat.device)
-        over = {i for i, p in zip(free, pruned) if p > cap[i]}
-        if not over:
-            break
-        capped |= over
-    masks: list[Tensor] = [flat[:0].bool()] * len(sizes)
-    for i, k in zip(free, kept):
-        masks[i] = k
-    for i in sorted(capped):
-        masks[i] = prune_lowest(parts[i], [sizes[i]], cap[i], group)
-    return masks
+    return _masks.global_masks(flat, sizes, sparsity, max_layer_sparsity,
+                               lowest=lambda pool, part_sizes, n: prune_lowest(pool, part_sizes, n, group),
+                               count=lambda values: sum_over_ranks(values, group, flat.device))
 
 
 @dataclass(frozen=True)

@@ -69,14 +69,12 @@ def warn_if_uninformative(name: str, score: Tensor, energy: float | None) -> boo
     ratio = signal_ratio(score, energy)
     if ratio >= MIN_SIGNAL:
         return False
-    zero = ratio == 0
-    warnings.warn(f"criterion {name!r}: the gradient scores carry no signal yet (||S||^2 / energy < {MIN_SIGNAL}"
-                  + ("; here exactly zero gradients: the model starts at its optimum" if zero else "")
-                  + "), so this mask update ranks the layer by magnitude. Later updates use the gradients once they "
-                  "carry signal." + (" From an optimum (a converged model, or one distilled to itself) signed "
-                                     "movement scores only measure the compensation for what is pruned and do "
-                                     "worse than magnitude (README, 'Which criterion'); criterion='taylor' does "
-                                     "better there." if zero else ""),
+    warnings.warn(f"criterion {name!r}: the gradient scores carry no signal yet (||S||^2 / energy < {MIN_SIGNAL}; "
+                  "~0 means (near) zero gradients, as when a model starts at its optimum), so this "
+                  "mask update ranks the layer by magnitude; later updates use the gradients once they carry "
+                  "signal. From an optimum (a converged model, or one distilled to itself) signed movement scores "
+                  "then measure only the compensation for what is pruned and do worse than magnitude (README, "
+                  "'Which criterion'): criterion='taylor' does better there.",
                   UninformativeScores, stacklevel=2)
     return True
 
