@@ -191,6 +191,29 @@ def global_masks(flat: Tensor, sizes: Sequence[int], sparsity: float, max_layer_
     return masks
 
 
+SCOPES = ("layer", "row", "global")  # what a Pruner's scope= may be (weight_mask takes the first two)
+
+
+def check_scope(scope: str, nm: NMPattern | None, max_layer_sparsity: float | None) -> str:
+    """``scope`` if it is one of :data:`SCOPES` and fits the N:M pattern and ``max_layer_sparsity``; else a
+    ValueError naming the value and what is allowed.
+
+    >>> check_scope("global", None, 0.9)
+    'global'
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; choose one of {list(SCOPES)}")
+    if nm is not None and scope != "layer":
+        raise ValueError(f"scope {scope!r} does not apply to N:M pattern {nm} (every group keeps {nm.n} of "
+                         f"{nm.m}); use scope='layer'")
+    if max_layer_sparsity is not None:
+        if scope != "global":
+            raise ValueError("max_layer_sparsity only applies to scope='global'")
+        if not 0.0 < max_layer_sparsity <= 1.0:
+            raise ValueError(f"max_layer_sparsity must be in (0, 1], got {max_layer_sparsity!r}")
+    return scope
+
+
 def weight_mask(scores: Tensor, sparsity: float, *, scope: str = "layer", nm: NMPattern | None = None,
                 in_dim: int = 1) -> Tensor:
     """The mask of one weight from its scores: ``scope="layer"`` (the whole tensor to ``sparsity``), ``"row"``

@@ -37,8 +37,8 @@ from prune.schedules import Constant, Schedule, schedule_from_dict
 from prune.sharded_masks import ShardedMaskMath
 from prune.targets import Target, find_targets
 
-SCOPES = ("layer", "row", "global")
 STATE_VERSION = 1
+
 
 class _Mask(nn.Module):
     """Parametrization ``W -> where(mask, W, 0)``; with a gradient criterion (movement) it also adds the
@@ -150,7 +150,7 @@ class Pruner:
         self.nm = _masks.parse_pattern(pattern)
         self.pattern = str(self.nm) if self.nm else "unstructured"
         self.schedule = sparsity if isinstance(sparsity, Schedule) else Constant(sparsity)
-        self.scope = _check_scope(scope, self.nm, max_layer_sparsity)
+        self.scope = _masks.check_scope(scope, self.nm, max_layer_sparsity)
         self.max_layer_sparsity = max_layer_sparsity
         if self.nm and abs(self.schedule.final - self.nm.sparsity) > 1e-9:
             raise ValueError(f"pattern {self.pattern} means sparsity {self.nm.sparsity}, but the schedule's final "
@@ -343,7 +343,8 @@ class Pruner:
 
     def to_recipe(self) -> _recipe.Recipe:
         """This pruner's settings as a :class:`~prune.recipe.Recipe`: compare it, or ``.save(path)`` it."""
-        return _recipe.recipe_of(self)
+        return _recipe.recipe_of(self.schedule, self.criterion, self.pattern, self.scope,
+                                 max_layer_sparsity=self.max_layer_sparsity, **self._target_args)
 
     # -- internals ---------------------------------------------------------------------------------------------
     def _attach(self) -> None:
@@ -474,20 +475,6 @@ class Pruner:
         if self._shards is None and any(_sharding.is_sharded(self._dense(t)) for t in self.targets):
             raise RuntimeError(f"{what}: fully_shard (FSDP2) sharded the model after the Pruner was built, which "
                                "the pruner cannot follow; " + _sharding.ORDER)
-
-
-def _check_scope(scope: str, nm: _masks.NMPattern | None, max_layer_sparsity: float | None) -> str:
-    if scope not in SCOPES:
-        raise ValueError(f"unknown scope {scope!r}; choose one of {list(SCOPES)}")
-    if nm is not None and scope != "layer":
-        raise ValueError(f"scope {scope!r} does not apply to N:M pattern {nm} (every group keeps {nm.n} of "
-                         f"{nm.m}); use scope='layer'")
-    if max_layer_sparsity is not None:
-        if scope != "global":
-            raise ValueError("max_layer_sparsity only applies to scope='global'")
-        if not 0.0 < max_layer_sparsity <= 1.0:
-            raise ValueError(f"max_layer_sparsity must be in (0, 1], got {max_layer_sparsity!r}")
-    return scope
 
 
 def _check_feature_input(t: Target, criterion: _criteria.Criterion) -> None:

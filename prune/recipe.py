@@ -6,7 +6,7 @@ A recipe holds the settings of a :class:`~prune.Pruner` (all but the model and `
   schedule's arguments (``final`` required; ``initial``, ``begin_step``, ``end_step``, ``every`` where the
   kind takes them);
 - ``criterion``: a name in :data:`prune.criteria.CRITERIA`; ``pattern``: ``"unstructured"`` or ``"N:M"``;
-  ``scope``: one of :data:`prune.pruner.SCOPES`; ``max_layer_sparsity`` (with ``scope: global``);
+  ``scope``: one of :data:`prune.masks.SCOPES`; ``max_layer_sparsity`` (with ``scope: global``);
 - ``types``: module type names (:func:`module_types`; default: ``Linear`` and transformers' ``Conv1D``);
   ``include``, ``exclude``: module name patterns (``prune.targets``), a string or a list.
 
@@ -35,7 +35,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import Union
 
 from torch import nn
 
@@ -43,9 +43,6 @@ from prune import criteria as _criteria
 from prune import masks as _masks
 from prune.schedules import SCHEDULES, Schedule
 from prune.targets import INPUT_DIM
-
-if TYPE_CHECKING:
-    from prune.pruner import Pruner
 
 HF_CONV1D = "Conv1D"  # transformers' GPT-2 linear layer, imported only when a recipe names it
 SUFFIXES = {".yaml": "yaml", ".yml": "yaml", ".toml": "toml"}
@@ -116,8 +113,6 @@ class Recipe:
     max_layer_sparsity: float | None = None
 
     def __post_init__(self) -> None:
-        from prune.pruner import SCOPES, _check_scope  # prune.pruner imports this module
-
         if not isinstance(self.schedule, Schedule):
             raise ValueError(f"recipe key 'schedule': expected a prune.schedules.Schedule, "
                              f"got {self.schedule!r}")
@@ -130,7 +125,7 @@ class Recipe:
         except ValueError as e:
             raise ValueError(f"recipe key 'pattern': {e}") from None
         object.__setattr__(self, "pattern", str(nm) if nm else "unstructured")
-        _check_choice("scope", self.scope, SCOPES)
+        _check_choice("scope", self.scope, _masks.SCOPES)
         object.__setattr__(self, "types", _names("types", self.types, none_ok=True))
         for name in self.types or ():
             _check_choice("types", name, module_types())
@@ -141,7 +136,7 @@ class Recipe:
             raise ValueError(f"recipe key 'max_layer_sparsity': expected a number in (0, 1] or null, "
                              f"got {mls!r}")
         try:
-            _check_scope(self.scope, nm, mls)
+            _masks.check_scope(self.scope, nm, mls)
         except ValueError as e:
             raise ValueError(f"recipe keys 'scope', 'pattern', 'max_layer_sparsity': {e}") from None
 
@@ -242,17 +237,18 @@ def as_recipe(source: RecipeSource) -> Recipe:
     return load_recipe(source)
 
 
-def recipe_of(pruner: Pruner) -> Recipe:
-    """The settings a pruner was built with, as a recipe (``Pruner.to_recipe``); ValueError for settings a
+def recipe_of(schedule: Schedule, criterion: _criteria.Criterion, pattern: str, scope: str,
+              types: tuple[type, ...] | None, include: tuple[str, ...] | str | None,
+              exclude: tuple[str, ...] | str | None, max_layer_sparsity: float | None) -> Recipe:
+    """The recipe of a pruner built with these settings (``Pruner.to_recipe``); ValueError for settings a
     recipe cannot name (a criterion instance that is not registered, a module type outside
     :func:`module_types`)."""
-    if _criteria.CRITERIA.get(pruner.criterion.name) != pruner.criterion:  # a registered one, same settings
-        raise ValueError(f"criterion {pruner.criterion!r} is not registered in prune.criteria, so a recipe "
+    if _criteria.CRITERIA.get(criterion.name) != criterion:  # a registered one, same settings
+        raise ValueError(f"criterion {criterion!r} is not registered in prune.criteria, so a recipe "
                          f"cannot name it; registered: {sorted(_criteria.CRITERIA)}")
-    types, include, exclude = (pruner._target_args[k] for k in ("types", "include", "exclude"))
-    return Recipe(schedule=pruner.schedule, criterion=pruner.criterion.name, pattern=pruner.pattern,
-                  scope=pruner.scope, types=None if types is None else tuple(_type_name(t) for t in types),
-                  include=include, exclude=exclude, max_layer_sparsity=pruner.max_layer_sparsity)
+    return Recipe(schedule=schedule, criterion=criterion.name, pattern=pattern, scope=scope,
+                  types=None if types is None else tuple(_type_name(t) for t in types),
+                  include=include, exclude=exclude, max_layer_sparsity=max_layer_sparsity)
 
 
 def _format(path: Path) -> str:

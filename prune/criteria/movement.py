@@ -15,7 +15,8 @@ to its own dense copy (300 steps, 70%, held-out cosine; ``benchmarks/quality.py`
 2. After that update the gradients are not noise, but they only say how the kept weights compensate for the
    pruned ones: at an optimum the first-order effect of removing a kept weight is ~0 and the signed ``-W * g``
    ranks by the compensation, not by importance. With ``prior=1`` movement still ended at 0.235 (0.237 with no
-   regrowth, so it is not mask churn); ``prior=10`` (the default, by that measurement) 0.606; magnitude 0.799,
+   regrowth, so it is not mask churn; 0.236 and 0.239 with ``S / rms(S)`` in place of the noise units and prior 1
+   or 3); ``prior=10`` (the default, by that measurement) 0.606; magnitude 0.799,
    one-shot magnitude 0.396, ``taylor`` (squared first-order terms, a Fisher estimate) 0.860. Movement is for
    fine-tuning on a task far from its optimum (Sanh's setting); from an optimum choose ``taylor``.
 
