@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from prune import Constant, CubicRamp, LinearRamp, Pruner
+from tests._ranks import finish
 
 WORLD, GLOBAL_BATCH = 2, 16
 
@@ -128,11 +129,9 @@ def init(rank: int, world: int, init_method: str) -> None:
 def rank_main(rank: int, mode: str, config: str, init_file: str, out_dir: str) -> None:
     """One spawned rank: run ``MODES[mode]`` and save what it returns to ``out_dir/RANK.pt``."""
     init(rank, WORLD, f"file://{init_file}")
-    try:
-        result = MODES[mode](config, rank, out_dir)
-        torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    result = MODES[mode](config, rank, out_dir)
+    torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
+    finish()
 
 
 def _train_mode(config: str, rank: int, out_dir: str) -> dict:
@@ -338,7 +337,7 @@ def main() -> None:
     state["model"] = full_model_state(pruner.finalize())
     if args.rank == 0:
         save_atomic(state, args.out)
-    dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":

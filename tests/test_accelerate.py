@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from prune import CubicRamp, Pruner
+from tests._ranks import finish
 
 STEPS, ACCUMULATE, BATCH = 12, 2, 8
 SCHEDULE = CubicRamp(0.0, 0.8, begin_step=2, end_step=10, every=2)
@@ -146,7 +147,7 @@ def _rank_main(rank, port, out_dir):
     except RuntimeError as e:
         result["after"] = str(e)
     torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
-    accelerator.end_training()
+    finish()
 
 
 def _free_port():
