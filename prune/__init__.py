@@ -17,7 +17,7 @@ Example:
 """
 __version__ = "0.2.0"
 
-import importlib
+from sparse_ops.lazy import lazy_exports
 
 # public name -> the module that defines it, imported on first use (`prune --version` does not load torch)
 _EXPORTS = {"Pruner": "prune.pruner", "Schedule": "prune.schedules", "Constant": "prune.schedules",
@@ -28,15 +28,10 @@ _EXPORTS = {"Pruner": "prune.pruner", "Schedule": "prune.schedules", "Constant":
 __all__ = [*_EXPORTS, "__version__"]
 
 
-def __getattr__(name: str) -> object:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value  # once loaded, a plain attribute
-        return value
-    from prune.schedules import deprecated_name  # prune.Linear / Cubic / Exponential: renamed, with a warning
+def _renamed(name: str) -> object:  # prune.Linear / Cubic / Exponential: renamed, with a warning
+    from prune.schedules import deprecated_name
 
     return deprecated_name(__name__, name)
 
 
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals(), fallback=_renamed)

@@ -259,11 +259,7 @@ def _format(path: Path) -> str:
 
 
 def _parse_yaml(text: str) -> object:
-    try:
-        import yaml
-    except ImportError:
-        msg = "YAML recipes need PyYAML: pip install pyyaml (or write the recipe as .toml)"
-        raise ImportError(msg) from None
+    import yaml  # a dependency of the package
 
     class StrictLoader(yaml.SafeLoader):  # safe_load's loader, refusing duplicate keys
         pass
@@ -285,11 +281,8 @@ def _parse_yaml(text: str) -> object:
 def _parse_toml(text: str) -> object:
     try:
         import tomllib
-    except ImportError:  # Python 3.10
-        try:
-            import tomli as tomllib  # type: ignore[no-redef]
-        except ImportError:
-            raise ImportError("TOML recipes on Python 3.10 need tomli: pip install tomli") from None
+    except ImportError:  # Python 3.10: tomli, a dependency there
+        import tomli as tomllib  # type: ignore[no-redef]
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -11,7 +11,7 @@ Example:
     >>> PruningCallback.__mro__[1].__name__
     'TrainerCallback'
 """
-import importlib
+from sparse_ops.lazy import lazy_exports
 
 # public name -> the module that defines it, imported on first use (importing this package loads no framework)
 _EXPORTS = {"PruningCallback": "prune.integrations.trainer", "add_pruning": "prune.integrations.trainer",
@@ -19,13 +19,4 @@ _EXPORTS = {"PruningCallback": "prune.integrations.trainer", "add_pruning": "pru
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> object:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value  # once loaded, a plain attribute
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
