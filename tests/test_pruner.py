@@ -90,17 +90,18 @@ def test_movement_by_hand_with_regrowth():
     assert pruner.masks["0"].all()
     top, bottom = slice(0, 2), slice(2, 4)
     g1 = torch.empty(4, 8)
-    g1[top], g1[bottom] = -w[top], w[bottom]  # score -W*G: +1 on top rows, -1 on bottom rows
+    # each step adds -W*G + 3|W*G| (the default saliency 3): +1 + 3 on top rows, -1 + 3 on bottom rows
+    g1[top], g1[bottom] = -w[top], w[bottom]
     _movement_step(model, g1, pruner)
     assert pruner.masks["0"][top].all() and not pruner.masks["0"][bottom].any()
     assert (model[0].weight[bottom] == 0).all()
     g2 = torch.empty(4, 8)
-    g2[top], g2[bottom] = 3 * w[top], -3 * w[bottom]  # scores now -2 (top) and +2 (bottom)
+    g2[top], g2[bottom] = 3 * w[top], -3 * w[bottom]  # scores now 4 - 3 + 9 = 10 (top), 2 + 3 + 9 = 14 (bottom)
     _movement_step(model, g2, pruner)
     assert not pruner.masks["0"][top].any() and pruner.masks["0"][bottom].all()  # bottom rows regrew
     assert torch.equal(model[0].weight[bottom], w[bottom])  # with their dense values intact
     scores = pruner.state_dict()["scores"]["0"]
-    assert torch.equal(scores, torch.tensor([[-2.0] * 8] * 2 + [[2.0] * 8] * 2))
+    assert torch.equal(scores, torch.tensor([[10.0] * 8] * 2 + [[14.0] * 8] * 2))
 
 
 def test_movement_cannot_prune_at_step_zero():

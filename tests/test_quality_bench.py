@@ -21,9 +21,12 @@ def test_quick_run_writes_rows_for_every_kind_of_method(tmp_path):
         assert 0.0 < row["cosine"] <= 1.0
     assert (tmp_path / "quality.csv").read_text().startswith("method,")
     assert (tmp_path / "quality.png").stat().st_size > 0
+    assert {row["cpu"] for row in rows.values()} == {data["environment"]["cpu"]}  # every row names its machine
     lines = quality.table(data["rows"]).splitlines()
-    assert lines[0] == "| 20 steps | 0.5 |" and len(lines) == 2 + len(methods)
-    assert {line.split(" | ")[0][2:] for line in lines[2:]} == set(methods)
+    assert lines[0] == "| 20 steps | 0.5 |" and len(lines) == 4 + len(methods)
+    assert {line.split(" | ")[0][2:] for line in lines[2:2 + len(methods)]} == set(methods)
+    kernel_isa = data["environment"]["kernel_isa"]
+    assert lines[-1] == f"measured on: {data['environment']['cpu']} ({kernel_isa})"
     assert lines[2].split(" | ")[1] == f"{max(r['cosine'] for r in rows.values()):.4f} |"
 
 
