@@ -19,10 +19,12 @@ to its own dense copy (300 steps, 70%, held-out cosine; ``benchmarks/quality.py`
    What was missing is the size of each weight's effect whatever its sign, the part that the second-order
    (OBD) term ``H W^2 / 2`` carries and that ``taylor`` ranks by. Now each step adds
    ``-W * g + saliency * |W * g|``: the signed movement plus the unsigned size of the same first-order term.
-   ``saliency=3`` (the default): 0.842 at 70% (1: 0.791; the layer-RMS-scaled square ``(W g)^2 / rms(W g)``,
-   nearer OBD's form, 0.827 / 0.830 at 1 / 3, and it needs the whole layer, so FSDP2 shards could not
-   compute it), 0.581 at 90% and 0.489 at 95% (magnitude 0.527 / 0.428). ``saliency=0, prior=0`` is Sanh's
-   plain hard movement, for fine-tuning far from the optimum (the paper's setting).
+   ``saliency=3`` (the default): 0.950 / 0.842 / 0.601 / 0.520 at 50 / 70 / 90 / 95% (magnitude 0.932 / 0.799
+   / 0.527 / 0.428, taylor 0.953 / 0.860 / 0.629 / 0.533); ``saliency=1``: 0.791 at 70%. The layer-RMS-scaled
+   square ``(W g)^2 / rms(W g)``, nearer OBD's form, gave less (0.827 / 0.830 at 70% with weights 1 / 3; 0.581
+   / 0.489 at 90 / 95% with 3) and needs the whole layer per step, which FSDP2 shards do not have.
+   ``saliency=0, prior=0`` is Sanh's plain hard movement, for fine-tuning far from the optimum (the paper's
+   setting).
 
 Scores are on one scale per layer, so ``scope="global"`` compares layers fairly.
 
