@@ -73,8 +73,8 @@ def warn_if_uninformative(name: str, score: Tensor, energy: float | None) -> boo
                   "~0 means (near) zero gradients, as when a model starts at its optimum), so this "
                   "mask update ranks the layer by magnitude; later updates use the gradients once they carry "
                   "signal. From an optimum (a converged model, or one distilled to itself) signed movement scores "
-                  "then measure only the compensation for what is pruned and do worse than magnitude (README, "
-                  "'Which criterion'): criterion='taylor' does better there.",
+                  "alone (saliency=0) measure only the compensation for what is pruned and do worse than "
+                  "magnitude (README, 'Which criterion').",
                   UninformativeScores, stacklevel=2)
     return True
 
