@@ -2,7 +2,8 @@
 :mod:`prune.criteria.base` for the interface; a new criterion is one new file here).
 
 - ``magnitude``: |W| (``magnitude.py``).
-- ``movement``: accumulated ``-W * dL/dW'`` in units of its noise, plus a magnitude prior (``movement.py``).
+- ``movement``: accumulated ``-W * dL/dW' + saliency * |W * dL/dW'|`` in units of its noise, plus a magnitude
+  prior (``movement.py``).
 - ``soft_movement``: learned scores (Adam, straight-through ``W * dL/dW'``) with a regulariser the loss adds
   through ``Pruner.regularization()`` (``soft_movement.py``).
 - ``taylor``: accumulated ``(W * dL/dW')^2``, a first-order / Fisher saliency, plus a magnitude prior (``taylor.py``).
