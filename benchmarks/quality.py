@@ -322,9 +322,7 @@ def write(out: Path, new_rows: list[dict]) -> None:
     path = out / "quality.json"
     old = json.loads(path.read_text())["rows"] if path.exists() else []
     env = environment()
-    # rows merge across runs, and runs across machines (float paths differ a little): each row names its own
-    machine = {"cpu": env["cpu"], "kernel_isa": env["kernel_isa"], "torch": env["torch"], "git": env["git"]}
-    new_rows = [{**r, **machine} for r in new_rows]
+    new_rows = [{**r, **machine_of(env)} for r in new_rows]
     key = lambda r: (r["method"], r["sparsity"], r["budget"])
     rows = sorted(({key(r): r for r in old} | {key(r): r for r in new_rows}).values(),
                   key=lambda r: (r["budget"], r["sparsity"], r["method"]))
@@ -354,6 +352,12 @@ def table(rows: list[dict]) -> str:
         out += ["", f"measured on: {machines([r for r in rows if r['budget'] == budget])}", ""]
     return "\n".join("| " + line + " |" if line and not line.startswith("measured") else line
                      for line in out).strip()
+
+
+def machine_of(env: dict) -> dict:
+    """What each result row records of the machine it ran on (rows merge across runs, and runs across machines:
+    float paths differ a little)."""
+    return {k: env[k] for k in ("cpu", "kernel_isa", "torch", "git")}
 
 
 def machines(rows: list[dict]) -> str:

@@ -73,14 +73,14 @@ def table(rows: list[dict]) -> str:
 
 def write(out: Path, new_rows: list[dict]) -> None:
     """Merge rows by (criterion, sparsity, seed, steps) into the JSON / CSV and redraw the plot."""
+    from benchmarks.quality import machine_of
     from sparse_ops.timing import environment
 
     path = out / "scratch_quality.json"
     old = json.loads(path.read_text())["rows"] if path.exists() else []
     env = environment()
-    machine = {"cpu": env["cpu"], "kernel_isa": env["kernel_isa"], "torch": env["torch"], "git": env["git"]}
     key = lambda r: (r["criterion"], r["sparsity"], r["seed"], r["steps"])
-    merged = {key(r): r for r in old} | {key(r): {**r, **machine} for r in new_rows}
+    merged = {key(r): r for r in old} | {key(r): {**r, **machine_of(env)} for r in new_rows}
     rows = sorted(merged.values(), key=lambda r: (r["steps"], r["sparsity"], r["criterion"], r["seed"]))
     path.write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
     with open(out / "scratch_quality.csv", "w", newline="") as f:
