@@ -125,9 +125,11 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) -> (..., out)."""
         self.check_input(x)
-        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         bias = self._buffers["bias"]
-        path = None if self.planner is None or self._needs_grad(x, bias) else self.route(x2.shape[0])
+        path = None if self.planner is None or self._needs_grad(x, bias) else self.route(x.shape[:-1].numel())
+        if path == DENSE:  # F.linear takes (..., in) as it is: no reshapes on the path dense-chosen layers run
+            return activations.apply(F.linear(x, self.dense_weight(), bias), self._activation)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         y = self._call(path, x2, bias, self._activation)  # (N, out)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 

@@ -44,17 +44,21 @@ def test_choose_takes_the_fastest_and_ours_on_near_ties(times, expected):
 @pytest.mark.skipif(not native.available(), reason="native CPU kernels unavailable (no compiler)")
 @pytest.mark.parametrize("path", ["dense", "csr.plain", "csr.panels", "csr:torch"])
 @pytest.mark.parametrize("n", [1, 9, 64, 300])
-def test_every_chosen_path_computes_the_layer(path, n):
+@pytest.mark.parametrize("lead,act", [((), None), ((3,), "relu")])  # (n, in) plain; (3, n, in) with an activation
+def test_every_chosen_path_computes_the_layer(path, n, lead, act):
     w = unstructured((40, 72), 0.8)
     w[3] = 0.0
     b = torch.randn(40)
     layer = planned(w, favour(path), bias=b)
-    x = torch.randn(n, 72)
+    layer.activation = act
+    x = torch.randn(*lead, n, 72)
     with torch.inference_mode():
         y = layer(x)
-    want = path if path in layer.paths(n) else "csr.plain"  # no panels for 1 token
-    assert layer.route(n) == want
-    torch.testing.assert_close(y, reference.csr_matmul(CSR.from_dense(w), x) + b, rtol=1e-5, atol=1e-5)
+    tokens = x.numel() // 72
+    want = path if path in layer.paths(tokens) else "csr.plain"  # no panels for 1 token
+    assert layer.route(tokens) == want and y.shape == (*lead, n, 40)
+    ref = reference.csr_matmul(CSR.from_dense(w), x.reshape(-1, 72)).reshape(*lead, n, 40) + b
+    torch.testing.assert_close(y, ref if act is None else torch.relu(ref), rtol=1e-5, atol=1e-5)
 
 
 def test_two_four_layers_choose_between_dense_and_their_kernel():
