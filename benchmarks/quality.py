@@ -189,7 +189,7 @@ def run(method: str, setup: Setup, criterion: object | None = None) -> dict:
         losses = _train_torch_ao(model, schedule, setup, train_b, t_train)
     elif method.startswith("ours-"):
         pruner = Pruner(model, schedule, criterion=criterion or method[len("ours-"):], include="encoder")
-        losses = _train(model, setup, train_b, t_train, pruner.step, pruner.regularization)
+        losses = _train(model, setup, train_b, t_train, pruner.step)
         pruner.finalize()
     else:
         raise ValueError(f"unknown method {method!r}; choose {ONESHOT}, {TORCH_AO} or ours-<criterion>")
@@ -203,8 +203,7 @@ def run(method: str, setup: Setup, criterion: object | None = None) -> dict:
             "begin_step": setup.begin, "end_step": setup.end, "model": "tiny-bert" if setup.quick else "all-MiniLM-L6-v2" + (f"-first{setup.layers}" if setup.layers else "")}
 
 
-def _train(model: nn.Module, setup: Setup, batches: list[Tensor], teacher: list[Tensor], after_step,
-           regularization=None) -> list[float]:
+def _train(model: nn.Module, setup: Setup, batches: list[Tensor], teacher: list[Tensor], after_step) -> list[float]:
     """The distillation loop; ``after_step()`` runs after every optimizer step (``pruner.step``)."""
     model.embeddings.requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=setup.lr)
@@ -213,8 +212,6 @@ def _train(model: nn.Module, setup: Setup, batches: list[Tensor], teacher: list[
         i = step % len(batches)
         loss = (1 - F.cosine_similarity(embed(model, batches[i]), teacher[i], dim=-1)).mean()
         losses.append(float(loss.detach()))
-        if regularization is not None:
-            loss = loss + regularization()
         loss.backward()
         opt.step()
         after_step()

@@ -47,17 +47,15 @@ class _Mask(nn.Module):
     ``mask`` and ``score`` are plain attributes, not buffers: DDP broadcasts buffers from rank 0 at every forward,
     which would overwrite each rank's own score and cost a mask-sized broadcast per step. They are saved by
     ``Pruner.state_dict()`` and follow the module across devices through ``_apply``. ``energy`` (0-d) sums
-    ``||increment||^2`` over backward passes: the noise level the criterion compares its score to. With a
-    ``learned`` criterion ``score`` is a leaf that receives ``-increment`` as its gradient, and ``state`` holds its
-    optimizer state. ``world`` is the DDP world size (see ``Pruner._sync_scores``).
+    ``||increment||^2`` over backward passes: the noise level the criterion compares its score to. ``world`` is the
+    DDP world size (see ``Pruner._sync_scores``).
     """
 
     def __init__(self, mask: Tensor, score: Tensor | None, criterion: _criteria.Criterion) -> None:
         super().__init__()
         self.mask = mask
-        self.score = score.requires_grad_(criterion.learned) if score is not None else None
+        self.score = score
         self.energy = torch.zeros((), device=mask.device) if score is not None else None
-        self.state: dict[str, Tensor] = {}
         self.criterion = criterion
         self.accumulate = score is not None
         self.world = 1
@@ -67,9 +65,8 @@ class _Mask(nn.Module):
         device = fn(torch.empty(0, device=self.mask.device)).device
         self.mask = self.mask.to(device)
         if self.score is not None:
-            self.score = self.score.detach().to(device).requires_grad_(self.criterion.learned)
+            self.score = self.score.to(device)
             self.energy = self.energy.to(device)
-            self.state = {k: v.to(device) for k, v in self.state.items()}
         return self
 
     def forward(self, weight: Tensor) -> Tensor:
@@ -79,8 +76,8 @@ class _Mask(nn.Module):
 
 
 class _MaskedWeight(torch.autograd.Function):
-    """``where(mask, W, 0)`` whose backward also adds ``criterion.increment(W, dL/dW')`` into ``score`` (or, for a
-    learned score, returns ``-increment`` as its gradient) and ``||increment||^2`` into ``energy``. Under DDP
+    """``where(mask, W, 0)`` whose backward also adds ``criterion.increment(W, dL/dW')`` into ``score`` and
+    ``||increment||^2`` into ``energy``. Under DDP
     (``world`` > 1) a quantity of degree k in the gradient is divided by ``world ** (k - 1)`` here, so that the
     ranks' mean at the next sync is what one process accumulating their micro-batches (loss / world) would sum."""
 
@@ -98,8 +95,6 @@ class _MaskedWeight(torch.autograd.Function):
         if ctx.world > 1 and ctx.criterion.increment_degree > 1:
             inc = inc / ctx.world ** (ctx.criterion.increment_degree - 1)
         ctx.energy.add_(inc.square().sum() / ctx.world)  # degree 2 * increment_degree
-        if ctx.criterion.learned:  # straight-through: dL/dS = -increment (S ranks W as -W * dL/dW' would)
-            return torch.where(mask, grad, 0), None, -inc, None, None, None
         ctx.score.add_(inc)
         return torch.where(mask, grad, 0), None, None, None, None, None
 
@@ -184,20 +179,10 @@ class Pruner:
     def step(self) -> None:
         """Call once after every ``optimizer.step()``: advances the schedule and updates masks when it is due."""
         self._check_live("step()")
-        if self.criterion.learned and self._step < self.schedule.end_step:
-            self._learn_scores()
         self._step += 1
         if self.schedule.is_update_step(self._step):
             self._update_masks(self.schedule(self._step))
         self._set_accumulate()
-
-    def regularization(self) -> Tensor:
-        """The criterion's loss term on its learned scores (``soft_movement``'s pull towards pruning): add it to
-        the loss before ``backward()``. A 0-d zero for other criteria and after the last mask update."""
-        self._check_live("regularization()")
-        live = self.criterion.learned and self._step < self.schedule.end_step
-        scores = [self._param(t).score for t in self.targets] if live else []
-        return self.criterion.regularization(scores) if scores else torch.zeros(())
 
     def finalize(self) -> nn.Module:
         """Bake the zeros into the weights and remove all pruning machinery; returns the (same) model.
@@ -285,9 +270,6 @@ class Pruner:
         if self.criterion.uses_gradients:
             state["scores"] = {t.name: self._param(t).score.detach().clone() for t in self.targets}
             state["energy"] = {t.name: self._param(t).energy.clone() for t in self.targets}
-        if self.criterion.learned:
-            state["score_state"] = {t.name: {k: v.clone() for k, v in self._param(t).state.items()}
-                                    for t in self.targets}
         if self.criterion.uses_inputs:
             state["inputs"] = {name: stats.state_dict() for name, stats in self._inputs.items()}
         if self._shards is not None:
@@ -312,7 +294,7 @@ class Pruner:
         names = [t.name for t in self.targets]
         if sorted(masks) != sorted(names):  # type: ignore[arg-type]
             raise ValueError(f"saved masks are for {sorted(masks)}, this pruner targets {sorted(names)}")
-        energy, score_state = state.get("energy", {}), state.get("score_state", {})
+        energy = state.get("energy", {})
         for t in self.targets:
             p = self._param(t)
             _copy_checked(p.mask, masks[t.name], f"mask of {t.name}")  # type: ignore[index]
@@ -321,8 +303,6 @@ class Pruner:
                     _copy_checked(p.score, scores[t.name], f"score of {t.name}")  # type: ignore[index]
                 # a state saved before `energy` existed: unknown noise level (nan), not "no gradients"
                 p.energy.copy_(energy.get(t.name, torch.tensor(float("nan"))))  # type: ignore[union-attr]
-                p.state = {k: v.to(p.score.device).clone()
-                           for k, v in score_state.get(t.name, {}).items()}  # type: ignore[union-attr]
             if t.name in self._inputs:
                 self._inputs[t.name].load_state_dict(state["inputs"][t.name])  # type: ignore[index]
         self._step = int(state["step"])  # type: ignore[arg-type]
@@ -352,7 +332,7 @@ class Pruner:
         for t in self.targets if self._shards is None else ():  # FSDP2: ShardedMasks holds masks and scores
             w = t.module.weight
             mask = torch.ones_like(w, dtype=torch.bool)
-            score = self.criterion.initial_score(w.detach()).float() if self.criterion.uses_gradients else None
+            score = torch.zeros_like(w, dtype=torch.float32) if self.criterion.uses_gradients else None
             parametrize.register_parametrization(t.module, "weight", _Mask(mask, score, self.criterion))
         # criteria that read the layers' inputs: a forward pre-hook per target feeds its InputStats
         self._inputs: dict[str, InputStats] = {}
@@ -435,20 +415,6 @@ class Pruner:
                 energy.div_(world)
         for stats in self._inputs.values():
             stats.all_reduce(self.process_group)
-
-    @torch.no_grad()
-    def _learn_scores(self) -> None:
-        """One step of the criterion's own optimizer on learned scores; gradients averaged over ranks first."""
-        world = self._world_size()
-        for t in self.targets:
-            p = self._param(t)
-            if p.score.grad is None:
-                continue
-            if world > 1:
-                torch.distributed.all_reduce(p.score.grad, group=self.process_group)
-                p.score.grad.div_(world)
-            self.criterion.learn(p.score, p.score.grad, p.state, self._step + 1)
-            p.score.grad = None
 
     @torch.no_grad()
     def _update_masks(self, sparsity: float) -> None:

@@ -90,9 +90,6 @@ def fsdp2_mesh(model: nn.Module, targets: list[Target]) -> object | None:
 def check_settings(targets: list[Target], criterion: Criterion, nm: NMPattern | None, scope: str,
                    process_group: object | None) -> None:
     """Refuse pruner settings that sharded weights cannot honour, saying why and what works."""
-    if criterion.learned:
-        raise ValueError(f"criterion {criterion.name!r} learns its scores, which is not supported under FSDP2 yet; "
-                         "use 'magnitude' or 'movement'")
     if criterion.uses_inputs:
         raise ValueError(f"criterion {criterion.name!r} reads layer inputs, which is not supported under FSDP2; "
                          "use 'magnitude' or 'movement', or prune one-shot before sharding")
@@ -117,9 +114,8 @@ class ShardedWeight:
         local = param.to_local()
         self.criterion = criterion
         self.mask = torch.ones_like(local, dtype=torch.bool)
-        self.score = criterion.initial_score(local.detach()).float() if criterion.uses_gradients else None
+        self.score = torch.zeros_like(local, dtype=torch.float32) if criterion.uses_gradients else None
         self.energy = torch.zeros((), device=local.device) if self.score is not None else None  # of this shard
-        self.state: dict[str, Tensor] = {}
         self.accumulate = self.score is not None
         self.parked: Tensor | None = None  # values of the pruned entries, while the shard holds zeros there
         self._grad_before: tuple[Tensor, int, Tensor] | None = None  # (grad, its version, copy) at the forward

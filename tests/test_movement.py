@@ -1,4 +1,4 @@
-"""Gradient criteria (movement, soft_movement, taylor) on a model that starts at its optimum (issue 19), by hand
+"""Gradient criteria (movement, taylor) on a model that starts at its optimum (issue 19), by hand
 where the numbers can be worked out, and end to end on a small model distilled to its own dense copy."""
 import copy
 import warnings
@@ -11,10 +11,9 @@ from prune import Constant, CubicRamp, LinearRamp, Pruner
 from prune.criteria import CRITERIA, Criterion
 from prune.criteria.movement import Movement
 from prune.criteria.signal import UninformativeScores, magnitude_unit, signal_ratio, with_prior
-from prune.criteria.soft_movement import SoftMovement
 from prune.criteria.taylor import Taylor
 
-GRADIENT_CRITERIA = ["movement", "soft_movement", "taylor"]
+GRADIENT_CRITERIA = ["movement", "taylor"]
 
 
 class PlainMovement(Criterion):
@@ -51,7 +50,7 @@ def _distill(criterion, sparsity: float, steps: int = 150, schedule=None) -> tup
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UninformativeScores)
             for i in range(steps):
-                loss = (student(xs[i]) - teacher(xs[i]).detach()).square().mean() + pruner.regularization()
+                loss = (student(xs[i]) - teacher(xs[i]).detach()).square().mean()
                 loss.backward()
                 opt.step()
                 pruner.step()
@@ -85,7 +84,7 @@ def test_plain_movement_prunes_by_position_at_the_optimum():
 
 @pytest.mark.parametrize("criterion", GRADIENT_CRITERIA)
 def test_zero_gradients_rank_by_magnitude_not_position(criterion):
-    with pytest.warns(UninformativeScores) if criterion != "soft_movement" else warnings.catch_warnings():
+    with pytest.warns(UninformativeScores):
         masks = _first_update_masks(criterion)
     by_magnitude = Pruner(_teacher(), 0.5).masks
     assert all(torch.equal(masks[k], by_magnitude[k]) for k in masks)
@@ -99,12 +98,10 @@ def test_self_distillation_plain_movement_falls_below_magnitude_the_fix_does_not
     movement, _ = _distill("movement", 0.7)
     signed, _ = _distill(Movement(saliency=0), 0.7)
     taylor, _ = _distill("taylor", 0.7)
-    soft, _ = _distill("soft_movement", 0.7)
     assert once < 0.7 and magnitude > 0.94  # training recovers most of what pruning once loses (0.653, 0.946-0.948)
     assert plain < magnitude - 0.02  # before the fix (0.920-0.922)
     assert signed >= magnitude - 0.005  # noise units and the magnitude prior alone (0.944 on the Xeon)
     assert movement >= magnitude + 0.005  # the default, with saliency 3 (0.956 on the Xeon)
-    assert soft >= magnitude - 0.02  # (0.939)
     assert taylor >= magnitude + 0.005  # (0.956-0.962)
 
 
@@ -163,47 +160,25 @@ def test_taylor_scores_by_hand():
     assert pruner.masks["0"].tolist() == [[True, False, True, False]]  # sqrt: 2, 2, 4, 0; the tie keeps index 0
 
 
-# -- soft movement: learned scores and the regulariser -------------------------------------------------------------
-def test_soft_movement_first_adam_step_and_regularizer_by_hand():
-    w = torch.tensor([[1.0, -1.0, 1.0, -1.0]])  # rms 1: scores start at |W| = 1
-    model = nn.Sequential(nn.Linear(4, 1, bias=False))
-    with torch.no_grad():
-        model[0].weight.copy_(w)
-    crit = SoftMovement(lr=0.1, reg=0.0)
-    pruner = Pruner(model, LinearRamp(0.5, 0.5, begin_step=1, end_step=1), criterion=crit)
-    assert float(pruner.regularization().detach()) == 0.0  # reg=0
-    grad = torch.tensor([[-1.0, -1.0, 1.0, 1.0]])  # -W*G = +1, -1, -1, +1: the first step moves +lr, -lr, ...
-    (model[0].weight * grad).sum().backward()
-    pruner.step()
-    scores = pruner.state_dict()["scores"]["0"]
-    assert torch.allclose(scores, torch.tensor([[1.1, 0.9, 0.9, 1.1]]))  # Adam's first step: lr * sign
-    assert pruner.masks["0"].tolist() == [[True, False, False, True]]
-    reg = Pruner(nn.Sequential(nn.Linear(4, 2)), LinearRamp(0.0, 0.5, 1, 3), criterion=SoftMovement(reg=2.0))
-    term = reg.regularization()
-    s = reg._param(reg.targets[0]).score
-    expect = 2.0 * float(torch.sigmoid(s.detach()).mean())
-    assert term.requires_grad and float(term.detach()) == pytest.approx(expect)
-    assert float(Pruner(nn.Sequential(nn.Linear(4, 2)), 0.5).regularization()) == 0.0  # magnitude: nothing
-
-
-def test_soft_movement_resumes_exactly():
+@pytest.mark.parametrize("criterion", GRADIENT_CRITERIA)
+def test_gradient_criteria_resume_exactly(criterion):
     def run(split: bool):
         teacher = _teacher()
         student = copy.deepcopy(teacher)
         schedule = CubicRamp(0.0, 0.8, begin_step=2, end_step=10, every=2)
-        pruner = Pruner(student, schedule, criterion="soft_movement")
+        pruner = Pruner(student, schedule, criterion=criterion)
         opt = torch.optim.SGD(student.parameters(), lr=0.05)
         gen = torch.Generator().manual_seed(3)
         for i in range(12):
             if split and i == 5:
                 state, weights = pruner.state_dict(), copy.deepcopy(student.state_dict())
                 student = copy.deepcopy(teacher)
-                pruner = Pruner(student, schedule, criterion="soft_movement")
+                pruner = Pruner(student, schedule, criterion=criterion)
                 student.load_state_dict(weights)
                 pruner.load_state_dict(state)
                 opt = torch.optim.SGD(student.parameters(), lr=0.05)
             x = torch.randn(8, 16, generator=gen)
-            ((student(x) - teacher(x).detach()).square().mean() + pruner.regularization()).backward()
+            ((student(x) - teacher(x).detach()).square().mean()).backward()
             opt.step()
             pruner.step()
             opt.zero_grad()
@@ -213,8 +188,8 @@ def test_soft_movement_resumes_exactly():
 
 
 def test_gradient_criteria_registered_and_validated():
-    assert set(GRADIENT_CRITERIA) <= set(CRITERIA) and CRITERIA["soft_movement"].learned
-    with pytest.raises(ValueError, match="soft_movement lr must be a finite number >= 0, got -0.1"):
-        SoftMovement(lr=-0.1)
+    assert set(GRADIENT_CRITERIA) <= set(CRITERIA) and all(CRITERIA[c].uses_gradients for c in GRADIENT_CRITERIA)
+    with pytest.raises(ValueError, match="prior must be a finite number >= 0, got nan"):
+        Taylor(prior=float("nan"))
     with pytest.raises(ValueError, match="cannot prune at step 0"):
         Pruner(_teacher(), Constant(0.5), criterion="taylor")

@@ -10,7 +10,7 @@ from benchmarks import quality  # noqa: E402
 
 
 def test_quick_run_writes_rows_for_every_kind_of_method(tmp_path):
-    methods = [quality.ONESHOT, "ours-magnitude", "ours-soft_movement", quality.TORCH_AO]
+    methods = [quality.ONESHOT, "ours-magnitude", "ours-movement", quality.TORCH_AO]
     quality.main(["--quick", "--sparsities", "0.5", "--methods", ",".join(methods), "--out", str(tmp_path)])
     data = json.loads((tmp_path / "quality.json").read_text())
     assert {"cpu", "torch", "cores"} <= set(data["environment"])
@@ -38,19 +38,19 @@ def test_unknown_method_is_refused(tmp_path):
 def test_scratch_quality_quick_run_and_table(tmp_path):
     from benchmarks import scratch_quality
 
-    scratch_quality.main(["--quick", "--sparsities", "0.9", "--criteria", "magnitude,soft_movement",
+    scratch_quality.main(["--quick", "--sparsities", "0.9", "--criteria", "magnitude,movement",
                           "--out", str(tmp_path)])
     data = json.loads((tmp_path / "scratch_quality.json").read_text())
     rows = {r["criterion"]: r for r in data["rows"]}
-    assert sorted(rows) == ["dense", "magnitude", "soft_movement"]
+    assert sorted(rows) == ["dense", "magnitude", "movement"]
     assert rows["dense"]["sparsity"] == 0.0 and rows["dense"]["measured_sparsity"] == 0.0
-    for name in ("magnitude", "soft_movement"):
+    for name in ("magnitude", "movement"):
         assert rows[name]["measured_sparsity"] == pytest.approx(0.9, abs=0.01), name
         assert 0.0 <= rows[name]["accuracy"] <= 100.0 and rows[name]["cpu"] == data["environment"]["cpu"]
     assert (tmp_path / "scratch_quality.png").stat().st_size > 0
     lines = scratch_quality.table(data["rows"]).splitlines()
     assert lines[0] == "| accuracy % (mean ± sd over seeds) | 0.9 |"
-    best = max(rows["magnitude"]["accuracy"], rows["soft_movement"]["accuracy"])
+    best = max(rows["magnitude"]["accuracy"], rows["movement"]["accuracy"])
     assert lines[2].split(" | ")[1] == f"{best:.2f} ± 0.00 |" and lines[4].startswith("| dense (0%) |")
     with pytest.raises(SystemExit, match="unknown criteria \\['nope'\\]"):
         scratch_quality.main(["--quick", "--criteria", "nope", "--out", str(tmp_path)])

@@ -4,8 +4,6 @@
 - ``magnitude``: |W| (``magnitude.py``).
 - ``movement``: accumulated ``-W * dL/dW' + saliency * |W * dL/dW'|`` in units of its noise, plus a magnitude
   prior (``movement.py``).
-- ``soft_movement``: learned scores (Adam, straight-through ``W * dL/dW'``) with a regulariser the loss adds
-  through ``Pruner.regularization()`` (``soft_movement.py``).
 - ``taylor``: accumulated ``(W * dL/dW')^2``, a first-order / Fisher saliency, plus a magnitude prior (``taylor.py``).
 - ``wanda``: |W| times the input feature's L2 norm (``wanda.py``).
 
@@ -14,7 +12,7 @@ infinite weight has an infinite magnitude and is kept.
 
 Example:
     >>> sorted(CRITERIA)
-    ['magnitude', 'movement', 'soft_movement', 'taylor', 'wanda']
+    ['magnitude', 'movement', 'taylor', 'wanda']
     >>> get_criterion("magnitude").uses_gradients
     False
 """

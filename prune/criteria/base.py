@@ -10,10 +10,6 @@ A criterion says what it needs:
   ``Evidence.inputs``) during the forward passes between mask updates; also not at step 0 (no data yet), except
   in one-shot pruning, which runs calibration data first.
 - ``regrows``: a pruned weight may come back at a later update (else its score is -inf once pruned).
-- ``learned``: (with ``uses_gradients``) the scores are trained rather than summed: they are a leaf tensor whose
-  gradient is ``-increment(W, dL/dW')`` (the straight-through estimate of ``dL/dS``) plus that of
-  :meth:`Criterion.regularization`, which the user adds to the loss through ``Pruner.regularization()``;
-  ``Pruner.step()`` then applies :meth:`Criterion.learn` to them (an Adam step, say).
 
 Gradient criteria also see ``Evidence.energy``: the sum over backward passes of ``||increment||^2`` for the layer.
 Pure noise that averages out gives ``||accumulated||^2 / energy`` near 1 (a random walk); a consistent signal
@@ -25,11 +21,9 @@ A new criterion is one new file in this package defining ``CRITERION`` (an insta
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
 from prune.calibration import InputStats
@@ -62,7 +56,6 @@ class Criterion:
     uses_gradients: ClassVar[bool] = False
     uses_inputs: ClassVar[bool] = False
     regrows: ClassVar[bool] = False
-    learned: ClassVar[bool] = False
     increment_degree: ClassVar[int] = 1  # the increment's degree in the gradient (DDP scales by it)
 
     def score(self, weight: Tensor, evidence: Evidence) -> Tensor:
@@ -72,19 +65,6 @@ class Criterion:
     def increment(self, weight: Tensor, grad_masked: Tensor) -> Tensor:
         """One backward's addition to the running score (criteria with ``uses_gradients``)."""
         raise NotImplementedError(f"criterion {self.name!r} does not use gradients")
-
-    def initial_score(self, weight: Tensor) -> Tensor:
-        """The running score when the pruner attaches (criteria with ``uses_gradients``): float32 zeros."""
-        return torch.zeros_like(weight, dtype=torch.float32)
-
-    def regularization(self, scores: Sequence[Tensor]) -> Tensor:
-        """A term to add to the loss, from the (learned) scores of all layers; 0 unless the criterion has one."""
-        return torch.zeros((), device=scores[0].device) if scores else torch.zeros(())
-
-    def learn(self, score: Tensor, grad: Tensor, state: dict[str, Tensor], step: int) -> None:
-        """Update a learned ``score`` in place from its gradient (criteria with ``learned``); ``state`` is this
-        layer's optimizer state (tensors, created on the first call, saved with the pruner), ``step`` counts from 1."""
-        raise NotImplementedError(f"criterion {self.name!r} does not learn its scores")
 
     def __repr__(self) -> str:
         return f"<criterion {self.name}>"

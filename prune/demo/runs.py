@@ -157,8 +157,6 @@ def train_run(spec: RunSpec, data: Data, budget: Budget, seed: int, progress: bo
         idx = torch.randint(len(data.x_train), (budget.batch_size,), generator=batches)
         logits = model(data.x_train[idx])
         loss = nn.functional.cross_entropy(logits, data.y_train[idx]) + model.aux_loss(spec.l0_coef)
-        if pruner:
-            loss = loss + pruner.regularization()  # soft_movement's term; 0 for the other criteria
         loss.backward()
         opt.step()
         lr.step()
