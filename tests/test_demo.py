@@ -42,6 +42,13 @@ def test_results_fields(report_dir):
         assert runs[name]["file_deployed_bytes"] <= 0.25 * runs[name]["file_dense_bytes"]
         assert runs[name]["accuracy"] == pytest.approx(runs[name]["accuracy_before_deploy"], abs=1e-9)
     assert runs["2:4"]["sparsity"] == pytest.approx(0.5) and runs["2:4"]["deployed_as"] == "2:4"
+    for name in ("magnitude", "movement", "2:4"):  # which layers run sparse is measured: only its bounds are fixed
+        cells = runs[name]["latency"].values()
+        assert all(c["planned_layers"] == 8 and 0 <= c["sparse_layers"] <= 8 for c in cells), name
+    assert all("planned_layers" not in c for name in ("dense", "moe", "heads") for c in runs[name]["latency"].values())
+    report = (report_dir / "report.md").read_text()
+    assert "Layers on a sparse kernel at batch 1/16" in report and "2:4 " + "/".join(
+        str(c["sparse_layers"]) for c in runs["2:4"]["latency"].values()) + " of 8" in report
     assert runs["moe"]["params_total"] > 2 * runs["moe"]["params_active"]
     assert runs["dense"]["latency"]["1"]["speedup_vs_dense"] == 1.0
 

@@ -24,12 +24,13 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from prune.demo.model import DigitsTransformer
+from prune.demo.model import ROWS, DigitsTransformer
 from prune.demo.runs import Trained
 from sparse_ops.checkpoint import convert_checkpoint
 from sparse_ops.layers.head_gating import GatedMultiheadAttention
 from sparse_ops.layers.moe import MoE
 from sparse_ops.loading import sparsify
+from sparse_ops.plan import DENSE, bucket, plan_rows
 from sparse_ops.timing import time_interleaved
 
 
@@ -87,12 +88,24 @@ def deploy(trained: Trained, workdir: str) -> Deployed:
     return Deployed(spec.name, model, None, "dense", total, total - _moe_inactive(model), dense_bytes, dense_bytes)
 
 
+def sparse_layers(model: nn.Module, tokens: int) -> tuple[int, int]:
+    """(planned layers that run a sparse kernel for calls of ``tokens`` tokens, planned layers): the rest run
+    dense because the planner measured dense faster for them on this machine. Read after such a call.
+
+    >>> sparse_layers(nn.Linear(4, 4), tokens=8)  # no planned sparse layer
+    (0, 0)
+    """
+    routes = [r["routes"][bucket(tokens)] for r in plan_rows(model)]
+    return sum(e is not None and e["choice"] != DENSE for e in routes), len(routes)
+
+
 def measure_latency(deployed: list[Deployed], x: Tensor, batches: tuple[int, ...], repeats: int
                     ) -> dict[str, dict[int, dict[str, float]]]:
     """Milliseconds per forward of every deployed model (and dense execution of pruned ones) per batch size.
 
     All candidates of one batch size are timed interleaved in the same run (``sparse_ops.timing``).
-    Returns ``{run: {batch: {"deployed_ms", "dense_exec_ms"?, "p10_ms", "p90_ms"}}}``.
+    Returns ``{run: {batch: {"deployed_ms", "p10_ms", "p90_ms"}}}``; pruning runs add "dense_exec_ms" and
+    "sparse_layers" / "planned_layers" (``sparse_layers``).
     """
     out: dict[str, dict[int, dict[str, float]]] = {d.name: {} for d in deployed}
     for b in batches:
@@ -105,5 +118,6 @@ def measure_latency(deployed: list[Deployed], x: Tensor, batches: tuple[int, ...
             row = {"deployed_ms": t.median_s * 1e3, "p10_ms": t.p10_s * 1e3, "p90_ms": t.p90_s * 1e3}
             if d.dense_exec:
                 row["dense_exec_ms"] = times[f"{d.name}/dense"].median_s * 1e3
+                row["sparse_layers"], row["planned_layers"] = sparse_layers(d.model, b * ROWS)
             out[d.name][b] = row
     return out

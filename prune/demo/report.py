@@ -56,6 +56,14 @@ def findings(rows: list[dict]) -> list[str]:
                      f"{100 * r['sparsity']:.0f}% sparsity, file {r['file_deployed_bytes'] / r['file_dense_bytes']:.0%} "
                      f"of dense" for r in pruned]
             out.append("Against the dense baseline's accuracy: " + "; ".join(parts) + ".")
+    planned = [r for r in rows if "planned_layers" in r["latency"][b1]]
+    if planned:
+        def on_sparse(r: dict) -> str:
+            counts = "/".join(str(r["latency"][b]["sparse_layers"]) for b in batches)
+            return f"{r['run']} {counts} of {r['latency'][b1]['planned_layers']}"
+        out.append(f"Layers on a sparse kernel at batch {'/'.join(batches)} (the planner measured each layer and "
+                   "ran the rest dense, where dense was faster on this CPU): "
+                   + ", ".join(on_sparse(r) for r in planned) + ".")
     slower = [f"{r['run']} at batch {b} ({r['latency'][b]['speedup_vs_dense']:.2f}x)"
               for r in rows if r["run"] != "dense" for b in batches if r["latency"][b]["speedup_vs_dense"] < 1.0]
     if slower:
