@@ -123,8 +123,9 @@ def time_interleaved(
 ) -> dict[str, Timing]:
     """Time each callable, interleaving candidates within every repeat; returns seconds per call.
 
-    Each repeat times one sample of every candidate in turn (A B C A B C ...); a sample is a loop of calls
-    lasting at least ``min_sample_s``. CUDA work is bracketed by ``torch.cuda.synchronize`` around each sample,
+    Each repeat times one sample of every candidate in turn, each repeat starting one candidate later (A B C,
+    B C A, C A B, ...: no candidate always runs first, or always after the same neighbour); a sample is a loop
+    of calls lasting at least ``min_sample_s``. CUDA work is bracketed by ``torch.cuda.synchronize`` around each sample,
     after warm-up. ``clock`` (seconds, monotonic) is injectable so tests can check the statistics.
     """
     if not fns:
@@ -137,9 +138,10 @@ def time_interleaved(
                 fn()
         calls = {k: _calls_per_sample(fn, min_sample_s, device, clock) for k, fn in fns.items()}
         samples: dict[str, list[float]] = {k: [] for k in fns}
-        for _ in range(repeats):
-            for k, fn in fns.items():
-                samples[k].append(_timed(fn, calls[k], device, clock) / calls[k])
+        names = list(fns)
+        for r in range(repeats):
+            for k in names[r % len(names):] + names[:r % len(names)]:
+                samples[k].append(_timed(fns[k], calls[k], device, clock) / calls[k])
     return {k: summarize(v) for k, v in samples.items()}
 
 

@@ -46,7 +46,9 @@ def test_results_fields(report_dir):
         cells = runs[name]["latency"].values()
         assert all(c["planned_layers"] == 8 and 0 <= c["sparse_layers"] <= 8 for c in cells), name
     assert all("planned_layers" not in c for name in ("dense", "moe", "heads") for c in runs[name]["latency"].values())
+    assert all(c["again_ms"] > 0 for c in runs["dense"]["latency"].values())  # the noise gauge
     report = (report_dir / "report.md").read_text()
+    assert "Timing noise: the dense model timed twice in the same run landed" in report
     assert "Layers on a sparse kernel at batch 1/16" in report and "2:4 " + "/".join(
         str(c["sparse_layers"]) for c in runs["2:4"]["latency"].values()) + " of 8" in report
     assert runs["moe"]["params_total"] > 2 * runs["moe"]["params_active"]
@@ -90,3 +92,15 @@ def test_quick_is_a_seconds_long_smoke_budget():
     assert quick.budget.steps // quick.budget.eval_every <= 2  # each evaluation runs the whole test set
     assert quick.repeats <= 3 and quick.batches == (1, 16)
     assert DemoConfig(quick=True, steps=30).budget.steps == 30 and full.budget.steps == 500
+
+
+def test_findings_mark_slowdowns_within_the_noise_floor():
+    from prune.demo.report import findings
+
+    def row(run, ms, again=None):
+        cell = {"deployed_ms": ms, "speedup_vs_dense": 1.0 / ms, **({"again_ms": again} if again else {})}
+        return {"run": run, "deployed_as": "dense", "accuracy": 0.9, "sparsity": 0.0, "file_deployed_bytes": 1,
+                "file_dense_bytes": 1, "latency": {"1": cell}}
+    out = findings([row("dense", 1.0, again=1.04), row("a", 1.0 / 0.97), row("b", 1.0 / 0.90)])
+    assert "landed 4.0% apart at batch 1" in out[-2]
+    assert "a at batch 1 (0.97x, within noise), b at batch 1 (0.90x)" in out[-1]

@@ -71,7 +71,7 @@ class DemoConfig:
     @property
     def repeats(self) -> int:
         """Timed samples per candidate and batch size."""
-        return QUICK_REPEATS if self.quick else 9
+        return QUICK_REPEATS if self.quick else 15
 
     @property
     def torch_threads(self) -> int | None:

@@ -39,8 +39,8 @@ def table(rows: list[dict]) -> str:
 
 
 def findings(rows: list[dict]) -> list[str]:
-    """A few sentences drawn from the numbers: fastest at batch 1, accuracy cost and size of pruning, and
-    where a sparse model did not pay."""
+    """A few sentences drawn from the numbers: fastest at batch 1, accuracy cost and size of pruning, which
+    layers ran sparse, the timing noise (the dense model timed twice), and where a sparse model did not pay."""
     by = {r["run"]: r for r in rows}
     out = []
     batches = list(rows[0]["latency"])
@@ -64,7 +64,14 @@ def findings(rows: list[dict]) -> list[str]:
         out.append(f"Layers on a sparse kernel at batch {'/'.join(batches)} (the planner measured each layer and "
                    "ran the rest dense, where dense was faster on this CPU): "
                    + ", ".join(on_sparse(r) for r in planned) + ".")
-    slower = [f"{r['run']} at batch {b} ({r['latency'][b]['speedup_vs_dense']:.2f}x)"
+    noise = {b: abs(c["again_ms"] / c["deployed_ms"] - 1) for b, c in by["dense"]["latency"].items()
+             if "again_ms" in c} if "dense" in by else {}
+    if noise:
+        out.append("Timing noise: the dense model timed twice in the same run landed "
+                   + " / ".join(f"{100 * noise[b]:.1f}%" for b in noise) + f" apart at batch {'/'.join(noise)}; "
+                   "a ratio that close to 1.00x is noise.")
+    slower = [f"{r['run']} at batch {b} ({r['latency'][b]['speedup_vs_dense']:.2f}x"
+              + (", within noise" if 1 - r["latency"][b]["speedup_vs_dense"] <= noise.get(b, 0.0) else "") + ")"
               for r in rows if r["run"] != "dense" for b in batches if r["latency"][b]["speedup_vs_dense"] < 1.0]
     if slower:
         out.append("Sparsity did not pay here for: " + ", ".join(slower) + ". Small layers are dominated by "
