@@ -124,9 +124,11 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) -> (..., out)."""
-        self.check_input(x)
+        if x.shape[-1] != self.in_features or x.dtype != self._dtype:  # inline: this runs per layer and call
+            self.check_input(x)
         bias = self._buffers["bias"]
-        path = None if self.planner is None or self._needs_grad(x, bias) else self.route(x.shape[:-1].numel())
+        path = None if self.planner is None or self._needs_grad(x, bias) else \
+            self.route(x.numel() // max(1, self.in_features))
         if path == DENSE:  # F.linear takes (..., in) as it is: no reshapes on the path dense-chosen layers run
             return activations.apply(F.linear(x, self.dense_weight(), bias), self._activation)
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
