@@ -77,9 +77,9 @@ class _Mask(nn.Module):
 
 class _MaskedWeight(torch.autograd.Function):
     """``where(mask, W, 0)`` whose backward also adds ``criterion.increment(W, dL/dW')`` into ``score`` and
-    ``||increment||^2`` into ``energy``. Under DDP
-    (``world`` > 1) a quantity of degree k in the gradient is divided by ``world ** (k - 1)`` here, so that the
-    ranks' mean at the next sync is what one process accumulating their micro-batches (loss / world) would sum."""
+    ``||increment||^2`` into ``energy``. Under DDP (``world`` > 1) a quantity of degree k in the gradient is
+    divided by ``world ** (k - 1)`` here, so that the ranks' mean at the next sync is what one process
+    accumulating their micro-batches (loss / world) would sum."""
 
     @staticmethod
     def forward(ctx, weight: Tensor, mask: Tensor, score: Tensor, energy: Tensor,  # type: ignore[override]
@@ -105,8 +105,9 @@ class Pruner:
     Args:
         model: any ``nn.Module``; its target weights are masked in place.
         sparsity: a :class:`~prune.schedules.Schedule`, or a float for one-shot pruning at step 0.
-        criterion: ``"magnitude"``, ``"movement"`` or ``"wanda"`` (|W| times the input feature's norm over the
-            forward passes since the last update), or a :class:`~prune.criteria.Criterion` (see :mod:`prune.criteria`).
+        criterion: ``"magnitude"``, ``"movement"``, ``"taylor"`` or ``"wanda"`` (|W| times the input feature's
+            norm over the forward passes since the last update), or a :class:`~prune.criteria.Criterion` (see
+            :mod:`prune.criteria`).
         pattern: ``"unstructured"`` or ``"N:M"`` along the input dimension (the schedule's final sparsity must
             then be ``1 - N/M``; intermediate targets prune a subset of the final N:M zeros).
         scope: ``"layer"`` (each weight reaches the target exactly), ``"row"`` (each output row of each weight
