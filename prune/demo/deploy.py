@@ -104,8 +104,8 @@ def measure_latency(deployed: list[Deployed], x: Tensor, batches: tuple[int, ...
     """Milliseconds per forward of every deployed model (and dense execution of pruned ones) per batch size.
 
     All candidates of one batch size are timed interleaved in the same run (``sparse_ops.timing``); the "dense"
-    run is timed twice, as two candidates, so that the report can say how far apart two timings of the same
-    model land (the noise floor of every ratio). Returns ``{run: {batch: {"deployed_ms", "p10_ms", "p90_ms"}}}``;
+    run is timed twice, as two candidates half a cycle apart: with the pruned runs' dense executions, the same
+    computation timed several times, whose spread is the noise floor of every ratio (``report.findings``). Returns ``{run: {batch: {"deployed_ms", "p10_ms", "p90_ms"}}}``;
     "dense" adds "again_ms", pruning runs "dense_exec_ms" and "sparse_layers" / "planned_layers"
     (``sparse_layers``).
     """
