@@ -379,13 +379,25 @@ def plot(out: Path, rows: list[dict], env: dict) -> None:
                 if method == ONESHOT else {}
             ax.plot(*zip(*pts), marker="o", label=method, **style)
         ax.set_title(f"{budget} training steps")
-        ax.set_xlabel("sparsity of the encoder linears")
-        ax.set_ylabel("held-out cosine to the dense model")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        finish_axes(ax, "held-out cosine to the dense model")
     fig.suptitle(f"{env.get('model')} distilled to itself while pruned - {machines(rows)}", fontsize=9)
+    save_figure(fig, out / "quality.png")
+
+
+def finish_axes(ax, ylabel: str) -> None:
+    """The quality plots' common axes: sparsity on x, a grid, the legend."""
+    ax.set_xlabel("sparsity of the encoder linears")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write as PNG and close (the figure is not kept)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    fig.savefig(out / "quality.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -97,7 +97,7 @@ def plot(out: Path, rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from benchmarks.quality import machines
+    from benchmarks.quality import finish_axes, machines, save_figure
 
     stats = summary(rows)
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -107,14 +107,9 @@ def plot(out: Path, rows: list[dict]) -> None:
                     label=c)
     if (DENSE, 0.0) in stats:
         ax.axhline(stats[(DENSE, 0.0)][0], color="k", ls="--", label="dense")
-    ax.set_xlabel("sparsity of the encoder linears")
-    ax.set_ylabel("test accuracy % (digits)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    finish_axes(ax, "test accuracy % (digits)")
     ax.set_title(f"trained from scratch while pruned - {machines(rows)}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "scratch_quality.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "scratch_quality.png")
 
 
 def main(argv: list[str] | None = None) -> None:

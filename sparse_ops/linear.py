@@ -130,18 +130,19 @@ class SparseLinear(nn.Module):
         path = None if self.planner is None or self._needs_grad(x, bias) else \
             self.route(x.numel() // max(1, self.in_features))
         if path == DENSE:  # F.linear takes (..., in) as it is: no reshapes on the path dense-chosen layers run
-            return activations.apply(F.linear(x, self.dense_weight(), bias), self._activation)
+            return self._call(path, x, bias, self._activation)
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         y = self._call(path, x2, bias, self._activation)  # (N, out)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def _call(self, path: str | None, x2: torch.Tensor, bias: torch.Tensor | None,
               act: str | None) -> torch.Tensor:
-        """act(x2 W^T + bias) by ``path`` (``paths``; None: the kernel's own choice).  x2: (N, in) -> (N, out)."""
-        if path is None or not self._off_kernel(path):
-            return self.kernel.matmul(self._state, x2, bias, act, **_variant_kw(path))
+        """act(x2 W^T + bias) by ``path`` (``paths``; None: the kernel's own choice).  x2: (N, in) -> (N, out);
+        the dense path takes any (..., in)."""
         if path == DENSE:
             return activations.apply(F.linear(x2, self.dense_weight(), bias), act)
+        if path is None or not self._off_kernel(path):
+            return self.kernel.matmul(self._state, x2, bias, act, **_variant_kw(path))
         torch_kernel, state = self._torch_kernel()
         return torch_kernel.matmul(state, x2, bias, act)
 

@@ -105,9 +105,9 @@ def measure_latency(deployed: list[Deployed], x: Tensor, batches: tuple[int, ...
 
     All candidates of one batch size are timed interleaved in the same run (``sparse_ops.timing``); the "dense"
     run is timed twice, as two candidates half a cycle apart: with the pruned runs' dense executions, the same
-    computation timed several times, whose spread is the noise floor of every ratio (``report.findings``). Returns ``{run: {batch: {"deployed_ms", "p10_ms", "p90_ms"}}}``;
-    "dense" adds "again_ms", pruning runs "dense_exec_ms" and "sparse_layers" / "planned_layers"
-    (``sparse_layers``).
+    computation timed several times, whose spread is the noise floor of every ratio (``report.findings``).
+    Returns ``{run: {batch: {"deployed_ms", "p10_ms", "p90_ms"}}}``; "dense" adds "again_ms", pruning runs
+    "dense_exec_ms" and "sparse_layers" / "planned_layers" (``sparse_layers``).
     """
     out: dict[str, dict[int, dict[str, float]]] = {d.name: {} for d in deployed}
     for b in batches:

@@ -40,7 +40,7 @@ def table(rows: list[dict]) -> str:
 
 def findings(rows: list[dict]) -> list[str]:
     """A few sentences drawn from the numbers: fastest at batch 1, accuracy cost and size of pruning, which
-    layers ran sparse, the timing noise (the dense model timed twice), and where a sparse model did not pay."""
+    layers ran sparse, the timing noise (``_noise``), and where a sparse model did not pay."""
     by = {r["run"]: r for r in rows}
     out = []
     batches = list(rows[0]["latency"])
