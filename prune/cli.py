@@ -47,7 +47,15 @@ def add_convert(p: argparse.ArgumentParser) -> None:
                         "one sparse shard per source shard plus model.sparse.safetensors.index.json (a model "
                         "directory's other files, config and tokenizer, are copied beside them); never the "
                         "source or a path inside the source directory")
-    p.add_argument("--format", default="csr", help="csr, 2:4 or auto (smallest per tensor) (default: csr)")
+    p.add_argument("--format", default="csr",
+                   help="csr, 2:4, auto (smallest per tensor), or an int8 format: dense-int8, csr-int8, bitmap-int8 "
+                        "(default: csr)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="store the converted weights as symmetric int8 with one fp32 scale per output row, in the "
+                        "smallest int8 layout (--format auto), or csr-int8 where csr pays (--format csr)")
+    p.add_argument("--clip", choices=["absmax", "mse"], default="absmax",
+                   help="int8 scales: each row's largest magnitude, or the clipping with least squared error "
+                        "(default: absmax)")
     p.add_argument("--min-sparsity", type=float, default=None,
                    help="convert tensors at least this sparse (default: where sparse storage is smaller; "
                         "0.5 for 2:4)")
@@ -68,7 +76,7 @@ def run_convert(args: argparse.Namespace) -> int:
         warnings.simplefilter("always")
         s = convert_checkpoint(args.src, args.output, format=args.format, min_sparsity=args.min_sparsity,
                                embeddings=args.embeddings, progress=True, overwrite=args.overwrite,
-                               allow_dense=args.allow_dense)
+                               allow_dense=args.allow_dense, quantize=args.quantize, clip=args.clip)
     for w in caught:  # one line each, not warnings' "file:line: UserWarning:" and source line
         print(f"prune convert: warning: {str(w.message).strip().splitlines()[0]}", file=sys.stderr)
     print(f"converted {s.converted} of {s.tensors} tensors to {s.format}: {_mb(s.bytes_before)} -> "
@@ -93,11 +101,14 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     infos = list(inspect_checkpoint(args.file))  # metadata only; the name column fits the longest name
     width = max([len("name"), *(len(t.name) for t in infos)])
-    print(f"{'name':<{width}} {'shape':<16} {'format':<6} {'dtype':<9} {'sparsity':>8} {'bytes':>14}")
+    fw = max([len("format"), *(len(t.label) for t in infos)])
+    print(f"{'name':<{width}} {'shape':<16} {'format':<{fw}} {'dtype':<9} {'sparsity':>8} {'bytes':>14} "
+          f"{'bits':>4}  scales")
     for t in infos:
         shape = "x".join(map(str, t.shape)) or "scalar"
-        print(f"{t.name:<{width}} {shape:<16} {t.label:<6} {str(t.dtype).removeprefix('torch.'):<9} "
-              f"{t.sparsity:>8.1%} {t.nbytes:>14,}")
+        scales = "" if t.scales is None else f"  {t.scales[0]:.3g} .. {t.scales[1]:.3g}"
+        print(f"{t.name:<{width}} {shape:<16} {t.label:<{fw}} {str(t.dtype).removeprefix('torch.'):<9} "
+              f"{t.sparsity:>8.1%} {t.nbytes:>14,} {t.value_bits:>4}{scales}")
     stored, dense = sum(t.nbytes for t in infos), sum(t.dense_nbytes for t in infos)
     print(f"total: {len(infos)} tensors, {stored:,} bytes stored, {dense:,} bytes dense "
           f"({stored / max(dense, 1):.1%} of dense)")

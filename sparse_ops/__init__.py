@@ -26,7 +26,8 @@ _EXPORTS = {
     "sparsify": "sparse_ops.loading", "convert_checkpoint": "sparse_ops.checkpoint",
     "load_sparse_state_dict": "sparse_ops.checkpoint", "inspect_checkpoint": "sparse_ops.checkpoint",
     "from_pretrained": "sparse_ops.pretrained", "SparseLinear": "sparse_ops.linear", "plan_report": "sparse_ops.plan", "use_fast_attention": "sparse_ops.attention",
-    "CSR": "sparse_ops.formats", "TwoFour": "sparse_ops.formats",
+    "CSR": "sparse_ops.formats", "TwoFour": "sparse_ops.formats", "BitmapInt8": "sparse_ops.quantized",
+    "CSRInt8": "sparse_ops.quantized", "DenseInt8": "sparse_ops.quantized",
     "MoE": "sparse_ops.layers", "GatedMultiheadAttention": "sparse_ops.layers",
 }
 __all__ = sorted(_EXPORTS)

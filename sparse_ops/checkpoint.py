@@ -46,13 +46,9 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
-from sparse_ops.formats import (
-    FORMATS,
-    VALUE_DTYPES,
-    SparseFormat,
-    ValuesMixin,
-    format_class,
-)
+from sparse_ops.formats import VALUE_DTYPES, SparseFormat, ValuesMixin
+from sparse_ops.quantized import CLIPS, CSRInt8, DenseInt8
+from sparse_ops.registry import FORMATS, LOSSLESS, QUANTIZED, format_class
 from sparse_ops.tensorio import DTYPES, SPARSE_INDEX, BadFileError, RawSource, SafetensorsWriter, open_raw
 
 FORMAT_VERSION = "1"
@@ -60,6 +56,8 @@ VERSION_KEY = "sparse_ops.format_version"
 TENSORS_KEY = "sparse_ops.tensors"
 AUTO = "auto"
 CONVERT_FORMATS = (*FORMATS, AUTO)  # "auto": per tensor, whichever stores it smaller
+QUANTIZE = ("int8",)  # convert_checkpoint(quantize=...): values as symmetric int8 with per-row scales
+INT8_TWINS = {"csr": CSRInt8.format}  # a lossless format -> its int8 layout under quantize="int8"
 DENSE = "dense"
 TRANSPOSED_MARK = "^T"  # after the format's name where a tensor is stored transposed (``TensorInfo.label``)
 EMBEDDING = re.compile(r"embed|(^|\.)(wte|wpe)(\.|$)")  # names of embedding tables (stay dense by default)
@@ -278,7 +276,7 @@ class Storage(NamedTuple):
 
 
 def choose_layout(name: str, t: torch.Tensor, format: str, min_sparsity: float | None,
-                  embeddings: bool = False, *, transpose: bool = True) -> Storage:
+                  embeddings: bool = False, *, transpose: bool = True, quantize: str | None = None) -> Storage:
     """The ``Storage`` of one tensor (see ``convert_checkpoint``): as ``choose_storage``, and where a format's
     pattern fails along the last dim but holds for the transpose (groups along dim 0: the (in, out) weight of
     transformers' ``Conv1D`` pruned along its input), that format of the transpose (``transpose=False``:
@@ -291,9 +289,13 @@ def choose_layout(name: str, t: torch.Tensor, format: str, min_sparsity: float |
         Storage(format='2:4', transposed=True)
         >>> choose_storage("fc.weight", w.t(), "2:4", None)
         '2:4'
+        >>> choose_layout("fc.weight", w, "auto", None, quantize="int8")  # the smallest int8 layout
+        Storage(format='dense-int8', transposed=False)
     """
     if t.dim() != 2 or t.dtype not in VALUE_DTYPES or (EMBEDDING.search(name) and not embeddings):
         return Storage(DENSE)
+    if quantize is not None:
+        return Storage(_int8_layout(t, format, min_sparsity))
     shape, nnz, dense_bytes = tuple(t.shape), int(torch.count_nonzero(t)), t.numel() * t.element_size()
     sparsity = 1.0 - nnz / max(t.numel(), 1)
 
@@ -328,11 +330,29 @@ def choose_layout(name: str, t: torch.Tensor, format: str, min_sparsity: float |
                              else str(e)) from None
         return Storage(format)
     sizes = {Storage(DENSE): dense_bytes}
-    for cls in FORMATS.values():
+    for cls in (FORMATS[f] for f in LOSSLESS):  # int8 only where asked for (quantize, or by name)
         found = fit(cls)
         if found is not None:
             sizes[found] = cls.estimate_nbytes(shape[::-1] if found.transposed else shape, nnz, t.dtype)
     return min(sizes, key=sizes.__getitem__)
+
+
+def _int8_layout(t: torch.Tensor, format: str, min_sparsity: float | None) -> str:
+    """The int8 format of a 2-D float tensor under ``quantize="int8"``: "auto", the smallest int8 layout; an int8
+    format, itself; "csr", csr-int8 where the tensor is ``min_sparsity`` sparse (None: where smaller than
+    dense-int8), else dense-int8. Formats with no int8 layout (2:4) raise ValueError."""
+    shape, nnz = (t.shape[0], t.shape[1]), int(torch.count_nonzero(t))
+    size = {f: FORMATS[f].estimate_nbytes(shape, nnz, t.dtype) for f in QUANTIZED}
+    if format in size:
+        return format
+    if format == AUTO:
+        return min(size, key=size.__getitem__)
+    twin = INT8_TWINS.get(format)
+    if twin is None:
+        raise ValueError(f"{format} has no int8 layout; with quantize='int8' allowed: {AUTO}, "
+                         f"{', '.join(INT8_TWINS)}, {', '.join(QUANTIZED)}")
+    worth = (size[twin] < size[DenseInt8.format]) if min_sparsity is None else sparsity_of(t) >= min_sparsity
+    return twin if worth else DenseInt8.format
 
 
 def choose_storage(name: str, t: torch.Tensor, format: str, min_sparsity: float | None,
@@ -354,6 +374,8 @@ class _Options:
     embeddings: bool
     progress: bool
     allow_dense: bool = False
+    quantize: str | None = None
+    clip: str = "absmax"
 
 
 @dataclass(frozen=True)
@@ -375,9 +397,17 @@ def _is_dir_output(dst: Path) -> bool:
     return dst.is_dir() or (dst.suffix == "" and not dst.exists())
 
 
-def _check_convert_args(src: Path, dst: Path, format: str, min_sparsity: float | None, overwrite: bool) -> None:
+def _check_convert_args(src: Path, dst: Path, format: str, min_sparsity: float | None, overwrite: bool,
+                        quantize: str | None = None, clip: str = "absmax") -> None:
     if format not in CONVERT_FORMATS:
         raise ValueError(f"unknown format {format!r}; allowed: {', '.join(CONVERT_FORMATS)}")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ValueError(f"unknown quantize {quantize!r}; allowed: {', '.join(QUANTIZE)} (or None)")
+    if quantize is not None and format not in (AUTO, *INT8_TWINS, *QUANTIZED):
+        raise ValueError(f"{format} has no int8 layout; with quantize={quantize!r} allowed: {AUTO}, "
+                         f"{', '.join(INT8_TWINS)}, {', '.join(QUANTIZED)}")
+    if clip not in CLIPS:
+        raise ValueError(f"unknown clip {clip!r}; allowed: {', '.join(CLIPS)}")
     if min_sparsity is not None and not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
     if dst.suffix != ".safetensors" and not _is_dir_output(dst):
@@ -470,7 +500,8 @@ class ConvertSummary:
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, format: str = "csr",
                        min_sparsity: float | None = None, *, embeddings: bool = False,
-                       progress: bool = False, overwrite: bool = False, allow_dense: bool = False) -> ConvertSummary:
+                       progress: bool = False, overwrite: bool = False, allow_dense: bool = False,
+                       quantize: str | None = None, clip: str = "absmax") -> ConvertSummary:
     """Write ``src`` as a sparse safetensors file ``dst``, one tensor at a time; returns a summary.
 
     Converted: 2-D fp32/fp16/bf16 tensors (embeddings only with ``embeddings=True``) whose sparsity is at least
@@ -480,6 +511,12 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, format: s
     ``Conv1D`` weight pruned along its input) is stored as that transpose, marked ``"transposed": true``
     (``choose_layout``). Speed is chosen where the model runs: ``sparsify``'s per-batch plan
     (``sparse_ops.plan``).
+
+    ``quantize="int8"``: every such tensor is stored with symmetric int8 values and one fp32 scale per row
+    (``sparse_ops.quantized``; scales from each row's largest magnitude, ``clip="absmax"``, or the clipping
+    ratio with the least squared error, ``"mse"``), in its smallest int8 layout ("auto"), csr-int8 where csr
+    would be chosen else dense-int8 ("csr"), or the int8 format named. Without it, int8 formats are written
+    only when named.
 
     ``dst`` a folder (a new or empty one, or a path without a suffix): one sparse shard per source shard,
     ``model-0000k-of-0000n.sparse.safetensors``, and ``model.sparse.safetensors.index.json`` mapping each
@@ -494,8 +531,8 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, format: s
     which writes the file and warns.
     """
     src, dst = Path(src), Path(dst)
-    _check_convert_args(src, dst, format, min_sparsity, overwrite)
-    opts = _Options(format, min_sparsity, embeddings, progress, allow_dense)
+    _check_convert_args(src, dst, format, min_sparsity, overwrite, quantize, clip)
+    opts = _Options(format, min_sparsity, embeddings, progress, allow_dense, quantize, clip)
     copied: list[Path] = []
     with open_raw(src) as source:
         if _is_dir_output(dst):
@@ -548,18 +585,25 @@ def _convert_entry(source: RawSource, entry: Entry, writer: SafetensorsWriter, o
     t = load_entry(source, entry)
     t = t if isinstance(t, torch.Tensor) else t.to_dense()
     try:
-        fmt, transposed = choose_layout(entry.name, t, opts.format, opts.min_sparsity, opts.embeddings)
+        fmt, transposed = choose_layout(entry.name, t, opts.format, opts.min_sparsity, opts.embeddings,
+                                        quantize=opts.quantize)
+        # a transposed view: the encoders work on blocks of its rows, so no full transposed copy is made
+        stored = t.t() if transposed else t
+        obj = t if fmt == DENSE else _encode(format_class(fmt), stored, opts.clip)
     except ValueError as e:
         raise ValueError(f"{entry.name}: {e}") from None
-    # a transposed view: the encoders work on blocks of its rows, so no full transposed copy is made
-    stored = t.t() if transposed else t
-    parts = {"tensor": t} if fmt == DENSE else format_class(fmt).from_dense(stored).parts()
+    parts = {"tensor": t} if fmt == DENSE else obj.parts()
     names = {p: entry.name if fmt == DENSE else f"{entry.name}/{p}" for p in parts}
     after = sum(writer.add(names[p], v) for p, v in parts.items())
-    record = Entry(entry.name, fmt, tuple(t.shape), t.dtype, names, transposed).to_json()
+    record = Entry(entry.name, fmt, tuple(t.shape), obj.dtype, names, transposed).to_json()
     candidate = t.dim() == 2 and t.dtype in VALUE_DTYPES and (opts.embeddings or not EMBEDDING.search(entry.name))
     return record, _Totals(1, int(fmt != DENSE), t.numel() * t.element_size(), after,
                            sparsity_of(t) if candidate else None)
+
+
+def _encode(cls: type, t: torch.Tensor, clip: str) -> SparseFormat:
+    """``t`` in format ``cls`` (int8 formats quantize it with ``clip``)."""
+    return cls.from_dense(t, clip=clip) if cls.QUANTIZED else cls.from_dense(t)
 
 
 def _convert_sharded(source: RawSource, out: Path, opts: _Options, extras: list[Path]) -> _Totals:
@@ -617,6 +661,13 @@ class TensorInfo:
     sparsity: float
     nbytes: int  # bytes stored in the file for this tensor (all its parts)
     transposed: bool = False
+    bits: int = 0  # bits per stored value (8 for the int8 formats; 0: those of dtype)
+    scales: tuple[float, float] | None = None  # the int8 formats' smallest and largest row scale
+
+    @property
+    def value_bits(self) -> int:
+        """Bits per stored value: 32 / 16 as its dtype, 8 for int8 formats."""
+        return self.bits or 8 * torch.empty((), dtype=self.dtype).element_size()
 
     @property
     def label(self) -> str:
@@ -639,4 +690,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> Iterator[TensorInfo]:
         else:
             numel = t.shape[0] * t.shape[1]
             sparsity = 1.0 - int(torch.count_nonzero(t.values)) / numel if numel else 0.0
-            yield TensorInfo(name, t.shape, t.format, t.dtype, sparsity, t.nbytes, isinstance(t, Transposed))
+            scales = getattr(t, "scales", None)
+            span = None if scales is None or not scales.numel() else (float(scales.min()), float(scales.max()))
+            yield TensorInfo(name, t.shape, t.format, t.dtype, sparsity, t.nbytes, isinstance(t, Transposed),
+                             8 * t.values.element_size(), span)

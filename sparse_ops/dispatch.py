@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from sparse_ops import activations
 from sparse_ops.kernels import cpu, cpu_native, cuda, native, triton_sparse, triton_two_four
@@ -78,6 +79,14 @@ def unfused(matmul: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     return call
 
 
+def _dequantized_linear(state: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x, state, bias)
+
+
+# An int8 weight where none of our kernels runs it: F.linear on the weight dequantized once at prepare (no speed
+# or memory gain; the GPU has no int8 kernel of ours yet).
+DEQUANTIZED = Kernel("torch.dequantized", lambda w: w.to_dense(), unfused(_dequantized_linear), backend=TORCH,
+                     native=False)
 TORCH_CPU_CSR = Kernel("torch.cpu.csr", cpu.prepare_csr, unfused(cpu.csr_matmul), backend=TORCH)
 
 KERNELS: dict[tuple[str, str], tuple[Kernel, ...]] = {
@@ -89,6 +98,11 @@ KERNELS: dict[tuple[str, str], tuple[Kernel, ...]] = {
         Kernel("cpu.2:4", cpu_native.prepare_two_four, cpu_native.two_four_matmul, fuses=True,
                available=native.available),
         Kernel("torch.cpu.2:4", cpu.prepare_two_four, unfused(cpu.two_four_matmul), backend=TORCH, native=False)),
+    **{(fmt, "cpu"): (Kernel(f"cpu.{fmt}", prepare, cpu_native.int8_matmul, fuses=True, available=native.available),
+                      DEQUANTIZED)
+       for fmt, prepare in (("dense-int8", cpu_native.prepare_dense_int8), ("csr-int8", cpu_native.prepare_csr_int8),
+                            ("bitmap-int8", cpu_native.prepare_bitmap_int8))},
+    **{(fmt, "cuda"): (DEQUANTIZED,) for fmt in ("dense-int8", "csr-int8", "bitmap-int8")},
     ("csr", "cuda"): (
         Kernel("cuda.csr", triton_sparse.prepare, triton_sparse.matmul, variants=triton_sparse.variants,
                available=triton_sparse.available),

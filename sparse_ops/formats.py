@@ -3,11 +3,12 @@
 Each format is a small frozen container that describes itself: ``from_dense`` / ``to_dense`` (lossless),
 ``nbytes`` and ``estimate_nbytes(shape, nnz, dtype)`` (before encoding), ``eligible(w)`` (whether a dense
 weight fits the format's pattern), ``MIN_SPARSITY`` (below it the format is not worth storing; None: whenever
-it is smaller than dense), ``validate`` (every invariant, so a corrupted file raises ``ValueError`` before any
-index reaches torch) and ``parts`` / ``from_parts`` (a dict of named tensors, how a checkpoint stores it).
-``FORMATS`` is the one registry: every list of formats (conversion, layers, benchmarks) derives from it, so a
-new format is one class here and its entry there (plus a kernel in ``sparse_ops.dispatch`` and a reference
-product in ``kernels/reference.py``).
+it is smaller than dense), ``QUANTIZED`` (lossy: int8 values, ``sparse_ops.quantized``), ``validate`` (every
+invariant, so a corrupted file raises ``ValueError`` before any index reaches torch) and ``parts`` /
+``from_parts`` (a dict of named tensors, how a checkpoint stores it). ``sparse_ops.registry.FORMATS`` is the one
+registry: every list of formats (conversion, layers, benchmarks) derives from it, so a new format is one class
+and its entry there (plus a kernel in ``sparse_ops.dispatch`` and a reference product in
+``kernels/reference.py``).
 
 Zeros: a "nonzero" is ``w != 0``, so ``-0.0`` counts as zero and comes back from ``to_dense`` as ``+0.0``.
 Keeping ``-0.0`` would store half the pruned weights of any model pruned by ``w * mask`` (negative weight
@@ -45,6 +46,7 @@ class SparseFormat(Protocol):
     format: ClassVar[str]
     PARTS: ClassVar[tuple[str, ...]]  # names of the stored tensors, as in parts()
     MIN_SPARSITY: ClassVar[float | None]  # below it a weight stays dense (None: when smaller than dense)
+    QUANTIZED: ClassVar[bool]  # lossy (int8 values, ``sparse_ops.quantized``): stored only when asked for
     shape: tuple[int, int]
 
     @staticmethod
@@ -64,13 +66,13 @@ class SparseFormat(Protocol):
     def to(self, device: torch.device | str) -> SparseFormat: ...
 
 
-def _check_dense_weight(w: torch.Tensor, fmt: str) -> None:
+def _check_dense_weight(w: torch.Tensor, fmt: str, dtypes: tuple[torch.dtype, ...] = VALUE_DTYPES) -> None:
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"{fmt}.from_dense needs a torch.Tensor, got {type(w).__name__}")
     if w.dim() != 2:
         raise ValueError(f"{fmt} needs a 2-D (out, in) weight, got shape {tuple(w.shape)}")
-    if w.dtype not in VALUE_DTYPES:
-        raise ValueError(f"{fmt} stores {_names(VALUE_DTYPES)} values, got {w.dtype}")
+    if w.dtype not in dtypes:
+        raise ValueError(f"{fmt} stores {_names(dtypes)} values, got {w.dtype}")
     if w.layout != torch.strided:
         raise ValueError(f"{fmt}.from_dense needs a dense (strided) tensor, got layout {w.layout}")
 
@@ -157,6 +159,8 @@ class CSR(ValuesMixin):
     format: ClassVar[str] = "csr"
     PARTS: ClassVar[tuple[str, ...]] = ("crow_indices", "col_indices", "values")
     MIN_SPARSITY: ClassVar[float | None] = None
+    QUANTIZED: ClassVar[bool] = False
+    STORED: ClassVar[tuple[torch.dtype, ...]] = VALUE_DTYPES  # the value dtypes it holds
 
     @staticmethod
     def estimate_nbytes(shape: tuple[int, int], nnz: int, dtype: torch.dtype) -> int:
@@ -175,7 +179,7 @@ class CSR(ValuesMixin):
         bounded by ``_BLOCK`` entries, not the weight's size: converting a large checkpoint stays near one
         weight plus its CSR parts.
         """
-        _check_dense_weight(w, "csr")
+        _check_dense_weight(w, cls.format, cls.STORED)
         out, inp = w.shape
         counts, cols, values = [], [], []  # per block: (rows,) int64, (nnz_b,) columns, (nnz_b,) values
         for r0, rows_in_block in _row_blocks(out, inp):
@@ -232,7 +236,7 @@ class CSR(ValuesMixin):
         out, inp = _check_shape(self.shape, "csr")
         _expect(self.crow_indices, "crow_indices", (torch.int32,), (out + 1,), "csr")
         nnz = self.values.numel() if isinstance(self.values, torch.Tensor) else -1
-        _expect(self.values, "values", VALUE_DTYPES, (nnz,), "csr")
+        _expect(self.values, "values", self.STORED, (nnz,), "csr")
         if inp > INT32_MAX:
             raise ValueError(f"csr in_features must be at most {INT32_MAX} (int32 column indices), got {inp}")
         # int16 columns only where they address every column (as from_dense writes): a file whose shape was
@@ -325,6 +329,7 @@ class TwoFour(ValuesMixin):
     format: ClassVar[str] = "2:4"
     PARTS: ClassVar[tuple[str, ...]] = ("values", "metadata")
     MIN_SPARSITY: ClassVar[float | None] = 0.5  # what the pattern itself implies
+    QUANTIZED: ClassVar[bool] = False
 
     @staticmethod
     def estimate_nbytes(shape: tuple[int, int], nnz: int, dtype: torch.dtype) -> int:
@@ -394,18 +399,6 @@ class TwoFour(ValuesMixin):
         if groups % 2 and bool((nib[:, groups:] != 0).any()):
             raise ValueError("2:4 metadata padding nibbles must be 0")
         return self
-
-
-# format name -> container; the one table that maps names in files and arguments to classes.
-FORMATS: dict[str, type] = {CSR.format: CSR, TwoFour.format: TwoFour}
-
-
-def format_class(name: str) -> type:
-    """The container class for a format name; ValueError listing the known names otherwise."""
-    try:
-        return FORMATS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown sparse format {name!r}; known: {', '.join(FORMATS)}") from None
 
 
 def is_two_four(w: torch.Tensor) -> bool:

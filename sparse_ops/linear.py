@@ -22,8 +22,9 @@ from torch import nn
 
 from sparse_ops import activations, plan
 from sparse_ops.dispatch import candidates, kernel_for, torch_path_formats, torch_path_kernel
-from sparse_ops.formats import FORMATS, SparseFormat, format_class
+from sparse_ops.formats import SparseFormat
 from sparse_ops.plan import DENSE, TORCH_SUFFIX, Planner
+from sparse_ops.registry import FORMATS, LOSSLESS, format_class
 from sparse_ops.timing import Timer, time_candidates
 
 LAYER_FORMATS = (*FORMATS, *torch_path_formats())
@@ -274,10 +275,11 @@ def _variant_kw(path: str | None) -> dict[str, str]:
 
 
 def candidate_formats(w: torch.Tensor) -> list[str]:
-    """Sparse layers worth timing for a weight on its device: formats with a native kernel whose pattern fits,
-    then torch's kernel for the formats where ours is the default ("csr:torch" on CPU)."""
+    """Sparse layers worth timing for a weight on its device: lossless formats with a native kernel whose pattern
+    fits, then torch's kernel for the formats where ours is the default ("csr:torch" on CPU)."""
     names, torch_names = [], []
-    for name, fmt in FORMATS.items():
+    for name in LOSSLESS:  # int8 formats change the numbers: chosen by the user (prune convert --quantize)
+        fmt = FORMATS[name]
         try:
             kernel = candidates(name, w.device)[0]
         except NotImplementedError:

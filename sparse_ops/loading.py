@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 from sparse_ops.checkpoint import Transposed, load_sparse_state_dict
-from sparse_ops.formats import CSR, SparseFormat, csr_col_dtype, format_class
+from sparse_ops.formats import CSR, SparseFormat, csr_col_dtype
+from sparse_ops.quantized import Int8Weight
+from sparse_ops.registry import format_class
 
 
 def transpose_csr(w: CSR) -> CSR:
@@ -63,6 +65,9 @@ def _as_is(w: SparseFormat | Transposed) -> tuple[SparseFormat, str | None]:
 
 
 def _with_dtype(w: SparseFormat | Transposed, dtype: torch.dtype) -> SparseFormat | Transposed:
+    """``w`` computing in ``dtype``: its values cast, or an int8 weight's scales (``Int8Weight.with_dtype``)."""
+    if isinstance(w, Int8Weight):
+        return w.with_dtype(dtype)
     values = w.values.to(dtype)
     return w.with_values(values) if isinstance(w, Transposed) else dataclasses.replace(w, values=values)
 

@@ -513,6 +513,6 @@ def test_ffn_benchmark_writes_consistent_rows(tmp_path, capsys):
 def test_the_bench_format_choices_are_the_registry_and_dense_and_auto():
     from prune.bench.command import FORMAT_CHOICES
     from sparse_ops.checkpoint import CONVERT_FORMATS
-    from sparse_ops.formats import FORMATS
+    from sparse_ops.registry import FORMATS
 
     assert FORMAT_CHOICES == ("dense", *FORMATS, "auto") and CONVERT_FORMATS == (*FORMATS, "auto")

@@ -71,7 +71,7 @@ BAD_INPUTS = {
     "not a state dict": (_not_a_state_dict, [], "holds a list, not a state dict"),
     "malicious pickle": (_evil, [], "refusing to load .*weights_only"),
     "not 2:4": (lambda tmp, f: f, ["--format", "2:4"], "fc.weight: weight of shape \\(256, 256\\) is not 2:4: \\d+ of"),
-    "unknown format": (lambda tmp, f: f, ["--format", "bsr"], "unknown format 'bsr'; allowed: csr, 2:4, auto"),
+    "unknown format": (lambda tmp, f: f, ["--format", "bsr"], "unknown format 'bsr'; allowed: csr, 2:4, dense-int8, csr-int8, bitmap-int8, auto"),
     "bad sparsity": (lambda tmp, f: f, ["--min-sparsity", "1.5"], "min_sparsity must be in \\[0, 1\\], got 1.5"),
     "directory not a model": (lambda tmp, f: tmp / "d", [], "is not a Hugging Face model directory"),
 }

@@ -4,7 +4,8 @@ import dataclasses
 import pytest
 import torch
 
-from sparse_ops.formats import CSR, FORMATS, TwoFour, csr_nbytes, format_class, is_two_four
+from sparse_ops.formats import CSR, TwoFour, csr_nbytes, is_two_four
+from sparse_ops.registry import FORMATS, format_class
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -103,7 +104,7 @@ def test_from_dense_rejects_wrong_inputs(cls, bad):
 
 
 def test_format_table_and_unknown_name():
-    assert format_class("csr") is CSR and format_class("2:4") is TwoFour and set(FORMATS) == {"csr", "2:4"}
+    assert format_class("csr") is CSR and format_class("2:4") is TwoFour and set(FORMATS) == {"csr", "2:4", "dense-int8", "csr-int8", "bitmap-int8"}
     with pytest.raises(ValueError, match=r"unknown sparse format 'bsr'; known: csr, 2:4"):
         format_class("bsr")
 

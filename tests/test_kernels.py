@@ -65,10 +65,11 @@ def test_reference_worked_by_hand():
 
 
 def test_dispatch_table_and_error_lists_supported_pairs():
-    assert set(KERNELS) == {("csr", "cpu"), ("2:4", "cpu"), ("csr", "cuda"), ("2:4", "cuda")}
+    int8 = {(f, d) for f in ("dense-int8", "csr-int8", "bitmap-int8") for d in ("cpu", "cuda")}
+    assert set(KERNELS) == {("csr", "cpu"), ("2:4", "cpu"), ("csr", "cuda"), ("2:4", "cuda")} | int8
     assert kernel_for("csr", torch.device("cpu")).name in ("cpu.csr", "torch.cpu.csr")  # ours, or torch's
     with pytest.raises(NotImplementedError, match=r"'bsr' on device type 'cpu'; supported: csr on cpu, "
-                                                  r"2:4 on cpu, csr on cuda, 2:4 on cuda"):
+                                                  r"2:4 on cpu, dense-int8 on cpu, .*, 2:4 on cuda"):
         kernel_for("bsr", "cpu")
     with pytest.raises(NotImplementedError, match=r"device type 'meta'"):
         kernel_for("csr", "meta")

@@ -82,7 +82,7 @@ def test_bad_inputs_name_the_problem():
         layer(torch.randn(2, 7))
     with pytest.raises(TypeError, match="float64 does not match the weight's torch.float32"):
         layer(torch.randn(2, 8, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"unknown format 'bsr'; allowed: csr, 2:4, 2:4:torch, csr:torch"):
+    with pytest.raises(ValueError, match=r"unknown format 'bsr'; allowed: csr, 2:4, dense-int8, csr-int8, bitmap-int8, 2:4:torch, csr:torch"):
         SparseLinear.from_dense(nn.Linear(8, 6), format="bsr")
     with pytest.raises(ValueError, match="not 2:4"):
         SparseLinear.from_dense(nn.Linear(8, 6), format="2:4")

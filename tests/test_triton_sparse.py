@@ -23,6 +23,7 @@ pytest.importorskip("triton", reason="the Triton kernels need triton")
 
 from _triton_compile import compile_for_gpu
 
+from sparse_ops import bitmap
 from sparse_ops.formats import CSR
 from sparse_ops.kernels import reference
 from sparse_ops.kernels import triton_sparse as ts
@@ -146,7 +147,7 @@ def test_round_trip_int32_columns():
 
 
 def test_encode_in_blocks(monkeypatch):
-    monkeypatch.setattr(ts, "_ENCODE_BLOCK", 32 * 64)  # one tile row of (*, 64) per block
+    monkeypatch.setattr(bitmap, "_ENCODE_BLOCK", 32 * 64)  # one tile row of (*, 64) per block
     w = _weight(100, 64, 0.5, torch.float16)
     tb = ts.TiledBitmap.from_csr(CSR.from_dense(w)).validate()
     assert torch.equal(tb.to_dense(), w)

@@ -43,12 +43,13 @@ import torch
 from prune.bench.matmul import DTYPES, Measured, measure_weight, timed_columns
 from prune.bench.plots import SpeedupBar
 from sparse_ops.checkpoint import EMBEDDING, Entry, iter_tensors, read_entries
-from sparse_ops.formats import FORMATS
 from sparse_ops.linear import candidate_formats
+from sparse_ops.registry import FORMATS, LOSSLESS, QUANTIZED
 from sparse_ops.tensorio import RawSource, open_raw
 from sparse_ops.timing import Deadline
 
-SPARSE = tuple(FORMATS)  # formats timed against dense for each layer (plus "csr:torch" where auto may pick it)
+SPARSE = LOSSLESS  # formats timed against dense for each layer (plus "csr:torch" where auto may pick it, and an
+# int8 layer's own format: the int8 formats change the numbers, so only a checkpoint holding one times one)
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ def sweep_checkpoint(path: str | os.PathLike, batches: tuple[int, ...], *, dtype
             return
         t0 = clock()
         w = w.to(device, DTYPES[dtype] if dtype else w.dtype)
-        formats = tuple(f for f in SPARSE if FORMATS[f].eligible(w))
+        formats = tuple(f for f in SPARSE if FORMATS[f].eligible(w)) + ((stored,) if stored in QUANTIZED else ())
         formats += (*(c for c in candidate_formats(w) if c not in SPARSE), "auto")  # torch's kernel; the default
         for batch in batches:
             x = torch.randn(batch, w.shape[1], device=device).to(w.dtype)  # (batch, in)

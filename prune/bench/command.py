@@ -33,7 +33,7 @@ from prune.bench.shapes import BATCHES, SHAPE_SETS, SPARSITIES
 
 # "dense", every sparse_ops.formats.FORMATS name, and "auto" (the layer sparsify() builds by default). Written
 # out so that `prune --help` does not import torch; tests/test_bench.py checks it against the registry.
-FORMAT_CHOICES = ("dense", "csr", "2:4", "auto")
+FORMAT_CHOICES = ("dense", "csr", "2:4", "dense-int8", "csr-int8", "bitmap-int8", "auto")
 DTYPE_CHOICES = ("fp32", "bf16", "fp16")
 
 

@@ -5,6 +5,8 @@ random zeros; below 50% sparsity plain random zeros), so every candidate multipl
 (dtype, batch) every candidate is timed interleaved with dense in one ``time_interleaved`` run:
   dense            F.linear(x, W)                                  the baseline every user has (cuBLAS, MKL)
   csr / 2:4        SparseLinear in that format (our kernels, through sparse_ops.dispatch)
+  dense-int8, ...  the int8 formats (sparse_ops.quantized): W quantized per row, their error measured against
+                   the dequantized weight (the kernel's error; quantization's own is a quality question)
   auto             what sparsify() gives by default: the weight stored as `prune convert --format auto` would
                    (the smallest of dense/csr/2:4), planned at this batch (sparse_ops.plan: dense, each of
                    our kernels, torch's, measured here); its choice is recorded
@@ -40,10 +42,10 @@ import torch.nn.functional as F
 
 from prune.bench.shapes import LinearShape
 from sparse_ops.checkpoint import choose_storage
-from sparse_ops.formats import FORMATS as SPARSE_FORMATS
-from sparse_ops.formats import format_class
 from sparse_ops.linear import SparseLinear
 from sparse_ops.plan import PlanCache, Planner
+from sparse_ops.registry import FORMATS as SPARSE_FORMATS
+from sparse_ops.registry import format_class
 from sparse_ops.timing import Deadline, Timing, time_interleaved
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -99,6 +101,7 @@ class Candidate:
     fn: Callable[[], object]
     storage: str
     auto_chose: str = ""
+    reference: torch.Tensor | None = None  # the weight its output should match (int8: dequantized); None: W
 
 
 def _torch_csr(w: torch.Tensor, x: torch.Tensor, index_dtype: torch.dtype) -> Callable[[], object]:
@@ -159,7 +162,8 @@ def ours(w: torch.Tensor, x: torch.Tensor, fmt: str) -> Candidate:
     with torch.no_grad():
         lin.weight.copy_(w)
     layer = SparseLinear.from_dense(lin, fmt)
-    return Candidate(fmt, lambda: layer(x), STORAGE[layer.choice])
+    reference = layer.weight.to_dense() if layer.weight.QUANTIZED else None  # the kernel's error, not int8's
+    return Candidate(fmt, lambda: layer(x), STORAGE[layer.choice], reference=reference)
 
 
 def rel_error(y: object, ref: torch.Tensor) -> float:
@@ -219,7 +223,7 @@ def _measure(w: torch.Tensor, x: torch.Tensor, formats: tuple[str, ...], with_an
     with torch.inference_mode():
         for c in list(cands):
             try:
-                errors[c.name] = rel_error(c.fn(), ref)
+                errors[c.name] = rel_error(c.fn(), ref if c.reference is None else x.float() @ c.reference.float().t())
             except (NotImplementedError, RuntimeError, ValueError, TypeError) as e:
                 if c.name == "dense":
                     raise

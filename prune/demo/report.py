@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 
-from sparse_ops.formats import FORMATS
+from sparse_ops.registry import FORMATS
 
 TABLE_COLUMNS = ["run", "deployed as", "accuracy %", "sparsity %", "params", "active params", "file KB",
                  "shipped KB"]

@@ -33,6 +33,7 @@ namespace {
 typedef uint16_t bf16;
 
 inline float load_value(const float* v, int64_t k) { return v[k]; }
+inline float load_value(const int8_t* v, int64_t k) { return static_cast<float>(v[k]); }  // int8: the row's scale apart
 inline float load_value(const bf16* v, int64_t k) {
   uint32_t u = static_cast<uint32_t>(v[k]) << 16;  // bf16 is the top half of an fp32
   float f;
@@ -860,25 +861,25 @@ int run_blocks(Body body, int64_t out, int64_t in, const float* x, int64_t n, in
 // with every column present. Three phases over all experts at once (pack, hidden, output), one barrier each.
 
 // Sums of dense rows [r0, r1) of w (rows, in) over one token tile into buf (rows - r0, T) (see csr_rows_tile).
-template <int W, int NV, int S>
-void dense_rows_tile(const float* w, int64_t in, int64_t r0, int64_t r1, const float* xt, int64_t ld,
+template <typename V, int W, int NV, int S>
+void dense_rows_tile(const V* w, int64_t in, int64_t r0, int64_t r1, const float* xt, int64_t ld,
                      int64_t t0, float* buf) {
   typedef typename Vec<W>::type vec;
   const float* xb = xt + t0;
   for (int64_t r = r0; r < r1; ++r) {
-    const float* wr = w + r * in;
+    const V* wr = w + r * in;
     vec acc[S][NV];
     for (int s = 0; s < S; ++s)
       for (int j = 0; j < NV; ++j) acc[s][j] = vec{};
     int64_t k = 0;
     for (; k + S <= in; k += S)
       for (int s = 0; s < S; ++s) {
-        const float v = wr[k + s];
+        const float v = load_value(wr, k + s);
         const float* xp = xb + (k + s) * ld;
         for (int j = 0; j < NV; ++j) acc[s][j] += v * load_vec<W>(xp + j * W);
       }
     for (; k < in; ++k)
-      for (int j = 0; j < NV; ++j) acc[0][j] += wr[k] * load_vec<W>(xb + k * ld + j * W);
+      for (int j = 0; j < NV; ++j) acc[0][j] += load_value(wr, k) * load_vec<W>(xb + k * ld + j * W);
     for (int s = 1; s < S; ++s)
       for (int j = 0; j < NV; ++j) acc[0][j] += acc[s][j];
     store_row<W, NV>(acc[0], r - r0, buf);
@@ -890,7 +891,200 @@ struct DenseBody {  // one_tile's body for a dense weight (rows, in); y / out / 
   const float* xt; int64_t ld;
   template <int W, int NV, int S>
   void run(int64_t r0, int64_t r1, int64_t t0, float* buf) const {
-    dense_rows_tile<W, NV, S>(w, in, r0, r1, xt, ld, t0, buf);
+    dense_rows_tile<float, W, NV, S>(w, in, r0, r1, xt, ld, t0, buf);
+  }
+};
+
+// ---- int8 weights: symmetric int8 values, one fp32 scale per output row -----------------------------------
+// Weight-only: the values are widened to fp32 in registers and multiplied with the fp32 x; a row's scale is
+// applied once to its sum (sum_k (s q_k) x_k = s sum_k q_k x_k). Layouts (sparse_ops/quantized.py):
+//   csr     rowptr (out+1,) int32, col (nnz,) int16|int32, val (nnz,) int8   (the CSR above, int8 values)
+//   bitmap  32 x 64 tiles, the GPU's tiled bitmap (sparse_ops/bitmap.py): tile_ptr (ceil(out/32)+1,) int32,
+//           tile_cols (T,) int32, offsets (T+1,) int32, bitmaps (T, 32, 2) uint32 (bit b of word (i, j): entry
+//           (i, 32 j + b) of the tile), val (nnz,) int8 row-major within each tile
+//   dense   val (out, in) int8
+//   scales  (out,) fp32
+
+// buf[i, :m] *= scale[i] for the block's rows i < nrows (the tile kernels' sums before flush_rows).
+inline void scale_rows(float* buf, const float* scale, int64_t nrows, int64_t m) {
+  for (int64_t i = 0; i < nrows; ++i) {
+    float* v = buf + i * TILE_STRIDE;
+    const float s = scale[i];
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) v[j] *= s;
+  }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+inline __m256 widen8(const int8_t* p) {  // 8 int8 -> 8 fp32
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m256i cols8(const int16_t* c) {
+  return _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+}
+inline __m256i cols8(const int32_t* c) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c)); }
+#endif
+
+// One token of an int8 CSR weight: y[r] = scale[r] * sum_k q_k x[col_k] + bias[r].
+template <typename I>
+void csr8_gemv_rows(const int32_t* rowptr, const I* col, const int8_t* val, const float* scales, int64_t r0,
+                    int64_t r1, const float* x, const float* bias, float* y) {
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t k = rowptr[r];
+    const int64_t e = rowptr[r + 1];
+    float sum = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (; k + 16 <= e; k += 16) {
+      a0 = _mm256_fmadd_ps(widen8(val + k), _mm256_i32gather_ps(x, cols8(col + k), 4), a0);
+      a1 = _mm256_fmadd_ps(widen8(val + k + 8), _mm256_i32gather_ps(x, cols8(col + k + 8), 4), a1);
+    }
+    sum = hsum8(_mm256_add_ps(a0, a1));
+#endif
+    y[r] = (sum + sparse_dot(col, val, k, e, x)) * scales[r] + (bias ? bias[r] : 0.0f);
+  }
+}
+
+template <typename I>
+struct Csr8Body {
+  const int32_t* rowptr; const I* col; const int8_t* val; const float* scales; const float* bias; float* y;
+  int64_t out; int act;
+  const float* xt = nullptr; int64_t ld = 0;  // set by run_blocks
+  template <int W, int NV, int S>
+  void run(int64_t r0, int64_t r1, int64_t t0, float* buf) const {
+    csr_rows_tile<int8_t, I, W, NV, S>(rowptr, col, val, r0, r1, xt, ld, t0, buf);
+    scale_rows(buf, scales + r0, r1 - r0, W * NV);
+  }
+  void gemv(int64_t r0, int64_t r1) const { csr8_gemv_rows<I>(rowptr, col, val, scales, r0, r1, xt, bias, y); }
+};
+
+// One token of a dense int8 weight: 32 values per step in four chains.
+inline void dense8_gemv_rows(const int8_t* w, const float* scales, int64_t in, int64_t r0, int64_t r1,
+                             const float* x, const float* bias, float* y) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int8_t* wr = w + r * in;
+    int64_t k = 0;
+    float sum = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (; k + 32 <= in; k += 32)
+      for (int c = 0; c < 4; ++c) a[c] = _mm256_fmadd_ps(widen8(wr + k + 8 * c), _mm256_loadu_ps(x + k + 8 * c), a[c]);
+    sum = hsum8(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+#endif
+    for (; k < in; ++k) sum += static_cast<float>(wr[k]) * x[k];
+    y[r] = sum * scales[r] + (bias ? bias[r] : 0.0f);
+  }
+}
+
+struct Dense8Body {
+  const int8_t* w; const float* scales; int64_t in; const float* bias; float* y; int64_t out; int act;
+  const float* xt = nullptr; int64_t ld = 0;  // set by run_blocks
+  template <int W, int NV, int S>
+  void run(int64_t r0, int64_t r1, int64_t t0, float* buf) const {
+    dense_rows_tile<int8_t, W, NV, S>(w, in, r0, r1, xt, ld, t0, buf);
+    scale_rows(buf, scales + r0, r1 - r0, W * NV);
+  }
+  void gemv(int64_t r0, int64_t r1) const { dense8_gemv_rows(w, scales, in, r0, r1, xt, bias, y); }
+};
+
+// Bitmap tiles: run_blocks hands out blocks of ROWS_PER_BLOCK rows, which are the tile rows.
+constexpr int64_t BITMAP_TILE_OUT = 32, BITMAP_TILE_K = 64;
+static_assert(ROWS_PER_BLOCK == BITMAP_TILE_OUT, "a row block of run_blocks must be one tile row");
+
+// sum over the set bits b of m of q * x[b], q the next values at p (advanced past them)
+inline float bits_dot(uint32_t m, const int8_t*& p, const float* x) {
+  float s = 0.0f;
+  for (; m; m &= m - 1) s += static_cast<float>(*p++) * x[__builtin_ctz(m)];
+  return s;
+}
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__BMI2__)
+// acc += the 32 columns of one bitmap word expanded to dense fp32 (zeros where a bit is clear) times x[0:32]:
+// each byte of the word places its popcount values in its 8 lanes with one pdep (the values of 8 columns are
+// contiguous), then a dense FMA against contiguous x. Reads up to 7 bytes past the word's values but never
+// past `end` (the last value of the weight).
+inline __m256 expand_dot(uint32_t m, const int8_t*& p, const int8_t* end, const float* x, __m256 acc) {
+  for (int b = 0; b < 4; ++b, m >>= 8) {
+    const unsigned mb = m & 0xFF;
+    uint64_t raw = 0;
+    std::memcpy(&raw, p, end - p >= 8 ? 8 : end - p);
+    const uint64_t q = _pdep_u64(raw, _pdep_u64(mb, 0x0101010101010101ull) * 0xFF);
+    p += __builtin_popcount(mb);
+    const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(q))));
+    acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 8 * b), acc);
+  }
+  return acc;
+}
+#endif
+
+struct Bitmap8Body {
+  const int32_t* tile_ptr; const int32_t* tile_cols; const int32_t* offsets; const uint32_t* bitmaps;
+  const int8_t* val; const float* scales; int64_t in; bool expand; const float* bias; float* y; int64_t out;
+  int act;
+  const float* xt = nullptr; int64_t ld = 0;  // set by run_blocks
+
+  // Rows [r0, r1) of tile row r0 / 32 over one token tile: each stored value q at column c adds q * xt[c, t0:]
+  // to its row's sums in buf (the CSR tile kernel's loop, columns from the set bits).
+  template <int W, int NV, int S>
+  void run(int64_t r0, int64_t r1, int64_t t0, float* buf) const {
+    typedef typename Vec<W>::type vec;
+    const int64_t tr = r0 / BITMAP_TILE_OUT, nrows = r1 - r0;
+    for (int64_t i = 0; i < nrows; ++i) std::fill(buf + i * TILE_STRIDE, buf + i * TILE_STRIDE + W * NV, 0.0f);
+    for (int64_t t = tile_ptr[tr]; t < tile_ptr[tr + 1]; ++t) {
+      const float* xc = xt + t0 + tile_cols[t] * BITMAP_TILE_K * ld;
+      const int8_t* p = val + offsets[t];
+      const uint32_t* bm = bitmaps + t * BITMAP_TILE_OUT * 2;
+      for (int64_t i = 0; i < nrows; ++i) {
+        if (!(bm[2 * i] | bm[2 * i + 1])) continue;
+        vec acc[NV];
+        for (int j = 0; j < NV; ++j) acc[j] = load_vec<W>(buf + i * TILE_STRIDE + j * W);
+        for (int h = 0; h < 2; ++h)
+          for (uint32_t m = bm[2 * i + h]; m; m &= m - 1) {
+            const float v = static_cast<float>(*p++);
+            const float* xp = xc + (32 * h + __builtin_ctz(m)) * ld;
+            for (int j = 0; j < NV; ++j) acc[j] += v * load_vec<W>(xp + j * W);
+          }
+        std::memcpy(buf + i * TILE_STRIDE, acc, sizeof(acc));
+      }
+    }
+    scale_rows(buf, scales + r0, nrows, W * NV);
+  }
+
+  // One token: per (tile, row) the row's two words, expanded (dense enough weights, x86 with BMI2) or walked
+  // bit by bit; a tile reaching past `in` is always walked (an expanded word reads x[0:32] whole).
+  void gemv(int64_t r0, int64_t r1) const {
+    const int64_t tr = r0 / BITMAP_TILE_OUT, nrows = r1 - r0;
+    const float* x = xt;
+    float sums[BITMAP_TILE_OUT] = {};
+#if defined(__AVX2__) && defined(__FMA__) && defined(__BMI2__)
+    __m256 acc[BITMAP_TILE_OUT];
+    for (int64_t i = 0; i < nrows; ++i) acc[i] = _mm256_setzero_ps();
+    const int8_t* end = val + offsets[tile_ptr[out / BITMAP_TILE_OUT + (out % BITMAP_TILE_OUT != 0)]];
+#endif
+    for (int64_t t = tile_ptr[tr]; t < tile_ptr[tr + 1]; ++t) {
+      const int64_t c0 = tile_cols[t] * BITMAP_TILE_K;
+      const float* xc = x + c0;
+      const int8_t* p = val + offsets[t];
+      const uint32_t* bm = bitmaps + t * BITMAP_TILE_OUT * 2;
+#if defined(__AVX2__) && defined(__FMA__) && defined(__BMI2__)
+      if (expand && c0 + BITMAP_TILE_K <= in) {
+        for (int64_t i = 0; i < nrows; ++i)
+          acc[i] = expand_dot(bm[2 * i + 1], p, end, xc + 32, expand_dot(bm[2 * i], p, end, xc, acc[i]));
+        continue;
+      }
+#endif
+      for (int64_t i = 0; i < nrows; ++i) {
+        sums[i] += bits_dot(bm[2 * i], p, xc);
+        sums[i] += bits_dot(bm[2 * i + 1], p, xc + 32);
+      }
+    }
+    for (int64_t i = 0; i < nrows; ++i) {
+      float s = sums[i];
+#if defined(__AVX2__) && defined(__FMA__) && defined(__BMI2__)
+      s += hsum8(acc[i]);
+#endif
+      y[r0 + i] = s * scales[r0 + i] + (bias ? bias[r0 + i] : 0.0f);
+    }
   }
 };
 
@@ -1393,6 +1587,31 @@ SPARSE_CSR_ENTRY(csr_bf16_i32, bf16, int32_t)
 SPARSE_24_ENTRY(two_four_f32, float)
 SPARSE_24_ENTRY(two_four_bf16, bf16)
 
+// int8 weights (see "int8 weights" above): scales (out,) fp32; otherwise as the entries above.
+#define SPARSE_CSR8_ENTRY(NAME, I)                                                                          \
+  extern "C" int NAME(const int32_t* rowptr, const I* col, const int8_t* val, const float* scales,         \
+                       int64_t out, int64_t in, const float* x, int64_t n, const float* bias, float* y,    \
+                       int nthreads, int act, POST_ARGS) {                                                  \
+    return run_blocks(Csr8Body<I>{rowptr, col, val, scales, bias, y, out, act}, out, in, x, n, nthreads,   \
+                      POST);                                                                                \
+  }
+SPARSE_CSR8_ENTRY(csr_i8_i16, int16_t)
+SPARSE_CSR8_ENTRY(csr_i8_i32, int32_t)
+
+// expand: 1 to expand each bitmap word to dense lanes at one token (dense enough weights), 0 to walk its bits.
+extern "C" int bitmap_i8(const int32_t* tile_ptr, const int32_t* tile_cols, const int32_t* offsets,
+                         const uint32_t* bitmaps, const int8_t* val, const float* scales, int64_t out, int64_t in,
+                         int expand, const float* x, int64_t n, const float* bias, float* y, int nthreads, int act,
+                         POST_ARGS) {
+  return run_blocks(Bitmap8Body{tile_ptr, tile_cols, offsets, bitmaps, val, scales, in, expand != 0, bias, y, out,
+                                act}, out, in, x, n, nthreads, POST);
+}
+
+extern "C" int dense_i8(const int8_t* val, const float* scales, int64_t out, int64_t in, const float* x, int64_t n,
+                        const float* bias, float* y, int nthreads, int act, POST_ARGS) {
+  return run_blocks(Dense8Body{val, scales, in, bias, y, out, act}, out, in, x, n, nthreads, POST);
+}
+
 // moe_forward_f32: see run_moe. logits (T, E) fp32, x (T, D), y (T, D), routed (E,) int64.
 extern "C" int moe_forward_f32(const float* logits, const float* x, int64_t T, int64_t K, int64_t capacity,
                                const float* w_in, const float* b_in, const float* w_gate, const float* b_gate,
@@ -1412,7 +1631,7 @@ extern "C" int attention_f32(const float* q, const float* k, const float* v, con
   return run_attention(a, nthreads);
 }
 
-extern "C" int sparse_cpu_abi_version() { return 13; }
+extern "C" int sparse_cpu_abi_version() { return 14; }
 
 // The codes Python passes and reads, from the enums themselves: native.py compares them with its own tables at
 // load and refuses a library that disagrees (one source of truth per side, checked against the other).

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from sparse_ops.activations import CODES, apply
 from sparse_ops.formats import CSR, TwoFour
 from sparse_ops.kernels import cpu, native
+from sparse_ops.quantized import BitmapInt8, CSRInt8, DenseInt8, Int8Weight
 
 VALUE_CODE = {torch.float32: "f32", torch.bfloat16: "bf16"}  # value dtypes the C++ code reads
 INDEX_CODE = {torch.int16: "i16", torch.int32: "i32"}
@@ -74,13 +75,13 @@ class NativeWeight:
     """A weight ready for the C++ kernels: ``call(x_ptr, n, bias_ptr, y_ptr, threads)`` with its parts bound;
     CSR's panelled copy and ``panel_call`` are added by ``panelled`` at the first batch that needs them."""
 
-    source: CSR | TwoFour  # validated container (kept for the autograd fallback and the tensors' lifetime)
+    source: CSR | TwoFour | Int8Weight  # validated container (kept for the autograd fallback and the tensors' lifetime)
     tensors: tuple[torch.Tensor, ...]  # contiguous parts the bound pointers point into (kept alive here)
     call: Callable[..., None]  # (x_ptr, n, bias_ptr, y_ptr, threads, activation code)
     out_dtype: torch.dtype
     density: float = 1.0  # nonzeros / (out * in)
     nnz: int = 0  # stored values (2:4: out * in / 2)
-    value_code: str = "f32"  # the C++ value type: f32 or bf16
+    value_code: str = "f32"  # the C++ value type: f32, bf16 or i8
     panels: tuple[torch.Tensor, ...] = ()  # CSR only: (seg, lcol, values) of panel_parts, for large batches
     panel_call: Callable[..., None] | None = None  # (x_ptr, tile, n, bias_ptr, y_ptr, threads, act code)
     # ffn_matmul's (down weight, gate weight or None, bound entry), on the up weight
@@ -225,6 +226,51 @@ def prepare_two_four(w: TwoFour) -> NativeWeight:
     code = _value_code(w.values)
     return NativeWeight(w, parts, _entry(f"two_four_{code}", *parts, *w.shape), w.dtype, nnz=w.values.numel(),
                         value_code=code)
+
+
+# ---- int8 weights (sparse_ops.quantized): weight-only, int8 values widened to fp32 in registers -------------
+# One token on a bitmap-int8 weight: each bitmap word is expanded to dense lanes (pdep, on x86 builds with BMI2)
+# at densities from BITMAP_EXPAND_DENSITY, else walked bit by bit (sparser rows have few bits per word).
+BITMAP_EXPAND_DENSITY = 0.1
+
+
+def _int8(w: Int8Weight, entry: str, parts: tuple[torch.Tensor, ...], *sizes: int) -> NativeWeight:
+    """A validated int8 weight bound to ``entry``: its layout's parts, then the fp32 scales, then ``sizes``."""
+    tensors = (*(t.contiguous() for t in parts), _fp32(w.scales))
+    out, inp = w.shape
+    nnz = w.values.numel()
+    return NativeWeight(w, tensors, _entry(entry, *tensors, *sizes), w.dtype, nnz / max(1, out * inp), nnz, "i8")
+
+
+def prepare_dense_int8(w: DenseInt8) -> NativeWeight:
+    _check_cpu(w)
+    return _int8(w.validate(), "dense_i8", (w.values,), *w.shape)
+
+
+def prepare_csr_int8(w: CSRInt8) -> NativeWeight:
+    _check_cpu(w)
+    q = w.validate().q
+    return _int8(w, f"csr_i8_{INDEX_CODE[q.col_indices.dtype]}", (q.crow_indices, q.col_indices, q.values), *w.shape)
+
+
+def prepare_bitmap_int8(w: BitmapInt8) -> NativeWeight:
+    _check_cpu(w)
+    q = w.validate().q
+    expand = q.nnz >= BITMAP_EXPAND_DENSITY * w.shape[0] * w.shape[1]
+    return _int8(w, "bitmap_i8", (q.tile_ptr, q.tile_cols, q.value_offsets, q.bitmaps, q.values), *w.shape,
+                 int(expand))
+
+
+def int8_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None,
+                post: AddNorm | None = None, variant: str | None = None) -> torch.Tensor:
+    """x: (N, in) -> post(activation(x W^T + bias)) (N, out) in the weight's dtype, W = scales * q (no variants).
+    With a gradient needed: ``F.linear`` on the dequantized weight."""
+    if variant is not None:
+        raise ValueError(f"the int8 kernels have no variants, got {variant!r}")
+    if _needs_grad(x, bias):
+        y = apply(F.linear(x, w.source.to_dense(), bias), activation)
+        return y if post is None else post.apply(y)
+    return _matmul(w, x, bias, False, CODES[activation], post)
 
 
 # Below this much work (stored values x tokens) a plain-kernel call runs on one thread: waking the other

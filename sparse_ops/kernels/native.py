@@ -43,7 +43,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "sparse_cpu.cpp"
-ABI_VERSION = 13
+ABI_VERSION = 14
 # -fno-trapping-math lets the epilogue's floor and float -> int conversions vectorise (no FP exception flags);
 # the target's -march and the cache constants are added by build_flags
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno", "-fno-trapping-math")
@@ -80,6 +80,12 @@ SIGNATURES: dict[str, tuple[type, ...]] = {
     # rowptr, col, val, out, in, x, n, bias, y, threads, activation code
     **{f"csr_{v}_{i}": (_P, _P, _P, _I64, _I64, _P, _I64, _P, _P, _INT, _INT, *_POST)
        for v in ("f32", "bf16") for i in ("i16", "i32")},
+    # int8 weights (sparse_ops.quantized): the CSR entry's arguments with the scales after the values
+    **{f"csr_i8_{i}": (_P, _P, _P, _P, _I64, _I64, _P, _I64, _P, _P, _INT, _INT, *_POST) for i in ("i16", "i32")},
+    # tile_ptr, tile_cols, value_offsets, bitmaps, val, scales, out, in, expand (0/1), x, n, bias, y, threads, act
+    "bitmap_i8": (*(_P,) * 6, _I64, _I64, _INT, _P, _I64, _P, _P, _INT, _INT, *_POST),
+    # val, scales, out, in, x, n, bias, y, threads, activation code
+    "dense_i8": (_P, _P, _I64, _I64, _P, _I64, _P, _P, _INT, _INT, *_POST),
     # val, meta, out, in, x, n, bias, y, threads, activation code
     **{f"two_four_{v}": (_P, _P, _I64, _I64, _P, _I64, _P, _P, _INT, _INT, *_POST) for v in ("f32", "bf16")},
     # seg, lcol, val, out, in, rows per block, panel width, x, tile, n, bias, y, threads, activation code
