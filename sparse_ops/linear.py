@@ -24,7 +24,7 @@ from sparse_ops import activations, plan
 from sparse_ops.dispatch import candidates, kernel_for, torch_path_formats, torch_path_kernel
 from sparse_ops.formats import SparseFormat
 from sparse_ops.plan import DENSE, TORCH_SUFFIX, Planner
-from sparse_ops.registry import FORMATS, LOSSLESS, format_class
+from sparse_ops.registry import FORMATS, LOSSLESS, QUANTIZED, format_class
 from sparse_ops.timing import Timer, time_candidates
 
 LAYER_FORMATS = (*FORMATS, *torch_path_formats())
@@ -93,12 +93,14 @@ class SparseLinear(nn.Module):
         self.kernel = kernel_for(w.format, w.device, torch_kernel=self.torch_kernel, weight=w)
         self._state = self.kernel.prepare(w)
         self._dtype = w.dtype
+        # an int8 weight's other int8 layouts (same numbers, other kernels): paths of its plan
+        self._twins = tuple(f for f in QUANTIZED if w.QUANTIZED and f != w.format and candidates(f, w.device)[0].native)
         # the planned paths' state, rebuilt lazily after a move or load: bucket -> plan entry, the dense
-        # weight (when a bucket chose dense), torch's (kernel, state) (when one chose it)
+        # weight (when a bucket chose dense), path -> (kernel, state) of torch's kernel or a twin (when chosen)
         self._routes: dict[int, dict] = {}
         self._last: tuple[int, str] = (-1, "")  # (tokens, path) of the latest routed call
         self._dense: torch.Tensor | None = None
-        self._torch: tuple | None = None
+        self._others: dict[str, tuple] = {}
 
     def _apply(self, fn, recurse=True):  # .to / .cuda / .half move the buffers; the kernel state follows
         super()._apply(fn, recurse)
@@ -106,7 +108,7 @@ class SparseLinear(nn.Module):
         return self
 
     def __getstate__(self) -> dict:  # copy.deepcopy, pickle: the kernel and its state (pointers) are rebuilt
-        return {k: v for k, v in self.__dict__.items() if k not in ("kernel", "_state", "_dense", "_torch")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("kernel", "_state", "_dense", "_others")}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -144,8 +146,8 @@ class SparseLinear(nn.Module):
             return activations.apply(F.linear(x2, self.dense_weight(), bias), act)
         if path is None or not self._off_kernel(path):
             return self.kernel.matmul(self._state, x2, bias, act, **_variant_kw(path))
-        torch_kernel, state = self._torch_kernel()
-        return torch_kernel.matmul(state, x2, bias, act)
+        kernel, state = self._other_kernel(path)
+        return kernel.matmul(state, x2, bias, act)
 
     # ---- planned paths (sparse_ops.plan) ----------------------------------------------------------------
 
@@ -154,8 +156,9 @@ class SparseLinear(nn.Module):
         return torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
 
     def _off_kernel(self, path: str) -> bool:
-        """Whether ``path`` runs elsewhere than this layer's kernel (dense, or torch's kernel when ours is it)."""
-        return path == DENSE or (path.endswith(TORCH_SUFFIX) and self.kernel.backend != "torch")
+        """Whether ``path`` runs elsewhere than this layer's kernel (dense, an int8 twin, or torch's kernel when
+        ours is it)."""
+        return path == DENSE or path in self._twins or (path.endswith(TORCH_SUFFIX) and self.kernel.backend != "torch")
 
     @property
     def prepared(self) -> object:
@@ -177,24 +180,31 @@ class SparseLinear(nn.Module):
             self._dense = self.weight.to_dense()
         return self._dense
 
-    def _torch_kernel(self) -> tuple:
-        if self._torch is None:
-            kernel = torch_path_kernel(self.format, self.kernel_device, self.weight)
-            self._torch = (kernel, kernel.prepare(self.weight))
-        return self._torch
+    def _other_kernel(self, path: str) -> tuple:
+        """(kernel, prepared state) of torch's path or an int8 twin (the weight in another int8 layout), built at
+        its first use."""
+        if path not in self._others:
+            if path in self._twins:
+                weight = format_class(path).from_quantized(*self.weight.quantized())
+                kernel = kernel_for(path, self.kernel_device, weight=weight)
+            else:
+                weight, kernel = self.weight, torch_path_kernel(self.format, self.kernel_device, self.weight)
+            self._others[path] = (kernel, kernel.prepare(weight))
+        return self._others[path]
 
     @property
     def kernel_device(self) -> torch.device:
         return self._buffers[f"weight_{self._part_names[0]}"].device
 
     def paths(self, n: int) -> list[str]:
-        """The paths a plan chooses among for n tokens: dense, our kernel (each variant), torch's kernel."""
+        """The paths a plan chooses among for n tokens: dense, our kernel (each variant), torch's kernel, and for
+        an int8 weight its other int8 layouts (``dense-int8`` among them: never slower than dense int8)."""
         variants = self.kernel.variants(n) if self.kernel.variants else ()
         ours = [f"{self.format}.{v}" for v in variants] or [self.choice]
         torch_path = self.format + TORCH_SUFFIX
         has_torch = (self.kernel.backend != "torch"
                      and torch_path_kernel(self.format, self.kernel_device, self.weight) is not None)
-        return [DENSE, *ours, *([torch_path] if has_torch else [])]
+        return [DENSE, *ours, *([torch_path] if has_torch else []), *self._twins]
 
     def planned(self, batch: int) -> dict | None:
         """The plan entry ``{"choice": path, "speedup": {path: x}}`` of a bucket, if a call has reached it."""
@@ -236,9 +246,11 @@ class SparseLinear(nn.Module):
                 x = entry["speedup"].get(entry["choice"])
                 print(f"sparse_ops: {self.name or key}: {b} token{'s' * (b > 1)} -> {entry['choice']}"
                       + ("" if x is None else f" ({x:.2f}x of dense)") + f", {measured}", file=sys.stderr)
-            if entry["choice"] != DENSE and DENSE not in (e["choice"] for e in self._routes.values()):
-                self._dense = None  # the copy built for the timing: only kept where a bucket runs dense
             self._routes[b] = entry
+            chosen = {e["choice"] for e in self._routes.values()}
+            if DENSE not in chosen:
+                self._dense = None  # the copy built for the timing: only kept where a bucket runs dense
+            self._others = {p: v for p, v in self._others.items() if p in chosen}  # likewise twins, torch's
             return entry
 
     def _time_paths(self, paths: list[str], b: int, timer: Timer | None) -> dict[str, float]:

@@ -14,7 +14,7 @@ format         parts                                      bytes per weight at de
                 (32 x 64 tiles), values (nnz,)
 ============== ========================================== =============================================
 
-So the bitmap is the smallest from 50% sparsity to about 94%, CSR beyond, dense below (``estimate_nbytes``).
+So the bitmap is the smallest from about 13% sparsity to 94%, CSR beyond, dense below (``estimate_nbytes``).
 They are ``QUANTIZED``: lossy, so conversion stores them only when asked (``prune convert --quantize int8`` or a
 named int8 format), never for "auto" alone. ``to_dense`` gives the dequantized weight ``scales * q`` in the
 scales' dtype (fp32 as written; what a layer computes in); ``quantized()`` / ``from_quantized(q, scales)`` are

@@ -20,6 +20,7 @@ from sparse_ops.activations import ACTIVATIONS, CODES
 from sparse_ops.formats import CSR, TwoFour
 from sparse_ops.kernels import cpu_native, native, reference
 from sparse_ops.layers.moe import MoE, expert_capacity
+from sparse_ops.quantized import BitmapInt8, CSRInt8, DenseInt8
 from tests.test_attention import reference as reference_attention
 from tests.test_formats import two_four, unstructured
 
@@ -86,6 +87,8 @@ def write_cases(path: Path) -> int:
                     _write_case(f, f"two_four_{tcode}", [out, inp, n, 2, CODES[act]],
                                 [tvals, tf.metadata, x, bias, want24])
                     count += 1
+        for (out, inp), sparsity in [((37, 300), 0.9), ((70, 130), 0.0), ((64, 256), 0.5), ((33, 64), 0.999)]:
+            count += _write_int8_cases(f, unstructured((out, inp), sparsity, torch.float32), gen)
         for hidden, (inp, out), n, dtype in [(96, (40, 24), 40, torch.float32),
                                              (300, (64, 70), 130, torch.bfloat16)]:
             up, down = (CSR.from_dense(unstructured(s, 0.7, dtype)) for s in ((hidden, inp), (out, hidden)))
@@ -118,6 +121,29 @@ def write_cases(path: Path) -> int:
             want = reference_attention(q, k, v, mask, 0.25, causal)
             _write_case(f, "attention_f32", [B, H, Hk, S, L, D, 250000, int(causal), 2], [q, k, v, mask, want])
             count += 1
+    return count
+
+
+def _write_int8_cases(f, w: torch.Tensor, gen: torch.Generator) -> int:
+    """The three int8 entry points (the bitmap's both one-token paths) on one weight at 1-100 tokens."""
+    out, inp = w.shape
+    w[:3] = 0.0  # empty rows
+    dense, csr, bitmap = (cls.from_dense(w) for cls in (DenseInt8, CSRInt8, BitmapInt8))
+    count = 0
+    for n, act in [(1, None), (3, "gelu"), (8, None), (40, "silu"), (100, None)]:
+        x = torch.randn(n, inp, generator=gen)
+        bias = torch.randn(out, generator=gen) if n % 2 else None
+        want = _expected(reference.dense_int8_matmul(dense, x), bias, act)
+        _write_case(f, "dense_i8", [out, inp, n, 2, CODES[act]], [dense.values, dense.scales, x, bias, want])
+        q = csr.q
+        for icode, c in (("i16", q.col_indices.to(torch.int16)), ("i32", q.col_indices.to(torch.int32))):
+            _write_case(f, f"csr_i8_{icode}", [out, inp, n, 2, CODES[act]],
+                        [q.crow_indices, c, q.values, csr.scales, x, bias, want])
+        t = bitmap.q
+        for expand in (0, 1):
+            _write_case(f, "bitmap_i8", [out, inp, expand, n, 2, CODES[act]],
+                        [t.tile_ptr, t.tile_cols, t.value_offsets, t.bitmaps, t.values, bitmap.scales, x, bias, want])
+        count += 5
     return count
 
 

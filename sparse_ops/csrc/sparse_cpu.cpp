@@ -1007,7 +1007,8 @@ inline __m256 expand_dot(uint32_t m, const int8_t*& p, const int8_t* end, const 
   for (int b = 0; b < 4; ++b, m >>= 8) {
     const unsigned mb = m & 0xFF;
     uint64_t raw = 0;
-    std::memcpy(&raw, p, end - p >= 8 ? 8 : end - p);
+    if (end - p >= 8) std::memcpy(&raw, p, 8);  // a constant size: one load (a variable one calls memcpy)
+    else std::memcpy(&raw, p, end - p);
     const uint64_t q = _pdep_u64(raw, _pdep_u64(mb, 0x0101010101010101ull) * 0xFF);
     p += __builtin_popcount(mb);
     const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(q))));

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from sparse_ops.formats import CSR, TwoFour
+from sparse_ops.quantized import BitmapInt8, CSRInt8, DenseInt8
 
 
 def _scatter_matmul(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, out: int,
@@ -42,5 +43,27 @@ def two_four_matmul(w: TwoFour, x: torch.Tensor) -> torch.Tensor:
     return _scatter_matmul(rows.reshape(-1), cols.reshape(-1), w.values.reshape(-1), out, x)
 
 
+def dense_int8_matmul(w: DenseInt8, x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x @ (scales * q)^T`` for a dense int8 weight.  x: (N, in) -> (N, out)."""
+    return (x.to(torch.float64) @ w.q.values.to(torch.float64).t() * w.scales.to(torch.float64)).float()
+
+
+def csr_int8_matmul(w: CSRInt8, x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x @ (scales * q)^T`` for a CSR int8 weight, each stored value times its row's scale."""
+    q = w.q
+    counts = (q.crow_indices[1:] - q.crow_indices[:-1]).to(torch.int64)
+    rows = torch.repeat_interleave(torch.arange(w.shape[0], device=w.device), counts)
+    return _scatter_matmul(rows, q.col_indices.to(torch.int64), q.values.float() * w.scales.float()[rows],
+                           w.shape[0], x)
+
+
+def bitmap_int8_matmul(w: BitmapInt8, x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x @ (scales * q)^T`` for a tiled-bitmap int8 weight (entries decoded from the bitmaps)."""
+    rows, cols = w.q.entries()
+    return _scatter_matmul(rows, cols, w.q.values.float() * w.scales.float()[rows], w.shape[0], x)
+
+
 # format name -> reference product
-REFERENCE: dict[str, object] = {CSR.format: csr_matmul, TwoFour.format: two_four_matmul}
+REFERENCE: dict[str, object] = {CSR.format: csr_matmul, TwoFour.format: two_four_matmul,
+                                DenseInt8.format: dense_int8_matmul, CSRInt8.format: csr_int8_matmul,
+                                BitmapInt8.format: bitmap_int8_matmul}
