@@ -98,10 +98,13 @@ KERNELS: dict[tuple[str, str], tuple[Kernel, ...]] = {
         Kernel("cpu.2:4", cpu_native.prepare_two_four, cpu_native.two_four_matmul, fuses=True,
                available=native.available),
         Kernel("torch.cpu.2:4", cpu.prepare_two_four, unfused(cpu.two_four_matmul), backend=TORCH, native=False)),
-    **{(fmt, "cpu"): (Kernel(f"cpu.{fmt}", prepare, cpu_native.int8_matmul, fuses=True, available=native.available),
-                      DEQUANTIZED)
-       for fmt, prepare in (("dense-int8", cpu_native.prepare_dense_int8), ("csr-int8", cpu_native.prepare_csr_int8),
-                            ("bitmap-int8", cpu_native.prepare_bitmap_int8))},
+    ("dense-int8", "cpu"): (Kernel("cpu.dense-int8", cpu_native.prepare_dense_int8, cpu_native.int8_matmul,
+                                   fuses=True, available=native.available), DEQUANTIZED),
+    # the sparse int8 layouts: CSR's variants ("panels": a panelled int8 copy built at the first batch that takes
+    # it) and its fused feed-forward block
+    **{(fmt, "cpu"): (Kernel(f"cpu.{fmt}", prepare, cpu_native.int8_matmul, fuses=True, ffn=cpu_native.ffn_matmul,
+                             variants=cpu_native.csr_variants, available=native.available), DEQUANTIZED)
+       for fmt, prepare in (("csr-int8", cpu_native.prepare_csr_int8), ("bitmap-int8", cpu_native.prepare_bitmap_int8))},
     **{(fmt, "cuda"): (DEQUANTIZED,) for fmt in ("dense-int8", "csr-int8", "bitmap-int8")},
     ("csr", "cuda"): (
         Kernel("cuda.csr", triton_sparse.prepare, triton_sparse.matmul, variants=triton_sparse.variants,

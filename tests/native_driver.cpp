@@ -60,6 +60,10 @@ bool run(const std::string& name, const std::vector<int64_t>& s, const std::vect
                      static_cast<const int32_t*>(P(2)), static_cast<const uint32_t*>(P(3)),
                      static_cast<const int8_t*>(P(4)), fp(a[5]), s[0], s[1], int(s[2]), fp(a[6]), s[3], fp(a[7]), y,
                      int(s[4]), int(s[5]), NOPOST) == 0;
+  if (name == "csr_panels_i8")  // seg lcol val scales x bias | out in R P T n threads act
+    return csr_panels_i8(static_cast<const int32_t*>(P(0)), static_cast<const uint8_t*>(P(1)),
+                         static_cast<const int8_t*>(P(2)), fp(a[3]), s[0], s[1], s[2], s[3], fp(a[4]), s[4], s[5],
+                         fp(a[5]), y, int(s[6]), int(s[7]), NOPOST) == 0;
   if (name == "dense_i8")  // val scales x bias | out in n threads act
     return dense_i8(static_cast<const int8_t*>(P(0)), fp(a[1]), s[0], s[1], fp(a[2]), s[2], fp(a[3]), y, int(s[3]),
                     int(s[4]), NOPOST) == 0;

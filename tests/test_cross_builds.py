@@ -144,6 +144,12 @@ def _write_int8_cases(f, w: torch.Tensor, gen: torch.Generator) -> int:
             _write_case(f, "bitmap_i8", [out, inp, expand, n, 2, CODES[act]],
                         [t.tile_ptr, t.tile_cols, t.value_offsets, t.bitmaps, t.values, bitmap.scales, x, bias, want])
         count += 5
+        if n > 1:
+            R, P = cpu_native.PANEL_ROWS, cpu_native.PANEL_WIDTH
+            seg, lcol, vals = cpu_native.panel_parts(q.crow_indices, q.col_indices, q.values, (out, inp), R, P)
+            _write_case(f, "csr_panels_i8", [out, inp, R, P, cpu_native.panel_tile(n), n, 2, CODES[act]],
+                        [seg, lcol, vals, csr.scales, x, bias, want])
+            count += 1
     return count
 
 

@@ -264,3 +264,37 @@ def test_cli_convert_and_inspect_show_bits_and_scales(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "o.safetensors")]) == 0
     row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("0.weight"))
     assert row[1:4] == ["96x64", "bitmap-int8", "float32"] and row[6] == "8" and row[8] == ".."
+
+
+@needs_native
+@pytest.mark.parametrize("isa", RUNNABLE_ISAS, indirect=True)
+@pytest.mark.parametrize("cls", [CSRInt8, BitmapInt8])
+@pytest.mark.parametrize("variant", ["plain", "panels"])
+@pytest.mark.parametrize("batch", [2, 16, 33, 200])
+@pytest.mark.parametrize("shape", [(70, 300), (130, 64), (5, 600)])
+def test_both_sparse_int8_kernels_match_reference(shape, batch, variant, cls, isa):
+    fmt = cls.from_dense(unstructured(shape, 0.7))
+    x, bias = torch.randn(batch, shape[1]), torch.randn(shape[0])
+    y = run(fmt, x, bias, variant=variant)
+    close_to_reference(y, reference.REFERENCE[fmt.format](fmt, x) + bias, torch.float32, shape[1])
+
+
+@needs_native
+@pytest.mark.parametrize("isa", RUNNABLE_ISAS, indirect=True)
+@pytest.mark.parametrize("cls", [CSRInt8, BitmapInt8])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("batch", [16, 130])
+def test_fused_int8_feed_forward_matches_the_layers(batch, gated, cls, isa):
+    # one call for up (and gate), activation, down and the post-op, on int8 panelled copies
+    hidden, inp, out = 96, 40, 24
+    up, down, gate = (cls.from_dense(unstructured(s, 0.6)) for s in ((hidden, inp), (out, hidden), (hidden, inp)))
+    prep = [kernel_for(w.format, "cpu").prepare(w) for w in (up, down, gate)]
+    x, bu, bd, bg = torch.randn(batch, inp), torch.randn(hidden), torch.randn(out), torch.randn(hidden)
+    post = AddNorm(torch.randn(batch, out), torch.randn(out), torch.randn(out))
+    with torch.inference_mode():
+        y = cpu_native.ffn_matmul(prep[0], prep[1], x, bu, bd, "silu" if gated else "gelu", post=post,
+                                  gate=prep[2] if gated else None, gate_bias=bg if gated else None)
+    ref = reference.REFERENCE[cls.format]
+    h = ref(up, x) + bu
+    h = F.silu(ref(gate, x) + bg) * h if gated else F.gelu(h)
+    torch.testing.assert_close(y, post.apply(ref(down, h) + bd), rtol=1e-4, atol=1e-4)

@@ -648,6 +648,7 @@ constexpr int ENTRY_OK = 0, ENTRY_OUT_OF_MEMORY = 1;  // what the entry points r
 template <typename V>
 struct Panels {
   const int32_t* seg; const uint8_t* lcol; const V* val; int64_t out, in, R, P;
+  const float* scales = nullptr;  // int8 values: (out,) per-row scales, applied to each row's sum before its bias
   int64_t nblocks() const { return (out + R - 1) / R; }
   int64_t npanels() const { return (in + P - 1) / P; }
   int64_t bytes() const { return seg[nblocks() * npanels() * R] * static_cast<int64_t>(sizeof(V) + 1); }
@@ -657,7 +658,7 @@ struct Panels {
 template <typename V>
 int64_t panel_sums(const Panels<V>& w, int64_t T, int64_t b, const float* xtile, const float* bias, float* dst) {
   const int64_t r0 = b * w.R, nrows = std::min(w.R, w.out - r0), np = w.npanels();
-  const float* rbias = bias ? bias + r0 : nullptr;
+  const float* rbias = bias && !w.scales ? bias + r0 : nullptr;  // scaled sums take their bias after
   constexpr int N16 = 16 / VW, N32 = 32 / VW, N64 = 64 / VW;  // T tokens are T / VW target vectors
   switch (T) {
     case 16: panel_block<N16, chains(N16)>(w.seg, w.lcol, w.val, w.in, np, w.R, w.P, b, nrows, xtile, rbias, dst);
@@ -667,6 +668,13 @@ int64_t panel_sums(const Panels<V>& w, int64_t T, int64_t b, const float* xtile,
     default: panel_block<N64, chains(N64)>(w.seg, w.lcol, w.val, w.in, np, w.R, w.P, b, nrows, xtile, rbias, dst);
       break;
   }
+  if (w.scales)
+    for (int64_t i = 0; i < nrows; ++i) {
+      const float s = w.scales[r0 + i], c = bias ? bias[r0 + i] : 0.0f;
+      float* v = dst + i * T;
+#pragma omp simd
+      for (int64_t j = 0; j < T; ++j) v[j] = v[j] * s + c;
+    }
   return nrows;
 }
 
@@ -1568,6 +1576,25 @@ int run_attention(const AttnArgs& a, int nthreads) {
   }
 SPARSE_PANEL_ENTRY(csr_panels_f32, csr_ffn_f32, float)
 SPARSE_PANEL_ENTRY(csr_panels_bf16, csr_ffn_bf16, bf16)
+
+// int8 values: each weight's per-row scales follow its values.
+extern "C" int csr_panels_i8(const int32_t* seg, const uint8_t* lcol, const int8_t* val, const float* scales,
+                             int64_t out, int64_t in, int64_t R, int64_t P, const float* x, int64_t T, int64_t n,
+                             const float* bias, float* y, int nthreads, int act, POST_ARGS) {
+  return run_panels<int8_t>(Panels<int8_t>{seg, lcol, val, out, in, R, P, scales}, x, T, n, bias, y, nthreads, act,
+                            POST);
+}
+extern "C" int csr_ffn_i8(const int32_t* gseg, const uint8_t* glcol, const int8_t* gval, const float* gscales,
+                          const int32_t* useg, const uint8_t* ulcol, const int8_t* uval, const float* uscales,
+                          const int32_t* dseg, const uint8_t* dlcol, const int8_t* dval, const float* dscales,
+                          int64_t in, int64_t hidden, int64_t out, int64_t R, int64_t P, const float* x, int64_t T,
+                          int64_t n, const float* gbias, const float* ubias, const float* dbias, float* y,
+                          int nthreads, int act, POST_ARGS) {
+  const Panels<int8_t> gate{gseg, glcol, gval, hidden, in, R, P, gscales};
+  return run_ffn<int8_t>(gseg ? &gate : nullptr, Panels<int8_t>{useg, ulcol, uval, hidden, in, R, P, uscales},
+                         Panels<int8_t>{dseg, dlcol, dval, out, hidden, R, P, dscales}, x, T, n, gbias, ubias, dbias,
+                         y, nthreads, act, POST);
+}
 
 #define SPARSE_CSR_ENTRY(NAME, V, I)                                                                        \
   extern "C" int NAME(const int32_t* rowptr, const I* col, const V* val, int64_t out, int64_t in,         \

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from sparse_ops.activations import CODES, apply
 from sparse_ops.formats import CSR, TwoFour
 from sparse_ops.kernels import cpu, native
-from sparse_ops.quantized import BitmapInt8, CSRInt8, DenseInt8, Int8Weight
+from sparse_ops.quantized import BitmapInt8, CSRInt8, DenseInt8, Int8CSR, Int8Weight
 
 VALUE_CODE = {torch.float32: "f32", torch.bfloat16: "bf16"}  # value dtypes the C++ code reads
 INDEX_CODE = {torch.int16: "i16", torch.int32: "i32"}
@@ -84,6 +84,7 @@ class NativeWeight:
     value_code: str = "f32"  # the C++ value type: f32, bf16 or i8
     panels: tuple[torch.Tensor, ...] = ()  # CSR only: (seg, lcol, values) of panel_parts, for large batches
     panel_call: Callable[..., None] | None = None  # (x_ptr, tile, n, bias_ptr, y_ptr, threads, act code)
+    scales: torch.Tensor | None = None  # int8 weights: the (out,) fp32 row scales every entry reads
     # ffn_matmul's (down weight, gate weight or None, bound entry), on the up weight
     ffn_call: tuple[NativeWeight, NativeWeight | None, Callable[..., None]] | None = None
 
@@ -167,15 +168,29 @@ _PANEL_LOCK = threading.Lock()
 
 
 def panelled(w: NativeWeight) -> Callable[..., None]:
-    """``w.panel_call``, building the panelled copy of a prepared CSR weight on first use (once, even when
-    several threads run the layer: a second copy would free the first while a call still reads it)."""
+    """``w.panel_call``, building the panelled copy of a prepared CSR (or sparse int8) weight on first use (once,
+    even when several threads run the layer: a second copy would free the first while a call still reads it)."""
     if w.panel_call is None:
         with _PANEL_LOCK:
             if w.panel_call is None:
                 out, inp = w.source.shape
-                w.panels = panel_parts(*w.tensors, w.source.shape, PANEL_ROWS, PANEL_WIDTH)  # alive before bound
-                w.panel_call = _entry(f"csr_panels_{w.value_code}", *w.panels, out, inp, PANEL_ROWS, PANEL_WIDTH)
+                w.panels = panel_parts(*_csr_parts(w), w.source.shape, PANEL_ROWS, PANEL_WIDTH)  # alive before bound
+                w.panel_call = _entry(f"csr_panels_{w.value_code}", *_panel_args(w), out, inp, PANEL_ROWS,
+                                      PANEL_WIDTH)
     return w.panel_call
+
+
+def _csr_parts(w: NativeWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(crow, col, values) of a prepared CSR, csr-int8 or bitmap-int8 weight (the bitmap's through dense int8)."""
+    if isinstance(w.source, BitmapInt8):
+        q = Int8CSR.from_dense(w.source.q.to_dense())
+        return q.crow_indices, q.col_indices, q.values
+    return w.tensors[0], w.tensors[1], w.tensors[2]
+
+
+def _panel_args(w: NativeWeight) -> tuple[torch.Tensor, ...]:
+    """The panelled copy's parts as the entries take them: (seg, lcol, values[, scales])."""
+    return (*w.panels, *(() if w.scales is None else (w.scales,)))
 
 
 def use_panels(n: int, density: float, in_features: int) -> bool:
@@ -239,7 +254,8 @@ def _int8(w: Int8Weight, entry: str, parts: tuple[torch.Tensor, ...], *sizes: in
     tensors = (*(t.contiguous() for t in parts), _fp32(w.scales))
     out, inp = w.shape
     nnz = w.values.numel()
-    return NativeWeight(w, tensors, _entry(entry, *tensors, *sizes), w.dtype, nnz / max(1, out * inp), nnz, "i8")
+    return NativeWeight(w, tensors, _entry(entry, *tensors, *sizes), w.dtype, nnz / max(1, out * inp), nnz, "i8",
+                        scales=tensors[-1])
 
 
 def prepare_dense_int8(w: DenseInt8) -> NativeWeight:
@@ -263,14 +279,27 @@ def prepare_bitmap_int8(w: BitmapInt8) -> NativeWeight:
 
 def int8_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None,
                 post: AddNorm | None = None, variant: str | None = None) -> torch.Tensor:
-    """x: (N, in) -> post(activation(x W^T + bias)) (N, out) in the weight's dtype, W = scales * q (no variants).
-    With a gradient needed: ``F.linear`` on the dequantized weight."""
-    if variant is not None:
-        raise ValueError(f"the int8 kernels have no variants, got {variant!r}")
+    """x: (N, in) -> post(activation(x W^T + bias)) (N, out) in the weight's dtype, W = scales * q. ``variant``
+    (sparse int8: one of ``csr_variants(N)``, the panelled copy as CSR's; dense-int8 has none) picks the kernel;
+    None: ``use_panels`` picks. With a gradient needed: ``F.linear`` on the dequantized weight."""
     if _needs_grad(x, bias):
         y = apply(F.linear(x, w.source.to_dense(), bias), activation)
         return y if post is None else post.apply(y)
-    return _matmul(w, x, bias, False, CODES[activation], post)
+    if isinstance(w.source, DenseInt8):
+        if variant is not None:
+            raise ValueError(f"the dense-int8 kernel has no variants, got {variant!r}")
+        return _matmul(w, x, bias, False, CODES[activation], post)
+    return _matmul(w, x, bias, _panels_for(w, x.shape[0], variant), CODES[activation], post)
+
+
+def _panels_for(w: NativeWeight, n: int, variant: str | None) -> bool:
+    """Whether a sparse weight's call on n tokens takes the panelled kernel: ``variant`` ("plain", "panels"), or
+    None for ``use_panels``' choice."""
+    if variant is None:
+        return use_panels(n, w.density, w.source.shape[1])
+    if variant not in csr_variants(n):
+        raise ValueError(f"unknown kernel variant {variant!r} for {n} tokens; allowed: {csr_variants(n)}")
+    return variant == "panels"
 
 
 # Below this much work (stored values x tokens) a plain-kernel call runs on one thread: waking the other
@@ -332,7 +361,8 @@ def ffn_matmul(up: NativeWeight, down: NativeWeight, x: torch.Tensor, up_bias: t
     n, weights = x.shape[0], (up, down) if gate is None else (gate, up, down)
     if n < FFN_MIN_TOKENS or any(_needs_grad(x, b) for b in (up_bias, down_bias, gate_bias)) \
             or min(w.density for w in weights) < PANEL_MIN_DENSITY or len({w.value_code for w in weights}) > 1 \
-            or len({w.out_dtype for w in weights}) > 1 or not all(isinstance(w.source, CSR) for w in weights):
+            or len({w.out_dtype for w in weights}) > 1 \
+            or not all(isinstance(w.source, (CSR, CSRInt8, BitmapInt8)) for w in weights):
         return None
     (hidden, inp), out = up.source.shape, down.source.shape[0]
     if down.source.shape[1] != hidden:
@@ -344,9 +374,9 @@ def ffn_matmul(up: NativeWeight, down: NativeWeight, x: torch.Tensor, up_bias: t
     if call is None or call[0] is not down or call[1] is not gate:  # bind once per set (a few us per call else)
         for w in weights:
             panelled(w)  # the panelled copies, built on first use
-        gate_parts = gate.panels if gate is not None else (None, None, None)
-        up.ffn_call = (down, gate, _entry(f"csr_ffn_{up.value_code}", *gate_parts, *up.panels, *down.panels, inp,
-                                          hidden, out, PANEL_ROWS, PANEL_WIDTH))
+        gate_parts = _panel_args(gate) if gate is not None else (None,) * len(_panel_args(up))
+        up.ffn_call = (down, gate, _entry(f"csr_ffn_{up.value_code}", *gate_parts, *_panel_args(up),
+                                          *_panel_args(down), inp, hidden, out, PANEL_ROWS, PANEL_WIDTH))
     y = torch.empty(n, out, dtype=torch.float32)
     post_args, _alive = post.args(n, out) if post is not None else (native.NO_POST, ())
     up.ffn_call[2](x.data_ptr(), panel_tile(n), n, *(None if t is None else t.data_ptr() for t in (bg, bu, bd)),
@@ -465,14 +495,7 @@ def csr_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, acti
     if _needs_grad(x, bias):  # the C++ kernels have no backward: torch's CSR path does
         y = apply(cpu.csr_matmul(cpu.prepare_csr(w.source), x, bias), activation)
         return y if post is None else post.apply(y)
-    n = x.shape[0]
-    if variant is None:
-        panels = use_panels(n, w.density, w.source.shape[1])
-    elif variant in csr_variants(n):
-        panels = variant == "panels"
-    else:
-        raise ValueError(f"unknown CSR kernel variant {variant!r} for {n} tokens; allowed: {csr_variants(n)}")
-    return _matmul(w, x, bias, panels, CODES[activation], post)
+    return _matmul(w, x, bias, _panels_for(w, x.shape[0], variant), CODES[activation], post)
 
 
 def two_four_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None,

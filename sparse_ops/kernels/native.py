@@ -80,6 +80,9 @@ SIGNATURES: dict[str, tuple[type, ...]] = {
     # rowptr, col, val, out, in, x, n, bias, y, threads, activation code
     **{f"csr_{v}_{i}": (_P, _P, _P, _I64, _I64, _P, _I64, _P, _P, _INT, _INT, *_POST)
        for v in ("f32", "bf16") for i in ("i16", "i32")},
+    # int8 panels and FFN: as the entries above, each weight's scales after its values
+    "csr_panels_i8": (_P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _P, _P, _INT, _INT, *_POST),
+    "csr_ffn_i8": (*(_P,) * 12, _I64, _I64, _I64, _I64, _I64, _P, _I64, _I64, _P, _P, _P, _P, _INT, _INT, *_POST),
     # int8 weights (sparse_ops.quantized): the CSR entry's arguments with the scales after the values
     **{f"csr_i8_{i}": (_P, _P, _P, _P, _I64, _I64, _P, _I64, _P, _P, _INT, _INT, *_POST) for i in ("i16", "i32")},
     # tile_ptr, tile_cols, value_offsets, bitmaps, val, scales, out, in, expand (0/1), x, n, bias, y, threads, act
