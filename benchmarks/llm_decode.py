@@ -10,7 +10,10 @@ vocab 32000, untied ``lm_head`` (125M parameters, 75M of them in the decoder lin
 configuration (2 layers, hidden 128, vocab 1000, short prompts, a few tokens) that runs every stage in
 seconds; its numbers are not results.
 
-Variants (``--variants``): ``unstructured-50`` and ``unstructured-70`` (stored as CSR), ``2:4`` (stored 2:4).
+Variants (``--variants``): ``unstructured-50`` and ``unstructured-70`` (stored as CSR), ``2:4`` (stored 2:4);
+``int8``, ``unstructured-50+int8``, ``unstructured-70+int8``: the same (0% for ``int8``) converted with
+``quantize="int8"`` (int8 values, a scale per row; ``lm_head`` too; each layer in its smallest int8 layout,
+planned among them), whose reference (``pruned-dense``) is the same model with its int8 weights dequantized.
 Each prunes every decoder linear (q/k/v/o, gate/up/down of every block; not ``lm_head``, not the embeddings)
 with ``prune.Pruner(model, s, pattern=..., scope="layer").finalize()`` (magnitude; the speed does not depend
 on which one-shot method chose the mask), is saved with ``save_pretrained``, converted with
@@ -81,12 +84,16 @@ from sparse_ops.attention import use_fast_attention
 from sparse_ops.kernels import native
 from sparse_ops.linear import SparseLinear
 from sparse_ops.plan import PlanCache, plan_rows
+from sparse_ops.quantized import quantize_rows
 from sparse_ops.timing import Timing, environment, time_interleaved
 
-# variant -> (Pruner pattern, sparsity, convert_checkpoint format)
-VARIANTS = {"unstructured-50": ("unstructured", 0.5, "csr"),
-            "unstructured-70": ("unstructured", 0.7, "csr"),
-            "2:4": ("2:4", 0.5, "2:4")}
+# variant -> (Pruner pattern, sparsity, convert_checkpoint format, quantize)
+VARIANTS = {"unstructured-50": ("unstructured", 0.5, "csr", None),
+            "unstructured-70": ("unstructured", 0.7, "csr", None),
+            "2:4": ("2:4", 0.5, "2:4", None),
+            "int8": ("unstructured", 0.0, "auto", "int8"),
+            "unstructured-50+int8": ("unstructured", 0.5, "auto", "int8"),
+            "unstructured-70+int8": ("unstructured", 0.7, "auto", "int8")}
 LINEARS_PER_BLOCK = 7  # q, k, v, o, gate, up, down
 # model shape and run lengths: the default and --quick (an option given on the command line wins over both)
 DEFAULTS = {"hidden": 768, "intermediate": 2048, "layers": 12, "heads": 12, "kv_heads": 4, "vocab": 32000,
@@ -140,6 +147,17 @@ def pruned(dense: LlamaForCausalLM, pattern: str, sparsity: float) -> LlamaForCa
     return pruner.finalize().eval()
 
 
+def dequantized(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    """A copy whose decoder linears and lm_head hold their int8 weights dequantized (scales * q, as ``prune
+    convert --quantize int8`` stores them): the int8 model run densely, the reference of its tokens."""
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for lin in (*decoder_linears(m), m.lm_head):
+            q, s = quantize_rows(lin.weight)
+            lin.weight.copy_(q.float() * s[:, None])
+    return m
+
+
 def weight_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
@@ -155,15 +173,15 @@ def plan_choices(model: nn.Module) -> dict[str, dict[str, int]]:
     return out
 
 
-def deploy(model: LlamaForCausalLM, name: str, fmt: str, tmp: Path, a: argparse.Namespace,
+def deploy(model: LlamaForCausalLM, name: str, fmt: str, quantize: str | None, tmp: Path, a: argparse.Namespace,
            cache: PlanCache) -> dict[str, object]:
     """save_pretrained -> convert_checkpoint -> from_pretrained(fuse=True): the sparse model and what it
     took (``load_s`` includes planning each layer shape into ``cache``, the first time it is seen)."""
     stem = name.replace(":", "of")
     src, dst = tmp / f"{stem}-pruned", tmp / f"{stem}-sparse"
     model.save_pretrained(src)
-    summary = convert_checkpoint(src, dst, format=fmt)
-    expected = LINEARS_PER_BLOCK * a.layers
+    summary = convert_checkpoint(src, dst, format=fmt, quantize=quantize, allow_dense=True)
+    expected = LINEARS_PER_BLOCK * a.layers + (quantize is not None)  # int8: lm_head too
     if summary.converted != expected:
         raise RuntimeError(f"{name}: convert_checkpoint converted {summary.converted} tensors, "
                            f"expected {expected}")
@@ -410,16 +428,18 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     cache = PlanCache(None)  # plans measured in this run, kept in this process: no earlier plan, none written
     with tempfile.TemporaryDirectory(prefix="llm_decode-") as tmp:
         for name in a.variants:
-            pattern, sparsity, fmt = VARIANTS[name]
+            pattern, sparsity, fmt, quantize = VARIANTS[name]
             t0 = time.perf_counter()
             pruned_model = pruned(dense, pattern, sparsity)
             prune_s = time.perf_counter() - t0
-            d = deploy(pruned_model, name, fmt, Path(tmp), a, cache)
+            d = deploy(pruned_model, name, fmt, quantize, Path(tmp), a, cache)
             sparse = d.pop("model")
+            if quantize:  # the reference: the same int8 weights run densely
+                pruned_model = dequantized(pruned_model)
             check = same_tokens(sparse, pruned_model, short, a.check_tokens)
             s = round(decoder_sparsity(pruned_model), 4)
-            variants[name] = {"pattern": pattern, "sparsity": sparsity, "format": fmt, "decoder_sparsity": s,
-                              "prune_s": round(prune_s, 2), **d, **check}
+            variants[name] = {"pattern": pattern, "sparsity": sparsity, "format": fmt, "quantize": quantize,
+                              "decoder_sparsity": s, "prune_s": round(prune_s, 2), **d, **check}
             models[f"{name}/pruned-dense"], models[f"{name}/sparse"] = pruned_model, sparse
             common = {"variant": name, "decoder_sparsity": s}
             meta[f"{name}/pruned-dense"] = {**common, "runtime": "pruned-dense", "format": "dense",

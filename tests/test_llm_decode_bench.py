@@ -28,8 +28,9 @@ def test_quick_run_writes_every_variant_with_the_same_tokens(tmp_path, capsys):
     assert set(data["variants"]) == set(llm_decode.VARIANTS)
     for name, v in data["variants"].items():
         assert v["same_tokens"] is True, name
-        assert v["converted_tensors"] == v["sparse_layers"] == 2 * llm_decode.LINEARS_PER_BLOCK
-        assert v["decoder_sparsity"] == pytest.approx(v["sparsity"], abs=0.01)
+        int8_head = v["quantize"] is not None  # int8 variants store lm_head as int8 too
+        assert v["converted_tensors"] == v["sparse_layers"] == 2 * llm_decode.LINEARS_PER_BLOCK + int8_head
+        assert v["decoder_sparsity"] == pytest.approx(v["sparsity"], abs=0.02)  # int8: small weights round to 0
         assert v["weights_bytes_sparse"] < v["weights_bytes_dense"]
         assert all(v[k] > 0 for k in ("prefill_ms", "prefill_speedup", "decode_tok_s", "decode_speedup",
                                       "generate_tok_s"))
