@@ -132,6 +132,9 @@ def add_oneshot(p: argparse.ArgumentParser) -> None:
                         "pruned earlier ones give (default: all from one pass over the dense block)")
     p.add_argument("--device", default=None, help="where blocks compute, e.g. cuda (default: the model's device)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default: 0)")
+    p.add_argument("--bits", type=int, choices=[8], default=None,
+                   help="8: leave the pruned weights on int8 grids (SparseGPT quantizes jointly, compensating each "
+                        "rounding; wanda and magnitude quantize after) and write the int8 checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder once done")
 
 
@@ -142,7 +145,7 @@ def run_oneshot(args: argparse.Namespace) -> int:
                             method=args.method, sparsity=args.sparsity, pattern=args.pattern,
                             profile=args.profile, include=args.include, exclude=args.exclude,
                             samples=args.samples, seq_len=args.seq_len, sequential=args.sequential,
-                            device=args.device, seed=args.seed)
+                            device=args.device, seed=args.seed, bits=args.bits)
     print(report)
     print(f"written to {args.output}")
     return 0

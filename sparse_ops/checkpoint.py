@@ -38,7 +38,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -47,7 +47,7 @@ import torch
 from tqdm import tqdm
 
 from sparse_ops.formats import VALUE_DTYPES, SparseFormat, ValuesMixin
-from sparse_ops.quantized import CLIPS, CSRInt8, DenseInt8
+from sparse_ops.quantized import CLIPS, QMAX, CSRInt8, DenseInt8
 from sparse_ops.registry import FORMATS, LOSSLESS, QUANTIZED, format_class
 from sparse_ops.tensorio import DTYPES, SPARSE_INDEX, BadFileError, RawSource, SafetensorsWriter, open_raw
 
@@ -376,6 +376,7 @@ class _Options:
     allow_dense: bool = False
     quantize: str | None = None
     clip: str = "absmax"
+    scales: Mapping[str, torch.Tensor] | None = None  # tensor name -> the scales of its rows' int8 grids
 
 
 @dataclass(frozen=True)
@@ -501,7 +502,8 @@ class ConvertSummary:
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, format: str = "csr",
                        min_sparsity: float | None = None, *, embeddings: bool = False,
                        progress: bool = False, overwrite: bool = False, allow_dense: bool = False,
-                       quantize: str | None = None, clip: str = "absmax") -> ConvertSummary:
+                       quantize: str | None = None, clip: str = "absmax",
+                       scales: Mapping[str, torch.Tensor] | None = None) -> ConvertSummary:
     """Write ``src`` as a sparse safetensors file ``dst``, one tensor at a time; returns a summary.
 
     Converted: 2-D fp32/fp16/bf16 tensors (embeddings only with ``embeddings=True``) whose sparsity is at least
@@ -516,7 +518,8 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, format: s
     (``sparse_ops.quantized``; scales from each row's largest magnitude, ``clip="absmax"``, or the clipping
     ratio with the least squared error, ``"mse"``), in its smallest int8 layout ("auto"), csr-int8 where csr
     would be chosen else dense-int8 ("csr"), or the int8 format named. Without it, int8 formats are written
-    only when named.
+    only when named. ``scales`` (with ``quantize``): tensor name -> (rows,) scales of weights already on their
+    rows' int8 grids (``prune.oneshot(..., bits=8)``), stored with exactly those scales instead of ``clip``'s.
 
     ``dst`` a folder (a new or empty one, or a path without a suffix): one sparse shard per source shard,
     ``model-0000k-of-0000n.sparse.safetensors``, and ``model.sparse.safetensors.index.json`` mapping each
@@ -532,7 +535,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, format: s
     """
     src, dst = Path(src), Path(dst)
     _check_convert_args(src, dst, format, min_sparsity, overwrite, quantize, clip)
-    opts = _Options(format, min_sparsity, embeddings, progress, allow_dense, quantize, clip)
+    if scales and quantize is None:
+        raise ValueError("scales (int8 grids) apply only with quantize='int8'")
+    opts = _Options(format, min_sparsity, embeddings, progress, allow_dense, quantize, clip, scales)
     copied: list[Path] = []
     with open_raw(src) as source:
         if _is_dir_output(dst):
@@ -589,7 +594,8 @@ def _convert_entry(source: RawSource, entry: Entry, writer: SafetensorsWriter, o
                                         quantize=opts.quantize)
         # a transposed view: the encoders work on blocks of its rows, so no full transposed copy is made
         stored = t.t() if transposed else t
-        obj = t if fmt == DENSE else _encode(format_class(fmt), stored, opts.clip)
+        grid = (opts.scales or {}).get(entry.name)
+        obj = t if fmt == DENSE else _encode(format_class(fmt), stored, opts.clip, grid)
     except ValueError as e:
         raise ValueError(f"{entry.name}: {e}") from None
     parts = {"tensor": t} if fmt == DENSE else obj.parts()
@@ -601,9 +607,16 @@ def _convert_entry(source: RawSource, entry: Entry, writer: SafetensorsWriter, o
                            sparsity_of(t) if candidate else None)
 
 
-def _encode(cls: type, t: torch.Tensor, clip: str) -> SparseFormat:
-    """``t`` in format ``cls`` (int8 formats quantize it with ``clip``)."""
-    return cls.from_dense(t, clip=clip) if cls.QUANTIZED else cls.from_dense(t)
+def _encode(cls: type, t: torch.Tensor, clip: str, grid: torch.Tensor | None = None) -> SparseFormat:
+    """``t`` in format ``cls``: int8 formats quantize it with ``clip``, or onto the given row scales ``grid``."""
+    if not cls.QUANTIZED:
+        return cls.from_dense(t)
+    if grid is None:
+        return cls.from_dense(t, clip=clip)
+    if tuple(grid.shape) != (t.shape[0],):
+        raise ValueError(f"its int8 scales have shape {tuple(grid.shape)}, expected ({t.shape[0]},)")
+    grid = grid.to(torch.float32)
+    return cls.from_quantized(torch.clamp(torch.round(t.float() / grid[:, None]), -QMAX, QMAX).to(torch.int8), grid)
 
 
 def _convert_sharded(source: RawSource, out: Path, opts: _Options, extras: list[Path]) -> _Totals:

@@ -78,12 +78,32 @@ def quantize_rows(w: torch.Tensor, clip: str = "absmax") -> tuple[torch.Tensor, 
         if not bool(torch.isfinite(block).all()):
             bad = r0 + int((~torch.isfinite(block)).any(1).nonzero()[0])
             raise ValueError(f"cannot quantize a weight holding inf or NaN (row {bad})")
-        amax = block.abs().amax(1) if inp else block.new_zeros(rows)
-        base = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))  # (rows,)
+        base = row_scales(block)
         s = base if clip == "absmax" else _best_clip(block, base)
         q[r0:r0 + rows] = _round(block, s)
         scales[r0:r0 + rows] = s
     return q, scales
+
+
+def row_scales(w: torch.Tensor) -> torch.Tensor:
+    """(out,) fp32 absmax scales of a 2-D weight: max |w_r| / 127, 1 for a row of zeros.
+
+    >>> row_scales(torch.tensor([[0.0, -2.54], [0.0, 0.0]])).tolist()
+    [0.019999999552965164, 1.0]
+    """
+    amax = w.float().abs().amax(1) if w.shape[1] else w.new_zeros(w.shape[0], dtype=torch.float32)
+    return torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
+
+
+def on_grid(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``w`` rounded to its rows' int8 grids, in fp32: clamp(round(w / s), -127, 127) * s; w (out, ...) or (out,)
+    with scales (out,) (a column of a weight: SparseGPT's joint quantization).
+
+    >>> on_grid(torch.tensor([0.26, 5.0]), torch.tensor([0.1, 0.01])).tolist()
+    [0.30000001192092896, 1.2699999809265137]
+    """
+    s = scales.view(-1, *([1] * (w.dim() - 1)))
+    return torch.clamp(torch.round(w.float() / s), -QMAX, QMAX) * s
 
 
 def _round(block: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

@@ -239,3 +239,40 @@ def test_sequential_stages_see_their_pruned_predecessors(sequential):
     other, _ = oneshot(tiny_llama(layers=1), CALIB, method="wanda", sparsity=0.5, sequential=not sequential,
                        progress=False)
     assert not torch.equal(other.model.layers[0].mlp.down_proj.weight != 0, pruned != 0)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_int8_oneshot_leaves_weights_on_their_grids_and_converts_exactly(tmp_path, method):
+    from sparse_ops import convert_checkpoint, load_sparse_state_dict
+
+    model, report = oneshot(tiny_llama(), CALIB, method=method, sparsity=0.5, bits=8, progress=False)
+    weights = block_weights(model)
+    assert set(report.scales) == {f"{n}.weight" for n in weights} and report.to_dict()["bits"] == 8
+    for name, w in weights.items():
+        codes = w / report.scales[f"{name}.weight"][:, None]
+        torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-4)
+        assert float((w == 0).float().mean()) >= 0.5
+    model.save_pretrained(tmp_path / "pruned")
+    convert_checkpoint(tmp_path / "pruned", tmp_path / "int8", format="auto", quantize="int8", scales=report.scales)
+    stored = load_sparse_state_dict(tmp_path / "int8")
+    for name, w in weights.items():  # the int8 file holds exactly the one-shot model's weights
+        torch.testing.assert_close(stored[f"{name}.weight"].to_dense(), w.detach(), rtol=0, atol=0)
+    assert stored["lm_head.weight"].format == "dense-int8"  # not pruned, quantized too (absmax)
+
+
+def test_cli_oneshot_bits_8_writes_an_int8_checkpoint_eval_reads(tmp_path):
+    model, tok = tiny_llama(vocab=VOCAB), word_tokenizer()
+    model.save_pretrained(tmp_path / "dense")
+    tok.save_pretrained(tmp_path / "dense")
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(words(i % 90, i % 90 + 10) for i in range(60)))
+    done = _run_cli("oneshot", tmp_path / "dense", "-o", tmp_path / "int8", "--calibration", text, "--samples", 4,
+                    "--seq-len", 32, "--bits", "8")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "int8" / "oneshot_report.json").read_text())["bits"] == 8
+    shown = _run_cli("inspect", tmp_path / "int8")
+    assert "bitmap-int8" in shown.stdout and "dense-int8" in shown.stdout  # 50% blocks, the dense lm_head
+    done = _run_cli("eval", tmp_path / "int8", "--text", text, "--seq-len", 32)
+    assert done.returncode == 0 and done.stdout.startswith("perplexity "), done.stderr
+    bad = _run_cli("oneshot", tmp_path / "dense", "-o", tmp_path / "x", "--calibration", text, "--bits", "4")
+    assert bad.returncode == 2 and "invalid choice: 4" in bad.stderr and not (tmp_path / "x").exists()

@@ -183,3 +183,61 @@ def test_singular_gram(damp):
     assert torch.isfinite(result.weight).all() and math.isfinite(result.error)
     assert int((result.weight == 0).sum()) == 256
     assert result.error < relative_error(weight, weight * row_mask(weight.abs(), 0.5), x.T @ x)
+
+
+def joint_reference(weight, gram, keep, damp=0.01):
+    """Slow joint SparseGPT + int8 in float64: as ``obs_reference``, each kept weight rounded to its row's grid
+    (scale: the row's largest magnitude / 127, fixed before the pass) when its column is visited."""
+    w, h = weight.double().clone(), gram.double().clone()
+    dead = h.diagonal() == 0
+    h.diagonal()[dead] = 1.0
+    w[:, dead] = 0.0
+    s = w.abs().amax(1) / 127
+    h.diagonal().add_(damp * h.diagonal().mean())
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    for j in range(w.shape[1]):
+        q = torch.where(keep[:, j], torch.clamp(torch.round(w[:, j] / s), -127, 127) * s, 0.0)
+        err = (w[:, j] - q) / u[j, j]
+        w[:, j + 1:] -= torch.outer(err, u[j, j + 1:])
+        w[:, j] = q
+    return w, s
+
+
+@pytest.mark.parametrize("rows, cols, block_size, nm", CASES[:6])
+def test_joint_int8_matches_column_by_column_obs_with_rounding(rows, cols, block_size, nm):
+    x = correlated_inputs(4 * cols, cols)
+    gram, weight = x.T @ x, torch.randn(rows, cols)
+    sparsity = 0.5 if nm is None else nm.sparsity
+    result = sparsegpt_prune(weight, gram, sparsity, nm=nm, block_size=block_size, bits=8)
+    keep = result.weight != 0
+    ref, s = joint_reference(weight, gram, keep)
+    torch.testing.assert_close(result.scales.double(), s, rtol=1e-6, atol=0)
+    codes = result.weight.double() / s[:, None]
+    torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-4)  # exactly on the grid
+    assert codes.round().abs().max() <= 127 and ((ref == 0) | keep).all()
+    ref_codes = (ref / s[:, None]).round()
+    # float32 against float64: a weight that lands on a half step may round the other way (and shift the rest)
+    assert (codes.round() != ref_codes).float().mean() < 0.02
+    assert result.error == pytest.approx(relative_error(weight, ref.float(), gram), rel=0.05)
+
+
+def test_joint_int8_is_gptq_at_zero_sparsity_and_costs_nothing_over_pruning():
+    # at 0% it is GPTQ: below rounding each weight to nearest; at 50% int8's rounding is small next to pruning's
+    # error, and quantizing jointly stays within 1% of pruning then rounding
+    x = correlated_inputs(512, 96)
+    gram, weight = x.T @ x, torch.randn(24, 96)
+    for sparsity, worst in ((0.0, 0.9), (0.5, 1.01)):
+        joint = sparsegpt_prune(weight, gram, sparsity, bits=8)
+        pruned = sparsegpt_prune(weight, gram, sparsity).weight
+        s = pruned.abs().amax(1, keepdim=True) / 127
+        after = torch.clamp(torch.round(pruned / s), -127, 127) * s
+        assert joint.error < worst * relative_error(weight, after, gram)
+        assert int((joint.weight == 0).sum()) >= round(sparsity * weight.numel())  # + codes rounded to 0
+
+
+def test_joint_int8_refuses_other_bits_and_half_weights():
+    gram = torch.eye(8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="bits must be None or 8, got 4"):
+        sparsegpt_prune(torch.randn(4, 8), gram, 0.5, bits=4)
+    with pytest.raises(ValueError, match="needs a float32 weight"):
+        sparsegpt_prune(torch.randn(4, 8, dtype=torch.bfloat16), gram, 0.5, bits=8)

@@ -3,7 +3,9 @@
 ``oneshot_folder(model_dir, out_dir, calibration_file, ...)`` loads the folder's model (its own dtype) and
 tokenizer with transformers (local files only), prunes it with :func:`prune.one_shot.run.oneshot`, and writes
 a Hugging Face folder: config, tokenizer, safetensors weights with exact zeros under the original keys, and
-``oneshot_report.json``. The folder is written beside ``out_dir`` under a temporary name and renamed once
+``oneshot_report.json``; with ``bits=8``, the int8 checkpoint ``prune convert --quantize int8`` would write
+(a sharded sparse folder), each pruned weight stored on the int8 grid the one-shot pass left it on. The folder
+is written beside ``out_dir`` under a temporary name and renamed once
 complete, so no partial ``out_dir`` is ever left; an existing one is replaced only with ``overwrite``.
 ``folder_perplexity(model_dir, text_file)`` loads a dense or a converted sparse folder
 (``sparse_ops.from_pretrained``: sparse layers run our kernels) and measures perplexity on the text.
@@ -19,6 +21,7 @@ from pathlib import Path
 from prune.evaluate import Perplexity, text_perplexity
 from prune.one_shot.data import as_texts
 from prune.one_shot.run import OneShotReport, check_options, oneshot
+from sparse_ops.checkpoint import convert_checkpoint
 from sparse_ops.pretrained import from_pretrained, model_class
 
 REPORT = "oneshot_report.json"
@@ -71,19 +74,22 @@ def oneshot_folder(model_dir: str | os.PathLike, out_dir: str | os.PathLike, cal
     _, report = oneshot(model, texts, tokenizer=tokenizer, **options)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / REPORT).write_text(json.dumps(report.to_dict(), indent=1))
+        folder = tmp / "dense"
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        (folder / REPORT).write_text(json.dumps(report.to_dict(), indent=1))
+        if options.get("bits"):  # the int8 checkpoint: the pruned weights on their own grids, the rest absmax
+            convert_checkpoint(folder, tmp / "int8", format="auto", quantize="int8", scales=report.scales)
+            folder = tmp / "int8"
         if dst.exists():
             old = dst.with_name(f".{dst.name}.old")
             dst.rename(old)
-            tmp.rename(dst)
+            folder.rename(dst)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            tmp.rename(dst)
-    except BaseException:
+            folder.rename(dst)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 

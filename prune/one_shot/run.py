@@ -31,11 +31,12 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -49,6 +50,7 @@ from prune.one_shot.data import calibration_batches
 from prune.one_shot.sequential import block_linears, find_blocks, run_sequential
 from prune.one_shot.sparsegpt import relative_error, sparsegpt_prune
 from prune.targets import find_targets, input_dim
+from sparse_ops.quantized import on_grid, row_scales
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
 PROFILES = ("uniform", "owl")
@@ -81,6 +83,8 @@ class OneShotReport:
     layers: tuple[LayerResult, ...]
     left_dense: tuple[str, ...]
     seconds: float
+    # with bits=8: weight name -> the (out,) scales of its rows' int8 grids (not in to_dict)
+    scales: dict[str, Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def sparsity(self) -> float:
@@ -89,7 +93,9 @@ class OneShotReport:
         return sum(r.sparsity * n for r, n in zip(self.layers, numel)) / max(sum(numel), 1)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "sparsity": self.sparsity}
+        plain = dataclasses.replace(self, scales={})  # the scales are tensors: not JSON
+        return {**{k: v for k, v in asdict(plain).items() if k != "scales"}, "sparsity": self.sparsity,
+                "bits": 8 if self.scales else None}
 
     def __str__(self) -> str:
         rows = [("layer", "shape", "sparsity", "rel. error", "s")]
@@ -115,7 +121,7 @@ def oneshot(model: nn.Module, calibration: Tensor | Sequence[str] | str | os.Pat
             profile: str = "uniform", scope: str | None = None, samples: int = 128, seq_len: int = 512,
             batch_size: int = 8, block_size: int = 128, damp: float = 0.01, owl_threshold: float = 5.0,
             owl_lambda: float = 0.08, sequential: bool = False, errors: bool = True,
-            device: torch.device | str | None = None,
+            device: torch.device | str | None = None, bits: int | None = None,
             seed: int = 0, progress: bool = True) -> OneShotResult:
     """Prune ``model`` (a Hugging Face decoder or BERT-family encoder) in place; returns ``(model, report)``.
 
@@ -129,11 +135,17 @@ def oneshot(model: nn.Module, calibration: Tensor | Sequence[str] | str | os.Pat
     prune its linears stage by stage in call order (q/k/v, then o, then gate/up, then down), each stage's
     statistics collected from the block with the earlier stages already pruned (about 25% more forward work);
     the default collects every linear's statistics in one pass over the dense block, as SparseGPT's and
-    Wanda's reference codes do. Measured on SmolLM2-135M (``benchmarks/oneshot_quality.py``), neither wins
+    Wanda's reference codes do. ``bits=8``: the pruned weights are left on their rows' symmetric int8 grids
+    (float32 ``nn.Linear`` weights): SparseGPT quantizes jointly, compensating each weight's rounding like a pruned
+    weight's (``sparsegpt_prune``); Wanda and magnitude quantize after pruning (absmax per row). The result's
+    report's ``scales`` give each grid, so that ``convert_checkpoint(..., quantize="int8", scales=...)`` stores exactly
+    these weights (``oneshot_folder`` does). Measured on SmolLM2-135M (``benchmarks/oneshot_quality.py``), neither wins
     everywhere: SparseGPT 2:4 122.4 sequential against 129.5, SparseGPT 50% 62.6 against 61.2. ``device``: where blocks compute
     (a CPU model is moved there one block at a time). Example: the module docstring.
     """
     nm, sparsity, scope = check_options(method, sparsity, pattern, profile, scope)
+    if bits not in (None, 8):
+        raise ValueError(f"bits must be None or 8, got {bits!r}")
     start = time.perf_counter()
     batches = (calibration_batches(calibration, tokenizer, samples=samples, seq_len=seq_len, seed=seed,
                                    batch_size=batch_size))
@@ -147,11 +159,14 @@ def oneshot(model: nn.Module, calibration: Tensor | Sequence[str] | str | os.Pat
     in_blocks = {n for n in selected if n.startswith(blocks.path + ".")}
     if not in_blocks:
         raise ValueError(f"no selected linear layer lies inside the blocks ({blocks.path}.*); check include/exclude")
+    if bits:
+        _check_int8_targets({n: model.get_submodule(n) for n in in_blocks})
     per_block = [sparsity] * len(blocks.layers)
     if profile == "owl":
         ratios = _outlier_ratios(model, batches, in_blocks, owl_threshold, device, progress)
         per_block = owl.block_sparsities(ratios, sparsity, lam=owl_lambda)
     results: list[LayerResult] = []
+    scales: dict[str, Tensor] = {}
 
     def on_block(i: int, name: str, block: nn.Module, forward) -> None:
         layers = _selected(name, block, in_blocks)
@@ -161,14 +176,26 @@ def oneshot(model: nn.Module, calibration: Tensor | Sequence[str] | str | os.Pat
             stats = _collect({n: layers[n] for n in stage}, lambda: forward(until=until),
                              gram=errors or method == "sparsegpt")
             for lname in stage:
-                results.append(_prune_layer(lname, layers[lname], stats[lname], method, per_block[i], nm, scope,
-                                            block_size, damp))
+                result, grid = _prune_layer(lname, layers[lname], stats[lname], method, per_block[i], nm, scope,
+                                            block_size, damp, bits)
+                results.append(result)
+                if grid is not None:
+                    scales[f"{lname}.weight"] = grid
                 del stats[lname]  # its Gram matrix: (in, in) float64
 
     run_sequential(model, batches, on_block, device=device, progress=progress)
     report = OneShotReport(method, str(nm) if nm else "unstructured", profile, sparsity, tuple(results),
-                           tuple(sorted(set(selected) - in_blocks)), time.perf_counter() - start)
+                           tuple(sorted(set(selected) - in_blocks)), time.perf_counter() - start, scales)
     return OneShotResult(model, report)
+
+
+def _check_int8_targets(layers: dict[str, nn.Module]) -> None:
+    """ValueError naming the first layer ``bits=8`` cannot keep on an int8 grid: not float32, or a Conv1D (its
+    rows are inputs, not the outputs the int8 formats scale)."""
+    for name, m in layers.items():
+        if m.weight.dtype != torch.float32 or input_dim(m) != 1:
+            raise ValueError(f"bits=8 needs float32 nn.Linear-style weights (out, in); {name} is "
+                             f"{m.weight.dtype} with its input on dim {input_dim(m)}")
 
 
 def check_options(method: str, sparsity: float | None = None, pattern: str = "unstructured",
@@ -267,21 +294,28 @@ def _collect(layers: dict[str, nn.Module], forward, *, gram: bool) -> dict[str, 
 
 @torch.no_grad()
 def _prune_layer(name: str, module: nn.Module, stats: InputStats, method: str, sparsity: float,
-                 nm: NMPattern | None, scope: str | None, block_size: int, damp: float) -> LayerResult:
+                 nm: NMPattern | None, scope: str | None, block_size: int, damp: float,
+                 bits: int | None = None) -> tuple[LayerResult, Tensor | None]:
+    """Prune one layer in place; its result and, with ``bits``, the scales of its rows' int8 grids."""
     t0 = time.perf_counter()
     w, in_dim = module.weight, input_dim(module)
     if stats.rows == 0:
         raise RuntimeError(f"no calibration input reached layer {name!r}; it cannot be pruned from data")
+    grid = None
     if method == "sparsegpt":
-        result = sparsegpt_prune(w, stats.gram, sparsity, nm=nm, block_size=block_size, damp=damp, in_dim=in_dim)
-        new, error = result.weight, result.error
+        result = sparsegpt_prune(w, stats.gram, sparsity, nm=nm, block_size=block_size, damp=damp, in_dim=in_dim,
+                                 bits=bits)
+        new, error, grid = result.weight, result.error, result.scales
     else:
         scores = CRITERIA[method].score(w, Evidence(in_dim=in_dim, inputs=stats))
         new = torch.where(weight_mask(scores, sparsity, scope=scope, nm=nm, in_dim=in_dim), w, 0)
+        if bits:  # quantize after pruning
+            grid = row_scales(new)
+            new = on_grid(new, grid)
         error = None if stats.gram is None else relative_error(w, new, stats.gram, in_dim)
     w.copy_(new)
     zeros = int((w == 0).sum()) / max(w.numel(), 1)
-    return LayerResult(name, tuple(w.shape), zeros, sparsity, error, time.perf_counter() - t0)
+    return LayerResult(name, tuple(w.shape), zeros, sparsity, error, time.perf_counter() - t0), grid
 
 
 def _outlier_ratios(model: nn.Module, batches: list[Tensor], in_blocks: set[str], threshold: float,

@@ -17,7 +17,11 @@ Choices:
   cumulative target ``round(sparsity * numel * cols_done / in)`` still asks for;
 * dead inputs (``H_jj == 0``: always zero in the data) get ``H_jj = 1`` and their weight column zeroed. Those
   zeros count toward the target, so a layer with more dead weights than the target comes out sparser;
-* ``sparsity == 0`` returns an unchanged copy (dead columns included).
+* ``sparsity == 0`` returns an unchanged copy (dead columns included), unless ``bits`` asks for quantization;
+* ``bits=8``: the paper's joint mode (GPTQ's quantization inside the same pass): each kept weight is rounded to
+  its row's symmetric int8 grid (scale: the row's largest magnitude / 127, fixed before the pass) when its
+  column is visited, and the rounding error is spread over the later columns exactly like a pruned weight's.
+  The result holds ``scales * q`` (float32 only: a lower precision would leave the grid).
 
 Example:
     >>> import torch
@@ -38,16 +42,19 @@ import torch
 from torch import Tensor
 
 from prune.masks import NMPattern, from_input_last, input_last, nm_mask, num_pruned, prune_lowest
+from sparse_ops.quantized import on_grid, row_scales
 
 _RETRIES = 5  # times the damping is multiplied by 10 when a Cholesky fails
 
 
 @dataclass(frozen=True)
 class SparseGPTResult:
-    """The pruned weight (shape, dtype and device of the input) and its :func:`relative_error`."""
+    """The pruned weight (shape, dtype and device of the input), its :func:`relative_error` and, with ``bits``,
+    the (out,) scales whose int8 grids its rows lie on."""
 
     weight: Tensor
     error: float
+    scales: Tensor | None = None
 
 
 def relative_error(weight: Tensor, new_weight: Tensor, gram: Tensor, in_dim: int = 1) -> float:
@@ -67,7 +74,8 @@ def relative_error(weight: Tensor, new_weight: Tensor, gram: Tensor, in_dim: int
 
 
 def sparsegpt_prune(weight: Tensor, gram: Tensor, sparsity: float, *, nm: NMPattern | None = None,
-                    block_size: int = 128, damp: float = 0.01, in_dim: int = 1) -> SparseGPTResult:
+                    block_size: int = 128, damp: float = 0.01, in_dim: int = 1,
+                    bits: int | None = None) -> SparseGPTResult:
     """Prune ``weight`` to ``sparsity`` with SparseGPT; returns a new tensor and its relative error.
 
     ``weight``: (out, in) with ``in_dim=1``, (in, out) (transformers' Conv1D) with ``in_dim=0``; float32,
@@ -75,6 +83,7 @@ def sparsegpt_prune(weight: Tensor, gram: Tensor, sparsity: float, *, nm: NMPatt
     preferred). ``sparsity`` in [0, 1); with ``nm`` (at most N nonzeros in every M consecutive inputs) it must
     equal ``nm.sparsity`` (e.g. 0.5 for 2:4), ``in`` must be a multiple of M, and ``block_size`` is rounded
     down to a multiple of M (at least M). ``damp``: dampening relative to the mean diagonal of ``gram``.
+    ``bits=8``: quantize jointly (the module docstring); float32 weights only.
     """
     if weight.dim() != 2 or in_dim not in (0, 1) or not weight.is_floating_point():
         raise ValueError(f"weight must be a 2-D floating tensor with in_dim 0 or 1, got shape "
@@ -89,13 +98,18 @@ def sparsegpt_prune(weight: Tensor, gram: Tensor, sparsity: float, *, nm: NMPatt
         raise ValueError(f"block_size must be >= 1 and damp >= 0, got block_size={block_size}, damp={damp}")
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if bits not in (None, 8):
+        raise ValueError(f"bits must be None or 8, got {bits!r}")
+    if bits and weight.dtype != torch.float32:
+        raise ValueError(f"joint int8 quantization needs a float32 weight (a lower precision leaves the int8 "
+                         f"grid), got {weight.dtype}")
     if nm is not None:
         if cols % nm.m:
             raise ValueError(f"input size {cols} is not a multiple of M={nm.m} (pattern {nm})")
         if abs(sparsity - nm.sparsity) > 1e-9:
             raise ValueError(f"sparsity {sparsity} does not match pattern {nm}; pass {nm.sparsity}")
         block_size = max(nm.m, block_size // nm.m * nm.m)
-    if sparsity == 0:
+    if sparsity == 0 and bits is None:
         return SparseGPTResult(weight.clone(), 0.0)
 
     h = gram.to(device=w.device, dtype=torch.float64, copy=True)
@@ -106,6 +120,7 @@ def sparsegpt_prune(weight: Tensor, gram: Tensor, sparsity: float, *, nm: NMPatt
     w[:, dead] = 0.0
     u = _inverse_cholesky(h, damp, tuple(weight.shape)).float()
     del h
+    scales = row_scales(w) if bits else None  # (rows,): each row's int8 grid, fixed before the pass
     diag = u.diagonal()
     total, pruned = num_pruned(sparsity, w.numel()), 0
     for i1 in range(0, cols, block_size):
@@ -129,7 +144,7 @@ def sparsegpt_prune(weight: Tensor, gram: Tensor, sparsity: float, *, nm: NMPatt
                 scores = (w1[:, g].square() / diag[i1:i2][g].square()).masked_fill_(dead1[g], -math.inf)
                 keep[:, g] = nm_mask(scores, nm.n, nm.m)
             col = w1t[j]
-            q = torch.where(keep[:, j], col, 0.0)
+            q = torch.where(keep[:, j], col if scales is None else on_grid(col, scales), 0.0)
             err = (col - q) / u1[j, j]
             w1t[j + 1:].addr_(u1[j, j + 1:], err, alpha=-1.0)
             w1t[j] = q
@@ -137,7 +152,7 @@ def sparsegpt_prune(weight: Tensor, gram: Tensor, sparsity: float, *, nm: NMPatt
         w[:, i1:i2] = w1
         w[:, i2:].addmm_(err1t.t(), u[i1:i2, i2:], alpha=-1.0)
     new = from_input_last(w, weight.shape, in_dim).to(weight.dtype).contiguous()
-    return SparseGPTResult(new, relative_error(weight, new, gram, in_dim))
+    return SparseGPTResult(new, relative_error(weight, new, gram, in_dim), scales)
 
 
 def _inverse_cholesky(h: Tensor, damp: float, shape: tuple[int, ...]) -> Tensor:
