@@ -43,6 +43,13 @@ CONFIGS: dict[str, dict] = {
     "wanda-70-owl": dict(method="wanda", sparsity=0.7, profile="owl"),
     "sparsegpt-70": dict(method="sparsegpt", sparsity=0.7),
     "sparsegpt-70-owl": dict(method="sparsegpt", sparsity=0.7, profile="owl"),
+    # int8 weights (a scale per row, what `prune convert --quantize int8` stores): round to nearest, GPTQ (SparseGPT
+    # at 0% with bits=8), SparseGPT's joint mode, and SparseGPT at fp32 then rounded (round_after)
+    "int8-rtn": dict(method="magnitude", sparsity=0.0, bits=8),
+    "int8-gptq": dict(method="sparsegpt", sparsity=0.0, bits=8),
+    "sparsegpt-50-int8": dict(method="sparsegpt", sparsity=0.5, bits=8),
+    "sparsegpt-50+rtn8": dict(method="sparsegpt", sparsity=0.5, round_after=True),
+    "wanda-50-int8": dict(method="wanda", sparsity=0.5, bits=8),
 }
 
 
@@ -76,7 +83,15 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
                                                 seq_len=args.seq_len, batch_size=8))
             np.save(Path(args.out) / "calibration_ids.npy", ids.numpy())
         rss0, t0 = _peak_rss_mb(), time.perf_counter()
-        _, report = oneshot(model, ids, progress=not args.quiet, **CONFIGS[name])
+        options = {k: v for k, v in CONFIGS[name].items() if k != "round_after"}
+        _, report = oneshot(model, ids, progress=not args.quiet, **options)
+        if CONFIGS[name].get("round_after"):  # int8 after the fp32 pruning, each row's absmax grid
+            from sparse_ops.quantized import on_grid, row_scales
+
+            with torch.no_grad():
+                for r in report.layers:
+                    w = model.get_submodule(r.name).weight
+                    w.copy_(on_grid(w, row_scales(w)))
         row.update(seconds=round(time.perf_counter() - t0, 1), sparsity=round(report.sparsity, 4),
                    rss_before_mb=round(rss0), mean_error=round(sum(r.error for r in report.layers)
                                                               / len(report.layers), 4))
