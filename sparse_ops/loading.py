@@ -19,7 +19,7 @@ from torch import nn
 
 from sparse_ops.checkpoint import Transposed, load_sparse_state_dict
 from sparse_ops.formats import CSR, SparseFormat, csr_col_dtype
-from sparse_ops.quantized import Int8Weight
+from sparse_ops.quantized import DenseInt8, Int8Weight
 from sparse_ops.registry import format_class
 
 
@@ -187,7 +187,10 @@ def sparsify(model: nn.Module,
     _load_buffers(model, split.buffers)
     model.to(device)
     notes = {}
-    for name, (weight, to_linear) in split.swap.items():
+    swap = dict(split.swap)
+    if any(isinstance(w, Int8Weight) for w in state.values()):  # int8 was asked for: the tied output head too
+        swap.update(_tied_head_int8(model))
+    for name, (weight, to_linear) in swap.items():
         module = model.get_submodule(name)
         if tuple(module.weight.shape) != weight.shape:
             raise ValueError(f"{name}.weight is {weight.shape} in the checkpoint, {tuple(module.weight.shape)} "
@@ -214,6 +217,19 @@ def sparsify(model: nn.Module,
 
         fuse_acts(model)
     return model
+
+
+def _tied_head_int8(model: nn.Module) -> dict[str, tuple[SparseFormat, ToLinear]]:
+    """{name: (dense-int8 weight, _as_is)} for a Hugging Face model's output projection tied to its input
+    embedding (``lm_head`` of SmolLM2, Llama 3.2, GPT-2): a checkpoint stores the embedding only, which
+    conversion keeps in floating point (a lookup table), so the head is quantized here from it (per row, absmax)
+    and untied; the embedding keeps its weights. Nothing for a model without a tied head."""
+    get_out, get_in = getattr(model, "get_output_embeddings", None), getattr(model, "get_input_embeddings", None)
+    head, emb = (get_out() if callable(get_out) else None), (get_in() if callable(get_in) else None)
+    if not isinstance(head, nn.Linear) or emb is None or head.weight is not getattr(emb, "weight", None):
+        return {}
+    name = next(n for n, m in model.named_modules() if m is head)
+    return {name: (DenseInt8.from_dense(head.weight.detach()), _as_is)}
 
 
 def _warn_layers(reasons: Mapping[str, str], what: str) -> None:

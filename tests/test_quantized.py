@@ -298,3 +298,28 @@ def test_fused_int8_feed_forward_matches_the_layers(batch, gated, cls, isa):
     h = ref(up, x) + bu
     h = F.silu(ref(gate, x) + bg) * h if gated else F.gelu(h)
     torch.testing.assert_close(y, post.apply(ref(down, h) + bd), rtol=1e-4, atol=1e-4)
+
+
+def test_an_int8_checkpoint_quantizes_the_tied_output_head_at_load(tmp_path):
+    # SmolLM2-style: lm_head shares the embedding, which the file stores once (and conversion keeps in float)
+    from sparse_ops import from_pretrained
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    dense = transformers.LlamaForCausalLM(cfg).eval()
+    dense.save_pretrained(tmp_path / "dense")
+    convert_checkpoint(tmp_path / "dense", tmp_path / "int8", format="auto", quantize="int8")
+    model = from_pretrained(tmp_path / "int8")
+    assert isinstance(model.lm_head, SparseLinear) and model.lm_head.format == "dense-int8"
+    emb = model.get_input_embeddings().weight
+    torch.testing.assert_close(emb, dense.get_input_embeddings().weight, rtol=0, atol=0)  # the lookup stays float
+    want = dense
+    with torch.no_grad():  # the reference: every linear's weight, and the head's, dequantized
+        for m in [m for m in want.modules() if isinstance(m, nn.Linear)]:
+            q, s = quantize_rows(m.weight)
+            m.weight = nn.Parameter(q.float() * s[:, None])
+    ids = torch.tensor([[3, 17, 42, 5, 9]])
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids).logits, want(ids).logits, rtol=1e-4, atol=1e-4)
