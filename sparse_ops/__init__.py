@@ -7,7 +7,8 @@ The public API (``__all__``), loaded on first use so that ``import sparse_ops`` 
   :func:`use_fast_attention` (our attention kernel for a ``transformers`` model);
 - checkpoints: :func:`convert_checkpoint` (dense -> CSR / 2:4 safetensors), :func:`load_sparse_state_dict`,
   :func:`inspect_checkpoint`;
-- formats: :class:`CSR`, :class:`TwoFour`;
+- formats: :class:`CSR`, :class:`TwoFour`, and int8 with a scale per row (:class:`DenseInt8`, :class:`CSRInt8`,
+  :class:`BitmapInt8`; ``convert_checkpoint(..., quantize="int8")``);
 - the other sparse families: :class:`MoE`, :class:`GatedMultiheadAttention`.
 
 Example:

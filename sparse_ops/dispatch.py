@@ -104,7 +104,8 @@ KERNELS: dict[tuple[str, str], tuple[Kernel, ...]] = {
     # it) and its fused feed-forward block
     **{(fmt, "cpu"): (Kernel(f"cpu.{fmt}", prepare, cpu_native.int8_matmul, fuses=True, ffn=cpu_native.ffn_matmul,
                              variants=cpu_native.csr_variants, available=native.available), DEQUANTIZED)
-       for fmt, prepare in (("csr-int8", cpu_native.prepare_csr_int8), ("bitmap-int8", cpu_native.prepare_bitmap_int8))},
+       for fmt, prepare in (("csr-int8", cpu_native.prepare_csr_int8),
+                            ("bitmap-int8", cpu_native.prepare_bitmap_int8))},
     **{(fmt, "cuda"): (DEQUANTIZED,) for fmt in ("dense-int8", "csr-int8", "bitmap-int8")},
     ("csr", "cuda"): (
         Kernel("cuda.csr", triton_sparse.prepare, triton_sparse.matmul, variants=triton_sparse.variants,

@@ -94,7 +94,8 @@ class SparseLinear(nn.Module):
         self._state = self.kernel.prepare(w)
         self._dtype = w.dtype
         # an int8 weight's other int8 layouts (same numbers, other kernels): paths of its plan
-        self._twins = tuple(f for f in QUANTIZED if w.QUANTIZED and f != w.format and candidates(f, w.device)[0].native)
+        self._twins = tuple(f for f in QUANTIZED
+                            if w.QUANTIZED and f != w.format and candidates(f, w.device)[0].native)
         # the planned paths' state, rebuilt lazily after a move or load: bucket -> plan entry, the dense
         # weight (when a bucket chose dense), path -> (kernel, state) of torch's kernel or a twin (when chosen)
         self._routes: dict[int, dict] = {}
@@ -158,7 +159,8 @@ class SparseLinear(nn.Module):
     def _off_kernel(self, path: str) -> bool:
         """Whether ``path`` runs elsewhere than this layer's kernel (dense, an int8 twin, or torch's kernel when
         ours is it)."""
-        return path == DENSE or path in self._twins or (path.endswith(TORCH_SUFFIX) and self.kernel.backend != "torch")
+        return (path == DENSE or path in self._twins
+                or (path.endswith(TORCH_SUFFIX) and self.kernel.backend != "torch"))
 
     @property
     def prepared(self) -> object:
