@@ -97,7 +97,7 @@ def ours(folder: Path, tmp: Path, sparsity: float) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
     if sparsity:
         model = Pruner(model, sparsity, scope="layer", exclude=["lm_head"]).finalize()
-    src, dst = tmp / f"pruned-{sparsity}", tmp / f"int8-{sparsity}"
+    src, dst = tmp / f"pruned-{round(100 * sparsity)}", tmp / f"int8-{round(100 * sparsity)}"
     model.save_pretrained(src)
     convert_checkpoint(src, dst, format="auto", quantize="int8")
     return from_pretrained(dst, fuse=True, batches=(1,))
