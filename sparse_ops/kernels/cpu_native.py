@@ -1,4 +1,5 @@
-"""Our CPU kernels (C++, ``sparse_ops/csrc/sparse_cpu.cpp``) for ``y = x @ W^T + b``: CSR and 2:4, fp32/bf16.
+"""Our CPU kernels (C++, ``sparse_ops/csrc/sparse_cpu.cpp``) for ``y = x @ W^T + b``: CSR and 2:4 in fp32/bf16, and
+the int8 layouts (dense, CSR, bitmap; weight-only: int8 widened to fp32 in registers, a scale per row).
 
 ``prepare`` validates the weight (the C++ code trusts its indices) and keeps its parts as they are stored:
 int16 column indices when ``in <= 32767`` (6 B per nonzero with fp32 values, 4 B with bf16), and for 2:4 the
