@@ -41,6 +41,7 @@ from sparse_ops.bitmap import Int8Tiles, TiledBitmap
 from sparse_ops.formats import (
     CSR,
     VALUE_DTYPES,
+    ValuesMixin,
     _check_dense_weight,
     _check_shape,
     _expect,
@@ -161,7 +162,7 @@ class Int8CSR(CSR):
 
 
 @dataclass(frozen=True, eq=False)
-class Int8Weight:
+class Int8Weight(ValuesMixin):
     """W = scales[:, None] * q: ``q`` an int8 container (the layout), ``scales`` (out,) fp32 (or the dtype a
     layer was cast to). Subclasses name the format and the layout (``INNER``)."""
 
@@ -186,16 +187,8 @@ class Int8Weight:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype the weight computes in: the scales' (fp32 as written)."""
+        """The dtype the weight computes in: the scales' (fp32 as written), not the stored values' int8."""
         return self.scales.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.scales.device
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.parts().values())
 
     @staticmethod
     def eligible(w: torch.Tensor) -> bool:

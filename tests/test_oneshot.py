@@ -140,12 +140,18 @@ def _run_cli(*args):
     return subprocess.run([sys.executable, "-m", "prune", *map(str, args)], capture_output=True, text=True, env=env)
 
 
-def test_cli_oneshot_and_eval(tmp_path):
+def dense_folder_and_text(tmp_path):
+    """tmp_path/dense (a tiny Llama and its tokenizer) and tmp_path/calib.txt (text in its vocabulary)."""
     model, tok = tiny_llama(vocab=VOCAB), word_tokenizer()
     model.save_pretrained(tmp_path / "dense")
     tok.save_pretrained(tmp_path / "dense")
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(words(i % 90, i % 90 + 10) for i in range(60)))
+    return text
+
+
+def test_cli_oneshot_and_eval(tmp_path):
+    text = dense_folder_and_text(tmp_path)
     out = tmp_path / "pruned"
     args = ["oneshot", tmp_path / "dense", "-o", out, "--method", "wanda", "--calibration", text, "--samples", 4,
             "--seq-len", 32, "--exclude", "mlp.down_proj"]
@@ -261,11 +267,7 @@ def test_int8_oneshot_leaves_weights_on_their_grids_and_converts_exactly(tmp_pat
 
 
 def test_cli_oneshot_bits_8_writes_an_int8_checkpoint_eval_reads(tmp_path):
-    model, tok = tiny_llama(vocab=VOCAB), word_tokenizer()
-    model.save_pretrained(tmp_path / "dense")
-    tok.save_pretrained(tmp_path / "dense")
-    text = tmp_path / "calib.txt"
-    text.write_text(" ".join(words(i % 90, i % 90 + 10) for i in range(60)))
+    text = dense_folder_and_text(tmp_path)
     done = _run_cli("oneshot", tmp_path / "dense", "-o", tmp_path / "int8", "--calibration", text, "--samples", 4,
                     "--seq-len", 32, "--bits", "8")
     assert done.returncode == 0, done.stderr
