@@ -12,8 +12,8 @@
 // (rowptr non-decreasing from 0 to nnz, 0 <= col < in, 2:4 codes p0 < p1) and every pointer holds the sizes
 // above.
 //
-// Plan: rows are split into blocks shared out to OpenMP threads (the same libgomp pool torch uses, so the
-// caller's thread count is never exceeded). A row's products over a tile of tokens live in registers
+// Plan: rows are split into blocks handed out to threads one at a time by work_pool.h (a thread that starts
+// late finds its share taken, not waiting for it; the caller's thread count is never exceeded). A row's products over a tile of tokens live in registers
 // (acc[S][NV] vectors of W floats); S > 1 splits a row's nonzeros over independent accumulators so short
 // tiles are not bound by the FMA latency. The weight is read once per tile of tokens.
 #include <cstdint>
@@ -23,7 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <vector>
-#include <omp.h>
+#include "work_pool.h"
 #if defined(__AVX__)
 #include <immintrin.h>  // AVX: the 8x8 transposes; AVX-512: the gemv and 2:4 paths
 #endif
@@ -202,7 +202,7 @@ inline void flush_rows(float* buf, int64_t T, int64_t r0, int64_t nrows, int64_t
 // ---- post-op: y = LayerNorm(y + residual), a post-LN transformer sublayer's output ------------------------
 // Applied to whole token rows of y (all `out` features), once every row block of those tokens is written: in
 // the by-tile schedules by the thread that computed the tile, while its rows are in cache; elsewhere in one more
-// pass after the kernel's last barrier. kind: POST_NONE, POST_ADD (y += residual) or POST_ADD_NORM (then the
+// pass once y is complete. kind: POST_NONE, POST_ADD (y += residual) or POST_ADD_NORM (then the
 // LayerNorm over the row: (v - mean) / sqrt(var + eps) * gamma + beta, gamma and beta null for none).
 enum PostKind { POST_NONE = 0, POST_ADD = 1, POST_ADD_NORM = 2 };
 
@@ -235,11 +235,12 @@ __attribute__((noinline)) void post_rows(const Post& p, float* y, int64_t out, i
   }
 }
 
-// The post-op over all n token rows, shared by the threads of the enclosing parallel region (after a barrier).
-inline void post_in_region(const Post& p, float* y, int64_t out, int64_t n) {
+using work_pool::parallel_for;
+
+// The post-op over all n token rows, once y is complete.
+inline void post_all(const Post& p, float* y, int64_t out, int64_t n, int nthreads) {
   if (p.kind == POST_NONE) return;
-#pragma omp for schedule(static)
-  for (int64_t j = 0; j < n; ++j) post_rows(p, y, out, j, j + 1);
+  parallel_for(n, nthreads, [&](int64_t j, int) { post_rows(p, y, out, j, j + 1); });
 }
 
 // ---- CSR ----------------------------------------------------------------------------------------------
@@ -531,7 +532,7 @@ struct TwoFourBody {
 //   seg  (nblocks * npanels * R + 1,) int32: row r0 + i's nonzeros in panel p are [seg[q], seg[q + 1]),
 //        q = (b * npanels + p) * R + i for the block b holding rows r0 .. r0 + R - 1
 //   lcol (nnz,) uint8: column - p * P (1 byte per nonzero);  val (nnz,) fp32 | bf16
-// x packed by pack_in_region: xt (ntiles, in, T) fp32, token t * T + j of column c at xt[(t * in + c) * T + j],
+// x packed by pack_all: xt (ntiles, in, T) fp32, token t * T + j of column c at xt[(t * in + c) * T + j],
 // zero past n. One panel of one tile, (P, T) floats (64 KiB at P = 256, T = 64: it lives in L2), is
 // contiguous; the R rows of the block use it in turn (each line about R * density times). The block's sums
 // live in buf (R, T), stored once per (row, panel) and loaded again from the second panel on (the first starts
@@ -606,15 +607,13 @@ inline void pack_block(const float* x, int64_t n, int64_t in, int64_t T, int64_t
 
 // x (n, in) fp32 row-major -> xt (ntiles, in, T), T a multiple of 8 (see the panelled CSR note above; ntiles
 // == 1 and T == ld gives the plain kernels' (in, ld) panel). Blocks of 16 columns (one 64-byte line of each x
-// row) by the tile's T tokens, 8x8 transposes in registers. Called inside a parallel region: the threads share
-// the blocks, and the loop's implicit barrier makes xt complete before anyone reads it.
-inline void pack_in_region(const float* x, int64_t n, int64_t in, int64_t T, float* xt) {
+// row) by the tile's T tokens, 8x8 transposes in registers, shared by the threads; xt is complete on return.
+inline void pack_all(const float* x, int64_t n, int64_t in, int64_t T, float* xt, int nthreads) {
   const int64_t ntiles = (n + T - 1) / T, cblocks = (in + 15) / 16;
-#pragma omp for schedule(static)
-  for (int64_t item = 0; item < ntiles * cblocks; ++item) {
+  parallel_for(ntiles * cblocks, nthreads, [&](int64_t item, int) {
     const int64_t t = item / cblocks, c0 = item % cblocks * 16;
     pack_block(x, n, in, T, t, c0, std::min(in, c0 + 16), xt);
-  }
+  });
 }
 
 // Token tile t of x packed alone into dst (in, T): one thread's tile in the by-tile schedules.
@@ -716,33 +715,24 @@ int run_panels(const Panels<V>& w, const float* x, int64_t T, int64_t n, const f
   float* xt = scratch(static_cast<size_t>((by_tile ? nthreads : ntiles) * in * T));
   if (!xt) return ENTRY_OUT_OF_MEMORY;
   if (by_tile) {
-#pragma omp parallel num_threads(nthreads)
-    {
-      alignas(64) float buf[MAX_ROWS * 64];  // this thread's (R, T) sums, T <= 64
-      float* mine = xt + omp_get_thread_num() * in * T;  // this thread's packed tile, laid out as tile 0
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t t = 0; t < ntiles; ++t) {
-        pack_tile(x, n, in, T, t, mine);
-        for (int64_t b = 0; b < nblocks; ++b) panel_item(w, T, n, b, t, mine, bias, act, y, buf);
-        if (post.kind) post_rows(post, y, w.out, t * T, std::min(n, t * T + T));  // the tile's rows, in cache
-      }
-    }
+    parallel_for(ntiles, nthreads, [&](int64_t t, int slot) {
+      alignas(64) float buf[MAX_ROWS * 64];  // (R, T) sums, T <= 64
+      float* mine = xt + slot * in * T;      // this thread's packed tile, laid out as tile 0
+      pack_tile(x, n, in, T, t, mine);
+      for (int64_t b = 0; b < nblocks; ++b) panel_item(w, T, n, b, t, mine, bias, act, y, buf);
+      if (post.kind) post_rows(post, y, w.out, t * T, std::min(n, t * T + T));  // the tile's rows, in cache
+    });
     return ENTRY_OK;
   }
   const int64_t nruns = std::min(ntiles, std::max<int64_t>(1, (4 * nthreads + nblocks - 1) / nblocks));
   const int64_t run = (ntiles + nruns - 1) / nruns;
-#pragma omp parallel num_threads(nthreads)
-  {
-    pack_in_region(x, n, in, T, xt);
-    alignas(64) float buf[MAX_ROWS * 64];  // this thread's (R, T) sums, T <= 64
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < nblocks * nruns; ++item) {
-      const int64_t b = item / nruns, t1 = std::min(ntiles, (item % nruns + 1) * run);
-      for (int64_t t = item % nruns * run; t < t1; ++t)
-        panel_item(w, T, n, b, t, xt + t * in * T, bias, act, y, buf);
-    }  // implicit barrier: y is complete
-    post_in_region(post, y, w.out, n);
-  }
+  pack_all(x, n, in, T, xt, nthreads);
+  parallel_for(nblocks * nruns, nthreads, [&](int64_t item, int) {
+    alignas(64) float buf[MAX_ROWS * 64];  // (R, T) sums, T <= 64
+    const int64_t b = item / nruns, t1 = std::min(ntiles, (item % nruns + 1) * run);
+    for (int64_t t = item % nruns * run; t < t1; ++t) panel_item(w, T, n, b, t, xt + t * in * T, bias, act, y, buf);
+  });
+  post_all(post, y, w.out, n, nthreads);
   return ENTRY_OK;
 }
 
@@ -780,39 +770,31 @@ int run_ffn(const Panels<V>* gate, const Panels<V>& up, const Panels<V>& down, c
     for (int64_t i = 0; i < m; ++i) dst[i] *= tmp[i];
   };
   if (by_tile) {
-#pragma omp parallel num_threads(nthreads)
-    {
+    parallel_for(ntiles, nthreads, [&](int64_t t, int thread) {
       alignas(64) float buf[MAX_ROWS * 64];
-      float* xs = s + omp_get_thread_num() * slot;  // this thread's packed x tile, then its hidden tile
+      float* xs = s + thread * slot;  // this thread's packed x tile, then its hidden tile
       float* hs = xs + in * T;
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t t = 0; t < ntiles; ++t) {
-        pack_tile(x, n, in, T, t, xs);
-        for (int64_t b = 0; b < up.nblocks(); ++b) hidden_block(b, xs, hs, buf);
-        for (int64_t b = 0; b < down.nblocks(); ++b) panel_item(down, T, n, b, t, hs, bd, ACT_NONE, y, buf);
-        if (post.kind) post_rows(post, y, down.out, t * T, std::min(n, t * T + T));
-      }
-    }
+      pack_tile(x, n, in, T, t, xs);
+      for (int64_t b = 0; b < up.nblocks(); ++b) hidden_block(b, xs, hs, buf);
+      for (int64_t b = 0; b < down.nblocks(); ++b) panel_item(down, T, n, b, t, hs, bd, ACT_NONE, y, buf);
+      if (post.kind) post_rows(post, y, down.out, t * T, std::min(n, t * T + T));
+    });
     return ENTRY_OK;
   }
   float* xt = s;                      // (ntiles, in, T)
   float* ht = s + ntiles * in * T;  // (ntiles, hidden, T)
-#pragma omp parallel num_threads(nthreads)
-  {
-    pack_in_region(x, n, in, T, xt);
+  pack_all(x, n, in, T, xt, nthreads);
+  parallel_for(up.nblocks() * ntiles, nthreads, [&](int64_t item, int) {
     alignas(64) float buf[MAX_ROWS * 64];
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < up.nblocks() * ntiles; ++item) {
-      const int64_t b = item / ntiles, t = item % ntiles;
-      hidden_block(b, xt + t * in * T, ht + t * hidden * T, buf);
-    }  // implicit barrier: every hidden tile is complete
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < down.nblocks() * ntiles; ++item) {
-      const int64_t b = item / ntiles, t = item % ntiles;
-      panel_item(down, T, n, b, t, ht + t * hidden * T, bd, ACT_NONE, y, buf);
-    }
-    post_in_region(post, y, down.out, n);
-  }
+    const int64_t b = item / ntiles, t = item % ntiles;
+    hidden_block(b, xt + t * in * T, ht + t * hidden * T, buf);
+  });  // every hidden tile is complete
+  parallel_for(down.nblocks() * ntiles, nthreads, [&](int64_t item, int) {
+    alignas(64) float buf[MAX_ROWS * 64];
+    const int64_t b = item / ntiles, t = item % ntiles;
+    panel_item(down, T, n, b, t, ht + t * hidden * T, bd, ACT_NONE, y, buf);
+  });
+  post_all(post, y, down.out, n, nthreads);
   return ENTRY_OK;
 }
 
@@ -837,24 +819,22 @@ int run_blocks(Body body, int64_t out, int64_t in, const float* x, int64_t n, in
   body.xt = width == 1 ? x : xt;
   const int64_t nblocks = (out + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK;
   const int64_t ntiles = width == 1 ? 1 : (width + tile - 1) / tile;
-  // A small x is packed before the parallel region: its own loop's barrier cost more than the packing.
+  // A small x is packed by the caller alone: handing it out cost more than the packing.
   const bool pack_first = width > 1 && in * body.ld * 4 <= SMALL_PACK_BYTES;
   if (pack_first)
     for (int64_t c0 = 0; c0 < in; c0 += 16) pack_block(x, n, in, body.ld, 0, c0, std::min(in, c0 + 16), xt);
-#pragma omp parallel num_threads(nthreads)
-  {
-    if (width > 1 && !pack_first) pack_in_region(x, n, in, body.ld, xt);
-    alignas(64) float buf[MAX_ROWS * TILE_STRIDE];  // this thread's block of sums
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < nblocks * ntiles; ++item) {
-      const int64_t r0 = item / ntiles * ROWS_PER_BLOCK, r1 = std::min(out, r0 + ROWS_PER_BLOCK);
-      if (width == 1) {
-        body.gemv(r0, r1);  // bias added
-        if (body.act) epilogue(body.y + r0, 0, 1, r1 - r0, nullptr, body.act);
-      } else one_tile(body, r0, r1, n, item % ntiles * tile, tile, buf);
-    }  // implicit barrier: y is complete
-    post_in_region(post, body.y, out, n);
-  }
+  if (width > 1 && !pack_first) pack_all(x, n, in, body.ld, xt, nthreads);
+  parallel_for(nblocks * ntiles, nthreads, [&](int64_t item, int) {
+    const int64_t r0 = item / ntiles * ROWS_PER_BLOCK, r1 = std::min(out, r0 + ROWS_PER_BLOCK);
+    if (width == 1) {
+      body.gemv(r0, r1);  // bias added
+      if (body.act) epilogue(body.y + r0, 0, 1, r1 - r0, nullptr, body.act);
+      return;
+    }
+    alignas(64) float buf[MAX_ROWS * TILE_STRIDE];  // the block's sums
+    one_tile(body, r0, r1, n, item % ntiles * tile, tile, buf);
+  });
+  post_all(post, body.y, out, n, nthreads);
   return ENTRY_OK;
 }
 
@@ -866,7 +846,7 @@ int run_blocks(Body body, int64_t out, int64_t in, const float* x, int64_t n, in
 // (act(x W_gate^T + b_gate) * (x W_in^T + b_in)) W_out^T + b_out. Made for small batches (a few tokens per
 // expert, where the layer is bound by reading the experts' weights): each expert's tokens are packed once into
 // (D, ld) and its weight rows read once per token tile, by the same register-blocked loops as the CSR kernels
-// with every column present. Three phases over all experts at once (pack, hidden, output), one barrier each.
+// with every column present. Three phases over all experts at once (pack, hidden, output), each complete before the next.
 
 // Sums of dense rows [r0, r1) of w (rows, in) over one token tile into buf (rows - r0, T) (see csr_rows_tile).
 template <typename V, int W, int NV, int S>
@@ -1180,18 +1160,15 @@ int run_experts(const float* w_in, const float* b_in, const float* w_gate, const
     t = local % ntiles;
   };
   const int64_t nslots = static_cast<int64_t>(slots.size()), cblocks = (D + 15) / 16;
-#pragma omp parallel num_threads(nthreads)
+  parallel_for(nslots * cblocks, nthreads, [&](int64_t item, int) {  // pack each expert's tokens into (D, ld)
+    const ExpertSlot& slot = slots[item / cblocks];
+    const int64_t c0 = item % cblocks * 16;
+    if (slot.m > DOT_TOKENS) pack_block(xs + slot.start * D, slot.m, D, slot.ld, 0, c0, std::min(D, c0 + 16), slot.xt);
+  });
   {
-    alignas(64) float buf[MAX_ROWS * TILE_STRIDE];
-    alignas(64) float gbuf[MAX_ROWS * TILE_STRIDE];
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < nslots * cblocks; ++item) {  // pack each expert's tokens into (D, ld)
-      const ExpertSlot& slot = slots[item / cblocks];
-      const int64_t c0 = item % cblocks * 16;
-      if (slot.m > DOT_TOKENS) pack_block(xs + slot.start * D, slot.m, D, slot.ld, 0, c0, std::min(D, c0 + 16), slot.xt);
-    }
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < hid.back(); ++item) {  // hidden: ht[r, j] = act(...) for the tile's tokens
+    parallel_for(hid.back(), nthreads, [&](int64_t item, int) {  // hidden: ht[r, j] = act(...) for the tile's tokens
+      alignas(64) float buf[MAX_ROWS * TILE_STRIDE];
+      alignas(64) float gbuf[MAX_ROWS * TILE_STRIDE];
       int64_t i, rb, t;
       locate(hid, item, i, rb, t);
       const ExpertSlot& slot = slots[i];
@@ -1222,9 +1199,9 @@ int run_experts(const float* w_in, const float* b_in, const float* w_gate, const
         for (int64_t r = r0; r < r1; ++r)  // padding tokens hold act(bias): the output phase never reads past m
           std::memcpy(slot.ht + r * slot.ld + t0, buf + (r - r0) * TILE_STRIDE, tw * sizeof(float));
       }
-    }  // implicit barrier: every hidden tile is complete
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < outs.back(); ++item) {  // output: ys rows of the expert's tokens
+    });  // every hidden tile is complete
+    parallel_for(outs.back(), nthreads, [&](int64_t item, int) {  // output: ys rows of the expert's tokens
+      alignas(64) float buf[MAX_ROWS * TILE_STRIDE];
       int64_t i, rb, t;
       locate(outs, item, i, rb, t);
       const ExpertSlot& slot = slots[i];
@@ -1235,7 +1212,7 @@ int run_experts(const float* w_in, const float* b_in, const float* w_gate, const
       else dispatch_tile(down, r0, r1, slot.m, t0, slot.tile, buf);
       flush_rows(buf, TILE_STRIDE, r0, r1 - r0, t0, std::min(slot.tile, slot.m - t0), down.bias, ACT_NONE, down.y,
                  down.out);
-    }
+    });
   }
   return ENTRY_OK;
 }
@@ -1470,25 +1447,25 @@ int run_attention(const AttnArgs& a, int nthreads) {
   if (!work) return ENTRY_OUT_OF_MEMORY;
   const int64_t dv = D % VW == 0 ? D / VW : 0;  // vectors per output row; 0 (or > 16): the any-D loop
   const int64_t group = a.H / a.Hk;
-#pragma omp parallel num_threads(nthreads)
+  // Runs of consecutive items (the query blocks of a few heads), two per thread: a thread transposes each key
+  // head of its run once, in its own cache (one item at a time, or one shared transpose phase, had every head
+  // read across cores: 1.1-1.3x from the second thread instead of 1.8x, AMD EPYC Zen 4), and a thread that
+  // starts late finds its runs taken by the others.
+  const int64_t items = a.B * a.H * qblocks;
+  std::vector<int64_t> loaded(nthreads, -1);  // which (batch, key head) each thread's ktb holds
   {
-    float* ktb = work + omp_get_thread_num() * per_thread;  // (D, ld): the current key head transposed
-    float* s = ktb + D * ld;                                // (QB, ld): the item's scores, then weights
-    float* qt = s + ATTN_QB * ld;                           // (D, QB): the item's queries transposed
-    float* vp = qt + D * ATTN_QB;                           // (L, D): the current value head, packed
-    int64_t loaded = -1;                                    // which (batch, key head) ktb holds
-    // Static: each thread takes a run of consecutive items (the query blocks of a few heads) and transposes
-    // each key head once, in its own cache (dynamic scheduling, or one shared transpose phase, had every head
-    // read across cores: 1.1-1.3x from the second thread instead of 1.8x, AMD EPYC Zen 4).
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < a.B * a.H * qblocks; ++item) {
+    parallel_for(items, nthreads, [&](int64_t item, int thread) {
+      float* ktb = work + thread * per_thread;  // (D, ld): the current key head transposed
+      float* s = ktb + D * ld;                  // (QB, ld): the item's scores, then weights
+      float* qt = s + ATTN_QB * ld;             // (D, QB): the item's queries transposed
+      float* vp = qt + D * ATTN_QB;             // (L, D): the current value head, packed
       const int64_t b = item / (a.H * qblocks), h = item / qblocks % a.H, i0 = item % qblocks * ATTN_QB;
       const int64_t nq = std::min<int64_t>(ATTN_QB, a.S - i0), hk = h / group;
-      if (loaded != b * a.Hk + hk) {
+      if (loaded[thread] != b * a.Hk + hk) {
         transpose_rows(a.k + b * a.ks[0] + hk * a.ks[1], a.ks[2], a.L, Lp, D, ktb, ld);
         const float* v = a.v + b * a.vs[0] + hk * a.vs[1];
         for (int64_t j = 0; j < a.L; ++j) std::memcpy(vp + j * D, v + j * a.vs[2], D * sizeof(float));
-        loaded = b * a.Hk + hk;
+        loaded[thread] = b * a.Hk + hk;
       }
       const float* qb = a.q + b * a.qs[0] + h * a.qs[1];
       transpose_rows(qb + i0 * a.qs[2], a.qs[2], nq, ATTN_QB, D, qt, ATTN_QB);
@@ -1539,7 +1516,7 @@ int run_attention(const AttnArgs& a, int nthreads) {
         case 16: attn_pv_rows<16>(s, ld, vp, kv_end, D, inv, nq, ob, ostride); break;
         default: attn_pv_rows<0>(s, ld, vp, kv_end, D, inv, nq, ob, ostride);
       }
-    }
+    }, (items + 2 * nthreads - 1) / (2 * nthreads));
   }
   return ENTRY_OK;
 }
@@ -1659,7 +1636,26 @@ extern "C" int attention_f32(const float* q, const float* k, const float* v, con
   return run_attention(a, nthreads);
 }
 
-extern "C" int sparse_cpu_abi_version() { return 14; }
+// Threading (work_pool.h): backend 0 auto, 1 OpenMP, 2 the work pool (tests and benchmarks pin one; the
+// previous setting is returned). stats: OpenMP jobs, of which joins were slow, pool jobs, 1 while auto uses the
+// pool.
+extern "C" int sparse_cpu_set_backend(int backend) {
+  return work_pool::Mode::get().forced.exchange(backend);
+}
+// Records an OpenMP job whose caller worked busy_ns and waited wait_ns (the rule, for tests): 1 if that was
+// slow (the following jobs go to the pool).
+extern "C" int sparse_cpu_joined(int64_t wait_ns, int64_t busy_ns) {
+  return work_pool::Mode::get().joined(wait_ns, busy_ns);
+}
+extern "C" void sparse_cpu_threading(int64_t* stats) {
+  work_pool::Mode& m = work_pool::Mode::get();
+  stats[0] = m.jobs.load();
+  stats[1] = m.slow_joins.load();
+  stats[2] = m.pool_jobs.load();
+  stats[3] = work_pool::now_ns() < m.pool_until.load();
+}
+
+extern "C" int sparse_cpu_abi_version() { return 15; }
 
 // The codes Python passes and reads, from the enums themselves: native.py compares them with its own tables at
 // load and refuses a library that disagrees (one source of truth per side, checked against the other).

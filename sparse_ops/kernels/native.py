@@ -1,9 +1,10 @@
 """Build and load our C++ CPU kernels (``sparse_ops/csrc/sparse_cpu.cpp``): compiled at first use, cached.
 
-The source has no torch headers, so ``g++ -O3 -fopenmp`` builds it in a few seconds; the shared library is
-loaded with ctypes (which releases the GIL during calls). It links ``libgomp.so.1``, which the loader resolves
-to the copy torch already loaded, so our parallel loops use torch's OpenMP thread pool and we pass
-``torch.get_num_threads()``: the two never oversubscribe the cores.
+The source has no torch headers, so ``g++ -O3`` builds it in a few seconds; the shared library is loaded with
+ctypes (which releases the GIL during calls). It links ``libgomp.so.1``, which the loader resolves to the copy
+torch already loaded: our parallel loops (``csrc/work_pool.h``) run on torch's OpenMP threads while the machine
+is quiet, and on our own work pool, which never waits for a thread that has not started, while joins show a
+competing process (``threading()``); a call uses ``torch.get_num_threads()`` threads, the caller among them.
 
 Targets (``ISAS``): the kernels are built for one named instruction set, not ``-march=native``, so a figure
 measured for "avx2" means the same binary on every x86 CPU: ``avx512`` (x86-64-v4), ``avx2`` (x86-64-v3:
@@ -26,6 +27,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -35,6 +37,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,10 +46,11 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "sparse_cpu.cpp"
-ABI_VERSION = 14
+HEADERS = tuple(sorted(SOURCE.parent.glob("*.h")))  # included by SOURCE: part of the build key
+ABI_VERSION = 15
 # -fno-trapping-math lets the epilogue's floor and float -> int conversions vectorise (no FP exception flags);
 # the target's -march and the cache constants are added by build_flags
-FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno", "-fno-trapping-math")
+FLAGS = ("-O3", "-fopenmp", "-pthread", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno", "-fno-trapping-math")
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,10 @@ def open_library(path: str | os.PathLike, strict: bool = True) -> ctypes.CDLL:
         fn.argtypes, fn.restype, fn.errcheck = argtypes, ctypes.c_int, _check_status
     if strict or hasattr(lib, "sparse_cpu_constants"):
         lib.sparse_cpu_constants.argtypes, lib.sparse_cpu_constants.restype = (), ctypes.c_char_p
+    if strict or hasattr(lib, "sparse_cpu_threading"):
+        lib.sparse_cpu_set_backend.argtypes, lib.sparse_cpu_set_backend.restype = (ctypes.c_int,), ctypes.c_int
+        lib.sparse_cpu_threading.argtypes, lib.sparse_cpu_threading.restype = (_P,), None
+        lib.sparse_cpu_joined.argtypes, lib.sparse_cpu_joined.restype = (_I64, _I64), ctypes.c_int
     return lib
 
 
@@ -241,6 +249,8 @@ def build_key(compiler: str, flags: list[str]) -> str:
     """Hash of everything the binary depends on: source, flags (target, cache sizes), compiler version."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     h = hashlib.sha256(SOURCE.read_bytes())
+    for header in HEADERS:
+        h.update(header.read_bytes())
     for part in (" ".join(flags), version, str(ABI_VERSION)):
         h.update(part.encode())
     return h.hexdigest()[:16]
@@ -313,5 +323,61 @@ def available() -> bool:
 
 
 def num_threads() -> int:
-    """Threads for our parallel loops: torch's intra-op count, so the shared OpenMP pool is not exceeded."""
+    """Threads for our parallel loops: torch's intra-op count (``torch.set_num_threads``), the caller included."""
     return max(1, torch.get_num_threads())
+
+
+BACKENDS = {"auto": 0, "openmp": 1, "pool": 2}  # csrc/work_pool.h's Backend
+
+
+@dataclass(frozen=True)
+class ThreadStats:
+    """What the kernels' parallel loops saw in this process (``csrc/work_pool.h``): OpenMP jobs, how many of
+    their joins waited for a descheduled thread (a competing process), jobs run on the work pool instead, and
+    whether the pool is in use now."""
+
+    openmp_jobs: int
+    slow_joins: int
+    pool_jobs: int
+    busy_now: bool
+
+    def since(self, before: ThreadStats) -> ThreadStats:
+        """The counts between ``before`` and this reading.
+
+        >>> ThreadStats(10, 3, 5, True).since(ThreadStats(4, 1, 0, False))
+        ThreadStats(openmp_jobs=6, slow_joins=2, pool_jobs=5, busy_now=True)
+        """
+        return ThreadStats(self.openmp_jobs - before.openmp_jobs, self.slow_joins - before.slow_joins,
+                           self.pool_jobs - before.pool_jobs, self.busy_now)
+
+
+def thread_stats() -> ThreadStats:
+    """The counts so far (all zero without the native kernels).
+
+    >>> thread_stats().slow_joins >= 0
+    True
+    """
+    lib = library()
+    if lib is None:
+        return ThreadStats(0, 0, 0, False)
+    stats = (ctypes.c_int64 * 4)()
+    lib.sparse_cpu_threading(stats)
+    return ThreadStats(stats[0], stats[1], stats[2], bool(stats[3]))
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Pin the parallel loops' backend ("auto", "openmp" or "pool") inside the block (tests, benchmarks).
+
+    >>> with backend("pool"):
+    ...     pass
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"unknown threading backend {name!r}; allowed: {', '.join(BACKENDS)}")
+    lib = library()
+    previous = lib.sparse_cpu_set_backend(BACKENDS[name]) if lib is not None else 0
+    try:
+        yield
+    finally:
+        if lib is not None:
+            lib.sparse_cpu_set_backend(previous)

@@ -1,0 +1,238 @@
+// The kernels' parallel loops: parallel_for(n, threads, f) runs f(item, thread) for every item, items handed
+// out one at a time (a running thread takes the share of one that has not started), on one of two backends.
+//
+// OpenMP (torch's own thread team) while the machine is quiet. Its parallel region ends in a join that waits
+// for every thread of the team to arrive, even one with nothing left to do: beside a competing process one of
+// our threads is often descheduled for a time slice (milliseconds) while a call takes tens of microseconds, and
+// the call then waits for the scheduler, not for work (a 4096x4096 CSR at 90% and 1 token took 8 ms instead
+// of 0.55 beside a process doing small matmuls on 2 threads, and 1.2 ms on one thread; AMD EPYC Zen 3,
+// 2 cores). So each OpenMP job times its fork and join; one whose caller waited longer than it worked (and
+// than JOIN_LIMIT_NS) sends the following jobs to the work pool for HOLD_NS, doubled while they stay slow.
+//
+// The work pool never waits for a thread that has not started: the caller publishes a job, takes items
+// itself, and waits only for items another thread has claimed and not finished; a worker that wakes late
+// finds nothing left. It is not used on a quiet machine because torch's OpenMP threads spin for milliseconds
+// after each of torch's own parallel ops, on the cores our workers would need (paired runs: 15-20% slower than
+// OpenMP there, 5-7x faster beside a busy process).
+//
+// Results never depend on the backend or on which thread ran an item (each item writes its own outputs), so
+// they are identical at every thread count. After fork() the child starts a fresh pool.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <mutex>
+#include <thread>
+#include <vector>
+#include <chrono>
+#include <omp.h>
+#include <pthread.h>
+#include <sched.h>
+
+namespace work_pool {
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield" ::: "memory");
+#endif
+}
+
+// The claim word: epoch (20 bits) | threads (8) | next claim (18) | claims (18). A claim is taken by a CAS of
+// the whole word, so it is valid only for the job (epoch) and thread count it was made for. Jobs of more items
+// claim chunks of consecutive items (parallel_for), so a job never has more than MAX_CLAIMS claims.
+constexpr int ITEM_BITS = 18, JOB_SHIFT = 2 * ITEM_BITS;  // epoch and threads: the job, above the items
+constexpr uint64_t MAX_CLAIMS = (uint64_t{1} << ITEM_BITS) - 1, ITEM_MASK = MAX_CLAIMS;
+constexpr uint64_t JOB_MASK = (uint64_t{1} << 28) - 1;
+constexpr int MAX_THREADS = 255;
+inline uint64_t pack(uint64_t epoch, uint64_t threads, uint64_t next, uint64_t n) {
+  return ((epoch << 8 | threads) & JOB_MASK) << JOB_SHIFT | next << ITEM_BITS | n;
+}
+inline uint64_t job_of(uint64_t v) { return v >> JOB_SHIFT; }
+inline int threads_of(uint64_t v) { return static_cast<int>(job_of(v) & 0xFF); }
+
+// Worker spin before sleeping, in pause instructions (~20-60 us): consecutive kernel calls of one model find
+// the workers awake; longer would take CPU time from other threads of the process between calls.
+constexpr int SPIN = 2000;
+
+class Pool {
+ public:
+  typedef void (*Fn)(void* ctx, int64_t claim, int slot);
+
+  // Runs fn(ctx, c, slot) for every claim c < nclaims on up to nthreads threads (the caller is slot 0, worker
+  // slots are 1 .. nthreads - 1); returns when every claim is done.
+  void run(int64_t nclaims, int nthreads, Fn fn, void* ctx) {
+    std::unique_lock<std::mutex> one(call_, std::try_to_lock);
+    nthreads = std::min(nthreads, MAX_THREADS);
+    if (nthreads <= 1 || nclaims <= 1 || !one.owns_lock()) {
+      for (int64_t c = 0; c < nclaims; ++c) fn(ctx, c, 0);
+      return;
+    }
+    grow(nthreads - 1);
+    fn_ = fn;
+    ctx_ = ctx;
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t job = job_of(pack(++epoch_, static_cast<uint64_t>(nthreads), 0, 0));
+    claim_.store(pack(epoch_, static_cast<uint64_t>(nthreads), 0, static_cast<uint64_t>(nclaims)),
+                 std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      { std::lock_guard<std::mutex> lock(sleep_); }  // a worker between its check and its wait holds sleep_
+      wake_.notify_all();
+    }
+    work(job, 0);
+    // Only claimed items remain, on threads that are running them (or were descheduled inside one).
+    for (int spins = 0; done_.load(std::memory_order_acquire) < nclaims; ++spins) {
+      if (spins < SPIN) cpu_relax();
+      else sched_yield();
+    }
+  }
+
+  static Pool& get() {
+    static Pool* pool = make();
+    return *pool;
+  }
+
+ private:
+  static Pool* make() {
+    pthread_atfork(nullptr, nullptr, [] { current() = new Pool(); });  // the parent's pool is leaked in the child
+    current() = new Pool();
+    return current();
+  }
+  static Pool*& current() {
+    static Pool* p = nullptr;
+    return p;
+  }
+
+  // Claims and runs items of `job` until none is left (or another job has started: then none of ours is).
+  void work(uint64_t job, int slot) {
+    uint64_t v = claim_.load(std::memory_order_acquire);
+    for (;;) {
+      const uint64_t n = v & ITEM_MASK, next = (v >> ITEM_BITS) & ITEM_MASK;
+      if (job_of(v) != job || next >= n) return;
+      if (!claim_.compare_exchange_weak(v, v + (uint64_t{1} << ITEM_BITS), std::memory_order_acq_rel,
+                                        std::memory_order_acquire))
+        continue;
+      fn_(ctx_, static_cast<int64_t>(next), slot);  // the job is alive: its caller waits for this item
+      done_.fetch_add(1, std::memory_order_release);
+      v = claim_.load(std::memory_order_acquire);
+    }
+  }
+
+  void grow(int workers) {
+    while (static_cast<int>(threads_) < workers) {
+      const int slot = static_cast<int>(++threads_);
+      std::thread([this, slot] { loop(slot); }).detach();  // never joined: the pool lives as long as the process
+    }
+  }
+
+  void loop(int slot) {
+    uint64_t seen = 0;
+    for (;;) {
+      uint64_t v = claim_.load(std::memory_order_acquire);
+      for (int spins = 0; job_of(v) == seen && spins < SPIN; ++spins) {
+        cpu_relax();
+        v = claim_.load(std::memory_order_acquire);
+      }
+      if (job_of(v) == seen) {
+        std::unique_lock<std::mutex> lock(sleep_);
+        sleepers_.fetch_add(1, std::memory_order_seq_cst);
+        while (job_of(v = claim_.load(std::memory_order_seq_cst)) == seen) wake_.wait(lock);
+        sleepers_.fetch_sub(1, std::memory_order_relaxed);
+      }
+      seen = job_of(v);
+      if (slot < threads_of(v)) work(seen, slot);  // the job's thread count is part of every claim
+    }
+  }
+
+  std::mutex call_;                   // held by the caller of the running job
+  std::atomic<uint64_t> claim_{0};    // pack(epoch, next, n) of the current job
+  std::atomic<int64_t> done_{0};      // claims of the current job finished
+  std::atomic<int> sleepers_{0};
+  std::atomic<unsigned> threads_{0};  // workers started
+  uint64_t epoch_ = 0;                // the current job's, counting from 1 (written by its caller only)
+  Fn fn_ = nullptr;
+  void* ctx_ = nullptr;
+  std::mutex sleep_;
+  std::condition_variable wake_;
+};
+
+inline int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// A join slower than this (and than the caller's own work in the job) is the scheduler's, not the work's.
+constexpr int64_t JOIN_LIMIT_NS = 200'000;
+constexpr int64_t HOLD_NS = 250'000'000, MAX_HOLD_NS = 8'000'000'000;
+
+enum Backend { AUTO = 0, OPENMP = 1, POOL = 2 };
+
+// Process-wide: which backend runs the next job, and what the joins showed (sparse_cpu_threading reports it).
+struct Mode {
+  std::atomic<int> forced{AUTO};               // tests and benchmarks pin a backend
+  std::atomic<int64_t> pool_until{0};          // now_ns() before which AUTO uses the pool
+  std::atomic<int64_t> hold{HOLD_NS};
+  std::atomic<int64_t> jobs{0}, slow_joins{0}, pool_jobs{0};
+
+  bool use_pool() const {
+    const int f = forced.load(std::memory_order_relaxed);
+    return f == POOL || (f == AUTO && now_ns() < pool_until.load(std::memory_order_relaxed));
+  }
+  // An OpenMP job's caller worked `busy` ns and waited `wait`; returns whether that was slow.
+  bool joined(int64_t wait, int64_t busy) {
+    jobs.fetch_add(1, std::memory_order_relaxed);
+    if (wait <= std::max(JOIN_LIMIT_NS, busy)) {
+      if (now_ns() >= pool_until.load(std::memory_order_relaxed)) hold.store(HOLD_NS, std::memory_order_relaxed);
+      return false;
+    }
+    slow_joins.fetch_add(1, std::memory_order_relaxed);
+    const int64_t h = hold.load(std::memory_order_relaxed);
+    pool_until.store(now_ns() + h, std::memory_order_relaxed);
+    hold.store(std::min(2 * h, MAX_HOLD_NS), std::memory_order_relaxed);
+    return true;
+  }
+  static Mode& get() {
+    static Mode m;
+    return m;
+  }
+};
+
+// Runs f(item, thread) for every item < n on up to nthreads threads; thread < nthreads names the thread (its
+// scratch). chunk > 1 hands out runs of consecutive items (a thread keeps state across a run's items).
+template <typename F>
+void parallel_for(int64_t n, int nthreads, F&& f, int64_t chunk = 1) {
+  if (n <= 0) return;
+  chunk = std::max<int64_t>(chunk, (n + static_cast<int64_t>(MAX_CLAIMS) - 1) / static_cast<int64_t>(MAX_CLAIMS));
+  const int64_t claims = (n + chunk - 1) / chunk;
+  const auto claim = [&](int64_t c, int thread) {
+    for (int64_t i = c * chunk, e = std::min(n, i + chunk); i < e; ++i) f(i, thread);
+  };
+  if (nthreads <= 1 || claims <= 1) {
+    for (int64_t c = 0; c < claims; ++c) claim(c, 0);
+    return;
+  }
+  Mode& mode = Mode::get();
+  if (mode.use_pool()) {
+    mode.pool_jobs.fetch_add(1, std::memory_order_relaxed);
+    const Pool::Fn call = [](void* p, int64_t c, int thread) { (*static_cast<decltype(claim)*>(p))(c, thread); };
+    Pool::get().run(claims, nthreads, call, const_cast<void*>(static_cast<const void*>(&claim)));
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  const int64_t start = now_ns();
+  int64_t begun = 0, free = 0;  // when the caller entered the region (libgomp's fork can wait for a thread
+                                // still leaving the previous region) and when it found no claim left
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int thread = omp_get_thread_num();
+    if (thread == 0) begun = now_ns();
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < claims;) claim(c, thread);
+    if (thread == 0) free = now_ns();
+  }
+  mode.joined(begun - start + now_ns() - free, free - begun);
+}
+
+}  // namespace work_pool
