@@ -87,17 +87,18 @@ def _calls_per_sample(fn: Callable[[], object], min_sample_s: float, device: str
         n = max(n * 2, int(n * min_sample_s / max(dt, 1e-9) * 1.2))
 
 
-# seconds per call for each named candidate: time_candidates, or a test's stand-in
-Timer = Callable[[dict[str, Callable[[], object]], torch.device], dict[str, float]]
+# seconds per call for each named candidate (a median, or its Timing): time_candidates, or a test's stand-in
+Timer = Callable[[dict[str, Callable[[], object]], torch.device], "dict[str, float] | dict[str, Timing]"]
 
 
 def time_candidates(fns: dict[str, Callable[[], object]], device: torch.device, *, repeats: int = 5,
-                    calls: int = 0, min_sample_s: float = 2e-3) -> dict[str, float]:
-    """Median seconds per call of each candidate, timed interleaved (A B C A B C ...) after one warm-up call;
-    ``calls`` per sample, or (0) as many as last about ``min_sample_s`` judging by the warm-up call.
+                    calls: int = 0, min_sample_s: float = 2e-3) -> dict[str, Timing]:
+    """Seconds per call of each candidate (median and spread), timed interleaved (A B C A B C ...) after one
+    warm-up call; ``calls`` per sample, or (0) as many as last about ``min_sample_s`` judging by the warm-up call.
 
-    >>> sorted(time_candidates({"a": lambda: None, "b": lambda: sum(range(100))}, torch.device("cpu"), repeats=2))
-    ['a', 'b']
+    >>> t = time_candidates({"a": lambda: None, "b": lambda: sum(range(100))}, torch.device("cpu"), repeats=2)
+    >>> sorted(t), t["b"].p90_s >= t["b"].median_s
+    (['a', 'b'], True)
     """
     dev = device.type
     n = {}
@@ -109,7 +110,7 @@ def time_candidates(fns: dict[str, Callable[[], object]], device: torch.device, 
     for _ in range(repeats):
         for k, fn in fns.items():
             samples[k].append(_timed(fn, n[k], dev, time.perf_counter) / n[k])
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return {k: summarize(v) for k, v in samples.items()}
 
 
 def time_interleaved(

@@ -185,6 +185,26 @@ def test_matmul_rows_are_consistent(tmp_path):
     assert int(by["bf16", "dense"]["weight_bytes"]) == 16 * 64 * 2
 
 
+@pytest.mark.parametrize("busy", [False, True])
+def test_matmul_says_when_the_machine_was_busy_and_suggests_one_thread(tmp_path, capsys, monkeypatch, busy):
+    from sparse_ops import busy as busy_module
+
+    load = busy_module.Load(wall_s=3.0, other_share=0.55 if busy else 0.01, slow_joins=0)
+
+    class Watch:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.load = load
+    monkeypatch.setattr(busy_module, "Watch", Watch)
+    assert main(["bench", "matmul", "--shapes", "16x32", "--sparsity", "0.5", "--tokens", "1", "--formats", "csr",
+                 "--out", str(tmp_path), *TINY]) == 0
+    err = capsys.readouterr().err
+    assert ("other processes used 55% of the cores" in err and "--threads 1" in err) == busy
+    assert json.loads((tmp_path / "matmul.json").read_text())["load"] == load.to_dict()
+
+
 def make_checkpoint(directory):
     """A tiny 'model': two pruned linears (one 2:4), a bias, an embedding; dense .pt and converted CSR."""
     g = torch.Generator().manual_seed(0)

@@ -106,3 +106,16 @@ def test_findings_mark_slowdowns_within_the_noise_floor():
     assert "a at batch 1 (0.97x, within noise), b at batch 1 (0.90x)" in out[-1]
     out = findings([dense, row("a", 1.0 / 0.97), row("b", 1.0 / 0.90, dense_exec_ms=1.12)])  # b's weights, dense
     assert "spread 12.0% at batch 1" in out[-2] and "b at batch 1 (0.90x, within noise)" in out[-1]
+
+
+def test_findings_say_when_the_machine_was_busy():
+    from prune.demo.report import findings
+
+    def row(run, ms, busy=None):
+        cell = {"deployed_ms": ms, "speedup_vs_dense": 1.0 / ms, **({"busy": busy} if busy else {})}
+        return {"run": run, "deployed_as": "dense", "accuracy": 0.9, "sparsity": 0.0, "file_deployed_bytes": 1,
+                "file_dense_bytes": 1, "latency": {"1": cell}}
+    assert not any("busy" in line for line in findings([row("dense", 1.0), row("a", 0.5)]))
+    why = "other processes used 50% of the cores"
+    out = findings([row("dense", 1.0, why), row("a", 0.5, why)])
+    assert any(f"busy while batch 1 was timed ({why})" in line and "set_num_threads(1)" in line for line in out)

@@ -103,3 +103,71 @@ def test_planned_layer_deep_copies_sharing_its_cache():
         clone = copy.deepcopy(layer)
         torch.testing.assert_close(clone(x), y, rtol=0, atol=0)
     assert clone.planner.cache is layer.planner.cache  # one cache shared by copies
+
+
+@pytest.mark.parametrize("times,worst,expected", [
+    # close medians: the one that stalls now and then (90th percentile 3x) is passed over
+    ({"dense": 1.0, "csr.plain": 0.95}, {"dense": 1.1, "csr.plain": 3.0}, "dense"),
+    # close and both bounded: the median decides as without worst cases
+    ({"dense": 1.0, "csr.plain": 0.95}, {"dense": 1.1, "csr.plain": 1.4}, "csr.plain"),
+    # not close (30% apart): the faster wins whatever its worst case
+    ({"dense": 1.0, "csr.plain": 0.7}, {"dense": 1.1, "csr.plain": 5.0}, "csr.plain"),
+    # the unbounded one left out, ours still preferred within 3% of what remains
+    ({"dense": 1.0, "csr.plain": 1.02, "csr:torch": 0.93}, {"dense": 1.1, "csr.plain": 1.2, "csr:torch": 9.0},
+     "csr.plain"),
+])
+def test_choose_passes_over_a_close_path_with_an_unbounded_worst_case(times, worst, expected):
+    assert choose(times, worst=worst) == expected
+
+
+class _Loads:
+    """busy.Watch stand-in: each window in turn reports the next of ``loads``."""
+
+    def __init__(self, *loads):
+        self.loads, self.windows = list(loads), 0
+
+    def __call__(self):
+        outer = self
+
+        class W:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.load = outer.loads[min(outer.windows, len(outer.loads) - 1)]
+                outer.windows += 1
+        return W()
+
+
+def test_a_busy_measurement_is_retried_then_marked_reported_and_measured_again(monkeypatch, tmp_path):
+    from sparse_ops import busy
+    from sparse_ops.timing import Timing
+    loaded = busy.Load(wall_s=1.0, other_share=0.5, slow_joins=2)
+    watch = _Loads(loaded, loaded)
+    monkeypatch.setattr(busy, "Watch", watch)
+    timer = lambda fns, device: {k: Timing(0.5 if k == "csr.plain" else 1.0, 0.4, 0.6, 9) for k in fns}
+    cache = PlanCache(tmp_path / "plans.json")
+    layer = planned(unstructured((40, 72), 0.8), timer, cache)
+    with torch.inference_mode():
+        layer(torch.randn(1, 72))
+    entry = layer.planned(1)
+    assert watch.windows == 2 and entry["choice"] == "csr.plain"  # timed twice, both busy
+    assert entry["busy"] == loaded.describe()
+    report = plan_report(layer)
+    assert "csr.plain (2.00x)*" in report and "1 of 1 choices were measured while the machine was busy" in report
+    # the next process measures it again (quiet this time) instead of trusting the busy choice
+    monkeypatch.setattr(busy, "Watch", _Loads(busy.Load(1.0, 0.0, 0)))
+    again = planned(unstructured((40, 72), 0.8), timer, PlanCache(tmp_path / "plans.json"))
+    with torch.inference_mode():
+        again(torch.randn(1, 72))
+    assert "busy" not in again.planned(1) and "*" not in plan_report(again)
+
+
+def test_a_quiet_retry_replaces_the_busy_measurement(monkeypatch):
+    from sparse_ops import busy
+    watch = _Loads(busy.Load(1.0, 0.6, 0), busy.Load(1.0, 0.01, 0))
+    monkeypatch.setattr(busy, "Watch", watch)
+    layer = planned(unstructured((40, 72), 0.8), favour("dense"))
+    with torch.inference_mode():
+        layer(torch.randn(1, 72))
+    assert watch.windows == 2 and "busy" not in layer.planned(1) and layer.route(1) == "dense"

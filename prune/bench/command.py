@@ -28,8 +28,12 @@ import argparse
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prune.bench.shapes import BATCHES, SHAPE_SETS, SPARSITIES
+
+if TYPE_CHECKING:
+    from sparse_ops.busy import Load
 
 # "dense", every sparse_ops.formats.FORMATS name, and "auto" (the layer sparsify() builds by default). Written
 # out so that `prune --help` does not import torch; tests/test_bench.py checks it against the registry.
@@ -170,14 +174,19 @@ def _status(done: int, total: int, max_seconds: float | None) -> str:
     return f"stopped{why} after {done} of {total} points"
 
 
-def _drive(points: Iterator[list], files, total: int | None, desc: str, on_point: Callable[[list], None]) -> int:
-    """Consume a sweep under a progress bar, writing each row as it comes; returns the points measured."""
+def _drive(points: Iterator[list], files, total: int | None, desc: str,
+           on_point: Callable[[list], None]) -> tuple[int, Load]:
+    """Consume a sweep under a progress bar, writing each row as it comes; returns the points measured and the
+    machine's load meanwhile (``sparse_ops.busy``; written to the results' header as "load")."""
     import dataclasses
 
     from tqdm import tqdm
 
+    from sparse_ops.busy import Watch
+
     done = 0
-    with tqdm(total=total, desc=desc, unit="point", file=sys.stderr, dynamic_ncols=True, mininterval=0.5) as bar:
+    with Watch() as watch, tqdm(total=total, desc=desc, unit="point", file=sys.stderr, dynamic_ncols=True,
+                                mininterval=0.5) as bar:
         for rows in points:
             on_point(rows)
             if files is not None:
@@ -185,7 +194,14 @@ def _drive(points: Iterator[list], files, total: int | None, desc: str, on_point
                     files.add(dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r)
             done += 1
             bar.update(1)
-    return done
+    if files is not None:
+        files.header["load"] = watch.load.to_dict()
+    return done, watch.load
+
+
+def _warn_busy(load: Load) -> None:
+    if load.busy:
+        print(f"warning: {load.advice()}", file=sys.stderr)
 
 
 def _files(args: argparse.Namespace, stem: str, columns: Sequence[str], header: dict[str, object]):
@@ -267,9 +283,10 @@ def run_matmul(args: argparse.Namespace) -> int:
     rows, skipped = [], {}
     with _files(args, "matmul", MATMUL_COLUMNS, header) as files:
         points = _noting_skipped(sweep(plan, Deadline(args.max_seconds)), skipped)
-        done = _drive(points, files, plan.points, "bench matmul", rows.extend)
+        done, load = _drive(points, files, plan.points, "bench matmul", rows.extend)
         print(matmul_table(rows))
         _warn_spread([(r.p10_s, r.median_s, r.p90_s) for r in rows])
+        _warn_busy(load)
         _print_skipped(skipped)
         if files is not None:
             plot_speedup([dict(dataclasses.asdict(r), group=f"{r.shape} {r.dtype}") for r in rows],
@@ -351,10 +368,11 @@ def run_families(args: argparse.Namespace) -> int:
               "environment": env, "units": {"batch": TOKENS_HELP, **UNITS}}
     rows: list[dict[str, object]] = []
     with _files(args, "families", FAMILIES_COLUMNS, header) as files:
-        done = _drive(sweep(cfg, args.device, Deadline(args.max_seconds)), files, len(cfg.batches),
-                      "bench families", rows.extend)
+        done, load = _drive(sweep(cfg, args.device, Deadline(args.max_seconds)), files, len(cfg.batches),
+                            "bench families", rows.extend)
         print(families_table(rows))
         _warn_spread([(r["p10_ms"], r["median_ms"], r["p90_ms"]) for r in rows])
+        _warn_busy(load)
         if files is not None:
             plot(rows, env, files.path(".png"))
             files.finish(_status(done, len(cfg.batches), args.max_seconds))
@@ -430,7 +448,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
     rows: list = []
     with _files(args, "checkpoint", LAYER_COLUMNS, header) as files:
         points = _checkpoint_points(args, batches, dtype, skipped)
-        done = _drive(points, files, total * len(batches), "bench checkpoint", rows.extend)
+        done, load = _drive(points, files, total * len(batches), "bench checkpoint", rows.extend)
         if not rows:  # the headers promised linear weights that the tensors do not hold
             raise ValueError(f"{args.file} has no linear (2-D float) weights to time")
         summary = whole_model(rows, layers_total=total)
@@ -439,6 +457,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
         if summary[0]["layers"] < total:
             print(f"note: {note}")
         _warn_spread([(r.p10_s, r.median_s, r.p90_s) for r in rows])
+        _warn_busy(load)
         print(_bytes_line(summary[0]))
         print(f"not timed: {len(skipped)} tensors (not 2-D float weights, or embeddings)")
         if files is not None:

@@ -31,6 +31,7 @@ from sparse_ops.layers.head_gating import GatedMultiheadAttention
 from sparse_ops.layers.moe import MoE
 from sparse_ops.loading import sparsify
 from sparse_ops.plan import DENSE, bucket, plan_rows
+from sparse_ops.busy import Watch
 from sparse_ops.timing import time_interleaved
 
 
@@ -107,7 +108,8 @@ def measure_latency(deployed: list[Deployed], x: Tensor, batches: tuple[int, ...
     run is timed twice, as two candidates half a cycle apart: with the pruned runs' dense executions, the same
     computation timed several times, whose spread is the noise floor of every ratio (``report.findings``).
     Returns ``{run: {batch: {"deployed_ms", "p10_ms", "p90_ms"}}}``; "dense" adds "again_ms", pruning runs
-    "dense_exec_ms" and "sparse_layers" / "planned_layers" (``sparse_layers``).
+    "dense_exec_ms" and "sparse_layers" / "planned_layers" (``sparse_layers``); "busy" says what other work the
+    machine had while a batch was timed (``sparse_ops.busy``), where it had.
     """
     out: dict[str, dict[int, dict[str, float]]] = {d.name: {} for d in deployed}
     for b in batches:
@@ -118,10 +120,13 @@ def measure_latency(deployed: list[Deployed], x: Tensor, batches: tuple[int, ...
             items = list(fns.items())
             half = (len(items) + 1) // 2
             fns = dict(items[:half] + [("dense/again", fns["dense"])] + items[half:])
-        times = time_interleaved(fns, warmup=2, repeats=repeats, min_sample_s=0.01)
+        with Watch() as watch:
+            times = time_interleaved(fns, warmup=2, repeats=repeats, min_sample_s=0.01)
         for d in deployed:
             t = times[d.name]
             row = {"deployed_ms": t.median_s * 1e3, "p10_ms": t.p10_s * 1e3, "p90_ms": t.p90_s * 1e3}
+            if watch.load.busy:
+                row["busy"] = watch.load.describe()
             if d.name == "dense":
                 row["again_ms"] = times["dense/again"].median_s * 1e3
             if d.dense_exec:

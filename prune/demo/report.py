@@ -70,6 +70,11 @@ def findings(rows: list[dict]) -> list[str]:
                    "twice, each pruned run's weights run densely) spread "
                    + " / ".join(f"{100 * noise[b]:.1f}%" for b in noise) + f" at batch {'/'.join(noise)}; "
                    "a ratio that close to 1.00x is noise.")
+    busy = {b: rows[0]["latency"][b]["busy"] for b in batches if "busy" in rows[0]["latency"][b]}
+    if busy:
+        out.append("The machine was busy while batch " + "/".join(busy) + " was timed ("
+                   + next(iter(busy.values())) + "): those ratios are that moment's; rerun on an idle machine, or "
+                   "compare `torch.set_num_threads(1)`.")
     slower = [f"{r['run']} at batch {b} ({r['latency'][b]['speedup_vs_dense']:.2f}x"
               + (", within noise" if 1 - r["latency"][b]["speedup_vs_dense"] <= noise.get(b, 0.0) else "") + ")"
               for r in rows if r["run"] != "dense" for b in batches if r["latency"][b]["speedup_vs_dense"] < 1.0]
