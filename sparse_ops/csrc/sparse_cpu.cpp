@@ -1642,8 +1642,8 @@ extern "C" int attention_f32(const float* q, const float* k, const float* v, con
 extern "C" int sparse_cpu_set_backend(int backend) {
   return work_pool::Mode::get().forced.exchange(backend);
 }
-// Records an OpenMP job whose caller worked busy_ns and waited wait_ns (the rule, for tests): 1 if that was
-// slow (the following jobs go to the pool).
+// Records an OpenMP job whose caller worked busy_ns and waited wait_ns (the rule, for tests): 1 if the
+// following jobs go to the pool.
 extern "C" int sparse_cpu_joined(int64_t wait_ns, int64_t busy_ns) {
   return work_pool::Mode::get().joined(wait_ns, busy_ns);
 }

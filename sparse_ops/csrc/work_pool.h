@@ -6,8 +6,10 @@
 // our threads is often descheduled for a time slice (milliseconds) while a call takes tens of microseconds, and
 // the call then waits for the scheduler, not for work (a 4096x4096 CSR at 90% and 1 token took 8 ms instead
 // of 0.55 beside a process doing small matmuls on 2 threads, and 1.2 ms on one thread; AMD EPYC Zen 3,
-// 2 cores). So each OpenMP job times its fork and join; one whose caller waited longer than it worked (and
-// than JOIN_LIMIT_NS) sends the following jobs to the work pool for HOLD_NS, doubled while they stay slow.
+// 2 cores). So each OpenMP job times its fork and join; a job whose caller waited longer than it worked (and
+// than JOIN_LIMIT_NS) is slow, and a second slow job within RECENT_NS of one sends the following jobs to the
+// work pool for HOLD_NS, doubled while they stay slow (a quiet machine has a slow join now and then: a
+// timer interrupt, a daemon waking; a busy one has them back to back).
 //
 // The work pool never waits for a thread that has not started: the caller publishes a job, takes items
 // itself, and waits only for items another thread has claimed and not finished; a worker that wakes late
@@ -166,7 +168,7 @@ inline int64_t now_ns() {
 
 // A join slower than this (and than the caller's own work in the job) is the scheduler's, not the work's.
 constexpr int64_t JOIN_LIMIT_NS = 200'000;
-constexpr int64_t HOLD_NS = 250'000'000, MAX_HOLD_NS = 8'000'000'000;
+constexpr int64_t RECENT_NS = 100'000'000, HOLD_NS = 250'000'000, MAX_HOLD_NS = 8'000'000'000;
 
 enum Backend { AUTO = 0, OPENMP = 1, POOL = 2 };
 
@@ -175,13 +177,15 @@ struct Mode {
   std::atomic<int> forced{AUTO};               // tests and benchmarks pin a backend
   std::atomic<int64_t> pool_until{0};          // now_ns() before which AUTO uses the pool
   std::atomic<int64_t> hold{HOLD_NS};
+  std::atomic<int64_t> last_slow{-RECENT_NS};  // now_ns() of the last slow job
   std::atomic<int64_t> jobs{0}, slow_joins{0}, pool_jobs{0};
 
   bool use_pool() const {
     const int f = forced.load(std::memory_order_relaxed);
     return f == POOL || (f == AUTO && now_ns() < pool_until.load(std::memory_order_relaxed));
   }
-  // An OpenMP job's caller worked `busy` ns and waited `wait`; returns whether that was slow.
+  // An OpenMP job's caller worked `busy` ns and waited `wait`; returns whether the following jobs go to the
+  // pool.
   bool joined(int64_t wait, int64_t busy) {
     jobs.fetch_add(1, std::memory_order_relaxed);
     if (wait <= std::max(JOIN_LIMIT_NS, busy)) {
@@ -189,8 +193,10 @@ struct Mode {
       return false;
     }
     slow_joins.fetch_add(1, std::memory_order_relaxed);
+    const int64_t now = now_ns();
+    if (now - last_slow.exchange(now, std::memory_order_relaxed) > RECENT_NS) return false;  // one alone
     const int64_t h = hold.load(std::memory_order_relaxed);
-    pool_until.store(now_ns() + h, std::memory_order_relaxed);
+    pool_until.store(now + h, std::memory_order_relaxed);
     hold.store(std::min(2 * h, MAX_HOLD_NS), std::memory_order_relaxed);
     return true;
   }
