@@ -20,8 +20,8 @@ Per condition (``--loads``: number of competitors), everything timed interleaved
             after a short prompt (``benchmarks.llm_decode.Decode``)
 Each row: median and p10/p90 seconds, the ratio to dense in the same run, and ``own_quiet``: the candidate's
 quiet median over this one (1.0: unaffected). Each condition also records what ``sparse_ops.busy`` saw (other
-processes' CPU share, kernel joins that waited for a descheduled thread) and how many kernel jobs ran on the
-work pool (``native.thread_stats``).
+processes' CPU share, kernel calls that waited for a descheduled thread) and how many kernel jobs ran on
+torch's OpenMP threads, our work pool and the caller alone (``native.thread_stats``).
 
 Run: ``python -m benchmarks.contention --out benchmarks/results/contention [--threads 2] [--loads 0,1,2]
 [--sections kernels,minilm,smollm2] [--quick]``. Writes contention.csv / .json (environment: CPU, kernel ISA,
@@ -164,7 +164,7 @@ def measure(pts: list, loads: int, a: argparse.Namespace) -> tuple[list[dict], d
                 file=sys.stderr, flush=True)
     stats = native.thread_stats().since(before)
     return rows, {"loads": loads, **watch.load.to_dict(), "kernel_jobs_openmp": stats.openmp_jobs,
-                  "kernel_jobs_pool": stats.pool_jobs}
+                  "kernel_jobs_pool": stats.pool_jobs, "kernel_jobs_solo": stats.solo_jobs}
 
 
 def with_own_quiet(rows: list[dict]) -> list[dict]:

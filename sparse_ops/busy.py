@@ -5,9 +5,9 @@ Two signs, read over the window of a measurement (``Watch``):
 - **other processes' CPU time**: the machine's busy time (``/proc/stat``: user, system, irq, steal) less this
   process's own CPU time, as a share of the window's wall time times the cores. Beside one process keeping
   both cores of a 2-core machine busy it reads about 0.5; an idle machine reads a few percent.
-- **slow joins**: parallel kernel calls whose caller waited for a descheduled thread of ours
-  (``native.thread_stats``, ``csrc/work_pool.h``): the kernels then move to their work pool, and a time
-  measured meanwhile is not the quiet machine's.
+- **slow waits**: parallel kernel calls whose caller waited for a descheduled thread of ours
+  (``native.thread_stats``, ``csrc/work_pool.h``): the kernels then move to their work pool or to one thread,
+  and a time measured meanwhile is not the quiet machine's.
 
 Either above its limit marks the window busy (``Load.busy``). A plan choice measured busy is timed once more,
 kept with its mark, and measured again by the next process (``SparseLinear._plan``); the benchmarks print
@@ -18,7 +18,7 @@ Example:
     ...     _ = sum(range(1000))
     >>> w.load.other_share >= 0.0 and isinstance(w.load.busy, bool)
     True
-    >>> Load(wall_s=1.0, other_share=0.52, slow_joins=3).busy
+    >>> Load(wall_s=1.0, other_share=0.52, slow_waits=3).busy
     True
 """
 from __future__ import annotations
@@ -51,15 +51,15 @@ def _machine_busy_s() -> float | None:
 @dataclass(frozen=True)
 class Load:
     """What a window of measurement saw: its length, the share of all cores other processes used, and our
-    kernels' slow joins."""
+    kernels' slow waits."""
 
     wall_s: float
     other_share: float
-    slow_joins: int
+    slow_waits: int
 
     @property
     def busy(self) -> bool:
-        return self.slow_joins > 0 or self.other_share > OTHER_SHARE_BUSY
+        return self.slow_waits > 0 or self.other_share > OTHER_SHARE_BUSY
 
     def describe(self) -> str:
         """One line: what made the window busy (or that it was quiet).
@@ -68,8 +68,8 @@ class Load:
         'other processes used 48% of the cores; 5 kernel calls waited for a descheduled thread'
         """
         parts = [f"other processes used {self.other_share:.0%} of the cores"]
-        if self.slow_joins:
-            parts.append(f"{self.slow_joins} kernel call{'s' * (self.slow_joins > 1)} waited for a descheduled "
+        if self.slow_waits:
+            parts.append(f"{self.slow_waits} kernel call{'s' * (self.slow_waits > 1)} waited for a descheduled "
                          f"thread")
         return "; ".join(parts)
 
@@ -84,7 +84,7 @@ class Load:
 
     def to_dict(self) -> dict[str, object]:
         return {"wall_s": round(self.wall_s, 3), "other_share": round(self.other_share, 3),
-                "slow_joins": self.slow_joins, "busy": self.busy}
+                "slow_waits": self.slow_waits, "busy": self.busy}
 
 
 class Watch:
@@ -101,4 +101,4 @@ class Watch:
         share = 0.0
         if machine is not None and machine0 is not None and wall >= MIN_WINDOW_S:
             share = max(0.0, (machine - machine0 - cpu) / (wall * (os.cpu_count() or 1)))
-        self.load = Load(wall, share, native.thread_stats().since(stats0).slow_joins)
+        self.load = Load(wall, share, native.thread_stats().since(stats0).slow_waits)

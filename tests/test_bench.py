@@ -189,7 +189,7 @@ def test_matmul_rows_are_consistent(tmp_path):
 def test_matmul_says_when_the_machine_was_busy_and_suggests_one_thread(tmp_path, capsys, monkeypatch, busy):
     from sparse_ops import busy as busy_module
 
-    load = busy_module.Load(wall_s=3.0, other_share=0.55 if busy else 0.01, slow_joins=0)
+    load = busy_module.Load(wall_s=3.0, other_share=0.55 if busy else 0.01, slow_waits=0)
 
     class Watch:
         def __enter__(self):

@@ -142,7 +142,7 @@ class _Loads:
 def test_a_busy_measurement_is_retried_then_marked_reported_and_measured_again(monkeypatch, tmp_path):
     from sparse_ops import busy
     from sparse_ops.timing import Timing
-    loaded = busy.Load(wall_s=1.0, other_share=0.5, slow_joins=2)
+    loaded = busy.Load(wall_s=1.0, other_share=0.5, slow_waits=2)
     watch = _Loads(loaded, loaded)
     monkeypatch.setattr(busy, "Watch", watch)
     timer = lambda fns, device: {k: Timing(0.5 if k == "csr.plain" else 1.0, 0.4, 0.6, 9) for k in fns}

@@ -1,6 +1,7 @@
-"""The kernels' parallel loops (``csrc/work_pool.h``): both backends at 1-4 threads give the sums of one thread
+"""The kernels' parallel loops (``csrc/work_pool.h``): every backend at 1-4 threads gives the sums of one thread
 bit for bit (every item writes its own outputs, so the split never changes a reduction), one thread matches the
-fp32 reference, and the rule that moves jobs to the work pool when joins wait for a descheduled thread."""
+fp32 reference, and the rule that moves jobs a level up (OpenMP -> pool -> solo) when the caller waits for a
+descheduled thread."""
 import os
 import threading
 
@@ -93,6 +94,7 @@ CASES = {
     "causal attention": lambda: _attention(40, 72, True),
     "moe": lambda: _moe(48),
 }
+BACKENDS = ("openmp", "pool", "solo")
 
 
 def _with_threads(n, fn):
@@ -110,32 +112,34 @@ def test_every_backend_and_thread_count_gives_one_threads_sums_bit_for_bit(case)
     run, ref = CASES[case]()
     one = _with_threads(1, run)
     torch.testing.assert_close(one.float(), ref().float(), rtol=1e-4, atol=1e-4)
-    for backend in ("openmp", "pool"):
+    for backend in BACKENDS:
         with native.backend(backend):
             for threads in (2, 3, 4):
                 assert torch.equal(_with_threads(threads, run), one), (backend, threads)
 
 
-def test_the_pool_is_used_when_pinned_and_counted():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_pinned_backend_runs_the_jobs_and_counts_them(backend):
     run, _ = CASES["csr tile"]()
     before = native.thread_stats()
-    with native.backend("pool"):
+    with native.backend(backend):
         _with_threads(2, run)
-    assert native.thread_stats().since(before).pool_jobs >= 1
+    assert getattr(native.thread_stats().since(before), f"{backend}_jobs") >= 1
 
 
-def test_two_joins_that_waited_longer_than_their_callers_worked_move_jobs_to_the_pool():
+@pytest.mark.parametrize("backend,up", [(1, "pool"), (2, "solo")])
+def test_two_slow_waits_move_jobs_a_level_up(backend, up):
     import time
     lib = native.library()
-    # below the limit (200 us), or shorter than the caller's own work: a quiet machine's joins
-    assert not lib.sparse_cpu_joined(150_000, 10_000)
-    assert not lib.sparse_cpu_joined(900_000, 1_000_000)
-    time.sleep(0.11)  # no slow join in the last 100 ms
+    # below the limit (200 us), or shorter than the caller's own work: a quiet machine's waits
+    assert not lib.sparse_cpu_waited(backend, 150_000, 10_000)
+    assert not lib.sparse_cpu_waited(backend, 900_000, 1_000_000)
+    time.sleep(0.11)  # no slow wait in the last 100 ms
     before = native.thread_stats()
-    assert not lib.sparse_cpu_joined(300_000, 100_000)  # the scheduler's wait, not the work's: once is chance
-    assert lib.sparse_cpu_joined(400_000, 100_000)  # twice within 100 ms: a busy machine
+    assert not lib.sparse_cpu_waited(backend, 300_000, 100_000)  # the scheduler's wait, not the work's: once is chance
+    assert lib.sparse_cpu_waited(backend, 400_000, 100_000)  # twice within 100 ms: a busy machine
     after = native.thread_stats()
-    assert after.since(before).slow_joins == 2 and after.busy_now
+    assert after.since(before).slow_waits == 2 and after.backend in (up, "solo")
 
 
 def test_concurrent_callers_share_the_pool_or_run_alone():
@@ -168,6 +172,6 @@ def test_a_forked_child_gets_a_working_pool():
 
 
 def test_an_unknown_backend_is_refused_with_the_allowed_ones():
-    with pytest.raises(ValueError, match="'gpu'.*auto, openmp, pool"):
+    with pytest.raises(ValueError, match="'gpu'.*auto, openmp, pool, solo"):
         with native.backend("gpu"):
             pass

@@ -1636,23 +1636,25 @@ extern "C" int attention_f32(const float* q, const float* k, const float* v, con
   return run_attention(a, nthreads);
 }
 
-// Threading (work_pool.h): backend 0 auto, 1 OpenMP, 2 the work pool (tests and benchmarks pin one; the
-// previous setting is returned). stats: OpenMP jobs, of which joins were slow, pool jobs, 1 while auto uses the
-// pool.
+// Threading (work_pool.h): backend 0 auto, 1 OpenMP, 2 the work pool, 3 solo (tests and benchmarks pin one;
+// the previous setting is returned).
 extern "C" int sparse_cpu_set_backend(int backend) {
   return work_pool::Mode::get().forced.exchange(backend);
 }
-// Records an OpenMP job whose caller worked busy_ns and waited wait_ns (the rule, for tests): 1 if the
-// following jobs go to the pool.
-extern "C" int sparse_cpu_joined(int64_t wait_ns, int64_t busy_ns) {
-  return work_pool::Mode::get().joined(wait_ns, busy_ns);
-}
+// stats: jobs on OpenMP, the pool and solo; slow waits on OpenMP and on the pool; the backend auto picks now.
 extern "C" void sparse_cpu_threading(int64_t* stats) {
   work_pool::Mode& m = work_pool::Mode::get();
-  stats[0] = m.jobs.load();
-  stats[1] = m.slow_joins.load();
-  stats[2] = m.pool_jobs.load();
-  stats[3] = work_pool::now_ns() < m.pool_until.load();
+  for (int b = 0; b < 3; ++b) stats[b] = m.jobs[work_pool::OPENMP + b].load();
+  stats[3] = m.slow[work_pool::OPENMP].load();
+  stats[4] = m.slow[work_pool::POOL].load();
+  const int forced = m.forced.exchange(work_pool::AUTO);
+  stats[5] = m.backend();
+  m.forced.store(forced);
+}
+// Records a job on `backend` (1 OpenMP, 2 the pool) whose caller worked busy_ns and waited wait_ns for the other
+// threads (the rule, for tests): 1 if the following jobs go a level up.
+extern "C" int sparse_cpu_waited(int backend, int64_t wait_ns, int64_t busy_ns) {
+  return work_pool::Mode::get().waited(backend, wait_ns, busy_ns);
 }
 
 extern "C" int sparse_cpu_abi_version() { return 15; }

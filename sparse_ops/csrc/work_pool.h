@@ -1,21 +1,24 @@
 // The kernels' parallel loops: parallel_for(n, threads, f) runs f(item, thread) for every item, items handed
-// out one at a time (a running thread takes the share of one that has not started), on one of two backends.
+// out one at a time (a running thread takes the share of one that has not started), on one of three backends.
 //
-// OpenMP (torch's own thread team) while the machine is quiet. Its parallel region ends in a join that waits
+// OPENMP (torch's own thread team) while the machine is quiet. Its parallel region ends in a join that waits
 // for every thread of the team to arrive, even one with nothing left to do: beside a competing process one of
 // our threads is often descheduled for a time slice (milliseconds) while a call takes tens of microseconds, and
 // the call then waits for the scheduler, not for work (a 4096x4096 CSR at 90% and 1 token took 8 ms instead
 // of 0.55 beside a process doing small matmuls on 2 threads, and 1.2 ms on one thread; AMD EPYC Zen 3,
-// 2 cores). So each OpenMP job times its fork and join; a job whose caller waited longer than it worked (and
-// than JOIN_LIMIT_NS) is slow, and a second slow job within RECENT_NS of one sends the following jobs to the
-// work pool for HOLD_NS, doubled while they stay slow (a quiet machine has a slow join now and then: a
-// timer interrupt, a daemon waking; a busy one has them back to back).
+// 2 cores).
+// POOL, a work pool of ours that never waits for a thread that has not started: the caller publishes a job,
+// takes items itself, and waits only for items another thread has claimed and not finished; a worker that
+// wakes late finds nothing left. Not used on a quiet machine: torch's OpenMP threads spin for milliseconds
+// after each of torch's own parallel ops, on the cores our workers would need (paired runs: 15-20% slower
+// than OpenMP at 64-256 tokens there).
+// SOLO, the caller alone: a worker descheduled while it holds an item still makes the pool's caller wait, and
+// beside a process that keeps every core busy one thread has about the CPU two would share.
 //
-// The work pool never waits for a thread that has not started: the caller publishes a job, takes items
-// itself, and waits only for items another thread has claimed and not finished; a worker that wakes late
-// finds nothing left. It is not used on a quiet machine because torch's OpenMP threads spin for milliseconds
-// after each of torch's own parallel ops, on the cores our workers would need (paired runs: 15-20% slower than
-// OpenMP there, 5-7x faster beside a busy process).
+// Each job times the caller's wait for the other threads against its own work; a wait longer than both the
+// work and WAIT_LIMIT_NS is slow, and a second slow one within RECENT_NS moves the following jobs a level up
+// (OPENMP -> POOL -> SOLO) for a hold that doubles while they stay slow (a quiet machine has a slow wait now and
+// then: a timer interrupt, a daemon waking; a busy one has them back to back); when it ends they come back down.
 //
 // Results never depend on the backend or on which thread ran an item (each item writes its own outputs), so
 // they are identical at every thread count. After fork() the child starts a fresh pool.
@@ -56,6 +59,11 @@ inline uint64_t pack(uint64_t epoch, uint64_t threads, uint64_t next, uint64_t n
 inline uint64_t job_of(uint64_t v) { return v >> JOB_SHIFT; }
 inline int threads_of(uint64_t v) { return static_cast<int>(job_of(v) & 0xFF); }
 
+inline int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
 // Worker spin before sleeping, in pause instructions (~20-60 us): consecutive kernel calls of one model find
 // the workers awake; longer would take CPU time from other threads of the process between calls.
 constexpr int SPIN = 2000;
@@ -65,12 +73,14 @@ class Pool {
   typedef void (*Fn)(void* ctx, int64_t claim, int slot);
 
   // Runs fn(ctx, c, slot) for every claim c < nclaims on up to nthreads threads (the caller is slot 0, worker
-  // slots are 1 .. nthreads - 1); returns when every claim is done.
-  void run(int64_t nclaims, int nthreads, Fn fn, void* ctx) {
+  // slots are 1 .. nthreads - 1); returns when every claim is done, `free` set to when the caller found none
+  // left to claim.
+  void run(int64_t nclaims, int nthreads, Fn fn, void* ctx, int64_t& free) {
     std::unique_lock<std::mutex> one(call_, std::try_to_lock);
     nthreads = std::min(nthreads, MAX_THREADS);
     if (nthreads <= 1 || nclaims <= 1 || !one.owns_lock()) {
       for (int64_t c = 0; c < nclaims; ++c) fn(ctx, c, 0);
+      free = now_ns();
       return;
     }
     grow(nthreads - 1);
@@ -85,6 +95,7 @@ class Pool {
       wake_.notify_all();
     }
     work(job, 0);
+    free = now_ns();
     // Only claimed items remain, on threads that are running them (or were descheduled inside one).
     for (int spins = 0; done_.load(std::memory_order_acquire) < nclaims; ++spins) {
       if (spins < SPIN) cpu_relax();
@@ -161,43 +172,46 @@ class Pool {
   std::condition_variable wake_;
 };
 
-inline int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
-// A join slower than this (and than the caller's own work in the job) is the scheduler's, not the work's.
-constexpr int64_t JOIN_LIMIT_NS = 200'000;
+// A wait slower than this (and than the caller's own work in the job) is the scheduler's, not the work's.
+constexpr int64_t WAIT_LIMIT_NS = 200'000;
 constexpr int64_t RECENT_NS = 100'000'000, HOLD_NS = 250'000'000, MAX_HOLD_NS = 8'000'000'000;
 
-enum Backend { AUTO = 0, OPENMP = 1, POOL = 2 };
+// How jobs run: OPENMP, POOL, SOLO (the caller alone); AUTO picks by what the waits showed.
+enum Backend { AUTO = 0, OPENMP = 1, POOL = 2, SOLO = 3 };
 
-// Process-wide: which backend runs the next job, and what the joins showed (sparse_cpu_threading reports it).
+// Process-wide: which backend runs the next job, and what the waits showed (sparse_cpu_threading reports it).
+// Levels OPENMP < POOL < SOLO: two slow waits within RECENT_NS at a level send jobs one level up for a hold
+// (HOLD_NS, doubled while they stay slow, up to MAX_HOLD_NS); when it ends, jobs drop back a level.
 struct Mode {
-  std::atomic<int> forced{AUTO};               // tests and benchmarks pin a backend
-  std::atomic<int64_t> pool_until{0};          // now_ns() before which AUTO uses the pool
-  std::atomic<int64_t> hold{HOLD_NS};
-  std::atomic<int64_t> last_slow{-RECENT_NS};  // now_ns() of the last slow job
-  std::atomic<int64_t> jobs{0}, slow_joins{0}, pool_jobs{0};
+  std::atomic<int> forced{AUTO};  // tests and benchmarks pin a backend
+  struct Level {
+    std::atomic<int64_t> until{0};            // now_ns() before which AUTO runs jobs above this level
+    std::atomic<int64_t> hold{HOLD_NS};
+    std::atomic<int64_t> last_slow{-RECENT_NS};  // now_ns() of the last slow wait at this level
+  } levels[2];                                // OPENMP's (jobs go to the pool), POOL's (jobs run solo)
+  std::atomic<int64_t> jobs[4] = {}, slow[3] = {};  // jobs per backend; slow waits per level
 
-  bool use_pool() const {
+  int backend() const {
     const int f = forced.load(std::memory_order_relaxed);
-    return f == POOL || (f == AUTO && now_ns() < pool_until.load(std::memory_order_relaxed));
+    if (f != AUTO) return f;
+    const int64_t now = now_ns();
+    return now < levels[1].until.load(std::memory_order_relaxed) ? SOLO
+           : now < levels[0].until.load(std::memory_order_relaxed) ? POOL : OPENMP;
   }
-  // An OpenMP job's caller worked `busy` ns and waited `wait`; returns whether the following jobs go to the
-  // pool.
-  bool joined(int64_t wait, int64_t busy) {
-    jobs.fetch_add(1, std::memory_order_relaxed);
-    if (wait <= std::max(JOIN_LIMIT_NS, busy)) {
-      if (now_ns() >= pool_until.load(std::memory_order_relaxed)) hold.store(HOLD_NS, std::memory_order_relaxed);
+  // A job at `backend` (OPENMP or POOL) whose caller worked `busy` ns and waited `wait` ns for the other
+  // threads; returns whether the following jobs go a level up.
+  bool waited(int backend, int64_t wait, int64_t busy) {
+    Level& level = levels[backend - OPENMP];
+    const int64_t now = now_ns();
+    if (wait <= std::max(WAIT_LIMIT_NS, busy)) {
+      if (now >= level.until.load(std::memory_order_relaxed)) level.hold.store(HOLD_NS, std::memory_order_relaxed);
       return false;
     }
-    slow_joins.fetch_add(1, std::memory_order_relaxed);
-    const int64_t now = now_ns();
-    if (now - last_slow.exchange(now, std::memory_order_relaxed) > RECENT_NS) return false;  // one alone
-    const int64_t h = hold.load(std::memory_order_relaxed);
-    pool_until.store(now + h, std::memory_order_relaxed);
-    hold.store(std::min(2 * h, MAX_HOLD_NS), std::memory_order_relaxed);
+    slow[backend].fetch_add(1, std::memory_order_relaxed);
+    if (now - level.last_slow.exchange(now, std::memory_order_relaxed) > RECENT_NS) return false;  // one alone
+    const int64_t h = level.hold.load(std::memory_order_relaxed);
+    level.until.store(now + h, std::memory_order_relaxed);
+    level.hold.store(std::min(2 * h, MAX_HOLD_NS), std::memory_order_relaxed);
     return true;
   }
   static Mode& get() {
@@ -216,29 +230,29 @@ void parallel_for(int64_t n, int nthreads, F&& f, int64_t chunk = 1) {
   const auto claim = [&](int64_t c, int thread) {
     for (int64_t i = c * chunk, e = std::min(n, i + chunk); i < e; ++i) f(i, thread);
   };
-  if (nthreads <= 1 || claims <= 1) {
+  Mode& mode = Mode::get();
+  const int backend = nthreads <= 1 || claims <= 1 ? SOLO : mode.backend();
+  if (nthreads > 1 && claims > 1) mode.jobs[backend].fetch_add(1, std::memory_order_relaxed);
+  if (backend == SOLO) {
     for (int64_t c = 0; c < claims; ++c) claim(c, 0);
     return;
   }
-  Mode& mode = Mode::get();
-  if (mode.use_pool()) {
-    mode.pool_jobs.fetch_add(1, std::memory_order_relaxed);
-    const Pool::Fn call = [](void* p, int64_t c, int thread) { (*static_cast<decltype(claim)*>(p))(c, thread); };
-    Pool::get().run(claims, nthreads, call, const_cast<void*>(static_cast<const void*>(&claim)));
-    return;
-  }
-  std::atomic<int64_t> next{0};
   const int64_t start = now_ns();
-  int64_t begun = 0, free = 0;  // when the caller entered the region (libgomp's fork can wait for a thread
-                                // still leaving the previous region) and when it found no claim left
+  int64_t begun = start, free = 0;  // when the caller started on the claims and when it found none left
+  if (backend == POOL) {
+    const Pool::Fn call = [](void* p, int64_t c, int thread) { (*static_cast<decltype(claim)*>(p))(c, thread); };
+    Pool::get().run(claims, nthreads, call, const_cast<void*>(static_cast<const void*>(&claim)), free);
+  } else {
+    std::atomic<int64_t> next{0};
 #pragma omp parallel num_threads(nthreads)
-  {
-    const int thread = omp_get_thread_num();
-    if (thread == 0) begun = now_ns();
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < claims;) claim(c, thread);
-    if (thread == 0) free = now_ns();
+    {
+      const int thread = omp_get_thread_num();
+      if (thread == 0) begun = now_ns();  // libgomp's fork can wait for a thread still leaving the last region
+      for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < claims;) claim(c, thread);
+      if (thread == 0) free = now_ns();
+    }
   }
-  mode.joined(begun - start + now_ns() - free, free - begun);
+  mode.waited(backend, begun - start + now_ns() - free, free - begun);
 }
 
 }  // namespace work_pool

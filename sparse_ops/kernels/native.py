@@ -157,7 +157,7 @@ def open_library(path: str | os.PathLike, strict: bool = True) -> ctypes.CDLL:
     if strict or hasattr(lib, "sparse_cpu_threading"):
         lib.sparse_cpu_set_backend.argtypes, lib.sparse_cpu_set_backend.restype = (ctypes.c_int,), ctypes.c_int
         lib.sparse_cpu_threading.argtypes, lib.sparse_cpu_threading.restype = (_P,), None
-        lib.sparse_cpu_joined.argtypes, lib.sparse_cpu_joined.restype = (_I64, _I64), ctypes.c_int
+        lib.sparse_cpu_waited.argtypes, lib.sparse_cpu_waited.restype = (_INT, _I64, _I64), ctypes.c_int
     return lib
 
 
@@ -327,47 +327,56 @@ def num_threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-BACKENDS = {"auto": 0, "openmp": 1, "pool": 2}  # csrc/work_pool.h's Backend
+BACKENDS = {"auto": 0, "openmp": 1, "pool": 2, "solo": 3}  # csrc/work_pool.h's Backend
 
 
 @dataclass(frozen=True)
 class ThreadStats:
-    """What the kernels' parallel loops saw in this process (``csrc/work_pool.h``): OpenMP jobs, how many of
-    their joins waited for a descheduled thread (a competing process), jobs run on the work pool instead, and
-    whether the pool is in use now."""
+    """What the kernels' parallel loops did in this process (``csrc/work_pool.h``): jobs on torch's OpenMP
+    threads, on our work pool and on the caller alone; waits for a descheduled thread (a competing process) on
+    OpenMP and on the pool; the backend ``"auto"`` picks now."""
 
     openmp_jobs: int
-    slow_joins: int
     pool_jobs: int
-    busy_now: bool
+    solo_jobs: int
+    slow_openmp: int
+    slow_pool: int
+    backend: str
+
+    @property
+    def slow_waits(self) -> int:
+        return self.slow_openmp + self.slow_pool
 
     def since(self, before: ThreadStats) -> ThreadStats:
         """The counts between ``before`` and this reading.
 
-        >>> ThreadStats(10, 3, 5, True).since(ThreadStats(4, 1, 0, False))
-        ThreadStats(openmp_jobs=6, slow_joins=2, pool_jobs=5, busy_now=True)
+        >>> ThreadStats(10, 5, 0, 3, 0, "pool").since(ThreadStats(4, 0, 0, 1, 0, "openmp"))
+        ThreadStats(openmp_jobs=6, pool_jobs=5, solo_jobs=0, slow_openmp=2, slow_pool=0, backend='pool')
         """
-        return ThreadStats(self.openmp_jobs - before.openmp_jobs, self.slow_joins - before.slow_joins,
-                           self.pool_jobs - before.pool_jobs, self.busy_now)
+        return ThreadStats(self.openmp_jobs - before.openmp_jobs, self.pool_jobs - before.pool_jobs,
+                           self.solo_jobs - before.solo_jobs, self.slow_openmp - before.slow_openmp,
+                           self.slow_pool - before.slow_pool, self.backend)
 
 
 def thread_stats() -> ThreadStats:
     """The counts so far (all zero without the native kernels).
 
-    >>> thread_stats().slow_joins >= 0
+    >>> thread_stats().slow_waits >= 0
     True
     """
     lib = library()
     if lib is None:
-        return ThreadStats(0, 0, 0, False)
-    stats = (ctypes.c_int64 * 4)()
+        return ThreadStats(0, 0, 0, 0, 0, "openmp")
+    stats = (ctypes.c_int64 * 6)()
     lib.sparse_cpu_threading(stats)
-    return ThreadStats(stats[0], stats[1], stats[2], bool(stats[3]))
+    names = {v: k for k, v in BACKENDS.items()}
+    return ThreadStats(*(int(v) for v in stats[:5]), names[int(stats[5])])
 
 
 @contextlib.contextmanager
 def backend(name: str) -> Iterator[None]:
-    """Pin the parallel loops' backend ("auto", "openmp" or "pool") inside the block (tests, benchmarks).
+    """Pin the parallel loops' backend ("auto", "openmp", "pool" or "solo") inside the block (tests,
+    benchmarks).
 
     >>> with backend("pool"):
     ...     pass
