@@ -65,7 +65,7 @@ class Competitors:
         self.count, self.size = count, size
         self.procs: list[subprocess.Popen] = []
 
-    def __enter__(self) -> Competitors:
+    def __enter__(self) -> Competitors:  # noqa: PYI034 (Self needs 3.11)
         for _ in range(self.count):
             proc = subprocess.Popen([sys.executable, "-c", COMPETITOR.format(n=self.size)], stdout=subprocess.PIPE,
                                     text=True)

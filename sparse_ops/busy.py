@@ -97,7 +97,7 @@ class Load:
 class Watch:
     """A context manager measuring the ``Load`` of its block (``.load`` after it exits)."""
 
-    def __enter__(self) -> Watch:
+    def __enter__(self) -> Watch:  # noqa: PYI034 (Self needs 3.11)
         self._start = (time.perf_counter(), time.process_time(), _machine_busy_s(), native.thread_stats())
         return self
 

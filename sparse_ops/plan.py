@@ -75,7 +75,8 @@ def bucket(n: int) -> int:
     return BUCKETS[-1]
 
 
-def choose(times: dict[str, float], prefer_within: float = PREFER_WITHIN, worst: dict[str, float] | None = None) -> str:
+def choose(times: dict[str, float], prefer_within: float = PREFER_WITHIN,
+           worst: dict[str, float] | None = None) -> str:
     """The fastest path by median seconds ``times``, except that our kernel (the first of its variants listed)
     is taken when it is within ``prefer_within`` of the fastest; with ``worst`` (each path's 90th percentile),
     paths close to the fastest whose worst case is unbounded (``CLOSE``, ``WORST_WITHIN``) are left out first.

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from benchmarks import contention  # noqa: E402
+from benchmarks import contention
 
 
 def test_quick_run_writes_every_kernel_with_its_ratio_to_dense(tmp_path):

@@ -172,6 +172,5 @@ def test_a_forked_child_gets_a_working_pool():
 
 
 def test_an_unknown_backend_is_refused_with_the_allowed_ones():
-    with pytest.raises(ValueError, match="'gpu'.*auto, openmp, pool, solo"):
-        with native.backend("gpu"):
-            pass
+    with pytest.raises(ValueError, match="'gpu'.*auto, openmp, pool, solo"), native.backend("gpu"):
+        pass

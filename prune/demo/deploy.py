@@ -26,12 +26,12 @@ from torch import Tensor, nn
 
 from prune.demo.model import ROWS, DigitsTransformer
 from prune.demo.runs import Trained
+from sparse_ops.busy import Watch
 from sparse_ops.checkpoint import convert_checkpoint
 from sparse_ops.layers.head_gating import GatedMultiheadAttention
 from sparse_ops.layers.moe import MoE
 from sparse_ops.loading import sparsify
 from sparse_ops.plan import DENSE, bucket, plan_rows
-from sparse_ops.busy import Watch
 from sparse_ops.timing import time_interleaved
 
 
