@@ -18,7 +18,10 @@
 // Each job times the caller's wait for the other threads against its own work; a wait longer than both the
 // work and WAIT_LIMIT_NS is slow, and a second slow one within RECENT_NS moves the following jobs a level up
 // (OPENMP -> POOL -> SOLO) for a hold that doubles while they stay slow (a quiet machine has a slow wait now and
-// then: a timer interrupt, a daemon waking; a busy one has them back to back); when it ends they come back down.
+// then: a timer interrupt, a daemon waking; a busy one has them back to back). Off OpenMP, what other processes
+// do with the cores is read from /proc/stat every 100 ms (Mode::sample): jobs run SOLO while they keep all but
+// one core busy, and return to OpenMP only once they leave the cores quiet (by the clock where /proc/stat
+// cannot be read), so a busy machine is not probed with OpenMP jobs that wait for the scheduler.
 //
 // Results never depend on the backend or on which thread ran an item (each item writes its own outputs), so
 // they are identical at every thread count. After fork() the child starts a fresh pool.
@@ -218,29 +221,41 @@ struct Mode {
     if (f != AUTO) return f;
     const int64_t now = now_ns();
     if (now < levels[1].until.load(std::memory_order_relaxed)) return SOLO;
-    if (now >= levels[0].until.load(std::memory_order_relaxed)) return OPENMP;
-    return others_leave_one_core(now) ? SOLO : POOL;
+    const int64_t pool_until = levels[0].until.load(std::memory_order_relaxed);
+    if (pool_until == 0) return OPENMP;  // never contended
+    const int others = sample(now);
+    if (now >= pool_until) {
+      if (others != BUSY) return OPENMP;  // quiet again (or /proc/stat unreadable: back by the clock)
+      levels[0].until.store(now + HOLD_NS, std::memory_order_relaxed);  // still busy: stay off OpenMP
+    }
+    return others == CROWDED ? SOLO : POOL;
   }
 
-  // Whether other processes keep all but at most one core busy (read from /proc/stat at most every
-  // SAMPLE_NS, in the pool level only): then our threads can have one core between them, which one thread
-  // has without waiting for another (beside a process keeping both cores of the 2-core EPYC busy, one thread
-  // ran 1.3-1.8x faster than two on the pool at 1-64 tokens). False where /proc/stat cannot be read.
-  bool others_leave_one_core(int64_t now) {
+  // What other processes did with the cores over the last SAMPLE_NS (from /proc/stat; read at most that
+  // often, and only once jobs have left OpenMP): QUIET (under a quarter of a core), CROWDED (all but at most
+  // one core busy: our threads can have one core between them, which one thread has without waiting for
+  // another; beside a process keeping both cores of the 2-core EPYC busy, one thread ran 1.3-1.8x faster than
+  // two on the pool at 1-64 tokens), BUSY between, UNKNOWN where /proc/stat cannot be read.
+  enum Others { UNKNOWN = 0, QUIET = 1, BUSY = 2, CROWDED = 3 };
+  int sample(int64_t now) {
     constexpr int64_t SAMPLE_NS = 100'000'000;
     int64_t last = sampled.load(std::memory_order_relaxed);
     if (now - last >= SAMPLE_NS && sampled.compare_exchange_strong(last, now, std::memory_order_relaxed)) {
       const int64_t machine = machine_busy_ns(), mine = process_cpu_ns();
       const int64_t m0 = machine_at.exchange(machine), p0 = process_at.exchange(mine);
       const long cores = sysconf(_SC_NPROCESSORS_ONLN);
-      const bool crowded = machine >= 0 && m0 >= 0 && now - last < 4 * SAMPLE_NS && cores > 1 &&
-                           static_cast<double>(machine - m0 - (mine - p0)) >= 0.9 * (cores - 1) * (now - last);
-      crowded_now.store(crowded, std::memory_order_relaxed);
+      int seen = UNKNOWN;
+      if (machine >= 0 && m0 >= 0 && now - last < 4 * SAMPLE_NS) {
+        const double other = static_cast<double>(machine - m0 - (mine - p0)) / static_cast<double>(now - last);
+        seen = other < 0.25 ? QUIET : cores > 1 && other >= 0.9 * static_cast<double>(cores - 1) ? CROWDED : BUSY;
+      }
+      others_now.store(seen, std::memory_order_relaxed);
     }
-    return crowded_now.load(std::memory_order_relaxed);
+    return others_now.load(std::memory_order_relaxed);
   }
   std::atomic<int64_t> sampled{0}, machine_at{-1}, process_at{0};
-  std::atomic<bool> crowded_now{false};
+  std::atomic<int> others_now{UNKNOWN};
+
   // A job at `backend` (OPENMP or POOL) whose caller worked `busy` ns and waited `wait` ns for the other
   // threads; returns whether the following jobs go a level up.
   bool waited(int backend, int64_t wait, int64_t busy) {
