@@ -245,7 +245,7 @@ struct Mode {
       const int64_t m0 = machine_at.exchange(machine), p0 = process_at.exchange(mine);
       const long cores = sysconf(_SC_NPROCESSORS_ONLN);
       int seen = UNKNOWN;
-      if (machine >= 0 && m0 >= 0 && now - last < 4 * SAMPLE_NS) {
+      if (machine >= 0 && m0 >= 0) {  // the mean since the last reading, however long ago
         const double other = static_cast<double>(machine - m0 - (mine - p0)) / static_cast<double>(now - last);
         seen = other < 0.25 ? QUIET : cores > 1 && other >= 0.9 * static_cast<double>(cores - 1) ? CROWDED : BUSY;
       }
