@@ -225,7 +225,7 @@ struct Mode {
     if (pool_until == 0) return OPENMP;  // never contended
     const int others = sample(now);
     if (now >= pool_until) {
-      if (others != BUSY) return OPENMP;  // quiet again (or /proc/stat unreadable: back by the clock)
+      if (others == QUIET || others == UNKNOWN) return OPENMP;  // quiet again (unreadable: back by the clock)
       levels[0].until.store(now + HOLD_NS, std::memory_order_relaxed);  // still busy: stay off OpenMP
     }
     return others == CROWDED ? SOLO : POOL;
