@@ -10,8 +10,8 @@
 // POOL, a work pool of ours that never waits for a thread that has not started: the caller publishes a job,
 // takes items itself, and waits only for items another thread has claimed and not finished; a worker that
 // wakes late finds nothing left. Not used on a quiet machine: torch's OpenMP threads spin for milliseconds
-// after each of torch's own parallel ops, on the cores our workers would need (paired runs: 15-20% slower
-// than OpenMP at 64-256 tokens there).
+// after each of torch's own parallel ops, on the cores our workers would need (the pool alone was slower than
+// OpenMP there: benchmarks/results/contention/quiet_ab.txt).
 // SOLO, the caller alone: a worker descheduled while it holds an item still makes the pool's caller wait, and
 // beside a process that keeps every core busy one thread has about the CPU two would share.
 //
@@ -234,8 +234,8 @@ struct Mode {
   // What other processes did with the cores over the last SAMPLE_NS (from /proc/stat; read at most that
   // often, and only once jobs have left OpenMP): QUIET (under a quarter of a core), CROWDED (all but at most
   // one core busy: our threads can have one core between them, which one thread has without waiting for
-  // another; beside a process keeping both cores of the 2-core EPYC busy, one thread ran 1.3-1.8x faster than
-  // two on the pool at 1-64 tokens), BUSY between, UNKNOWN where /proc/stat cannot be read.
+  // another; ours_1t against ours in benchmarks/contention.py), BUSY between, UNKNOWN where /proc/stat cannot
+  // be read.
   enum Others { UNKNOWN = 0, QUIET = 1, BUSY = 2, CROWDED = 3 };
   int sample(int64_t now) {
     constexpr int64_t SAMPLE_NS = 100'000'000;
