@@ -128,17 +128,17 @@ class Pool {
     }
   }
 
-  static Pool& get() {
-    static Pool* pool = make();
-    return *pool;
+  static Pool& get() {  // the process's pool: after fork(), the child's own
+    static const bool made = [] {
+      current() = new Pool();
+      pthread_atfork(nullptr, nullptr, [] { current() = new Pool(); });  // the parent's pool is leaked in the child
+      return true;
+    }();
+    (void)made;
+    return *current();
   }
 
  private:
-  static Pool* make() {
-    pthread_atfork(nullptr, nullptr, [] { current() = new Pool(); });  // the parent's pool is leaked in the child
-    current() = new Pool();
-    return current();
-  }
   static Pool*& current() {
     static Pool* p = nullptr;
     return p;
