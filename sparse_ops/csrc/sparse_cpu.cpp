@@ -13,9 +13,10 @@
 // above.
 //
 // Plan: rows are split into blocks handed out to threads one at a time by work_pool.h (a thread that starts
-// late finds its share taken, not waiting for it; the caller's thread count is never exceeded). A row's products over a tile of tokens live in registers
-// (acc[S][NV] vectors of W floats); S > 1 splits a row's nonzeros over independent accumulators so short
-// tiles are not bound by the FMA latency. The weight is read once per tile of tokens.
+// late finds its share taken, not waiting for it; the caller's thread count is never exceeded). A row's
+// products over a tile of tokens live in registers (acc[S][NV] vectors of W floats); S > 1 splits a row's
+// nonzeros over independent accumulators so short tiles are not bound by the FMA latency. The weight is read
+// once per tile of tokens.
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -846,7 +847,8 @@ int run_blocks(Body body, int64_t out, int64_t in, const float* x, int64_t n, in
 // (act(x W_gate^T + b_gate) * (x W_in^T + b_in)) W_out^T + b_out. Made for small batches (a few tokens per
 // expert, where the layer is bound by reading the experts' weights): each expert's tokens are packed once into
 // (D, ld) and its weight rows read once per token tile, by the same register-blocked loops as the CSR kernels
-// with every column present. Three phases over all experts at once (pack, hidden, output), each complete before the next.
+// with every column present. Three phases over all experts at once (pack, hidden, output), each complete
+// before the next.
 
 // Sums of dense rows [r0, r1) of w (rows, in) over one token tile into buf (rows - r0, T) (see csr_rows_tile).
 template <typename V, int W, int NV, int S>
@@ -1165,55 +1167,53 @@ int run_experts(const float* w_in, const float* b_in, const float* w_gate, const
     const int64_t c0 = item % cblocks * 16;
     if (slot.m > DOT_TOKENS) pack_block(xs + slot.start * D, slot.m, D, slot.ld, 0, c0, std::min(D, c0 + 16), slot.xt);
   });
-  {
-    parallel_for(hid.back(), nthreads, [&](int64_t item, int) {  // hidden: ht[r, j] = act(...) for the tile's tokens
-      alignas(64) float buf[MAX_ROWS * TILE_STRIDE];
-      alignas(64) float gbuf[MAX_ROWS * TILE_STRIDE];
-      int64_t i, rb, t;
-      locate(hid, item, i, rb, t);
-      const ExpertSlot& slot = slots[i];
-      const int64_t r0 = rb * ROWS_PER_BLOCK, r1 = std::min(H, r0 + ROWS_PER_BLOCK), t0 = t * slot.tile;
-      const int64_t n = slot.m, tw = std::min(slot.tile, slot.ld - t0);
-      const float* bi = b_in ? b_in + slot.e * H : nullptr;
-      const bool dot = n <= DOT_TOKENS;
-      const float* xrows = xs + slot.start * D;
-      const auto sums = [&](const float* w, float* dst) {  // (r1 - r0, tw) sums of the expert's rows of w
-        if (dot) dense_dot_rows(w + slot.e * H * D, D, r0, r1, xrows, n, dst);
-        else dispatch_tile(DenseBody{w + slot.e * H * D, D, nullptr, nullptr, 0, 0, slot.xt, slot.ld}, r0, r1, n,
-                           t0, slot.tile, dst);
-      };
-      sums(w_in, buf);
-      epilogue(buf, TILE_STRIDE, r1 - r0, tw, bi ? bi + r0 : nullptr, w_gate ? ACT_NONE : act);
-      if (w_gate) {
-        const float* bg = b_gate ? b_gate + slot.e * H : nullptr;
-        sums(w_gate, gbuf);
-        epilogue(gbuf, TILE_STRIDE, r1 - r0, tw, bg ? bg + r0 : nullptr, act);
-        for (int64_t r = 0; r < r1 - r0; ++r)
+  parallel_for(hid.back(), nthreads, [&](int64_t item, int) {  // hidden: ht[r, j] = act(...) for the tile's tokens
+    alignas(64) float buf[MAX_ROWS * TILE_STRIDE];
+    alignas(64) float gbuf[MAX_ROWS * TILE_STRIDE];
+    int64_t i, rb, t;
+    locate(hid, item, i, rb, t);
+    const ExpertSlot& slot = slots[i];
+    const int64_t r0 = rb * ROWS_PER_BLOCK, r1 = std::min(H, r0 + ROWS_PER_BLOCK), t0 = t * slot.tile;
+    const int64_t n = slot.m, tw = std::min(slot.tile, slot.ld - t0);
+    const float* bi = b_in ? b_in + slot.e * H : nullptr;
+    const bool dot = n <= DOT_TOKENS;
+    const float* xrows = xs + slot.start * D;
+    const auto sums = [&](const float* w, float* dst) {  // (r1 - r0, tw) sums of the expert's rows of w
+      if (dot) dense_dot_rows(w + slot.e * H * D, D, r0, r1, xrows, n, dst);
+      else dispatch_tile(DenseBody{w + slot.e * H * D, D, nullptr, nullptr, 0, 0, slot.xt, slot.ld}, r0, r1, n,
+                         t0, slot.tile, dst);
+    };
+    sums(w_in, buf);
+    epilogue(buf, TILE_STRIDE, r1 - r0, tw, bi ? bi + r0 : nullptr, w_gate ? ACT_NONE : act);
+    if (w_gate) {
+      const float* bg = b_gate ? b_gate + slot.e * H : nullptr;
+      sums(w_gate, gbuf);
+      epilogue(gbuf, TILE_STRIDE, r1 - r0, tw, bg ? bg + r0 : nullptr, act);
+      for (int64_t r = 0; r < r1 - r0; ++r)
 #pragma omp simd
-          for (int64_t j = 0; j < tw; ++j) buf[r * TILE_STRIDE + j] *= gbuf[r * TILE_STRIDE + j];
-      }
-      if (dot) {  // hidden (m, H) row-major, the output phase's dot products read its rows
-        for (int64_t r = r0; r < r1; ++r)
-          for (int64_t j = 0; j < n; ++j) slot.ht[j * H + r] = buf[(r - r0) * TILE_STRIDE + j];
-      } else {
-        for (int64_t r = r0; r < r1; ++r)  // padding tokens hold act(bias): the output phase never reads past m
-          std::memcpy(slot.ht + r * slot.ld + t0, buf + (r - r0) * TILE_STRIDE, tw * sizeof(float));
-      }
-    });  // every hidden tile is complete
-    parallel_for(outs.back(), nthreads, [&](int64_t item, int) {  // output: ys rows of the expert's tokens
-      alignas(64) float buf[MAX_ROWS * TILE_STRIDE];
-      int64_t i, rb, t;
-      locate(outs, item, i, rb, t);
-      const ExpertSlot& slot = slots[i];
-      const int64_t r0 = rb * ROWS_PER_BLOCK, r1 = std::min(D, r0 + ROWS_PER_BLOCK), t0 = t * slot.tile;
-      const DenseBody down{w_out + slot.e * D * H, H, b_out ? b_out + slot.e * D : nullptr, ys + slot.start * D, D,
-                           ACT_NONE, slot.ht, slot.ld};
-      if (slot.m <= DOT_TOKENS) dense_dot_rows(down.w, H, r0, r1, slot.ht, slot.m, buf);
-      else dispatch_tile(down, r0, r1, slot.m, t0, slot.tile, buf);
-      flush_rows(buf, TILE_STRIDE, r0, r1 - r0, t0, std::min(slot.tile, slot.m - t0), down.bias, ACT_NONE, down.y,
-                 down.out);
-    });
-  }
+        for (int64_t j = 0; j < tw; ++j) buf[r * TILE_STRIDE + j] *= gbuf[r * TILE_STRIDE + j];
+    }
+    if (dot) {  // hidden (m, H) row-major, the output phase's dot products read its rows
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t j = 0; j < n; ++j) slot.ht[j * H + r] = buf[(r - r0) * TILE_STRIDE + j];
+    } else {
+      for (int64_t r = r0; r < r1; ++r)  // padding tokens hold act(bias): the output phase never reads past m
+        std::memcpy(slot.ht + r * slot.ld + t0, buf + (r - r0) * TILE_STRIDE, tw * sizeof(float));
+    }
+  });  // every hidden tile is complete
+  parallel_for(outs.back(), nthreads, [&](int64_t item, int) {  // output: ys rows of the expert's tokens
+    alignas(64) float buf[MAX_ROWS * TILE_STRIDE];
+    int64_t i, rb, t;
+    locate(outs, item, i, rb, t);
+    const ExpertSlot& slot = slots[i];
+    const int64_t r0 = rb * ROWS_PER_BLOCK, r1 = std::min(D, r0 + ROWS_PER_BLOCK), t0 = t * slot.tile;
+    const DenseBody down{w_out + slot.e * D * H, H, b_out ? b_out + slot.e * D : nullptr, ys + slot.start * D, D,
+                         ACT_NONE, slot.ht, slot.ld};
+    if (slot.m <= DOT_TOKENS) dense_dot_rows(down.w, H, r0, r1, slot.ht, slot.m, buf);
+    else dispatch_tile(down, r0, r1, slot.m, t0, slot.tile, buf);
+    flush_rows(buf, TILE_STRIDE, r0, r1 - r0, t0, std::min(slot.tile, slot.m - t0), down.bias, ACT_NONE, down.y,
+               down.out);
+  });
   return ENTRY_OK;
 }
 
@@ -1453,71 +1453,69 @@ int run_attention(const AttnArgs& a, int nthreads) {
   // starts late finds its runs taken by the others.
   const int64_t items = a.B * a.H * qblocks;
   std::vector<int64_t> loaded(nthreads, -1);  // which (batch, key head) each thread's ktb holds
-  {
-    parallel_for(items, nthreads, [&](int64_t item, int thread) {
-      float* ktb = work + thread * per_thread;  // (D, ld): the current key head transposed
-      float* s = ktb + D * ld;                  // (QB, ld): the item's scores, then weights
-      float* qt = s + ATTN_QB * ld;             // (D, QB): the item's queries transposed
-      float* vp = qt + D * ATTN_QB;             // (L, D): the current value head, packed
-      const int64_t b = item / (a.H * qblocks), h = item / qblocks % a.H, i0 = item % qblocks * ATTN_QB;
-      const int64_t nq = std::min<int64_t>(ATTN_QB, a.S - i0), hk = h / group;
-      if (loaded[thread] != b * a.Hk + hk) {
-        transpose_rows(a.k + b * a.ks[0] + hk * a.ks[1], a.ks[2], a.L, Lp, D, ktb, ld);
-        const float* v = a.v + b * a.vs[0] + hk * a.vs[1];
-        for (int64_t j = 0; j < a.L; ++j) std::memcpy(vp + j * D, v + j * a.vs[2], D * sizeof(float));
-        loaded[thread] = b * a.Hk + hk;
+  parallel_for(items, nthreads, [&](int64_t item, int thread) {
+    float* ktb = work + thread * per_thread;  // (D, ld): the current key head transposed
+    float* s = ktb + D * ld;                  // (QB, ld): the item's scores, then weights
+    float* qt = s + ATTN_QB * ld;             // (D, QB): the item's queries transposed
+    float* vp = qt + D * ATTN_QB;             // (L, D): the current value head, packed
+    const int64_t b = item / (a.H * qblocks), h = item / qblocks % a.H, i0 = item % qblocks * ATTN_QB;
+    const int64_t nq = std::min<int64_t>(ATTN_QB, a.S - i0), hk = h / group;
+    if (loaded[thread] != b * a.Hk + hk) {
+      transpose_rows(a.k + b * a.ks[0] + hk * a.ks[1], a.ks[2], a.L, Lp, D, ktb, ld);
+      const float* v = a.v + b * a.vs[0] + hk * a.vs[1];
+      for (int64_t j = 0; j < a.L; ++j) std::memcpy(vp + j * D, v + j * a.vs[2], D * sizeof(float));
+      loaded[thread] = b * a.Hk + hk;
+    }
+    const float* qb = a.q + b * a.qs[0] + h * a.qs[1];
+    transpose_rows(qb + i0 * a.qs[2], a.qs[2], nq, ATTN_QB, D, qt, ATTN_QB);
+    // causal: the block's last query sees keys < kv_end; the strips beyond are never computed
+    const int64_t kv_end = a.causal ? std::min(a.L, std::max<int64_t>(0, i0 + nq + a.L - a.S)) : a.L;
+    const int64_t strips_end = (kv_end + VW - 1) / VW * VW;
+    int64_t j = 0;
+    for (; j + 2 * VW <= strips_end; j += 2 * VW)  // a strip of keys stays in L1 for every row block
+      attn_score_rows<2>(qt, ktb, ld, D, a.scale, j, nq, s);
+    if (j < strips_end) attn_score_rows<1>(qt, ktb, ld, D, a.scale, j, nq, s);
+    float inv[ATTN_QB];
+    for (int64_t r = 0; r < nq; ++r) {  // scale, mask, softmax
+      float* row = s + r * ld;
+      const int64_t i = i0 + r;
+      const int64_t seen = a.causal ? std::min(a.L, std::max<int64_t>(0, i + a.L - a.S + 1)) : a.L;
+      const int64_t mo = b * a.ms[0] + h * a.ms[1] + i * a.ms[2];
+      if (a.mask_kind == MASK_ADDITIVE) {
+        const float* m = static_cast<const float*>(a.mask) + mo;
+#pragma omp simd
+        for (int64_t j = 0; j < seen; ++j) row[j] += m[j];
+      } else if (a.mask_kind == MASK_KEEP) {
+        const uint8_t* m = static_cast<const uint8_t*>(a.mask) + mo;
+#pragma omp simd
+        for (int64_t j = 0; j < seen; ++j) row[j] = m[j] ? row[j] : -INFINITY;
       }
-      const float* qb = a.q + b * a.qs[0] + h * a.qs[1];
-      transpose_rows(qb + i0 * a.qs[2], a.qs[2], nq, ATTN_QB, D, qt, ATTN_QB);
-      // causal: the block's last query sees keys < kv_end; the strips beyond are never computed
-      const int64_t kv_end = a.causal ? std::min(a.L, std::max<int64_t>(0, i0 + nq + a.L - a.S)) : a.L;
-      const int64_t strips_end = (kv_end + VW - 1) / VW * VW;
-      int64_t j = 0;
-      for (; j + 2 * VW <= strips_end; j += 2 * VW)  // a strip of keys stays in L1 for every row block
-        attn_score_rows<2>(qt, ktb, ld, D, a.scale, j, nq, s);
-      if (j < strips_end) attn_score_rows<1>(qt, ktb, ld, D, a.scale, j, nq, s);
-      float inv[ATTN_QB];
-      for (int64_t r = 0; r < nq; ++r) {  // scale, mask, softmax
-        float* row = s + r * ld;
-        const int64_t i = i0 + r;
-        const int64_t seen = a.causal ? std::min(a.L, std::max<int64_t>(0, i + a.L - a.S + 1)) : a.L;
-        const int64_t mo = b * a.ms[0] + h * a.ms[1] + i * a.ms[2];
-        if (a.mask_kind == MASK_ADDITIVE) {
-          const float* m = static_cast<const float*>(a.mask) + mo;
-#pragma omp simd
-          for (int64_t j = 0; j < seen; ++j) row[j] += m[j];
-        } else if (a.mask_kind == MASK_KEEP) {
-          const uint8_t* m = static_cast<const uint8_t*>(a.mask) + mo;
-#pragma omp simd
-          for (int64_t j = 0; j < seen; ++j) row[j] = m[j] ? row[j] : -INFINITY;
-        }
-        const float mx = row_max(row, seen);
-        float sum = 0.0f;
-        if (mx == -INFINITY) {  // nothing to attend to
-          std::fill(row, row + kv_end, 0.0f);
-        } else {
+      const float mx = row_max(row, seen);
+      float sum = 0.0f;
+      if (mx == -INFINITY) {  // nothing to attend to
+        std::fill(row, row + kv_end, 0.0f);
+      } else {
 #pragma omp simd reduction(+ : sum)
-          for (int64_t j = 0; j < seen; ++j) {
-            const float e = exp_fast(row[j] - mx);
-            row[j] = e;
-            sum += e;
-          }
-          std::fill(row + seen, row + kv_end, 0.0f);
+        for (int64_t j = 0; j < seen; ++j) {
+          const float e = exp_fast(row[j] - mx);
+          row[j] = e;
+          sum += e;
         }
-        inv[r] = sum > 0.0f ? 1.0f / sum : 0.0f;
+        std::fill(row + seen, row + kv_end, 0.0f);
       }
-      float* ob = a.out + (b * a.S + i0) * a.H * D + h * D;
-      const int64_t ostride = a.H * D;
-      switch (dv) {
-        case 1: attn_pv_rows<1>(s, ld, vp, kv_end, D, inv, nq, ob, ostride); break;
-        case 2: attn_pv_rows<2>(s, ld, vp, kv_end, D, inv, nq, ob, ostride); break;
-        case 4: attn_pv_rows<4>(s, ld, vp, kv_end, D, inv, nq, ob, ostride); break;
-        case 8: attn_pv_rows<8>(s, ld, vp, kv_end, D, inv, nq, ob, ostride); break;
-        case 16: attn_pv_rows<16>(s, ld, vp, kv_end, D, inv, nq, ob, ostride); break;
-        default: attn_pv_rows<0>(s, ld, vp, kv_end, D, inv, nq, ob, ostride);
-      }
-    }, (items + 2 * nthreads - 1) / (2 * nthreads));
-  }
+      inv[r] = sum > 0.0f ? 1.0f / sum : 0.0f;
+    }
+    float* ob = a.out + (b * a.S + i0) * a.H * D + h * D;
+    const int64_t ostride = a.H * D;
+    switch (dv) {
+      case 1: attn_pv_rows<1>(s, ld, vp, kv_end, D, inv, nq, ob, ostride); break;
+      case 2: attn_pv_rows<2>(s, ld, vp, kv_end, D, inv, nq, ob, ostride); break;
+      case 4: attn_pv_rows<4>(s, ld, vp, kv_end, D, inv, nq, ob, ostride); break;
+      case 8: attn_pv_rows<8>(s, ld, vp, kv_end, D, inv, nq, ob, ostride); break;
+      case 16: attn_pv_rows<16>(s, ld, vp, kv_end, D, inv, nq, ob, ostride); break;
+      default: attn_pv_rows<0>(s, ld, vp, kv_end, D, inv, nq, ob, ostride);
+    }
+  }, (items + 2 * nthreads - 1) / (2 * nthreads));
   return ENTRY_OK;
 }
 

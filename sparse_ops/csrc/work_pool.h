@@ -97,13 +97,13 @@ class Pool {
  public:
   typedef void (*Fn)(void* ctx, int64_t claim, int slot);
 
-  // Runs fn(ctx, c, slot) for every claim c < nclaims on up to nthreads threads (the caller is slot 0, worker
-  // slots are 1 .. nthreads - 1); returns when every claim is done, `free` set to when the caller found none
+  // Runs fn(ctx, c, slot) for every claim c < nclaims (> 1) on up to nthreads (> 1) threads (the caller is slot
+  // 0, worker slots are 1 .. nthreads - 1); returns when every claim is done, `free` set to when the caller found none
   // left to claim.
   void run(int64_t nclaims, int nthreads, Fn fn, void* ctx, int64_t& free) {
     std::unique_lock<std::mutex> one(call_, std::try_to_lock);
     nthreads = std::min(nthreads, MAX_THREADS);
-    if (nthreads <= 1 || nclaims <= 1 || !one.owns_lock()) {
+    if (!one.owns_lock()) {  // another thread of the process is running a job: this one runs alone
       for (int64_t c = 0; c < nclaims; ++c) fn(ctx, c, 0);
       free = now_ns();
       return;
