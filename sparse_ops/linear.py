@@ -21,8 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_ops import activations, busy, plan
-from sparse_ops.dispatch import candidates, kernel_for, torch_path_formats, torch_path_kernel
+from sparse_ops.dispatch import OURS, candidates, kernel_for, torch_path_formats, torch_path_kernel
 from sparse_ops.formats import SparseFormat
+from sparse_ops.kernels import cpu_native, native
+from sparse_ops.kernels.cpu_native import NativeWeight
 from sparse_ops.plan import DENSE, TORCH_SUFFIX, Planner
 from sparse_ops.registry import FORMATS, LOSSLESS, QUANTIZED, format_class
 from sparse_ops.timing import Timer, Timing, time_candidates
@@ -175,6 +177,26 @@ class SparseLinear(nn.Module):
     def kernel_kwargs(self, n: int) -> dict[str, str]:
         """The extra arguments of ``kernel.matmul`` for n tokens: the planned ``variant``, where there is one."""
         return {} if self.planner is None else _variant_kw(self.route(n))
+
+    def native_weight(self, n: int = 1) -> NativeWeight:
+        """The weight as our CPU kernels run it on the path planned for n tokens (``route``): this layer's kernel
+        state, an int8 twin's, or a dense copy for our dense kernel where the plan chose dense. Where the plan
+        chose torch's kernel (or the layer runs on it), our kernel of the same format: native code (the decoder
+        step, ``sparse_ops.decode``) cannot call torch's. ValueError off the CPU or without native kernels."""
+        if self.kernel_device.type != "cpu" or not native.available():
+            raise ValueError(f"native kernels run CPU weights in a process that built them; this layer is on "
+                             f"{self.kernel_device} (native kernels available: {native.available()})")
+        path = self.route(n) if self.planner is not None else self.choice
+        if path == DENSE:
+            return cpu_native.prepare_dense(self.dense_weight())
+        if path in self._twins:
+            return self._other_kernel(path)[1]
+        if self.kernel.backend == OURS:
+            return self._state
+        if ("ours", self.format) not in self._others:
+            ours = next(k for k in candidates(self.format, "cpu") if k.backend == OURS)
+            self._others[("ours", self.format)] = (ours, ours.prepare(self.weight))
+        return self._others[("ours", self.format)][1]
 
     def dense_weight(self) -> torch.Tensor:
         """The weight decompressed (built once, kept while the layer stays where it is: the dense path)."""

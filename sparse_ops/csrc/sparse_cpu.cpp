@@ -23,6 +23,7 @@
 #include <cstring>
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <vector>
 #include "work_pool.h"
 #if defined(__AVX__)
@@ -642,7 +643,7 @@ inline float* scratch(size_t floats) {
   return buf.data;  // null when out of memory: the entry point returns ENTRY_OUT_OF_MEMORY
 }
 
-constexpr int ENTRY_OK = 0, ENTRY_OUT_OF_MEMORY = 1;  // what the entry points return
+constexpr int ENTRY_OK = 0, ENTRY_OUT_OF_MEMORY = 1, ENTRY_BAD_ARGUMENT = 2;  // what the entry points return
 
 // A panelled CSR weight (out, in): the parts above, rows in blocks of R, columns in panels of P.
 template <typename V>
@@ -876,13 +877,39 @@ void dense_rows_tile(const V* w, int64_t in, int64_t r0, int64_t r1, const float
   }
 }
 
-struct DenseBody {  // one_tile's body for a dense weight (rows, in); y / out / bias / act: where flush_rows writes
-  const float* w; int64_t in; const float* bias; float* y; int64_t out; int act;
-  const float* xt; int64_t ld;
+// One token of a dense weight: y[r] = w[r] . x + bias[r], four chains of vectors.
+template <typename V>
+void dense_gemv_rows(const V* w, int64_t in, int64_t r0, int64_t r1, const float* x, const float* bias, float* y) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const V* wr = w + r * in;
+    int64_t k = 0;
+    float sum = 0.0f;
+#if defined(__AVX512F__)
+    __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (; k + 64 <= in; k += 64)
+      for (int c = 0; c < 4; ++c) a[c] = _mm512_fmadd_ps(load16(wr + k + 16 * c), _mm512_loadu_ps(x + k + 16 * c), a[c]);
+    sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (; k + 32 <= in; k += 32)
+      for (int c = 0; c < 4; ++c) a[c] = _mm256_fmadd_ps(load8(wr + k + 8 * c), _mm256_loadu_ps(x + k + 8 * c), a[c]);
+    sum = hsum8(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+#endif
+    for (; k < in; ++k) sum += load_value(wr, k) * x[k];
+    y[r] = sum + (bias ? bias[r] : 0.0f);
+  }
+}
+
+// A dense weight (rows, in) of fp32 or bf16: the MoE experts' loops, and run_blocks' body for dense layers.
+template <typename V>
+struct DenseBody {  // y / out / bias / act: where flush_rows writes
+  const V* w; int64_t in; const float* bias; float* y; int64_t out; int act;
+  const float* xt = nullptr; int64_t ld = 0;  // set by run_blocks
   template <int W, int NV, int S>
   void run(int64_t r0, int64_t r1, int64_t t0, float* buf) const {
-    dense_rows_tile<float, W, NV, S>(w, in, r0, r1, xt, ld, t0, buf);
+    dense_rows_tile<V, W, NV, S>(w, in, r0, r1, xt, ld, t0, buf);
   }
+  void gemv(int64_t r0, int64_t r1) const { dense_gemv_rows<V>(w, in, r0, r1, xt, bias, y); }
 };
 
 // ---- int8 weights: symmetric int8 values, one fp32 scale per output row -----------------------------------
@@ -1180,7 +1207,7 @@ int run_experts(const float* w_in, const float* b_in, const float* w_gate, const
     const float* xrows = xs + slot.start * D;
     const auto sums = [&](const float* w, float* dst) {  // (r1 - r0, tw) sums of the expert's rows of w
       if (dot) dense_dot_rows(w + slot.e * H * D, D, r0, r1, xrows, n, dst);
-      else dispatch_tile(DenseBody{w + slot.e * H * D, D, nullptr, nullptr, 0, 0, slot.xt, slot.ld}, r0, r1, n,
+      else dispatch_tile(DenseBody<float>{w + slot.e * H * D, D, nullptr, nullptr, 0, 0, slot.xt, slot.ld}, r0, r1, n,
                          t0, slot.tile, dst);
     };
     sums(w_in, buf);
@@ -1207,7 +1234,7 @@ int run_experts(const float* w_in, const float* b_in, const float* w_gate, const
     locate(outs, item, i, rb, t);
     const ExpertSlot& slot = slots[i];
     const int64_t r0 = rb * ROWS_PER_BLOCK, r1 = std::min(D, r0 + ROWS_PER_BLOCK), t0 = t * slot.tile;
-    const DenseBody down{w_out + slot.e * D * H, H, b_out ? b_out + slot.e * D : nullptr, ys + slot.start * D, D,
+    const DenseBody<float> down{w_out + slot.e * D * H, H, b_out ? b_out + slot.e * D : nullptr, ys + slot.start * D, D,
                          ACT_NONE, slot.ht, slot.ld};
     if (slot.m <= DOT_TOKENS) dense_dot_rows(down.w, H, r0, r1, slot.ht, slot.m, buf);
     else dispatch_tile(down, r0, r1, slot.m, t0, slot.tile, buf);
@@ -1519,6 +1546,72 @@ int run_attention(const AttnArgs& a, int nthreads) {
   return ENTRY_OK;
 }
 
+// ---- one linear layer of any layout: what every linear entry point and the decoder step run -------------
+// A layout's arrays in its entry point's order (p), its sizes, extra (bitmap: 1 to expand words at one token),
+// nnz (stored values: the work that decides the thread count) and bias. LINEAR_NAMES are the entry points'
+// names, which Python passes to name a layout (decoder_linear).
+enum LinearKind {
+  L_DENSE_F32, L_DENSE_BF16, L_CSR_F32_I16, L_CSR_F32_I32, L_CSR_BF16_I16, L_CSR_BF16_I32, L_TWO_FOUR_F32,
+  L_TWO_FOUR_BF16, L_CSR_I8_I16, L_CSR_I8_I32, L_BITMAP_I8, L_DENSE_I8, L_KINDS
+};
+constexpr const char* LINEAR_NAMES[L_KINDS] = {
+    "dense_f32", "dense_bf16", "csr_f32_i16", "csr_f32_i32", "csr_bf16_i16", "csr_bf16_i32", "two_four_f32",
+    "two_four_bf16", "csr_i8_i16", "csr_i8_i32", "bitmap_i8", "dense_i8"};
+
+struct LinearRef {
+  int kind = -1;
+  const void* p[6] = {};
+  int64_t out = 0, in = 0, extra = 0, nnz = 0;
+  const float* bias = nullptr;
+};
+
+int linear_kind(const char* name) {
+  for (int k = 0; k < L_KINDS; ++k)
+    if (std::strcmp(name, LINEAR_NAMES[k]) == 0) return k;
+  return -1;
+}
+
+// y (n, out) = post(act(x W^T + bias)) for x (n, in).
+int run_linear(const LinearRef& w, const float* x, int64_t n, float* y, int nthreads, int act, const Post& post) {
+  const auto* const* p = w.p;
+  const int64_t out = w.out, in = w.in;
+  const float* b = w.bias;
+#define ARR(i, T) static_cast<const T*>(p[i])
+  switch (w.kind) {
+    case L_DENSE_F32: return run_blocks(DenseBody<float>{ARR(0, float), in, b, y, out, act}, out, in, x, n, nthreads, post);
+    case L_DENSE_BF16: return run_blocks(DenseBody<bf16>{ARR(0, bf16), in, b, y, out, act}, out, in, x, n, nthreads, post);
+#define CSR_CASE(K, V, I)                                                                                       \
+    case K: return run_blocks(CsrBody<V, I>{ARR(0, int32_t), ARR(1, I), ARR(2, V), b, y, out, act}, out, in, x, n, \
+                              nthreads, post);
+    CSR_CASE(L_CSR_F32_I16, float, int16_t)
+    CSR_CASE(L_CSR_F32_I32, float, int32_t)
+    CSR_CASE(L_CSR_BF16_I16, bf16, int16_t)
+    CSR_CASE(L_CSR_BF16_I32, bf16, int32_t)
+#undef CSR_CASE
+    case L_TWO_FOUR_F32:
+      return run_blocks(TwoFourBody<float>{ARR(0, float), ARR(1, uint8_t), in, b, y, out, act}, out, in, x, n, nthreads,
+                        post);
+    case L_TWO_FOUR_BF16:
+      return run_blocks(TwoFourBody<bf16>{ARR(0, bf16), ARR(1, uint8_t), in, b, y, out, act}, out, in, x, n, nthreads,
+                        post);
+    case L_CSR_I8_I16:
+      return run_blocks(Csr8Body<int16_t>{ARR(0, int32_t), ARR(1, int16_t), ARR(2, int8_t), ARR(3, float), b, y, out,
+                                          act}, out, in, x, n, nthreads, post);
+    case L_CSR_I8_I32:
+      return run_blocks(Csr8Body<int32_t>{ARR(0, int32_t), ARR(1, int32_t), ARR(2, int8_t), ARR(3, float), b, y, out,
+                                          act}, out, in, x, n, nthreads, post);
+    case L_BITMAP_I8:
+      return run_blocks(Bitmap8Body{ARR(0, int32_t), ARR(1, int32_t), ARR(2, int32_t), ARR(3, uint32_t), ARR(4, int8_t),
+                                    ARR(5, float), in, w.extra != 0, b, y, out, act}, out, in, x, n, nthreads, post);
+    case L_DENSE_I8:
+      return run_blocks(Dense8Body{ARR(0, int8_t), ARR(1, float), in, b, y, out, act}, out, in, x, n, nthreads, post);
+    default: return ENTRY_BAD_ARGUMENT;
+  }
+#undef ARR
+}
+
+#include "decode_step.h"
+
 }  // namespace
 
 // ---- C entry points: <format>_<values>[_<indices>] ------------------------------------------------------
@@ -1571,48 +1664,61 @@ extern "C" int csr_ffn_i8(const int32_t* gseg, const uint8_t* glcol, const int8_
                          y, nthreads, act, POST);
 }
 
-#define SPARSE_CSR_ENTRY(NAME, V, I)                                                                        \
-  extern "C" int NAME(const int32_t* rowptr, const I* col, const V* val, int64_t out, int64_t in,         \
-                       const float* x, int64_t n, const float* bias, float* y, int nthreads, int act,       \
-                       POST_ARGS) {                                                                         \
-    return run_blocks(CsrBody<V, I>{rowptr, col, val, bias, y, out, act}, out, in, x, n, nthreads, POST);    \
-  }
-SPARSE_CSR_ENTRY(csr_f32_i16, float, int16_t)
-SPARSE_CSR_ENTRY(csr_f32_i32, float, int32_t)
-SPARSE_CSR_ENTRY(csr_bf16_i16, bf16, int16_t)
-SPARSE_CSR_ENTRY(csr_bf16_i32, bf16, int32_t)
+// The linear layers: each entry point runs run_linear on its layout (named as in LINEAR_NAMES).
+#define LINEAR_TAIL const float *x, int64_t n, const float *bias, float *y, int nthreads, int act, POST_ARGS
+inline int linear_entry(int kind, std::initializer_list<const void*> parts, int64_t out, int64_t in, int64_t extra,
+                        const float* x, int64_t n, const float* bias, float* y, int nthreads, int act,
+                        const Post& post) {
+  LinearRef w;
+  w.kind = kind;
+  std::copy(parts.begin(), parts.end(), w.p);
+  w.out = out, w.in = in, w.extra = extra, w.bias = bias;
+  return run_linear(w, x, n, y, nthreads, act, post);
+}
+#define LINEAR_CALL(KIND, EXTRA, ...) linear_entry(KIND, {__VA_ARGS__}, out, in, EXTRA, x, n, bias, y, nthreads, act, POST)
 
-#define SPARSE_24_ENTRY(NAME, V)                                                                            \
-  extern "C" int NAME(const V* val, const uint8_t* meta, int64_t out, int64_t in, const float* x,          \
-                       int64_t n, const float* bias, float* y, int nthreads, int act, POST_ARGS) {          \
-    return run_blocks(TwoFourBody<V>{val, meta, in, bias, y, out, act}, out, in, x, n, nthreads, POST);      \
+#define SPARSE_CSR_ENTRY(NAME, KIND, V, I)                                                                  \
+  extern "C" int NAME(const int32_t* rowptr, const I* col, const V* val, int64_t out, int64_t in, LINEAR_TAIL) { \
+    return LINEAR_CALL(KIND, 0, rowptr, col, val);                                                          \
   }
-SPARSE_24_ENTRY(two_four_f32, float)
-SPARSE_24_ENTRY(two_four_bf16, bf16)
+SPARSE_CSR_ENTRY(csr_f32_i16, L_CSR_F32_I16, float, int16_t)
+SPARSE_CSR_ENTRY(csr_f32_i32, L_CSR_F32_I32, float, int32_t)
+SPARSE_CSR_ENTRY(csr_bf16_i16, L_CSR_BF16_I16, bf16, int16_t)
+SPARSE_CSR_ENTRY(csr_bf16_i32, L_CSR_BF16_I32, bf16, int32_t)
 
-// int8 weights (see "int8 weights" above): scales (out,) fp32; otherwise as the entries above.
-#define SPARSE_CSR8_ENTRY(NAME, I)                                                                          \
+#define SPARSE_24_ENTRY(NAME, KIND, V)                                                                      \
+  extern "C" int NAME(const V* val, const uint8_t* meta, int64_t out, int64_t in, LINEAR_TAIL) {           \
+    return LINEAR_CALL(KIND, 0, val, meta);                                                                 \
+  }
+SPARSE_24_ENTRY(two_four_f32, L_TWO_FOUR_F32, float)
+SPARSE_24_ENTRY(two_four_bf16, L_TWO_FOUR_BF16, bf16)
+
+// Dense fp32 / bf16 weights (out, in): the decoder step's dense layers (and their tests).
+extern "C" int dense_f32(const float* val, int64_t out, int64_t in, LINEAR_TAIL) {
+  return LINEAR_CALL(L_DENSE_F32, 0, val);
+}
+extern "C" int dense_bf16(const bf16* val, int64_t out, int64_t in, LINEAR_TAIL) {
+  return LINEAR_CALL(L_DENSE_BF16, 0, val);
+}
+
+// int8 weights (see "int8 weights" above): scales (out,) fp32 after the values; otherwise as the entries above.
+#define SPARSE_CSR8_ENTRY(NAME, KIND, I)                                                                    \
   extern "C" int NAME(const int32_t* rowptr, const I* col, const int8_t* val, const float* scales,         \
-                       int64_t out, int64_t in, const float* x, int64_t n, const float* bias, float* y,    \
-                       int nthreads, int act, POST_ARGS) {                                                  \
-    return run_blocks(Csr8Body<I>{rowptr, col, val, scales, bias, y, out, act}, out, in, x, n, nthreads,   \
-                      POST);                                                                                \
+                      int64_t out, int64_t in, LINEAR_TAIL) {                                               \
+    return LINEAR_CALL(KIND, 0, rowptr, col, val, scales);                                                  \
   }
-SPARSE_CSR8_ENTRY(csr_i8_i16, int16_t)
-SPARSE_CSR8_ENTRY(csr_i8_i32, int32_t)
+SPARSE_CSR8_ENTRY(csr_i8_i16, L_CSR_I8_I16, int16_t)
+SPARSE_CSR8_ENTRY(csr_i8_i32, L_CSR_I8_I32, int32_t)
 
 // expand: 1 to expand each bitmap word to dense lanes at one token (dense enough weights), 0 to walk its bits.
 extern "C" int bitmap_i8(const int32_t* tile_ptr, const int32_t* tile_cols, const int32_t* offsets,
                          const uint32_t* bitmaps, const int8_t* val, const float* scales, int64_t out, int64_t in,
-                         int expand, const float* x, int64_t n, const float* bias, float* y, int nthreads, int act,
-                         POST_ARGS) {
-  return run_blocks(Bitmap8Body{tile_ptr, tile_cols, offsets, bitmaps, val, scales, in, expand != 0, bias, y, out,
-                                act}, out, in, x, n, nthreads, POST);
+                         int expand, LINEAR_TAIL) {
+  return LINEAR_CALL(L_BITMAP_I8, expand, tile_ptr, tile_cols, offsets, bitmaps, val, scales);
 }
 
-extern "C" int dense_i8(const int8_t* val, const float* scales, int64_t out, int64_t in, const float* x, int64_t n,
-                        const float* bias, float* y, int nthreads, int act, POST_ARGS) {
-  return run_blocks(Dense8Body{val, scales, in, bias, y, out, act}, out, in, x, n, nthreads, POST);
+extern "C" int dense_i8(const int8_t* val, const float* scales, int64_t out, int64_t in, LINEAR_TAIL) {
+  return LINEAR_CALL(L_DENSE_I8, 0, val, scales);
 }
 
 // moe_forward_f32: see run_moe. logits (T, E) fp32, x (T, D), y (T, D), routed (E,) int64.
@@ -1633,6 +1739,53 @@ extern "C" int attention_f32(const float* q, const float* k, const float* v, con
                    B, H, Hk, S, L, D, scale, causal, out};
   return run_attention(a, nthreads);
 }
+
+// The decoder step (decode_step.h). dims: layers, hidden E, heads H, key heads Hk, head dim D, intermediate I,
+// vocab, max_len, window (0: none); single: the single-thread work thresholds (gemv, batch, attention);
+// cos, sin (max_len, D); embed (vocab, E); final_norm (E,); kcache, vcache (layers, Hk, max_len, D). Returns
+// a handle (NULL for impossible sizes); every pointer must stay valid until decoder_free.
+extern "C" void* decoder_new(const int64_t* dims, float eps, float scale, int act, const int64_t* single,
+                             const float* cos, const float* sin, const float* embed, const float* final_norm,
+                             float* kcache, float* vcache) {
+  for (int i = 0; i < 8; ++i)
+    if (dims[i] <= 0) return nullptr;
+  if (dims[2] % dims[3] != 0 || dims[4] % 2 != 0 || dims[8] < 0) return nullptr;
+  auto* d = new Decoder{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7], dims[8], eps, scale,
+                        act, cos, sin, embed, final_norm, kcache, vcache, single[0], single[1], single[2]};
+  d->blocks.resize(static_cast<size_t>(dims[0]));
+  return d;
+}
+// One linear: layer (-1: the LM head), slot (DecoderSlot: q k v o gate up down), layout (a linear entry
+// point's name), its arrays in that entry's order (6, unused NULL), sizes, extra, nnz, bias or NULL.
+extern "C" int decoder_linear(void* handle, int64_t layer, int64_t slot, const char* layout, const void* const* parts,
+                              int64_t out, int64_t in, int64_t extra, int64_t nnz, const float* bias) {
+  auto* d = static_cast<Decoder*>(handle);
+  const int kind = linear_kind(layout);
+  if (kind < 0 || layer < -1 || layer >= d->layers || (layer >= 0 && (slot < 0 || slot >= D_SLOTS)))
+    return ENTRY_BAD_ARGUMENT;
+  LinearRef& w = layer < 0 ? d->head : d->blocks[layer].lin[slot];
+  w.kind = kind;
+  std::copy(parts, parts + 6, w.p);
+  w.out = out, w.in = in, w.extra = extra, w.nnz = nnz, w.bias = bias;
+  return ENTRY_OK;
+}
+extern "C" int decoder_norms(void* handle, int64_t layer, const float* attn_norm, const float* mlp_norm) {
+  auto* d = static_cast<Decoder*>(handle);
+  if (layer < 0 || layer >= d->layers) return ENTRY_BAD_ARGUMENT;
+  d->blocks[layer].attn_norm = attn_norm;
+  d->blocks[layer].mlp_norm = mlp_norm;
+  return ENTRY_OK;
+}
+// n tokens at positions pos .. pos + n - 1 (the cache holds 0 .. pos - 1): logits (1 or n, vocab) of the last
+// token, or of every token when all_logits. ENTRY_BAD_ARGUMENT: a token outside the vocabulary, positions
+// past max_len, or a decoder not completely set (a layer missing or of the wrong shape).
+extern "C" int decoder_step(void* handle, const int64_t* tokens, int64_t n, int64_t pos, float* logits,
+                            int all_logits, int nthreads) {
+  auto* d = static_cast<Decoder*>(handle);
+  if (!d->complete()) return ENTRY_BAD_ARGUMENT;
+  return d->step(tokens, n, pos, logits, all_logits != 0, nthreads);
+}
+extern "C" void decoder_free(void* handle) { delete static_cast<Decoder*>(handle); }
 
 // Threading (work_pool.h): backend 0 auto, 1 OpenMP, 2 the work pool, 3 solo (tests and benchmarks pin one;
 // the previous setting is returned).
@@ -1655,7 +1808,7 @@ extern "C" int sparse_cpu_waited(int backend, int64_t wait_ns, int64_t busy_ns) 
   return work_pool::Mode::get().waited(backend, wait_ns, busy_ns);
 }
 
-extern "C" int sparse_cpu_abi_version() { return 15; }
+extern "C" int sparse_cpu_abi_version() { return 16; }
 
 // The codes Python passes and reads, from the enums themselves: native.py compares them with its own tables at
 // load and refuses a library that disagrees (one source of truth per side, checked against the other).
@@ -1663,8 +1816,8 @@ extern "C" const char* sparse_cpu_constants() {
   static char text[256];
   std::snprintf(text, sizeof(text),
                 "act.none=%d act.relu=%d act.gelu=%d act.gelu_tanh=%d act.silu=%d post.none=%d post.add=%d "
-                "post.add_norm=%d status.ok=%d status.out_of_memory=%d mask.none=%d mask.additive=%d mask.keep=%d",
+                "post.add_norm=%d status.ok=%d status.out_of_memory=%d status.bad_argument=%d mask.none=%d mask.additive=%d mask.keep=%d",
                 ACT_NONE, ACT_RELU, ACT_GELU, ACT_GELU_TANH, ACT_SILU, POST_NONE, POST_ADD, POST_ADD_NORM, ENTRY_OK,
-                ENTRY_OUT_OF_MEMORY, MASK_NONE, MASK_ADDITIVE, MASK_KEEP);
+                ENTRY_OUT_OF_MEMORY, ENTRY_BAD_ARGUMENT, MASK_NONE, MASK_ADDITIVE, MASK_KEEP);
   return text;
 }

@@ -76,7 +76,8 @@ class NativeWeight:
     """A weight ready for the C++ kernels: ``call(x_ptr, n, bias_ptr, y_ptr, threads)`` with its parts bound;
     CSR's panelled copy and ``panel_call`` are added by ``panelled`` at the first batch that needs them."""
 
-    source: CSR | TwoFour | Int8Weight  # validated container (kept for the autograd fallback and the tensors' lifetime)
+    source: CSR | TwoFour | Int8Weight | torch.Tensor  # validated container, or a dense weight (kept for the
+    # autograd fallback and the tensors' lifetime)
     tensors: tuple[torch.Tensor, ...]  # contiguous parts the bound pointers point into (kept alive here)
     call: Callable[..., None]  # (x_ptr, n, bias_ptr, y_ptr, threads, activation code)
     out_dtype: torch.dtype
@@ -88,6 +89,8 @@ class NativeWeight:
     scales: torch.Tensor | None = None  # int8 weights: the (out,) fp32 row scales every entry reads
     # ffn_matmul's (down weight, gate weight or None, bound entry), on the up weight
     ffn_call: tuple[NativeWeight, NativeWeight | None, Callable[..., None]] | None = None
+    layout: str = ""  # the C++ entry point ``call`` binds (its layout: sparse_cpu.cpp's LINEAR_NAMES)
+    extra: int = 0  # the entry's argument after the sizes (bitmap-int8: whether one token expands the words)
 
 
 class AddNorm(NamedTuple):  # a NamedTuple: built per call, it must be cheap (a frozen dataclass costs ~2 us)
@@ -161,8 +164,9 @@ def prepare_csr(w: CSR) -> NativeWeight:
     out, inp = w.shape
     parts = (w.crow_indices.contiguous(), w.col_indices.contiguous(), _values(w.values))
     code = _value_code(w.values)
-    return NativeWeight(w, parts, _entry(f"csr_{code}_{INDEX_CODE[w.col_indices.dtype]}", *parts, out, inp),
-                        w.dtype, w.values.numel() / max(1, out * inp), w.values.numel(), code)
+    layout = f"csr_{code}_{INDEX_CODE[w.col_indices.dtype]}"
+    return NativeWeight(w, parts, _entry(layout, *parts, out, inp), w.dtype, w.values.numel() / max(1, out * inp),
+                        w.values.numel(), code, layout=layout)
 
 
 _PANEL_LOCK = threading.Lock()
@@ -241,7 +245,30 @@ def prepare_two_four(w: TwoFour) -> NativeWeight:
     parts = (_values(w.values), w.metadata.contiguous())
     code = _value_code(w.values)
     return NativeWeight(w, parts, _entry(f"two_four_{code}", *parts, *w.shape), w.dtype, nnz=w.values.numel(),
-                        value_code=code)
+                        value_code=code, layout=f"two_four_{code}")
+
+
+def prepare_dense(w: torch.Tensor) -> NativeWeight:
+    """A dense (out, in) fp32 or bf16 weight for our dense kernel (fp16 widened to fp32): the decoder step's dense
+    layers (``sparse_ops.decode``), where torch's kernels cannot be called.
+
+    >>> w = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
+    >>> (dense_matmul(prepare_dense(w), torch.tensor([[3.0, 4.0]]), None).tolist() if native.available()
+    ...  else [[11.0, -4.0]])
+    [[11.0, -4.0]]
+    """
+    if w.dim() != 2 or w.device.type != "cpu":
+        raise ValueError(f"a dense CPU weight (out, in) is needed, got shape {tuple(w.shape)} on {w.device}")
+    values = _values(w.detach())
+    code = _value_code(w)
+    return NativeWeight(w, (values,), _entry(f"dense_{code}", values, *w.shape), w.dtype, nnz=w.numel(),
+                        value_code=code, layout=f"dense_{code}")
+
+
+def dense_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None,
+                 activation: str | None = None) -> torch.Tensor:
+    """x: (N, in) -> activation(x W^T + bias) (N, out) for a ``prepare_dense`` weight, on our dense kernel."""
+    return _matmul(w, x, bias, False, CODES[activation], None)
 
 
 # ---- int8 weights (sparse_ops.quantized): weight-only, int8 values widened to fp32 in registers -------------
@@ -251,12 +278,13 @@ BITMAP_EXPAND_DENSITY = 0.1
 
 
 def _int8(w: Int8Weight, entry: str, parts: tuple[torch.Tensor, ...], *sizes: int) -> NativeWeight:
-    """A validated int8 weight bound to ``entry``: its layout's parts, then the fp32 scales, then ``sizes``."""
+    """A validated int8 weight bound to ``entry``: its layout's parts, then the fp32 scales, then ``sizes`` (the
+    shape, then for the bitmap its expand flag)."""
     tensors = (*(t.contiguous() for t in parts), _fp32(w.scales))
     out, inp = w.shape
     nnz = w.values.numel()
     return NativeWeight(w, tensors, _entry(entry, *tensors, *sizes), w.dtype, nnz / max(1, out * inp), nnz, "i8",
-                        scales=tensors[-1])
+                        scales=tensors[-1], layout=entry, extra=sizes[2] if len(sizes) > 2 else 0)
 
 
 def prepare_dense_int8(w: DenseInt8) -> NativeWeight:

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "sparse_cpu.cpp"
 HEADERS = tuple(sorted(SOURCE.parent.glob("*.h")))  # included by SOURCE: part of the build key
-ABI_VERSION = 15
+ABI_VERSION = 16
 # -fno-trapping-math lets the epilogue's floor and float -> int conversions vectorise (no FP exception flags);
 # the target's -march and the cache constants are added by build_flags
 FLAGS = ("-O3", "-fopenmp", "-pthread", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno", "-fno-trapping-math")
@@ -77,7 +77,7 @@ _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _POST = (_INT, _P, _P, _P, ctypes.c_float)
 POST_KINDS = {"none": 0, "add": 1, "add_norm": 2}  # sparse_cpu.cpp's PostKind
 NO_POST = (POST_KINDS["none"], None, None, None, 0.0)  # y is the product (and activation) alone
-STATUS = {"ok": 0, "out_of_memory": 1}  # what the entry points return (ENTRY_OK, ENTRY_OUT_OF_MEMORY)
+STATUS = {"ok": 0, "out_of_memory": 1, "bad_argument": 2}  # what the entry points return (ENTRY_OK, ENTRY_OUT_OF_MEMORY)
 MASK_KINDS = {"none": 0, "additive": 1, "keep": 2}  # attention_f32's mask: fp32 added, or bytes (1: attend)
 # entry point -> argument types (pointers as integers from Tensor.data_ptr(); NULL bias as None)
 SIGNATURES: dict[str, tuple[type, ...]] = {
@@ -93,6 +93,8 @@ SIGNATURES: dict[str, tuple[type, ...]] = {
     "bitmap_i8": (*(_P,) * 6, _I64, _I64, _INT, _P, _I64, _P, _P, _INT, _INT, *_POST),
     # val, scales, out, in, x, n, bias, y, threads, activation code
     "dense_i8": (_P, _P, _I64, _I64, _P, _I64, _P, _P, _INT, _INT, *_POST),
+    # val, out, in, x, n, bias, y, threads, activation code
+    **{f"dense_{v}": (_P, _I64, _I64, _P, _I64, _P, _P, _INT, _INT, *_POST) for v in ("f32", "bf16")},
     # val, meta, out, in, x, n, bias, y, threads, activation code
     **{f"two_four_{v}": (_P, _P, _I64, _I64, _P, _I64, _P, _P, _INT, _INT, *_POST) for v in ("f32", "bf16")},
     # seg, lcol, val, out, in, rows per block, panel width, x, tile, n, bias, y, threads, activation code
@@ -109,6 +111,11 @@ SIGNATURES: dict[str, tuple[type, ...]] = {
     # q, k, v, strides (12 int64: q, k, v, mask by batch, head, position), mask, mask kind, B, H, Hk, S, L, D,
     # scale, causal, out, threads
     "attention_f32": (_P, _P, _P, _P, _P, _INT, *(_I64,) * 6, ctypes.c_float, _INT, _P, _INT),
+    # the decoder step (csrc/decode_step.h; sparse_ops.decode): handle, layer, slot, layout name, parts (6
+    # pointers), out, in, extra, nnz, bias
+    "decoder_linear": (_P, _I64, _I64, ctypes.c_char_p, _P, _I64, _I64, _I64, _I64, _P),
+    "decoder_norms": (_P, _I64, _P, _P),  # handle, layer, attention norm, MLP norm
+    "decoder_step": (_P, _P, _I64, _I64, _P, _INT, _INT),  # handle, tokens, n, pos, logits, all logits, threads
 }
 
 
@@ -136,9 +143,13 @@ def constants_mismatch(lib: ctypes.CDLL) -> str | None:
 
 def _check_status(status: int, fn: object, _args: tuple) -> int:
     """ctypes errcheck of the kernel entry points: 0 is success (returned), 1 means the packed-x buffer was not
-    allocated (MemoryError)."""
+    allocated (MemoryError), 2 arguments the C++ code refused (ValueError; the Python side checks first, so this
+    is a bug)."""
+    name = getattr(fn, "__name__", fn)
+    if status == STATUS["bad_argument"]:
+        raise ValueError(f"{name}: the C++ code refused its arguments ({status=})")
     if status:
-        raise MemoryError(f"{getattr(fn, '__name__', fn)}: out of memory for the packed input ({status=})")
+        raise MemoryError(f"{name}: out of memory for the packed input ({status=})")
     return status
 
 
@@ -158,6 +169,10 @@ def open_library(path: str | os.PathLike, strict: bool = True) -> ctypes.CDLL:
         lib.sparse_cpu_set_backend.argtypes, lib.sparse_cpu_set_backend.restype = (ctypes.c_int,), ctypes.c_int
         lib.sparse_cpu_threading.argtypes, lib.sparse_cpu_threading.restype = (_P,), None
         lib.sparse_cpu_waited.argtypes, lib.sparse_cpu_waited.restype = (_INT, _I64, _I64), ctypes.c_int
+    if strict or hasattr(lib, "decoder_new"):
+        lib.decoder_new.argtypes = (_P, ctypes.c_float, ctypes.c_float, _INT, _P, *(_P,) * 6)
+        lib.decoder_new.restype = ctypes.c_void_p
+        lib.decoder_free.argtypes, lib.decoder_free.restype = (ctypes.c_void_p,), None
     return lib
 
 

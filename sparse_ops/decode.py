@@ -1,0 +1,289 @@
+"""Decode LLaMA-family models (Llama, Mistral, Qwen2) in one native call per step: ``generate`` and ``Decoder``.
+
+transformers' generate loop runs a dozen PyTorch ops per block per token, each a Python call; on a CPU a small
+model spends most of each token there, not in its matmuls. ``Decoder`` hands the whole model to our C++ step
+(``csrc/decode_step.h``) once: each block's norms, q/k/v/o projections, rotary, attention over a KV cache it
+owns, gated MLP, then the final norm and the LM head, for any number of new tokens (the prompt in one call,
+then one token per call), with no Python per layer. Each linear layer runs the kernel its plan chose for that
+many tokens (``SparseLinear.native_weight``: CSR, 2:4, the int8 layouts, or our dense kernel where the plan chose
+dense); plain ``nn.Linear`` layers run our dense kernel. ``lm_head="int8"`` or ``"bf16"`` stores the LM head
+(a fifth of SmolLM2-135M's weights) in four times or half fewer bytes.
+
+Example:
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    ...                   num_attention_heads=4, num_key_value_heads=2)
+    >>> model = LlamaForCausalLM(cfg).eval()
+    >>> ids = torch.tensor([[1, 5, 9]])
+    >>> out = generate(model, ids, max_new_tokens=4)
+    >>> ref = model.generate(ids, max_new_tokens=4, do_sample=False)
+    >>> torch.equal(out, ref)
+    True
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import torch
+from torch import nn
+
+from sparse_ops.activations import CODES
+from sparse_ops.kernels import cpu_native, native
+from sparse_ops.kernels.cpu_native import NativeWeight
+from sparse_ops.linear import SparseLinear
+from sparse_ops.quantized import DenseInt8
+
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SLOTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # decode_step.h's order
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # cos / sin depend on the position alone
+HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "relu": "relu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}
+LM_HEADS = (None, "int8", "bf16")
+# Work (multiply-adds) below which the step's attention runs on one thread (cpu_native's threshold for ours).
+ATTENTION_SINGLE_THREAD_WORK = cpu_native.ATTENTION_SINGLE_THREAD_WORK
+
+
+class Decoder:
+    """A LLaMA-family ``*ForCausalLM`` prepared for our decoder step, with a KV cache of ``max_len`` positions.
+
+    ``step(tokens)`` appends tokens at the cache's end and returns the logits of the last (or, with
+    ``all_logits``, of each); ``reset()`` empties the cache. The model's weights are read in place (keep the model
+    alive and unchanged while the decoder is used); one step runs at a time.
+
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+    ...     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)).eval()
+    >>> d = Decoder(model, max_len=16)
+    >>> logits = d.step(torch.tensor([1, 5, 9]), all_logits=True)
+    >>> torch.allclose(logits, model(torch.tensor([[1, 5, 9]])).logits[0], atol=1e-4), d.position
+    (True, 3)
+    """
+
+    def __init__(self, model: nn.Module, *, max_len: int = 2048, lm_head: str | None = None):
+        if lm_head not in LM_HEADS:
+            raise ValueError(f"unknown lm_head {lm_head!r}; allowed: {', '.join(map(str, LM_HEADS))}")
+        if not isinstance(max_len, int) or max_len < 1:
+            raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+        lib = native.library()
+        if lib is None:
+            raise RuntimeError("the decoder step needs the native CPU kernels, unavailable in this process (see "
+                               "the log)")
+        cfg, body = _check_model(model)
+        attn0 = body.layers[0].self_attn
+        self.layers, self.hidden = cfg.num_hidden_layers, cfg.hidden_size
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
+        self.head_dim = attn0.head_dim
+        self.vocab, self.max_len, self.position = cfg.vocab_size, max_len, 0
+        self.intermediate = body.layers[0].mlp.gate_proj.out_features
+        window = getattr(cfg, "sliding_window", None) if type(model).__name__ == "MistralForCausalLM" else None
+        self.window = int(window or 0)
+        with torch.no_grad():
+            positions = torch.arange(max_len)[None]
+            cos, sin = body.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
+        keep = [cos[0].float().contiguous(), sin[0].float().contiguous(),
+                body.embed_tokens.weight.detach().float().contiguous(), _fp32(body.norm.weight)]
+        shape = (self.layers, self.kv_heads, max_len, self.head_dim)
+        self.k_cache, self.v_cache = torch.zeros(shape), torch.zeros(shape)
+        dims = (ctypes.c_int64 * 9)(self.layers, self.hidden, self.heads, self.kv_heads, self.head_dim,
+                                    self.intermediate, self.vocab, max_len, self.window)
+        single = (ctypes.c_int64 * 3)(cpu_native.SINGLE_THREAD_WORK[True], cpu_native.SINGLE_THREAD_WORK[False],
+                                      ATTENTION_SINGLE_THREAD_WORK)
+        act = _gate_activation(cfg, body.layers[0].mlp)
+        handle = lib.decoder_new(ctypes.addressof(dims), float(cfg.rms_norm_eps), float(attn0.scaling), CODES[act],
+                                 ctypes.addressof(single),
+                                 *(t.data_ptr() for t in keep), self.k_cache.data_ptr(), self.v_cache.data_ptr())
+        if not handle:
+            raise ValueError(f"the decoder step cannot run this configuration: {dict(zip(_DIMS, dims))}")
+        self._lib, self._handle, self._lock = lib, handle, threading.Lock()
+        self.weights: dict[str, NativeWeight] = {}  # qualified name -> what the step runs (kept alive here)
+        for i, block in enumerate(body.layers):
+            for slot, name in enumerate(SLOTS):
+                parent = block.self_attn if slot < 4 else block.mlp
+                self._set(i, slot, f"model.layers.{i}.{'self_attn' if slot < 4 else 'mlp'}.{name}",
+                          getattr(parent, name), keep)
+            norms = (_fp32(block.input_layernorm.weight), _fp32(block.post_attention_layernorm.weight))
+            keep.extend(norms)
+            lib.decoder_norms(handle, i, *(t.data_ptr() for t in norms))
+        self._set(-1, 0, "lm_head", model.lm_head, keep, lm_head)
+        self._keep = keep
+
+    def _set(self, layer: int, slot: int, name: str, module: nn.Module, keep: list, lm_head: str | None = None) -> None:
+        w, bias = _native_weight(module, lm_head)
+        out, inp = w.source.shape
+        parts = (ctypes.c_void_p * 6)(*(t.data_ptr() for t in w.tensors))
+        if bias is not None:
+            bias = _fp32(bias)
+            keep.append(bias)
+        self._lib.decoder_linear(self._handle, layer, slot, w.layout.encode(), ctypes.addressof(parts), out, inp,
+                                 w.extra, w.nnz,
+                                 None if bias is None else bias.data_ptr())
+        self.weights[name] = w
+
+    def layouts(self) -> dict[str, str]:
+        """Each linear layer's layout in the step (qualified name -> "csr_f32_i16", "dense_f32", ...)."""
+        return {name: w.layout for name, w in self.weights.items()}
+
+    def reset(self) -> None:
+        """Empty the KV cache (the next step starts a new sequence at position 0)."""
+        self.position = 0
+
+    def step(self, tokens: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """Run ``tokens`` (a 1-D int tensor: the prompt, or the last token) at the cache's end; return the fp32
+        logits of the last token (vocab,), or of each (n, vocab) with ``all_logits``.
+
+        Errors: tokens not 1-D or empty, ids outside the vocabulary, or more positions than ``max_len``
+        (ValueError naming the value)."""
+        ids = torch.as_tensor(tokens)
+        if ids.dim() != 1 or ids.numel() == 0 or ids.dtype.is_floating_point:
+            raise ValueError(f"tokens must be a non-empty 1-D integer tensor, got {tuple(ids.shape)} {ids.dtype}")
+        ids = ids.to(torch.int64).contiguous()
+        n = ids.numel()
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= self.vocab:
+            raise ValueError(f"token ids must be in [0, {self.vocab}), got {low if low < 0 else high}")
+        if self.position + n > self.max_len:
+            raise ValueError(f"{self.position} cached + {n} new positions exceed max_len={self.max_len}; build the "
+                             f"Decoder with a larger max_len")
+        logits = torch.empty(n if all_logits else 1, self.vocab)
+        with self._lock:
+            self._lib.decoder_step(self._handle, ids.data_ptr(), n, self.position, logits.data_ptr(),
+                                   int(all_logits), native.num_threads())
+            self.position += n
+        return logits if all_logits else logits[0]
+
+    def __del__(self) -> None:
+        handle = getattr(self, "_handle", None)
+        if handle:
+            self._lib.decoder_free(handle)
+            self._handle = None
+
+
+_DIMS = ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab", "max_len", "window")
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().float().contiguous()
+
+
+def _check_model(model: nn.Module) -> tuple[object, nn.Module]:
+    """(config, decoder body) of a supported model; ValueError naming what is not."""
+    name = type(model).__name__
+    if name not in ARCHITECTURES:
+        raise ValueError(f"the decoder step runs {', '.join(ARCHITECTURES)}; got {name}")
+    cfg, body = model.config, model.model
+    rope = (getattr(cfg, "rope_scaling", None) or {}).get("rope_type", "default")
+    if rope not in ROPE_TYPES:
+        raise ValueError(f"rotary scaling {rope!r} depends on the sequence length; the decoder step supports "
+                         f"{', '.join(ROPE_TYPES)}")
+    if name == "Qwen2ForCausalLM" and getattr(cfg, "use_sliding_window", False):
+        raise ValueError("Qwen2 with use_sliding_window=True (windows on some layers) is not supported by the "
+                         "decoder step")
+    for p in model.parameters():
+        if p.device.type != "cpu":
+            raise ValueError(f"the decoder step runs on the CPU; the model has parameters on {p.device}")
+    return cfg, body
+
+
+def _gate_activation(cfg: object, mlp: nn.Module) -> str:
+    """The activation of the MLP's gate: fused into ``gate_proj`` (``fuse=True``), else the config's."""
+    gate = mlp.gate_proj
+    if isinstance(gate, SparseLinear) and gate.activation is not None:
+        return gate.activation
+    act = getattr(cfg, "hidden_act", "silu")
+    if act not in HF_ACTIVATIONS:
+        raise ValueError(f"activation {act!r} is not supported by the decoder step; allowed: "
+                         f"{', '.join(HF_ACTIVATIONS)}")
+    return HF_ACTIVATIONS[act]
+
+
+def _native_weight(module: nn.Module, lm_head: str | None) -> tuple[NativeWeight, torch.Tensor | None]:
+    """(what the step runs, bias) for a linear layer: a SparseLinear's planned path at one token, an
+    ``nn.Linear``'s weight on our dense kernel; ``lm_head`` "int8" / "bf16" requantizes the weight."""
+    if isinstance(module, SparseLinear):
+        weight, bias = (module.dense_weight() if lm_head else None), module.bias
+    elif isinstance(module, nn.Linear):
+        weight, bias = module.weight.detach(), module.bias
+    else:
+        raise TypeError(f"the decoder step runs nn.Linear and SparseLinear layers, got {type(module).__name__}")
+    if lm_head == "int8":
+        return cpu_native.prepare_dense_int8(DenseInt8.from_dense(weight.float())), bias
+    if lm_head == "bf16":
+        return cpu_native.prepare_dense(weight.to(torch.bfloat16)), bias
+    if isinstance(module, SparseLinear):
+        return module.native_weight(1), bias
+    return cpu_native.prepare_dense(weight), bias
+
+
+def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 32, *, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id: int | None = None,
+             generator: torch.Generator | None = None, lm_head: str | None = None) -> torch.Tensor:
+    """``input_ids`` (1, L) followed by up to ``max_new_tokens`` generated tokens (1, L + new), through our decoder
+    step: the prompt in one call, then one call per token. Greedy by default (the tokens of transformers'
+    ``generate(do_sample=False)`` on the same weights, up to near-ties of the logits); ``do_sample``: sampling
+    with ``temperature``, ``top_k`` (0: all) and ``top_p``. Stops after ``eos_token_id`` (default the config's).
+    The prepared decoder is kept on the model for the next call (rebuilt when it needs more positions, another
+    ``lm_head``, or the model's parameters changed).
+
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+    ...     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)).eval()
+    >>> generate(model, torch.tensor([[1, 5, 9]]), max_new_tokens=3).shape
+    torch.Size([1, 6])
+    """
+    ids = torch.as_tensor(input_ids)
+    if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be (1, L) with L >= 1 (one sequence; batches are not supported yet), got "
+                         f"{tuple(ids.shape)}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if do_sample and (temperature <= 0 or top_k < 0 or not 0 < top_p <= 1):
+        raise ValueError(f"sampling needs temperature > 0, top_k >= 0 and 0 < top_p <= 1; got {temperature}, "
+                         f"{top_k}, {top_p}")
+    if eos_token_id is None:
+        eos_token_id = getattr(model.config, "eos_token_id", None)
+    eos = set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]) - {None}
+    decoder = _decoder_for(model, ids.shape[1] + max_new_tokens, lm_head)
+    decoder.reset()
+    out = ids[0].tolist()
+    if max_new_tokens == 0:
+        return ids.clone()
+    logits = decoder.step(ids[0])
+    for i in range(max_new_tokens):
+        token = _pick(logits, do_sample, temperature, top_k, top_p, generator)
+        out.append(token)
+        if token in eos or i == max_new_tokens - 1:
+            break
+        logits = decoder.step(torch.tensor([token]))
+    return torch.tensor([out], dtype=ids.dtype)
+
+
+def _decoder_for(model: nn.Module, length: int, lm_head: str | None) -> Decoder:
+    """The decoder kept on the model, rebuilt when too short, for another ``lm_head``, or after the parameters
+    changed (their storage or version)."""
+    key = (lm_head, tuple((p.data_ptr(), p._version) for p in model.parameters()),
+           tuple((b.data_ptr(), b._version) for b in model.buffers()))
+    cached = model.__dict__.get("_sparse_decoder")
+    if cached is None or cached[0] != key or cached[1].max_len < length:
+        size = max(256, -(-length // 256) * 256)
+        model.__dict__["_sparse_decoder"] = (key, Decoder(model, max_len=size, lm_head=lm_head))
+    return model.__dict__["_sparse_decoder"][1]
+
+
+def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
+          generator: torch.Generator | None) -> int:
+    """The next token: argmax, or a sample from the temperature-scaled logits kept by top-k and top-p."""
+    if not do_sample:
+        return int(torch.argmax(logits))
+    scores = logits / temperature
+    if top_k:
+        kth = torch.topk(scores, min(top_k, scores.numel())).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        cum = torch.softmax(sorted_scores, -1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_scores, -1) >= top_p  # keep the smallest prefix reaching top_p
+        scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
+    return int(torch.multinomial(torch.softmax(scores, -1), 1, generator=generator))
