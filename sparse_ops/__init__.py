@@ -5,6 +5,8 @@ The public API (``__all__``), loaded on first use so that ``import sparse_ops`` 
   :func:`sparsify` (load a sparse checkpoint into a model, swapping its linears for
   :class:`SparseLinear` layers on a per-layer, per-batch plan), :func:`plan_report` (what each layer chose),
   :func:`use_fast_attention` (our attention kernel for a ``transformers`` model);
+- decode a LLaMA-family model (Llama, Mistral, Qwen2) in one native call per token: :func:`generate`,
+  :class:`Decoder` (``sparse_ops.decode``);
 - checkpoints: :func:`convert_checkpoint` (dense -> CSR / 2:4 safetensors), :func:`load_sparse_state_dict`,
   :func:`inspect_checkpoint`;
 - formats: :class:`CSR`, :class:`TwoFour`, and int8 with a scale per row (:class:`DenseInt8`, :class:`CSRInt8`,
@@ -30,6 +32,7 @@ _EXPORTS = {
     "CSR": "sparse_ops.formats", "TwoFour": "sparse_ops.formats", "BitmapInt8": "sparse_ops.quantized",
     "CSRInt8": "sparse_ops.quantized", "DenseInt8": "sparse_ops.quantized",
     "MoE": "sparse_ops.layers", "GatedMultiheadAttention": "sparse_ops.layers",
+    "generate": "sparse_ops.decode", "Decoder": "sparse_ops.decode",
 }
 __all__ = sorted(_EXPORTS)
 

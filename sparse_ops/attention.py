@@ -34,8 +34,9 @@ _UNSUPPORTED = ("softcap", "sliding_window", "s_aux", "sinks", "position_bias", 
 def _fast(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
           attention_mask: torch.Tensor | None, dropout: float, scaling: float | None, is_causal: bool | None,
           kwargs: dict) -> torch.Tensor | None:
-    """Our kernel's output (B, S, H, D), or None where SDPA must run."""
-    if dropout or module.training or kwargs.get("output_attentions") \
+    """Our kernel's output (B, S, H, D), or None where SDPA must run (under torch.compile and export too: the
+    compiler traces SDPA)."""
+    if torch.compiler.is_compiling() or dropout or module.training or kwargs.get("output_attentions") \
             or any(kwargs.get(k) is not None for k in _UNSUPPORTED):
         return None
     q_len, kv_len = query.shape[2], key.shape[2]

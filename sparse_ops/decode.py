@@ -125,9 +125,28 @@ class Decoder:
         """Each linear layer's layout in the step (qualified name -> "csr_f32_i16", "dense_f32", ...)."""
         return {name: w.layout for name, w in self.weights.items()}
 
-    def reset(self) -> None:
-        """Empty the KV cache (the next step starts a new sequence at position 0)."""
-        self.position = 0
+    def reset(self, position: int = 0) -> None:
+        """Keep the first ``position`` cached positions (default none: the next step starts a new sequence); the
+        next step continues from there (a shared prompt decoded again, a rejected draft dropped)."""
+        if not 0 <= position <= self.position:
+            raise ValueError(f"position must be in [0, {self.position}] (the cached positions), got {position}")
+        self.position = position
+
+    def time_split(self) -> dict[str, float]:
+        """Seconds this decoder's steps spent in their linear layers (LM head included) and in all, and the steps
+        run: what is left outside the kernels (norms, rotary, attention, the cache) is the difference.
+
+        >>> import torch
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> d = Decoder(LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+        ...     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)).eval(), max_len=8)
+        >>> _ = d.step(torch.tensor([1, 2]))
+        >>> t = d.time_split(); t["steps"], 0 < t["linear_s"] <= t["step_s"]
+        (1, True)
+        """
+        times = (ctypes.c_int64 * 3)()
+        self._lib.decoder_time(self._handle, ctypes.addressof(times))
+        return {"linear_s": times[0] / 1e9, "step_s": times[1] / 1e9, "steps": int(times[2])}
 
     def step(self, tokens: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         """Run ``tokens`` (a 1-D int tensor: the prompt, or the last token) at the cache's end; return the fp32

@@ -36,6 +36,8 @@ class SparseFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., up.in_features) -> (..., down.out_features)."""
         up, down = self._modules["up"], self._modules["down"]  # direct lookups: this runs per forward
+        if torch.compiler.is_compiling():  # each layer a custom operator (sparse_ops.ops), no fused call
+            return down(up(x))
         ffn, n = up.kernel.ffn, x.numel() // max(1, x.shape[-1])
         if ffn is not None and down.kernel is up.kernel and up.runs_own_kernel(n) and down.runs_own_kernel(n):
             up.check_input(x)
@@ -79,6 +81,8 @@ class SparseGatedFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) -> (..., down.out_features)."""
         gate, up, down = (self._modules[n] for n in self._names)
+        if torch.compiler.is_compiling():  # each layer a custom operator (sparse_ops.ops), no fused call
+            return down(gate(x) * up(x))
         ffn, n = up.kernel.ffn, x.numel() // max(1, x.shape[-1])
         if ffn is not None and gate.kernel is up.kernel and down.kernel is up.kernel \
                 and all(m.runs_own_kernel(n) for m in (gate, up, down)):
@@ -134,7 +138,7 @@ class SparseAddNorm(nn.Module):
         live = dropout is not None and dropout.training and getattr(dropout, "p", 0.0) > 0.0
         grads = torch.is_grad_enabled() and (x.requires_grad or residual.requires_grad
                                              or any(p.requires_grad for p in norm.parameters()))
-        if not live and not grads and residual.shape[:-1] == x.shape[:-1] \
+        if not live and not grads and not torch.compiler.is_compiling() and residual.shape[:-1] == x.shape[:-1] \
                 and residual.shape[-1] == norm.normalized_shape[0]:  # else torch broadcasts, or raises
             r = residual if residual.dim() == 2 else residual.reshape(-1, residual.shape[-1])
             y = _with_post(layer, x, AddNorm(r, norm.weight, norm.bias, norm.eps))

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse_ops import activations, busy, plan
+from sparse_ops import activations, busy, ops, plan
 from sparse_ops.dispatch import OURS, candidates, kernel_for, torch_path_formats, torch_path_kernel
 from sparse_ops.formats import SparseFormat
 from sparse_ops.kernels import cpu_native, native
@@ -95,6 +95,7 @@ class SparseLinear(nn.Module):
         self.kernel = kernel_for(w.format, w.device, torch_kernel=self.torch_kernel, weight=w)
         self._state = self.kernel.prepare(w)
         self._dtype = w.dtype
+        ops.register(self, self.weight_buffer())
         # an int8 weight's other int8 layouts (same numbers, other kernels): paths of its plan
         self._twins = tuple(f for f in QUANTIZED
                             if w.QUANTIZED and f != w.format and candidates(f, w.device)[0].native)
@@ -121,6 +122,10 @@ class SparseLinear(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self._prepare()
 
+    def weight_buffer(self) -> torch.Tensor:
+        """The first stored part of the weight (the buffer ``sparse_ops.ops`` finds this layer by)."""
+        return self._buffers[f"weight_{self._part_names[0]}"]
+
     def check_input(self, x: torch.Tensor) -> None:
         """ValueError or TypeError unless x is (..., in_features) in the weight's dtype."""
         if x.shape[-1] != self.in_features:
@@ -129,7 +134,15 @@ class SparseLinear(nn.Module):
             raise TypeError(f"input dtype {x.dtype} does not match the weight's {self._dtype}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., in) -> (..., out)."""
+        """x: (..., in) -> (..., out). Under ``torch.compile`` and ``torch.export``, the custom operator
+        ``sparse_ops::linear`` (``sparse_ops.ops``), which runs this same path."""
+        if torch.compiler.is_compiling():
+            return ops.linear(x, [self._buffers[f"weight_{k}"] for k in self._part_names], ",".join(self._part_names),
+                              self.format, self.out_features, self.in_features, self._buffers["bias"],
+                              self._activation or "")
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features or x.dtype != self._dtype:  # inline: this runs per layer and call
             self.check_input(x)
         bias = self._buffers["bias"]

@@ -230,3 +230,16 @@ def test_the_plan_decides_per_layer(tmp_path, monkeypatch):
         for name in names:
             assert torch.equal(model.get_submodule(name).weight, sparse.get_submodule(name).dense_weight())
     check_steps(Decoder(sparse, max_len=16), model, torch.tensor([4, 8, 15, 16, 23, 42]), prompt=2, atol=1e-5)
+
+
+def test_reset_keeps_a_prefix_of_the_cache():
+    model = model_for("llama-gqa-llama3-rope-biases")
+    ids = torch.tensor([4, 8, 15, 16, 23, 42, 7])
+    d = Decoder(model, max_len=16)
+    full = d.step(ids, all_logits=True)
+    d.reset(3)  # keep the first three positions, decode the rest again
+    torch.testing.assert_close(d.step(ids[3:], all_logits=True), full[3:], atol=1e-5, rtol=0)
+    d.reset(3)
+    d.step(torch.tensor([9, 9]))  # a different continuation overwrites positions 3 and 4
+    with pytest.raises(ValueError, match=r"position must be in \[0, 5\]"):
+        d.reset(6)

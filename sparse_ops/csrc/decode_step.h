@@ -36,6 +36,7 @@ struct Decoder {
   std::vector<Layer> blocks;
   LinearRef head;
   std::vector<float> x, y, h, q, k, v, a, g, u, scores;  // per-step buffers, grown to the largest n
+  int64_t linear_ns = 0, step_ns = 0, steps = 0;  // time in the linear layers and in whole steps (decoder_time)
 
   int threads_for(const LinearRef& w, int64_t n, int nthreads) const {
     return w.nnz * n < (n == 1 ? single_gemv : single_batch) ? 1 : nthreads;
@@ -118,8 +119,12 @@ struct Decoder {
     for (auto* buf : {&g, &u}) buf->resize(static_cast<size_t>(n * I));
     for (int64_t i = 0; i < n; ++i) std::memcpy(x.data() + i * E, embed + tokens[i] * E, E * sizeof(float));
     int status = ENTRY_OK;
+    const int64_t start = work_pool::now_ns();
+    int64_t in_linear = 0;
     const auto run = [&](const LinearRef& w, const float* in, float* out, int act_code, const float* residual) {
+      const int64_t t0 = work_pool::now_ns();
       if (status == ENTRY_OK) status = linear(w, in, n, out, nthreads, act_code, residual);
+      in_linear += work_pool::now_ns() - t0;
     };
     for (int64_t l = 0; l < layers && status == ENTRY_OK; ++l) {
       const Layer& b = blocks[l];
@@ -149,8 +154,14 @@ struct Decoder {
     if (status != ENTRY_OK) return status;
     const int64_t rows = all_logits ? n : 1;
     rmsnorm(x.data() + (n - rows) * E, final_norm, h.data(), rows);
-    return run_linear(head, h.data(), rows, logits, threads_for(head, rows, nthreads), ACT_NONE,
-                      Post{POST_NONE, nullptr, nullptr, nullptr, 0.0f});
+    const int64_t t0 = work_pool::now_ns();
+    status = run_linear(head, h.data(), rows, logits, threads_for(head, rows, nthreads), ACT_NONE,
+                        Post{POST_NONE, nullptr, nullptr, nullptr, 0.0f});
+    const int64_t end = work_pool::now_ns();
+    linear_ns += in_linear + end - t0;
+    step_ns += end - start;
+    ++steps;
+    return status;
   }
 
   // Whether every layer is set and its shapes fit the model's.

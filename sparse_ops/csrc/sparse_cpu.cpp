@@ -1786,6 +1786,12 @@ extern "C" int decoder_step(void* handle, const int64_t* tokens, int64_t n, int6
   return d->step(tokens, n, pos, logits, all_logits != 0, nthreads);
 }
 extern "C" void decoder_free(void* handle) { delete static_cast<Decoder*>(handle); }
+// times[3]: nanoseconds in the linear layers (LM head included) and in whole steps, and the steps, since the
+// decoder was made (what a step spends outside the linear layers: norms, rotary, attention, the cache).
+extern "C" void decoder_time(void* handle, int64_t* times) {
+  const auto* d = static_cast<const Decoder*>(handle);
+  times[0] = d->linear_ns, times[1] = d->step_ns, times[2] = d->steps;
+}
 
 // Threading (work_pool.h): backend 0 auto, 1 OpenMP, 2 the work pool, 3 solo (tests and benchmarks pin one;
 // the previous setting is returned).

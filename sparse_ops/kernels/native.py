@@ -173,6 +173,7 @@ def open_library(path: str | os.PathLike, strict: bool = True) -> ctypes.CDLL:
         lib.decoder_new.argtypes = (_P, ctypes.c_float, ctypes.c_float, _INT, _P, *(_P,) * 6)
         lib.decoder_new.restype = ctypes.c_void_p
         lib.decoder_free.argtypes, lib.decoder_free.restype = (ctypes.c_void_p,), None
+        lib.decoder_time.argtypes, lib.decoder_time.restype = (ctypes.c_void_p, _P), None
     return lib
 
 
