@@ -251,6 +251,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ppl-window", type=int, default=256)
     p.add_argument("--ppl-tokens", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=list(VARIANTS),
+                   help="our pruned variants to run (default all; none: the dense rows alone, less memory)")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: benchmarks/results/llm_decode/<kernel isa>/<model>)")
     a = p.parse_args(argv)
@@ -279,7 +281,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dense = dense_model(a)
     fns, models, meta = {}, {BASELINE: dense, "ours/fp32": dense}, {}
     with tempfile.TemporaryDirectory(prefix="llm_decode-") as tmp:
-        for name, (sparsity, pattern, fmt, quant) in VARIANTS.items():
+        for name in a.variants:
+            sparsity, pattern, fmt, quant = VARIANTS[name]
             t0 = time.perf_counter()
             sparse = models[name] = deploy(dense, sparsity, pattern, fmt, quant, a, Path(tmp))
             step = StepDecode(sparse, ids, a.new_tokens)

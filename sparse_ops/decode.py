@@ -45,11 +45,13 @@ ATTENTION_SINGLE_THREAD_WORK = cpu_native.ATTENTION_SINGLE_THREAD_WORK
 
 
 class Decoder:
-    """A LLaMA-family ``*ForCausalLM`` prepared for our decoder step, with a KV cache of ``max_len`` positions.
+    """A LLaMA-family ``*ForCausalLM`` prepared for our decoder step, with a KV cache of ``max_len`` positions for
+    each of ``batch`` sequences.
 
-    ``step(tokens)`` appends tokens at the cache's end and returns the logits of the last (or, with
-    ``all_logits``, of each); ``reset()`` empties the cache. The model's weights are read in place (keep the model
-    alive and unchanged while the decoder is used); one step runs at a time.
+    ``step(tokens, seq=i)`` appends tokens to sequence i (a prompt, or its next token) and returns the logits of
+    the last (or, with ``all_logits``, of each); ``step_batch(tokens)`` appends one token to every sequence in one
+    call (the weights read once for all of them); ``reset()`` empties the caches. The model's weights are read in
+    place (keep the model alive and unchanged while the decoder is used); one step runs at a time.
 
     >>> import torch
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -57,15 +59,16 @@ class Decoder:
     ...     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)).eval()
     >>> d = Decoder(model, max_len=16)
     >>> logits = d.step(torch.tensor([1, 5, 9]), all_logits=True)
-    >>> torch.allclose(logits, model(torch.tensor([[1, 5, 9]])).logits[0], atol=1e-4), d.position
-    (True, 3)
+    >>> torch.allclose(logits, model(torch.tensor([[1, 5, 9]])).logits[0], atol=1e-4), d.positions
+    (True, [3])
     """
 
-    def __init__(self, model: nn.Module, *, max_len: int = 2048, lm_head: str | None = None):
+    def __init__(self, model: nn.Module, *, max_len: int = 2048, lm_head: str | None = None, batch: int = 1):
         if lm_head not in LM_HEADS:
             raise ValueError(f"unknown lm_head {lm_head!r}; allowed: {', '.join(map(str, LM_HEADS))}")
-        if not isinstance(max_len, int) or max_len < 1:
-            raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+        for name, value in (("max_len", max_len), ("batch", batch)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         lib = native.library()
         if lib is None:
             raise RuntimeError("the decoder step needs the native CPU kernels, unavailable in this process (see "
@@ -75,7 +78,7 @@ class Decoder:
         self.layers, self.hidden = cfg.num_hidden_layers, cfg.hidden_size
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
         self.head_dim = attn0.head_dim
-        self.vocab, self.max_len, self.position = cfg.vocab_size, max_len, 0
+        self.vocab, self.max_len, self.batch, self.positions = cfg.vocab_size, max_len, batch, [0] * batch
         self.intermediate = body.layers[0].mlp.gate_proj.out_features
         window = getattr(cfg, "sliding_window", None) if type(model).__name__ == "MistralForCausalLM" else None
         self.window = int(window or 0)
@@ -84,10 +87,10 @@ class Decoder:
             cos, sin = body.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
         keep = [cos[0].float().contiguous(), sin[0].float().contiguous(),
                 body.embed_tokens.weight.detach().float().contiguous(), _fp32(body.norm.weight)]
-        shape = (self.layers, self.kv_heads, max_len, self.head_dim)
+        shape = (batch, self.layers, self.kv_heads, max_len, self.head_dim)
         self.k_cache, self.v_cache = torch.zeros(shape), torch.zeros(shape)
-        dims = (ctypes.c_int64 * 9)(self.layers, self.hidden, self.heads, self.kv_heads, self.head_dim,
-                                    self.intermediate, self.vocab, max_len, self.window)
+        dims = (ctypes.c_int64 * 10)(self.layers, self.hidden, self.heads, self.kv_heads, self.head_dim,
+                                     self.intermediate, self.vocab, max_len, self.window, batch)
         single = (ctypes.c_int64 * 3)(cpu_native.SINGLE_THREAD_WORK[True], cpu_native.SINGLE_THREAD_WORK[False],
                                       ATTENTION_SINGLE_THREAD_WORK)
         act = _gate_activation(cfg, body.layers[0].mlp)
@@ -125,12 +128,25 @@ class Decoder:
         """Each linear layer's layout in the step (qualified name -> "csr_f32_i16", "dense_f32", ...)."""
         return {name: w.layout for name, w in self.weights.items()}
 
-    def reset(self, position: int = 0) -> None:
-        """Keep the first ``position`` cached positions (default none: the next step starts a new sequence); the
-        next step continues from there (a shared prompt decoded again, a rejected draft dropped)."""
-        if not 0 <= position <= self.position:
-            raise ValueError(f"position must be in [0, {self.position}] (the cached positions), got {position}")
-        self.position = position
+    @property
+    def position(self) -> int:
+        """Cached positions of sequence 0 (the only one of a decoder with batch 1)."""
+        return self.positions[0]
+
+    def reset(self, position: int = 0, seq: int | None = None) -> None:
+        """Keep the first ``position`` cached positions of sequence ``seq`` (None: of every sequence; default
+        none: the next step starts a new sequence); the next step continues from there (a shared prompt decoded
+        again, a rejected draft dropped)."""
+        for s in range(self.batch) if seq is None else [self._check_seq(seq)]:
+            if not 0 <= position <= self.positions[s]:
+                raise ValueError(f"position must be in [0, {self.positions[s]}] (the cached positions of sequence "
+                                 f"{s}), got {position}")
+            self.positions[s] = position
+
+    def _check_seq(self, seq: int) -> int:
+        if not isinstance(seq, int) or not 0 <= seq < self.batch:
+            raise ValueError(f"seq must be a sequence index in [0, {self.batch}), got {seq!r}")
+        return seq
 
     def time_split(self) -> dict[str, float]:
         """Seconds this decoder's steps spent in their linear layers (LM head included) and in all, and the steps
@@ -148,29 +164,52 @@ class Decoder:
         self._lib.decoder_time(self._handle, ctypes.addressof(times))
         return {"linear_s": times[0] / 1e9, "step_s": times[1] / 1e9, "steps": int(times[2])}
 
-    def step(self, tokens: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
-        """Run ``tokens`` (a 1-D int tensor: the prompt, or the last token) at the cache's end; return the fp32
-        logits of the last token (vocab,), or of each (n, vocab) with ``all_logits``.
+    def step(self, tokens: torch.Tensor, all_logits: bool = False, seq: int = 0) -> torch.Tensor:
+        """Run ``tokens`` (a 1-D int tensor: the prompt, or the last token) at the end of sequence ``seq``'s cache;
+        return the fp32 logits of the last token (vocab,), or of each (n, vocab) with ``all_logits``.
 
-        Errors: tokens not 1-D or empty, ids outside the vocabulary, or more positions than ``max_len``
-        (ValueError naming the value)."""
+        Errors: tokens not 1-D or empty, ids outside the vocabulary, a sequence index out of range, or more
+        positions than ``max_len`` (ValueError naming the value)."""
+        ids = self._ids(tokens)
+        n, start = ids.numel(), self.positions[self._check_seq(seq)]
+        if start + n > self.max_len:
+            raise ValueError(f"{start} cached + {n} new positions exceed max_len={self.max_len}; build the "
+                             f"Decoder with a larger max_len")
+        logits = self._run(ids, [seq] * n, list(range(start, start + n)), n if all_logits else 1)
+        self.positions[seq] += n
+        return logits if all_logits else logits[0]
+
+    def step_batch(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One token of each sequence (``tokens`` (batch,)) in one call, each at its own position: the logits
+        (batch, vocab). Same errors as ``step``."""
+        ids = self._ids(tokens)
+        if ids.numel() != self.batch:
+            raise ValueError(f"step_batch takes one token per sequence ({self.batch}), got {ids.numel()}")
+        full = [s for s, p in enumerate(self.positions) if p >= self.max_len]
+        if full:
+            raise ValueError(f"sequence {full[0]} holds max_len={self.max_len} positions; build the Decoder with a "
+                             f"larger max_len")
+        logits = self._run(ids, list(range(self.batch)), list(self.positions), self.batch)
+        self.positions = [p + 1 for p in self.positions]
+        return logits
+
+    def _ids(self, tokens: torch.Tensor) -> torch.Tensor:
         ids = torch.as_tensor(tokens)
         if ids.dim() != 1 or ids.numel() == 0 or ids.dtype.is_floating_point:
             raise ValueError(f"tokens must be a non-empty 1-D integer tensor, got {tuple(ids.shape)} {ids.dtype}")
-        ids = ids.to(torch.int64).contiguous()
-        n = ids.numel()
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= self.vocab:
             raise ValueError(f"token ids must be in [0, {self.vocab}), got {low if low < 0 else high}")
-        if self.position + n > self.max_len:
-            raise ValueError(f"{self.position} cached + {n} new positions exceed max_len={self.max_len}; build the "
-                             f"Decoder with a larger max_len")
-        logits = torch.empty(n if all_logits else 1, self.vocab)
+        return ids.to(torch.int64).contiguous()
+
+    def _run(self, ids: torch.Tensor, seqs: list[int], positions: list[int], rows: int) -> torch.Tensor:
+        """One native step over rows (token, sequence, position); the logits of the last ``rows`` rows."""
+        seq, pos = torch.tensor(seqs, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64)
+        logits = torch.empty(rows, self.vocab)
         with self._lock:
-            self._lib.decoder_step(self._handle, ids.data_ptr(), n, self.position, logits.data_ptr(),
-                                   int(all_logits), native.num_threads())
-            self.position += n
-        return logits if all_logits else logits[0]
+            self._lib.decoder_step(self._handle, ids.data_ptr(), ids.numel(), seq.data_ptr(), pos.data_ptr(),
+                                   logits.data_ptr(), int(rows > 1), native.num_threads())
+        return logits
 
     def __del__(self) -> None:
         handle = getattr(self, "_handle", None)
@@ -237,57 +276,67 @@ def _native_weight(module: nn.Module, lm_head: str | None) -> tuple[NativeWeight
 
 def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 32, *, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id: int | None = None,
-             generator: torch.Generator | None = None, lm_head: str | None = None) -> torch.Tensor:
-    """``input_ids`` (1, L) followed by up to ``max_new_tokens`` generated tokens (1, L + new), through our decoder
-    step: the prompt in one call, then one call per token. Greedy by default (the tokens of transformers'
-    ``generate(do_sample=False)`` on the same weights, up to near-ties of the logits); ``do_sample``: sampling
-    with ``temperature``, ``top_k`` (0: all) and ``top_p``. Stops after ``eos_token_id`` (default the config's).
-    The prepared decoder is kept on the model for the next call (rebuilt when it needs more positions, another
-    ``lm_head``, or the model's parameters changed).
+             pad_token_id: int | None = None, generator: torch.Generator | None = None,
+             lm_head: str | None = None) -> torch.Tensor:
+    """``input_ids`` (B, L): B prompts of L tokens (no padding), each followed by up to ``max_new_tokens``
+    generated tokens: (B, L + new), through our decoder step (each prompt in one call, then one call per step for
+    all B sequences). Greedy by default (the tokens of transformers' ``generate(do_sample=False)`` on the same
+    weights, up to near-ties of the logits); ``do_sample``: sampling with ``temperature``, ``top_k`` (0: all)
+    and ``top_p``. A sequence stops after ``eos_token_id`` (default the config's), the rest of its row then
+    ``pad_token_id`` (default the config's, else the EOS); generation ends when every sequence has. The
+    prepared decoder is kept on the model for the next call (rebuilt when it needs more positions or sequences,
+    another ``lm_head``, or the model's parameters changed).
 
     >>> import torch
     >>> from transformers import LlamaConfig, LlamaForCausalLM
     >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
     ...     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)).eval()
-    >>> generate(model, torch.tensor([[1, 5, 9]]), max_new_tokens=3).shape
-    torch.Size([1, 6])
+    >>> generate(model, torch.tensor([[1, 5, 9], [2, 6, 10]]), max_new_tokens=3).shape
+    torch.Size([2, 6])
     """
     ids = torch.as_tensor(input_ids)
-    if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be (1, L) with L >= 1 (one sequence; batches are not supported yet), got "
+    if ids.dim() != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be (B, L) with B, L >= 1 (prompts of one length, no padding), got "
                          f"{tuple(ids.shape)}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if do_sample and (temperature <= 0 or top_k < 0 or not 0 < top_p <= 1):
         raise ValueError(f"sampling needs temperature > 0, top_k >= 0 and 0 < top_p <= 1; got {temperature}, "
                          f"{top_k}, {top_p}")
-    if eos_token_id is None:
-        eos_token_id = getattr(model.config, "eos_token_id", None)
-    eos = set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]) - {None}
-    decoder = _decoder_for(model, ids.shape[1] + max_new_tokens, lm_head)
-    decoder.reset()
-    out = ids[0].tolist()
     if max_new_tokens == 0:
         return ids.clone()
-    logits = decoder.step(ids[0])
+    cfg = model.config
+    if eos_token_id is None:
+        eos_token_id = getattr(cfg, "eos_token_id", None)
+    eos = set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]) - {None}
+    if pad_token_id is None:
+        pad_token_id = getattr(cfg, "pad_token_id", None)
+        pad_token_id = pad_token_id if pad_token_id is not None else min(eos, default=0)
+    batch = ids.shape[0]
+    decoder = _decoder_for(model, ids.shape[1] + max_new_tokens, lm_head, batch)
+    decoder.reset()
+    logits = torch.stack([decoder.step(ids[b], seq=b) for b in range(batch)])
+    out, done = [], [False] * batch
     for i in range(max_new_tokens):
-        token = _pick(logits, do_sample, temperature, top_k, top_p, generator)
-        out.append(token)
-        if token in eos or i == max_new_tokens - 1:
+        tokens = [pad_token_id if done[b] else _pick(logits[b], do_sample, temperature, top_k, top_p, generator)
+                  for b in range(batch)]
+        out.append(tokens)
+        done = [d or t in eos for d, t in zip(done, tokens)]
+        if all(done) or i == max_new_tokens - 1:
             break
-        logits = decoder.step(torch.tensor([token]))
-    return torch.tensor([out], dtype=ids.dtype)
+        logits = decoder.step_batch(torch.tensor(tokens))
+    return torch.cat([ids, torch.tensor(out, dtype=ids.dtype).T], dim=1)
 
 
-def _decoder_for(model: nn.Module, length: int, lm_head: str | None) -> Decoder:
-    """The decoder kept on the model, rebuilt when too short, for another ``lm_head``, or after the parameters
-    changed (their storage or version)."""
-    key = (lm_head, tuple((p.data_ptr(), p._version) for p in model.parameters()),
+def _decoder_for(model: nn.Module, length: int, lm_head: str | None, batch: int) -> Decoder:
+    """The decoder kept on the model, rebuilt when too short, for another ``lm_head`` or batch, or after the
+    parameters changed (their storage or version)."""
+    key = (lm_head, batch, tuple((p.data_ptr(), p._version) for p in model.parameters()),
            tuple((b.data_ptr(), b._version) for b in model.buffers()))
     cached = model.__dict__.get("_sparse_decoder")
     if cached is None or cached[0] != key or cached[1].max_len < length:
         size = max(256, -(-length // 256) * 256)
-        model.__dict__["_sparse_decoder"] = (key, Decoder(model, max_len=size, lm_head=lm_head))
+        model.__dict__["_sparse_decoder"] = (key, Decoder(model, max_len=size, lm_head=lm_head, batch=batch))
     return model.__dict__["_sparse_decoder"][1]
 
 

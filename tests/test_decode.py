@@ -187,8 +187,12 @@ def test_errors_name_the_bad_value():
         d.step(torch.tensor([[1, 2]]))
     with pytest.raises(ValueError, match="unknown lm_head 'fp8'"):
         Decoder(model, lm_head="fp8")
-    with pytest.raises(ValueError, match=r"input_ids must be \(1, L\)"):
-        generate(model, torch.tensor([[1, 2], [3, 4]]))
+    with pytest.raises(ValueError, match=r"input_ids must be \(B, L\)"):
+        generate(model, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"seq must be a sequence index in \[0, 1\), got 1"):
+        d.step(torch.tensor([1]), seq=1)
+    with pytest.raises(ValueError, match=r"one token per sequence \(1\), got 2"):
+        d.step_batch(torch.tensor([1, 2]))
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
     with pytest.raises(ValueError, match="runs LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM; got GPT2"):
         Decoder(gpt2)
@@ -243,3 +247,45 @@ def test_reset_keeps_a_prefix_of_the_cache():
     d.step(torch.tensor([9, 9]))  # a different continuation overwrites positions 3 and 4
     with pytest.raises(ValueError, match=r"position must be in \[0, 5\]"):
         d.reset(6)
+
+
+def test_batched_generation_matches_transformers():
+    model = model_for("qwen2-qkv-bias")
+    ids = torch.randint(0, SMALL["vocab_size"], (3, 5), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    assert torch.equal(generate(model, ids, max_new_tokens=10, eos_token_id=-1), ref)
+
+
+def test_a_batched_step_is_each_sequence_on_its_own():
+    """Sequences at different positions (prompts of 2, 5 and 3 tokens), one token each in one call: each row's
+    logits are those of that sequence decoded alone."""
+    model = model_for("mistral-sliding-window")
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, SMALL["vocab_size"], (n,), generator=g) for n in (2, 5, 3)]
+    nxt = torch.randint(0, SMALL["vocab_size"], (3, 4), generator=g)
+    batched = Decoder(model, max_len=16, batch=3)
+    for b, p in enumerate(prompts):
+        batched.step(p, seq=b)
+    got = torch.stack([batched.step_batch(nxt[:, j]) for j in range(4)], dim=1)  # (3, 4, vocab)
+    assert batched.positions == [6, 9, 7]
+    for b, p in enumerate(prompts):
+        alone = Decoder(model, max_len=16)
+        alone.step(p)
+        want = torch.stack([alone.step(nxt[b, j:j + 1]) for j in range(4)])
+        torch.testing.assert_close(got[b], want, atol=1e-5, rtol=1e-5)
+
+
+def test_finished_sequences_are_padded():
+    model = model_for("llama-linear-rope-mha")
+    ids = torch.tensor([[3, 4, 5], [7, 8, 9]])
+    greedy = generate(model, ids, max_new_tokens=6, eos_token_id=-1)
+    stop = int(greedy[0, 4])  # sequence 0's second new token ends it
+    out = generate(model, ids, max_new_tokens=6, eos_token_id=stop, pad_token_id=0)
+    first = greedy[0, 3:].tolist().index(stop)
+    assert out[0, 3:3 + first + 1].tolist() == greedy[0, 3:3 + first + 1].tolist()
+    assert set(out[0, 3 + first + 1:].tolist()) <= {0}
+    row1 = greedy[1, 3:].tolist()
+    if stop not in row1:
+        assert out[1].tolist() == greedy[1].tolist()[:out.shape[1]]

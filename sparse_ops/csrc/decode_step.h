@@ -1,19 +1,21 @@
-// The decoder step of a LLaMA-family model (Llama, Mistral, Qwen2): n new tokens of one sequence through every
-// block and the LM head in one call, over a KV cache the caller owns. Included by sparse_cpu.cpp inside its
-// internal namespace, after the kernels (run_linear, parallel_for, Post).
+// The decoder step of a LLaMA-family model (Llama, Mistral, Qwen2): n new tokens through every block and the LM
+// head in one call, over a KV cache the caller owns, (batch, layers, Hk, max_len, D): row i of the step is
+// token tokens[i] of sequence seq[i] at position pos[i] (a prompt: one sequence, consecutive positions; a
+// batched decode step: one token of each sequence). Included by sparse_cpu.cpp inside its internal namespace,
+// after the kernels (run_linear, parallel_for, Post).
 //
-// Per block, for the n tokens at positions pos .. pos + n - 1 (x: the hidden states, (n, E)):
+// Per block, for the n rows (x: the hidden states, (n, E)):
 //   h = rmsnorm(x) * attn_norm
 //   q, k, v = h Wq^T + bq, h Wk^T + bk, h Wv^T + bv        (any layout of run_linear; biases optional)
 //   q, k = rotary(q, k) with the caller's cos / sin tables (rows by position: every rotary scaling the caller's
 //          model computes, this step reads)
-//   K[pos + i], V[pos + i] = k, v                          (cache (layers, Hk, max_len, D) fp32)
-//   a = softmax(scale q K^T) V over keys 0 .. pos + i (a sliding window keeps the last `window`), head h
+//   K[seq[i], pos[i]], V[seq[i], pos[i]] = k, v            (fp32)
+//   a = softmax(scale q K^T) V over keys 0 .. pos[i] of seq[i] (a sliding window keeps the last `window`), head h
 //       reading key head h / (H / Hk) (grouped-query attention)
 //   x = a Wo^T + bo + x                                    (the residual added by run_linear's post-op)
 //   h = rmsnorm(x) * mlp_norm
 //   x = (act(h Wg^T + bg) * (h Wu^T + bu)) Wd^T + bd + x
-// then logits = rmsnorm(x) * final_norm Wlm^T for the last token (or every token). Norms, rotary and softmax
+// then logits = rmsnorm(x) * final_norm Wlm^T for the last row (or every row). Norms, rotary and softmax
 // in fp32 as transformers computes them (the norm in fp32, then its weight); results match its logits to
 // rounding, not bit for bit.
 //
@@ -23,7 +25,7 @@
 enum DecoderSlot { D_Q, D_K, D_V, D_O, D_GATE, D_UP, D_DOWN, D_SLOTS };
 
 struct Decoder {
-  int64_t layers, E, H, Hk, D, I, vocab, max_len, window;
+  int64_t layers, E, H, Hk, D, I, vocab, max_len, window, batch;
   float eps, scale;
   int act;
   const float *cos, *sin, *embed, *final_norm;
@@ -75,17 +77,23 @@ struct Decoder {
     }
   }
 
-  // a[i, head] for the n queries of block l, keys 0 .. pos + i of the cache.
-  void attention(int64_t l, int64_t n, int64_t pos, int nthreads) {
-    const int64_t group = H / Hk, last = pos + n;
-    const int64_t work = 2 * n * H * last * D;
-    const int threads = work < single_attention ? 1 : nthreads;
+  // Where position p of key head kh of block l of sequence b lives in the cache.
+  int64_t at(int64_t b, int64_t l, int64_t kh, int64_t p) const {
+    return (((b * layers + l) * Hk + kh) * max_len + p) * D;
+  }
+
+  // a[i, head] for the n rows of block l, keys 0 .. pos[i] of sequence seq[i].
+  void attention(int64_t l, int64_t n, const int64_t* seq, const int64_t* pos, int nthreads) {
+    const int64_t group = H / Hk;
+    int64_t keys_total = 0;
+    for (int64_t i = 0; i < n; ++i) keys_total += pos[i] + 1;
+    const int threads = 2 * H * keys_total * D < single_attention ? 1 : nthreads;
     scores.resize(static_cast<size_t>(threads * max_len));
     parallel_for(n * H, threads, [&](int64_t item, int thread) {
-      const int64_t i = item / H, hh = item % H, keys = pos + i + 1;
+      const int64_t i = item / H, hh = item % H, keys = pos[i] + 1;
       const int64_t first = window > 0 ? std::max<int64_t>(0, keys - window) : 0;
       const float* qv = q.data() + i * H * D + hh * D;
-      const int64_t base = ((l * Hk + hh / group) * max_len) * D;
+      const int64_t base = at(seq[i], l, hh / group, 0);
       const float *K = kc + base, *V = vc + base;
       float* s = scores.data() + thread * max_len;
       float m = -INFINITY;
@@ -109,10 +117,12 @@ struct Decoder {
     });
   }
 
-  int step(const int64_t* tokens, int64_t n, int64_t pos, float* logits, bool all_logits, int nthreads) {
-    if (n < 1 || pos < 0 || pos + n > max_len) return ENTRY_BAD_ARGUMENT;
+  int step(const int64_t* tokens, int64_t n, const int64_t* seq, const int64_t* pos, float* logits, bool all_logits,
+           int nthreads) {
+    if (n < 1) return ENTRY_BAD_ARGUMENT;
     for (int64_t i = 0; i < n; ++i)
-      if (tokens[i] < 0 || tokens[i] >= vocab) return ENTRY_BAD_ARGUMENT;
+      if (tokens[i] < 0 || tokens[i] >= vocab || seq[i] < 0 || seq[i] >= batch || pos[i] < 0 || pos[i] >= max_len)
+        return ENTRY_BAD_ARGUMENT;
     for (auto* buf : {&x, &y, &h}) buf->resize(static_cast<size_t>(n * E));
     for (auto* buf : {&q, &a}) buf->resize(static_cast<size_t>(n * H * D));
     for (auto* buf : {&k, &v}) buf->resize(static_cast<size_t>(n * Hk * D));
@@ -133,15 +143,15 @@ struct Decoder {
       run(b.lin[D_K], h.data(), k.data(), ACT_NONE, nullptr);
       run(b.lin[D_V], h.data(), v.data(), ACT_NONE, nullptr);
       for (int64_t i = 0; i < n; ++i) {
-        rotary(q.data() + i * H * D, H, pos + i);
-        rotary(k.data() + i * Hk * D, Hk, pos + i);
+        rotary(q.data() + i * H * D, H, pos[i]);
+        rotary(k.data() + i * Hk * D, Hk, pos[i]);
         for (int64_t kh = 0; kh < Hk; ++kh) {
-          const int64_t at = ((l * Hk + kh) * max_len + pos + i) * D, from = (i * Hk + kh) * D;
-          std::memcpy(kc + at, k.data() + from, D * sizeof(float));
-          std::memcpy(vc + at, v.data() + from, D * sizeof(float));
+          const int64_t to = at(seq[i], l, kh, pos[i]), from = (i * Hk + kh) * D;
+          std::memcpy(kc + to, k.data() + from, D * sizeof(float));
+          std::memcpy(vc + to, v.data() + from, D * sizeof(float));
         }
       }
-      attention(l, n, pos, nthreads);
+      attention(l, n, seq, pos, nthreads);
       run(b.lin[D_O], a.data(), y.data(), ACT_NONE, x.data());
       std::swap(x, y);
       rmsnorm(x.data(), b.mlp_norm, h.data(), n);

@@ -877,10 +877,23 @@ void dense_rows_tile(const V* w, int64_t in, int64_t r0, int64_t r1, const float
   }
 }
 
-// One token of a dense weight: y[r] = w[r] . x + bias[r], four chains of vectors.
+// One token of a dense weight: y[r] = w[r] . x + bias[r], four chains of vectors. On AVX2, four rows at a time
+// (four weight streams in flight, each x vector loaded once for the four).
 template <typename V>
 void dense_gemv_rows(const V* w, int64_t in, int64_t r0, int64_t r1, const float* x, const float* bias, float* y) {
-  for (int64_t r = r0; r < r1; ++r) {
+  int64_t r = r0;
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+  for (; r + 4 <= r1 && in % 8 == 0; r += 4) {
+    const V* wr = w + r * in;
+    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t k = 0; k < in; k += 8) {
+      const __m256 xv = _mm256_loadu_ps(x + k);
+      for (int i = 0; i < 4; ++i) a[i] = _mm256_fmadd_ps(load8(wr + i * in + k), xv, a[i]);
+    }
+    for (int i = 0; i < 4; ++i) y[r + i] = hsum8(a[i]) + (bias ? bias[r + i] : 0.0f);
+  }
+#endif
+  for (; r < r1; ++r) {
     const V* wr = w + r * in;
     int64_t k = 0;
     float sum = 0.0f;
@@ -1741,17 +1754,18 @@ extern "C" int attention_f32(const float* q, const float* k, const float* v, con
 }
 
 // The decoder step (decode_step.h). dims: layers, hidden E, heads H, key heads Hk, head dim D, intermediate I,
-// vocab, max_len, window (0: none); single: the single-thread work thresholds (gemv, batch, attention);
-// cos, sin (max_len, D); embed (vocab, E); final_norm (E,); kcache, vcache (layers, Hk, max_len, D). Returns
-// a handle (NULL for impossible sizes); every pointer must stay valid until decoder_free.
+// vocab, max_len, window (0: none), batch (sequences); single: the single-thread work thresholds (gemv, batch,
+// attention); cos, sin (max_len, D); embed (vocab, E); final_norm (E,); kcache, vcache (batch, layers, Hk,
+// max_len, D). Returns a handle (NULL for impossible sizes); every pointer must stay valid until decoder_free.
 extern "C" void* decoder_new(const int64_t* dims, float eps, float scale, int act, const int64_t* single,
                              const float* cos, const float* sin, const float* embed, const float* final_norm,
                              float* kcache, float* vcache) {
-  for (int i = 0; i < 8; ++i)
-    if (dims[i] <= 0) return nullptr;
+  for (int i = 0; i < 10; ++i)
+    if (dims[i] <= 0 && i != 8) return nullptr;
   if (dims[2] % dims[3] != 0 || dims[4] % 2 != 0 || dims[8] < 0) return nullptr;
-  auto* d = new Decoder{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7], dims[8], eps, scale,
-                        act, cos, sin, embed, final_norm, kcache, vcache, single[0], single[1], single[2]};
+  auto* d = new Decoder{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7], dims[8], dims[9],
+                        eps, scale, act, cos, sin, embed, final_norm, kcache, vcache, single[0], single[1],
+                        single[2]};
   d->blocks.resize(static_cast<size_t>(dims[0]));
   return d;
 }
@@ -1776,14 +1790,15 @@ extern "C" int decoder_norms(void* handle, int64_t layer, const float* attn_norm
   d->blocks[layer].mlp_norm = mlp_norm;
   return ENTRY_OK;
 }
-// n tokens at positions pos .. pos + n - 1 (the cache holds 0 .. pos - 1): logits (1 or n, vocab) of the last
-// token, or of every token when all_logits. ENTRY_BAD_ARGUMENT: a token outside the vocabulary, positions
-// past max_len, or a decoder not completely set (a layer missing or of the wrong shape).
-extern "C" int decoder_step(void* handle, const int64_t* tokens, int64_t n, int64_t pos, float* logits,
-                            int all_logits, int nthreads) {
+// n rows: token tokens[i] of sequence seq[i] at position pos[i] (the cache holds that sequence's positions
+// before it): logits (1 or n, vocab) of the last row, or of every row when all_logits. ENTRY_BAD_ARGUMENT: a token
+// outside the vocabulary, a sequence or position out of range, or a decoder not completely set (a layer missing
+// or of the wrong shape).
+extern "C" int decoder_step(void* handle, const int64_t* tokens, int64_t n, const int64_t* seq, const int64_t* pos,
+                            float* logits, int all_logits, int nthreads) {
   auto* d = static_cast<Decoder*>(handle);
   if (!d->complete()) return ENTRY_BAD_ARGUMENT;
-  return d->step(tokens, n, pos, logits, all_logits != 0, nthreads);
+  return d->step(tokens, n, seq, pos, logits, all_logits != 0, nthreads);
 }
 extern "C" void decoder_free(void* handle) { delete static_cast<Decoder*>(handle); }
 // times[3]: nanoseconds in the linear layers (LM head included) and in whole steps, and the steps, since the

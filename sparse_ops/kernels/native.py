@@ -115,7 +115,8 @@ SIGNATURES: dict[str, tuple[type, ...]] = {
     # pointers), out, in, extra, nnz, bias
     "decoder_linear": (_P, _I64, _I64, ctypes.c_char_p, _P, _I64, _I64, _I64, _I64, _P),
     "decoder_norms": (_P, _I64, _P, _P),  # handle, layer, attention norm, MLP norm
-    "decoder_step": (_P, _P, _I64, _I64, _P, _INT, _INT),  # handle, tokens, n, pos, logits, all logits, threads
+    # handle, tokens, n, sequence and position of each, logits, all logits, threads
+    "decoder_step": (_P, _P, _I64, _P, _P, _P, _INT, _INT),
 }
 
 
