@@ -40,8 +40,6 @@ SLOTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # cos / sin depend on the position alone
 HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "relu": "relu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}
 LM_HEADS = (None, "int8", "bf16")
-# Work (multiply-adds) below which the step's attention runs on one thread (cpu_native's threshold for ours).
-ATTENTION_SINGLE_THREAD_WORK = cpu_native.ATTENTION_SINGLE_THREAD_WORK
 
 
 class Decoder:
@@ -92,7 +90,7 @@ class Decoder:
         dims = (ctypes.c_int64 * 10)(self.layers, self.hidden, self.heads, self.kv_heads, self.head_dim,
                                      self.intermediate, self.vocab, max_len, self.window, batch)
         single = (ctypes.c_int64 * 3)(cpu_native.SINGLE_THREAD_WORK[True], cpu_native.SINGLE_THREAD_WORK[False],
-                                      ATTENTION_SINGLE_THREAD_WORK)
+                                      cpu_native.ATTENTION_SINGLE_THREAD_WORK)
         act = _gate_activation(cfg, body.layers[0].mlp)
         handle = lib.decoder_new(ctypes.addressof(dims), float(cfg.rms_norm_eps), float(attn0.scaling), CODES[act],
                                  ctypes.addressof(single),
@@ -120,8 +118,7 @@ class Decoder:
             bias = _fp32(bias)
             keep.append(bias)
         self._lib.decoder_linear(self._handle, layer, slot, w.layout.encode(), ctypes.addressof(parts), out, inp,
-                                 w.extra, w.nnz,
-                                 None if bias is None else bias.data_ptr())
+                                 w.extra, w.nnz, None if bias is None else bias.data_ptr())
         self.weights[name] = w
 
     def layouts(self) -> dict[str, str]:
@@ -222,7 +219,7 @@ _DIMS = ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "v
 
 
 def _fp32(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().float().contiguous()
+    return cpu_native._fp32(t.detach())
 
 
 def _check_model(model: nn.Module) -> tuple[object, nn.Module]:
