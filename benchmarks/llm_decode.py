@@ -14,7 +14,9 @@ Candidates, batch 1, greedy, all timed in one interleaved run (``time_interleave
                       ``from_pretrained(fuse=True)``, planned for one token, then the decoder step
   ours/2:4            the same with the 2:4 pattern, stored 2:4
   ours/50%+int8, ours/70%+int8   the same converted with ``quantize="int8"`` (int8 values, a scale per row; the
-                      tied LM head int8 too), each layer in its planned int8 layout
+                      tied LM head int8 too), each layer in its planned int8 layout; weight-only (fp32 inputs)
+  ours/int8+a8, ours/50%+int8+a8, ours/70%+int8+a8   dense, 50% and 70% int8 loaded with ``input_bits=8``: each
+                      layer's input quantized per block of 32 (as llama.cpp's Q8_0 does), one token int8 x int8
   llama.cpp/F32, llama.cpp/Q8_0, llama.cpp/Q4_0   ``llama-cpp-python`` on the *dense* model: written as an F32
                       GGUF by ``benchmarks.gguf_llama.write_gguf`` and requantized by llama.cpp: what a CPU user
                       runs today
@@ -65,7 +67,6 @@ from prune.bench.output import write_json
 from sparse_ops import convert_checkpoint, from_pretrained
 from sparse_ops.decode import Decoder
 from sparse_ops.kernels import native
-from sparse_ops.linear import SparseLinear
 from sparse_ops.timing import environment, time_interleaved
 
 PROMPT = "The three most important things to know about sparse neural networks are"
@@ -75,9 +76,13 @@ SHAPES = {
     "quick": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
               "num_key_value_heads": 2},
 }
-# name -> (sparsity, pattern, format, quantize)
-VARIANTS = {"ours/50%": (0.5, "unstructured", "csr", None), "ours/2:4": (0.5, "2:4", "2:4", None),
-            "ours/50%+int8": (0.5, "unstructured", "auto", "int8"), "ours/70%+int8": (0.7, "unstructured", "auto", "int8")}
+# name -> (sparsity, pattern, format, quantize, input_bits)
+VARIANTS = {"ours/50%": (0.5, "unstructured", "csr", None, None), "ours/2:4": (0.5, "2:4", "2:4", None, None),
+            "ours/50%+int8": (0.5, "unstructured", "auto", "int8", None),
+            "ours/70%+int8": (0.7, "unstructured", "auto", "int8", None),
+            "ours/int8+a8": (0.0, "unstructured", "auto", "int8", 8),
+            "ours/50%+int8+a8": (0.5, "unstructured", "auto", "int8", 8),
+            "ours/70%+int8+a8": (0.7, "unstructured", "auto", "int8", 8)}
 LLAMA_CPP = ("F32", "Q8_0", "Q4_0")
 BASELINE = "transformers/fp32"
 
@@ -112,7 +117,10 @@ def magnitude(w: torch.Tensor, sparsity: float, pattern: str) -> torch.Tensor:
 def save_pruned(dense: LlamaForCausalLM, sparsity: float, pattern: str, a: argparse.Namespace, dst: Path) -> None:
     """``dense`` pruned per layer to ``sparsity`` (or ``pattern``) by ``a.method``, saved as a Hugging Face folder
     (the LM head and embeddings kept). Magnitude: a shard per block, written as each block is pruned (a 1B model
-    is never copied whole); one-shot methods: ``prune.one_shot.oneshot`` on a copy."""
+    is never copied whole); one-shot methods: ``prune.one_shot.oneshot`` on a copy. Sparsity 0: the dense model."""
+    if a.method != "magnitude" and sparsity == 0:
+        dense.save_pretrained(dst)
+        return
     if a.method != "magnitude":
         from prune.one_shot.run import oneshot
 
@@ -145,7 +153,7 @@ def save_pruned(dense: LlamaForCausalLM, sparsity: float, pattern: str, a: argpa
 
 
 def deploy(dense: LlamaForCausalLM, sparsity: float, pattern: str, fmt: str, quant: str | None,
-           a: argparse.Namespace, tmp: Path) -> torch.nn.Module:
+           input_bits: int | None, a: argparse.Namespace, tmp: Path) -> torch.nn.Module:
     """The user's model: pruned, converted, ``from_pretrained(fuse=True)`` planned for one token. A one-shot pruned
     folder is cached per model, method and sparsity (magnitude pruning takes seconds: done in ``tmp``)."""
     key = f"{a.model}-{a.method}-" + ("2of4" if pattern == "2:4" else f"{round(100 * sparsity)}") \
@@ -158,8 +166,9 @@ def deploy(dense: LlamaForCausalLM, sparsity: float, pattern: str, fmt: str, qua
         part.rename(src)
         gc.collect()
     dst = tmp / f"{key}-{fmt}-{quant}"
-    convert_checkpoint(src, dst, format=fmt, quantize=quant)
-    return from_pretrained(dst, fuse=True, batches=(1,))
+    if not dst.exists():  # weight-only and int8-input variants share a conversion
+        convert_checkpoint(src, dst, format=fmt, quantize=quant)
+    return from_pretrained(dst, fuse=True, batches=(1,), input_bits=input_bits)
 
 
 class StepDecode:
@@ -282,9 +291,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     fns, models, meta = {}, {BASELINE: dense, "ours/fp32": dense}, {}
     with tempfile.TemporaryDirectory(prefix="llm_decode-") as tmp:
         for name in a.variants:
-            sparsity, pattern, fmt, quant = VARIANTS[name]
+            sparsity, pattern, fmt, quant, bits = VARIANTS[name]
             t0 = time.perf_counter()
-            sparse = models[name] = deploy(dense, sparsity, pattern, fmt, quant, a, Path(tmp))
+            sparse = models[name] = deploy(dense, sparsity, pattern, fmt, quant, bits, a, Path(tmp))
             step = StepDecode(sparse, ids, a.new_tokens)
             with torch.inference_mode():  # the same model in transformers' own loop (attention, rotary, cache)
                 same = step() == Decode(sparse, ids, a.new_tokens)()[0].tolist()

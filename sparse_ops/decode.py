@@ -7,7 +7,8 @@ owns, gated MLP, then the final norm and the LM head, for any number of new toke
 then one token per call), with no Python per layer. Each linear layer runs the kernel its plan chose for that
 many tokens (``SparseLinear.native_weight``: CSR, 2:4, the int8 layouts, or our dense kernel where the plan chose
 dense); plain ``nn.Linear`` layers run our dense kernel. ``lm_head="int8"`` or ``"bf16"`` stores the LM head
-(a fifth of SmolLM2-135M's weights) in four times or half fewer bytes.
+(a fifth of SmolLM2-135M's weights) in four times or half fewer bytes; an int8 head quantizes its input as the
+model's int8 layers do (``input_bits``).
 
 Example:
     >>> import torch
@@ -107,11 +108,13 @@ class Decoder:
             norms = (_fp32(block.input_layernorm.weight), _fp32(block.post_attention_layernorm.weight))
             keep.extend(norms)
             lib.decoder_norms(handle, i, *(t.data_ptr() for t in norms))
-        self._set(-1, 0, "lm_head", model.lm_head, keep, lm_head)
+        bits = max((m.input_bits or 0 for m in model.modules() if isinstance(m, SparseLinear)), default=0) or None
+        self._set(-1, 0, "lm_head", model.lm_head, keep, lm_head, bits)
         self._keep = keep
 
-    def _set(self, layer: int, slot: int, name: str, module: nn.Module, keep: list, lm_head: str | None = None) -> None:
-        w, bias = _native_weight(module, lm_head)
+    def _set(self, layer: int, slot: int, name: str, module: nn.Module, keep: list, lm_head: str | None = None,
+             input_bits: int | None = None) -> None:
+        w, bias = _native_weight(module, lm_head, input_bits)
         out, inp = w.source.shape
         parts = (ctypes.c_void_p * 6)(*(t.data_ptr() for t in w.tensors))
         if bias is not None:
@@ -253,9 +256,11 @@ def _gate_activation(cfg: object, mlp: nn.Module) -> str:
     return HF_ACTIVATIONS[act]
 
 
-def _native_weight(module: nn.Module, lm_head: str | None) -> tuple[NativeWeight, torch.Tensor | None]:
+def _native_weight(module: nn.Module, lm_head: str | None,
+                   input_bits: int | None = None) -> tuple[NativeWeight, torch.Tensor | None]:
     """(what the step runs, bias) for a linear layer: a SparseLinear's planned path at one token, an
-    ``nn.Linear``'s weight on our dense kernel; ``lm_head`` "int8" / "bf16" requantizes the weight."""
+    ``nn.Linear``'s weight on our dense kernel; ``lm_head`` "int8" (taking ``input_bits``) / "bf16" requantizes
+    the weight."""
     if isinstance(module, SparseLinear):
         weight, bias = (module.dense_weight() if lm_head else None), module.bias
     elif isinstance(module, nn.Linear):
@@ -263,7 +268,7 @@ def _native_weight(module: nn.Module, lm_head: str | None) -> tuple[NativeWeight
     else:
         raise TypeError(f"the decoder step runs nn.Linear and SparseLinear layers, got {type(module).__name__}")
     if lm_head == "int8":
-        return cpu_native.prepare_dense_int8(DenseInt8.from_dense(weight.float())), bias
+        return cpu_native.prepare_dense_int8(DenseInt8.from_dense(weight.float()).with_input_bits(input_bits)), bias
     if lm_head == "bf16":
         return cpu_native.prepare_dense(weight.to(torch.bfloat16)), bias
     if isinstance(module, SparseLinear):

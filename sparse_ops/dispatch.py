@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from sparse_ops import activations
 from sparse_ops.kernels import cpu, cpu_native, cuda, native, triton_sparse, triton_two_four
 from sparse_ops.plan import TORCH_SUFFIX
+from sparse_ops.quantized import quantize_input
 
 OURS, TORCH = "ours", "torch"
 
@@ -79,14 +80,16 @@ def unfused(matmul: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     return call
 
 
-def _dequantized_linear(state: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(x, state, bias)
+def _dequantized_linear(state: tuple[torch.Tensor, int | None], x: torch.Tensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+    weight, input_bits = state
+    return F.linear(x if input_bits is None else quantize_input(x), weight, bias)
 
 
 # An int8 weight where none of our kernels runs it: F.linear on the weight dequantized once at prepare (no speed
-# or memory gain; the GPU has no int8 kernel of ours yet).
-DEQUANTIZED = Kernel("torch.dequantized", lambda w: w.to_dense(), unfused(_dequantized_linear), backend=TORCH,
-                     native=False)
+# or memory gain; the GPU has no int8 kernel of ours yet), the input quantized as the weight's input_bits say.
+DEQUANTIZED = Kernel("torch.dequantized", lambda w: (w.to_dense(), w.input_bits), unfused(_dequantized_linear),
+                     backend=TORCH, native=False)
 TORCH_CPU_CSR = Kernel("torch.cpu.csr", cpu.prepare_csr, unfused(cpu.csr_matmul), backend=TORCH)
 
 KERNELS: dict[tuple[str, str], tuple[Kernel, ...]] = {

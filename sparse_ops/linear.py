@@ -26,6 +26,7 @@ from sparse_ops.formats import SparseFormat
 from sparse_ops.kernels import cpu_native, native
 from sparse_ops.kernels.cpu_native import NativeWeight
 from sparse_ops.plan import DENSE, TORCH_SUFFIX, Planner
+from sparse_ops.quantized import INPUT_BITS, DenseInt8, quantize_input
 from sparse_ops.registry import FORMATS, LOSSLESS, QUANTIZED, format_class
 from sparse_ops.timing import Timer, Timing, time_candidates
 
@@ -43,6 +44,10 @@ class SparseLinear(nn.Module):
     name in ``sparse_ops.activations.ACTIVATIONS``) is applied to the output, fused into the kernel where it
     supports that (ours on CPU); ``fusion.fuse_activations`` sets it from the model's own activation
     modules. It is not saved in the state dict either.
+
+    ``input_bits`` (int8 weights: None or 8, ``sparse_ops.quantized.quantize_input``; from the weight, or set
+    later) quantizes the layer's input per block of 32 columns on every path, so that one token multiplies int8
+    by int8; not saved in the state dict either.
 
     ``planner`` (``sparse_ops.plan.Planner``; ``sparsify``'s default) makes the layer choose its path per batch
     bucket, measured at the first call in each: dense, each of our kernel's variants, or torch's kernel, the
@@ -66,6 +71,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.to(weight.dtype))
         self.planner, self.name = planner, name
         self.sparsity = 1.0 - int((weight.values != 0).sum()) / max(1, out * inp)  # fraction of zero weights
+        self._input_bits = getattr(weight, "input_bits", None)
         self._prepare()
 
     @property
@@ -85,10 +91,27 @@ class SparseLinear(nn.Module):
         self._activation = activations.check(name)
 
     @property
+    def input_bits(self) -> int | None:
+        """How an int8 weight takes its input: None (as it comes) or 8 (``quantize_input``)."""
+        return self._input_bits
+
+    @input_bits.setter
+    def input_bits(self, bits: int | None) -> None:
+        if bits is not None and not format_class(self.format).QUANTIZED:
+            raise ValueError(f"input_bits={bits!r} needs an int8 weight ({', '.join(QUANTIZED)}); this layer's is "
+                             f"{self.format}")
+        if bits not in INPUT_BITS:
+            raise ValueError(f"unknown input_bits {bits!r}; allowed: {', '.join(map(str, INPUT_BITS))}")
+        if bits != self._input_bits:
+            self._input_bits = bits
+            self._prepare()
+
+    @property
     def weight(self) -> SparseFormat:
-        """The stored format object (validated)."""
+        """The stored format object (validated), with ``input_bits`` for an int8 weight."""
         parts = {k: getattr(self, f"weight_{k}") for k in self._part_names}
-        return format_class(self.format).from_parts(parts, (self.out_features, self.in_features))
+        w = format_class(self.format).from_parts(parts, (self.out_features, self.in_features))
+        return w.with_input_bits(self._input_bits) if self._input_bits else w
 
     def _prepare(self) -> None:
         w = self.weight
@@ -139,7 +162,7 @@ class SparseLinear(nn.Module):
         if torch.compiler.is_compiling():
             return ops.linear(x, [self._buffers[f"weight_{k}"] for k in self._part_names], ",".join(self._part_names),
                               self.format, self.out_features, self.in_features, self._buffers["bias"],
-                              self._activation or "")
+                              self._activation or "", self._input_bits or 0)
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,6 +182,7 @@ class SparseLinear(nn.Module):
         """act(x2 W^T + bias) by ``path`` (``paths``; None: the kernel's own choice).  x2: (N, in) -> (N, out);
         the dense path takes any (..., in)."""
         if path == DENSE:
+            x2 = quantize_input(x2) if self._input_bits else x2
             return activations.apply(F.linear(x2, self.dense_weight(), bias), act)
         if path is None or not self._off_kernel(path):
             return self.kernel.matmul(self._state, x2, bias, act, **_variant_kw(path))
@@ -200,6 +224,8 @@ class SparseLinear(nn.Module):
             raise ValueError(f"native kernels run CPU weights in a process that built them; this layer is on "
                              f"{self.kernel_device} (native kernels available: {native.available()})")
         path = self.route(n) if self.planner is not None else self.choice
+        if path == DENSE and self._input_bits:  # int8 inputs: the dense int8 kernel gives the same numbers
+            path = DenseInt8.format
         if path == DENSE:
             return cpu_native.prepare_dense(self.dense_weight())
         if path in self._twins:
@@ -222,7 +248,7 @@ class SparseLinear(nn.Module):
         its first use."""
         if path not in self._others:
             if path in self._twins:
-                weight = format_class(path).from_quantized(*self.weight.quantized())
+                weight = format_class(path).from_quantized(*self.weight.quantized(), self._input_bits)
                 kernel = kernel_for(path, self.kernel_device, weight=weight)
             else:
                 weight, kernel = self.weight, torch_path_kernel(self.format, self.kernel_device, self.weight)
@@ -267,8 +293,8 @@ class SparseLinear(nn.Module):
                 return self._routes[b]
             planner, device = self.planner, self.kernel_device
             store, machine = planner.store(), plan.machine_key(device)
-            key = plan.layer_key(self.format, (self.out_features, self.in_features), self._dtype, self.sparsity,
-                                 device, b)
+            fmt = self.format + (f" in{self._input_bits}" if self._input_bits else "")
+            key = plan.layer_key(fmt, (self.out_features, self.in_features), self._dtype, self.sparsity, device, b)
             paths = self.paths(b)
             entry = store.get(machine, key)
             if entry is None or entry["choice"] not in paths or "busy" in entry:  # busy: measured again
@@ -319,6 +345,7 @@ class SparseLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format!r}, " \
                f"kernel={self.kernel.name!r}" + (f", activation={self._activation!r}" if self._activation else "") \
+               + (f", input_bits={self._input_bits}" if self._input_bits else "") \
                + (", planned" if self.planner is not None else "")
 
     @classmethod

@@ -19,7 +19,7 @@ from torch import nn
 
 from sparse_ops.checkpoint import Transposed, load_sparse_state_dict
 from sparse_ops.formats import CSR, SparseFormat, csr_col_dtype
-from sparse_ops.quantized import DenseInt8, Int8Weight
+from sparse_ops.quantized import INPUT_BITS, DenseInt8, Int8Weight
 from sparse_ops.registry import format_class
 
 
@@ -144,7 +144,7 @@ def sparsify(model: nn.Module,
              source: str | os.PathLike | Mapping[str, torch.Tensor | SparseFormat | Transposed],
              device: torch.device | str = "cpu", *, kernel: str = "auto", batches: tuple[int, ...] = (),
              timer=None, cache=None, verbose: bool = False, fuse_activations: bool = False,
-             fuse: bool = False) -> nn.Module:
+             fuse: bool = False, input_bits: int | None = None) -> nn.Module:
     """Load a checkpoint into ``model`` (in place) and swap each ``nn.Linear`` (and transformers' ``Conv1D``,
     its weight transposed) whose weight is stored sparse for a ``SparseLinear`` on ``device``; returns the model.
     A Conv1D weight stored transposed (``checkpoint.Transposed``: 2:4 of its (out, in) transpose) becomes the
@@ -167,6 +167,8 @@ def sparsify(model: nn.Module,
     block of two sparse layers as one kernel call (the pair's state dict keys move under the second), and the
     residual add and LayerNorm after a sparse layer in its kernel; and a ``transformers`` model's attention goes
     to our kernel where it is faster than SDPA (``sparse_ops.attention.use_fast_attention``).
+    ``input_bits=8`` quantizes the input of every int8 layer per block of 32 columns (``SparseLinear.input_bits``):
+    one token then multiplies int8 by int8, as llama.cpp's Q8_0 does (ValueError without int8 layers).
     """
     from sparse_ops.linear import SparseLinear
     from sparse_ops.plan import Planner
@@ -175,6 +177,8 @@ def sparsify(model: nn.Module,
         raise ValueError(f"unknown kernel {kernel!r}; allowed: {', '.join(KERNEL_CHOICES)}")
     if any(not isinstance(b, int) or b < 1 for b in batches):
         raise ValueError(f"batches must be positive token counts, got {batches!r}")
+    if input_bits not in INPUT_BITS:
+        raise ValueError(f"unknown input_bits {input_bits!r}; allowed: {', '.join(map(str, INPUT_BITS))}")
     planner = Planner(timer=timer, cache=cache, verbose=verbose) if kernel == "auto" else None
     state = source if isinstance(source, Mapping) else load_sparse_state_dict(source)
     split = _split_state(state, model)
@@ -188,14 +192,20 @@ def sparsify(model: nn.Module,
     model.to(device)
     notes = {}
     swap = dict(split.swap)
-    if any(isinstance(w, Int8Weight) for w in state.values()):  # int8 was asked for: the tied output head too
+    int8 = any(isinstance(w, Int8Weight) for w in state.values())
+    if int8:  # int8 was asked for: the tied output head too
         swap.update(_tied_head_int8(model))
+    if input_bits is not None and not int8:
+        raise ValueError(f"input_bits={input_bits} quantizes the inputs of int8 layers, and this checkpoint has "
+                         f"none (convert it with prune convert --quantize int8)")
     for name, (weight, to_linear) in swap.items():
         module = model.get_submodule(name)
         if tuple(module.weight.shape) != weight.shape:
             raise ValueError(f"{name}.weight is {weight.shape} in the checkpoint, {tuple(module.weight.shape)} "
                              f"in the model")
         weight, note = to_linear(_with_dtype(weight, module.weight.dtype))
+        if isinstance(weight, Int8Weight):
+            weight = weight.with_input_bits(input_bits)
         if note:
             notes[f"{name}.weight"] = note
         layer = SparseLinear(weight.to(device), module.bias.detach() if module.bias is not None else None,

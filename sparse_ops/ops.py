@@ -44,27 +44,29 @@ def register(layer: SparseLinear, first_part: torch.Tensor) -> None:
 
 @torch.library.custom_op("sparse_ops::linear", mutates_args=())
 def linear(x: torch.Tensor, parts: list[torch.Tensor], names: str, format: str, out_features: int,
-           in_features: int, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+           in_features: int, bias: torch.Tensor | None, activation: str, input_bits: int) -> torch.Tensor:
     """activation(x W^T + bias) (..., out_features) for W stored as ``format`` in ``parts`` (named by the
-    comma-separated ``names``), by the layer that owns them (its planned path). ``activation``: "" for none."""
+    comma-separated ``names``), by the layer that owns them (its planned path). ``activation``: "" for none;
+    ``input_bits``: the layer's (0 for None)."""
     layer = _LIVE.get(parts[0].data_ptr())
     if layer is None or layer.format != format or layer.out_features != out_features \
+            or (layer.input_bits or 0) != input_bits \
             or layer.weight_buffer().data_ptr() != parts[0].data_ptr():  # the layer has rebound its buffers since
-        layer = _built(parts, names, format, out_features, in_features, bias, activation)
+        layer = _built(parts, names, format, out_features, in_features, bias, activation, input_bits)
     y = layer._forward(x)
     return y.clone() if y.data_ptr() == x.data_ptr() else y  # a custom op's output must not alias its input
 
 
 @linear.register_fake
 def _(x: torch.Tensor, parts: list[torch.Tensor], names: str, format: str, out_features: int,
-      in_features: int, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+      in_features: int, bias: torch.Tensor | None, activation: str, input_bits: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], out_features))
 
 
 def _built(parts: list[torch.Tensor], names: str, format: str, out_features: int, in_features: int,
-           bias: torch.Tensor | None, activation: str) -> SparseLinear:
+           bias: torch.Tensor | None, activation: str, input_bits: int) -> SparseLinear:
     """A layer made from an exported program's parts (no live layer owns them), once per weight."""
-    key = (format, out_features, in_features, activation, *(p.data_ptr() for p in parts),
+    key = (format, out_features, in_features, activation, input_bits, *(p.data_ptr() for p in parts),
            None if bias is None else bias.data_ptr())
     with _LOCK:
         held = _BUILT.get(key)
@@ -73,5 +75,7 @@ def _built(parts: list[torch.Tensor], names: str, format: str, out_features: int
             from sparse_ops.registry import format_class
 
             weight = format_class(format).from_parts(dict(zip(names.split(","), parts)), (out_features, in_features))
-            held = _BUILT[key] = (SparseLinear(weight, bias, activation=activation or None), list(parts))
+            layer = SparseLinear(weight, bias, activation=activation or None)
+            layer.input_bits = input_bits or None
+            held = _BUILT[key] = (layer, list(parts))
         return held[0]

@@ -20,6 +20,11 @@ named int8 format), never for "auto" alone. ``to_dense`` gives the dequantized w
 scales' dtype (fp32 as written; what a layer computes in); ``quantized()`` / ``from_quantized(q, scales)`` are
 the exact round trip. A weight that rounds to 0 is stored as a zero: quantizing can only raise the sparsity.
 
+``input_bits=8`` (a runtime choice, not stored: ``SparseLinear.input_bits``, ``from_pretrained(input_bits=8)``)
+quantizes each layer input too, per block of ``INPUT_BLOCK`` columns (``quantize_input``), so that one token
+multiplies int8 by int8 (what llama.cpp's Q8_0 and ONNX Runtime's dynamic quantization do); without it the
+kernels are weight-only (int8 widened to fp32 in registers, fp32 inputs).
+
 Example:
     >>> w = torch.tensor([[0.0, 1.27, 0.0, -0.5], [2.54, 0.0, 0.0, 0.0]])
     >>> q, s = quantize_rows(w)
@@ -56,6 +61,24 @@ CLIPS = ("absmax", "mse")
 CLIP_GRID = tuple(round(0.5 + 0.025 * i, 3) for i in range(21))
 INT8 = (torch.int8,)
 TILE = (32, 64)  # bitmap-int8's tiles: the CPU kernel's row blocks x one 64-column bitmap per row
+INPUT_BITS = (None, 8)  # Int8Weight.input_bits: fp inputs, or int8 per block of INPUT_BLOCK columns
+INPUT_BLOCK = 32
+
+
+def quantize_input(x: torch.Tensor) -> torch.Tensor:
+    """x (..., in) as the int8 kernels see it under ``input_bits=8``: each block of ``INPUT_BLOCK`` columns (the
+    last one shorter) replaced by s * round(x / s) with s = max|x_block| / 127 (rounding to even; where s is 0,
+    zeros), in x's dtype. The C++ kernels compute the same codes and scales, bit for bit (finite x).
+
+    >>> quantize_input(torch.tensor([[1.27, -0.5, 0.004]])).tolist()
+    [[1.2699999809265137, -0.5, 0.0]]
+    """
+    inp = x.shape[-1]
+    pad = -inp % INPUT_BLOCK
+    xf = torch.nn.functional.pad(x.float(), (0, pad)).reshape(*x.shape[:-1], -1, INPUT_BLOCK)
+    s = xf.abs().amax(-1, keepdim=True) / QMAX
+    q = torch.clamp(torch.round(xf / torch.where(s > 0, s, torch.ones_like(s))), -QMAX, QMAX)
+    return (q * s).reshape(*x.shape[:-1], inp + pad)[..., :inp].to(x.dtype)
 
 
 def quantize_rows(w: torch.Tensor, clip: str = "absmax") -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,6 +191,7 @@ class Int8Weight(ValuesMixin):
 
     q: Int8Dense | Int8CSR | Int8Tiles
     scales: torch.Tensor
+    input_bits: int | None = None  # INPUT_BITS: how the kernels take the input (not stored in a checkpoint)
 
     format: ClassVar[str]
     INNER: ClassVar[type]
@@ -201,11 +225,10 @@ class Int8Weight(ValuesMixin):
         return cls.from_quantized(*quantize_rows(w, clip))
 
     @classmethod
-    def from_quantized(cls, q: torch.Tensor, scales: torch.Tensor) -> Int8Weight:
+    def from_quantized(cls, q: torch.Tensor, scales: torch.Tensor, input_bits: int | None = None) -> Int8Weight:
         """From q (out, in) int8 in [-127, 127] and scales (out,), exactly."""
-        if cls.INNER is Int8Tiles:
-            return cls(Int8Tiles.from_dense(q, TILE), scales).validate()
-        return cls(cls.INNER.from_dense(q), scales).validate()
+        inner = Int8Tiles.from_dense(q, TILE) if cls.INNER is Int8Tiles else cls.INNER.from_dense(q)
+        return cls(inner, scales, input_bits).validate()
 
     def quantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(q (out, in) int8, scales (out,)), exactly as stored."""
@@ -234,8 +257,15 @@ class Int8Weight(ValuesMixin):
         """The same weight computing in ``dtype`` (its scales cast; the int8 values as they are)."""
         return dataclasses.replace(self, scales=self.scales.to(dtype))
 
+    def with_input_bits(self, bits: int | None) -> Int8Weight:
+        """The same weight taking its inputs as ``bits`` says (``INPUT_BITS``; ``quantize_input``)."""
+        return dataclasses.replace(self, input_bits=bits).validate()
+
     def validate(self) -> Int8Weight:
-        """The layout's invariants, scales (out,) finite and positive, values in [-127, 127]; self or ValueError."""
+        """The layout's invariants, scales (out,) finite and positive, values in [-127, 127], ``input_bits`` one of
+        ``INPUT_BITS``; self or ValueError."""
+        if self.input_bits not in INPUT_BITS:
+            raise ValueError(f"unknown input_bits {self.input_bits!r}; allowed: {', '.join(map(str, INPUT_BITS))}")
         self.q.validate()
         out = self.shape[0]
         _expect(self.scales, "scales", VALUE_DTYPES, (out,), self.format)

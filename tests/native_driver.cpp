@@ -49,13 +49,13 @@ bool run(const std::string& name, const std::vector<int64_t>& s, const std::vect
   CSR_CASE(csr_bf16_i16, bf16, int16_t)
   CSR_CASE(csr_bf16_i32, bf16, int32_t)
 #define CSR8_CASE(N, I)                                                                                     \
-  if (name == #N) /* rowptr col val scales x bias | out in n threads act */                             \
+  if (name == #N) /* rowptr col val scales x bias | out in flags n threads act */                       \
     return N(static_cast<const int32_t*>(P(0)), static_cast<const I*>(P(1)),                                \
-             static_cast<const int8_t*>(P(2)), fp(a[3]), s[0], s[1], fp(a[4]), s[2], fp(a[5]), y, int(s[3]),  \
-             int(s[4]), NOPOST) == 0;
+             static_cast<const int8_t*>(P(2)), fp(a[3]), s[0], s[1], int(s[2]), fp(a[4]), s[3], fp(a[5]), y,  \
+             int(s[4]), int(s[5]), NOPOST) == 0;
   CSR8_CASE(csr_i8_i16, int16_t)
   CSR8_CASE(csr_i8_i32, int32_t)
-  if (name == "bitmap_i8")  // tile_ptr tile_cols offsets bitmaps val scales x bias | out in expand n threads act
+  if (name == "bitmap_i8")  // tile_ptr tile_cols offsets bitmaps val scales x bias | out in flags n threads act
     return bitmap_i8(static_cast<const int32_t*>(P(0)), static_cast<const int32_t*>(P(1)),
                      static_cast<const int32_t*>(P(2)), static_cast<const uint32_t*>(P(3)),
                      static_cast<const int8_t*>(P(4)), fp(a[5]), s[0], s[1], int(s[2]), fp(a[6]), s[3], fp(a[7]), y,
@@ -64,9 +64,9 @@ bool run(const std::string& name, const std::vector<int64_t>& s, const std::vect
     return csr_panels_i8(static_cast<const int32_t*>(P(0)), static_cast<const uint8_t*>(P(1)),
                          static_cast<const int8_t*>(P(2)), fp(a[3]), s[0], s[1], s[2], s[3], fp(a[4]), s[4], s[5],
                          fp(a[5]), y, int(s[6]), int(s[7]), NOPOST) == 0;
-  if (name == "dense_i8")  // val scales x bias | out in n threads act
-    return dense_i8(static_cast<const int8_t*>(P(0)), fp(a[1]), s[0], s[1], fp(a[2]), s[2], fp(a[3]), y, int(s[3]),
-                    int(s[4]), NOPOST) == 0;
+  if (name == "dense_i8")  // val scales x bias | out in flags n threads act
+    return dense_i8(static_cast<const int8_t*>(P(0)), fp(a[1]), s[0], s[1], int(s[2]), fp(a[2]), s[3], fp(a[3]), y,
+                    int(s[4]), int(s[5]), NOPOST) == 0;
 #define PANEL_CASE(N, V)                                                                                    \
   if (name == #N) /* seg lcol val x bias | out in R P T n threads act */                                \
     return N(static_cast<const int32_t*>(P(0)), static_cast<const uint8_t*>(P(1)),                          \

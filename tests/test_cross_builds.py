@@ -125,31 +125,35 @@ def write_cases(path: Path) -> int:
 
 
 def _write_int8_cases(f, w: torch.Tensor, gen: torch.Generator) -> int:
-    """The three int8 entry points (the bitmap's both one-token paths) on one weight at 1-100 tokens."""
+    """The three int8 entry points (the bitmap's both one-token paths), with float and with int8 inputs
+    (``native.LINEAR_FLAGS``), on one weight at 1-100 tokens."""
     out, inp = w.shape
     w[:3] = 0.0  # empty rows
-    dense, csr, bitmap = (cls.from_dense(w) for cls in (DenseInt8, CSRInt8, BitmapInt8))
     count = 0
-    for n, act in [(1, None), (3, "gelu"), (8, None), (40, "silu"), (100, None)]:
-        x = torch.randn(n, inp, generator=gen)
-        bias = torch.randn(out, generator=gen) if n % 2 else None
-        want = _expected(reference.dense_int8_matmul(dense, x), bias, act)
-        _write_case(f, "dense_i8", [out, inp, n, 2, CODES[act]], [dense.values, dense.scales, x, bias, want])
-        q = csr.q
-        for icode, c in (("i16", q.col_indices.to(torch.int16)), ("i32", q.col_indices.to(torch.int32))):
-            _write_case(f, f"csr_i8_{icode}", [out, inp, n, 2, CODES[act]],
-                        [q.crow_indices, c, q.values, csr.scales, x, bias, want])
-        t = bitmap.q
-        for expand in (0, 1):
-            _write_case(f, "bitmap_i8", [out, inp, expand, n, 2, CODES[act]],
-                        [t.tile_ptr, t.tile_cols, t.value_offsets, t.bitmaps, t.values, bitmap.scales, x, bias, want])
-        count += 5
-        if n > 1:
-            R, P = cpu_native.PANEL_ROWS, cpu_native.PANEL_WIDTH
-            seg, lcol, vals = cpu_native.panel_parts(q.crow_indices, q.col_indices, q.values, (out, inp), R, P)
-            _write_case(f, "csr_panels_i8", [out, inp, R, P, cpu_native.panel_tile(n), n, 2, CODES[act]],
-                        [seg, lcol, vals, csr.scales, x, bias, want])
-            count += 1
+    for bits in (None, 8):
+        dense, csr, bitmap = (cls.from_dense(w).with_input_bits(bits) for cls in (DenseInt8, CSRInt8, BitmapInt8))
+        flags = native.LINEAR_FLAGS["int8_input"] if bits else 0
+        for n, act in [(1, None), (3, "gelu"), (8, None), (40, "silu"), (100, None)]:
+            x = torch.randn(n, inp, generator=gen)
+            bias = torch.randn(out, generator=gen) if n % 2 else None
+            want = _expected(reference.dense_int8_matmul(dense, x), bias, act)
+            _write_case(f, "dense_i8", [out, inp, flags, n, 2, CODES[act]], [dense.values, dense.scales, x, bias, want])
+            q = csr.q
+            for icode, c in (("i16", q.col_indices.to(torch.int16)), ("i32", q.col_indices.to(torch.int32))):
+                _write_case(f, f"csr_i8_{icode}", [out, inp, flags, n, 2, CODES[act]],
+                            [q.crow_indices, c, q.values, csr.scales, x, bias, want])
+            t = bitmap.q
+            for expand in (0, native.LINEAR_FLAGS["bitmap_expand"]):
+                _write_case(f, "bitmap_i8", [out, inp, flags | expand, n, 2, CODES[act]],
+                            [t.tile_ptr, t.tile_cols, t.value_offsets, t.bitmaps, t.values, bitmap.scales, x, bias,
+                             want])
+            count += 5
+            if n > 1 and not bits:  # the panelled kernel takes float inputs (int8 ones are quantized in Python)
+                R, P = cpu_native.PANEL_ROWS, cpu_native.PANEL_WIDTH
+                seg, lcol, vals = cpu_native.panel_parts(q.crow_indices, q.col_indices, q.values, (out, inp), R, P)
+                _write_case(f, "csr_panels_i8", [out, inp, R, P, cpu_native.panel_tile(n), n, 2, CODES[act]],
+                            [seg, lcol, vals, csr.scales, x, bias, want])
+                count += 1
     return count
 
 

@@ -6,7 +6,8 @@
 //
 // Per block, for the n rows (x: the hidden states, (n, E)):
 //   h = rmsnorm(x) * attn_norm
-//   q, k, v = h Wq^T + bq, h Wk^T + bk, h Wv^T + bv        (any layout of run_linear; biases optional)
+//   q, k, v = h Wq^T + bq, h Wk^T + bk, h Wv^T + bv        (any layout of run_linear; biases optional; one token:
+//                                                          the three in one run_gemvs, as gate and up below)
 //   q, k = rotary(q, k) with the caller's cos / sin tables (rows by position: every rotary scaling the caller's
 //          model computes, this step reads)
 //   K[seq[i], pos[i]], V[seq[i], pos[i]] = k, v            (fp32)
@@ -136,12 +137,25 @@ struct Decoder {
       if (status == ENTRY_OK) status = linear(w, in, n, out, nthreads, act_code, residual);
       in_linear += work_pool::now_ns() - t0;
     };
+    // layers sharing the input h: one token in one parallel_for (run_gemvs), more one layer at a time
+    const auto run_group = [&](std::initializer_list<const LinearRef*> ws, std::initializer_list<float*> outs,
+                               std::initializer_list<int> acts) {
+      if (n > 1) {
+        for (size_t i = 0; i < ws.size(); ++i) run(*ws.begin()[i], h.data(), outs.begin()[i], acts.begin()[i], nullptr);
+        return;
+      }
+      const int64_t t0 = work_pool::now_ns();
+      int64_t nnz = 0;
+      for (const LinearRef* w : ws) nnz += w->nnz;
+      if (status == ENTRY_OK)
+        status = run_gemvs(ws.begin(), static_cast<int>(ws.size()), h.data(), outs.begin(), acts.begin(),
+                           nnz < single_gemv ? 1 : nthreads);
+      in_linear += work_pool::now_ns() - t0;
+    };
     for (int64_t l = 0; l < layers && status == ENTRY_OK; ++l) {
       const Layer& b = blocks[l];
       rmsnorm(x.data(), b.attn_norm, h.data(), n);
-      run(b.lin[D_Q], h.data(), q.data(), ACT_NONE, nullptr);
-      run(b.lin[D_K], h.data(), k.data(), ACT_NONE, nullptr);
-      run(b.lin[D_V], h.data(), v.data(), ACT_NONE, nullptr);
+      run_group({&b.lin[D_Q], &b.lin[D_K], &b.lin[D_V]}, {q.data(), k.data(), v.data()}, {ACT_NONE, ACT_NONE, ACT_NONE});
       for (int64_t i = 0; i < n; ++i) {
         rotary(q.data() + i * H * D, H, pos[i]);
         rotary(k.data() + i * Hk * D, Hk, pos[i]);
@@ -155,8 +169,7 @@ struct Decoder {
       run(b.lin[D_O], a.data(), y.data(), ACT_NONE, x.data());
       std::swap(x, y);
       rmsnorm(x.data(), b.mlp_norm, h.data(), n);
-      run(b.lin[D_GATE], h.data(), g.data(), act, nullptr);
-      run(b.lin[D_UP], h.data(), u.data(), ACT_NONE, nullptr);
+      run_group({&b.lin[D_GATE], &b.lin[D_UP]}, {g.data(), u.data()}, {act, ACT_NONE});
       for (int64_t j = 0; j < n * I; ++j) g[j] *= u[j];
       run(b.lin[D_DOWN], g.data(), y.data(), ACT_NONE, x.data());
       std::swap(x, y);

@@ -24,6 +24,8 @@
 #include <algorithm>
 #include <cmath>
 #include <initializer_list>
+#include <type_traits>
+#include <utility>
 #include <vector>
 #include "work_pool.h"
 #if defined(__AVX__)
@@ -396,6 +398,9 @@ inline __m256 load8(const bf16* p) {  // 8 bf16 -> fp32
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
+inline __m256 load8(const int8_t* p) {  // 8 int8 -> fp32 (an int8 weight's values, its row scale apart)
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -408,6 +413,9 @@ inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const bf16* p) {  // 16 bf16 -> fp32: widen to 32 bits, shift into the top half
   __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const int8_t* p) {  // 16 int8 -> fp32
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 #endif
 
@@ -628,13 +636,14 @@ inline void pack_tile(const float* x, int64_t n, int64_t in, int64_t T, int64_t 
 // seen: a fresh multi-MiB buffer each call would cost ~0.5 ms per MiB in page faults. It is 64-byte aligned:
 // every 16-float load of x then stays within one cache line (malloc's 16-byte alignment made the kernels
 // 20-30% slower or faster from run to run, by where the buffer happened to land).
-inline float* scratch(size_t floats) {
+inline float* scratch(size_t floats, int slot = 0) {  // slot 1: the int8 copy of x (quantize_x)
   struct Buffer {
     float* data = nullptr;
     size_t size = 0;
     ~Buffer() { std::free(data); }
   };
-  static thread_local Buffer buf;
+  static thread_local Buffer bufs[2];
+  Buffer& buf = bufs[slot];
   if (buf.size < floats) {
     std::free(buf.data);
     buf.data = static_cast<float*>(std::aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64));
@@ -809,8 +818,139 @@ constexpr int64_t ROWS_PER_BLOCK = 32;  // enough work per hand-out, balanced ov
 constexpr int64_t L2_PANEL_BYTES = SPARSE_L2_BYTES / 2;
 constexpr int64_t SMALL_PACK_BYTES = 2 * SPARSE_L1D_BYTES;
 
+// The one-token dense kernels read rows of this many bytes or more four at a time on AVX2 (four weight streams in
+// flight, each x vector loaded once for the four), shorter rows one after the other: four short streams within a
+// page defeat the hardware prefetcher (AMD EPYC Zen 3, weights in DRAM, 2 threads: rows of 576 int8 read at 8 GB/s
+// four at a time, 15-17 GB/s one at a time; rows of 8 KB at 30-35 GB/s four at a time, 26 one at a time).
+constexpr int64_t FOUR_ROWS_MIN_BYTES = 2048;
+
+// ---- int8 inputs: x quantized per block of 32 columns, as the weights' int8 kernels can take it ----------
+// Flag LINEAR_INT8_INPUT of an int8 weight's entry: each row of x is replaced by its int8 copy before the product,
+// block b of XBLOCK columns (the last one shorter) by s_b q with s_b = max|x_b| / 127 and q = round(x / s_b)
+// (to nearest even; 0 where s_b is: a zero block). sparse_ops.quantized.quantize_input computes the same in torch,
+// bit for bit. At one token the dense and bitmap kernels multiply int8 by int8 (sums exact in int32, scaled per
+// block); every other kernel takes the dequantized copy s_b q, the same numbers to fp32 rounding.
+constexpr int LINEAR_BITMAP_EXPAND = 1, LINEAR_INT8_INPUT = 2;  // LinearRef::extra of the int8 layouts
+constexpr int64_t XBLOCK = 32;
+
+struct QuantX {  // one token's int8 copy: codes (in rounded up to XBLOCK, zero after in), block scales, s_b q
+  const int8_t* q; const float* s; const float* deq;
+};
+
+// Block [0, len) of x (len <= XBLOCK): its codes, scale and dequantized values.
+inline void quantize_block(const float* x, int64_t len, int8_t* q, float* s, float* deq) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < len; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float scale = amax / 127.0f;  // 0 for a zero block (or one so small that its scale underflows)
+  *s = scale;
+  int64_t i = 0;
+#if defined(__AVX2__)
+  if (len == XBLOCK && scale > 0.0f) {
+    const __m256 sv = _mm256_set1_ps(scale), lim = _mm256_set1_ps(127.0f);
+    __m256i c[4];
+    for (int j = 0; j < 4; ++j) {
+      __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + 8 * j), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      r = _mm256_max_ps(_mm256_min_ps(r, lim), _mm256_sub_ps(_mm256_setzero_ps(), lim));
+      _mm256_storeu_ps(deq + 8 * j, _mm256_mul_ps(r, sv));
+      c[j] = _mm256_cvtps_epi32(r);
+    }
+    const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                        _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    return;
+  }
+#endif
+  for (; i < len; ++i) {
+    const float r = scale > 0.0f ? std::min(127.0f, std::max(-127.0f, std::nearbyint(x[i] / scale))) : 0.0f;
+    q[i] = static_cast<int8_t>(r);
+    deq[i] = r * scale;
+  }
+  for (; i < XBLOCK; ++i) q[i] = 0;
+}
+
+// The int8 copies of the n rows of x (n, in): deq (n, in), and the codes and scales of the last row in buffer
+// (quant_floats(in) floats: the scales, then the codes), which are the token's at n == 1.
+inline int64_t quant_floats(int64_t in) { return (in + XBLOCK - 1) / XBLOCK + 2 + (in + XBLOCK) / 4; }
+inline QuantX quantize_x(const float* x, int64_t n, int64_t in, float* deq, float* buffer) {
+  const int64_t blocks = (in + XBLOCK - 1) / XBLOCK;
+  float* s = buffer;
+  int8_t* q = reinterpret_cast<int8_t*>(buffer + blocks + 1);
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t c0 = b * XBLOCK;
+      quantize_block(x + t * in + c0, std::min(XBLOCK, in - c0), q + c0, s + b, deq + t * in + c0);
+    }
+  return QuantX{q, s, deq};  // codes and scales: the last row's (used at n == 1)
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+// The 8 int32 sums of 4 products each of w and x (32 int8 each, w and x in [-127, 127]): maddubs takes
+// unsigned times signed bytes, so |w| times x with w's sign (pairs of products reach 2 * 127^2 < 2^15).
+inline __m256i dot32(__m256i w, __m256i x) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)), _mm256_set1_epi16(1));
+}
+inline __m256i load32i(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+#endif
+
+// sum_b s_b (w[b] . q[b]) over the blocks of [k0, in) of a row w of int8 values (k0 a multiple of XBLOCK)
+inline float int8_dot(const int8_t* w, int64_t k0, int64_t in, const QuantX& x) {
+  float sum = 0.0f;
+  for (int64_t k = k0; k < in; k += XBLOCK) {
+    int32_t d = 0;
+    for (int64_t j = k; j < std::min(in, k + XBLOCK); ++j) d += static_cast<int32_t>(w[j]) * x.q[j];
+    sum += x.s[k / XBLOCK] * static_cast<float>(d);
+  }
+  return sum;
+}
+
+// One token of a dense int8 weight on int8 inputs: y[r] = scale[r] sum_b s_b (q_r[b] . x[b]) + bias[r]; on AVX2
+// four rows at a time, a block's 32 products per row in one maddubs.
+inline void dense8q_gemv_rows(const int8_t* w, const float* scales, int64_t in, int64_t r0, int64_t r1,
+                              const QuantX& x, const float* bias, float* y) {
+  const int64_t full = in / XBLOCK * XBLOCK;
+  auto finish = [&](int64_t row, float sum) { y[row] = sum * scales[row] + (bias ? bias[row] : 0.0f); };
+  int64_t r = r0;
+#if defined(__AVX2__) && defined(__FMA__)
+  for (; r + 4 <= r1 && in >= FOUR_ROWS_MIN_BYTES; r += 4) {
+    const int8_t* wr = w + r * in;
+    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t k = 0; k < full; k += XBLOCK) {
+      const __m256i xv = load32i(x.q + k);
+      const __m256 s = _mm256_set1_ps(x.s[k / XBLOCK]);
+      for (int i = 0; i < 4; ++i)
+        a[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(load32i(wr + i * in + k), xv)), s, a[i]);
+    }
+    for (int i = 0; i < 4; ++i) finish(r + i, hsum8(a[i]) + int8_dot(wr + i * in, full, in, x));
+  }
+  for (; r < r1; ++r) {
+    const int8_t* wr = w + r * in;
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t k = 0; k < full; k += XBLOCK)
+      a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(load32i(wr + k), load32i(x.q + k))), _mm256_set1_ps(x.s[k / XBLOCK]), a);
+    finish(r, hsum8(a) + int8_dot(wr, full, in, x));
+  }
+#endif
+  for (; r < r1; ++r) finish(r, int8_dot(w + r * in, 0, in, x));
+}
+
+template <typename B, typename = void>
+struct takes_int8_input : std::false_type {};  // whether a body's gemv multiplies int8 by int8 (its qx)
+template <typename B>
+struct takes_int8_input<B, std::void_t<decltype(std::declval<B&>().qx)>> : std::true_type {};
+
+// int8_input: x replaced by its int8 copy first (LINEAR_INT8_INPUT; int8 weights' bodies).
 template <typename Body>
-int run_blocks(Body body, int64_t out, int64_t in, const float* x, int64_t n, int nthreads, const Post& post) {
+int run_blocks(Body body, int64_t out, int64_t in, const float* x, int64_t n, int nthreads, const Post& post,
+               bool int8_input = false) {
+  QuantX quant{};
+  if (int8_input) {
+    float* deq = scratch(static_cast<size_t>(n * in + quant_floats(in)), 1);
+    if (!deq) return ENTRY_OUT_OF_MEMORY;
+    quant = quantize_x(x, n, in, deq, deq + n * in);
+    x = deq;
+    if constexpr (takes_int8_input<Body>::value)
+      if (n == 1) body.qx = &quant;
+  }
   const int64_t width = token_width(n);
   body.ld = width >= 32 && (width / 16) % 2 == 0 ? width + 16 : width;
   int64_t tile = 16;
@@ -877,20 +1017,22 @@ void dense_rows_tile(const V* w, int64_t in, int64_t r0, int64_t r1, const float
   }
 }
 
-// One token of a dense weight: y[r] = w[r] . x + bias[r], four chains of vectors. On AVX2, four rows at a time
-// (four weight streams in flight, each x vector loaded once for the four).
+// One token of a dense weight: y[r] = w[r] . x * scale[r] + bias[r] (scales: int8 weights' rows, else NULL),
+// four chains of vectors; on AVX2 rows of FOUR_ROWS_MIN_BYTES or more four at a time.
 template <typename V>
-void dense_gemv_rows(const V* w, int64_t in, int64_t r0, int64_t r1, const float* x, const float* bias, float* y) {
+void dense_gemv_rows(const V* w, int64_t in, int64_t r0, int64_t r1, const float* x, const float* bias, float* y,
+                     const float* scales = nullptr) {
   int64_t r = r0;
+  auto finish = [&](int64_t row, float sum) { y[row] = sum * (scales ? scales[row] : 1.0f) + (bias ? bias[row] : 0.0f); };
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
-  for (; r + 4 <= r1 && in % 8 == 0; r += 4) {
+  for (; r + 4 <= r1 && in % 8 == 0 && in * static_cast<int64_t>(sizeof(V)) >= FOUR_ROWS_MIN_BYTES; r += 4) {
     const V* wr = w + r * in;
     __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int64_t k = 0; k < in; k += 8) {
       const __m256 xv = _mm256_loadu_ps(x + k);
       for (int i = 0; i < 4; ++i) a[i] = _mm256_fmadd_ps(load8(wr + i * in + k), xv, a[i]);
     }
-    for (int i = 0; i < 4; ++i) y[r + i] = hsum8(a[i]) + (bias ? bias[r + i] : 0.0f);
+    for (int i = 0; i < 4; ++i) finish(r + i, hsum8(a[i]));
   }
 #endif
   for (; r < r1; ++r) {
@@ -909,7 +1051,7 @@ void dense_gemv_rows(const V* w, int64_t in, int64_t r0, int64_t r1, const float
     sum = hsum8(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
 #endif
     for (; k < in; ++k) sum += load_value(wr, k) * x[k];
-    y[r] = sum + (bias ? bias[r] : 0.0f);
+    finish(r, sum);
   }
 }
 
@@ -946,9 +1088,6 @@ inline void scale_rows(float* buf, const float* scale, int64_t nrows, int64_t m)
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-inline __m256 widen8(const int8_t* p) {  // 8 int8 -> 8 fp32
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
 inline __m256i cols8(const int16_t* c) {
   return _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
 }
@@ -966,8 +1105,8 @@ void csr8_gemv_rows(const int32_t* rowptr, const I* col, const int8_t* val, cons
 #if defined(__AVX2__) && defined(__FMA__)
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     for (; k + 16 <= e; k += 16) {
-      a0 = _mm256_fmadd_ps(widen8(val + k), _mm256_i32gather_ps(x, cols8(col + k), 4), a0);
-      a1 = _mm256_fmadd_ps(widen8(val + k + 8), _mm256_i32gather_ps(x, cols8(col + k + 8), 4), a1);
+      a0 = _mm256_fmadd_ps(load8(val + k), _mm256_i32gather_ps(x, cols8(col + k), 4), a0);
+      a1 = _mm256_fmadd_ps(load8(val + k + 8), _mm256_i32gather_ps(x, cols8(col + k + 8), 4), a1);
     }
     sum = hsum8(_mm256_add_ps(a0, a1));
 #endif
@@ -988,33 +1127,19 @@ struct Csr8Body {
   void gemv(int64_t r0, int64_t r1) const { csr8_gemv_rows<I>(rowptr, col, val, scales, r0, r1, xt, bias, y); }
 };
 
-// One token of a dense int8 weight: 32 values per step in four chains.
-inline void dense8_gemv_rows(const int8_t* w, const float* scales, int64_t in, int64_t r0, int64_t r1,
-                             const float* x, const float* bias, float* y) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const int8_t* wr = w + r * in;
-    int64_t k = 0;
-    float sum = 0.0f;
-#if defined(__AVX2__) && defined(__FMA__)
-    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (; k + 32 <= in; k += 32)
-      for (int c = 0; c < 4; ++c) a[c] = _mm256_fmadd_ps(widen8(wr + k + 8 * c), _mm256_loadu_ps(x + k + 8 * c), a[c]);
-    sum = hsum8(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
-#endif
-    for (; k < in; ++k) sum += static_cast<float>(wr[k]) * x[k];
-    y[r] = sum * scales[r] + (bias ? bias[r] : 0.0f);
-  }
-}
-
 struct Dense8Body {
   const int8_t* w; const float* scales; int64_t in; const float* bias; float* y; int64_t out; int act;
   const float* xt = nullptr; int64_t ld = 0;  // set by run_blocks
+  const QuantX* qx = nullptr;  // one token's int8 copy (LINEAR_INT8_INPUT), set by run_blocks
   template <int W, int NV, int S>
   void run(int64_t r0, int64_t r1, int64_t t0, float* buf) const {
     dense_rows_tile<int8_t, W, NV, S>(w, in, r0, r1, xt, ld, t0, buf);
     scale_rows(buf, scales + r0, r1 - r0, W * NV);
   }
-  void gemv(int64_t r0, int64_t r1) const { dense8_gemv_rows(w, scales, in, r0, r1, xt, bias, y); }
+  void gemv(int64_t r0, int64_t r1) const {
+    if (qx) dense8q_gemv_rows(w, scales, in, r0, r1, *qx, bias, y);
+    else dense_gemv_rows<int8_t>(w, in, r0, r1, xt, bias, y, scales);
+  }
 };
 
 // Bitmap tiles: run_blocks hands out blocks of ROWS_PER_BLOCK rows, which are the tile rows.
@@ -1029,22 +1154,43 @@ inline float bits_dot(uint32_t m, const int8_t*& p, const float* x) {
 }
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__BMI2__)
-// acc += the 32 columns of one bitmap word expanded to dense fp32 (zeros where a bit is clear) times x[0:32]:
-// each byte of the word places its popcount values in its 8 lanes with one pdep (the values of 8 columns are
-// contiguous), then a dense FMA against contiguous x. Reads up to 7 bytes past the word's values but never
+struct ByteLanes {  // v[m]: 0xFF in byte b of the word where bit b of m is set
+  uint64_t v[256];
+  constexpr ByteLanes() : v() {
+    for (int m = 0; m < 256; ++m)
+      for (int b = 0; b < 8; ++b)
+        if ((m >> b) & 1) v[m] |= 0xFFull << (8 * b);
+  }
+};
+constexpr ByteLanes BYTE_LANES{};
+
+// The 8 columns of one byte mb of a bitmap word as 8 int8 lanes (zeros where a bit is clear): the values of 8
+// columns are contiguous, so one pdep places them. Advances p past them; reads up to 7 bytes past them but never
 // past `end` (the last value of the weight).
+inline uint64_t expand_byte(unsigned mb, const int8_t*& p, const int8_t* end) {
+  uint64_t raw = 0;
+  if (end - p >= 8) std::memcpy(&raw, p, 8);  // a constant size: one load (a variable one calls memcpy)
+  else std::memcpy(&raw, p, end - p);
+  p += __builtin_popcount(mb);
+  return _pdep_u64(raw, BYTE_LANES.v[mb]);
+}
+
+// acc += the 32 columns of one bitmap word expanded to dense fp32 times x[0:32] (a dense FMA per byte).
 inline __m256 expand_dot(uint32_t m, const int8_t*& p, const int8_t* end, const float* x, __m256 acc) {
   for (int b = 0; b < 4; ++b, m >>= 8) {
-    const unsigned mb = m & 0xFF;
-    uint64_t raw = 0;
-    if (end - p >= 8) std::memcpy(&raw, p, 8);  // a constant size: one load (a variable one calls memcpy)
-    else std::memcpy(&raw, p, end - p);
-    const uint64_t q = _pdep_u64(raw, _pdep_u64(mb, 0x0101010101010101ull) * 0xFF);
-    p += __builtin_popcount(mb);
+    const uint64_t q = expand_byte(m & 0xFF, p, end);
     const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(q))));
     acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 8 * b), acc);
   }
   return acc;
+}
+
+// The 32 columns of one bitmap word as 32 int8 lanes (the int8 inputs' path: dot32 against a block of codes).
+inline __m256i expand_word(uint32_t m, const int8_t*& p, const int8_t* end) {
+  const uint64_t q0 = expand_byte(m & 0xFF, p, end), q1 = expand_byte((m >> 8) & 0xFF, p, end);
+  const uint64_t q2 = expand_byte((m >> 16) & 0xFF, p, end), q3 = expand_byte(m >> 24, p, end);
+  return _mm256_set_epi64x(static_cast<int64_t>(q3), static_cast<int64_t>(q2), static_cast<int64_t>(q1),
+                           static_cast<int64_t>(q0));
 }
 #endif
 
@@ -1053,6 +1199,7 @@ struct Bitmap8Body {
   const int8_t* val; const float* scales; int64_t in; bool expand; const float* bias; float* y; int64_t out;
   int act;
   const float* xt = nullptr; int64_t ld = 0;  // set by run_blocks
+  const QuantX* qx = nullptr;  // one token's int8 copy (LINEAR_INT8_INPUT), set by run_blocks
 
   // Rows [r0, r1) of tile row r0 / 32 over one token tile: each stored value q at column c adds q * xt[c, t0:]
   // to its row's sums in buf (the CSR tile kernel's loop, columns from the set bits).
@@ -1082,7 +1229,9 @@ struct Bitmap8Body {
   }
 
   // One token: per (tile, row) the row's two words, expanded (dense enough weights, x86 with BMI2) or walked
-  // bit by bit; a tile reaching past `in` is always walked (an expanded word reads x[0:32] whole).
+  // bit by bit; a tile reaching past `in` is always walked (an expanded word reads x[0:32] whole). With int8
+  // inputs an expanded word is one block of codes (a tile's 64 columns are two blocks); walked bits read the
+  // dequantized copy (xt).
   void gemv(int64_t r0, int64_t r1) const {
     const int64_t tr = r0 / BITMAP_TILE_OUT, nrows = r1 - r0;
     const float* x = xt;
@@ -1098,6 +1247,15 @@ struct Bitmap8Body {
       const int8_t* p = val + offsets[t];
       const uint32_t* bm = bitmaps + t * BITMAP_TILE_OUT * 2;
 #if defined(__AVX2__) && defined(__FMA__) && defined(__BMI2__)
+      if (expand && c0 + BITMAP_TILE_K <= in && qx) {
+        const __m256i x0 = load32i(qx->q + c0), x1 = load32i(qx->q + c0 + XBLOCK);
+        const __m256 s0 = _mm256_set1_ps(qx->s[c0 / XBLOCK]), s1 = _mm256_set1_ps(qx->s[c0 / XBLOCK + 1]);
+        for (int64_t i = 0; i < nrows; ++i) {
+          acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(expand_word(bm[2 * i], p, end), x0)), s0, acc[i]);
+          acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(expand_word(bm[2 * i + 1], p, end), x1)), s1, acc[i]);
+        }
+        continue;
+      }
       if (expand && c0 + BITMAP_TILE_K <= in) {
         for (int64_t i = 0; i < nrows; ++i)
           acc[i] = expand_dot(bm[2 * i + 1], p, end, xc + 32, expand_dot(bm[2 * i], p, end, xc, acc[i]));
@@ -1560,7 +1718,8 @@ int run_attention(const AttnArgs& a, int nthreads) {
 }
 
 // ---- one linear layer of any layout: what every linear entry point and the decoder step run -------------
-// A layout's arrays in its entry point's order (p), its sizes, extra (bitmap: 1 to expand words at one token),
+// A layout's arrays in its entry point's order (p), its sizes, extra (the int8 layouts' flags: LINEAR_INT8_INPUT,
+// and for the bitmap LINEAR_BITMAP_EXPAND: expand words at one token),
 // nnz (stored values: the work that decides the thread count) and bias. LINEAR_NAMES are the entry points'
 // names, which Python passes to name a layout (decoder_linear).
 enum LinearKind {
@@ -1584,43 +1743,83 @@ int linear_kind(const char* name) {
   return -1;
 }
 
-// y (n, out) = post(act(x W^T + bias)) for x (n, in).
-int run_linear(const LinearRef& w, const float* x, int64_t n, float* y, int nthreads, int act, const Post& post) {
+// f(body) with the body of w's layout writing y with activation act (the one switch over the layouts).
+template <typename F>
+int with_body(const LinearRef& w, float* y, int act, F&& f) {
   const auto* const* p = w.p;
   const int64_t out = w.out, in = w.in;
   const float* b = w.bias;
 #define ARR(i, T) static_cast<const T*>(p[i])
   switch (w.kind) {
-    case L_DENSE_F32: return run_blocks(DenseBody<float>{ARR(0, float), in, b, y, out, act}, out, in, x, n, nthreads, post);
-    case L_DENSE_BF16: return run_blocks(DenseBody<bf16>{ARR(0, bf16), in, b, y, out, act}, out, in, x, n, nthreads, post);
-#define CSR_CASE(K, V, I)                                                                                       \
-    case K: return run_blocks(CsrBody<V, I>{ARR(0, int32_t), ARR(1, I), ARR(2, V), b, y, out, act}, out, in, x, n, \
-                              nthreads, post);
-    CSR_CASE(L_CSR_F32_I16, float, int16_t)
-    CSR_CASE(L_CSR_F32_I32, float, int32_t)
-    CSR_CASE(L_CSR_BF16_I16, bf16, int16_t)
-    CSR_CASE(L_CSR_BF16_I32, bf16, int32_t)
-#undef CSR_CASE
-    case L_TWO_FOUR_F32:
-      return run_blocks(TwoFourBody<float>{ARR(0, float), ARR(1, uint8_t), in, b, y, out, act}, out, in, x, n, nthreads,
-                        post);
-    case L_TWO_FOUR_BF16:
-      return run_blocks(TwoFourBody<bf16>{ARR(0, bf16), ARR(1, uint8_t), in, b, y, out, act}, out, in, x, n, nthreads,
-                        post);
+    case L_DENSE_F32: return f(DenseBody<float>{ARR(0, float), in, b, y, out, act});
+    case L_DENSE_BF16: return f(DenseBody<bf16>{ARR(0, bf16), in, b, y, out, act});
+    case L_CSR_F32_I16: return f(CsrBody<float, int16_t>{ARR(0, int32_t), ARR(1, int16_t), ARR(2, float), b, y, out, act});
+    case L_CSR_F32_I32: return f(CsrBody<float, int32_t>{ARR(0, int32_t), ARR(1, int32_t), ARR(2, float), b, y, out, act});
+    case L_CSR_BF16_I16: return f(CsrBody<bf16, int16_t>{ARR(0, int32_t), ARR(1, int16_t), ARR(2, bf16), b, y, out, act});
+    case L_CSR_BF16_I32: return f(CsrBody<bf16, int32_t>{ARR(0, int32_t), ARR(1, int32_t), ARR(2, bf16), b, y, out, act});
+    case L_TWO_FOUR_F32: return f(TwoFourBody<float>{ARR(0, float), ARR(1, uint8_t), in, b, y, out, act});
+    case L_TWO_FOUR_BF16: return f(TwoFourBody<bf16>{ARR(0, bf16), ARR(1, uint8_t), in, b, y, out, act});
     case L_CSR_I8_I16:
-      return run_blocks(Csr8Body<int16_t>{ARR(0, int32_t), ARR(1, int16_t), ARR(2, int8_t), ARR(3, float), b, y, out,
-                                          act}, out, in, x, n, nthreads, post);
+      return f(Csr8Body<int16_t>{ARR(0, int32_t), ARR(1, int16_t), ARR(2, int8_t), ARR(3, float), b, y, out, act});
     case L_CSR_I8_I32:
-      return run_blocks(Csr8Body<int32_t>{ARR(0, int32_t), ARR(1, int32_t), ARR(2, int8_t), ARR(3, float), b, y, out,
-                                          act}, out, in, x, n, nthreads, post);
+      return f(Csr8Body<int32_t>{ARR(0, int32_t), ARR(1, int32_t), ARR(2, int8_t), ARR(3, float), b, y, out, act});
     case L_BITMAP_I8:
-      return run_blocks(Bitmap8Body{ARR(0, int32_t), ARR(1, int32_t), ARR(2, int32_t), ARR(3, uint32_t), ARR(4, int8_t),
-                                    ARR(5, float), in, w.extra != 0, b, y, out, act}, out, in, x, n, nthreads, post);
-    case L_DENSE_I8:
-      return run_blocks(Dense8Body{ARR(0, int8_t), ARR(1, float), in, b, y, out, act}, out, in, x, n, nthreads, post);
+      return f(Bitmap8Body{ARR(0, int32_t), ARR(1, int32_t), ARR(2, int32_t), ARR(3, uint32_t), ARR(4, int8_t),
+                           ARR(5, float), in, (w.extra & LINEAR_BITMAP_EXPAND) != 0, b, y, out, act});
+    case L_DENSE_I8: return f(Dense8Body{ARR(0, int8_t), ARR(1, float), in, b, y, out, act});
     default: return ENTRY_BAD_ARGUMENT;
   }
 #undef ARR
+}
+
+inline bool int8_input(const LinearRef& w) { return (w.extra & LINEAR_INT8_INPUT) != 0; }  // int8 layouts' flag
+
+// y (n, out) = post(act(x W^T + bias)) for x (n, in).
+int run_linear(const LinearRef& w, const float* x, int64_t n, float* y, int nthreads, int act, const Post& post) {
+  return with_body(w, y, act, [&](auto body) {
+    return run_blocks(body, w.out, w.in, x, n, nthreads, post, int8_input(w));
+  });
+}
+
+// One token through count linear layers sharing their input x (in,) (the decoder step's q, k, v and its gate, up):
+// their row blocks handed out together in one parallel_for (the threads woken once, not once per layer), x
+// quantized once for those that take int8 inputs. ys[i] (ws[i]->out,) = act_i(x W_i^T + bias_i).
+int run_gemvs(const LinearRef* const* ws, int count, const float* x, float* const* ys, const int* acts,
+              int nthreads) {
+  constexpr int MAX_GROUP = 4;
+  if (count < 1 || count > MAX_GROUP) return ENTRY_BAD_ARGUMENT;
+  const int64_t in = ws[0]->in;
+  int64_t first[MAX_GROUP + 1] = {0};  // the row blocks of layer i: [first[i], first[i + 1])
+  bool quantize = false;
+  for (int i = 0; i < count; ++i) {
+    if (ws[i]->in != in) return ENTRY_BAD_ARGUMENT;
+    first[i + 1] = first[i] + (ws[i]->out + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK;
+    quantize = quantize || int8_input(*ws[i]);
+  }
+  QuantX quant{};
+  const float* deq = x;
+  if (quantize) {
+    float* buf = scratch(static_cast<size_t>(in + quant_floats(in)), 1);
+    if (!buf) return ENTRY_OUT_OF_MEMORY;
+    quant = quantize_x(x, 1, in, buf, buf + in);
+    deq = buf;
+  }
+  parallel_for(first[count], nthreads, [&](int64_t item, int) {
+    int i = 0;
+    while (item >= first[i + 1]) ++i;
+    const LinearRef& w = *ws[i];
+    const int64_t r0 = (item - first[i]) * ROWS_PER_BLOCK, r1 = std::min(w.out, r0 + ROWS_PER_BLOCK);
+    with_body(w, ys[i], acts[i], [&](auto body) {
+      const bool q8 = int8_input(w);
+      body.xt = q8 ? deq : x;
+      if constexpr (takes_int8_input<decltype(body)>::value)
+        if (q8) body.qx = &quant;
+      body.gemv(r0, r1);  // bias added
+      if (body.act) epilogue(body.y + r0, 0, 1, r1 - r0, nullptr, body.act);
+      return ENTRY_OK;
+    });
+  });
+  return ENTRY_OK;
 }
 
 #include "decode_step.h"
@@ -1714,24 +1913,26 @@ extern "C" int dense_bf16(const bf16* val, int64_t out, int64_t in, LINEAR_TAIL)
   return LINEAR_CALL(L_DENSE_BF16, 0, val);
 }
 
-// int8 weights (see "int8 weights" above): scales (out,) fp32 after the values; otherwise as the entries above.
+// int8 weights (see "int8 weights" above): scales (out,) fp32 after the values, flags (LINEAR_INT8_INPUT, and
+// for the bitmap LINEAR_BITMAP_EXPAND) after the sizes; otherwise as the entries above.
 #define SPARSE_CSR8_ENTRY(NAME, KIND, I)                                                                    \
   extern "C" int NAME(const int32_t* rowptr, const I* col, const int8_t* val, const float* scales,         \
-                      int64_t out, int64_t in, LINEAR_TAIL) {                                               \
-    return LINEAR_CALL(KIND, 0, rowptr, col, val, scales);                                                  \
+                      int64_t out, int64_t in, int flags, LINEAR_TAIL) {                                    \
+    return LINEAR_CALL(KIND, flags, rowptr, col, val, scales);                                              \
   }
 SPARSE_CSR8_ENTRY(csr_i8_i16, L_CSR_I8_I16, int16_t)
 SPARSE_CSR8_ENTRY(csr_i8_i32, L_CSR_I8_I32, int32_t)
 
-// expand: 1 to expand each bitmap word to dense lanes at one token (dense enough weights), 0 to walk its bits.
+// LINEAR_BITMAP_EXPAND: expand each bitmap word to dense lanes at one token (dense enough weights), else walk
+// its bits.
 extern "C" int bitmap_i8(const int32_t* tile_ptr, const int32_t* tile_cols, const int32_t* offsets,
                          const uint32_t* bitmaps, const int8_t* val, const float* scales, int64_t out, int64_t in,
-                         int expand, LINEAR_TAIL) {
-  return LINEAR_CALL(L_BITMAP_I8, expand, tile_ptr, tile_cols, offsets, bitmaps, val, scales);
+                         int flags, LINEAR_TAIL) {
+  return LINEAR_CALL(L_BITMAP_I8, flags, tile_ptr, tile_cols, offsets, bitmaps, val, scales);
 }
 
-extern "C" int dense_i8(const int8_t* val, const float* scales, int64_t out, int64_t in, LINEAR_TAIL) {
-  return LINEAR_CALL(L_DENSE_I8, 0, val, scales);
+extern "C" int dense_i8(const int8_t* val, const float* scales, int64_t out, int64_t in, int flags, LINEAR_TAIL) {
+  return LINEAR_CALL(L_DENSE_I8, flags, val, scales);
 }
 
 // moe_forward_f32: see run_moe. logits (T, E) fp32, x (T, D), y (T, D), routed (E,) int64.
@@ -1829,16 +2030,17 @@ extern "C" int sparse_cpu_waited(int backend, int64_t wait_ns, int64_t busy_ns) 
   return work_pool::Mode::get().waited(backend, wait_ns, busy_ns);
 }
 
-extern "C" int sparse_cpu_abi_version() { return 16; }
+extern "C" int sparse_cpu_abi_version() { return 17; }
 
 // The codes Python passes and reads, from the enums themselves: native.py compares them with its own tables at
 // load and refuses a library that disagrees (one source of truth per side, checked against the other).
 extern "C" const char* sparse_cpu_constants() {
-  static char text[256];
+  static char text[320];
   std::snprintf(text, sizeof(text),
                 "act.none=%d act.relu=%d act.gelu=%d act.gelu_tanh=%d act.silu=%d post.none=%d post.add=%d "
-                "post.add_norm=%d status.ok=%d status.out_of_memory=%d status.bad_argument=%d mask.none=%d mask.additive=%d mask.keep=%d",
-                ACT_NONE, ACT_RELU, ACT_GELU, ACT_GELU_TANH, ACT_SILU, POST_NONE, POST_ADD, POST_ADD_NORM, ENTRY_OK,
+                "post.add_norm=%d linear.bitmap_expand=%d linear.int8_input=%d status.ok=%d status.out_of_memory=%d status.bad_argument=%d mask.none=%d mask.additive=%d mask.keep=%d",
+                ACT_NONE, ACT_RELU, ACT_GELU, ACT_GELU_TANH, ACT_SILU, POST_NONE, POST_ADD, POST_ADD_NORM,
+                LINEAR_BITMAP_EXPAND, LINEAR_INT8_INPUT, ENTRY_OK,
                 ENTRY_OUT_OF_MEMORY, ENTRY_BAD_ARGUMENT, MASK_NONE, MASK_ADDITIVE, MASK_KEEP);
   return text;
 }

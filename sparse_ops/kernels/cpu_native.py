@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from sparse_ops.activations import CODES, apply
 from sparse_ops.formats import CSR, TwoFour
 from sparse_ops.kernels import cpu, native
-from sparse_ops.quantized import BitmapInt8, CSRInt8, DenseInt8, Int8CSR, Int8Weight
+from sparse_ops.quantized import BitmapInt8, CSRInt8, DenseInt8, Int8CSR, Int8Weight, quantize_input
 
 VALUE_CODE = {torch.float32: "f32", torch.bfloat16: "bf16"}  # value dtypes the C++ code reads
 INDEX_CODE = {torch.int16: "i16", torch.int32: "i32"}
@@ -90,7 +90,7 @@ class NativeWeight:
     # ffn_matmul's (down weight, gate weight or None, bound entry), on the up weight
     ffn_call: tuple[NativeWeight, NativeWeight | None, Callable[..., None]] | None = None
     layout: str = ""  # the C++ entry point ``call`` binds (its layout: sparse_cpu.cpp's LINEAR_NAMES)
-    extra: int = 0  # the entry's argument after the sizes (bitmap-int8: whether one token expands the words)
+    extra: int = 0  # the int8 entries' flags after the sizes (native.LINEAR_FLAGS)
 
 
 class AddNorm(NamedTuple):  # a NamedTuple: built per call, it must be cheap (a frozen dataclass costs ~2 us)
@@ -271,54 +271,61 @@ def dense_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None,
     return _matmul(w, x, bias, False, CODES[activation], None)
 
 
-# ---- int8 weights (sparse_ops.quantized): weight-only, int8 values widened to fp32 in registers -------------
+# ---- int8 weights (sparse_ops.quantized): int8 values widened to fp32 in registers, or with input_bits=8 int8
+# times int8 at one token ------------------------------------------------------------------------------------
 # One token on a bitmap-int8 weight: each bitmap word is expanded to dense lanes (pdep, on x86 builds with BMI2)
 # at densities from BITMAP_EXPAND_DENSITY, else walked bit by bit (sparser rows have few bits per word).
 BITMAP_EXPAND_DENSITY = 0.1
 
 
-def _int8(w: Int8Weight, entry: str, parts: tuple[torch.Tensor, ...], *sizes: int) -> NativeWeight:
-    """A validated int8 weight bound to ``entry``: its layout's parts, then the fp32 scales, then ``sizes`` (the
-    shape, then for the bitmap its expand flag)."""
+def _int8(w: Int8Weight, entry: str, parts: tuple[torch.Tensor, ...], flags: int = 0) -> NativeWeight:
+    """A validated int8 weight bound to ``entry``: its layout's parts, the fp32 scales, the shape, then the flags
+    (``native.LINEAR_FLAGS``: the bitmap's ``flags``, and int8 inputs from ``w.input_bits``)."""
     tensors = (*(t.contiguous() for t in parts), _fp32(w.scales))
     out, inp = w.shape
     nnz = w.values.numel()
-    return NativeWeight(w, tensors, _entry(entry, *tensors, *sizes), w.dtype, nnz / max(1, out * inp), nnz, "i8",
-                        scales=tensors[-1], layout=entry, extra=sizes[2] if len(sizes) > 2 else 0)
+    flags |= native.LINEAR_FLAGS["int8_input"] if w.input_bits == 8 else 0
+    return NativeWeight(w, tensors, _entry(entry, *tensors, out, inp, flags), w.dtype, nnz / max(1, out * inp), nnz,
+                        "i8", scales=tensors[-1], layout=entry, extra=flags)
 
 
 def prepare_dense_int8(w: DenseInt8) -> NativeWeight:
     _check_cpu(w)
-    return _int8(w.validate(), "dense_i8", (w.values,), *w.shape)
+    return _int8(w.validate(), "dense_i8", (w.values,))
 
 
 def prepare_csr_int8(w: CSRInt8) -> NativeWeight:
     _check_cpu(w)
     q = w.validate().q
-    return _int8(w, f"csr_i8_{INDEX_CODE[q.col_indices.dtype]}", (q.crow_indices, q.col_indices, q.values), *w.shape)
+    return _int8(w, f"csr_i8_{INDEX_CODE[q.col_indices.dtype]}", (q.crow_indices, q.col_indices, q.values))
 
 
 def prepare_bitmap_int8(w: BitmapInt8) -> NativeWeight:
     _check_cpu(w)
     q = w.validate().q
     expand = q.nnz >= BITMAP_EXPAND_DENSITY * w.shape[0] * w.shape[1]
-    return _int8(w, "bitmap_i8", (q.tile_ptr, q.tile_cols, q.value_offsets, q.bitmaps, q.values), *w.shape,
-                 int(expand))
+    return _int8(w, "bitmap_i8", (q.tile_ptr, q.tile_cols, q.value_offsets, q.bitmaps, q.values),
+                 native.LINEAR_FLAGS["bitmap_expand"] if expand else 0)
 
 
 def int8_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None,
                 post: AddNorm | None = None, variant: str | None = None) -> torch.Tensor:
-    """x: (N, in) -> post(activation(x W^T + bias)) (N, out) in the weight's dtype, W = scales * q. ``variant``
-    (sparse int8: one of ``csr_variants(N)``, the panelled copy as CSR's; dense-int8 has none) picks the kernel;
-    None: ``use_panels`` picks. With a gradient needed: ``F.linear`` on the dequantized weight."""
+    """x: (N, in) -> post(activation(x W^T + bias)) (N, out) in the weight's dtype, W = scales * q, x quantized
+    per block first where the weight's ``input_bits`` says so. ``variant`` (sparse int8: one of
+    ``csr_variants(N)``, the panelled copy as CSR's; dense-int8 has none) picks the kernel; None:
+    ``use_panels`` picks. With a gradient needed: ``F.linear`` on the dequantized weight."""
+    quantized = w.source.input_bits is not None
     if _needs_grad(x, bias):
-        y = apply(F.linear(x, w.source.to_dense(), bias), activation)
+        y = apply(F.linear(quantize_input(x) if quantized else x, w.source.to_dense(), bias), activation)
         return y if post is None else post.apply(y)
     if isinstance(w.source, DenseInt8):
         if variant is not None:
             raise ValueError(f"the dense-int8 kernel has no variants, got {variant!r}")
         return _matmul(w, x, bias, False, CODES[activation], post)
-    return _matmul(w, x, bias, _panels_for(w, x.shape[0], variant), CODES[activation], post)
+    panels = _panels_for(w, x.shape[0], variant)
+    if panels and quantized:  # the panelled kernel takes fp32 inputs: the int8 copy made here
+        x = quantize_input(x)
+    return _matmul(w, x, bias, panels, CODES[activation], post)
 
 
 def _panels_for(w: NativeWeight, n: int, variant: str | None) -> bool:
@@ -391,7 +398,8 @@ def ffn_matmul(up: NativeWeight, down: NativeWeight, x: torch.Tensor, up_bias: t
     if n < FFN_MIN_TOKENS or any(_needs_grad(x, b) for b in (up_bias, down_bias, gate_bias)) \
             or min(w.density for w in weights) < PANEL_MIN_DENSITY or len({w.value_code for w in weights}) > 1 \
             or len({w.out_dtype for w in weights}) > 1 \
-            or not all(isinstance(w.source, (CSR, CSRInt8, BitmapInt8)) for w in weights):
+            or not all(isinstance(w.source, (CSR, CSRInt8, BitmapInt8)) for w in weights) \
+            or any(getattr(w.source, "input_bits", None) for w in weights):  # int8 inputs: each layer's own
         return None
     (hidden, inp), out = up.source.shape, down.source.shape[0]
     if down.source.shape[1] != hidden:

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "sparse_cpu.cpp"
 HEADERS = tuple(sorted(SOURCE.parent.glob("*.h")))  # included by SOURCE: part of the build key
-ABI_VERSION = 16
+ABI_VERSION = 17
 # -fno-trapping-math lets the epilogue's floor and float -> int conversions vectorise (no FP exception flags);
 # the target's -march and the cache constants are added by build_flags
 FLAGS = ("-O3", "-fopenmp", "-pthread", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno", "-fno-trapping-math")
@@ -78,7 +78,9 @@ _POST = (_INT, _P, _P, _P, ctypes.c_float)
 POST_KINDS = {"none": 0, "add": 1, "add_norm": 2}  # sparse_cpu.cpp's PostKind
 NO_POST = (POST_KINDS["none"], None, None, None, 0.0)  # y is the product (and activation) alone
 STATUS = {"ok": 0, "out_of_memory": 1, "bad_argument": 2}  # what the entry points return (ENTRY_OK, ENTRY_OUT_OF_MEMORY)
-MASK_KINDS = {"none": 0, "additive": 1, "keep": 2}  # attention_f32's mask: fp32 added, or bytes (1: attend)
+MASK_KINDS = {"none": 0, "additive": 1, "keep": 2}
+# the int8 layouts' flags (sparse_cpu.cpp, LinearRef::extra): expand bitmap words at one token; int8 inputs
+LINEAR_FLAGS = {"bitmap_expand": 1, "int8_input": 2}  # attention_f32's mask: fp32 added, or bytes (1: attend)
 # entry point -> argument types (pointers as integers from Tensor.data_ptr(); NULL bias as None)
 SIGNATURES: dict[str, tuple[type, ...]] = {
     # rowptr, col, val, out, in, x, n, bias, y, threads, activation code
@@ -87,12 +89,14 @@ SIGNATURES: dict[str, tuple[type, ...]] = {
     # int8 panels and FFN: as the entries above, each weight's scales after its values
     "csr_panels_i8": (_P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _P, _P, _INT, _INT, *_POST),
     "csr_ffn_i8": (*(_P,) * 12, _I64, _I64, _I64, _I64, _I64, _P, _I64, _I64, _P, _P, _P, _P, _INT, _INT, *_POST),
-    # int8 weights (sparse_ops.quantized): the CSR entry's arguments with the scales after the values
-    **{f"csr_i8_{i}": (_P, _P, _P, _P, _I64, _I64, _P, _I64, _P, _P, _INT, _INT, *_POST) for i in ("i16", "i32")},
-    # tile_ptr, tile_cols, value_offsets, bitmaps, val, scales, out, in, expand (0/1), x, n, bias, y, threads, act
+    # int8 weights (sparse_ops.quantized): the CSR entry's arguments with the scales after the values and the
+    # flags (LINEAR_FLAGS) after the sizes
+    **{f"csr_i8_{i}": (_P, _P, _P, _P, _I64, _I64, _INT, _P, _I64, _P, _P, _INT, _INT, *_POST)
+       for i in ("i16", "i32")},
+    # tile_ptr, tile_cols, value_offsets, bitmaps, val, scales, out, in, flags, x, n, bias, y, threads, act
     "bitmap_i8": (*(_P,) * 6, _I64, _I64, _INT, _P, _I64, _P, _P, _INT, _INT, *_POST),
-    # val, scales, out, in, x, n, bias, y, threads, activation code
-    "dense_i8": (_P, _P, _I64, _I64, _P, _I64, _P, _P, _INT, _INT, *_POST),
+    # val, scales, out, in, flags, x, n, bias, y, threads, activation code
+    "dense_i8": (_P, _P, _I64, _I64, _INT, _P, _I64, _P, _P, _INT, _INT, *_POST),
     # val, out, in, x, n, bias, y, threads, activation code
     **{f"dense_{v}": (_P, _I64, _I64, _P, _I64, _P, _P, _INT, _INT, *_POST) for v in ("f32", "bf16")},
     # val, meta, out, in, x, n, bias, y, threads, activation code
@@ -130,7 +134,7 @@ def expected_constants() -> dict[str, int]:
 
     return {**{f"act.{'none' if name is None else name}": code for name, code in CODES.items()},
             **{f"post.{k}": v for k, v in POST_KINDS.items()}, **{f"status.{k}": v for k, v in STATUS.items()},
-            **{f"mask.{k}": v for k, v in MASK_KINDS.items()}}
+            **{f"mask.{k}": v for k, v in MASK_KINDS.items()}, **{f"linear.{k}": v for k, v in LINEAR_FLAGS.items()}}
 
 
 def constants_mismatch(lib: ctypes.CDLL) -> str | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from sparse_ops.formats import CSR, TwoFour
-from sparse_ops.quantized import BitmapInt8, CSRInt8, DenseInt8
+from sparse_ops.quantized import BitmapInt8, CSRInt8, DenseInt8, Int8Weight, quantize_input
 
 
 def _scatter_matmul(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, out: int,
@@ -44,8 +44,14 @@ def two_four_matmul(w: TwoFour, x: torch.Tensor) -> torch.Tensor:
 
 
 def dense_int8_matmul(w: DenseInt8, x: torch.Tensor) -> torch.Tensor:
-    """fp32 ``x @ (scales * q)^T`` for a dense int8 weight.  x: (N, in) -> (N, out)."""
+    """fp32 ``x @ (scales * q)^T`` for a dense int8 weight.  x: (N, in) -> (N, out). With ``w.input_bits``,
+    x as the kernels take it (``quantize_input``), as in the other int8 references."""
+    x = _input(w, x)
     return (x.to(torch.float64) @ w.q.values.to(torch.float64).t() * w.scales.to(torch.float64)).float()
+
+
+def _input(w: Int8Weight, x: torch.Tensor) -> torch.Tensor:
+    return x if w.input_bits is None else quantize_input(x)
 
 
 def csr_int8_matmul(w: CSRInt8, x: torch.Tensor) -> torch.Tensor:
@@ -54,13 +60,13 @@ def csr_int8_matmul(w: CSRInt8, x: torch.Tensor) -> torch.Tensor:
     counts = (q.crow_indices[1:] - q.crow_indices[:-1]).to(torch.int64)
     rows = torch.repeat_interleave(torch.arange(w.shape[0], device=w.device), counts)
     return _scatter_matmul(rows, q.col_indices.to(torch.int64), q.values.float() * w.scales.float()[rows],
-                           w.shape[0], x)
+                           w.shape[0], _input(w, x))
 
 
 def bitmap_int8_matmul(w: BitmapInt8, x: torch.Tensor) -> torch.Tensor:
     """fp32 ``x @ (scales * q)^T`` for a tiled-bitmap int8 weight (entries decoded from the bitmaps)."""
     rows, cols = w.q.entries()
-    return _scatter_matmul(rows, cols, w.q.values.float() * w.scales.float()[rows], w.shape[0], x)
+    return _scatter_matmul(rows, cols, w.q.values.float() * w.scales.float()[rows], w.shape[0], _input(w, x))
 
 
 # format name -> reference product
