@@ -106,7 +106,7 @@ KERNELS: dict[tuple[str, str], tuple[Kernel, ...]] = {
     # the sparse int8 layouts: CSR's variants ("panels": a panelled int8 copy built at the first batch that takes
     # it) and its fused feed-forward block
     **{(fmt, "cpu"): (Kernel(f"cpu.{fmt}", prepare, cpu_native.int8_matmul, fuses=True, ffn=cpu_native.ffn_matmul,
-                             variants=cpu_native.csr_variants, available=native.available), DEQUANTIZED)
+                             variants=cpu_native.int8_variants, available=native.available), DEQUANTIZED)
        for fmt, prepare in (("csr-int8", cpu_native.prepare_csr_int8),
                             ("bitmap-int8", cpu_native.prepare_bitmap_int8))},
     **{(fmt, "cuda"): (DEQUANTIZED,) for fmt in ("dense-int8", "csr-int8", "bitmap-int8")},

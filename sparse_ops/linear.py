@@ -231,7 +231,7 @@ class SparseLinear(nn.Module):
         if path in self._twins:
             return self._other_kernel(path)[1]
         if self.kernel.backend == OURS:
-            return self._state
+            return cpu_native.masked(self._state) if path.endswith(".mask") else self._state
         if ("ours", self.format) not in self._others:
             ours = next(k for k in candidates(self.format, "cpu") if k.backend == OURS)
             self._others[("ours", self.format)] = (ours, ours.prepare(self.weight))

@@ -532,7 +532,9 @@ def test_ffn_benchmark_writes_consistent_rows(tmp_path, capsys):
 
 def test_the_bench_format_choices_are_the_registry_and_dense_and_auto():
     from prune.bench.command import FORMAT_CHOICES
+    from prune.bench.matmul import FORMATS as BENCH_FORMATS
     from sparse_ops.checkpoint import CONVERT_FORMATS
-    from sparse_ops.registry import FORMATS
+    from sparse_ops.registry import FORMATS, QUANTIZED
 
-    assert FORMAT_CHOICES == ("dense", *FORMATS, "auto") and CONVERT_FORMATS == (*FORMATS, "auto")
+    assert FORMAT_CHOICES == BENCH_FORMATS == ("dense", *FORMATS, *(f + "+in8" for f in QUANTIZED), "auto")
+    assert CONVERT_FORMATS == (*FORMATS, "auto")

@@ -8,9 +8,10 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from sparse_ops.activations import ACTIVATIONS
+from sparse_ops.activations import ACTIVATIONS, CODES
 from sparse_ops.dispatch import kernel_for
 from sparse_ops.formats import CSR, TwoFour
 from sparse_ops.kernels import cpu_native, native, reference
@@ -83,6 +84,43 @@ def test_both_csr_kernels_match_reference(batch, sparsity, dtype, panels, isa, m
     w = unstructured((70, 300), sparsity, dtype)
     w[5:9] = 0.0
     check(CSR.from_dense(w), batch, dtype)
+
+
+@needs_native
+@pytest.mark.parametrize("isa", RUNNABLE_ISAS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.999, 1.0])
+@pytest.mark.parametrize("batch", [1, 2, 9, 40])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 12), (33, 64), (70, 130), (5, 2000), (3, 0)])
+def test_the_column_mask_copy_matches_reference(shape, batch, sparsity, dtype, isa):
+    # the one-token variant "mask" (values placed by a permute per 8 columns: odd widths, empty rows, the last row
+    # ending at the last value) and, for the decoder's prompts, the same copy at more tokens (its bits walked)
+    w = unstructured(shape, sparsity, dtype)
+    w[:2] = 0.0
+    fmt = CSR.from_dense(w)
+    m = cpu_native.masked(cpu_native.prepare_csr(fmt))
+    assert m.layout == f"csr_mask_{cpu_native.VALUE_CODE[dtype]}"
+    assert m.tensors[1].shape == (shape[0], (shape[1] + 7) // 8)
+    x, b = torch.randn(batch, shape[1], dtype=dtype), torch.randn(shape[0], dtype=dtype)
+    with torch.inference_mode():
+        y = cpu_native._matmul(m, x, b, False, CODES["gelu"], None)
+    ref = F.gelu(reference.REFERENCE["csr"](fmt, x) + b.float())
+    close_to_reference(y, ref, dtype, shape[1])
+
+
+@needs_native
+def test_the_mask_variant_is_a_one_token_choice_of_the_csr_kernel():
+    fmt = CSR.from_dense(unstructured((64, 96), 0.6))
+    state = cpu_native.prepare_csr(fmt)
+    assert cpu_native.csr_variants(1) == ("plain", "mask") and "mask" not in cpu_native.csr_variants(2)
+    assert state.masked is None  # built at its first use, then kept
+    x = torch.randn(1, 96)
+    with torch.inference_mode():
+        y = cpu_native.csr_matmul(state, x, None, variant="mask")
+        assert state.masked is not None and cpu_native.masked(state) is state.masked
+        torch.testing.assert_close(y, cpu_native.csr_matmul(state, x, None, variant="plain"), rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="unknown kernel variant 'mask' for 3 tokens"):
+            cpu_native.csr_matmul(state, torch.randn(3, 96), None, variant="mask")
 
 
 @needs_native

@@ -35,9 +35,11 @@ from prune.bench.shapes import BATCHES, SHAPE_SETS, SPARSITIES
 if TYPE_CHECKING:
     from sparse_ops.busy import Load
 
-# "dense", every sparse_ops.formats.FORMATS name, and "auto" (the layer sparsify() builds by default). Written
-# out so that `prune --help` does not import torch; tests/test_bench.py checks it against the registry.
-FORMAT_CHOICES = ("dense", "csr", "2:4", "dense-int8", "csr-int8", "bitmap-int8", "auto")
+# "dense", every sparse_ops.formats.FORMATS name, each int8 one with int8 inputs (+in8), and "auto" (the layer
+# sparsify() builds by default). Written out so that `prune --help` does not import torch; tests/test_bench.py
+# checks it against prune.bench.matmul.FORMATS.
+FORMAT_CHOICES = ("dense", "csr", "2:4", "dense-int8", "csr-int8", "bitmap-int8", "dense-int8+in8", "csr-int8+in8",
+                  "bitmap-int8+in8", "auto")
 DTYPE_CHOICES = ("fp32", "bf16", "fp16")
 
 

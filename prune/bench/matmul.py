@@ -7,6 +7,8 @@ random zeros; below 50% sparsity plain random zeros), so every candidate multipl
   csr / 2:4        SparseLinear in that format (our kernels, through sparse_ops.dispatch)
   dense-int8, ...  the int8 formats (sparse_ops.quantized): W quantized per row, their error measured against
                    the dequantized weight (the kernel's error; quantization's own is a quality question)
+  dense-int8+in8, ...  the same with int8 inputs (``input_bits=8``: x quantized per block of 32; one token
+                   int8 x int8), their error against the dequantized weight times the quantized input
   auto             what sparsify() gives by default: the weight stored as `prune convert --format auto` would
                    (the smallest of dense/csr/2:4), planned at this batch (sparse_ops.plan: dense, each of
                    our kernels, torch's, measured here); its choice is recorded
@@ -44,17 +46,19 @@ from prune.bench.shapes import LinearShape
 from sparse_ops.checkpoint import choose_storage
 from sparse_ops.linear import SparseLinear
 from sparse_ops.plan import PlanCache, Planner
+from sparse_ops.quantized import quantize_input
 from sparse_ops.registry import FORMATS as SPARSE_FORMATS
-from sparse_ops.registry import format_class
+from sparse_ops.registry import QUANTIZED, format_class
 from sparse_ops.timing import Deadline, Timing, time_interleaved
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-FORMATS = ("dense", *SPARSE_FORMATS, "auto")  # what --formats accepts: our layers
+IN8 = "+in8"  # an int8 format's candidate with int8 inputs
+FORMATS = ("dense", *SPARSE_FORMATS, *(f + IN8 for f in QUANTIZED), "auto")  # what --formats accepts: our layers
 ANCHOR_DEVICES: dict[str, tuple[str, ...]] = {  # anchor -> device types it runs on
     "torch_csr_i64": ("cpu", "cuda"), "torch_csr_i32": ("cpu", "cuda"), "scipy_csr": ("cpu",),
     "torch_2:4": ("cuda",)}
 # candidate -> the storage its kernel reads (for weight_bytes and the memory-bound limit); auto: its choice
-STORAGE = {"dense": "dense", **{f: f for f in SPARSE_FORMATS}, "csr:torch": "csr_i32", "torch_csr_i64": "csr_i64",
+STORAGE = {"dense": "dense", **{f: f for f in SPARSE_FORMATS}, **{f + IN8: f for f in QUANTIZED}, "csr:torch": "csr_i32", "torch_csr_i64": "csr_i64",
            "torch_csr_i32": "csr_i32", "scipy_csr": "csr_i32", "torch_2:4": "2:4"}
 # largest relative error (max |y - ref| / max |ref|) a candidate may show against the fp32 reference
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -102,6 +106,7 @@ class Candidate:
     storage: str
     auto_chose: str = ""
     reference: torch.Tensor | None = None  # the weight its output should match (int8: dequantized); None: W
+    quantized_input: bool = False  # the output should match the reference weight times quantize_input(x)
 
 
 def _torch_csr(w: torch.Tensor, x: torch.Tensor, index_dtype: torch.dtype) -> Callable[[], object]:
@@ -153,17 +158,21 @@ def planned(w: torch.Tensor, x: torch.Tensor) -> Candidate:
 
 
 def ours(w: torch.Tensor, x: torch.Tensor, fmt: str) -> Candidate:
-    """Our layer in ``fmt`` (csr, 2:4, auto); NotImplementedError/ValueError where this weight cannot use it."""
+    """Our layer in ``fmt`` (csr, 2:4, an int8 format with or without ``IN8``, auto); NotImplementedError /
+    ValueError where this weight cannot use it."""
     if fmt == "auto":
         return planned(w, x)
+    bits = 8 if fmt.endswith(IN8) else None
+    name, fmt = fmt, fmt.removesuffix(IN8)
     if fmt in SPARSE_FORMATS and not SPARSE_FORMATS[fmt].eligible(w):
         format_class(fmt).from_dense(w)  # raises, naming what breaks the format's pattern
     lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
     with torch.no_grad():
         lin.weight.copy_(w)
     layer = SparseLinear.from_dense(lin, fmt)
+    layer.input_bits = bits
     reference = layer.weight.to_dense() if layer.weight.QUANTIZED else None  # the kernel's error, not int8's
-    return Candidate(fmt, lambda: layer(x), STORAGE[layer.choice], reference=reference)
+    return Candidate(name, lambda: layer(x), STORAGE[layer.choice], reference=reference, quantized_input=bool(bits))
 
 
 def rel_error(y: object, ref: torch.Tensor) -> float:
@@ -223,7 +232,8 @@ def _measure(w: torch.Tensor, x: torch.Tensor, formats: tuple[str, ...], with_an
     with torch.inference_mode():
         for c in list(cands):
             try:
-                errors[c.name] = rel_error(c.fn(), ref if c.reference is None else x.float() @ c.reference.float().t())
+                xr = quantize_input(x.float()) if c.quantized_input else x.float()
+                errors[c.name] = rel_error(c.fn(), ref if c.reference is None else xr @ c.reference.float().t())
             except (NotImplementedError, RuntimeError, ValueError, TypeError) as e:
                 if c.name == "dense":
                     raise

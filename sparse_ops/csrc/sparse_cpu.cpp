@@ -1067,6 +1067,93 @@ struct DenseBody {  // y / out / bias / act: where flush_rows writes
   void gemv(int64_t r0, int64_t r1) const { dense_gemv_rows<V>(w, in, r0, r1, xt, bias, y); }
 };
 
+// ---- CSR with a column mask: one token without gathers ------------------------------------------------------
+// The CSR's row pointers and values (row-major, columns ascending) with, in place of the column indices, a bit per
+// column: mask (out, ceil(in / 8)) uint8, bit b of byte j of row r set where (r, 8 j + b) is stored. At one token
+// each byte of a row places its popcount values in 8 lanes with one permute (PERMUTE_LUT's index vector for the
+// byte) and multiplies them with x[8 j : 8 j + 8] in one FMA: a row reads its values and in / 8 mask bytes, with
+// no gather (CSR's one-token kernel is bound by its gathers). Built from a CSR weight where the plan's one-token
+// variant "mask" chose it (cpu_native.masked); more tokens walk the bits (what a prompt runs in the decoder step).
+#if defined(__AVX2__) && defined(__FMA__)
+struct PermuteLut {  // per byte m: the lane of each set bit's value among the packed ones, and -1 lanes to keep
+  alignas(32) int32_t idx[256][8];
+  alignas(32) int32_t keep[256][8];
+  constexpr PermuteLut() : idx(), keep() {
+    for (int m = 0; m < 256; ++m)
+      for (int b = 0, k = 0; b < 8; ++b)
+        if ((m >> b) & 1) idx[m][b] = k++, keep[m][b] = -1;
+  }
+};
+constexpr PermuteLut PERMUTE_LUT{};
+
+// 8 values from p as fp32, none read at or past end (the last row's last values)
+template <typename V>
+inline __m256 load8_before(const V* p, const V* end) {
+  if (end - p >= 8) return load8(p);
+  V tail[8] = {};
+  std::memcpy(tail, p, static_cast<size_t>(end - p) * sizeof(V));
+  return load8(tail);
+}
+#endif
+
+template <typename V>
+struct CsrMaskBody {
+  const int32_t* rowptr; const uint8_t* mask; const V* val; int64_t in; const float* bias; float* y; int64_t out;
+  int act;
+  const float* xt = nullptr; int64_t ld = 0;  // set by run_blocks
+
+  template <int W, int NV, int S>
+  void run(int64_t r0, int64_t r1, int64_t t0, float* buf) const {
+    typedef typename Vec<W>::type vec;
+    const int64_t bytes = (in + 7) / 8;
+    for (int64_t r = r0; r < r1; ++r) {
+      vec acc[NV];
+      for (int j = 0; j < NV; ++j) acc[j] = vec{};
+      const V* p = val + rowptr[r];
+      const uint8_t* m = mask + r * bytes;
+      for (int64_t j = 0; j < bytes; ++j)
+        for (unsigned bits = m[j]; bits; bits &= bits - 1) {
+          const float v = load_value(p++, 0);
+          const float* xp = xt + t0 + (8 * j + __builtin_ctz(bits)) * ld;
+          for (int q = 0; q < NV; ++q) acc[q] += v * load_vec<W>(xp + q * W);
+        }
+      store_row<W, NV>(acc, r - r0, buf);
+    }
+  }
+
+  void gemv(int64_t r0, int64_t r1) const {
+    const int64_t bytes = (in + 7) / 8, full = in / 8;
+    const float* x = xt;
+    for (int64_t r = r0; r < r1; ++r) {
+      const V* p = val + rowptr[r];
+      const uint8_t* m = mask + r * bytes;
+      float sum = 0.0f;
+      int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+      const V* end = val + rowptr[out];
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      for (; j + 2 <= full; j += 2) {
+        const unsigned m0 = m[j], m1 = m[j + 1];
+        const __m256 v0 = _mm256_and_ps(
+            _mm256_permutevar8x32_ps(load8_before(p, end), _mm256_load_si256(reinterpret_cast<const __m256i*>(PERMUTE_LUT.idx[m0]))),
+            _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(PERMUTE_LUT.keep[m0]))));
+        p += __builtin_popcount(m0);
+        const __m256 v1 = _mm256_and_ps(
+            _mm256_permutevar8x32_ps(load8_before(p, end), _mm256_load_si256(reinterpret_cast<const __m256i*>(PERMUTE_LUT.idx[m1]))),
+            _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(PERMUTE_LUT.keep[m1]))));
+        p += __builtin_popcount(m1);
+        a0 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(x + 8 * j), a0);
+        a1 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(x + 8 * j + 8), a1);
+      }
+      sum = hsum8(_mm256_add_ps(a0, a1));
+#endif
+      for (; j < bytes; ++j)
+        for (unsigned bits = m[j]; bits; bits &= bits - 1) sum += load_value(p++, 0) * x[8 * j + __builtin_ctz(bits)];
+      y[r] = sum + (bias ? bias[r] : 0.0f);
+    }
+  }
+};
+
 // ---- int8 weights: symmetric int8 values, one fp32 scale per output row -----------------------------------
 // Weight-only: the values are widened to fp32 in registers and multiplied with the fp32 x; a row's scale is
 // applied once to its sum (sum_k (s q_k) x_k = s sum_k q_k x_k). Layouts (sparse_ops/quantized.py):
@@ -1724,11 +1811,11 @@ int run_attention(const AttnArgs& a, int nthreads) {
 // names, which Python passes to name a layout (decoder_linear).
 enum LinearKind {
   L_DENSE_F32, L_DENSE_BF16, L_CSR_F32_I16, L_CSR_F32_I32, L_CSR_BF16_I16, L_CSR_BF16_I32, L_TWO_FOUR_F32,
-  L_TWO_FOUR_BF16, L_CSR_I8_I16, L_CSR_I8_I32, L_BITMAP_I8, L_DENSE_I8, L_KINDS
+  L_TWO_FOUR_BF16, L_CSR_I8_I16, L_CSR_I8_I32, L_BITMAP_I8, L_DENSE_I8, L_CSR_MASK_F32, L_CSR_MASK_BF16, L_KINDS
 };
 constexpr const char* LINEAR_NAMES[L_KINDS] = {
     "dense_f32", "dense_bf16", "csr_f32_i16", "csr_f32_i32", "csr_bf16_i16", "csr_bf16_i32", "two_four_f32",
-    "two_four_bf16", "csr_i8_i16", "csr_i8_i32", "bitmap_i8", "dense_i8"};
+    "two_four_bf16", "csr_i8_i16", "csr_i8_i32", "bitmap_i8", "dense_i8", "csr_mask_f32", "csr_mask_bf16"};
 
 struct LinearRef {
   int kind = -1;
@@ -1767,6 +1854,8 @@ int with_body(const LinearRef& w, float* y, int act, F&& f) {
       return f(Bitmap8Body{ARR(0, int32_t), ARR(1, int32_t), ARR(2, int32_t), ARR(3, uint32_t), ARR(4, int8_t),
                            ARR(5, float), in, (w.extra & LINEAR_BITMAP_EXPAND) != 0, b, y, out, act});
     case L_DENSE_I8: return f(Dense8Body{ARR(0, int8_t), ARR(1, float), in, b, y, out, act});
+    case L_CSR_MASK_F32: return f(CsrMaskBody<float>{ARR(0, int32_t), ARR(1, uint8_t), ARR(2, float), in, b, y, out, act});
+    case L_CSR_MASK_BF16: return f(CsrMaskBody<bf16>{ARR(0, int32_t), ARR(1, uint8_t), ARR(2, bf16), in, b, y, out, act});
     default: return ENTRY_BAD_ARGUMENT;
   }
 #undef ARR
@@ -1904,6 +1993,16 @@ SPARSE_CSR_ENTRY(csr_bf16_i32, L_CSR_BF16_I32, bf16, int32_t)
   }
 SPARSE_24_ENTRY(two_four_f32, L_TWO_FOUR_F32, float)
 SPARSE_24_ENTRY(two_four_bf16, L_TWO_FOUR_BF16, bf16)
+
+// CSR with a column mask (see "CSR with a column mask"): rowptr (out+1,) int32, mask (out, ceil(in/8)) uint8, val.
+extern "C" int csr_mask_f32(const int32_t* rowptr, const uint8_t* mask, const float* val, int64_t out, int64_t in,
+                            LINEAR_TAIL) {
+  return LINEAR_CALL(L_CSR_MASK_F32, 0, rowptr, mask, val);
+}
+extern "C" int csr_mask_bf16(const int32_t* rowptr, const uint8_t* mask, const bf16* val, int64_t out, int64_t in,
+                             LINEAR_TAIL) {
+  return LINEAR_CALL(L_CSR_MASK_BF16, 0, rowptr, mask, val);
+}
 
 // Dense fp32 / bf16 weights (out, in): the decoder step's dense layers (and their tests).
 extern "C" int dense_f32(const float* val, int64_t out, int64_t in, LINEAR_TAIL) {

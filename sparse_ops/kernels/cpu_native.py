@@ -89,6 +89,7 @@ class NativeWeight:
     scales: torch.Tensor | None = None  # int8 weights: the (out,) fp32 row scales every entry reads
     # ffn_matmul's (down weight, gate weight or None, bound entry), on the up weight
     ffn_call: tuple[NativeWeight, NativeWeight | None, Callable[..., None]] | None = None
+    masked: NativeWeight | None = None  # CSR only: the column-mask copy (``masked``), for the "mask" variant
     layout: str = ""  # the C++ entry point ``call`` binds (its layout: sparse_cpu.cpp's LINEAR_NAMES)
     extra: int = 0  # the int8 entries' flags after the sizes (native.LINEAR_FLAGS)
 
@@ -183,6 +184,37 @@ def panelled(w: NativeWeight) -> Callable[..., None]:
                 w.panel_call = _entry(f"csr_panels_{w.value_code}", *_panel_args(w), out, inp, PANEL_ROWS,
                                       PANEL_WIDTH)
     return w.panel_call
+
+
+def masked(w: NativeWeight) -> NativeWeight:
+    """The column-mask copy of a prepared CSR weight (``csr_mask_*``: its row pointers and values, a bit per column
+    in place of the column indices; see sparse_cpu.cpp), built on first use and kept: the one-token variant
+    "mask", which reads no column indices and gathers nothing.
+
+    >>> w = prepare_csr(CSR.from_dense(torch.tensor([[0.0, 2.0, 0.0, 3.0], [1.0, 0.0, 0.0, 0.0]])))
+    >>> masked(w).tensors[1].tolist(), masked(w).layout
+    ([[10], [1]], 'csr_mask_f32')
+    """
+    if w.masked is None:
+        with _PANEL_LOCK:
+            if w.masked is None:
+                crow, col, values = w.tensors
+                out, inp = w.source.shape
+                parts = (crow, column_mask(crow, col, out, inp), values)
+                layout = f"csr_mask_{w.value_code}"
+                w.masked = NativeWeight(w.source, parts, _entry(layout, *parts, out, inp), w.out_dtype, w.density,
+                                        w.nnz, w.value_code, layout=layout)
+    return w.masked
+
+
+def column_mask(crow: torch.Tensor, col: torch.Tensor, out: int, inp: int) -> torch.Tensor:
+    """(out, ceil(inp / 8)) uint8: bit c % 8 of byte c // 8 of row r set where a CSR stores (r, c)."""
+    nbytes = (inp + 7) // 8
+    rows = torch.repeat_interleave(torch.arange(out), (crow[1:] - crow[:-1]).to(torch.int64))
+    c = col.to(torch.int64)
+    mask = torch.zeros(out * nbytes, dtype=torch.int64)
+    mask.index_add_(0, rows * nbytes + c // 8, torch.ones_like(c) << (c % 8))  # distinct bits: the sum is the OR
+    return mask.to(torch.uint8).view(out, nbytes)
 
 
 def _csr_parts(w: NativeWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -322,19 +354,19 @@ def int8_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, act
         if variant is not None:
             raise ValueError(f"the dense-int8 kernel has no variants, got {variant!r}")
         return _matmul(w, x, bias, False, CODES[activation], post)
-    panels = _panels_for(w, x.shape[0], variant)
+    panels = _panels_for(w, x.shape[0], variant, int8_variants(x.shape[0]))
     if panels and quantized:  # the panelled kernel takes fp32 inputs: the int8 copy made here
         x = quantize_input(x)
     return _matmul(w, x, bias, panels, CODES[activation], post)
 
 
-def _panels_for(w: NativeWeight, n: int, variant: str | None) -> bool:
-    """Whether a sparse weight's call on n tokens takes the panelled kernel: ``variant`` ("plain", "panels"), or
+def _panels_for(w: NativeWeight, n: int, variant: str | None, allowed: tuple[str, ...]) -> bool:
+    """Whether a sparse weight's call on n tokens takes the panelled kernel: ``variant`` (one of ``allowed``), or
     None for ``use_panels``' choice."""
     if variant is None:
         return use_panels(n, w.density, w.source.shape[1])
-    if variant not in csr_variants(n):
-        raise ValueError(f"unknown kernel variant {variant!r} for {n} tokens; allowed: {csr_variants(n)}")
+    if variant not in allowed:
+        raise ValueError(f"unknown kernel variant {variant!r} for {n} tokens; allowed: {allowed}")
     return variant == "panels"
 
 
@@ -422,9 +454,20 @@ def ffn_matmul(up: NativeWeight, down: NativeWeight, x: torch.Tensor, up_bias: t
 
 
 def csr_variants(n: int) -> tuple[str, ...]:
-    """The CSR kernels that can run n tokens: "plain" (the gemv at n == 1) and, from 2 tokens, "panels".
+    """The CSR kernels that can run n tokens: "plain" (the gemv at n == 1), at one token "mask" (``masked``), from
+    2 tokens "panels".
 
     >>> csr_variants(1), csr_variants(8)
+    (('plain', 'mask'), ('plain', 'panels'))
+    """
+    return ("plain", "mask") if n < 2 else ("plain", "panels")
+
+
+def int8_variants(n: int) -> tuple[str, ...]:
+    """The sparse int8 kernels that can run n tokens: "plain" and, from 2 tokens, "panels" (CSR's panelled kernel
+    on an int8 copy).
+
+    >>> int8_variants(1), int8_variants(8)
     (('plain',), ('plain', 'panels'))
     """
     return ("plain",) if n < 2 else ("plain", "panels")
@@ -538,7 +581,10 @@ def csr_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, acti
     if _needs_grad(x, bias):  # the C++ kernels have no backward: torch's CSR path does
         y = apply(cpu.csr_matmul(cpu.prepare_csr(w.source), x, bias), activation)
         return y if post is None else post.apply(y)
-    return _matmul(w, x, bias, _panels_for(w, x.shape[0], variant), CODES[activation], post)
+    if variant == "mask" and x.shape[0] == 1:
+        return _matmul(masked(w), x, bias, False, CODES[activation], post)
+    return _matmul(w, x, bias, _panels_for(w, x.shape[0], variant, csr_variants(x.shape[0])), CODES[activation],
+                   post)
 
 
 def two_four_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None,

@@ -99,6 +99,8 @@ SIGNATURES: dict[str, tuple[type, ...]] = {
     "dense_i8": (_P, _P, _I64, _I64, _INT, _P, _I64, _P, _P, _INT, _INT, *_POST),
     # val, out, in, x, n, bias, y, threads, activation code
     **{f"dense_{v}": (_P, _I64, _I64, _P, _I64, _P, _P, _INT, _INT, *_POST) for v in ("f32", "bf16")},
+    # rowptr, column mask, val, out, in, x, n, bias, y, threads, activation code
+    **{f"csr_mask_{v}": (_P, _P, _P, _I64, _I64, _P, _I64, _P, _P, _INT, _INT, *_POST) for v in ("f32", "bf16")},
     # val, meta, out, in, x, n, bias, y, threads, activation code
     **{f"two_four_{v}": (_P, _P, _I64, _I64, _P, _I64, _P, _P, _INT, _INT, *_POST) for v in ("f32", "bf16")},
     # seg, lcol, val, out, in, rows per block, panel width, x, tile, n, bias, y, threads, activation code
