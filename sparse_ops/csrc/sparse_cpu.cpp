@@ -1070,21 +1070,26 @@ struct DenseBody {  // y / out / bias / act: where flush_rows writes
 // ---- CSR with a column mask: one token without gathers ------------------------------------------------------
 // The CSR's row pointers and values (row-major, columns ascending) with, in place of the column indices, a bit per
 // column: mask (out, ceil(in / 8)) uint8, bit b of byte j of row r set where (r, 8 j + b) is stored. At one token
-// each byte of a row places its popcount values in 8 lanes with one permute (PERMUTE_LUT's index vector for the
-// byte) and multiplies them with x[8 j : 8 j + 8] in one FMA: a row reads its values and in / 8 mask bytes, with
+// each byte of a row places its popcount values in 8 lanes with one permute and one blend (place8: PERMUTE_LUT's
+// index vector for the byte) and multiplies them with x[8 j : 8 j + 8] in one FMA: a row reads its values and in / 8 mask bytes, with
 // no gather (CSR's one-token kernel is bound by its gathers). Built from a CSR weight where the plan's one-token
 // variant "mask" chose it (cpu_native.masked); more tokens walk the bits (what a prompt runs in the decoder step).
 #if defined(__AVX2__) && defined(__FMA__)
-struct PermuteLut {  // per byte m: the lane of each set bit's value among the packed ones, and -1 lanes to keep
+struct PermuteLut {  // per byte m: the lane of each set bit's value among the packed ones; -1 (sign set) at clear bits
   alignas(32) int32_t idx[256][8];
-  alignas(32) int32_t keep[256][8];
-  constexpr PermuteLut() : idx(), keep() {
+  constexpr PermuteLut() : idx() {
     for (int m = 0; m < 256; ++m)
-      for (int b = 0, k = 0; b < 8; ++b)
-        if ((m >> b) & 1) idx[m][b] = k++, keep[m][b] = -1;
+      for (int b = 0, k = 0; b < 8; ++b) idx[m][b] = (m >> b) & 1 ? k++ : -1;
   }
 };
+
 constexpr PermuteLut PERMUTE_LUT{};
+
+// The 8 columns of mask byte m from the packed values v: the permute places them, the index's sign zeroes the rest.
+inline __m256 place8(__m256 v, unsigned m) {
+  const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(PERMUTE_LUT.idx[m]));
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(v, idx), _mm256_setzero_ps(), _mm256_castsi256_ps(idx));
+}
 
 // 8 values from p as fp32, none read at or past end (the last row's last values)
 template <typename V>
@@ -1132,18 +1137,19 @@ struct CsrMaskBody {
 #if defined(__AVX2__) && defined(__FMA__)
       const V* end = val + rowptr[out];
       __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-      for (; j + 2 <= full; j += 2) {
+      const auto pair = [&](auto load) {  // two mask bytes: 16 columns
         const unsigned m0 = m[j], m1 = m[j + 1];
-        const __m256 v0 = _mm256_and_ps(
-            _mm256_permutevar8x32_ps(load8_before(p, end), _mm256_load_si256(reinterpret_cast<const __m256i*>(PERMUTE_LUT.idx[m0]))),
-            _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(PERMUTE_LUT.keep[m0]))));
+        const __m256 v0 = place8(load(p), m0);
         p += __builtin_popcount(m0);
-        const __m256 v1 = _mm256_and_ps(
-            _mm256_permutevar8x32_ps(load8_before(p, end), _mm256_load_si256(reinterpret_cast<const __m256i*>(PERMUTE_LUT.idx[m1]))),
-            _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(PERMUTE_LUT.keep[m1]))));
+        const __m256 v1 = place8(load(p), m1);
         p += __builtin_popcount(m1);
         a0 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(x + 8 * j), a0);
         a1 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(x + 8 * j + 8), a1);
+      };
+      if (end - (val + rowptr[r + 1]) >= 8) {  // every 8-value load of the row stays before end: no checks
+        for (; j + 2 <= full; j += 2) pair([](const V* q) { return load8(q); });
+      } else {
+        for (; j + 2 <= full; j += 2) pair([end](const V* q) { return load8_before(q, end); });
       }
       sum = hsum8(_mm256_add_ps(a0, a1));
 #endif
