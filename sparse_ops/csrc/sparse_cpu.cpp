@@ -820,8 +820,8 @@ constexpr int64_t SMALL_PACK_BYTES = 2 * SPARSE_L1D_BYTES;
 
 // The one-token dense kernels read rows of this many bytes or more four at a time on AVX2 (four weight streams in
 // flight, each x vector loaded once for the four), shorter rows one after the other: four short streams within a
-// page defeat the hardware prefetcher (AMD EPYC Zen 3, weights in DRAM, 2 threads: rows of 576 int8 read at 8 GB/s
-// four at a time, 15-17 GB/s one at a time; rows of 8 KB at 30-35 GB/s four at a time, 26 one at a time).
+// page defeat the hardware prefetcher (on an AMD EPYC Zen 3 with the weights in DRAM, rows of a few hundred bytes
+// read four at a time ran at about half the speed of one at a time; rows of several KB ran faster four at a time).
 constexpr int64_t FOUR_ROWS_MIN_BYTES = 2048;
 
 // ---- int8 inputs: x quantized per block of 32 columns, as the weights' int8 kernels can take it ----------
