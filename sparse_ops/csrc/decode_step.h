@@ -41,9 +41,11 @@ struct Decoder {
   std::vector<float> x, y, h, q, k, v, a, g, u, scores;  // per-step buffers, grown to the largest n
   int64_t linear_ns = 0, step_ns = 0, steps = 0;  // time in the linear layers and in whole steps (decoder_time)
 
-  int threads_for(const LinearRef& w, int64_t n, int nthreads) const {
-    return w.nnz * n < (n == 1 ? single_gemv : single_batch) ? 1 : nthreads;
+  // stored values nnz times n rows of work: one thread below the thresholds
+  int threads_for(int64_t nnz, int64_t n, int nthreads) const {
+    return nnz * n < (n == 1 ? single_gemv : single_batch) ? 1 : nthreads;
   }
+  int threads_for(const LinearRef& w, int64_t n, int nthreads) const { return threads_for(w.nnz, n, nthreads); }
 
   int linear(const LinearRef& w, const float* in, int64_t n, float* out, int nthreads, int act_code,
              const float* residual) {
@@ -132,10 +134,13 @@ struct Decoder {
     int status = ENTRY_OK;
     const int64_t start = work_pool::now_ns();
     int64_t in_linear = 0;
-    const auto run = [&](const LinearRef& w, const float* in, float* out, int act_code, const float* residual) {
+    const auto timed = [&](auto&& f) {  // f's status, its time counted in the linear layers'
       const int64_t t0 = work_pool::now_ns();
-      if (status == ENTRY_OK) status = linear(w, in, n, out, nthreads, act_code, residual);
+      if (status == ENTRY_OK) status = f();
       in_linear += work_pool::now_ns() - t0;
+    };
+    const auto run = [&](const LinearRef& w, const float* in, float* out, int act_code, const float* residual) {
+      timed([&] { return linear(w, in, n, out, nthreads, act_code, residual); });
     };
     // layers sharing the input h: one token in one parallel_for (run_gemvs), more one layer at a time
     const auto run_group = [&](std::initializer_list<const LinearRef*> ws, std::initializer_list<float*> outs,
@@ -144,13 +149,12 @@ struct Decoder {
         for (size_t i = 0; i < ws.size(); ++i) run(*ws.begin()[i], h.data(), outs.begin()[i], acts.begin()[i], nullptr);
         return;
       }
-      const int64_t t0 = work_pool::now_ns();
       int64_t nnz = 0;
       for (const LinearRef* w : ws) nnz += w->nnz;
-      if (status == ENTRY_OK)
-        status = run_gemvs(ws.begin(), static_cast<int>(ws.size()), h.data(), outs.begin(), acts.begin(),
-                           nnz < single_gemv ? 1 : nthreads);
-      in_linear += work_pool::now_ns() - t0;
+      timed([&] {
+        return run_gemvs(ws.begin(), static_cast<int>(ws.size()), h.data(), outs.begin(), acts.begin(),
+                         threads_for(nnz, 1, nthreads));
+      });
     };
     for (int64_t l = 0; l < layers && status == ENTRY_OK; ++l) {
       const Layer& b = blocks[l];

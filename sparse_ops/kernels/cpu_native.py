@@ -344,7 +344,7 @@ def int8_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, act
                 post: AddNorm | None = None, variant: str | None = None) -> torch.Tensor:
     """x: (N, in) -> post(activation(x W^T + bias)) (N, out) in the weight's dtype, W = scales * q, x quantized
     per block first where the weight's ``input_bits`` says so. ``variant`` (sparse int8: one of
-    ``csr_variants(N)``, the panelled copy as CSR's; dense-int8 has none) picks the kernel; None:
+    ``int8_variants(N)``, the panelled copy as CSR's; dense-int8 has none) picks the kernel; None:
     ``use_panels`` picks. With a gradient needed: ``F.linear`` on the dequantized weight."""
     quantized = w.source.input_bits is not None
     if _needs_grad(x, bias):
