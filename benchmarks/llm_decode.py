@@ -256,7 +256,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--ppl-window", type=int, default=256)
     p.add_argument("--ppl-tokens", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
