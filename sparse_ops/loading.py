@@ -19,6 +19,7 @@ from torch import nn
 
 from sparse_ops.checkpoint import Transposed, load_sparse_state_dict
 from sparse_ops.formats import CSR, SparseFormat, csr_col_dtype
+from sparse_ops.kernels import native
 from sparse_ops.quantized import INPUT_BITS, DenseInt8, Int8Weight
 from sparse_ops.registry import format_class
 
@@ -198,6 +199,8 @@ def sparsify(model: nn.Module,
     if input_bits is not None and not int8:
         raise ValueError(f"input_bits={input_bits} quantizes the inputs of int8 layers, and this checkpoint has "
                          f"none (convert it with prune convert --quantize int8)")
+    if planner is not None and native.available():  # larger than the L3: one token reads its weights from memory
+        planner.cold = _weight_bytes(model, swap) > native.caches()["L3"]
     for name, (weight, to_linear) in swap.items():
         module = model.get_submodule(name)
         if tuple(module.weight.shape) != weight.shape:
@@ -227,6 +230,13 @@ def sparsify(model: nn.Module,
 
         fuse_acts(model)
     return model
+
+
+def _weight_bytes(model: nn.Module, swap: Mapping[str, tuple]) -> int:
+    """Bytes of the model's weights once loaded: each swapped layer's stored format, every other parameter."""
+    swapped = {f"{name}.weight" for name in swap}
+    kept = sum(p.nbytes for n, p in model.named_parameters() if n not in swapped)
+    return kept + sum(weight.nbytes for weight, _ in swap.values())
 
 
 def _tied_head_int8(model: nn.Module) -> dict[str, tuple[SparseFormat, ToLinear]]:

@@ -14,6 +14,9 @@ layer's shape and sparsity, and above all the batch: a kernel 8x faster than den
   interleaved, medians and 90th percentiles) and takes the fastest, our kernel where it is within 3% of it
   (``choose``): no layer runs slower than dense beyond that noise margin; of paths within 10% of each other, one
   whose slow calls are far slower than another's (its 90th percentile) is passed over;
+- one token of a model whose weights exceed the L3 (``Planner.cold``, which ``sparsify`` sets) is timed a call at
+  a time with the caches flushed before each (``flush_caches``): such a model streams every layer from memory,
+  and a small layer's weight timed in the cache would hide what a path that reads fewer bytes saves;
 - a timing taken while the machine was busy (``sparse_ops.busy``: other processes' CPU time, or kernel calls
   that waited for a descheduled thread) is taken once more; if still busy, the choice is kept with a ``busy``
   mark (``plan_report`` shows it) and measured again by the next process;
@@ -38,6 +41,7 @@ Example:
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -99,6 +103,20 @@ def choose(times: dict[str, float], prefer_within: float = PREFER_WITHIN,
 # The plan's timing: a choice is cached and kept, so it gets more samples than time_candidates' default (a
 # 20-30% error between close paths was seen with 5 samples of 2 ms on a shared VM)
 PLAN_REPEATS, PLAN_SAMPLE_S = 9, 4e-3
+COLD_REPEATS = 15  # samples of one call each (Planner.cold): noisier than PLAN_SAMPLE_S's loops of calls
+
+
+@functools.cache
+def _flush_buffer() -> torch.Tensor:
+    return torch.ones(2 * native.caches()["L3"] // 4)
+
+
+def flush_caches() -> None:
+    """Read a buffer twice the size of the L3, so that the next call finds none of its data in the caches.
+
+    >>> flush_caches()
+    """
+    _flush_buffer().sum()
 
 
 def machine_key(device: torch.device) -> str:
@@ -191,13 +209,20 @@ def default_cache() -> PlanCache:
 @dataclass
 class Planner:
     """How a layer plans its paths: the timer (None: ``timing.time_candidates``), the cache (None: the
-    on-disk ``default_cache()``), ``verbose`` (print each choice as it is made) and ``prefer_within``
-    (``choose``)."""
+    on-disk ``default_cache()``), ``verbose`` (print each choice as it is made), ``prefer_within``
+    (``choose``) and ``cold``: time one token with the caches flushed before each call (``flush_caches``), as
+    a model whose weights exceed the L3 runs it (``sparsify`` sets it so): each layer's weight then comes from
+    memory, and a path that reads fewer bytes gains what a timing on a weight left in the caches hides."""
 
     timer: Timer | None = None  # None: time_candidates with PLAN_REPEATS samples of PLAN_SAMPLE_S each
     cache: PlanCache | None = None
     verbose: bool = False
     prefer_within: float = PREFER_WITHIN
+    cold: bool = False
+
+    def cold_at(self, batch: int, device: torch.device) -> bool:
+        """Whether ``batch`` tokens are timed cold: one token on the CPU of a ``cold`` planner."""
+        return self.cold and batch == 1 and device.type == "cpu"
 
     def store(self) -> PlanCache:
         return self.cache if self.cache is not None else default_cache()

@@ -92,9 +92,12 @@ Timer = Callable[[dict[str, Callable[[], object]], torch.device], "dict[str, flo
 
 
 def time_candidates(fns: dict[str, Callable[[], object]], device: torch.device, *, repeats: int = 5,
-                    calls: int = 0, min_sample_s: float = 2e-3) -> dict[str, Timing]:
+                    calls: int = 0, min_sample_s: float = 2e-3,
+                    before: Callable[[], object] | None = None) -> dict[str, Timing]:
     """Seconds per call of each candidate (median and spread), timed interleaved (A B C A B C ...) after one
     warm-up call; ``calls`` per sample, or (0) as many as last about ``min_sample_s`` judging by the warm-up call.
+    ``before``: each sample is one call, with ``before()`` run (untimed) ahead of it (``plan.flush_caches``: a
+    call that finds nothing in the caches).
 
     >>> t = time_candidates({"a": lambda: None, "b": lambda: sum(range(100))}, torch.device("cpu"), repeats=2)
     >>> sorted(t), t["b"].p90_s >= t["b"].median_s
@@ -105,10 +108,12 @@ def time_candidates(fns: dict[str, Callable[[], object]], device: torch.device, 
     for k, fn in fns.items():
         _timed(fn, 1, dev, time.perf_counter)  # warm-up
         dt = _timed(fn, 1, dev, time.perf_counter)
-        n[k] = calls or max(1, min(1000, int(min_sample_s / max(dt, 1e-7))))
+        n[k] = 1 if before else calls or max(1, min(1000, int(min_sample_s / max(dt, 1e-7))))
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
+            if before:
+                before()
             samples[k].append(_timed(fn, n[k], dev, time.perf_counter) / n[k])
     return {k: summarize(v) for k, v in samples.items()}
 

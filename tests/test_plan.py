@@ -171,3 +171,43 @@ def test_a_quiet_retry_replaces_the_busy_measurement(monkeypatch):
     with torch.inference_mode():
         layer(torch.randn(1, 72))
     assert watch.windows == 2 and "busy" not in layer.planned(1) and layer.route(1) == "dense"
+
+
+@pytest.mark.skipif(not native.available(), reason="the cold rule follows the native kernels' cache sizes")
+@pytest.mark.parametrize("over", [False, True])
+def test_a_model_larger_than_the_l3_is_planned_cold_at_one_token(monkeypatch, over):
+    """sparsify sets ``Planner.cold`` when the model's weights (stored formats and other parameters) exceed the
+    L3: its one-token paths are then timed a call at a time after ``flush_caches``, and cached under a key of
+    their own; the other buckets as before."""
+    import sparse_ops.linear
+    from sparse_ops import plan
+    from sparse_ops.loading import sparsify
+    from sparse_ops.plan import layer_key
+
+    timings = []
+    monkeypatch.setattr(sparse_ops.linear, "time_candidates",
+                        lambda fns, device, **kw: timings.append(kw) or {k: 1.0 if k == "dense" else 0.5 for k in fns})
+    model = torch.nn.Sequential(torch.nn.Linear(72, 40), torch.nn.ReLU(), torch.nn.Linear(40, 24))
+    state = {"0.weight": CSR.from_dense(unstructured((40, 72), 0.8)), "0.bias": torch.randn(40),
+             "2.weight": CSR.from_dense(unstructured((24, 40), 0.7)), "2.bias": torch.randn(24)}
+    size = sum(state[k].nbytes for k in ("0.weight", "2.weight")) + (40 + 24) * 4
+    monkeypatch.setattr(native, "caches", lambda: {"L1D": 1 << 15, "L2": 1 << 19, "L3": size - over})
+    cache = PlanCache(None)
+    sparsify(model, state, batches=(1, 8), cache=cache)
+    cold = [kw for kw in timings if "before" in kw]
+    assert len(timings) == 4 and len(cold) == 2 * over
+    assert all(kw["before"] is plan.flush_caches and kw["repeats"] == plan.COLD_REPEATS for kw in cold)
+    machine, cpu = machine_key(torch.device("cpu")), torch.device("cpu")
+    for b in (1, 8):
+        key = layer_key("csr" + (" cold" if over and b == 1 else ""), (40, 72), torch.float32, 0.8, cpu, b)
+        assert cache.get(machine, key) is not None, key
+
+
+def test_cold_timing_flushes_before_every_sample_of_one_call():
+    from sparse_ops.timing import time_candidates
+
+    log = []
+    times = time_candidates({"a": lambda: log.append("a"), "b": lambda: log.append("b")}, torch.device("cpu"),
+                            repeats=3, before=lambda: log.append("flush"))
+    assert log[:4] == ["a", "a", "b", "b"]  # each one's warm-up and first call, unflushed
+    assert log[4:] == ["flush", "a", "flush", "b"] * 3 and all(t.repeats == 3 for t in times.values())
