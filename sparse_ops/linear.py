@@ -294,7 +294,7 @@ class SparseLinear(nn.Module):
             planner, device = self.planner, self.kernel_device
             store, machine = planner.store(), plan.machine_key(device)
             fmt = self.format + (f" in{self._input_bits}" if self._input_bits else "") \
-                + (" cold" if planner.cold_at(b, device) else "")
+                + (" cold" if planner.cold_at(b, device, self.weight.nbytes) else "")
             key = plan.layer_key(fmt, (self.out_features, self.in_features), self._dtype, self.sparsity, device, b)
             paths = self.paths(b)
             entry = store.get(machine, key)
@@ -340,7 +340,7 @@ class SparseLinear(nn.Module):
         with torch.inference_mode():
             if planner.timer is not None:
                 return planner.timer(fns, self.kernel_device)
-            if planner.cold_at(b, self.kernel_device):
+            if planner.cold_at(b, self.kernel_device, self.weight.nbytes):
                 return time_candidates(fns, self.kernel_device, repeats=plan.COLD_REPEATS, before=plan.flush_caches)
             return time_candidates(fns, self.kernel_device, repeats=plan.PLAN_REPEATS,
                                    min_sample_s=plan.PLAN_SAMPLE_S)

@@ -15,8 +15,9 @@ layer's shape and sparsity, and above all the batch: a kernel 8x faster than den
   (``choose``): no layer runs slower than dense beyond that noise margin; of paths within 10% of each other, one
   whose slow calls are far slower than another's (its 90th percentile) is passed over;
 - one token of a model whose weights exceed the L3 (``Planner.cold``, which ``sparsify`` sets) is timed a call at
-  a time with the caches flushed before each (``flush_caches``): such a model streams every layer from memory,
-  and a small layer's weight timed in the cache would hide what a path that reads fewer bytes saves;
+  a time with the caches flushed before each (``flush_caches``), on layers of 1 MiB or more: such a model
+  streams every layer from memory, and a weight timed in the cache would hide what a path that reads fewer bytes
+  saves;
 - a timing taken while the machine was busy (``sparse_ops.busy``: other processes' CPU time, or kernel calls
   that waited for a descheduled thread) is taken once more; if still busy, the choice is kept with a ``busy``
   mark (``plan_report`` shows it) and measured again by the next process;
@@ -104,6 +105,10 @@ def choose(times: dict[str, float], prefer_within: float = PREFER_WITHIN,
 # 20-30% error between close paths was seen with 5 samples of 2 ms on a shared VM)
 PLAN_REPEATS, PLAN_SAMPLE_S = 9, 4e-3
 COLD_REPEATS = 15  # samples of one call each (Planner.cold): noisier than PLAN_SAMPLE_S's loops of calls
+# A smaller weight is timed warm even in a cold plan: a single call on it is bound by its fixed costs (waking the
+# threads, the first lines' latency), not by its bytes, and cold single calls of such layers (SmolLM2's int8
+# layers) ranked paths by noise, choosing layouts with more bytes than dense int8.
+COLD_MIN_BYTES = 1 << 20
 
 
 @functools.cache
@@ -220,9 +225,10 @@ class Planner:
     prefer_within: float = PREFER_WITHIN
     cold: bool = False
 
-    def cold_at(self, batch: int, device: torch.device) -> bool:
-        """Whether ``batch`` tokens are timed cold: one token on the CPU of a ``cold`` planner."""
-        return self.cold and batch == 1 and device.type == "cpu"
+    def cold_at(self, batch: int, device: torch.device, nbytes: int) -> bool:
+        """Whether ``batch`` tokens on a weight of ``nbytes`` are timed cold: one token on the CPU of a ``cold``
+        planner, a weight of COLD_MIN_BYTES or more."""
+        return self.cold and batch == 1 and device.type == "cpu" and nbytes >= COLD_MIN_BYTES
 
     def store(self) -> PlanCache:
         return self.cache if self.cache is not None else default_cache()

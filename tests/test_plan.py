@@ -177,8 +177,8 @@ def test_a_quiet_retry_replaces_the_busy_measurement(monkeypatch):
 @pytest.mark.parametrize("over", [False, True])
 def test_a_model_larger_than_the_l3_is_planned_cold_at_one_token(monkeypatch, over):
     """sparsify sets ``Planner.cold`` when the model's weights (stored formats and other parameters) exceed the
-    L3: its one-token paths are then timed a call at a time after ``flush_caches``, and cached under a key of
-    their own; the other buckets as before."""
+    L3: the one-token paths of its layers of COLD_MIN_BYTES or more are then timed a call at a time after
+    ``flush_caches``, and cached under a key of their own; smaller layers and the other buckets as before."""
     import sparse_ops.linear
     from sparse_ops import plan
     from sparse_ops.loading import sparsify
@@ -192,15 +192,17 @@ def test_a_model_larger_than_the_l3_is_planned_cold_at_one_token(monkeypatch, ov
              "2.weight": CSR.from_dense(unstructured((24, 40), 0.7)), "2.bias": torch.randn(24)}
     size = sum(state[k].nbytes for k in ("0.weight", "2.weight")) + (40 + 24) * 4
     monkeypatch.setattr(native, "caches", lambda: {"L1D": 1 << 15, "L2": 1 << 19, "L3": size - over})
+    monkeypatch.setattr(plan, "COLD_MIN_BYTES", state["0.weight"].nbytes)  # the first layer, not the second
     cache = PlanCache(None)
     sparsify(model, state, batches=(1, 8), cache=cache)
     cold = [kw for kw in timings if "before" in kw]
-    assert len(timings) == 4 and len(cold) == 2 * over
+    assert len(timings) == 4 and len(cold) == over
     assert all(kw["before"] is plan.flush_caches and kw["repeats"] == plan.COLD_REPEATS for kw in cold)
     machine, cpu = machine_key(torch.device("cpu")), torch.device("cpu")
     for b in (1, 8):
-        key = layer_key("csr" + (" cold" if over and b == 1 else ""), (40, 72), torch.float32, 0.8, cpu, b)
-        assert cache.get(machine, key) is not None, key
+        first = layer_key("csr" + (" cold" if over and b == 1 else ""), (40, 72), torch.float32, 0.8, cpu, b)
+        second = layer_key("csr", (24, 40), torch.float32, 0.7, cpu, b)
+        assert cache.get(machine, first) is not None and cache.get(machine, second) is not None, (first, second)
 
 
 def test_cold_timing_flushes_before_every_sample_of_one_call():
