@@ -6,7 +6,9 @@ The public API (``__all__``): :class:`Pruner` (wrap a model, ``step()`` after ea
 takes, from include/exclude module name patterns); :func:`sparsity_report` (any model's per-layer sparsity);
 :func:`oneshot` (prune a pretrained model from calibration data: SparseGPT, Wanda, magnitude, OWL; returns the
 model and a :class:`OneShotReport`); :func:`perplexity` (a causal LM's perplexity on token ids, in windows);
-:class:`Recipe` and :func:`load_recipe` (a run's settings in a YAML or TOML file: ``Pruner.from_recipe``).
+:class:`Recipe` and :func:`load_recipe` (a run's settings in a YAML or TOML file: ``Pruner.from_recipe``);
+:class:`Distiller` (learn from a teacher while pruning: KL on logits at a temperature, hidden-state distances,
+mixed with the task loss).
 The Hugging Face ``Trainer`` callback is in :mod:`prune.integrations`.
 
 Example:
@@ -24,7 +26,8 @@ _EXPORTS = {"Pruner": "prune.pruner", "Schedule": "prune.schedules", "Constant":
             "LinearRamp": "prune.schedules", "CubicRamp": "prune.schedules", "ExponentialRamp": "prune.schedules",
             "find_targets": "prune.targets", "Target": "prune.targets", "sparsity_report": "prune.report",
             "SparsityReport": "prune.report", "oneshot": "prune.one_shot.run", "OneShotReport": "prune.one_shot.run",
-            "perplexity": "prune.evaluate", "Recipe": "prune.recipe", "load_recipe": "prune.recipe"}
+            "perplexity": "prune.evaluate", "Recipe": "prune.recipe", "load_recipe": "prune.recipe",
+            "Distiller": "prune.distill"}
 __all__ = [*_EXPORTS, "__version__"]
 
 
