@@ -181,3 +181,53 @@ def test_resuming_from_outside_output_dir_is_refused_when_output_dir_holds_anoth
     trainer, _, _ = make_trainer(tmp_path)
     with pytest.raises(RuntimeError, match="resumed from another checkpoint than"):
         train(trainer, resume_from_checkpoint=str(out / "checkpoint-6"))
+
+
+# ---- DistillationTrainer: the teacher is the dense model, copied before the pruner masks it ----------------
+
+def make_distilling_trainer(out, **overrides):
+    from prune import Distiller
+    from prune.integrations import DistillationTrainer
+
+    model = tiny_bert()
+    distiller = Distiller(model, temperature=2.0, hidden={"bert.encoder.layer.1": "bert.encoder.layer.1"})
+    pruner = Pruner(model, sparsity=SCHEDULE, criterion="movement", exclude="classifier")
+    settings = dict(max_steps=STEPS, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                    learning_rate=2e-3, save_steps=SAVE_EVERY, logging_steps=1, seed=0, use_cpu=True,
+                    report_to="none", disable_tqdm=True, dataloader_num_workers=0)
+    args = TrainingArguments(str(out), **{**settings, **overrides})
+    trainer = DistillationTrainer(distiller, model=model, args=args, train_dataset=dataset())
+    add_pruning(trainer, pruner)
+    return trainer, pruner
+
+
+def test_distillation_logs_its_terms_and_resumes_bit_identically(tmp_path):
+    trainer_a, pruner_a = make_distilling_trainer(tmp_path / "a")
+    train(trainer_a)
+    logs = [log for log in trainer_a.state.log_history if "loss" in log]
+    assert len(logs) == STEPS and all({"distill/task", "distill/logits", "distill/hidden"} <= set(log) for log in logs)
+    assert logs[0]["distill/logits"] == pytest.approx(0.0, abs=1e-3)  # still the teacher at step 1 (dropout aside)
+    shutil.copytree(tmp_path / "a" / "checkpoint-6", tmp_path / "b" / "checkpoint-6")
+    trainer_b, pruner_b = make_distilling_trainer(tmp_path / "b")
+    train(trainer_b, resume_from_checkpoint=True)
+    a, b = trainer_a.model.state_dict(), trainer_b.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(pruner_a.state_dict()["masks"][k], m) for k, m in pruner_b.state_dict()["masks"].items())
+
+
+def test_distillation_under_gradient_accumulation_steps_on_the_mean_over_micro_batches(tmp_path):
+    """Two micro-batches of 4 take the same SGD step as one batch of 8 (no dropout: the same forward)."""
+    weights = []
+    for batch, accumulate in ((8, 1), (4, 2)):
+        trainer, _ = make_distilling_trainer(tmp_path / f"b{batch}", max_steps=1, per_device_train_batch_size=batch,
+                                             gradient_accumulation_steps=accumulate, optim="sgd", learning_rate=0.5,
+                                             save_strategy="no")
+        trainer.model.config.hidden_dropout_prob = trainer.model.config.attention_probs_dropout_prob = 0.0
+        for module in trainer.model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        train(trainer)
+        weights.append(trainer.model.state_dict())
+    one, two = weights
+    assert all(torch.allclose(one[k], two[k], rtol=0, atol=1e-6) for k in one)
+    assert not torch.equal(one["classifier.bias"], tiny_bert().classifier.bias)  # the step moved the weights
