@@ -151,6 +151,32 @@ def run_oneshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_recover(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a pruned Hugging Face model folder (prune oneshot's output, dense-stored)")
+    p.add_argument("--teacher", required=True, help="the dense model folder it was pruned from (the teacher)")
+    p.add_argument("--text", required=True, help="a .txt or .jsonl file of training text")
+    p.add_argument("-o", "--output", required=True, help="the recovered model folder to write (must not exist)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps (default: 200)")
+    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate of AdamW (default: 2e-5)")
+    p.add_argument("--samples", type=int, default=64, help="training windows, cycled (default: 64)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default: 256)")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per step (default: 4)")
+    p.add_argument("--temperature", type=float, default=2.0, help="of the KL to the teacher's logits (default: 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the training windows (default: 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder once done")
+
+
+def run_recover(args: argparse.Namespace) -> int:
+    from prune.recover import recover_folder
+
+    report = recover_folder(args.model, args.teacher, args.text, args.output, overwrite=args.overwrite,
+                            samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
+                            seed=args.seed, steps=args.steps, lr=args.lr, temperature=args.temperature)
+    print(report)
+    print(f"written to {args.output}")
+    return 0
+
+
 def add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a dense or converted sparse Hugging Face causal-LM folder")
     p.add_argument("--text", required=True, help="a .txt or .jsonl file of the text to score")
@@ -189,6 +215,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "inspect": ("list a checkpoint's tensors: shape, format, sparsity, bytes", add_inspect, run_inspect),
     "oneshot": ("prune a pretrained model folder in one shot from calibration text (SparseGPT, Wanda, magnitude)",
                 add_oneshot, run_oneshot),
+    "recover": ("train a one-shot pruned model folder towards its dense teacher, every zero held",
+                add_recover, run_recover),
     "eval": ("perplexity of a dense or sparse model folder on your own text", add_eval, run_eval),
     "bench": ("time sparse against dense: matmul shapes, sparse families, a checkpoint's layers", add_bench,
               run_bench),

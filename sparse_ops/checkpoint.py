@@ -639,16 +639,16 @@ def _convert_sharded(source: RawSource, out: Path, opts: _Options, extras: list[
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result gets the usual mode
-        _replace_folder(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return totals
 
 
-def _replace_folder(new: Path, out: Path) -> None:
+def replace_folder(new: Path, out: Path) -> None:
     """Move the complete folder ``new`` onto ``out``: a missing or empty folder is replaced in one rename; a full
-    one (``overwrite``, checked to be a sparse checkpoint) is moved aside first and deleted once ``new`` is in."""
+    one (the caller checked that it may go) is moved aside first and deleted once ``new`` is in."""
     if not out.is_dir() or not any(out.iterdir()):
         os.replace(new, out)
         return

@@ -21,7 +21,7 @@ from pathlib import Path
 from prune.evaluate import Perplexity, text_perplexity
 from prune.one_shot.data import as_texts
 from prune.one_shot.run import OneShotReport, check_options, oneshot
-from sparse_ops.checkpoint import convert_checkpoint
+from sparse_ops.checkpoint import convert_checkpoint, replace_folder
 from sparse_ops.pretrained import from_pretrained, model_class
 
 REPORT = "oneshot_report.json"
@@ -81,13 +81,7 @@ def oneshot_folder(model_dir: str | os.PathLike, out_dir: str | os.PathLike, cal
         if options.get("bits"):  # the int8 checkpoint: the pruned weights on their own grids, the rest absmax
             convert_checkpoint(folder, tmp / "int8", format="auto", quantize="int8", scales=report.scales)
             folder = tmp / "int8"
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old")
-            dst.rename(old)
-            folder.rename(dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            folder.rename(dst)
+        replace_folder(folder, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report
