@@ -28,7 +28,7 @@ from sparse_ops.kernels.cpu_native import NativeWeight
 from sparse_ops.plan import DENSE, TORCH_SUFFIX, Planner
 from sparse_ops.quantized import INPUT_BITS, DenseInt8, quantize_input
 from sparse_ops.registry import FORMATS, LOSSLESS, QUANTIZED, format_class
-from sparse_ops.timing import Timing, time_candidates
+from sparse_ops.timing import Timer, Timing, time_candidates
 
 LAYER_FORMATS = (*FORMATS, *torch_path_formats())
 _PLAN_LOCK = threading.Lock()  # one measurement at a time in the process: concurrent timings would be wrong
@@ -293,13 +293,13 @@ class SparseLinear(nn.Module):
                 return self._routes[b]
             planner, device = self.planner, self.kernel_device
             store, machine = planner.store(), plan.machine_key(device)
-            fmt = self.format + (f" in{self._input_bits}" if self._input_bits else "") \
-                + (" cold" if planner.cold_at(b, device, self.weight.nbytes) else "")
+            cold = planner.cold_at(b, device, self.weight.nbytes)
+            fmt = self.format + (f" in{self._input_bits}" if self._input_bits else "") + (" cold" if cold else "")
             key = plan.layer_key(fmt, (self.out_features, self.in_features), self._dtype, self.sparsity, device, b)
             paths = self.paths(b)
             entry = store.get(machine, key)
             if entry is None or entry["choice"] not in paths or "busy" in entry:  # busy: measured again
-                entry = self._measure(paths, b, planner)
+                entry = self._measure(paths, b, planner, cold)
                 store.put(machine, key, entry)
                 measured = "measured" + (f" while busy ({entry['busy']})" if "busy" in entry else "")
             else:
@@ -315,12 +315,12 @@ class SparseLinear(nn.Module):
             self._others = {p: v for p, v in self._others.items() if p in chosen}  # likewise twins, torch's
             return entry
 
-    def _measure(self, paths: list[str], b: int, planner: Planner) -> dict:
+    def _measure(self, paths: list[str], b: int, planner: Planner, cold: bool) -> dict:
         """A plan entry for bucket b: the choice and each path's speedup over dense, timed once more when the
         machine was busy (``sparse_ops.busy``) and marked ``busy`` if it still was."""
         for _ in range(2):
             with busy.Watch() as watch:
-                times = self._time_paths(paths, b, planner)
+                times = self._time_paths(paths, b, planner.timer, cold)
             if not watch.load.busy:
                 break
         medians = {p: t.median_s if isinstance(t, Timing) else t for p, t in times.items()}
@@ -332,15 +332,17 @@ class SparseLinear(nn.Module):
             entry["busy"] = watch.load.describe()
         return entry
 
-    def _time_paths(self, paths: list[str], b: int, planner: Planner) -> dict[str, float] | dict[str, Timing]:
-        """Seconds per call of each path at b tokens on this layer's weight (no activation)."""
+    def _time_paths(self, paths: list[str], b: int, timer: Timer | None,
+                    cold: bool) -> dict[str, float] | dict[str, Timing]:
+        """Seconds per call of each path at b tokens on this layer's weight (no activation); ``cold``: each call
+        after ``plan.flush_caches``."""
         gen = torch.Generator(device=self.kernel_device).manual_seed(0)
         x = torch.randn(b, self.in_features, generator=gen, device=self.kernel_device).to(self._dtype)
         fns = {p: functools.partial(self._call, p, x, self._buffers["bias"], None) for p in paths}
         with torch.inference_mode():
-            if planner.timer is not None:
-                return planner.timer(fns, self.kernel_device)
-            if planner.cold_at(b, self.kernel_device, self.weight.nbytes):
+            if timer is not None:
+                return timer(fns, self.kernel_device)
+            if cold:
                 return time_candidates(fns, self.kernel_device, repeats=plan.COLD_REPEATS, before=plan.flush_caches)
             return time_candidates(fns, self.kernel_device, repeats=plan.PLAN_REPEATS,
                                    min_sample_s=plan.PLAN_SAMPLE_S)
