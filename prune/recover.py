@@ -102,7 +102,8 @@ def recover(model: nn.Module, teacher: nn.Module, batches: Sequence[Tensor], *, 
     The loss: ``task_weight`` times the model's language-modelling loss plus ``logits_weight`` times the KL to
     the teacher's logits at ``temperature``. AdamW at ``lr`` (linear warm-up over the first ``warmup`` share of
     the steps, then linear decay to 0), gradients clipped to ``max_grad_norm``. The model is left finalized
-    (plain weights, the same zeros) in train mode off: ``eval()``. Example: see the module docstring.
+    (plain weights, the same zeros) and in eval mode, also when training stops early (an exception, Ctrl-C).
+    Example: see the module docstring.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -146,7 +147,7 @@ def recover(model: nn.Module, teacher: nn.Module, batches: Sequence[Tensor], *, 
     finally:
         model.eval()
         distiller.remove()
-    pruner.finalize()
+        pruner.finalize()
     return report
 
 
