@@ -58,26 +58,31 @@ def test_recover_refuses_bad_settings(kwargs, match):
         recover(tiny_llama(), tiny_llama(), [CALIB.float()], progress=False)
 
 
-def test_cli_oneshot_then_recover_writes_a_folder_with_the_same_zeros(tmp_path):
+def test_cli_recover_writes_a_folder_with_the_same_zeros_or_one_line_errors(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prune.cli import main
+
     text = dense_folder_and_text(tmp_path)
     pruned, out = tmp_path / "pruned", tmp_path / "recovered"
-    done = _run_cli("oneshot", tmp_path / "dense", "-o", pruned, "--method", "wanda", "--calibration", text,
-                    "--samples", 4, "--seq-len", 32)
-    assert done.returncode == 0, done.stderr
+    before = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", local_files_only=True)
+    oneshot(before, CALIB % before.config.vocab_size, method="wanda", sparsity=0.5, progress=False)
+    before.save_pretrained(pruned)
+    AutoTokenizer.from_pretrained(tmp_path / "dense", local_files_only=True).save_pretrained(pruned)
     args = ["recover", pruned, "--teacher", tmp_path / "dense", "--text", text, "-o", out, "--steps", 6,
             "--samples", 4, "--seq-len", 32, "--batch-size", 2, "--lr", 1e-3]
-    done = _run_cli(*args)
+    done = _run_cli(*args)  # the installed command, in its own process
     assert done.returncode == 0, done.stderr
     assert "recovery: 6 steps" in done.stdout
     assert len(json.loads((out / "recovery.json").read_text())["losses"]) == 6
-    from transformers import AutoModelForCausalLM
-    before = AutoModelForCausalLM.from_pretrained(pruned, local_files_only=True)
     after = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     z0, z1 = zeros_of(before), zeros_of(after)
     assert all(torch.equal(z0[n], z1[n]) for n in z0)
     assert not all(torch.equal(p, after.state_dict()[n]) for n, p in before.state_dict().items())
-    again = _run_cli(*args)
-    assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr
-    bad = _run_cli(*args[:7], tmp_path / "other", *args[8:], "--seq-len", 100000)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "exceeds the model's" in bad.stderr, bad.stderr
+    capsys.readouterr()
+    for argv, expect in ((args, "exists; pass --overwrite"),
+                         ([*args[:7], tmp_path / "other", *args[8:], "--seq-len", 100000], "exceeds the model's")):
+        assert main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expect in err, err
     assert not (tmp_path / "other").exists()
