@@ -159,24 +159,17 @@ def recover_folder(pruned_dir: str | os.PathLike, teacher_dir: str | os.PathLike
     float32, written to ``out_dir`` with its tokenizer and ``recovery.json`` (the report); ``options`` go to
     :func:`recover`. The output appears whole or not at all."""
     from prune.one_shot.data import as_texts, calibration_batches
-    from prune.one_shot.folder import load_folder
+    from prune.one_shot.folder import check_output, load_folder
 
-    src, teacher_src, dst = Path(pruned_dir).resolve(), Path(teacher_dir).resolve(), Path(out_dir).resolve()
-    for other in (src, teacher_src):
-        if dst == other or dst.is_relative_to(other) or other.is_relative_to(dst):
-            raise ValueError(f"output {out_dir} and model folder {other} overlap; choose an output elsewhere")
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"output {out_dir} exists; pass --overwrite to replace it")
-    if not dst.parent.is_dir():
-        raise FileNotFoundError(f"output folder's parent does not exist: {dst.parent}")
+    dst = check_output(out_dir, [pruned_dir, teacher_dir], overwrite)
     texts = as_texts(text)  # read (and refused when empty or malformed) before the models load
-    model, tokenizer = load_folder(src)
+    model, tokenizer = load_folder(pruned_dir)
     if tokenizer is None:
         raise ValueError(f"{pruned_dir} has no tokenizer, which training on text needs")
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and seq_len > positions:
         raise ValueError(f"seq_len={seq_len} exceeds the model's {positions} positions")
-    teacher, _ = load_folder(teacher_src)
+    teacher, _ = load_folder(teacher_dir)
     model.float()
     teacher.float()
     batches = calibration_batches(texts, tokenizer, samples=samples, seq_len=seq_len, seed=seed,

@@ -55,18 +55,27 @@ def load_folder(model_dir: str | os.PathLike):
     return model, tokenizer
 
 
+def check_output(out_dir: str | os.PathLike, sources: list[str | os.PathLike], overwrite: bool) -> Path:
+    """``out_dir`` resolved, once it is known that writing it may go ahead: it overlaps none of the ``sources``
+    folders, exists only with ``overwrite``, and its parent exists (errors name the folder and what to do)."""
+    dst = Path(out_dir).resolve()
+    for source in sources:
+        src = Path(source).resolve()
+        if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
+            raise ValueError(f"output {out_dir} and model folder {source} overlap; choose an output elsewhere")
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"output {out_dir} exists; pass --overwrite to replace it")
+    if not dst.parent.is_dir():
+        raise FileNotFoundError(f"output folder's parent does not exist: {dst.parent}")
+    return dst
+
+
 def oneshot_folder(model_dir: str | os.PathLike, out_dir: str | os.PathLike, calibration: str | os.PathLike, *,
                    overwrite: bool = False, **options) -> OneShotReport:
     """Prune a model folder in one shot into ``out_dir`` (see the module docstring); ``options`` go to
     ``oneshot``. Returns its report."""
     check_options(**{k: options[k] for k in ("method", "sparsity", "pattern", "profile", "scope") if k in options})
-    src, dst = Path(model_dir).resolve(), Path(out_dir).resolve()
-    if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
-        raise ValueError(f"output {out_dir} and model folder {model_dir} overlap; choose an output elsewhere")
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"output {out_dir} exists; pass --overwrite to replace it")
-    if not dst.parent.is_dir():
-        raise FileNotFoundError(f"output folder's parent does not exist: {dst.parent}")
+    src, dst = Path(model_dir).resolve(), check_output(out_dir, [model_dir], overwrite)
     texts = as_texts(calibration)  # read (and refused when empty or malformed) before the model loads
     model, tokenizer = load_folder(src)
     if tokenizer is None:
