@@ -28,17 +28,16 @@ from prune.recover import recover
 from sparse_ops.timing import environment
 
 
-def pruned_folder(sparsity: float, tok, calib_file: Path) -> Path:
-    """SparseGPT at ``sparsity`` (32 x 512 calibration tokens), cached where llm_decode keeps it."""
-    from prune import oneshot
+def pruned_folder(sparsity: float) -> Path:
+    """SparseGPT at ``sparsity`` (32 x 512 calibration tokens): the folder ``benchmarks/llm_decode.py`` caches,
+    made by its ``save_pruned`` when missing."""
+    from benchmarks.llm_decode import save_pruned
 
     folder = cache_dir() / "llm_decode" / f"smollm2-sparsegpt-{round(100 * sparsity)}"
     if not (folder / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(smollm2_folder(), local_files_only=True, dtype=torch.float32)
-        ids = torch.cat(calibration_batches(read_texts(calib_file), tok, samples=32, seq_len=512))
-        oneshot(model, ids, method="sparsegpt", sparsity=sparsity)
+        dense = AutoModelForCausalLM.from_pretrained(smollm2_folder(), local_files_only=True, dtype=torch.float32)
         part = folder.with_name(folder.name + ".part")
-        model.save_pretrained(part)
+        save_pruned(dense, sparsity, "unstructured", argparse.Namespace(method="sparsegpt", samples=32), part)
         part.rename(folder)
     return folder
 
@@ -65,7 +64,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return round(perplexity(model, eval_ids, seq_len=a.eval_len, batch_size=4).perplexity, 3)
 
     teacher = AutoModelForCausalLM.from_pretrained(smollm2_folder(), local_files_only=True, dtype=torch.float32)
-    student = AutoModelForCausalLM.from_pretrained(pruned_folder(a.sparsity, tok, calib_file), local_files_only=True,
+    student = AutoModelForCausalLM.from_pretrained(pruned_folder(a.sparsity), local_files_only=True,
                                                    dtype=torch.float32)
     dense_ppl, oneshot_ppl = ppl(teacher.eval()), ppl(student.eval())
     batches = calibration_batches(read_texts(calib_file), tok, samples=a.samples, seq_len=a.seq_len, seed=0,

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from prune.distill import logits_of
 from prune.one_shot.data import _check_ids, as_texts, token_stream
 
 
@@ -57,12 +58,6 @@ def _windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
             out.append((begin, end, first))
         done, begin = end, begin + stride
     return out
-
-
-def _logits(out: object) -> Tensor:
-    if isinstance(out, Tensor):
-        return out
-    return out.logits if hasattr(out, "logits") else out[0]
 
 
 def perplexity(model: nn.Module, ids: Tensor, *, seq_len: int = 512, stride: int | None = None,
@@ -110,7 +105,7 @@ def perplexity(model: nn.Module, ids: Tensor, *, seq_len: int = 512, stride: int
                 labels = x.clone()
                 for row, (b, _, first) in zip(labels, batch):
                     row[:first - b] = -100  # context only
-                logits = _logits(model(input_ids=x.to(device)))[:, :-1].float()
+                logits = logits_of(model(input_ids=x.to(device)))[:, :-1].float()
                 targets = labels[:, 1:].to(logits.device)
                 losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                          ignore_index=-100, reduction="none")  # float32, 0 where ignored
