@@ -10,12 +10,25 @@ distances between chosen hidden states. :class:`Distiller` computes that mix in 
   masks it (the dense model is the teacher);
 - ``logits``: ``T^2 KL(softmax(teacher / T) || softmax(student / T))`` over the last dimension, averaged over
   the rows (tokens; with an ``attention_mask`` in the inputs, its padded tokens left out);
-- ``hidden``: {student module name: teacher module name}; each pair's outputs (a module's tensor, or the first
+- ``hidden``: {student module name: teacher module name} (or a list of names: the same module in both); each pair's outputs (a module's tensor, or the first
   element of a tuple) compared by ``"mse"`` or ``"cosine"`` (1 - cosine over the last dimension), averaged
   over the pairs;
 - the task loss: the student output's ``loss`` (a transformers model given ``labels``), or ``task_loss(output,
   inputs)``;
 - ``loss = task_weight * task + logits_weight * logits + hidden_weight * hidden``; a weight of 0 skips its term.
+
+Distributed training (``tests/test_distill_distributed.py``; the order matters because the default teacher is a
+copy of the dense model): build the Distiller on the model first, then shard or wrap it.
+
+- DDP: ``distiller = Distiller(model)``, ``Pruner(model, ...)``, ``ddp = DistributedDataParallel(model)``, and
+  each step ``distiller(inputs, student=ddp)``, so that the student's gradients are synchronised. The teacher
+  is replicated: every rank holds a whole copy and runs it on its own micro-batch.
+- FSDP2: ``distiller = Distiller(model)``, ``fully_shard(...)`` on the model, ``Pruner(model, ...)``, then
+  ``distiller(inputs)``. The default teacher is replicated (a whole dense copy per rank, without gradients or
+  optimizer state); to shard it too, pass ``teacher=`` a copy that ``fully_shard`` was applied to.
+
+Each rank's loss is the mean over its micro-batch, so with equal micro-batches the ranks' mean is the
+single-process loss on the global batch, and the synchronised gradients are its gradients.
 
 Example:
     >>> import torch
@@ -40,13 +53,15 @@ Example:
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
+
+from prune.sharding import is_sharded
 
 HIDDEN_LOSSES = ("mse", "cosine")
 
@@ -143,18 +158,18 @@ class Distiller:
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, *, temperature: float = 2.0,
-                 logits_weight: float = 1.0, hidden: Mapping[str, str] | None = None, hidden_loss: str = "mse",
-                 hidden_weight: float = 1.0, task_weight: float = 1.0,
+                 logits_weight: float = 1.0, hidden: Mapping[str, str] | Sequence[str] | None = None,
+                 hidden_loss: str = "mse", hidden_weight: float = 1.0, task_weight: float = 1.0,
                  task_loss: Callable[[object, object], torch.Tensor] | None = None):
-        if not temperature > 0:
-            raise ValueError(f"temperature must be positive, got {temperature!r}")
-        for name, w in (("logits_weight", logits_weight), ("hidden_weight", hidden_weight),
-                        ("task_weight", task_weight)):
-            if not w >= 0:
-                raise ValueError(f"{name} must be >= 0, got {w!r}")
-        if hidden_loss not in HIDDEN_LOSSES:
-            raise ValueError(f"unknown hidden_loss {hidden_loss!r}; allowed: {', '.join(HIDDEN_LOSSES)}")
+        settings = check_settings(temperature=temperature, logits_weight=logits_weight, hidden=hidden,
+                                  hidden_loss=hidden_loss, hidden_weight=hidden_weight, task_weight=task_weight)
+        if isinstance(student, nn.parallel.DistributedDataParallel):
+            raise TypeError("pass the model itself, not its DistributedDataParallel wrapper: build the Distiller "
+                            "first and call distiller(inputs, student=ddp_model)")
         if teacher is None:
+            if any(is_sharded(p) for p in student.parameters()):
+                raise ValueError("the student is already sharded (fully_shard): build the Distiller before "
+                                 "fully_shard, so that its teacher is a dense copy, or pass teacher=")
             if any(parametrize.is_parametrized(m) for m in student.modules()):
                 raise ValueError("the student is already masked (a Pruner wraps it): build the Distiller before the "
                                  "Pruner, so that its teacher is the dense model, or pass teacher=")
@@ -162,21 +177,46 @@ class Distiller:
         teacher.eval()
         teacher.requires_grad_(False)
         self.student, self.teacher = student, teacher
-        self.temperature, self.hidden_loss = float(temperature), hidden_loss
-        self.weights = {"task": float(task_weight), "logits": float(logits_weight), "hidden": float(hidden_weight)}
+        self.settings = settings
+        self.temperature, self.hidden_loss = settings["temperature"], hidden_loss
+        self.weights = {k: settings[f"{k}_weight"] for k in ("task", "logits", "hidden")}
         self.task_loss = task_loss
-        self.pairs = dict(hidden or {})
+        self.pairs = settings["hidden"]
         if self.pairs and self.weights["hidden"] > 0:
             self._student_hooks = _Capture(student, list(self.pairs), "the student")
             self._teacher_hooks = _Capture(teacher, list(self.pairs.values()), "the teacher")
         else:
             self._student_hooks = self._teacher_hooks = None
 
-    def __call__(self, inputs: object) -> Distilled:
+    @classmethod
+    def from_recipe(cls, student: nn.Module, recipe: object, teacher: nn.Module | None = None, *,
+                    task_loss: Callable[[object, object], torch.Tensor] | None = None) -> Distiller:
+        """A Distiller with a recipe's ``distill`` settings (a path, a mapping or a :class:`~prune.Recipe`;
+        see :mod:`prune.recipe`); a recipe without them is a ValueError.
+
+        >>> spec = {"schedule": {"kind": "Constant", "final": 0.5}, "distill": {"temperature": 4, "hidden": ["0"]}}
+        >>> Distiller.from_recipe(nn.Sequential(nn.Linear(4, 4)), spec).settings["hidden"]
+        {'0': '0'}
+        """
+        from prune.recipe import as_recipe
+
+        rec = as_recipe(recipe)
+        if rec.distill is None:
+            raise ValueError("the recipe has no 'distill' settings")
+        return cls(student, teacher, task_loss=task_loss, **rec.distill)
+
+    def __call__(self, inputs: object, student: nn.Module | None = None) -> Distilled:
+        """One step's losses on ``inputs``. ``student``: the module to run in the student's place, a wrapper
+        around it such as ``DistributedDataParallel(student)`` (whose gradient synchronisation the step needs)."""
+        if student is None:
+            student = self.student
+        elif getattr(student, "module", student) is not self.student:
+            raise ValueError(f"student= must be the Distiller's student or a wrapper of it (its .module), got a "
+                             f"{type(student).__name__} around another model")
         with torch.no_grad():
             self.teacher.eval()
             t_out = _run(self.teacher, inputs)
-        s_out = _run(self.student, inputs)
+        s_out = _run(student, inputs)
         parts: dict[str, torch.Tensor] = {}
         total = None
 
@@ -210,6 +250,45 @@ class Distiller:
         for hooks in (self._student_hooks, self._teacher_hooks):
             for h in hooks.handles if hooks else ():
                 h.remove()
+
+
+SETTINGS = ("temperature", "logits_weight", "hidden", "hidden_loss", "hidden_weight", "task_weight")
+
+
+def check_settings(*, temperature: float = 2.0, logits_weight: float = 1.0,
+                   hidden: Mapping[str, str] | Sequence[str] | None = None, hidden_loss: str = "mse",
+                   hidden_weight: float = 1.0, task_weight: float = 1.0) -> dict[str, object]:
+    """The Distiller's settings checked and normalised (numbers as floats; ``hidden`` as {student: teacher},
+    a list of names meaning the same module in both); ValueError naming a bad value.
+
+    >>> check_settings(hidden=["encoder.layer.0"], temperature=4)["hidden"]
+    {'encoder.layer.0': 'encoder.layer.0'}
+    """
+    for name, value in (("temperature", temperature), ("logits_weight", logits_weight),
+                        ("hidden_weight", hidden_weight), ("task_weight", task_weight)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature!r}")
+    for name, w in (("logits_weight", logits_weight), ("hidden_weight", hidden_weight),
+                    ("task_weight", task_weight)):
+        if not w >= 0:
+            raise ValueError(f"{name} must be >= 0, got {w!r}")
+    if hidden_loss not in HIDDEN_LOSSES:
+        raise ValueError(f"unknown hidden_loss {hidden_loss!r}; allowed: {', '.join(HIDDEN_LOSSES)}")
+    if hidden is None:
+        pairs = {}
+    elif isinstance(hidden, Mapping):
+        pairs = dict(hidden)
+    elif isinstance(hidden, Sequence) and not isinstance(hidden, str):
+        pairs = {n: n for n in hidden}
+    else:
+        raise ValueError(f"hidden must be a mapping of student to teacher module names or a list of names, "
+                         f"got {hidden!r}")
+    if not all(isinstance(k, str) and k and isinstance(v, str) and v for k, v in pairs.items()):
+        raise ValueError(f"hidden names modules by non-empty strings, got {hidden!r}")
+    return {"temperature": float(temperature), "logits_weight": float(logits_weight), "hidden": pairs,
+            "hidden_loss": hidden_loss, "hidden_weight": float(hidden_weight), "task_weight": float(task_weight)}
 
 
 def _run(model: nn.Module, inputs: object) -> object:

@@ -322,10 +322,12 @@ class Pruner:
         """
         return cls(model, **_recipe.as_recipe(recipe).pruner_kwargs(), **kwargs)  # type: ignore[arg-type]
 
-    def to_recipe(self) -> _recipe.Recipe:
-        """This pruner's settings as a :class:`~prune.recipe.Recipe`: compare it, or ``.save(path)`` it."""
+    def to_recipe(self, distiller: object | None = None) -> _recipe.Recipe:
+        """This pruner's settings as a :class:`~prune.recipe.Recipe`, with ``distiller``'s (a
+        :class:`~prune.Distiller` trained with) as its ``distill`` table: compare it, or ``.save(path)`` it."""
         return _recipe.recipe_of(self.schedule, self.criterion, self.pattern, self.scope,
-                                 max_layer_sparsity=self.max_layer_sparsity, **self._target_args)
+                                 max_layer_sparsity=self.max_layer_sparsity,
+                                 distill=None if distiller is None else distiller.settings, **self._target_args)
 
     # -- internals ---------------------------------------------------------------------------------------------
     def _attach(self) -> None:

@@ -8,7 +8,10 @@ A recipe holds the settings of a :class:`~prune.Pruner` (all but the model and `
 - ``criterion``: a name in :data:`prune.criteria.CRITERIA`; ``pattern``: ``"unstructured"`` or ``"N:M"``;
   ``scope``: one of :data:`prune.masks.SCOPES`; ``max_layer_sparsity`` (with ``scope: global``);
 - ``types``: module type names (:func:`module_types`; default: ``Linear`` and transformers' ``Conv1D``);
-  ``include``, ``exclude``: module name patterns (``prune.targets``), a string or a list.
+  ``include``, ``exclude``: module name patterns (``prune.targets``), a string or a list;
+- ``distill`` (optional): a table of :class:`~prune.Distiller` settings, the teacher's losses to train with
+  (``temperature``, ``logits_weight``, ``hidden``: a table of student to teacher module names or a list of
+  names, ``hidden_loss``, ``hidden_weight``, ``task_weight``; ``Distiller.from_recipe``).
 
 Unknown keys, unknown names and bad values raise ``ValueError`` naming the key, the value and what is allowed.
 Files are read with ``yaml.safe_load`` (PyYAML; duplicate keys refused) or ``tomllib``; a recipe compares
@@ -40,6 +43,7 @@ from typing import Union
 from torch import nn
 
 from prune import criteria as _criteria
+from prune import distill as _distill_mod
 from prune import masks as _masks
 from prune.schedules import SCHEDULES, Schedule
 from prune.targets import INPUT_DIM
@@ -111,6 +115,7 @@ class Recipe:
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
     max_layer_sparsity: float | None = None
+    distill: dict[str, object] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.schedule, Schedule):
@@ -139,6 +144,8 @@ class Recipe:
             _masks.check_scope(self.scope, nm, mls)
         except ValueError as e:
             raise ValueError(f"recipe keys 'scope', 'pattern', 'max_layer_sparsity': {e}") from None
+        if self.distill is not None:
+            object.__setattr__(self, "distill", _distill(self.distill))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> Recipe:
@@ -158,7 +165,8 @@ class Recipe:
         """Plain data (lists, numbers, strings, None), the inverse of :meth:`from_dict`."""
         return {"criterion": self.criterion, "schedule": self.schedule.to_dict(), "pattern": self.pattern,
                 "scope": self.scope, "types": _list(self.types), "include": _list(self.include),
-                "exclude": list(self.exclude), "max_layer_sparsity": self.max_layer_sparsity}
+                "exclude": list(self.exclude), "max_layer_sparsity": self.max_layer_sparsity,
+                "distill": None if self.distill is None else {**self.distill, "hidden": dict(self.distill["hidden"])}}
 
     def pruner_kwargs(self) -> dict[str, object]:
         """The keyword arguments of ``Pruner(model, **kwargs)`` (``types`` as classes)."""
@@ -209,6 +217,20 @@ def _schedule(spec: object) -> Schedule:
         raise ValueError(f"recipe key 'schedule' ({kind}): {e}") from None
 
 
+def _distill(spec: object) -> dict[str, object]:
+    """The ``distill`` table checked against the Distiller's settings (all of them, defaults filled in)."""
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"recipe key 'distill': expected a table of Distiller settings, got {spec!r}")
+    unknown = [k for k in spec if k not in _distill_mod.SETTINGS]
+    if unknown:
+        raise ValueError(f"recipe key 'distill.{unknown[0]}': not a Distiller setting; allowed: "
+                         f"{list(_distill_mod.SETTINGS)}")
+    try:
+        return _distill_mod.check_settings(**spec)
+    except ValueError as e:
+        raise ValueError(f"recipe key 'distill': {e}") from None
+
+
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read a recipe file (``.yaml``, ``.yml`` or ``.toml``); errors name the file and the key.
 
@@ -239,7 +261,8 @@ def as_recipe(source: RecipeSource) -> Recipe:
 
 def recipe_of(schedule: Schedule, criterion: _criteria.Criterion, pattern: str, scope: str,
               types: tuple[type, ...] | None, include: tuple[str, ...] | str | None,
-              exclude: tuple[str, ...] | str | None, max_layer_sparsity: float | None) -> Recipe:
+              exclude: tuple[str, ...] | str | None, max_layer_sparsity: float | None,
+              distill: Mapping[str, object] | None = None) -> Recipe:
     """The recipe of a pruner built with these settings (``Pruner.to_recipe``); ValueError for settings a
     recipe cannot name (a criterion instance that is not registered, a module type outside
     :func:`module_types`)."""
@@ -248,7 +271,7 @@ def recipe_of(schedule: Schedule, criterion: _criteria.Criterion, pattern: str, 
                          f"cannot name it; registered: {sorted(_criteria.CRITERIA)}")
     return Recipe(schedule=schedule, criterion=criterion.name, pattern=pattern, scope=scope,
                   types=None if types is None else tuple(_type_name(t) for t in types),
-                  include=include, exclude=exclude, max_layer_sparsity=max_layer_sparsity)
+                  include=include, exclude=exclude, max_layer_sparsity=max_layer_sparsity, distill=distill)
 
 
 def _format(path: Path) -> str:
@@ -298,6 +321,8 @@ def _to_yaml(data: dict[str, object]) -> str:
 def _toml_value(v: object) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, Mapping):  # an inline table (distill.hidden)
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
     return json.dumps(v)  # strings (JSON escapes are TOML's), ints and finite floats read the same in TOML
 
 

@@ -134,6 +134,8 @@ def test_errors_name_the_bad_value():
         Distiller(student, logits_weight=0)(torch.randn(2, 6))
     with pytest.raises(TypeError, match="cannot find logits in a dict"):
         logits_of({"x": 1})
+    with pytest.raises(ValueError, match="student= must be the Distiller's student or a wrapper of it"):
+        Distiller(student)(torch.randn(2, 6), student=_mlp())
     Pruner(student, sparsity=Constant(0.5))
     with pytest.raises(ValueError, match="build the Distiller before the Pruner"):
         Distiller(student)

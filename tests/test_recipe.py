@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from prune import Constant, CubicRamp, ExponentialRamp, LinearRamp, Pruner
+from prune import Constant, CubicRamp, Distiller, ExponentialRamp, LinearRamp, Pruner
 from prune.criteria import Criterion
 from prune.recipe import Recipe, load_recipe, module_types
 
@@ -32,6 +32,9 @@ RECIPES = {
     "two_four": Recipe(Constant(0.5), pattern="2:4", types=("Linear",)),
     "row": Recipe(ExponentialRamp(0.0, 0.75, begin_step=0, end_step=8, every=2), scope="row",
                   exclude=("encoder.0", "classifier")),
+    "distill": Recipe(CubicRamp(0.0, 0.8, begin_step=0, end_step=20, every=5), criterion="taylor",
+                      distill={"temperature": 4, "hidden": {"encoder.2": "encoder.0"}, "hidden_loss": "cosine",
+                               "task_weight": 0.5}),
 }
 
 
@@ -42,8 +45,24 @@ def test_a_recipe_round_trips_through_its_file_and_the_pruner(tmp_path, name, su
     recipe.save(tmp_path / f"run{suffix}")
     assert load_recipe(tmp_path / f"run{suffix}") == recipe
     assert Recipe.from_dict(recipe.to_dict()) == recipe
-    pruner = Pruner.from_recipe(mlp(), tmp_path / f"run{suffix}")
-    assert pruner.to_recipe() == recipe
+    model = mlp()
+    distiller = Distiller.from_recipe(model, tmp_path / f"run{suffix}") if recipe.distill else None
+    pruner = Pruner.from_recipe(model, tmp_path / f"run{suffix}")
+    assert pruner.to_recipe(distiller) == recipe
+
+
+def test_the_distill_table_holds_every_distiller_setting_and_builds_it():
+    recipe = RECIPES["distill"]
+    assert recipe.distill == {"temperature": 4.0, "logits_weight": 1.0, "hidden": {"encoder.2": "encoder.0"},
+                              "hidden_loss": "cosine", "hidden_weight": 1.0, "task_weight": 0.5}
+    defaults = {k: p.default for k, p in inspect.signature(Distiller).parameters.items()
+                if k not in ("student", "teacher", "task_loss")}
+    assert Recipe(Constant(0.5), distill={}).distill == {**defaults, "hidden": {}}
+    distiller = Distiller.from_recipe(mlp(), recipe)
+    assert distiller.temperature == 4.0 and distiller.weights == {"task": 0.5, "logits": 1.0, "hidden": 1.0}
+    assert distiller.pairs == {"encoder.2": "encoder.0"} and distiller.hidden_loss == "cosine"
+    with pytest.raises(ValueError, match="the recipe has no 'distill' settings"):
+        Distiller.from_recipe(mlp(), RECIPES["row"])
 
 
 def test_a_pruner_built_by_hand_writes_the_recipe_that_rebuilds_it(tmp_path):
@@ -84,7 +103,7 @@ def test_gpt2_conv1d_is_a_type_a_recipe_names():
 def test_a_recipe_has_every_setting_of_the_pruner_and_its_defaults():
     defaults = {k: p.default for k, p in inspect.signature(Pruner).parameters.items()}
     settings = (set(defaults) - {"model", "process_group", "sparsity"}) | {"schedule"}
-    assert settings == {f.name for f in fields(Recipe)}  # a new Pruner setting needs a recipe key
+    assert settings == {f.name for f in fields(Recipe)} - {"distill"}  # a new Pruner setting needs a recipe key
     recipe = Recipe(Constant(defaults["sparsity"]))
     assert Recipe.from_dict({"schedule": {"kind": "Constant", "final": defaults["sparsity"]}}) == recipe
     for key in ("criterion", "pattern", "scope", "types", "include", "max_layer_sparsity"):
@@ -130,6 +149,14 @@ BAD = [  # (recipe, what the message must say)
     ({"schedule": {"kind": "Constant", "final": 0.5}, "pattern": "2:4", "scope": "row"},
      "scope 'row' does not apply to N:M pattern 2:4"),
     ([{"criterion": "movement"}], "a recipe is a mapping of settings, got list"),
+    ({"schedule": SCHEDULE, "distill": 2.0}, "recipe key 'distill': expected a table of Distiller settings"),
+    ({"schedule": SCHEDULE, "distill": {"temp": 2}},
+     "recipe key 'distill.temp': not a Distiller setting; allowed: ['temperature'"),
+    ({"schedule": SCHEDULE, "distill": {"temperature": 0}}, "recipe key 'distill': temperature must be positive"),
+    ({"schedule": SCHEDULE, "distill": {"task_weight": "1"}}, "'distill': task_weight must be a number, got '1'"),
+    ({"schedule": SCHEDULE, "distill": {"hidden_loss": "kl"}}, "'distill': unknown hidden_loss 'kl'; allowed: mse"),
+    ({"schedule": SCHEDULE, "distill": {"hidden": "encoder.0"}}, "'distill': hidden must be a mapping"),
+    ({"schedule": SCHEDULE, "distill": {"hidden": [""]}}, "'distill': hidden names modules by non-empty strings"),
 ]
 
 

@@ -7,6 +7,10 @@ the Trainer divides by the number of micro-batches, so a step's gradient is the 
 whatever the model's own loss arguments. Each log also gets the mean of every term over the micro-batches
 since the last log (``distill/task``, ``distill/logits``, ``distill/hidden``).
 
+Under DDP (``torchrun``) the Trainer wraps the student, and the loss runs the wrapper, so gradients are
+synchronised; under FSDP2 the student is sharded in place. The teacher stays replicated on every rank (see
+:mod:`prune.distill`).
+
 The teacher is not part of the Trainer's model: checkpoints hold the student alone. A frozen teacher has no
 state that training changes, so resuming (with :class:`~prune.integrations.PruningCallback` for the pruner)
 is bit-identical to an uninterrupted run when the teacher is built the same way (``tests/test_trainer.py``).
@@ -54,10 +58,7 @@ class DistillationTrainer(Trainer):
         self._parts: dict[str, list[float]] = {}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if model is not self.distiller.student:  # DDP's or FSDP's wrapper: calling the student would skip it
-            raise NotImplementedError(f"the Trainer wrapped the model ({type(model).__name__}); distillation "
-                                      "under DDP and FSDP is not supported yet")
-        out = self.distiller(inputs)
+        out = self.distiller(inputs, student=model)  # model: the student or the Trainer's DDP wrapper of it
         if model.training:
             for name, value in out.parts.items():
                 self._parts.setdefault(name, []).append(float(value))
