@@ -11,12 +11,16 @@ end_step=0.7*steps, every=10)`` (300 steps: begin 30, end 210). Metric: the mean
 dense sentence embeddings of the held-out sentences.
 
 Rows, per sparsity x budget: ``oneshot-magnitude`` (pruned once, no training: the floor nothing may fall
-below), ``ours-<criterion>`` for every criterion in ``prune.criteria``, and ``torch.ao-gmp``
+below), ``oneshot-sparsegpt`` (SparseGPT from 128 windows of 64 tokens of the training sentences, no
+training), ``ours-<criterion>`` for every criterion in ``prune.criteria``, ``ours-<criterion>+hidden`` (the
+same with :class:`~prune.Distiller` adding 1 - cosine between the student's and the teacher's output of every
+encoder block, token by token, to the loss: layer-wise distillation), ``sparsegpt+hidden`` (the SparseGPT one
+shot, then every zero held while the survivors train on the ``+hidden`` loss), and ``torch.ao-gmp``
 (``torch.ao.pruning.WeightNormSparsifier`` at (1, 1) blocks under ``CubicSL`` updated on the same steps to the
-same targets: Zhu & Gupta's GMP as torch ships it).
+same targets: Zhu & Gupta's GMP as torch ships it). Each row records its learning rate (``--lr``).
 
 Run: ``python -m benchmarks.quality [--sparsities 0.5,0.7,0.9,0.95] [--steps 300,1000] [--methods ...]
-[--jobs 2] [--out benchmarks/results/quality]``; ``--quick`` is a smoke configuration (a 2-layer model built
+[--lr 1e-4] [--jobs 2] [--keep DIR] [--out benchmarks/results/quality]``; ``--quick`` is a smoke configuration (a 2-layer model built
 from a config, synthetic sentences, 20 steps). Rows are merged into ``quality.json`` / ``quality.csv`` by
 (method, sparsity, steps) as they finish, each row with the CPU, kernel ISA, torch and git commit it ran on (the
 JSON header describes the latest run's machine), and ``quality.png`` is redrawn.
@@ -44,6 +48,10 @@ from torch import Tensor, nn
 OUT = "benchmarks/results/quality"
 TORCH_AO = "torch.ao-gmp"
 ONESHOT = "oneshot-magnitude"
+SPARSEGPT = "sparsegpt"
+SPARSEGPT_FLOOR = "oneshot-sparsegpt"
+HIDDEN = "+hidden"
+FLOORS = (ONESHOT, SPARSEGPT_FLOOR)  # no training: run once per sparsity
 
 
 @dataclass(frozen=True)
@@ -153,7 +161,11 @@ def _batches(ids: list[list[int]], size: int, shuffle: bool) -> list[Tensor]:
 def embed(model: nn.Module, batch: Tensor) -> Tensor:
     """Mean-pooled last hidden states over the real tokens: (B, hidden)."""
     ids, mask = batch[0], batch[1]
-    hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, H)
+    return pooled(model(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+
+
+def pooled(hidden: Tensor, mask: Tensor) -> Tensor:
+    """The mean of (B, T, H) ``hidden`` over the tokens where ``mask`` (B, T) is 1: (B, H)."""
     m = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
@@ -171,10 +183,14 @@ def encoder_linears(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("encoder.")]
 
 
-def run(method: str, setup: Setup, criterion: object | None = None) -> dict:
+def run(method: str, setup: Setup, criterion: object | None = None, keep: Path | None = None) -> dict:
     """Prune a fresh copy of the encoder with ``method`` under ``setup``; one result row. ``criterion``: a
-    :class:`~prune.criteria.Criterion` instance to use for an ``ours-...`` method instead of the named one."""
+    :class:`~prune.criteria.Criterion` instance to use for an ``ours-...`` method instead of the named one;
+    ``keep``: a .safetensors path to write the pruned model's weights to."""
+    from safetensors.torch import save_file
+
     from prune import CubicRamp, Pruner
+    from prune.recover import hold_masks
 
     base, train_b, t_train, eval_b, t_eval = encoder_and_data(setup.quick, setup.layers)
     torch.manual_seed(setup.seed)
@@ -187,15 +203,28 @@ def run(method: str, setup: Setup, criterion: object | None = None) -> dict:
         losses: list[float] = []
     elif method == TORCH_AO:
         losses = _train_torch_ao(model, schedule, setup, train_b, t_train)
-    elif method.startswith("ours-"):
-        pruner = Pruner(model, schedule, criterion=criterion or method[len("ours-"):], include="encoder")
-        losses = _train(model, setup, train_b, t_train, pruner.step)
+    elif method == SPARSEGPT_FLOOR:
+        _sparsegpt(model, train_b, setup.sparsity)
+        losses = []
+    elif method.startswith("ours-") or method == SPARSEGPT + HIDDEN:
+        hidden = method.endswith(HIDDEN)
+        teacher = copy.deepcopy(base) if hidden else None
+        if method.startswith(SPARSEGPT):  # one shot, then every zero held while the survivors train
+            _sparsegpt(model, train_b, setup.sparsity)
+            pruner = hold_masks(model, include="encoder")
+        else:
+            name = method[len("ours-"):].removesuffix(HIDDEN)
+            pruner = Pruner(model, schedule, criterion=criterion or name, include="encoder")
+        losses = _train(model, setup, train_b, t_train, pruner.step, teacher)
         pruner.finalize()
     else:
-        raise ValueError(f"unknown method {method!r}; choose {ONESHOT}, {TORCH_AO} or ours-<criterion>")
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(methods())}")
+    if keep is not None:
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(keep))
     weights = [m.weight for n, m in model.named_modules() if n in set(encoder_linears(model))]
     zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
-    return {"method": method, "sparsity": setup.sparsity, "steps": setup.steps if method != ONESHOT else 0,
+    return {"method": method, "sparsity": setup.sparsity, "steps": setup.steps if method not in FLOORS else 0,
             "budget": setup.steps, "cosine": round(held_out_cosine(model, eval_b, t_eval), 4),
             "measured_sparsity": round(zeros, 4), "final_loss": round(sum(losses[-20:]) / max(len(losses[-20:]), 1), 5),
             "seconds": round(time.perf_counter() - t0, 1), **{k: v for k, v in asdict(setup).items()
@@ -203,14 +232,40 @@ def run(method: str, setup: Setup, criterion: object | None = None) -> dict:
             "begin_step": setup.begin, "end_step": setup.end, "model": "tiny-bert" if setup.quick else "all-MiniLM-L6-v2" + (f"-first{setup.layers}" if setup.layers else "")}
 
 
-def _train(model: nn.Module, setup: Setup, batches: list[Tensor], teacher: list[Tensor], after_step) -> list[float]:
-    """The distillation loop; ``after_step()`` runs after every optimizer step (``pruner.step``)."""
+def _sparsegpt(model: nn.Module, batches: list[Tensor], sparsity: float) -> None:
+    """SparseGPT on the encoder from 128 windows of (up to) 64 tokens of the training sentences' token stream."""
+    from prune import oneshot
+
+    stream = torch.cat([b[0, r][b[1, r].bool()] for b in batches for r in range(b.shape[1])])
+    oneshot(model, stream, method="sparsegpt", sparsity=sparsity, samples=128, include="encoder", progress=False,
+            seq_len=min(64, model.config.max_position_embeddings))
+
+
+def _train(model: nn.Module, setup: Setup, batches: list[Tensor], teacher: list[Tensor], after_step,
+           teacher_model: nn.Module | None = None) -> list[float]:
+    """The distillation loop; ``after_step()`` runs after every optimizer step (``pruner.step``). With
+    ``teacher_model`` the loss adds, through :class:`~prune.Distiller`, 1 - cosine between the student's and the
+    teacher's output of every encoder block, token by token (the ``+hidden`` methods)."""
+    from prune import Distiller
+
     model.embeddings.requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=setup.lr)
+    target: list[Tensor] = []
+    sentence_loss = lambda emb: (1 - F.cosine_similarity(emb, target[0], dim=-1)).mean()
+    distiller = None
+    if teacher_model is not None:
+        blocks = [f"encoder.layer.{i}" for i in range(len(model.encoder.layer))]
+        distiller = Distiller(model, teacher_model, logits_weight=0.0, hidden=blocks, hidden_loss="cosine",
+                              task_loss=lambda out, inputs: sentence_loss(pooled(out.last_hidden_state,
+                                                                                 inputs["attention_mask"])))
     losses = []
     for step in range(setup.steps):
         i = step % len(batches)
-        loss = (1 - F.cosine_similarity(embed(model, batches[i]), teacher[i], dim=-1)).mean()
+        target[:] = [teacher[i]]
+        if distiller is None:
+            loss = sentence_loss(embed(model, batches[i]))
+        else:
+            loss = distiller({"input_ids": batches[i][0], "attention_mask": batches[i][1]}).loss
         losses.append(float(loss.detach()))
         loss.backward()
         opt.step()
@@ -253,12 +308,17 @@ def methods() -> list[str]:
     """Every method in the sweep: the floor, each of our criteria, torch.ao's GMP."""
     from prune.criteria import CRITERIA
 
-    return [ONESHOT, *(f"ours-{c}" for c in sorted(CRITERIA)), TORCH_AO]
+    return [*FLOORS, *(f"ours-{c}{h}" for c in sorted(CRITERIA) for h in ("", HIDDEN)), SPARSEGPT + HIDDEN, TORCH_AO]
 
 
-def _job(method: str, setup: Setup, threads: int) -> dict:
+def kept_name(method: str, setup: Setup) -> str:
+    """The file name ``--keep`` gives a run's weights."""
+    return f"{method}-s{setup.sparsity:g}-{0 if method in FLOORS else setup.steps}.safetensors"
+
+
+def _job(method: str, setup: Setup, threads: int, keep: Path | None) -> dict:
     torch.set_num_threads(threads)
-    return run(method, setup)
+    return run(method, setup, keep=keep)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -268,6 +328,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", default=None, help="comma-separated (default: all; see methods())")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--lr", type=float, default=Setup.lr, help="AdamW's learning rate")
+    p.add_argument("--keep", type=Path, default=None, help="a folder to write each pruned model's weights to "
+                   "(METHOD-sS-STEPS.safetensors; benchmarks/frontier.py reads them)")
     p.add_argument("--out", default=OUT)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny model from a config, 20 steps")
     p.add_argument("--table", action="store_true", help="print --out's results as Markdown tables and exit")
@@ -284,10 +347,11 @@ def main(argv: list[str] | None = None) -> None:
     budgets = [20] if args.quick else [int(s) for s in args.steps.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    todo = [(m, Setup(s, b, quick=args.quick)) for b in budgets for s in sparsities for m in chosen
-            if not (m == ONESHOT and b != budgets[0])]  # the floor does not train: once per sparsity
+    todo = [(m, Setup(s, b, lr=args.lr, quick=args.quick)) for b in budgets for s in sparsities for m in chosen
+            if not (m in FLOORS and b != budgets[0])]  # the floors do not train: once per sparsity
     with ProcessPoolExecutor(args.jobs) if args.jobs > 1 else _Inline() as pool:
-        futures = [pool.submit(_job, m, setup, args.threads) for m, setup in todo]
+        futures = [pool.submit(_job, m, setup, args.threads, args.keep and args.keep / kept_name(m, setup))
+                   for m, setup in todo]
         for f in futures:
             row = f.result()
             write(out, [row])
@@ -338,9 +402,9 @@ def table(rows: list[dict]) -> str:
     per sparsity, best first; the one-shot floor goes with every budget."""
     sparsities = sorted({r["sparsity"] for r in rows})
     out = []
-    for budget in sorted({r["budget"] for r in rows if r["method"] != ONESHOT}):
+    for budget in sorted({r["budget"] for r in rows if r["method"] not in FLOORS}):
         cell = {(r["method"], r["sparsity"]): r["cosine"] for r in rows
-                if r["budget"] == budget or r["method"] == ONESHOT}
+                if r["budget"] == budget or r["method"] in FLOORS}
         names = sorted({m for m, _ in cell}, key=lambda m: -max((cell.get((m, s), -1.0), s) for s in sparsities)[0])
         out.append(f"{budget} steps | " + " | ".join(f"{s:g}" for s in sparsities))
         out.append("|".join(["---"] * (len(sparsities) + 1)))
@@ -376,7 +440,7 @@ def plot(out: Path, rows: list[dict], env: dict) -> None:
         for method in dict.fromkeys(r["method"] for r in here):
             pts = sorted((r["sparsity"], r["cosine"]) for r in here if r["method"] == method)
             style = dict(ls="--", color="k") if method == TORCH_AO else dict(ls=":", color="gray") \
-                if method == ONESHOT else {}
+                if method == ONESHOT else dict(ls=":") if method in FLOORS else {}
             ax.plot(*zip(*pts), marker="o", label=method, **style)
         ax.set_title(f"{budget} training steps")
         finish_axes(ax, "held-out cosine to the dense model")

@@ -10,8 +10,9 @@ from benchmarks import quality  # noqa: E402
 
 
 def test_quick_run_writes_rows_for_every_kind_of_method(tmp_path):
-    methods = [quality.ONESHOT, "ours-magnitude", "ours-movement", quality.TORCH_AO]
-    quality.main(["--quick", "--sparsities", "0.5", "--methods", ",".join(methods), "--out", str(tmp_path)])
+    methods = [*quality.FLOORS, "ours-magnitude", "ours-movement+hidden", "sparsegpt+hidden", quality.TORCH_AO]
+    quality.main(["--quick", "--sparsities", "0.5", "--methods", ",".join(methods), "--out", str(tmp_path),
+                  "--keep", str(tmp_path / "models")])
     data = json.loads((tmp_path / "quality.json").read_text())
     assert {"cpu", "torch", "cores"} <= set(data["environment"])
     rows = {r["method"]: r for r in data["rows"]}
@@ -28,6 +29,14 @@ def test_quick_run_writes_rows_for_every_kind_of_method(tmp_path):
     kernel_isa = data["environment"]["kernel_isa"]
     assert lines[-1] == f"measured on: {data['environment']['cpu']} ({kernel_isa})"
     assert lines[2].split(" | ")[1] == f"{max(r['cosine'] for r in rows.values()):.4f} |"
+    from safetensors.torch import load_file
+
+    for method in methods:  # --keep: the pruned weights, their zeros exactly the row's measured sparsity
+        setup = quality.Setup(0.5, 0 if method in quality.FLOORS else 20)
+        weights = load_file(tmp_path / "models" / quality.kept_name(method, setup))
+        linear = [w for k, w in weights.items() if k.startswith("encoder.") and k.endswith("weight") and w.ndim == 2]
+        zeros = sum(int((w == 0).sum()) for w in linear) / sum(w.numel() for w in linear)
+        assert zeros == pytest.approx(rows[method]["measured_sparsity"], abs=1e-4), method
 
 
 def test_unknown_method_is_refused(tmp_path):
