@@ -232,12 +232,13 @@ def run(method: str, setup: Setup, criterion: object | None = None, keep: Path |
             "begin_step": setup.begin, "end_step": setup.end, "model": "tiny-bert" if setup.quick else "all-MiniLM-L6-v2" + (f"-first{setup.layers}" if setup.layers else "")}
 
 
-def _sparsegpt(model: nn.Module, batches: list[Tensor], sparsity: float) -> None:
+def _sparsegpt(model: nn.Module, batches: list[Tensor], sparsity: float, pattern: str = "unstructured") -> None:
     """SparseGPT on the encoder from 128 windows of (up to) 64 tokens of the training sentences' token stream."""
     from prune import oneshot
 
     stream = torch.cat([b[0, r][b[1, r].bool()] for b in batches for r in range(b.shape[1])])
-    oneshot(model, stream, method="sparsegpt", sparsity=sparsity, samples=128, include="encoder", progress=False,
+    oneshot(model, stream, method="sparsegpt", sparsity=None if pattern != "unstructured" else sparsity,
+            pattern=pattern, samples=128, include="encoder", progress=False,
             seq_len=min(64, model.config.max_position_embeddings))
 
 
