@@ -147,16 +147,19 @@ def accuracy(model: nn.Module, test: list[tuple[Tensor, Tensor]]) -> float:
 
 # -- training -----------------------------------------------------------------------------------------------------
 def train(model: nn.Module, data: list[tuple[Tensor, Tensor]], steps: int, lr: float, *, loss_of=None,
-          after_step=None, warmup: float = 0.1) -> list[float]:
+          after_step=None, warmup: float = 0.1, progress: str | None = None) -> list[float]:
     """AdamW over ``data`` (cycled) for ``steps`` steps, linear warm-up then decay; ``loss_of(x, y)`` (default:
-    the model's cross-entropy) is what is minimised; ``after_step()`` runs after each optimizer step."""
+    the model's cross-entropy) is what is minimised; ``after_step()`` runs after each optimizer step;
+    ``progress``: a progress bar's label (none without)."""
+    from tqdm import tqdm
+
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     ramp = max(1, math.ceil(warmup * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / ramp, max(0.0, (steps - s) / (steps - ramp))))
     loss_of = loss_of or (lambda x, y: model(input_ids=x[0], attention_mask=x[1], labels=y).loss)
     losses = []
-    for step in range(steps):
+    for step in tqdm(range(steps), desc=progress, disable=progress is None, file=sys.stderr):
         x, y = data[step % len(data)]
         loss = loss_of(x, y)
         loss.backward()
@@ -184,7 +187,7 @@ def teacher(quick: bool, epochs: int) -> nn.Module:
         return model.eval()
     torch.manual_seed(0)
     data = batches(ids, labels, BATCH, seed=0)
-    train(model, data, epochs * len(data), lr=5e-4 if quick else 5e-5)
+    train(model, data, epochs * len(data), lr=5e-4 if quick else 5e-5, progress="fine-tuning the dense teacher")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))

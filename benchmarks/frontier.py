@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
                    "~/.cache/prune-sparse/frontier)")
     p.add_argument("--decoder", type=Path, default=DECODER, help="llm_decode results.json to draw beside")
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--train-only", action="store_true", help="train the missing variants and stop (time later, on "
+                   "an otherwise idle machine)")
     p.add_argument("--quick", action="store_true", help="a 2-layer BERT from a config, 20 steps, 1 run")
     a = p.parse_args(argv)
     from benchmarks.pretrained_lm import cache_dir
@@ -209,6 +211,8 @@ def main(argv: list[str] | None = None) -> None:
         with ProcessPoolExecutor(a.jobs) if a.jobs > 1 else quality._Inline() as pool:
             for f in [pool.submit(train_variant, *j, 1) for j in missing]:
                 f.result()
+    if a.train_only:
+        return
     torch.set_num_threads(a.threads or threads0)
     threads = torch.get_num_threads()
     native.library()

