@@ -24,7 +24,7 @@ CPU, kernel ISA, torch and commit; seconds are bookkeeping, not a speed claim. `
 config on synthetic sentences, to check the pipeline.
 
 Run: ``python -m benchmarks.downstream [--sparsities 0,0.5,0.7,0.8,0.9] [--modes task,distill] [--seeds 0,1]
-[--steps 600] [--jobs 2]``; ``--table`` prints the results as Markdown.
+[--steps 300] [--jobs 2]``; ``--table`` prints the results as Markdown.
 """
 from __future__ import annotations
 
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sparsities", default="0,0.5,0.7,0.8,0.9")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--seeds", default="0,1")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--criterion", default="taylor")
     p.add_argument("--teacher-epochs", type=int, default=3)

@@ -361,7 +361,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 class _Inline:
-    """The executor interface, run in this process (``--jobs 1``)."""
+    """The executor interface, run in this process (``--jobs 1``): each call runs when its result is asked for,
+    so that results are written as they come, as with a pool."""
 
     def __enter__(self):
         return self
@@ -370,11 +371,12 @@ class _Inline:
         return False
 
     def submit(self, fn, *args):
-        from concurrent.futures import Future
+        return _Later(functools.partial(fn, *args))
 
-        f: Future = Future()
-        f.set_result(fn(*args))
-        return f
+
+class _Later:
+    def __init__(self, call):
+        self.result = call
 
 
 def write(out: Path, new_rows: list[dict]) -> None:

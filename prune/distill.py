@@ -10,9 +10,9 @@ distances between chosen hidden states. :class:`Distiller` computes that mix in 
   masks it (the dense model is the teacher);
 - ``logits``: ``T^2 KL(softmax(teacher / T) || softmax(student / T))`` over the last dimension, averaged over
   the rows (tokens; with an ``attention_mask`` in the inputs, its padded tokens left out);
-- ``hidden``: {student module name: teacher module name} (or a list of names: the same module in both); each pair's outputs (a module's tensor, or the first
-  element of a tuple) compared by ``"mse"`` or ``"cosine"`` (1 - cosine over the last dimension), averaged
-  over the pairs;
+- ``hidden``: {student module name: teacher module name} (or a list of names: the same module in both); each
+  pair's outputs (a module's tensor, or the first element of a tuple) compared by ``"mse"`` or ``"cosine"``
+  (1 - cosine over the last dimension), averaged over the pairs;
 - the task loss: the student output's ``loss`` (a transformers model given ``labels``), or ``task_loss(output,
   inputs)``;
 - ``loss = task_weight * task + logits_weight * logits + hidden_weight * hidden``; a weight of 0 skips its term.
@@ -53,6 +53,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -252,9 +253,6 @@ class Distiller:
                 h.remove()
 
 
-SETTINGS = ("temperature", "logits_weight", "hidden", "hidden_loss", "hidden_weight", "task_weight")
-
-
 def check_settings(*, temperature: float = 2.0, logits_weight: float = 1.0,
                    hidden: Mapping[str, str] | Sequence[str] | None = None, hidden_loss: str = "mse",
                    hidden_weight: float = 1.0, task_weight: float = 1.0) -> dict[str, object]:
@@ -289,6 +287,9 @@ def check_settings(*, temperature: float = 2.0, logits_weight: float = 1.0,
         raise ValueError(f"hidden names modules by non-empty strings, got {hidden!r}")
     return {"temperature": float(temperature), "logits_weight": float(logits_weight), "hidden": pairs,
             "hidden_loss": hidden_loss, "hidden_weight": float(hidden_weight), "task_weight": float(task_weight)}
+
+
+SETTINGS = tuple(inspect.signature(check_settings).parameters)  # what a recipe's distill table may set
 
 
 def _run(model: nn.Module, inputs: object) -> object:
