@@ -5,13 +5,15 @@ wheel, sequence 128, batches ``--batches``. Quality: the mean cosine of each var
 embeddings to the dense fp32 model's, over the held-out sentences of ``benchmarks/quality.py``. Variants:
 
   dense fp32 / bf16     the unpruned model in PyTorch
-  dense int8            ours: ``prune convert --quantize int8`` and ``sparsify(fuse=True)``
+  dense fp32 ours       the unpruned model through ``prune convert --format auto`` and ``sparsify(fuse=True)``
+                        (our dense kernels, fused attention and FFN: the fastest dense path we have)
+  dense int8            the same with ``--quantize int8``
   ort int8 / int8 rr    ONNX Runtime's ``quantize_dynamic`` (QInt8; ``reduce_range``), threads pinned like ours
   <S> <method>          trained sparse at each of ``--sparsities``: ``benchmarks/quality.py``'s ``--method``
                         (default ``ours-taylor+hidden``: taylor scores, distillation from the dense model with
                         the sentence embedding and every block's output, ``--steps`` AdamW steps at ``--lr``),
-                        converted ``--format auto`` and loaded with ``sparsify(fuse=True)``; ``+int8``: the
-                        same weights as int8
+                        converted ``--format auto`` and loaded with ``sparsify(fuse=True)`` (as is every
+                        variant below); ``+int8``: the same weights as int8
   2:4 sparsegpt+hidden  SparseGPT 2:4 in one shot, then the same training with every zero held; ``+int8``
   heads <K>/12          the ``--heads`` least important heads of every layer removed (importance: the mean
                         squared norm of a head's contribution to the attention output over the training
@@ -227,12 +229,11 @@ def main(argv: list[str] | None = None) -> None:
         calls["dense fp32"], family["dense fp32"] = torch_call(base), "dense"
         bf16 = copy.deepcopy(base).to(torch.bfloat16)
         calls["dense bf16"], family["dense bf16"] = torch_call(bf16), "dense"
-        calls["dense int8"], family["dense int8"] = torch_call(loaded(base, folder, "dense", "int8", tokens, cache)), "int8"
+        calls["dense fp32 ours"] = torch_call(loaded(base, folder, "dense", None, tokens, cache))
+        calls["dense int8"] = torch_call(loaded(base, folder, "dense-q", "int8", tokens, cache))
+        family["dense fp32 ours"], family["dense int8"] = "dense", "int8"
         for i, (name, (model, fam)) in enumerate(fp32.items()):
-            if fam == "heads":  # dense smaller linears: PyTorch as it is
-                calls[name] = torch_call(model)
-            else:
-                calls[name] = torch_call(loaded(model, folder, f"v{i}", None, tokens, cache))
+            calls[name] = torch_call(loaded(model, folder, f"v{i}", None, tokens, cache))
             calls[f"{name} +int8"] = torch_call(loaded(model, folder, f"v{i}q", "int8", tokens, cache))
             family[name] = fam
             family[f"{name} +int8"] = "int8" if fam == "heads" else f"{fam}+int8" if fam == "sparse" else fam
