@@ -243,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
                 calls[name], family[name] = session, "peer"
         except ImportError as e:
             raise SystemExit(f"needs ONNX Runtime: pip install -e .[bench] ({e})") from e
+        assert not base.training, "a variant's construction left the dense model in training mode"
         cos = {name: round(cosine(call, eval_b, teacher), 5) for name, call in calls.items()}
         for name, c in cos.items():
             print(f"{name:34s} cosine {c:.4f}", flush=True)

@@ -71,7 +71,7 @@ def ort_int8(model: torch.nn.Module, folder: Path, threads: int, seq: int, reduc
     class Encoder(torch.nn.Module):  # (ids, mask) -> last hidden state, positional as the exporter passes them
         def __init__(self) -> None:
             super().__init__()
-            self.bert = model
+            self.bert = copy.deepcopy(model).eval()  # the exporter leaves what it exports in training mode
 
         def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             return self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
