@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +37,9 @@ from prune.report import SparsityReport, layer_row
 from prune.schedules import Constant, Schedule, schedule_from_dict
 from prune.sharded_masks import ShardedMaskMath
 from prune.targets import Target, find_targets
+
+if TYPE_CHECKING:
+    from prune.distill import Distiller
 
 STATE_VERSION = 1
 
@@ -322,7 +326,7 @@ class Pruner:
         """
         return cls(model, **_recipe.as_recipe(recipe).pruner_kwargs(), **kwargs)  # type: ignore[arg-type]
 
-    def to_recipe(self, distiller: object | None = None) -> _recipe.Recipe:
+    def to_recipe(self, distiller: Distiller | None = None) -> _recipe.Recipe:
         """This pruner's settings as a :class:`~prune.recipe.Recipe`, with ``distiller``'s (a
         :class:`~prune.Distiller` trained with) as its ``distill`` table: compare it, or ``.save(path)`` it."""
         return _recipe.recipe_of(self.schedule, self.criterion, self.pattern, self.scope,
