@@ -225,7 +225,7 @@ def run(mode: str, sparsity: float, seed: int, args: argparse.Namespace) -> dict
             "final_loss": round(statistics.fmean(losses[-20:]), 4), "steps": steps, "lr": args.lr,
             "criterion": args.criterion, "teacher_epochs": args.teacher_epochs,
             "recipe": json.dumps(RECIPE) if mode == "distill" else "",
-            "seconds": round(time.perf_counter() - t0, 1),
+            "seconds": round(time.perf_counter() - t0, 1), "threads": args.threads,
             "model": "tiny-bert" if args.quick else "all-MiniLM-L6-v2"}
 
 
