@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from sparse_ops.errors import UserValueError
+
 
 class InputStats:
     """Running per-feature sums of squares (and optionally the Gram matrix) of a layer's input rows."""
@@ -40,7 +42,7 @@ class InputStats:
     def update(self, x: Tensor) -> None:
         """Add the rows of ``x`` (..., features)."""
         if x.shape[-1] != self.features:
-            raise ValueError(f"input has {x.shape[-1]} features, these statistics are for {self.features}")
+            raise UserValueError(f"input has {x.shape[-1]} features, these statistics are for {self.features}")
         rows = x.detach().reshape(-1, self.features)
         if self.sq_sum.device != rows.device:
             self.to(rows.device)
@@ -91,7 +93,7 @@ class InputStats:
     def load_state_dict(self, state: dict[str, object]) -> None:
         sq = state.get("sq_sum")
         if not isinstance(sq, Tensor) or sq.shape != self.sq_sum.shape:
-            raise ValueError(f"saved input statistics are for another layer (expected {self.features} features)")
+            raise UserValueError(f"saved input statistics are for another layer (expected {self.features} features)")
         self.sq_sum.copy_(sq)
         if self.gram is not None:
             self.gram.copy_(state["gram"])  # type: ignore[arg-type]

@@ -1,8 +1,9 @@
 """The `prune` command line.
 
 Each subcommand is a pair of functions, ``add_<name>(parser)`` and ``run_<name>(args) -> int``, registered in
-``COMMANDS``. User mistakes raise ``ValueError``/``FileNotFoundError``/... inside the library; ``main`` turns
-them into one line on stderr and a non-zero exit (``--debug`` shows the traceback instead).
+``COMMANDS``. User mistakes raise a :class:`~sparse_ops.errors.UserError` inside the library; ``main`` turns
+them into one line on stderr and exit status 2 (``--debug`` shows the traceback instead). Any other exception
+is a bug and keeps its traceback.
 
 Example:
     >>> main(["--version"])  # doctest: +SKIP
@@ -15,10 +16,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from prune import __version__
+from sparse_ops.errors import UserError
 
-# Errors that mean "the user gave us something we cannot use"; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError, RuntimeError,
-               NotImplementedError, OSError, KeyError, ImportError)
 EXIT_USER_ERROR = 2
 
 
@@ -250,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
         return 0
-    except USER_ERRORS as e:
+    except UserError as e:  # what the user passed; anything else is a bug and keeps its traceback
         if args.debug:
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

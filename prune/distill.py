@@ -63,6 +63,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from prune.sharding import is_sharded
+from sparse_ops.errors import UserTypeError, UserValueError
 
 HIDDEN_LOSSES = ("mse", "cosine")
 
@@ -85,7 +86,7 @@ def logits_of(output: object) -> torch.Tensor:
         return output.logits
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
-    raise TypeError(f"cannot find logits in a {type(output).__name__}: pass a model whose output is a tensor, a "
+    raise UserTypeError(f"cannot find logits in a {type(output).__name__}: pass a model whose output is a tensor, a "
                     f"tuple starting with the logits, or has .logits")
 
 
@@ -116,13 +117,13 @@ def hidden_distance(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> 
     (2.5, 1.0)
     """
     if student.shape != teacher.shape:
-        raise ValueError(f"hidden states differ in shape: student {tuple(student.shape)}, teacher "
+        raise UserValueError(f"hidden states differ in shape: student {tuple(student.shape)}, teacher "
                          f"{tuple(teacher.shape)}")
     if kind == "mse":
         return F.mse_loss(student.float(), teacher.float())
     if kind == "cosine":
         return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
-    raise ValueError(f"unknown hidden_loss {kind!r}; allowed: {', '.join(HIDDEN_LOSSES)}")
+    raise UserValueError(f"unknown hidden_loss {kind!r}; allowed: {', '.join(HIDDEN_LOSSES)}")
 
 
 class _Capture:
@@ -132,7 +133,7 @@ class _Capture:
         modules = dict(model.named_modules())
         missing = [n for n in names if n not in modules]
         if missing:
-            raise ValueError(f"{who} has no module {missing[0]!r} (hidden= names modules as named_modules() "
+            raise UserValueError(f"{who} has no module {missing[0]!r} (hidden= names modules as named_modules() "
                              f"does)")
         self.out: dict[str, torch.Tensor] = {}
         self.handles = [modules[n].register_forward_hook(self._hook(n)) for n in names]
@@ -141,7 +142,7 @@ class _Capture:
         def keep(module: nn.Module, args: tuple, output: object) -> None:
             t = output[0] if isinstance(output, (tuple, list)) else output
             if not isinstance(t, torch.Tensor):
-                raise TypeError(f"module {name!r} returned a {type(t).__name__}, not a tensor")
+                raise UserTypeError(f"module {name!r} returned a {type(t).__name__}, not a tensor")
             self.out[name] = t
         return keep
 
@@ -165,14 +166,14 @@ class Distiller:
         settings = check_settings(temperature=temperature, logits_weight=logits_weight, hidden=hidden,
                                   hidden_loss=hidden_loss, hidden_weight=hidden_weight, task_weight=task_weight)
         if isinstance(student, nn.parallel.DistributedDataParallel):
-            raise TypeError("pass the model itself, not its DistributedDataParallel wrapper: build the Distiller "
+            raise UserTypeError("pass the model itself, not its DistributedDataParallel wrapper: build the Distiller "
                             "first and call distiller(inputs, student=ddp_model)")
         if teacher is None:
             if any(is_sharded(p) for p in student.parameters()):
-                raise ValueError("the student is already sharded (fully_shard): build the Distiller before "
+                raise UserValueError("the student is already sharded (fully_shard): build the Distiller before "
                                  "fully_shard, so that its teacher is a dense copy, or pass teacher=")
             if any(parametrize.is_parametrized(m) for m in student.modules()):
-                raise ValueError("the student is already masked (a Pruner wraps it): build the Distiller before the "
+                raise UserValueError("the student is already masked (a Pruner wraps it): build the Distiller before the "
                                  "Pruner, so that its teacher is the dense model, or pass teacher=")
             teacher = copy.deepcopy(student)
         teacher.eval()
@@ -203,7 +204,7 @@ class Distiller:
 
         rec = as_recipe(recipe)
         if rec.distill is None:
-            raise ValueError("the recipe has no 'distill' settings")
+            raise UserValueError("the recipe has no 'distill' settings")
         return cls(student, teacher, task_loss=task_loss, **rec.distill)
 
     def __call__(self, inputs: object, student: nn.Module | None = None) -> Distilled:
@@ -212,7 +213,7 @@ class Distiller:
         if student is None:
             student = self.student
         elif getattr(student, "module", student) is not self.student:
-            raise ValueError(f"student= must be the Distiller's student or a wrapper of it (its .module), got a "
+            raise UserValueError(f"student= must be the Distiller's student or a wrapper of it (its .module), got a "
                              f"{type(student).__name__} around another model")
         with torch.no_grad():
             self.teacher.eval()
@@ -242,7 +243,7 @@ class Distiller:
             dist = [hidden_distance(s_h[s], t_h[t], self.hidden_loss) for s, t in self.pairs.items()]
             add("hidden", torch.stack(dist).mean())
         if total is None:
-            raise ValueError("nothing to train on: no term has a positive weight and a value (the student's "
+            raise UserValueError("nothing to train on: no term has a positive weight and a value (the student's "
                              "output has no .loss and no task_loss was given)")
         return Distilled(total, parts, s_out)
 
@@ -265,15 +266,15 @@ def check_settings(*, temperature: float = 2.0, logits_weight: float = 1.0,
     for name, value in (("temperature", temperature), ("logits_weight", logits_weight),
                         ("hidden_weight", hidden_weight), ("task_weight", task_weight)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{name} must be a number, got {value!r}")
+            raise UserValueError(f"{name} must be a number, got {value!r}")
     if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature!r}")
+        raise UserValueError(f"temperature must be positive, got {temperature!r}")
     for name, w in (("logits_weight", logits_weight), ("hidden_weight", hidden_weight),
                     ("task_weight", task_weight)):
         if not w >= 0:
-            raise ValueError(f"{name} must be >= 0, got {w!r}")
+            raise UserValueError(f"{name} must be >= 0, got {w!r}")
     if hidden_loss not in HIDDEN_LOSSES:
-        raise ValueError(f"unknown hidden_loss {hidden_loss!r}; allowed: {', '.join(HIDDEN_LOSSES)}")
+        raise UserValueError(f"unknown hidden_loss {hidden_loss!r}; allowed: {', '.join(HIDDEN_LOSSES)}")
     if hidden is None:
         pairs = {}
     elif isinstance(hidden, Mapping):
@@ -281,10 +282,10 @@ def check_settings(*, temperature: float = 2.0, logits_weight: float = 1.0,
     elif isinstance(hidden, Sequence) and not isinstance(hidden, str):
         pairs = {n: n for n in hidden}
     else:
-        raise ValueError(f"hidden must be a mapping of student to teacher module names or a list of names, "
+        raise UserValueError(f"hidden must be a mapping of student to teacher module names or a list of names, "
                          f"got {hidden!r}")
     if not all(isinstance(k, str) and k and isinstance(v, str) and v for k, v in pairs.items()):
-        raise ValueError(f"hidden names modules by non-empty strings, got {hidden!r}")
+        raise UserValueError(f"hidden names modules by non-empty strings, got {hidden!r}")
     return {"temperature": float(temperature), "logits_weight": float(logits_weight), "hidden": pairs,
             "hidden_loss": hidden_loss, "hidden_weight": float(hidden_weight), "task_weight": float(task_weight)}
 

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from prune.distill import logits_of
-from prune.one_shot.data import _check_ids, as_texts, token_stream
+from prune.one_shot.data import _check_ids, as_texts, check_window, token_stream
+from sparse_ops.errors import UserValueError
 
 
 @dataclass(frozen=True)
@@ -74,16 +75,17 @@ def perplexity(model: nn.Module, ids: Tensor, *, seq_len: int = 512, stride: int
     every module's training flag; ``progress`` shows a tqdm bar over windows.
     """
     if not isinstance(ids, Tensor) or ids.ndim != 1 or ids.numel() < 2:
-        raise ValueError(f"ids must be a 1-D tensor of at least 2 token ids, got "
+        raise UserValueError(f"ids must be a 1-D tensor of at least 2 token ids, got "
                          f"{tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__}")
     ids = _check_ids(ids)
     if seq_len < 2:
-        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+        raise UserValueError(f"seq_len must be >= 2, got {seq_len}")
     stride = seq_len if stride is None else stride
     if not 1 <= stride <= seq_len:
-        raise ValueError(f"stride must be between 1 and seq_len={seq_len}, got {stride}")
+        raise UserValueError(f"stride must be between 1 and seq_len={seq_len}, got {stride}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise UserValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_window(model, seq_len)
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     windows = _windows(ids.numel(), seq_len, stride)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sparse_ops.errors import UserValueError
+
 
 @dataclass(frozen=True)
 class NMPattern:
@@ -43,7 +45,7 @@ def parse_pattern(pattern: str) -> NMPattern | None:
         return None
     match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
     if match is None or not 0 < int(match[1]) < int(match[2]):
-        raise ValueError(f"unknown pattern {pattern!r}; use 'unstructured' or 'N:M' with 0 < N < M (e.g. '2:4')")
+        raise UserValueError(f"unknown pattern {pattern!r}; use 'unstructured' or 'N:M' with 0 < N < M (e.g. '2:4')")
     return NMPattern(int(match[1]), int(match[2]))
 
 
@@ -60,7 +62,7 @@ def prune_lowest(scores: Tensor, n_prune: int) -> Tensor:
     flat = scores.reshape(-1)
     n = flat.numel()
     if not 0 <= n_prune <= n:
-        raise ValueError(f"cannot prune {n_prune} of {n} entries")
+        raise UserValueError(f"cannot prune {n_prune} of {n} entries")
     if n_prune == 0 or n_prune == n:
         return torch.full(scores.shape, n_prune == 0, dtype=torch.bool, device=scores.device)
     threshold = kth_smallest(flat, n_prune)
@@ -123,7 +125,7 @@ def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
     ``scores``: (..., in) with ``in % m == 0``.
     """
     if scores.shape[-1] % m:
-        raise ValueError(f"input size {scores.shape[-1]} is not a multiple of M={m}")
+        raise UserValueError(f"input size {scores.shape[-1]} is not a multiple of M={m}")
     groups = scores.reshape(-1, m)  # (G, M)
     order = torch.sort(groups, dim=1, descending=True, stable=True).indices[:, :n]  # (G, N)
     keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, order, True)
@@ -137,7 +139,7 @@ def nm_schedule_mask(scores: Tensor, pattern: NMPattern, sparsity: float) -> Ten
     ``scores``: (..., in), the input dimension last.
     """
     if sparsity > pattern.sparsity + 1e-12:
-        raise ValueError(f"sparsity {sparsity} exceeds what pattern {pattern} allows ({pattern.sparsity})")
+        raise UserValueError(f"sparsity {sparsity} exceeds what pattern {pattern} allows ({pattern.sparsity})")
     nm = nm_mask(scores, pattern.n, pattern.m)
     ranked = torch.where(nm, torch.full_like(scores, float("inf")), scores)
     n_prune = min(num_pruned(sparsity, scores.numel()), int(torch.count_nonzero(~nm)))
@@ -164,13 +166,13 @@ def global_masks(flat: Tensor, sizes: Sequence[int], sparsity: float, max_layer_
     lowest = lowest or (lambda pool, _sizes, n: prune_lowest(pool, n))
     count = count or list
     if flat.numel() != sum(sizes):
-        raise ValueError(f"scores hold {flat.numel()} entries but sizes add up to {sum(sizes)}")
+        raise UserValueError(f"scores hold {flat.numel()} entries but sizes add up to {sum(sizes)}")
     parts = flat.split(list(sizes))
     totals = count(list(sizes))  # whole tensors' numel
     budget = num_pruned(sparsity, sum(totals))
     cap = [int(max_layer_sparsity * n) if max_layer_sparsity is not None else n for n in totals]
     if budget > sum(cap):
-        raise ValueError(f"sparsity {sparsity} is unreachable with max_layer_sparsity={max_layer_sparsity}: "
+        raise UserValueError(f"sparsity {sparsity} is unreachable with max_layer_sparsity={max_layer_sparsity}: "
                          f"at most {sum(cap) / sum(totals):.4f} of the weights may be pruned")
     capped: set[int] = set()
     while True:
@@ -202,15 +204,15 @@ def check_scope(scope: str, nm: NMPattern | None, max_layer_sparsity: float | No
     'global'
     """
     if scope not in SCOPES:
-        raise ValueError(f"unknown scope {scope!r}; choose one of {list(SCOPES)}")
+        raise UserValueError(f"unknown scope {scope!r}; choose one of {list(SCOPES)}")
     if nm is not None and scope != "layer":
-        raise ValueError(f"scope {scope!r} does not apply to N:M pattern {nm} (every group keeps {nm.n} of "
+        raise UserValueError(f"scope {scope!r} does not apply to N:M pattern {nm} (every group keeps {nm.n} of "
                          f"{nm.m}); use scope='layer'")
     if max_layer_sparsity is not None:
         if scope != "global":
-            raise ValueError("max_layer_sparsity only applies to scope='global'")
+            raise UserValueError("max_layer_sparsity only applies to scope='global'")
         if not 0.0 < max_layer_sparsity <= 1.0:
-            raise ValueError(f"max_layer_sparsity must be in (0, 1], got {max_layer_sparsity!r}")
+            raise UserValueError(f"max_layer_sparsity must be in (0, 1], got {max_layer_sparsity!r}")
     return scope
 
 

@@ -37,6 +37,7 @@ from prune.report import SparsityReport, layer_row
 from prune.schedules import Constant, Schedule, schedule_from_dict
 from prune.sharded_masks import ShardedMaskMath
 from prune.targets import Target, find_targets
+from sparse_ops.errors import MisuseError, UserValueError
 
 if TYPE_CHECKING:
     from prune.distill import Distiller
@@ -80,10 +81,8 @@ class _Mask(nn.Module):
 
 
 class _MaskedWeight(torch.autograd.Function):
-    """``where(mask, W, 0)`` whose backward also adds ``criterion.increment(W, dL/dW')`` into ``score`` and
-    ``||increment||^2`` into ``energy``. Under DDP (``world`` > 1) a quantity of degree k in the gradient is
-    divided by ``world ** (k - 1)`` here, so that the ranks' mean at the next sync is what one process
-    accumulating their micro-batches (loss / world) would sum."""
+    """``where(mask, W, 0)`` whose backward also runs ``criterion.accumulate``: adds ``increment(W, dL/dW')``
+    into ``score`` and ``||increment||^2`` into ``energy``, scaled for DDP's ``world`` ranks."""
 
     @staticmethod
     def forward(ctx, weight: Tensor, mask: Tensor, score: Tensor, energy: Tensor,  # type: ignore[override]
@@ -95,11 +94,7 @@ class _MaskedWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         weight, mask = ctx.saved_tensors
-        inc = ctx.criterion.increment(weight, grad)  # grad is dL/dW', dense
-        if ctx.world > 1 and ctx.criterion.increment_degree > 1:
-            inc = inc / ctx.world ** (ctx.criterion.increment_degree - 1)
-        ctx.energy.add_(inc.square().sum() / ctx.world)  # degree 2 * increment_degree
-        ctx.score.add_(inc)
+        ctx.criterion.accumulate(ctx.score, ctx.energy, weight, grad, ctx.world)  # grad is dL/dW', dense
         return torch.where(mask, grad, 0), None, None, None, None, None
 
 
@@ -153,12 +148,12 @@ class Pruner:
         self.scope = _masks.check_scope(scope, self.nm, max_layer_sparsity)
         self.max_layer_sparsity = max_layer_sparsity
         if self.nm and abs(self.schedule.final - self.nm.sparsity) > 1e-9:
-            raise ValueError(f"pattern {self.pattern} means sparsity {self.nm.sparsity}, but the schedule's final "
+            raise UserValueError(f"pattern {self.pattern} means sparsity {self.nm.sparsity}, but the schedule's final "
                              f"sparsity is {self.schedule.final}")
         needs_data = self.criterion.uses_gradients or self.criterion.uses_inputs
         if needs_data and self.schedule.is_update_step(0) and self.schedule(0) > 0:
             what = "gradients" if self.criterion.uses_gradients else "inputs"
-            raise ValueError(f"criterion {self.criterion.name!r} ranks weights by the {what} of training steps, "
+            raise UserValueError(f"criterion {self.criterion.name!r} ranks weights by the {what} of training steps, "
                              f"so it cannot prune at step 0 (target {self.schedule(0)}): use begin_step >= 1")
         self.model = model
         self.process_group = process_group
@@ -285,20 +280,20 @@ class Pruner:
         """Restore :meth:`state_dict` into a pruner built with the same settings on the same architecture."""
         self._check_live("load_state_dict()")
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"pruner state version {state.get('version')!r} is not supported "
+            raise UserValueError(f"pruner state version {state.get('version')!r} is not supported "
                              f"(expected {STATE_VERSION})")
         for key, mine in (("criterion", self.criterion.name), ("pattern", self.pattern), ("scope", self.scope)):
             if state.get(key) != mine:
-                raise ValueError(f"saved pruner has {key}={state.get(key)!r}, this one has {mine!r}")
+                raise UserValueError(f"saved pruner has {key}={state.get(key)!r}, this one has {mine!r}")
         if schedule_from_dict(state["schedule"]) != self.schedule:  # type: ignore[arg-type]
-            raise ValueError(f"saved schedule {state['schedule']} differs from this pruner's {self.schedule}")
+            raise UserValueError(f"saved schedule {state['schedule']} differs from this pruner's {self.schedule}")
         if self._shards is not None:  # sharded (DTensor) or whole tensors -> this rank's shards
             state = self._shards.import_state(state)
         masks = state["masks"]
         scores = state.get("scores", {})
         names = [t.name for t in self.targets]
         if sorted(masks) != sorted(names):  # type: ignore[arg-type]
-            raise ValueError(f"saved masks are for {sorted(masks)}, this pruner targets {sorted(names)}")
+            raise UserValueError(f"saved masks are for {sorted(masks)}, this pruner targets {sorted(names)}")
         energy = state.get("energy", {})
         for t in self.targets:
             p = self._param(t)
@@ -339,7 +334,7 @@ class Pruner:
         for t in self.targets if self._shards is None else ():  # FSDP2: ShardedMasks holds masks and scores
             w = t.module.weight
             mask = torch.ones_like(w, dtype=torch.bool)
-            score = torch.zeros_like(w, dtype=torch.float32) if self.criterion.uses_gradients else None
+            score = self.criterion.new_score(w, t.in_dim) if self.criterion.uses_gradients else None
             parametrize.register_parametrization(t.module, "weight", _Mask(mask, score, self.criterion))
         # criteria that read the layers' inputs: a forward pre-hook per target feeds its InputStats
         self._inputs: dict[str, InputStats] = {}
@@ -380,22 +375,34 @@ class Pruner:
         p = self._param(t)
         inputs = self._inputs.get(t.name)
         if inputs is not None and inputs.rows == 0:
-            raise RuntimeError(f"criterion {self.criterion.name!r} scores layer {t.name!r} by its inputs, but no "
+            raise MisuseError(f"criterion {self.criterion.name!r} scores layer {t.name!r} by its inputs, but no "
                                "forward pass reached it since the last mask update; run the model between updates")
-        energy = float(p.energy) if p.energy is not None else None
-        evidence = _criteria.Evidence(in_dim=t.in_dim, accumulated=p.score.detach() if p.score is not None else None,
-                                      inputs=inputs, energy=None if energy is not None and energy != energy
-                                      else energy)
+        evidence = self._evidence(t)
         if self._shards is not None:  # FSDP2: scored on the whole layer (gathered), this rank's shard returned
             s = self._shards[t.name].criterion_score(self.criterion, evidence)
         else:
             s = self.criterion.score(self._dense(t), evidence)
         if _criteria.has_nan(s):
-            raise ValueError(f"layer {t.name!r}: {self.criterion.name} scores contain NaN (NaN weights or "
+            raise UserValueError(f"layer {t.name!r}: {self.criterion.name} scores contain NaN (NaN weights or "
                              "gradients); fix the weights or exclude the layer")
         if not self.criterion.regrows:
             s.masked_fill_(~p.mask, float("-inf"))  # pruned weights stay pruned
         return s
+
+    def _evidence(self, t: Target) -> _criteria.Evidence:
+        p = self._param(t)
+        energy = float(p.energy) if p.energy is not None else None
+        return _criteria.Evidence(in_dim=t.in_dim, accumulated=p.score.detach() if p.score is not None else None,
+                                  inputs=self._inputs.get(t.name), mask=p.mask,
+                                  energy=None if energy is not None and energy != energy else energy)
+
+    def _set_mask(self, t: Target, mask: Tensor) -> None:
+        """The new mask for ``t``; a criterion that ``updates_weights`` first adjusts the kept weights."""
+        p = self._param(t)
+        mask = mask.view_as(p.mask)
+        if self.criterion.updates_weights:
+            self.criterion.update(self._dense(t), mask, self._evidence(t))
+        p.mask.copy_(mask)
 
     def _world_size(self) -> int:
         dist = torch.distributed
@@ -435,31 +442,31 @@ class Pruner:
             new = self._select.global_masks(flat, sizes, sparsity, self.max_layer_sparsity)
             del flat
             for t, m in zip(self.targets, new):
-                self._param(t).mask.copy_(m.view_as(self._param(t).mask))
+                self._set_mask(t, m)
         for t in self.targets if self.scope != "global" else ():  # one layer's scores at a time
-            m = self._select.weight_mask(self._scores(t), sparsity, scope=self.scope, nm=self.nm, in_dim=t.in_dim)
-            self._param(t).mask.copy_(m)
+            self._set_mask(t, self._select.weight_mask(self._scores(t), sparsity, scope=self.scope, nm=self.nm,
+                                                       in_dim=t.in_dim))
         for stats in self._inputs.values():  # the next update scores the inputs seen from now on
             stats.reset()
 
     def _check_live(self, what: str) -> None:
         if self._finalized:
-            raise RuntimeError(f"{what} called after finalize(): the pruner has been removed from the model")
+            raise MisuseError(f"{what} called after finalize(): the pruner has been removed from the model")
         if self._shards is None and any(_sharding.is_sharded(self._dense(t)) for t in self.targets):
-            raise RuntimeError(f"{what}: fully_shard (FSDP2) sharded the model after the Pruner was built, which "
+            raise MisuseError(f"{what}: fully_shard (FSDP2) sharded the model after the Pruner was built, which "
                                "the pruner cannot follow; " + _sharding.ORDER)
 
 
 def _check_feature_input(t: Target, criterion: _criteria.Criterion) -> None:
     """Input statistics are per feature of the input's last dim: linear layers (nn.Linear, Conv1D) only."""
     if not (isinstance(t.module, nn.Linear) or t.in_dim == 0) or t.module.weight.dim() != 2:
-        raise ValueError(f"criterion {criterion.name!r} reads each layer's input features, which only linear "
+        raise UserValueError(f"criterion {criterion.name!r} reads each layer's input features, which only linear "
                          f"layers have; layer {t.name!r} is a {type(t.module).__name__}: exclude it")
 
 
 def _check_nm_shape(t: Target, nm: _masks.NMPattern | None) -> None:
     if nm is not None and t.module.weight.shape[t.in_dim] % nm.m:
-        raise ValueError(f"layer {t.name!r} with weight shape {tuple(t.module.weight.shape)}: its input size "
+        raise UserValueError(f"layer {t.name!r} with weight shape {tuple(t.module.weight.shape)}: its input size "
                          f"{t.module.weight.shape[t.in_dim]} is not a multiple of M={nm.m} for pattern {nm}; "
                          "exclude it or pad the layer")
 
@@ -473,6 +480,6 @@ def _restore_order(params: dict[str, object], order: list[str]) -> None:
 def _copy_checked(dst: Tensor, src: object, what: str) -> None:
     if not isinstance(src, Tensor) or src.shape != dst.shape or src.dtype != dst.dtype:
         got = f"{tuple(src.shape)} {src.dtype}" if isinstance(src, Tensor) else type(src).__name__
-        raise ValueError(f"saved {what} is {got}, expected {tuple(dst.shape)} {dst.dtype}")
+        raise UserValueError(f"saved {what} is {got}, expected {tuple(dst.shape)} {dst.dtype}")
     dst.copy_(src)
 

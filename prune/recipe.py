@@ -47,6 +47,7 @@ from prune import distill as _distill_mod
 from prune import masks as _masks
 from prune.schedules import SCHEDULES, Schedule
 from prune.targets import INPUT_DIM
+from sparse_ops.errors import UserValueError
 
 HF_CONV1D = "Conv1D"  # transformers' GPT-2 linear layer, imported only when a recipe names it
 SUFFIXES = {".yaml": "yaml", ".yml": "yaml", ".toml": "toml"}
@@ -75,7 +76,7 @@ def _type_name(cls: type) -> str:
         return HF_CONV1D
     if cls in INPUT_DIM:
         return cls.__name__
-    raise ValueError(f"module type {cls.__module__}.{cls.__qualname__} has no name in recipes; "
+    raise UserValueError(f"module type {cls.__module__}.{cls.__qualname__} has no name in recipes; "
                      f"allowed: {module_types()}")
 
 
@@ -96,7 +97,7 @@ def _names(key: str, value: object, none_ok: bool) -> tuple[str, ...] | None:
     if not isinstance(items, Sequence) or not all(isinstance(v, str) and v for v in items):
         what = ("a string, a list of non-empty strings or null" if none_ok
                 else "a string or a list of non-empty strings")
-        raise ValueError(f"recipe key {key!r}: expected {what}, got {value!r}")
+        raise UserValueError(f"recipe key {key!r}: expected {what}, got {value!r}")
     return tuple(items)
 
 
@@ -119,16 +120,16 @@ class Recipe:
 
     def __post_init__(self) -> None:
         if not isinstance(self.schedule, Schedule):
-            raise ValueError(f"recipe key 'schedule': expected a prune.schedules.Schedule, "
+            raise UserValueError(f"recipe key 'schedule': expected a prune.schedules.Schedule, "
                              f"got {self.schedule!r}")
         _check_choice("criterion", self.criterion, sorted(_criteria.CRITERIA))
         if not isinstance(self.pattern, str):  # YAML 1.1 reads an unquoted 2:4 as the number 124
-            raise ValueError(f"recipe key 'pattern': expected a string, 'unstructured' or 'N:M' (quote it in "
+            raise UserValueError(f"recipe key 'pattern': expected a string, 'unstructured' or 'N:M' (quote it in "
                              f"YAML: unquoted, 2:4 is the number 124), got {self.pattern!r}")
         try:
             nm = _masks.parse_pattern(self.pattern)
         except ValueError as e:
-            raise ValueError(f"recipe key 'pattern': {e}") from None
+            raise UserValueError(f"recipe key 'pattern': {e}") from None
         object.__setattr__(self, "pattern", str(nm) if nm else "unstructured")
         _check_choice("scope", self.scope, _masks.SCOPES)
         object.__setattr__(self, "types", _names("types", self.types, none_ok=True))
@@ -138,12 +139,12 @@ class Recipe:
         object.__setattr__(self, "exclude", _names("exclude", self.exclude, none_ok=False))
         mls = self.max_layer_sparsity
         if mls is not None and (isinstance(mls, bool) or not isinstance(mls, (int, float))):
-            raise ValueError(f"recipe key 'max_layer_sparsity': expected a number in (0, 1] or null, "
+            raise UserValueError(f"recipe key 'max_layer_sparsity': expected a number in (0, 1] or null, "
                              f"got {mls!r}")
         try:
             _masks.check_scope(self.scope, nm, mls)
         except ValueError as e:
-            raise ValueError(f"recipe keys 'scope', 'pattern', 'max_layer_sparsity': {e}") from None
+            raise UserValueError(f"recipe keys 'scope', 'pattern', 'max_layer_sparsity': {e}") from None
         if self.distill is not None:
             object.__setattr__(self, "distill", _distill(self.distill))
 
@@ -151,13 +152,13 @@ class Recipe:
     def from_dict(cls, data: Mapping[str, object]) -> Recipe:
         """A recipe from parsed YAML/TOML (or any mapping); strict: see the module docstring."""
         if not isinstance(data, Mapping):
-            raise ValueError(f"a recipe is a mapping of settings, got {type(data).__name__}")
+            raise UserValueError(f"a recipe is a mapping of settings, got {type(data).__name__}")
         allowed = [f.name for f in fields(cls)]
         unknown = [k for k in data if k not in allowed]
         if unknown:
-            raise ValueError(f"unknown recipe key {unknown[0]!r}; allowed keys: {allowed}")
+            raise UserValueError(f"unknown recipe key {unknown[0]!r}; allowed keys: {allowed}")
         if "schedule" not in data:
-            raise ValueError(f"recipe key 'schedule' is missing: a table with 'kind' (one of "
+            raise UserValueError(f"recipe key 'schedule' is missing: a table with 'kind' (one of "
                              f"{sorted(SCHEDULES)}) and the schedule's arguments")
         return cls(**{**data, "schedule": _schedule(data["schedule"])})  # type: ignore[arg-type]
 
@@ -201,34 +202,34 @@ RecipeSource = Union[str, os.PathLike, Recipe, Mapping]  # what Pruner.from_reci
 def _schedule(spec: object) -> Schedule:
     """A schedule from ``{"kind": name, **arguments}``, its arguments checked against the kind's signature."""
     if not isinstance(spec, Mapping):
-        raise ValueError(f"recipe key 'schedule': expected a table with 'kind' and arguments, got {spec!r}")
+        raise UserValueError(f"recipe key 'schedule': expected a table with 'kind' and arguments, got {spec!r}")
     args = dict(spec)
     kind = args.pop("kind", None)
     _check_choice("schedule.kind", kind, sorted(SCHEDULES))
     params = list(inspect.signature(SCHEDULES[kind]).parameters)
     unknown = [k for k in args if k not in params]
     if unknown:
-        raise ValueError(f"recipe key 'schedule.{unknown[0]}': not an argument of {kind}; allowed: {params}")
+        raise UserValueError(f"recipe key 'schedule.{unknown[0]}': not an argument of {kind}; allowed: {params}")
     if "final" not in args:
-        raise ValueError(f"recipe key 'schedule.final' is missing: the final sparsity of the {kind} schedule")
+        raise UserValueError(f"recipe key 'schedule.final' is missing: the final sparsity of the {kind} schedule")
     try:
         return SCHEDULES[kind](**args)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"recipe key 'schedule' ({kind}): {e}") from None
+        raise UserValueError(f"recipe key 'schedule' ({kind}): {e}") from None
 
 
 def _distill(spec: object) -> dict[str, object]:
     """The ``distill`` table checked against the Distiller's settings (all of them, defaults filled in)."""
     if not isinstance(spec, Mapping):
-        raise ValueError(f"recipe key 'distill': expected a table of Distiller settings, got {spec!r}")
+        raise UserValueError(f"recipe key 'distill': expected a table of Distiller settings, got {spec!r}")
     unknown = [k for k in spec if k not in _distill_mod.SETTINGS]
     if unknown:
-        raise ValueError(f"recipe key 'distill.{unknown[0]}': not a Distiller setting; allowed: "
+        raise UserValueError(f"recipe key 'distill.{unknown[0]}': not a Distiller setting; allowed: "
                          f"{list(_distill_mod.SETTINGS)}")
     try:
         return _distill_mod.check_settings(**spec)
     except ValueError as e:
-        raise ValueError(f"recipe key 'distill': {e}") from None
+        raise UserValueError(f"recipe key 'distill': {e}") from None
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
@@ -247,7 +248,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         data = _parse_yaml(text) if fmt == "yaml" else _parse_toml(text)
         return Recipe.from_dict(data)
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise UserValueError(f"{path}: {e}") from None
 
 
 def as_recipe(source: RecipeSource) -> Recipe:
@@ -267,7 +268,7 @@ def recipe_of(schedule: Schedule, criterion: _criteria.Criterion, pattern: str, 
     recipe cannot name (a criterion instance that is not registered, a module type outside
     :func:`module_types`)."""
     if _criteria.CRITERIA.get(criterion.name) != criterion:  # a registered one, same settings
-        raise ValueError(f"criterion {criterion!r} is not registered in prune.criteria, so a recipe "
+        raise UserValueError(f"criterion {criterion!r} is not registered in prune.criteria, so a recipe "
                          f"cannot name it; registered: {sorted(_criteria.CRITERIA)}")
     return Recipe(schedule=schedule, criterion=criterion.name, pattern=pattern, scope=scope,
                   types=None if types is None else tuple(_type_name(t) for t in types),
@@ -276,7 +277,7 @@ def recipe_of(schedule: Schedule, criterion: _criteria.Criterion, pattern: str, 
 
 def _format(path: Path) -> str:
     if path.suffix not in SUFFIXES:
-        raise ValueError(f"recipe file {str(path)!r}: unknown suffix {path.suffix!r}; "
+        raise UserValueError(f"recipe file {str(path)!r}: unknown suffix {path.suffix!r}; "
                          f"allowed: {sorted(SUFFIXES)}")
     return SUFFIXES[path.suffix]
 
@@ -291,14 +292,14 @@ def _parse_yaml(text: str) -> object:
         keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
         dup = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
         if dup is not None:
-            raise ValueError(f"recipe key {dup!r} appears twice")
+            raise UserValueError(f"recipe key {dup!r} appears twice")
         return loader.construct_mapping(node, deep=deep)
 
     StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
     try:
         return yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
-        raise ValueError(f"not valid YAML: {e}") from None
+        raise UserValueError(f"not valid YAML: {e}") from None
 
 
 def _parse_toml(text: str) -> object:
@@ -309,7 +310,7 @@ def _parse_toml(text: str) -> object:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"not valid TOML: {e}") from None
+        raise UserValueError(f"not valid TOML: {e}") from None
 
 
 def _to_yaml(data: dict[str, object]) -> str:

@@ -52,6 +52,7 @@ from tqdm import tqdm
 from prune.distill import Distiller
 from prune.pruner import Pruner
 from sparse_ops.checkpoint import replace_folder
+from sparse_ops.errors import UserValueError
 
 REPORT = "recovery.json"  # in the output folder: the RecoveryReport
 
@@ -106,16 +107,16 @@ def recover(model: nn.Module, teacher: nn.Module, batches: Sequence[Tensor], *, 
     Example: see the module docstring.
     """
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise UserValueError(f"steps must be >= 1, got {steps}")
     if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr}")
+        raise UserValueError(f"lr must be positive, got {lr}")
     if not 0 <= warmup < 1:
-        raise ValueError(f"warmup must be in [0, 1), got {warmup}")
+        raise UserValueError(f"warmup must be in [0, 1), got {warmup}")
     if not batches:
-        raise ValueError("recover needs at least one batch of token ids")
+        raise UserValueError("recover needs at least one batch of token ids")
     for b in batches:
         if not isinstance(b, Tensor) or b.ndim != 2 or b.dtype != torch.long:
-            raise ValueError(f"batches must be (batch, length) int64 token ids, got "
+            raise UserValueError(f"batches must be (batch, length) int64 token ids, got "
                              f"{getattr(b, 'shape', type(b).__name__)} {getattr(b, 'dtype', '')}")
     distiller = Distiller(model, teacher, temperature=temperature, task_weight=task_weight,
                           logits_weight=logits_weight)
@@ -165,10 +166,10 @@ def recover_folder(pruned_dir: str | os.PathLike, teacher_dir: str | os.PathLike
     texts = as_texts(text)  # read (and refused when empty or malformed) before the models load
     model, tokenizer = load_folder(pruned_dir)
     if tokenizer is None:
-        raise ValueError(f"{pruned_dir} has no tokenizer, which training on text needs")
+        raise UserValueError(f"{pruned_dir} has no tokenizer, which training on text needs")
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and seq_len > positions:
-        raise ValueError(f"seq_len={seq_len} exceeds the model's {positions} positions")
+        raise UserValueError(f"seq_len={seq_len} exceeds the model's {positions} positions")
     teacher, _ = load_folder(teacher_dir)
     model.float()
     teacher.float()
@@ -180,7 +181,7 @@ def recover_folder(pruned_dir: str | os.PathLike, teacher_dir: str | os.PathLike
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / REPORT).write_text(json.dumps(dataclasses.asdict(report), indent=1))
-        replace_folder(tmp, dst)
+        replace_folder(tmp, dst, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report

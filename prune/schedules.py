@@ -19,15 +19,17 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
+from sparse_ops.errors import UserValueError
+
 
 def _check_sparsity(name: str, value: float) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be a sparsity in [0, 1), got {value!r}")
+        raise UserValueError(f"{name} must be a sparsity in [0, 1), got {value!r}")
 
 
 def _check_step(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer step, got {value!r}")
+        raise UserValueError(f"{name} must be a non-negative integer step, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -49,11 +51,11 @@ class Schedule(ABC):
         _check_step("begin_step", self.begin_step)
         _check_step("end_step", self.end_step)
         if self.end_step < self.begin_step:
-            raise ValueError(f"end_step ({self.end_step}) is before begin_step ({self.begin_step})")
+            raise UserValueError(f"end_step ({self.end_step}) is before begin_step ({self.begin_step})")
         if not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 1:
-            raise ValueError(f"every must be a positive integer number of steps, got {self.every!r}")
+            raise UserValueError(f"every must be a positive integer number of steps, got {self.every!r}")
         if self.final < self.initial:
-            raise ValueError(f"schedules never decrease: final sparsity {self.final} < initial {self.initial}")
+            raise UserValueError(f"schedules never decrease: final sparsity {self.final} < initial {self.initial}")
 
     @abstractmethod
     def ramp(self, p: float) -> float:
@@ -180,5 +182,5 @@ def schedule_from_dict(d: dict[str, object]) -> Schedule:
     kind = fields.pop("kind", None)
     kind = RENAMED.get(kind, kind)  # type: ignore[arg-type]
     if kind not in SCHEDULES:
-        raise ValueError(f"unknown schedule kind {kind!r}; known: {sorted(SCHEDULES)}")
+        raise UserValueError(f"unknown schedule kind {kind!r}; known: {sorted(SCHEDULES)}")
     return SCHEDULES[kind](**fields)  # type: ignore[arg-type]

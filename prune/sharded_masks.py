@@ -22,6 +22,7 @@ from torch import Tensor
 
 from prune import masks as _masks
 from prune.masks import NMPattern, from_input_last, input_last, nm_mask, num_pruned, row_mask
+from sparse_ops.errors import UserValueError
 
 _SIGN = -(2**31)  # int32 with only the sign bit set
 _BYTE_SHIFTS = (24, 16, 8, 0)
@@ -67,10 +68,10 @@ def prune_lowest(flat: Tensor, sizes: Sequence[int], n_prune: int, group: object
     global index: tensor by tensor, and within a tensor rank by rank. Returns this rank's flat keep mask.
     """
     if flat.numel() != sum(sizes):
-        raise ValueError(f"scores hold {flat.numel()} entries but sizes add up to {sum(sizes)}")
+        raise UserValueError(f"scores hold {flat.numel()} entries but sizes add up to {sum(sizes)}")
     (n,) = sum_over_ranks([flat.numel()], group, flat.device)
     if not 0 <= n_prune <= n:
-        raise ValueError(f"cannot prune {n_prune} of {n} entries")
+        raise UserValueError(f"cannot prune {n_prune} of {n} entries")
     if n_prune == 0 or n_prune == n:
         return torch.full((flat.numel(),), n_prune == 0, dtype=torch.bool, device=flat.device)
     keys = sortable_keys(flat.reshape(-1))
@@ -107,7 +108,7 @@ def nm_schedule_mask(rows: Tensor, pattern: NMPattern, sparsity: float, group: o
     """Sharded :func:`prune.masks.nm_schedule_mask`; ``rows``: (rows, in), whole rows on each rank, so every
     group of M is local and only the count of the gradual prune is shared."""
     if sparsity > pattern.sparsity + 1e-12:
-        raise ValueError(f"sparsity {sparsity} exceeds what pattern {pattern} allows ({pattern.sparsity})")
+        raise UserValueError(f"sparsity {sparsity} exceeds what pattern {pattern} allows ({pattern.sparsity})")
     nm = nm_mask(rows, pattern.n, pattern.m)
     ranked = torch.where(nm, torch.full_like(rows, float("inf")), rows)
     numel, n_free = sum_over_ranks([rows.numel(), int(torch.count_nonzero(~nm))], group, rows.device)
@@ -122,7 +123,7 @@ def weight_mask(scores: Tensor, sparsity: float, *, scope: str = "layer", nm: NM
     if nm is None and scope == "layer":
         return layer_mask(scores, sparsity, group)
     if in_dim == 0:
-        raise ValueError(f"scope={scope!r} / pattern {nm} need the input dimension unsharded, but it is dim 0, the "
+        raise UserValueError(f"scope={scope!r} / pattern {nm} need the input dimension unsharded, but it is dim 0, the "
                          "one FSDP2 shards")
     rows = input_last(scores, in_dim)
     rows = row_mask(rows, sparsity) if nm is None else nm_schedule_mask(rows, nm, sparsity, group)

@@ -38,6 +38,7 @@ from prune.criteria.base import Criterion, Evidence
 from prune.masks import NMPattern
 from prune.report import LayerSparsity
 from prune.targets import Target
+from sparse_ops.errors import UserValueError
 
 ORDER = "build the Pruner after fully_shard(...), on the model fully_shard was applied to"
 
@@ -52,7 +53,7 @@ def refuse_fsdp1(model: nn.Module) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
-        raise ValueError("FSDP1 (FullyShardedDataParallel, flat parameters) is not supported: shard the model with "
+        raise UserValueError("FSDP1 (FullyShardedDataParallel, flat parameters) is not supported: shard the model with "
                          "FSDP2's fully_shard(...) and " + ORDER)
 
 
@@ -69,21 +70,21 @@ def fsdp2_mesh(model: nn.Module, targets: list[Target]) -> object | None:
         return None
     if len(sharded) != len(targets):
         plain = [t.name for t in targets if t.name not in sharded]
-        raise ValueError(f"targets {plain} are not sharded while {sharded} are: apply fully_shard to the whole "
+        raise UserValueError(f"targets {plain} are not sharded while {sharded} are: apply fully_shard to the whole "
                          "model, or exclude the layers it does not shard")
     mesh = targets[0].module.weight.device_mesh
     for t in targets:
         w = t.module.weight
         if w.device_mesh.ndim != 1 or tuple(w.placements) != (Shard(0),):
-            raise ValueError(f"layer {t.name!r} is sharded as {tuple(w.placements)} over a {w.device_mesh.ndim}-D "
+            raise UserValueError(f"layer {t.name!r} is sharded as {tuple(w.placements)} over a {w.device_mesh.ndim}-D "
                              "mesh; the pruner supports FSDP2's default, (Shard(dim=0),) over a 1-D mesh "
                              "(no HSDP, no shard_placement_fn)")
         owners = [""] + [".".join(t.name.split(".")[:i]) for i in range(1, t.name.count(".") + 2)]
         if not any(isinstance(model.get_submodule(o), FSDPModule) for o in owners):
-            raise ValueError(f"no fully_shard module of the given model manages layer {t.name!r}: " + ORDER)
+            raise UserValueError(f"no fully_shard module of the given model manages layer {t.name!r}: " + ORDER)
     others = [t.name for t in targets if t.module.weight.device_mesh != mesh]  # equal meshes: the same ranks
     if others:
-        raise ValueError(f"layers {others} are sharded over another device mesh than {targets[0].name!r}; use one")
+        raise UserValueError(f"layers {others} are sharded over another device mesh than {targets[0].name!r}; use one")
     return mesh
 
 
@@ -91,15 +92,18 @@ def check_settings(targets: list[Target], criterion: Criterion, nm: NMPattern | 
                    process_group: object | None) -> None:
     """Refuse pruner settings that sharded weights cannot honour, saying why and what works."""
     if criterion.uses_inputs:
-        raise ValueError(f"criterion {criterion.name!r} reads layer inputs, which is not supported under FSDP2; "
+        raise UserValueError(f"criterion {criterion.name!r} reads layer inputs, which is not supported under FSDP2; "
                          "use 'magnitude' or 'movement', or prune one-shot before sharding")
+    if criterion.updates_weights:
+        raise UserValueError(f"criterion {criterion.name!r} keeps whole-layer curvature and updates kept weights, which "
+                         "is not supported under FSDP2; use 'taylor', 'movement' or 'magnitude', or DDP")
     if process_group is not None:
-        raise ValueError("under FSDP2 the ranks that share masks are those of the weights' device mesh: leave "
+        raise UserValueError("under FSDP2 the ranks that share masks are those of the weights' device mesh: leave "
                          f"process_group=None (got {process_group!r})")
     for t in targets:
         if t.in_dim == 0 and (nm is not None or scope == "row"):
             what = f"pattern {nm}" if nm is not None else "scope='row'"
-            raise ValueError(f"layer {t.name!r} stores its weight (in, out) (transformers' Conv1D) and FSDP2 shards "
+            raise UserValueError(f"layer {t.name!r} stores its weight (in, out) (transformers' Conv1D) and FSDP2 shards "
                              f"dim 0, its input dimension, so {what} would compare weights across ranks: use "
                              "pattern='unstructured' with scope 'layer' or 'global', or exclude the layer")
 
@@ -206,7 +210,7 @@ class ShardedWeight:
         """This rank's shard of a saved tensor: a DTensor laid out like the weight, or the whole tensor."""
         p = self.param
         if tuple(saved.shape) != tuple(p.shape):
-            raise ValueError(f"saved {what} has shape {tuple(saved.shape)}, expected {tuple(p.shape)}")
+            raise UserValueError(f"saved {what} has shape {tuple(saved.shape)}, expected {tuple(p.shape)}")
         if is_sharded(saved):
             if saved.placements != p.placements or saved.device_mesh != p.device_mesh:
                 saved = saved.redistribute(p.device_mesh, p.placements)
@@ -304,7 +308,7 @@ class ShardedMasks:
         if is_sharded(saved):
             return saved.to_local().reshape(())
         if saved.dim() != 0:
-            raise ValueError(f"saved energy of {name} has shape {tuple(saved.shape)}, expected a 0-d tensor")
+            raise UserValueError(f"saved energy of {name} has shape {tuple(saved.shape)}, expected a 0-d tensor")
         w = self.weights[name]
         return saved.to(w.mask.device) * (w.mask.numel() / max(w.param.numel(), 1))  # this shard's share
 

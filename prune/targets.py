@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from sparse_ops.errors import UserTypeError, UserValueError
+
 # Which dimension of each module type's weight is its input dimension (N:M groups run along it).
 INPUT_DIM: dict[type[nn.Module], int] = {
     nn.Linear: 1, nn.Conv1d: 1, nn.Conv2d: 1, nn.Conv3d: 1, nn.Embedding: 1, nn.Bilinear: 2,
@@ -76,7 +78,7 @@ def _patterns(kind: str, patterns: str | Sequence[str] | None) -> list[str] | No
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     bad = [p for p in patterns if not isinstance(p, str) or not p]
     if bad:
-        raise TypeError(f"{kind} must be a module name pattern or a list of them (non-empty strings), got {bad!r}")
+        raise UserTypeError(f"{kind} must be a module name pattern or a list of them (non-empty strings), got {bad!r}")
     return patterns
 
 
@@ -111,7 +113,7 @@ def find_targets(
             if not any(matches(n, pat) for n in names):
                 msg = f"{kind} pattern {pat!r} matches no module name{_hint(prunable)}"
                 if kind == "include":
-                    raise ValueError(msg)
+                    raise UserValueError(msg)
                 warnings.warn(msg, stacklevel=3)
     named = [(n, m) for n, m in prunable if include is None or any(covers(n, p) for p in include)]
     named = [(n, m) for n, m in named if not any(covers(n, p) for p in exclude)]
@@ -129,7 +131,7 @@ def find_targets(
         targets.append(Target(n, m, input_dim(m)))
     if not targets:
         kinds = "nn.Linear / transformers Conv1D" if types is None else ", ".join(t.__name__ for t in types)
-        raise ValueError(f"no weight to prune: no {kinds} module is covered by include={include!r} and not by "
+        raise UserValueError(f"no weight to prune: no {kinds} module is covered by include={include!r} and not by "
                          f"exclude={exclude!r}{_hint(prunable)}")
     return targets
 

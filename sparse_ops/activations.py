@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from sparse_ops.errors import UserValueError
+
 # name -> torch function; CODES: the C++ kernels' Act codes (sparse_cpu.cpp), 0 = none
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
@@ -37,7 +39,7 @@ def check(name: str | None) -> str | None:
     ('gelu', None)
     """
     if name is not None and name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; allowed: None, {', '.join(ACTIVATIONS)}")
+        raise UserValueError(f"unknown activation {name!r}; allowed: None, {', '.join(ACTIVATIONS)}")
     return name
 
 

@@ -22,6 +22,7 @@ from typing import ClassVar
 
 import torch
 
+from sparse_ops.errors import UserValueError
 from sparse_ops.formats import CSR, INT32_MAX, VALUE_DTYPES, ValuesMixin
 
 TILE_OUTS = (16, 32, 64, 128)  # powers of two (Triton's tl.arange) and >= 16 (tl.dot)
@@ -107,7 +108,7 @@ class TiledBitmap(ValuesMixin):
     def _check_tile(tile: tuple[int, int]) -> tuple[int, int]:
         tile_out, tile_k = tile
         if tile_out not in TILE_OUTS or tile_k not in TILE_KS:
-            raise ValueError(f"tile must be (TILE_OUT in {TILE_OUTS}, TILE_K in {TILE_KS}), got {tile}")
+            raise UserValueError(f"tile must be (TILE_OUT in {TILE_OUTS}, TILE_K in {TILE_KS}), got {tile}")
         return tile_out, tile_k
 
     @classmethod
@@ -137,7 +138,7 @@ class TiledBitmap(ValuesMixin):
             counts_l.append(counts)
             values_l.append(vals[order])
         if sum(v.numel() for v in values_l) > INT32_MAX:
-            raise ValueError(f"a tiled bitmap holds at most {INT32_MAX} nonzeros with int32 offsets")
+            raise UserValueError(f"a tiled bitmap holds at most {INT32_MAX} nonzeros with int32 offsets")
         cat = lambda parts, empty: torch.cat(parts) if parts else empty
         i64 = torch.empty(0, dtype=torch.int64, device=device)
         row_counts, counts = cat(row_counts, i64), cat(counts_l, i64)
@@ -161,7 +162,7 @@ class TiledBitmap(ValuesMixin):
     def from_dense(cls, w: torch.Tensor, tile: tuple[int, int] = DEFAULT_TILE) -> TiledBitmap:
         """Keep the entries with ``w != 0`` (``-0.0`` is a zero, NaN is kept, as ``formats.CSR``)."""
         if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.dtype not in cls.STORED:
-            raise ValueError(f"TiledBitmap needs a 2-D fp32 / fp16 / bf16 weight, got "
+            raise UserValueError(f"TiledBitmap needs a 2-D fp32 / fp16 / bf16 weight, got "
                              f"{getattr(w, 'dtype', type(w).__name__)} {tuple(getattr(w, 'shape', ()))}")
         out, inp = w.shape
         tile_out, _ = cls._check_tile(tile)
@@ -226,31 +227,31 @@ class TiledBitmap(ValuesMixin):
         for name, (shape, dtypes) in expect.items():
             part = getattr(self, name)
             if tuple(part.shape) != shape or part.dtype not in dtypes:
-                raise ValueError(f"tiled bitmap {name}: need shape {shape} of {dtypes}, got "
+                raise UserValueError(f"tiled bitmap {name}: need shape {shape} of {dtypes}, got "
                                  f"{tuple(part.shape)} {part.dtype}")
         ptr = self.tile_ptr.to(torch.int64)
         if ptr[0].item() != 0 or ptr[-1].item() != t or bool((ptr[1:] < ptr[:-1]).any()):
-            raise ValueError("tiled bitmap tile_ptr must rise from 0 to the number of tiles")
+            raise UserValueError("tiled bitmap tile_ptr must rise from 0 to the number of tiles")
         counts = ptr[1:] - ptr[:-1]
         if (int(counts.max()) if counts.numel() else 0) != self.max_row_tiles:
-            raise ValueError("tiled bitmap max_row_tiles does not match tile_ptr")
+            raise UserValueError("tiled bitmap max_row_tiles does not match tile_ptr")
         cols = self.tile_cols.to(torch.int64)
         if t and (cols.min().item() < 0 or cols.max().item() >= self.tile_col_count):
-            raise ValueError("tiled bitmap tile_cols out of range")
+            raise UserValueError("tiled bitmap tile_cols out of range")
         if t > 1:
             rising = cols[1:] > cols[:-1]
             starts = ptr[1:-1]
             rising[starts[(starts > 0) & (starts < t)] - 1] = True
             if not bool(rising.all()):
-                raise ValueError("tiled bitmap tile_cols must increase within a tile row")
+                raise UserValueError("tiled bitmap tile_cols must increase within a tile row")
         bits = _word_bits(self.bitmaps)  # (T, TILE_OUT, TILE_K)
         offsets = self.value_offsets.to(torch.int64)
         if offsets[0].item() != 0 or not torch.equal(offsets[1:] - offsets[:-1], bits.sum((1, 2))) \
                 or offsets[-1].item() != nnz:
-            raise ValueError("tiled bitmap value_offsets must be the prefix sums of the bitmaps' popcounts")
+            raise UserValueError("tiled bitmap value_offsets must be the prefix sums of the bitmaps' popcounts")
         rows, cols = self.entries()
         if nnz and (rows.max().item() >= out or cols.max().item() >= inp):
-            raise ValueError("tiled bitmap has bits set in the padding beyond the weight's shape")
+            raise UserValueError("tiled bitmap has bits set in the padding beyond the weight's shape")
         return self
 
 

@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -46,6 +47,7 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
+from sparse_ops.errors import MissingPathError, OutputExistsError, UserValueError
 from sparse_ops.formats import VALUE_DTYPES, SparseFormat, ValuesMixin
 from sparse_ops.quantized import CLIPS, QMAX, CSRInt8, DenseInt8
 from sparse_ops.registry import FORMATS, LOSSLESS, QUANTIZED, format_class
@@ -66,11 +68,6 @@ EMBEDDING = re.compile(r"embed|(^|\.)(wte|wpe)(\.|$)")  # names of embedding tab
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
 INDEX_SUFFIX = ".index.json"
 PRE_FINALIZE_KEY = ".parametrizations."  # in the keys of a model saved with its Pruner still attached
-
-
-class OutputExistsError(FileExistsError, ValueError):
-    """``convert_checkpoint``'s output exists and ``overwrite`` was not given (a ValueError like every other
-    refusal of a bad argument, and a FileExistsError)."""
 
 
 TRANSPOSED = "transposed"  # optional key of a tensor's record: true when its parts hold its transpose
@@ -154,28 +151,28 @@ def _part_names(fmt: str) -> tuple[str, ...]:
 def _parse_entry(name: str, info: object, stored: set[str]) -> Entry:
     """Validate one metadata record against the file's stored tensor names; ValueError naming the problem."""
     if not isinstance(info, dict) or not RECORD_KEYS <= set(info) <= RECORD_KEYS | {TRANSPOSED}:
-        raise ValueError(f"metadata of {name!r} must have keys format, shape, dtype, parts (and optionally "
+        raise UserValueError(f"metadata of {name!r} must have keys format, shape, dtype, parts (and optionally "
                          f"{TRANSPOSED}); got {info!r:.200}")
     fmt, shape, dtype, parts = info["format"], info["shape"], info["dtype"], info["parts"]
     transposed = info.get(TRANSPOSED, False)
     if type(transposed) is not bool:  # 1, "true", null, [...] are not a flag
-        raise ValueError(f"metadata {TRANSPOSED} of {name!r} must be true or false, got {transposed!r:.100}")
+        raise UserValueError(f"metadata {TRANSPOSED} of {name!r} must be true or false, got {transposed!r:.100}")
     if not isinstance(fmt, str) or (fmt != DENSE and fmt not in FORMATS):  # a list would be unhashable
-        raise ValueError(f"metadata format of {name!r} is {fmt!r}; known: {DENSE}, {', '.join(FORMATS)}")
+        raise UserValueError(f"metadata format of {name!r} is {fmt!r}; known: {DENSE}, {', '.join(FORMATS)}")
     if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
-        raise ValueError(f"metadata shape of {name!r} must be a list of non-negative ints, got {shape!r:.100}")
+        raise UserValueError(f"metadata shape of {name!r} must be a list of non-negative ints, got {shape!r:.100}")
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise ValueError(f"metadata dtype of {name!r} must be one of {', '.join(DTYPES)}; got {dtype!r:.100}")
+        raise UserValueError(f"metadata dtype of {name!r} must be one of {', '.join(DTYPES)}; got {dtype!r:.100}")
     expected = set(_part_names(fmt))
     if (not isinstance(parts, dict) or set(parts) != expected
             or not all(isinstance(v, str) and v in stored for v in parts.values())):
-        raise ValueError(f"metadata parts of {name!r} must map {sorted(expected)} to stored tensors, "
+        raise UserValueError(f"metadata parts of {name!r} must map {sorted(expected)} to stored tensors, "
                          f"got {parts!r:.200}")
     if fmt != DENSE and (len(shape) != 2 or DTYPES[dtype] not in VALUE_DTYPES):
-        raise ValueError(f"{fmt} tensor {name!r} must be 2-D with float32/float16/bfloat16 values, "
+        raise UserValueError(f"{fmt} tensor {name!r} must be 2-D with float32/float16/bfloat16 values, "
                          f"got shape {shape} dtype {dtype}")
     if transposed and fmt == DENSE:
-        raise ValueError(f"metadata of {name!r} says {TRANSPOSED} for a {DENSE} tensor; only a sparse format "
+        raise UserValueError(f"metadata of {name!r} says {TRANSPOSED} for a {DENSE} tensor; only a sparse format "
                          f"is stored transposed")
     return Entry(name, fmt, tuple(shape), DTYPES[dtype], dict(parts), transposed)
 
@@ -214,7 +211,7 @@ def _file_entries(src: RawSource) -> list[Entry]:
     try:
         records = json.loads(meta.get(TENSORS_KEY, ""))
         if not isinstance(records, dict):
-            raise ValueError(f"{TENSORS_KEY} must be a JSON object")
+            raise UserValueError(f"{TENSORS_KEY} must be a JSON object")
         entries = [_parse_entry(name, info, stored) for name, info in records.items()]
     except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
         raise BadFileError(f"cannot read {src.path}: bad metadata: {e}") from None
@@ -326,7 +323,7 @@ def choose_layout(name: str, t: torch.Tensor, format: str, min_sparsity: float |
             cls.from_dense(t)  # raises, naming the shape or the count of groups that break the pattern
         except ValueError as e:
             tried = transpose and worth(cls, shape[::-1])
-            raise ValueError(f"{e} (nor along dim 0: its transpose is not {format} either)" if tried
+            raise UserValueError(f"{e} (nor along dim 0: its transpose is not {format} either)" if tried
                              else str(e)) from None
         return Storage(format)
     sizes = {Storage(DENSE): dense_bytes}
@@ -349,7 +346,7 @@ def _int8_layout(t: torch.Tensor, format: str, min_sparsity: float | None) -> st
         return min(size, key=size.__getitem__)
     twin = INT8_TWINS.get(format)
     if twin is None:
-        raise ValueError(f"{format} has no int8 layout; with quantize='int8' allowed: {AUTO}, "
+        raise UserValueError(f"{format} has no int8 layout; with quantize='int8' allowed: {AUTO}, "
                          f"{', '.join(INT8_TWINS)}, {', '.join(QUANTIZED)}")
     worth = (size[twin] < size[DenseInt8.format]) if min_sparsity is None else sparsity_of(t) >= min_sparsity
     return twin if worth else DenseInt8.format
@@ -377,6 +374,7 @@ class _Options:
     quantize: str | None = None
     clip: str = "absmax"
     scales: Mapping[str, torch.Tensor] | None = None  # tensor name -> the scales of its rows' int8 grids
+    overwrite: bool = False  # may the output replace one that exists (or appears while converting)
 
 
 @dataclass(frozen=True)
@@ -394,30 +392,31 @@ class _Totals:
 
 
 def _is_dir_output(dst: Path) -> bool:
-    """A path without a suffix (or an existing folder) asks for a sharded output folder."""
-    return dst.is_dir() or (dst.suffix == "" and not dst.exists())
+    """An existing folder, or a new path that does not name a weight file (``s0.5`` is a folder; ``x.pt`` is
+    not), asks for a sharded output folder."""
+    return dst.is_dir() or (not dst.exists() and not _is_weight_file(dst.name))
 
 
 def _check_convert_args(src: Path, dst: Path, format: str, min_sparsity: float | None, overwrite: bool,
                         quantize: str | None = None, clip: str = "absmax") -> None:
     if format not in CONVERT_FORMATS:
-        raise ValueError(f"unknown format {format!r}; allowed: {', '.join(CONVERT_FORMATS)}")
+        raise UserValueError(f"unknown format {format!r}; allowed: {', '.join(CONVERT_FORMATS)}")
     if quantize is not None and quantize not in QUANTIZE:
-        raise ValueError(f"unknown quantize {quantize!r}; allowed: {', '.join(QUANTIZE)} (or None)")
+        raise UserValueError(f"unknown quantize {quantize!r}; allowed: {', '.join(QUANTIZE)} (or None)")
     if quantize is not None and format not in (AUTO, *INT8_TWINS, *QUANTIZED):
-        raise ValueError(f"{format} has no int8 layout; with quantize={quantize!r} allowed: {AUTO}, "
+        raise UserValueError(f"{format} has no int8 layout; with quantize={quantize!r} allowed: {AUTO}, "
                          f"{', '.join(INT8_TWINS)}, {', '.join(QUANTIZED)}")
     if clip not in CLIPS:
-        raise ValueError(f"unknown clip {clip!r}; allowed: {', '.join(CLIPS)}")
+        raise UserValueError(f"unknown clip {clip!r}; allowed: {', '.join(CLIPS)}")
     if min_sparsity is not None and not 0.0 <= min_sparsity <= 1.0:
-        raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
+        raise UserValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
     if dst.suffix != ".safetensors" and not _is_dir_output(dst):
-        raise ValueError(f"output must be a .safetensors file or a folder (for sharded output), "
-                         f"got {dst.name!r}")
+        raise UserValueError(f"output must be a .safetensors file or a folder (for sharded output), "
+                             f"got {dst.name!r}")
     _check_not_source(src, dst)
     _check_existing_output(dst, overwrite)
     if not dst.parent.is_dir():
-        raise FileNotFoundError(f"output folder does not exist: {dst.parent}")
+        raise MissingPathError(f"output folder does not exist: {dst.parent}")
 
 
 def _source_folder(src: Path) -> Path | None:
@@ -431,13 +430,13 @@ def _check_not_source(src: Path, dst: Path) -> None:
     """ValueError, naming both paths, when writing ``dst`` could replace what ``src`` reads (links resolved)."""
     s, d = src.resolve(), dst.resolve()
     if d == s or (src.exists() and dst.exists() and os.path.samefile(src, dst)):
-        raise ValueError(f"output {dst} is the source {src}; choose another output path")
+        raise UserValueError(f"output {dst} is the source {src}; choose another output path")
     folder = _source_folder(src)
     if folder is not None and d.is_relative_to(folder.resolve()):
-        raise ValueError(f"output {dst} lies inside the source folder {folder}, which conversion reads (it would "
+        raise UserValueError(f"output {dst} lies inside the source folder {folder}, which conversion reads (it would "
                          f"write into, or replace, the checkpoint); choose an output outside {folder}")
     if _is_dir_output(dst) and s.is_relative_to(d):
-        raise ValueError(f"source {src} lies inside the output folder {dst}, which conversion fills (or with "
+        raise UserValueError(f"source {src} lies inside the output folder {dst}, which conversion fills (or with "
                          f"overwrite replaces); choose an output folder that does not hold the source")
 
 
@@ -451,7 +450,7 @@ def _check_existing_output(dst: Path, overwrite: bool) -> None:
             raise OutputExistsError(f"output folder {dst} is not empty; choose a new or empty folder, or pass "
                                     f"overwrite=True (CLI: --overwrite) to replace the sparse checkpoint in it")
         if not (dst / SPARSE_INDEX).is_file():
-            raise ValueError(f"output folder {dst} is not empty and holds no {SPARSE_INDEX}: it is not a sparse "
+            raise UserValueError(f"output folder {dst} is not empty and holds no {SPARSE_INDEX}: it is not a sparse "
                              f"checkpoint, so it is not replaced even with overwrite; choose a new or empty folder")
     elif dst.exists() and not overwrite:
         raise OutputExistsError(f"output {dst} exists; pass overwrite=True (CLI: --overwrite) to replace it, "
@@ -536,8 +535,8 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, format: s
     src, dst = Path(src), Path(dst)
     _check_convert_args(src, dst, format, min_sparsity, overwrite, quantize, clip)
     if scales and quantize is None:
-        raise ValueError("scales (int8 grids) apply only with quantize='int8'")
-    opts = _Options(format, min_sparsity, embeddings, progress, allow_dense, quantize, clip, scales)
+        raise UserValueError("scales (int8 grids) apply only with quantize='int8'")
+    opts = _Options(format, min_sparsity, embeddings, progress, allow_dense, quantize, clip, scales, overwrite)
     copied: list[Path] = []
     with open_raw(src) as source:
         if _is_dir_output(dst):
@@ -565,7 +564,7 @@ def _check_sparse(totals: _Totals, names: list[str], opts: _Options) -> None:
     msg = (f"nothing to convert: none of the {totals.tensors} tensors is sparse enough for {opts.format} storage "
            f"({sparsest}); likely {', or '.join(causes)}")
     if not opts.allow_dense:
-        raise ValueError(f"{msg}; pass allow_dense=True (CLI: --allow-dense) to write it anyway")
+        raise UserValueError(f"{msg}; pass allow_dense=True (CLI: --allow-dense) to write it anyway")
     warnings.warn(f"{msg}; written anyway (allow_dense)", UserWarning, stacklevel=4)
 
 
@@ -573,7 +572,7 @@ def _convert_file(source: RawSource, entries: list[Entry], dst: Path, opts: _Opt
     """Convert ``entries`` of ``source`` into one safetensors file ``dst`` (atomically); ``final``: the whole
     output, checked for having anything sparse before it is committed."""
     records, totals = {}, _Totals()
-    with SafetensorsWriter(dst) as writer:
+    with SafetensorsWriter(dst, overwrite=opts.overwrite) as writer:
         bar = None if opts.progress else True  # tqdm's disable=None: a bar on a terminal only
         for entry in tqdm(entries, desc="convert", unit="tensor", disable=bar):
             records[entry.name], t = _convert_entry(source, entry, writer, opts)
@@ -597,7 +596,7 @@ def _convert_entry(source: RawSource, entry: Entry, writer: SafetensorsWriter, o
         grid = (opts.scales or {}).get(entry.name)
         obj = t if fmt == DENSE else _encode(format_class(fmt), stored, opts.clip, grid)
     except ValueError as e:
-        raise ValueError(f"{entry.name}: {e}") from None
+        raise UserValueError(f"{entry.name}: {e}") from None
     parts = {"tensor": t} if fmt == DENSE else obj.parts()
     names = {p: entry.name if fmt == DENSE else f"{entry.name}/{p}" for p in parts}
     after = sum(writer.add(names[p], v) for p, v in parts.items())
@@ -614,7 +613,7 @@ def _encode(cls: type, t: torch.Tensor, clip: str, grid: torch.Tensor | None = N
     if grid is None:
         return cls.from_dense(t, clip=clip)
     if tuple(grid.shape) != (t.shape[0],):
-        raise ValueError(f"its int8 scales have shape {tuple(grid.shape)}, expected ({t.shape[0]},)")
+        raise UserValueError(f"its int8 scales have shape {tuple(grid.shape)}, expected ({t.shape[0]},)")
     grid = grid.to(torch.float32)
     return cls.from_quantized(torch.clamp(torch.round(t.float() / grid[:, None]), -QMAX, QMAX).to(torch.int8), grid)
 
@@ -639,19 +638,31 @@ def _convert_sharded(source: RawSource, out: Path, opts: _Options, extras: list[
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result gets the usual mode
-        replace_folder(tmp, out)
+        replace_folder(tmp, out, opts.overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return totals
 
 
-def replace_folder(new: Path, out: Path) -> None:
-    """Move the complete folder ``new`` onto ``out``: a missing or empty folder is replaced in one rename; a full
-    one (the caller checked that it may go) is moved aside first and deleted once ``new`` is in."""
+def replace_folder(new: Path, out: Path, overwrite: bool) -> None:
+    """Move the complete folder ``new`` onto ``out``: a missing or empty folder is claimed in one rename; a full
+    one is moved aside first and deleted once ``new`` is in, with ``overwrite`` only. An output that another
+    writer filled since the caller checked it is refused (``OutputExistsError``), never silently replaced."""
+    taken = OutputExistsError(f"output {out} was written by another process while this one worked; nothing was "
+                              "replaced (pass overwrite=True, CLI: --overwrite, to replace it)")
     if not out.is_dir() or not any(out.iterdir()):
-        os.replace(new, out)
+        try:
+            os.rename(new, out)  # fails on a folder that is no longer empty (or a file that appeared)
+        except (FileExistsError, IsADirectoryError, NotADirectoryError) as e:
+            raise taken from e
+        except OSError as e:
+            if e.errno != errno.ENOTEMPTY:
+                raise
+            raise taken from e
         return
+    if not overwrite:
+        raise taken
     old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
     os.replace(out, old)  # onto the empty folder just made
     try:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from sparse_ops.activations import CODES
+from sparse_ops.errors import UnavailableError, UserTypeError, UserValueError
 from sparse_ops.kernels import cpu_native, native
 from sparse_ops.kernels.cpu_native import NativeWeight
 from sparse_ops.linear import SparseLinear
@@ -64,13 +65,13 @@ class Decoder:
 
     def __init__(self, model: nn.Module, *, max_len: int = 2048, lm_head: str | None = None, batch: int = 1):
         if lm_head not in LM_HEADS:
-            raise ValueError(f"unknown lm_head {lm_head!r}; allowed: {', '.join(map(str, LM_HEADS))}")
+            raise UserValueError(f"unknown lm_head {lm_head!r}; allowed: {', '.join(map(str, LM_HEADS))}")
         for name, value in (("max_len", max_len), ("batch", batch)):
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+                raise UserValueError(f"{name} must be a positive int, got {value!r}")
         lib = native.library()
         if lib is None:
-            raise RuntimeError("the decoder step needs the native CPU kernels, unavailable in this process (see "
+            raise UnavailableError("the decoder step needs the native CPU kernels, unavailable in this process (see "
                                "the log)")
         cfg, body = _check_model(model)
         attn0 = body.layers[0].self_attn
@@ -97,7 +98,7 @@ class Decoder:
                                  ctypes.addressof(single),
                                  *(t.data_ptr() for t in keep), self.k_cache.data_ptr(), self.v_cache.data_ptr())
         if not handle:
-            raise ValueError(f"the decoder step cannot run this configuration: {dict(zip(_DIMS, dims))}")
+            raise UserValueError(f"the decoder step cannot run this configuration: {dict(zip(_DIMS, dims))}")
         self._lib, self._handle, self._lock = lib, handle, threading.Lock()
         self.weights: dict[str, NativeWeight] = {}  # qualified name -> what the step runs (kept alive here)
         for i, block in enumerate(body.layers):
@@ -139,13 +140,13 @@ class Decoder:
         again, a rejected draft dropped)."""
         for s in range(self.batch) if seq is None else [self._check_seq(seq)]:
             if not 0 <= position <= self.positions[s]:
-                raise ValueError(f"position must be in [0, {self.positions[s]}] (the cached positions of sequence "
+                raise UserValueError(f"position must be in [0, {self.positions[s]}] (the cached positions of sequence "
                                  f"{s}), got {position}")
             self.positions[s] = position
 
     def _check_seq(self, seq: int) -> int:
         if not isinstance(seq, int) or not 0 <= seq < self.batch:
-            raise ValueError(f"seq must be a sequence index in [0, {self.batch}), got {seq!r}")
+            raise UserValueError(f"seq must be a sequence index in [0, {self.batch}), got {seq!r}")
         return seq
 
     def time_split(self) -> dict[str, float]:
@@ -173,7 +174,7 @@ class Decoder:
         ids = self._ids(tokens)
         n, start = ids.numel(), self.positions[self._check_seq(seq)]
         if start + n > self.max_len:
-            raise ValueError(f"{start} cached + {n} new positions exceed max_len={self.max_len}; build the "
+            raise UserValueError(f"{start} cached + {n} new positions exceed max_len={self.max_len}; build the "
                              f"Decoder with a larger max_len")
         logits = self._run(ids, [seq] * n, list(range(start, start + n)), n if all_logits else 1)
         self.positions[seq] += n
@@ -184,10 +185,10 @@ class Decoder:
         (batch, vocab). Same errors as ``step``."""
         ids = self._ids(tokens)
         if ids.numel() != self.batch:
-            raise ValueError(f"step_batch takes one token per sequence ({self.batch}), got {ids.numel()}")
+            raise UserValueError(f"step_batch takes one token per sequence ({self.batch}), got {ids.numel()}")
         full = [s for s, p in enumerate(self.positions) if p >= self.max_len]
         if full:
-            raise ValueError(f"sequence {full[0]} holds max_len={self.max_len} positions; build the Decoder with a "
+            raise UserValueError(f"sequence {full[0]} holds max_len={self.max_len} positions; build the Decoder with a "
                              f"larger max_len")
         logits = self._run(ids, list(range(self.batch)), list(self.positions), self.batch)
         self.positions = [p + 1 for p in self.positions]
@@ -196,10 +197,10 @@ class Decoder:
     def _ids(self, tokens: torch.Tensor) -> torch.Tensor:
         ids = torch.as_tensor(tokens)
         if ids.dim() != 1 or ids.numel() == 0 or ids.dtype.is_floating_point:
-            raise ValueError(f"tokens must be a non-empty 1-D integer tensor, got {tuple(ids.shape)} {ids.dtype}")
+            raise UserValueError(f"tokens must be a non-empty 1-D integer tensor, got {tuple(ids.shape)} {ids.dtype}")
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= self.vocab:
-            raise ValueError(f"token ids must be in [0, {self.vocab}), got {low if low < 0 else high}")
+            raise UserValueError(f"token ids must be in [0, {self.vocab}), got {low if low < 0 else high}")
         return ids.to(torch.int64).contiguous()
 
     def _run(self, ids: torch.Tensor, seqs: list[int], positions: list[int], rows: int) -> torch.Tensor:
@@ -229,18 +230,18 @@ def _check_model(model: nn.Module) -> tuple[object, nn.Module]:
     """(config, decoder body) of a supported model; ValueError naming what is not."""
     name = type(model).__name__
     if name not in ARCHITECTURES:
-        raise ValueError(f"the decoder step runs {', '.join(ARCHITECTURES)}; got {name}")
+        raise UserValueError(f"the decoder step runs {', '.join(ARCHITECTURES)}; got {name}")
     cfg, body = model.config, model.model
     rope = (getattr(cfg, "rope_scaling", None) or {}).get("rope_type", "default")
     if rope not in ROPE_TYPES:
-        raise ValueError(f"rotary scaling {rope!r} depends on the sequence length; the decoder step supports "
+        raise UserValueError(f"rotary scaling {rope!r} depends on the sequence length; the decoder step supports "
                          f"{', '.join(ROPE_TYPES)}")
     if name == "Qwen2ForCausalLM" and getattr(cfg, "use_sliding_window", False):
-        raise ValueError("Qwen2 with use_sliding_window=True (windows on some layers) is not supported by the "
+        raise UserValueError("Qwen2 with use_sliding_window=True (windows on some layers) is not supported by the "
                          "decoder step")
     for p in model.parameters():
         if p.device.type != "cpu":
-            raise ValueError(f"the decoder step runs on the CPU; the model has parameters on {p.device}")
+            raise UserValueError(f"the decoder step runs on the CPU; the model has parameters on {p.device}")
     return cfg, body
 
 
@@ -251,7 +252,7 @@ def _gate_activation(cfg: object, mlp: nn.Module) -> str:
         return gate.activation
     act = getattr(cfg, "hidden_act", "silu")
     if act not in HF_ACTIVATIONS:
-        raise ValueError(f"activation {act!r} is not supported by the decoder step; allowed: "
+        raise UserValueError(f"activation {act!r} is not supported by the decoder step; allowed: "
                          f"{', '.join(HF_ACTIVATIONS)}")
     return HF_ACTIVATIONS[act]
 
@@ -266,7 +267,7 @@ def _native_weight(module: nn.Module, lm_head: str | None,
     elif isinstance(module, nn.Linear):
         weight, bias = module.weight.detach(), module.bias
     else:
-        raise TypeError(f"the decoder step runs nn.Linear and SparseLinear layers, got {type(module).__name__}")
+        raise UserTypeError(f"the decoder step runs nn.Linear and SparseLinear layers, got {type(module).__name__}")
     if lm_head == "int8":
         return cpu_native.prepare_dense_int8(DenseInt8.from_dense(weight.float()).with_input_bits(input_bits)), bias
     if lm_head == "bf16":
@@ -298,12 +299,12 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 32
     """
     ids = torch.as_tensor(input_ids)
     if ids.dim() != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be (B, L) with B, L >= 1 (prompts of one length, no padding), got "
+        raise UserValueError(f"input_ids must be (B, L) with B, L >= 1 (prompts of one length, no padding), got "
                          f"{tuple(ids.shape)}")
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        raise UserValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if do_sample and (temperature <= 0 or top_k < 0 or not 0 < top_p <= 1):
-        raise ValueError(f"sampling needs temperature > 0, top_k >= 0 and 0 < top_p <= 1; got {temperature}, "
+        raise UserValueError(f"sampling needs temperature > 0, top_k >= 0 and 0 < top_p <= 1; got {temperature}, "
                          f"{top_k}, {top_p}")
     if max_new_tokens == 0:
         return ids.clone()

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_ops import activations
+from sparse_ops.errors import UnsupportedError, UserValueError
 from sparse_ops.kernels import cpu, cpu_native, cuda, native, triton_sparse, triton_two_four
 from sparse_ops.plan import TORCH_SUFFIX
 from sparse_ops.quantized import quantize_input
@@ -74,7 +75,7 @@ def unfused(matmul: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     def call(state: object, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None, *,
              post: cpu_native.AddNorm | None = None, variant: str | None = None) -> torch.Tensor:
         if variant is not None:
-            raise ValueError(f"this kernel has no variants, got {variant!r}")
+            raise UserValueError(f"this kernel has no variants, got {variant!r}")
         y = activations.apply(matmul(state, x, bias), activation)
         return y if post is None else post.apply(y)
     return call
@@ -134,7 +135,7 @@ def candidates(format: str, device: torch.device | str) -> list[Kernel]:
     try:
         listed = KERNELS[(format, device_type)]
     except KeyError:
-        raise NotImplementedError(f"no kernel for format {format!r} on device type {device_type!r}; "
+        raise UnsupportedError(f"no kernel for format {format!r} on device type {device_type!r}; "
                                   f"supported: {supported()}") from None
     return [k for k in listed if k.available()]
 

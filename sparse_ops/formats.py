@@ -33,6 +33,8 @@ from typing import ClassVar, Protocol
 
 import torch
 
+from sparse_ops.errors import UserTypeError, UserValueError
+
 # Value dtypes a sparse format may hold; anything else stays dense.
 VALUE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
 INT16_MAX_COLS = 32767  # int16 column indices address columns 0..32766 when in_features <= 32767
@@ -68,13 +70,13 @@ class SparseFormat(Protocol):
 
 def _check_dense_weight(w: torch.Tensor, fmt: str, dtypes: tuple[torch.dtype, ...] = VALUE_DTYPES) -> None:
     if not isinstance(w, torch.Tensor):
-        raise TypeError(f"{fmt}.from_dense needs a torch.Tensor, got {type(w).__name__}")
+        raise UserTypeError(f"{fmt}.from_dense needs a torch.Tensor, got {type(w).__name__}")
     if w.dim() != 2:
-        raise ValueError(f"{fmt} needs a 2-D (out, in) weight, got shape {tuple(w.shape)}")
+        raise UserValueError(f"{fmt} needs a 2-D (out, in) weight, got shape {tuple(w.shape)}")
     if w.dtype not in dtypes:
-        raise ValueError(f"{fmt} stores {_names(dtypes)} values, got {w.dtype}")
+        raise UserValueError(f"{fmt} stores {_names(dtypes)} values, got {w.dtype}")
     if w.layout != torch.strided:
-        raise ValueError(f"{fmt}.from_dense needs a dense (strided) tensor, got layout {w.layout}")
+        raise UserValueError(f"{fmt}.from_dense needs a dense (strided) tensor, got layout {w.layout}")
 
 
 def _names(dtypes: tuple[torch.dtype, ...]) -> str:
@@ -84,18 +86,18 @@ def _names(dtypes: tuple[torch.dtype, ...]) -> str:
 def _check_shape(shape: object, fmt: str) -> tuple[int, int]:
     ok = isinstance(shape, (tuple, list)) and len(shape) == 2
     if not ok or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
-        raise ValueError(f"{fmt} shape must be two non-negative ints (out, in), got {shape!r}")
+        raise UserValueError(f"{fmt} shape must be two non-negative ints (out, in), got {shape!r}")
     return int(shape[0]), int(shape[1])
 
 
 def _expect(t: object, name: str, dtypes: tuple[torch.dtype, ...], shape: tuple[int, ...], fmt: str) -> None:
     """Raise ValueError unless ``t`` is a dense tensor with one of ``dtypes`` and exactly ``shape``."""
     if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
-        raise ValueError(f"{fmt} {name} must be a dense tensor, got {type(t).__name__}")
+        raise UserValueError(f"{fmt} {name} must be a dense tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
-        raise ValueError(f"{fmt} {name} must have dtype {_names(dtypes)}, got {t.dtype}")
+        raise UserValueError(f"{fmt} {name} must have dtype {_names(dtypes)}, got {t.dtype}")
     if tuple(t.shape) != shape:
-        raise ValueError(f"{fmt} {name} must have shape {shape}, got {tuple(t.shape)}")
+        raise UserValueError(f"{fmt} {name} must have shape {shape}, got {tuple(t.shape)}")
 
 
 def csr_col_dtype(in_features: int) -> torch.dtype:
@@ -192,7 +194,7 @@ class CSR(ValuesMixin):
         if out:
             crow[1:] = torch.cumsum(torch.cat(counts), 0)
         if int(crow[-1]) > INT32_MAX:
-            raise ValueError(f"csr holds at most {INT32_MAX} nonzeros with int32 row pointers, "
+            raise UserValueError(f"csr holds at most {INT32_MAX} nonzeros with int32 row pointers, "
                              f"got {int(crow[-1])}")
         cols = torch.cat(cols) if cols else torch.empty(0, dtype=csr_col_dtype(inp), device=w.device)
         values = torch.cat(values) if values else w.new_empty(0)
@@ -238,20 +240,20 @@ class CSR(ValuesMixin):
         nnz = self.values.numel() if isinstance(self.values, torch.Tensor) else -1
         _expect(self.values, "values", self.STORED, (nnz,), "csr")
         if inp > INT32_MAX:
-            raise ValueError(f"csr in_features must be at most {INT32_MAX} (int32 column indices), got {inp}")
+            raise UserValueError(f"csr in_features must be at most {INT32_MAX} (int32 column indices), got {inp}")
         # int16 columns only where they address every column (as from_dense writes): a file whose shape was
         # inflated past what its indices can reach is corrupt, not a huge weight
         col_dtypes = (torch.int16, torch.int32) if inp <= INT16_MAX_COLS else (torch.int32,)
         _expect(self.col_indices, "col_indices", col_dtypes, (nnz,), "csr")
         crow = self.crow_indices.to(torch.int64)
         if crow[0].item() != 0 or crow[-1].item() != nnz:
-            raise ValueError(f"csr crow_indices must start at 0 and end at nnz={nnz}, "
+            raise UserValueError(f"csr crow_indices must start at 0 and end at nnz={nnz}, "
                              f"got {crow[0].item()} and {crow[-1].item()}")
         if bool((crow[1:] < crow[:-1]).any()):
-            raise ValueError("csr crow_indices must be non-decreasing")
+            raise UserValueError("csr crow_indices must be non-decreasing")
         cols = self.col_indices  # compared in its own dtype: an int64 copy would be 4x (int16) the indices
         if nnz and (cols.min().item() < 0 or cols.max().item() >= inp):
-            raise ValueError(f"csr col_indices must lie in [0, {inp}), got [{cols.min().item()}, {cols.max().item()}]")
+            raise UserValueError(f"csr col_indices must lie in [0, {inp}), got [{cols.min().item()}, {cols.max().item()}]")
         _check_sorted_rows(cols, crow)
         return self
 
@@ -265,21 +267,21 @@ def _check_sorted_rows(cols: torch.Tensor, crow: torch.Tensor) -> None:
     starts = starts[(starts > 0) & (starts < cols.numel())]
     step_ok[starts - 1] = True  # entry starts-1 is the last of its row
     if not bool(step_ok.all()):
-        raise ValueError(f"csr col_indices must strictly increase within each row; "
+        raise UserValueError(f"csr col_indices must strictly increase within each row; "
                          f"{int((~step_ok).sum())} entries do not")
 
 
 def _require_parts(parts: dict[str, torch.Tensor], names: tuple[str, ...], fmt: str) -> None:
     if not isinstance(parts, dict) or set(parts) != set(names):
         got = sorted(parts) if isinstance(parts, dict) else type(parts).__name__
-        raise ValueError(f"{fmt} needs parts {list(names)}, got {got}")
+        raise UserValueError(f"{fmt} needs parts {list(names)}, got {got}")
 
 
 # --- 2:4: two stored values per group of 4 along the input dimension, positions in 2-bit codes. ---
 
 def _check_24_shape(shape: tuple[int, int]) -> None:
     if shape[1] % 4:
-        raise ValueError(f"2:4 needs in_features divisible by 4, got weight shape {shape}")
+        raise UserValueError(f"2:4 needs in_features divisible by 4, got weight shape {shape}")
 
 
 def _pack_positions(pos: torch.Tensor) -> torch.Tensor:
@@ -352,7 +354,7 @@ class TwoFour(ValuesMixin):
         _check_24_shape((out, inp))
         bad = sum(_count_over_two(w[r:r + step]) for r, step in _row_blocks(out, inp))
         if bad:
-            raise ValueError(f"weight of shape {(out, inp)} is not 2:4: {bad} of {out * inp // 4} groups of 4 "
+            raise UserValueError(f"weight of shape {(out, inp)} is not 2:4: {bad} of {out * inp // 4} groups of 4 "
                              f"hold more than 2 nonzeros")
         values = w.new_empty(out, inp // 2)
         metadata = torch.empty(out, (inp // 4 + 1) // 2, dtype=torch.uint8, device=w.device)
@@ -395,9 +397,9 @@ class TwoFour(ValuesMixin):
         p0, p1 = nib[:, :groups] & 0x3, nib[:, :groups] >> 2
         bad = int((p0 >= p1).sum())
         if bad:
-            raise ValueError(f"2:4 metadata holds {bad} invalid position codes (need p0 < p1)")
+            raise UserValueError(f"2:4 metadata holds {bad} invalid position codes (need p0 < p1)")
         if groups % 2 and bool((nib[:, groups:] != 0).any()):
-            raise ValueError("2:4 metadata padding nibbles must be 0")
+            raise UserValueError("2:4 metadata padding nibbles must be 0")
         return self
 
 

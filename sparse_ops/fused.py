@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparse_ops.errors import UserTypeError, UserValueError
 from sparse_ops.kernels.cpu_native import AddNorm
 from sparse_ops.linear import SparseLinear
 
@@ -27,10 +28,10 @@ class SparseFFN(nn.Module):
     def __init__(self, up: SparseLinear, down: SparseLinear):
         super().__init__()
         if not isinstance(up, SparseLinear) or not isinstance(down, SparseLinear):
-            raise TypeError(f"SparseFFN takes two SparseLinear layers, got {type(up).__name__} and "
+            raise UserTypeError(f"SparseFFN takes two SparseLinear layers, got {type(up).__name__} and "
                             f"{type(down).__name__}")
         if up.out_features != down.in_features:
-            raise ValueError(f"up gives {up.out_features} features, down takes {down.in_features}")
+            raise UserValueError(f"up gives {up.out_features} features, down takes {down.in_features}")
         self.up, self.down = up, down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,14 +67,14 @@ class SparseGatedFFN(nn.Module):
                  names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")):
         super().__init__()
         if not all(isinstance(m, SparseLinear) for m in (gate, up, down)):
-            raise TypeError("SparseGatedFFN takes three SparseLinear layers, got "
+            raise UserTypeError("SparseGatedFFN takes three SparseLinear layers, got "
                             + ", ".join(type(m).__name__ for m in (gate, up, down)))
         if (gate.in_features, gate.out_features) != (up.in_features, up.out_features) \
                 or up.out_features != down.in_features:
-            raise ValueError(f"gate ({gate.out_features}x{gate.in_features}) and up ({up.out_features}x"
+            raise UserValueError(f"gate ({gate.out_features}x{gate.in_features}) and up ({up.out_features}x"
                              f"{up.in_features}) must have one shape, whose outputs down takes ({down.in_features})")
         if up.activation is not None:
-            raise ValueError(f"the up layer must have no activation (the gate's is applied), got {up.activation!r}")
+            raise UserValueError(f"the up layer must have no activation (the gate's is applied), got {up.activation!r}")
         self._names = names
         for name, layer in zip(names, (gate, up, down)):
             self.add_module(name, layer)
@@ -114,10 +115,10 @@ class SparseAddNorm(nn.Module):
                  arg_names: tuple[str, str] = ("hidden_states", "input_tensor")):
         super().__init__()
         if not isinstance(layer, (SparseLinear, SparseFFN)):
-            raise TypeError(f"SparseAddNorm takes a SparseLinear or SparseFFN layer, got {type(layer).__name__}")
+            raise UserTypeError(f"SparseAddNorm takes a SparseLinear or SparseFFN layer, got {type(layer).__name__}")
         out = layer.down.out_features if isinstance(layer, SparseFFN) else layer.out_features
         if not isinstance(norm, nn.LayerNorm) or tuple(norm.normalized_shape) != (out,):
-            raise ValueError(f"norm must be an nn.LayerNorm over the layer's {out} output features, got {norm}")
+            raise UserValueError(f"norm must be an nn.LayerNorm over the layer's {out} output features, got {norm}")
         self._names, self._arg_names = names, arg_names
         self.add_module(names[0], layer)
         self.add_module(names[1], norm)
@@ -131,7 +132,7 @@ class SparseAddNorm(nn.Module):
         elif len(args) + len(kwargs) == 2 and set(kwargs) <= set(self._arg_names[len(args):]):
             x, residual = (*args, *(kwargs[k] for k in self._arg_names[len(args):]))
         else:
-            raise TypeError(f"SparseAddNorm takes ({', '.join(self._arg_names)}), got {len(args)} positional "
+            raise UserTypeError(f"SparseAddNorm takes ({', '.join(self._arg_names)}), got {len(args)} positional "
                             f"and {sorted(kwargs)} keyword arguments")
         modules = self._modules
         layer, norm, dropout = modules[self._names[0]], modules[self._names[1]], modules.get(self._names[2])

@@ -22,6 +22,7 @@ from torch import nn
 
 from sparse_ops import activations, busy, ops, plan
 from sparse_ops.dispatch import OURS, candidates, kernel_for, torch_path_formats, torch_path_kernel
+from sparse_ops.errors import UserTypeError, UserValueError
 from sparse_ops.formats import SparseFormat
 from sparse_ops.kernels import cpu_native, native
 from sparse_ops.kernels.cpu_native import NativeWeight
@@ -61,7 +62,7 @@ class SparseLinear(nn.Module):
         weight.validate()
         out, inp = weight.shape
         if bias is not None and tuple(bias.shape) != (out,):
-            raise ValueError(f"bias must have shape ({out},), got {tuple(bias.shape)}")
+            raise UserValueError(f"bias must have shape ({out},), got {tuple(bias.shape)}")
         self.format, self.out_features, self.in_features = weight.format, out, inp
         self.torch_kernel = torch_kernel  # torch's kernel instead of ours where the registry lists one
         self.activation = activation
@@ -98,10 +99,10 @@ class SparseLinear(nn.Module):
     @input_bits.setter
     def input_bits(self, bits: int | None) -> None:
         if bits is not None and not format_class(self.format).QUANTIZED:
-            raise ValueError(f"input_bits={bits!r} needs an int8 weight ({', '.join(QUANTIZED)}); this layer's is "
+            raise UserValueError(f"input_bits={bits!r} needs an int8 weight ({', '.join(QUANTIZED)}); this layer's is "
                              f"{self.format}")
         if bits not in INPUT_BITS:
-            raise ValueError(f"unknown input_bits {bits!r}; allowed: {', '.join(map(str, INPUT_BITS))}")
+            raise UserValueError(f"unknown input_bits {bits!r}; allowed: {', '.join(map(str, INPUT_BITS))}")
         if bits != self._input_bits:
             self._input_bits = bits
             self._prepare()
@@ -152,9 +153,9 @@ class SparseLinear(nn.Module):
     def check_input(self, x: torch.Tensor) -> None:
         """ValueError or TypeError unless x is (..., in_features) in the weight's dtype."""
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"input's last dimension must be in_features={self.in_features}, got {tuple(x.shape)}")
+            raise UserValueError(f"input's last dimension must be in_features={self.in_features}, got {tuple(x.shape)}")
         if x.dtype != self._dtype:
-            raise TypeError(f"input dtype {x.dtype} does not match the weight's {self._dtype}")
+            raise UserTypeError(f"input dtype {x.dtype} does not match the weight's {self._dtype}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) -> (..., out). Under ``torch.compile`` and ``torch.export``, the custom operator
@@ -221,7 +222,7 @@ class SparseLinear(nn.Module):
         chose torch's kernel (or the layer runs on it), our kernel of the same format: native code (the decoder
         step, ``sparse_ops.decode``) cannot call torch's. ValueError off the CPU or without native kernels."""
         if self.kernel_device.type != "cpu" or not native.available():
-            raise ValueError(f"native kernels run CPU weights in a process that built them; this layer is on "
+            raise UserValueError(f"native kernels run CPU weights in a process that built them; this layer is on "
                              f"{self.kernel_device} (native kernels available: {native.available()})")
         path = self.route(n) if self.planner is not None else self.choice
         if path == DENSE and self._input_bits:  # int8 inputs: the dense int8 kernel gives the same numbers
@@ -358,7 +359,7 @@ class SparseLinear(nn.Module):
         """A SparseLinear holding ``linear``'s weight in ``format`` ("csr", "2:4" or "csr:torch": CSR on torch's
         kernel). Which path runs per batch is ``sparsify``'s plan (``planner``); this builds the layer alone."""
         if format not in LAYER_FORMATS:
-            raise ValueError(f"unknown format {format!r}; allowed: {', '.join(LAYER_FORMATS)}")
+            raise UserValueError(f"unknown format {format!r}; allowed: {', '.join(LAYER_FORMATS)}")
         bias = None if linear.bias is None else linear.bias.detach().clone()
         fmt = format.removesuffix(TORCH_SUFFIX)
         return cls(format_class(fmt).from_dense(linear.weight.detach()), bias, torch_kernel=format != fmt)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from sparse_ops.checkpoint import Transposed, load_sparse_state_dict
+from sparse_ops.errors import UserValueError
 from sparse_ops.formats import CSR, SparseFormat, csr_col_dtype
 from sparse_ops.kernels import native
 from sparse_ops.quantized import INPUT_BITS, DenseInt8, Int8Weight
@@ -175,11 +176,11 @@ def sparsify(model: nn.Module,
     from sparse_ops.plan import Planner
 
     if kernel not in KERNEL_CHOICES:
-        raise ValueError(f"unknown kernel {kernel!r}; allowed: {', '.join(KERNEL_CHOICES)}")
+        raise UserValueError(f"unknown kernel {kernel!r}; allowed: {', '.join(KERNEL_CHOICES)}")
     if any(not isinstance(b, int) or b < 1 for b in batches):
-        raise ValueError(f"batches must be positive token counts, got {batches!r}")
+        raise UserValueError(f"batches must be positive token counts, got {batches!r}")
     if input_bits not in INPUT_BITS:
-        raise ValueError(f"unknown input_bits {input_bits!r}; allowed: {', '.join(map(str, INPUT_BITS))}")
+        raise UserValueError(f"unknown input_bits {input_bits!r}; allowed: {', '.join(map(str, INPUT_BITS))}")
     planner = Planner(timer=timer, cache=cache, verbose=verbose) if kernel == "auto" else None
     state = source if isinstance(source, Mapping) else load_sparse_state_dict(source)
     split = _split_state(state, model)
@@ -187,7 +188,7 @@ def sparsify(model: nn.Module,
     missing = _untied(model, set(result.missing_keys) - {f"{m}.weight" for m in split.swap}, set(split.dense))
     if result.unexpected_keys or missing:
         bad = sorted(result.unexpected_keys)[:1] or sorted(missing)[:1]
-        raise ValueError(f"checkpoint does not fit the model: {len(result.unexpected_keys)} unexpected and "
+        raise UserValueError(f"checkpoint does not fit the model: {len(result.unexpected_keys)} unexpected and "
                          f"{len(missing)} missing tensors, e.g. {bad[0]!r}")
     _load_buffers(model, split.buffers)
     model.to(device)
@@ -197,14 +198,14 @@ def sparsify(model: nn.Module,
     if int8:  # int8 was asked for: the tied output head too
         swap.update(_tied_head_int8(model))
     if input_bits is not None and not int8:
-        raise ValueError(f"input_bits={input_bits} quantizes the inputs of int8 layers, and this checkpoint has "
+        raise UserValueError(f"input_bits={input_bits} quantizes the inputs of int8 layers, and this checkpoint has "
                          f"none (convert it with prune convert --quantize int8)")
     if planner is not None and native.available():  # larger than the L3: one token reads its weights from memory
         planner.cold = _weight_bytes(model, swap) > native.caches()["L3"]
     for name, (weight, to_linear) in swap.items():
         module = model.get_submodule(name)
         if tuple(module.weight.shape) != weight.shape:
-            raise ValueError(f"{name}.weight is {weight.shape} in the checkpoint, {tuple(module.weight.shape)} "
+            raise UserValueError(f"{name}.weight is {weight.shape} in the checkpoint, {tuple(module.weight.shape)} "
                              f"in the model")
         weight, note = to_linear(_with_dtype(weight, module.weight.dtype))
         if isinstance(weight, Int8Weight):

@@ -157,6 +157,7 @@ class PlanCache:
         self._entries: dict[str, dict[str, dict]] = {}
         self._lock = threading.Lock()
         self._read = False
+        self._warned = False  # a cache that cannot be written is said once
 
     def __deepcopy__(self, memo: dict) -> PlanCache:  # a copied model shares its cache (and the file)
         return self
@@ -197,8 +198,11 @@ class PlanCache:
                 with os.fdopen(fd, "w") as f:
                     json.dump(merged, f, indent=0, sort_keys=True)
                 os.replace(tmp, self.path)
-            except OSError as e:  # read-only home: the choices hold for this process only
-                log.warning("sparse_ops: could not write the plan cache %s (%s); choices are not kept", self.path, e)
+            except OSError as e:  # a read-only $SPARSE_OPS_PLANS: the choices hold for this process only
+                if not self._warned:
+                    log.warning("sparse_ops: could not write the plan cache %s (%s); choices are not kept",
+                                self.path, e)
+                self._warned = True
 
 
 _DEFAULT_CACHES: dict[Path, PlanCache] = {}

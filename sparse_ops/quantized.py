@@ -43,6 +43,7 @@ from typing import ClassVar
 import torch
 
 from sparse_ops.bitmap import Int8Tiles, TiledBitmap
+from sparse_ops.errors import UserValueError
 from sparse_ops.formats import (
     CSR,
     VALUE_DTYPES,
@@ -93,7 +94,7 @@ def quantize_rows(w: torch.Tensor, clip: str = "absmax") -> tuple[torch.Tensor, 
     """
     _check_dense_weight(w, "int8", VALUE_DTYPES)
     if clip not in CLIPS:
-        raise ValueError(f"unknown clip {clip!r}; allowed: {', '.join(CLIPS)}")
+        raise UserValueError(f"unknown clip {clip!r}; allowed: {', '.join(CLIPS)}")
     out, inp = w.shape
     q = torch.empty(out, inp, dtype=torch.int8, device=w.device)
     scales = torch.empty(out, dtype=torch.float32, device=w.device)
@@ -101,7 +102,7 @@ def quantize_rows(w: torch.Tensor, clip: str = "absmax") -> tuple[torch.Tensor, 
         block = w[r0:r0 + rows].float()
         if not bool(torch.isfinite(block).all()):
             bad = r0 + int((~torch.isfinite(block)).any(1).nonzero()[0])
-            raise ValueError(f"cannot quantize a weight holding inf or NaN (row {bad})")
+            raise UserValueError(f"cannot quantize a weight holding inf or NaN (row {bad})")
         base = row_scales(block)
         s = base if clip == "absmax" else _best_clip(block, base)
         q[r0:r0 + rows] = _round(block, s)
@@ -265,14 +266,14 @@ class Int8Weight(ValuesMixin):
         """The layout's invariants, scales (out,) finite and positive, values in [-127, 127], ``input_bits`` one of
         ``INPUT_BITS``; self or ValueError."""
         if self.input_bits not in INPUT_BITS:
-            raise ValueError(f"unknown input_bits {self.input_bits!r}; allowed: {', '.join(map(str, INPUT_BITS))}")
+            raise UserValueError(f"unknown input_bits {self.input_bits!r}; allowed: {', '.join(map(str, INPUT_BITS))}")
         self.q.validate()
         out = self.shape[0]
         _expect(self.scales, "scales", VALUE_DTYPES, (out,), self.format)
         if out and not bool((torch.isfinite(self.scales) & (self.scales > 0)).all()):
-            raise ValueError(f"{self.format} scales must be finite and positive")
+            raise UserValueError(f"{self.format} scales must be finite and positive")
         if self.values.numel() and int(self.values.min()) < -QMAX:
-            raise ValueError(f"{self.format} values must lie in [-{QMAX}, {QMAX}] (symmetric int8), got -128")
+            raise UserValueError(f"{self.format} values must lie in [-{QMAX}, {QMAX}] (symmetric int8), got -128")
         return self
 
 
@@ -319,7 +320,7 @@ def _tiles_from_parts(parts: dict[str, torch.Tensor], shape: tuple[int, int]) ->
     bitmaps, ptr = parts["bitmaps"], parts["tile_ptr"]
     tile = tuple(bitmaps.shape[1:]) if isinstance(bitmaps, torch.Tensor) and bitmaps.dim() == 3 else None
     if tile is None or (tile[0], 32 * tile[1]) != TILE:
-        raise ValueError(f"bitmap-int8 bitmaps must have shape (tiles, {TILE[0]}, {TILE[1] // 32}), got "
+        raise UserValueError(f"bitmap-int8 bitmaps must have shape (tiles, {TILE[0]}, {TILE[1] // 32}), got "
                          f"{tuple(getattr(bitmaps, 'shape', ()))}")
     ok = isinstance(ptr, torch.Tensor) and ptr.dim() == 1 and ptr.numel() > 1 and not ptr.is_floating_point()
     counts = (ptr[1:] - ptr[:-1]).to(torch.int64) if ok else torch.zeros(1, dtype=torch.int64)

@@ -10,6 +10,7 @@ Example:
 """
 from __future__ import annotations
 
+from sparse_ops.errors import UserValueError
 from sparse_ops.formats import CSR, TwoFour
 from sparse_ops.quantized import BitmapInt8, CSRInt8, DenseInt8
 
@@ -23,4 +24,4 @@ def format_class(name: str) -> type:
     try:
         return FORMATS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown sparse format {name!r}; known: {', '.join(FORMATS)}") from None
+        raise UserValueError(f"unknown sparse format {name!r}; known: {', '.join(FORMATS)}") from None

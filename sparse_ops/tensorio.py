@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from sparse_ops.errors import MissingPathError, OutputExistsError, UserValueError
+
 # dtype name (as in metadata) -> torch dtype, and torch dtype -> safetensors code.
 DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -55,7 +57,7 @@ MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit on a heade
 _READ_ERRORS = (Exception,)
 
 
-class BadFileError(ValueError):
+class BadFileError(UserValueError):
     """A file that cannot be used as a checkpoint; the message names the path and the reason."""
 
 
@@ -114,33 +116,33 @@ def parse_header(header: object, data_bytes: int) -> tuple[dict[str, str] | None
         ValueError: tensor 'a': shape [1099511627776] of I16 needs 2199023255552 bytes, data_offsets hold 6
     """
     if not isinstance(header, dict):
-        raise ValueError(f"header must be a JSON object, got {type(header).__name__}")
+        raise UserValueError(f"header must be a JSON object, got {type(header).__name__}")
     meta = header.get("__metadata__")
     if meta is not None and not (isinstance(meta, dict)
                                  and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
-        raise ValueError("__metadata__ must map strings to strings")
+        raise UserValueError("__metadata__ must map strings to strings")
     return meta, {k: _stored(k, v, data_bytes) for k, v in header.items() if k != "__metadata__"}
 
 
 def _stored(name: str, info: object, data_bytes: int) -> StoredTensor:
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
-        raise ValueError(f"tensor {name!r:.100} needs dtype, shape and data_offsets, got {info!r:.100}")
+        raise UserValueError(f"tensor {name!r:.100} needs dtype, shape and data_offsets, got {info!r:.100}")
     code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if not isinstance(code, str) or code not in _FROM_CODES:
-        raise ValueError(f"tensor {name!r:.100}: unknown dtype {code!r:.40}; known: {', '.join(_FROM_CODES)}")
+        raise UserValueError(f"tensor {name!r:.100}: unknown dtype {code!r:.40}; known: {', '.join(_FROM_CODES)}")
     if not isinstance(shape, list) or not all(type(s) is int and 0 <= s < 2**63 for s in shape):
-        raise ValueError(f"tensor {name!r:.100}: shape must be a list of non-negative ints, "
+        raise UserValueError(f"tensor {name!r:.100}: shape must be a list of non-negative ints, "
                          f"got {shape!r:.100}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
             and 0 <= offsets[0] <= offsets[1]):
-        raise ValueError(f"tensor {name!r:.100}: data_offsets must be two ints 0 <= begin <= end, "
+        raise UserValueError(f"tensor {name!r:.100}: data_offsets must be two ints 0 <= begin <= end, "
                          f"got {offsets!r:.100}")
     if offsets[1] > data_bytes:
-        raise ValueError(f"tensor {name!r:.100}: data_offsets {offsets} lie beyond the {data_bytes} data "
+        raise UserValueError(f"tensor {name!r:.100}: data_offsets {offsets} lie beyond the {data_bytes} data "
                          f"bytes (a truncated file?)")
     nbytes = math.prod(shape) * _FROM_CODES[code].itemsize  # Python ints: no overflow
     if nbytes != offsets[1] - offsets[0]:
-        raise ValueError(f"tensor {name!r:.100}: shape {shape!r:.100} of {code} needs {nbytes} bytes, "
+        raise UserValueError(f"tensor {name!r:.100}: shape {shape!r:.100} of {code} needs {nbytes} bytes, "
                          f"data_offsets hold {offsets[1] - offsets[0]}")
     return StoredTensor(_FROM_CODES[code], tuple(shape), offsets[0], nbytes)
 
@@ -219,7 +221,7 @@ def open_raw(path: str | os.PathLike) -> Iterator[RawSource]:
     (``model.safetensors.index.json``, ``model.sparse.safetensors.index.json``)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no such file or directory: {path}")
+        raise MissingPathError(f"no such file or directory: {path}")
     yield _open_dir(path) if path.is_dir() else _open_file(path)
 
 
@@ -230,7 +232,7 @@ def _open_file(path: Path) -> RawSource:
         return RawSource(path, {}, {}, state=_load_pickle(path))
     if path.name.endswith(".index.json"):
         return _open_index(path)
-    raise ValueError(f"unsupported file type {path.name!r}: expected .safetensors, "
+    raise UserValueError(f"unsupported file type {path.name!r}: expected .safetensors, "
                      f"{', '.join(PICKLE_SUFFIXES)}, an .index.json or a Hugging Face model directory")
 
 
@@ -242,7 +244,7 @@ def _open_dir(path: Path) -> RawSource:
         return _open_safetensors({path / HF_SINGLE: None})
     if (path / HF_PICKLE).is_file():
         return RawSource(path / HF_PICKLE, {}, {}, state=_load_pickle(path / HF_PICKLE))
-    raise ValueError(f"{path} is not a Hugging Face model directory: no {HF_INDEX}, {HF_SINGLE} or "
+    raise UserValueError(f"{path} is not a Hugging Face model directory: no {HF_INDEX}, {HF_SINGLE} or "
                      f"{HF_PICKLE} (nor a sparse {SPARSE_INDEX})")
 
 
@@ -251,11 +253,11 @@ def _open_index(index: Path) -> RawSource:
     a sparse index names logical tensors (checked by ``sparse_ops.checkpoint``), kept in ``index``."""
     with _reading(index):
         if index.stat().st_size > MAX_HEADER_BYTES:
-            raise ValueError(f"index is larger than {MAX_HEADER_BYTES} bytes")
+            raise UserValueError(f"index is larger than {MAX_HEADER_BYTES} bytes")
         obj = json.loads(index.read_text())
         weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise ValueError("weight_map must map tensor names to shard file names")
+            raise UserValueError("weight_map must map tensor names to shard file names")
     shards: dict[Path, list[str]] = {}
     for key, shard in weight_map.items():
         if Path(shard).name != shard or shard in ("", ".", ".."):  # no paths outside the model directory
@@ -272,7 +274,7 @@ def _open_safetensors(files: dict[Path, list[str] | None], root: Path | None = N
     headers: dict[Path, SafetensorsHeader] = {}
     for file, expected in files.items():
         if not file.is_file():
-            raise FileNotFoundError(f"no such file: {file}")
+            raise MissingPathError(f"no such file: {file}")
         headers[file] = header = read_header(file)
         missing = set(expected or ()) - set(header.tensors)
         if missing:
@@ -319,13 +321,15 @@ def _torch_load(path: Path, mmap: bool) -> object:
 class SafetensorsWriter:
     """Stream tensors into a safetensors file: data to a temporary file as they come, header written at
     ``commit``, then one ``os.replace`` onto ``path``. Leaving the ``with`` block without ``commit`` (an error)
-    removes every temporary file and leaves ``path`` untouched.
+    removes every temporary file and leaves ``path`` untouched. ``overwrite=False``: ``commit`` claims ``path``
+    only if no file is there, at the moment of the rename (``OutputExistsError`` otherwise).
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, overwrite: bool = True):
         self.path = Path(path)
+        self.overwrite = overwrite
         if not self.path.parent.is_dir():
-            raise FileNotFoundError(f"output folder does not exist: {self.path.parent}")
+            raise MissingPathError(f"output folder does not exist: {self.path.parent}")
         self._header: dict[str, dict[str, object]] = {}
         self._offset = 0
         self._data = tempfile.NamedTemporaryFile(dir=self.path.parent, prefix=f".{self.path.name}.",
@@ -342,9 +346,9 @@ class SafetensorsWriter:
     def add(self, name: str, t: torch.Tensor) -> int:
         """Append one tensor; returns its bytes."""
         if name in self._header:
-            raise ValueError(f"tensor name {name!r} written twice")
+            raise UserValueError(f"tensor name {name!r} written twice")
         if t.dtype not in _ST_CODES:
-            raise ValueError(f"cannot store {name!r} of dtype {t.dtype}; storable: {', '.join(DTYPES)}")
+            raise UserValueError(f"cannot store {name!r} of dtype {t.dtype}; storable: {', '.join(DTYPES)}")
         raw = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()  # (nbytes,) little-endian
         self._data.write(raw.data)
         self._header[name] = {"dtype": _ST_CODES[t.dtype], "shape": list(t.shape),
@@ -367,8 +371,27 @@ class SafetensorsWriter:
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(final.name, 0o666 & ~umask)  # a temporary file is 0600; the result gets the usual mode
-            os.replace(final.name, self.path)
+            if self.overwrite:
+                os.replace(final.name, self.path)
+            else:
+                _claim(final.name, self.path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(final.name)
             raise
+
+
+def _claim(tmp: str, path: Path) -> None:
+    """Move the complete file ``tmp`` to ``path`` only if nothing is there (a hard link fails on an existing name,
+    atomically; where links are not supported, a check just before the rename)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise OutputExistsError(f"output {path} was written by another process while this one worked; nothing was "
+                                "replaced (pass overwrite=True, CLI: --overwrite, to replace it)") from None
+    except OSError:  # a file system without hard links
+        if path.exists():
+            raise OutputExistsError(f"output {path} appeared while this process worked; nothing was replaced") from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)

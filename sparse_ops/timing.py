@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sparse_ops.errors import UserValueError
 from sparse_ops.kernels import native
 
 Clock = Callable[[], float]  # seconds from a monotonic origin, like time.perf_counter
@@ -58,7 +59,7 @@ def _quantile(xs: list[float], q: float) -> float:
 def summarize(samples: list[float]) -> Timing:
     """Median and 10th/90th percentiles of per-call seconds, one value per timed sample."""
     if not samples:
-        raise ValueError("summarize needs at least one sample")
+        raise UserValueError("summarize needs at least one sample")
     return Timing(statistics.median(samples), _quantile(samples, 0.1), _quantile(samples, 0.9), len(samples))
 
 
@@ -135,9 +136,9 @@ def time_interleaved(
     after warm-up. ``clock`` (seconds, monotonic) is injectable so tests can check the statistics.
     """
     if not fns:
-        raise ValueError("time_interleaved needs at least one callable")
+        raise UserValueError("time_interleaved needs at least one callable")
     if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+        raise UserValueError(f"repeats must be >= 1, got {repeats}")
     with torch.inference_mode():
         for fn in fns.values():
             for _ in range(warmup):

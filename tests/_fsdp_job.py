@@ -267,6 +267,7 @@ REFUSALS = {
     "conv1d_nm": lambda: Pruner(_conv1d(True), sparsity=0.5, pattern="2:4"),
     "conv1d_row": lambda: Pruner(_conv1d(True), sparsity=0.5, scope="row"),
     "wanda": lambda: Pruner(shard(mlp()), sparsity=CubicRamp(0.0, 0.5, begin_step=1, end_step=3), criterion="wanda"),
+    "obert": lambda: Pruner(shard(mlp()), sparsity=CubicRamp(0.0, 0.5, begin_step=1, end_step=3), criterion="obert"),
     "hsdp": _hsdp,
     "process_group": lambda: Pruner(shard(mlp()), sparsity=Constant(0.5), process_group=dist.group.WORLD),
 }

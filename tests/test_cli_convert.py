@@ -188,3 +188,35 @@ def test_convert_of_a_model_folder_to_a_folder_copies_its_config_and_tokenizer(t
     assert all(copied[name] == data for name, data in _files(src).items() if name != "model.safetensors")
     assert sorted(copied) == ["config.json", "model-00001-of-00001.sparse.safetensors",
                               "model.sparse.safetensors.index.json", "tokenizer.json", "vocab.txt"]
+
+
+def test_output_folder_name_with_a_dot_is_a_folder(tmp_path, dense_file, capsys):
+    assert main(["convert", str(dense_file), "-o", str(tmp_path / "s0.5")]) == 0
+    assert (tmp_path / "s0.5" / "model.sparse.safetensors.index.json").is_file()
+    assert main(["convert", str(dense_file), "-o", str(tmp_path / "model.pt")]) == EXIT_USER_ERROR
+    assert "output must be a .safetensors file or a folder" in capsys.readouterr().err
+
+
+def test_an_output_another_writer_claimed_meanwhile_is_never_replaced(tmp_path):
+    """Two conversions to the same new output: the one that finishes second is refused and leaves no file."""
+    from sparse_ops.checkpoint import replace_folder
+    from sparse_ops.errors import OutputExistsError
+    from sparse_ops.tensorio import SafetensorsWriter
+
+    out = tmp_path / "out.safetensors"
+    with SafetensorsWriter(out, overwrite=False) as writer:
+        writer.add("x", torch.ones(2))
+        out.write_bytes(b"the other writer's")  # finished first
+        with pytest.raises(OutputExistsError, match="written by another process"):
+            writer.commit({})
+    assert out.read_bytes() == b"the other writer's" and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+    new, folder = tmp_path / "new", tmp_path / "folder"
+    new.mkdir()
+    (new / "a").write_text("mine")
+    folder.mkdir()
+    (folder / "b").write_text("theirs")
+    with pytest.raises(OutputExistsError, match="written by another process"):
+        replace_folder(new, folder, overwrite=False)
+    assert [p.name for p in folder.iterdir()] == ["b"] and (new / "a").is_file()
+    replace_folder(new, folder, overwrite=True)
+    assert [p.name for p in folder.iterdir()] == ["a"] and not new.exists()

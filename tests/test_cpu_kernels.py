@@ -4,6 +4,7 @@ The reference grids run on every build this CPU can execute (``native.ISAS``: an
 avx512, avx2 and x86-64 builds), through the library's own Python path with that build loaded (``isa``).
 """
 import functools
+import os
 import shutil
 
 import pytest
@@ -380,3 +381,19 @@ def test_the_cpp_and_python_constants_are_checked_against_each_other(monkeypatch
 
     monkeypatch.setitem(activations.CODES, "silu", 7)  # a Python table edited without the C++ enum
     assert native.constants_mismatch(lib) == "the C++ and Python constants differ (act.silu: C++ 4, Python 7)"
+
+
+def test_unwritable_cache_folder_falls_back_to_a_private_one_said_once(tmp_path, monkeypatch, caplog):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")  # a folder cannot be made under a file (whoever runs the test, root included)
+    monkeypatch.setenv("SPARSE_OPS_CACHE", str(blocked / "cache"))
+    native._usable_cache_dir.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger=native.log.name):
+            first, again = native.cache_dir(), native.cache_dir()
+        assert first == again and first.is_dir() and os.access(first, os.W_OK)
+        assert not first.is_relative_to(blocked) and not first.stat().st_mode & 0o022
+        said = [r for r in caplog.records if "cannot be written" in r.getMessage()]
+        assert len(said) == 1 and str(blocked / "cache") in said[0].getMessage()
+    finally:
+        native._usable_cache_dir.cache_clear()

@@ -11,7 +11,7 @@ from prune.schedules import Constant, LinearRamp
 
 
 def test_registry_finds_every_criterion_file():
-    assert sorted(CRITERIA) == ["magnitude", "movement", "taylor", "wanda"]
+    assert sorted(CRITERIA) == ["magnitude", "movement", "obert", "taylor", "wanda"]
     assert get_criterion(CRITERIA["wanda"]) is CRITERIA["wanda"]
     with pytest.raises(ValueError, match=r"unknown criterion 'x'; choose one of \['magnitude'"):
         get_criterion("x")

@@ -55,7 +55,7 @@ def _rank_main(rank, criterion, init_file, out_dir):
     finish()
 
 
-@pytest.mark.parametrize("criterion", ["movement", "taylor", "magnitude"])
+@pytest.mark.parametrize("criterion", ["movement", "taylor", "obert", "magnitude"])
 def test_ddp_masks_identical_and_match_single_process(criterion, tmp_path):
     mp.start_processes(_rank_main, args=(criterion, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD,
                        join=True, start_method="spawn")
@@ -72,4 +72,6 @@ def test_ddp_masks_identical_and_match_single_process(criterion, tmp_path):
                 assert torch.equal(r["masks"][update][name], mask), (update, name)
     for k, v in single_model.items():
         assert torch.equal(ranks[0]["model"][k], ranks[1]["model"][k]), k
-        torch.testing.assert_close(ranks[0]["model"][k], v, rtol=1e-5, atol=1e-6)
+        # obert's surgeon step solves with a float32 Fisher summed in another order: its rounding, amplified
+        tol = {"rtol": 1e-4, "atol": 1e-5} if criterion == "obert" else {"rtol": 1e-5, "atol": 1e-6}
+        torch.testing.assert_close(ranks[0]["model"][k], v, **tol)

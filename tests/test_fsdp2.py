@@ -78,10 +78,11 @@ def test_fsdp2_sharded_mask_math_and_refusals(tmp_path):
     for r in ranks:
         assert r["math"] and all(r["math"])  # sharded top-k / global threshold == prune.masks, ties included
         errors = r["errors"]
-        assert errors["before_fully_shard"].startswith("RuntimeError") and ORDER in errors["before_fully_shard"]
+        assert errors["before_fully_shard"].startswith("MisuseError") and ORDER in errors["before_fully_shard"]
         assert "Conv1D" in errors["conv1d_nm"] and "2:4" in errors["conv1d_nm"]
         assert "Conv1D" in errors["conv1d_row"] and "scope='row'" in errors["conv1d_row"]
         assert "'wanda'" in errors["wanda"] and "'magnitude' or 'movement'" in errors["wanda"]
+        assert "'obert'" in errors["obert"] and "'taylor'" in errors["obert"]
         assert "1-D mesh" in errors["hsdp"]
         assert "process_group=None" in errors["process_group"]
     from prune import Pruner

@@ -13,7 +13,7 @@ from prune.criteria.movement import Movement
 from prune.criteria.signal import UninformativeScores, magnitude_unit, signal_ratio, with_prior
 from prune.criteria.taylor import Taylor
 
-GRADIENT_CRITERIA = ["movement", "taylor"]
+GRADIENT_CRITERIA = ["movement", "obert", "taylor"]
 
 
 class PlainMovement(Criterion):

@@ -187,11 +187,35 @@ def test_cli_bad_inputs_one_line_and_nothing_written(tmp_path):
         r"sparsity must be in [0, 1), got 1.5": (tmp_path / "dense", "calib.txt", ["--sparsity", "1.5"]),
         "tokens": (tmp_path / "dense", "calib.txt", ["--seq-len", "4096"]),  # a stream too short for one window
     }
+    headless = tmp_path / "headless"  # "architectures": null would save the base model without its head
+    tiny_llama(vocab=VOCAB).save_pretrained(headless)
+    config = json.loads((headless / "config.json").read_text())
+    (headless / "config.json").write_text(json.dumps({**config, "architectures": None}))
+    cases["names no model class"] = (headless, "calib.txt", [])
+    cases["is a folder"] = (tmp_path / "dense", "odd", [])
+    cases["longer than the 2048 positions"] = (tmp_path / "dense", "long.txt", ["--seq-len", "4096", "--samples", "1"])
+    (tmp_path / "long.txt").write_text(" ".join(words(0, 200) for _ in range(25)))
     before = sorted(p.name for p in tmp_path.iterdir())
     for expect, (folder, calib, extra) in cases.items():
         done = _run_cli("oneshot", folder, "-o", out, "--calibration", tmp_path / calib, *extra)
         assert done.returncode == 2 and done.stderr.count("\n") == 1 and expect in done.stderr, (expect, done.stderr)
         assert sorted(p.name for p in tmp_path.iterdir()) == before
+    evals = {  # prune eval: model folder, text, extra arguments -> the one line
+        "no such model folder": (tmp_path / "missing", "calib.txt", []),
+        "is a folder": (tmp_path / "dense", "odd", []),
+        "longer than the 2048 positions": (tmp_path / "dense", "calib.txt", ["--seq-len", "4096"]),
+    }
+    for expect, (folder, text, extra) in evals.items():
+        done = _run_cli("eval", folder, "--text", tmp_path / text, *extra)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and expect in done.stderr, (expect, done.stderr)
+
+
+def test_calibration_that_cannot_fit_in_memory_is_refused_before_work(monkeypatch):
+    from prune.one_shot import data
+
+    monkeypatch.setattr(data, "available_memory", lambda: 20_000)  # bytes; 8 windows x 16 tokens x 32 x 4 x 2 = 32 KiB
+    with pytest.raises(ValueError, match="8 calibration windows of 16 tokens keep 0.0 GiB .* use at most 3 samples"):
+        oneshot(tiny_llama(), CALIB, progress=False)
 
 
 def test_layers_reading_one_tensor_share_their_statistics():

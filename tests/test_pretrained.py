@@ -54,13 +54,16 @@ def converted(tmp_path, model):
 @pytest.mark.parametrize("make", [bert_for_masked_lm, gpt2_lm_head])
 def test_a_converted_folder_loads_as_its_architecture_and_matches_the_dense_model(tmp_path, make):
     dense = pruned(make())
-    model = from_pretrained(converted(tmp_path, dense))
+    folder = converted(tmp_path, dense)
+    model = from_pretrained(folder, fuse=False)  # the module tree as stored
     assert type(model) is type(dense) and not model.training
     sparse = {n for n, m in model.named_modules() if isinstance(m, SparseLinear)}
     assert sparse == set(pruned_layers(dense)) and len(sparse) >= 8  # every pruned linear (and Conv1D)
+    fused = from_pretrained(folder)  # the default: every proven fusion
     ids = torch.randint(0, 100, (2, 11))
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids).logits, dense(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        for m in (model, fused):
+            torch.testing.assert_close(m(input_ids=ids).logits, dense(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_sparsify_options_pass_through(tmp_path):

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prune.bench.shapes import BATCHES, SHAPE_SETS, SPARSITIES
+from sparse_ops.errors import MissingPathError, UnavailableError, UserValueError
 
 if TYPE_CHECKING:
     from sparse_ops.busy import Load
@@ -57,9 +58,9 @@ def parse_floats(values: Sequence[str], option: str, lo: float, hi: float) -> tu
         try:
             f = float(v)
         except ValueError:
-            raise ValueError(f"{option}: {v!r} is not a number") from None
+            raise UserValueError(f"{option}: {v!r} is not a number") from None
         if not lo <= f < hi:
-            raise ValueError(f"{option}: {f} is not in [{lo}, {hi})")
+            raise UserValueError(f"{option}: {f} is not in [{lo}, {hi})")
         out.append(f)
     return tuple(dict.fromkeys(out))
 
@@ -69,7 +70,7 @@ def parse_ints(values: Sequence[str], option: str, lo: int = 1) -> tuple[int, ..
     out = []
     for v in split_values(values):
         if not v.isdigit() or int(v) < lo:
-            raise ValueError(f"{option}: {v!r} is not an integer >= {lo}")
+            raise UserValueError(f"{option}: {v!r} is not an integer >= {lo}")
         out.append(int(v))
     return tuple(dict.fromkeys(out))
 
@@ -78,7 +79,7 @@ def parse_choices(values: Sequence[str], option: str, allowed: Sequence[str]) ->
     out = split_values(values)
     for v in out:
         if v not in allowed:
-            raise ValueError(f"{option}: unknown value {v!r}; allowed: {', '.join(allowed)}")
+            raise UserValueError(f"{option}: unknown value {v!r}; allowed: {', '.join(allowed)}")
     return tuple(dict.fromkeys(out))
 
 
@@ -87,9 +88,9 @@ def check_device(device: str) -> str:
     import torch
 
     if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
-        raise ValueError(f"--device: unknown device {device!r}; allowed: cpu, cuda, cuda:N")
+        raise UserValueError(f"--device: unknown device {device!r}; allowed: cpu, cuda, cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device}: CUDA is not available here (torch.cuda.is_available() is False)")
+        raise UnavailableError(f"--device {device}: CUDA is not available here (torch.cuda.is_available() is False)")
     return device
 
 
@@ -127,13 +128,13 @@ def _common(p: argparse.ArgumentParser, repeats: int | None) -> None:
 
 def _check_common(args: argparse.Namespace) -> None:
     if args.max_seconds is not None and not args.max_seconds > 0:
-        raise ValueError(f"--max-seconds must be > 0, got {args.max_seconds}")
+        raise UserValueError(f"--max-seconds must be > 0, got {args.max_seconds}")
     if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        raise UserValueError(f"--threads must be >= 1, got {args.threads}")
     if args.repeats is not None and args.repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+        raise UserValueError(f"--repeats must be >= 1, got {args.repeats}")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"--out {args.out} exists and is not a folder")
+        raise UserValueError(f"--out {args.out} exists and is not a folder")
     check_device(args.device)
 
 
@@ -345,7 +346,7 @@ def families_config(args: argparse.Namespace):
         cfg = dataclasses.replace(cfg, batches=parse_ints(args.tokens, option))
     bad = [b for b in cfg.batches if b > cfg.seq_len and b % cfg.seq_len]
     if bad:
-        raise ValueError(f"{option}: {bad[0]} is above seq_len={cfg.seq_len} and not a multiple of it "
+        raise UserValueError(f"{option}: {bad[0]} is above seq_len={cfg.seq_len} and not a multiple of it "
                          f"(allowed: up to {cfg.seq_len}, or a multiple of {cfg.seq_len})")
     return dataclasses.replace(cfg, repeats=args.repeats) if args.repeats else cfg
 
@@ -435,13 +436,13 @@ def run_checkpoint(args: argparse.Namespace) -> int:
 
     _check_common(args)
     if not Path(args.file).exists():
-        raise FileNotFoundError(f"no such file or directory: {args.file}")
+        raise MissingPathError(f"no such file or directory: {args.file}")
     batches = parse_ints(args.tokens, _tokens_option(args))
     dtype = parse_choices([args.dtype], "--dtype", DTYPE_CHOICES)[0] if args.dtype else None
     skipped: dict[str, str] = {}
     total = count_linear(args.file, skipped)  # from the headers: what a cut-short run reports against
     if not total:
-        raise ValueError(f"{args.file} has no linear (2-D float) weights to time")
+        raise UserValueError(f"{args.file} has no linear (2-D float) weights to time")
     env = _start(args)
     header = {"command": "prune bench checkpoint", "args": _argv(args), "environment": env,
               "units": {"median_s": "seconds per call", "speedup": "dense median / median (same run)",
@@ -452,7 +453,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
         points = _checkpoint_points(args, batches, dtype, skipped)
         done, load = _drive(points, files, total * len(batches), "bench checkpoint", rows.extend)
         if not rows:  # the headers promised linear weights that the tensors do not hold
-            raise ValueError(f"{args.file} has no linear (2-D float) weights to time")
+            raise UserValueError(f"{args.file} has no linear (2-D float) weights to time")
         summary = whole_model(rows, layers_total=total)
         note = coverage(summary[0]["layers"], total, args.max_seconds)
         print(checkpoint_table(rows, summary))

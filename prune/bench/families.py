@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sparse_ops.errors import UserValueError
 from sparse_ops.fusion import fuse_activations, fuse_ffn
 from sparse_ops.layers import GatedMultiheadAttention, MoE, ParamCounts
 from sparse_ops.timing import Deadline, time_interleaved
@@ -170,7 +171,7 @@ def inputs(batch: int, cfg: FamiliesConfig, device: str) -> dict[str, torch.Tens
     """``batch`` tokens: (batch, D) for FFNs, (batch / S, S, D) sequences for attention."""
     seq = min(batch, cfg.seq_len)
     if batch % seq:
-        raise ValueError(f"batch={batch} must be a multiple of seq_len={cfg.seq_len} when larger than it")
+        raise UserValueError(f"batch={batch} must be a multiple of seq_len={cfg.seq_len} when larger than it")
     x = torch.randn(batch, cfg.d_model, device=device)
     return {"ffn": x, "attention": x.view(batch // seq, seq, cfg.d_model)}
 

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from prune.bench.shapes import LinearShape
 from sparse_ops.checkpoint import choose_storage
+from sparse_ops.errors import UnsupportedError
 from sparse_ops.linear import SparseLinear
 from sparse_ops.plan import PlanCache, Planner
 from sparse_ops.quantized import quantize_input
@@ -124,7 +125,7 @@ def _scipy(w: torch.Tensor, x: torch.Tensor) -> Callable[[], object]:
     import scipy.sparse
 
     if w.dtype != torch.float32:
-        raise NotImplementedError(f"scipy has no {w.dtype} sparse product here (fp32 only)")
+        raise UnsupportedError(f"scipy has no {w.dtype} sparse product here (fp32 only)")
     sp, xt = scipy.sparse.csr_matrix(w.numpy()), x.numpy().T
     return lambda: np.asarray(sp @ xt).T
 

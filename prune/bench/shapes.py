@@ -18,6 +18,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from sparse_ops.errors import UserValueError
+
 
 @dataclass(frozen=True)
 class LinearShape:
@@ -59,11 +61,11 @@ def shapes(names: list[str]) -> list[LinearShape]:
         else:
             m = _LITERAL.fullmatch(name.strip().lower())
             if m is None:
-                raise ValueError(f"unknown shape {name!r}: use OUTxIN (e.g. 4096x11008) or a set name: "
+                raise UserValueError(f"unknown shape {name!r}: use OUTxIN (e.g. 4096x11008) or a set name: "
                                  f"{', '.join(SHAPE_SETS)}")
             o, i = int(m[1]), int(m[2])
             if o < 1 or i < 1:
-                raise ValueError(f"shape {name!r} must have positive sizes, got {o}x{i}")
+                raise UserValueError(f"shape {name!r} must have positive sizes, got {o}x{i}")
             found = [LinearShape("", i, o)]
         out += [s for s in found if s not in out]
     return out

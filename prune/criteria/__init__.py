@@ -4,6 +4,8 @@
 - ``magnitude``: |W| (``magnitude.py``).
 - ``movement``: accumulated ``-W * dL/dW' + saliency * |W * dL/dW'|`` in units of its noise, plus a magnitude
   prior (``movement.py``).
+- ``obert``: ``W^2 / (2 [F^-1]_qq)`` from a block-diagonal empirical Fisher, and after each mask update the
+  Optimal Brain Surgeon step on the kept weights (``obert.py``).
 - ``taylor``: accumulated ``(W * dL/dW')^2``, a first-order / Fisher saliency, plus a magnitude prior (``taylor.py``).
 - ``wanda``: |W| times the input feature's L2 norm (``wanda.py``).
 
@@ -12,7 +14,7 @@ infinite weight has an infinite magnitude and is kept.
 
 Example:
     >>> sorted(CRITERIA)
-    ['magnitude', 'movement', 'taylor', 'wanda']
+    ['magnitude', 'movement', 'obert', 'taylor', 'wanda']
     >>> get_criterion("magnitude").uses_gradients
     False
 """
@@ -25,6 +27,7 @@ import torch
 from torch import Tensor
 
 from prune.criteria.base import Criterion, Evidence
+from sparse_ops.errors import UserValueError
 
 
 def _discover() -> dict[str, Criterion]:
@@ -46,7 +49,7 @@ def get_criterion(name: str | Criterion) -> Criterion:
     if isinstance(name, Criterion):
         return name
     if name not in CRITERIA:
-        raise ValueError(f"unknown criterion {name!r}; choose one of {sorted(CRITERIA)}")
+        raise UserValueError(f"unknown criterion {name!r}; choose one of {sorted(CRITERIA)}")
     return CRITERIA[name]
 
 

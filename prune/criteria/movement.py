@@ -43,6 +43,7 @@ from torch import Tensor
 
 from prune.criteria.base import Criterion, Evidence
 from prune.criteria.signal import warn_if_uninformative, with_prior
+from sparse_ops.errors import UserValueError
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ class Movement(Criterion):
         for field in ("prior", "saliency"):
             value = getattr(self, field)
             if not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
-                raise ValueError(f"movement {field} must be a finite number >= 0, got {value!r}")
+                raise UserValueError(f"movement {field} must be a finite number >= 0, got {value!r}")
 
     def score(self, weight: Tensor, evidence: Evidence) -> Tensor:
         assert evidence.accumulated is not None, "movement scores accumulate in backward"

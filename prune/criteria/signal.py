@@ -27,6 +27,8 @@ import warnings
 
 from torch import Tensor
 
+from sparse_ops.errors import UserValueError
+
 MIN_SIGNAL = 2.0  # below this signal_ratio the scores are mostly noise: warn that magnitude decides
 
 
@@ -53,7 +55,7 @@ def with_prior(score: Tensor, weight: Tensor, energy: float | None, prior: float
     ``score / sqrt(energy / numel) + prior * |W| / rms(W)``; with no gradient energy at all, the magnitude only.
     """
     if not prior >= 0 or math.isinf(prior):
-        raise ValueError(f"prior must be a finite number >= 0, got {prior!r}")
+        raise UserValueError(f"prior must be a finite number >= 0, got {prior!r}")
     mag = magnitude_unit(weight)
     total = float(score.double().square().sum())
     noise_sq = (energy if energy is not None else total) / score.numel()

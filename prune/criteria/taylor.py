@@ -20,6 +20,7 @@ from torch import Tensor
 
 from prune.criteria.base import Criterion, Evidence
 from prune.criteria.signal import UninformativeScores, magnitude_unit
+from sparse_ops.errors import UserValueError
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class Taylor(Criterion):
 
     def __post_init__(self) -> None:
         if not (isinstance(self.prior, (int, float)) and 0 <= self.prior < float("inf")):
-            raise ValueError(f"taylor prior must be a finite number >= 0, got {self.prior!r}")
+            raise UserValueError(f"taylor prior must be a finite number >= 0, got {self.prior!r}")
 
     def score(self, weight: Tensor, evidence: Evidence) -> Tensor:
         assert evidence.accumulated is not None, "taylor scores accumulate in backward"

@@ -26,6 +26,7 @@ import torch
 from prune.demo.deploy import deploy, measure_latency
 from prune.demo.report import findings, plot_deployment, plot_training, table, write_report
 from prune.demo.runs import RUNS, Budget, Data, load_data, train_run
+from sparse_ops.errors import UserValueError
 from sparse_ops.timing import environment
 
 __all__ = ["RUNS", "DemoConfig", "run_demo"]
@@ -52,11 +53,11 @@ class DemoConfig:
     def __post_init__(self) -> None:
         unknown = [r for r in self.runs if r not in RUNS]
         if unknown or not self.runs:
-            raise ValueError(f"unknown run(s) {unknown or list(self.runs)}; choose from {list(RUNS)}")
+            raise UserValueError(f"unknown run(s) {unknown or list(self.runs)}; choose from {list(RUNS)}")
         if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+            raise UserValueError(f"steps must be >= 1, got {self.steps}")
         if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+            raise UserValueError(f"threads must be >= 1, got {self.threads}")
 
     @property
     def budget(self) -> Budget:

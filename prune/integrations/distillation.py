@@ -39,6 +39,7 @@ from __future__ import annotations
 from transformers import Trainer
 
 from prune.distill import Distiller
+from sparse_ops.errors import UserTypeError, UserValueError
 
 
 class DistillationTrainer(Trainer):
@@ -47,10 +48,10 @@ class DistillationTrainer(Trainer):
 
     def __init__(self, distiller: Distiller, *args, **kwargs):
         if not isinstance(distiller, Distiller):
-            raise TypeError(f"DistillationTrainer takes a prune.Distiller, got {type(distiller).__name__}")
+            raise UserTypeError(f"DistillationTrainer takes a prune.Distiller, got {type(distiller).__name__}")
         super().__init__(*args, **kwargs)
         if self.model is not distiller.student:
-            raise ValueError("the distiller's student is another model than the Trainer's; build the Distiller on "
+            raise UserValueError("the distiller's student is another model than the Trainer's; build the Distiller on "
                              "the model you pass to the Trainer")
         self.distiller = distiller
         distiller.teacher.to(next(distiller.student.parameters()).device)  # where the Trainer put the model

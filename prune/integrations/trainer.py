@@ -47,6 +47,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from prune.pruner import Pruner
+from sparse_ops.errors import MissingPathError, MisuseError, UserTypeError, UserValueError
 
 STATE_FILE = "pruner.pt"  # in each checkpoint folder; read back with weights_only=True
 STATE_VERSION = 1
@@ -63,22 +64,22 @@ class PruningCallback(TrainerCallback):
 
     def __init__(self, pruner: Pruner) -> None:
         if not isinstance(pruner, Pruner):
-            raise TypeError(f"PruningCallback takes a prune.Pruner, got {type(pruner).__name__}")
+            raise UserTypeError(f"PruningCallback takes a prune.Pruner, got {type(pruner).__name__}")
         self.pruner = pruner
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         _check_model(self.pruner, kwargs.get("model", self.pruner.model))
         if state.is_hyper_param_search:
-            raise ValueError("PruningCallback does not support hyperparameter search (each trial needs its "
+            raise UserValueError("PruningCallback does not support hyperparameter search (each trial needs its "
                              "own model and pruner)")
         if state.global_step == self.pruner.step_count:
             return  # a fresh run, or a pruner the caller already restored
         if state.global_step == 0:
-            raise RuntimeError(f"the pruner has taken {self.pruner.step_count} steps but training starts at "
+            raise MisuseError(f"the pruner has taken {self.pruner.step_count} steps but training starts at "
                                "step 0; build a new Pruner for a new run, or resume from a checkpoint")
         folder = checkpoint_folder(args, state.global_step)
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"resuming at step {state.global_step}: the pruner's state is read "
+            raise MissingPathError(f"resuming at step {state.global_step}: the pruner's state is read "
                                     f"from {folder}, which does not exist; resume from a checkpoint in the "
                                     "Trainer's output_dir")
         _check_same_checkpoint(folder, self.pruner.model)
@@ -87,7 +88,7 @@ class PruningCallback(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self.pruner.step()
         if self.pruner.step_count != state.global_step:
-            raise RuntimeError(f"the pruner is at step {self.pruner.step_count} after Trainer step "
+            raise MisuseError(f"the pruner is at step {self.pruner.step_count} after Trainer step "
                                f"{state.global_step}: was it stepped elsewhere too, or added twice? Step it "
                                "only through this callback")
 
@@ -133,7 +134,7 @@ def save_pruner_state(pruner: Pruner, folder: str | os.PathLike) -> str:
     Returns the file's path. The file holds only tensors and plain data (read with ``weights_only=True``).
     """
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"checkpoint folder {os.fspath(folder)!r} does not exist")
+        raise MissingPathError(f"checkpoint folder {os.fspath(folder)!r} does not exist")
     state = {"version": STATE_VERSION, "pruner": pruner.state_dict(),
              "dense": {k: v for k, v in pruner.model.state_dict().items() if _DENSE in k}}
     path = os.path.join(folder, STATE_FILE)
@@ -152,15 +153,15 @@ def load_pruner_state(pruner: Pruner, folder: str | os.PathLike) -> None:
     """Restore what :func:`save_pruner_state` wrote into ``folder`` (dense weights, masks, scores, step)."""
     path = os.path.join(folder, STATE_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist: the checkpoint was not written with a "
+        raise MissingPathError(f"{path} does not exist: the checkpoint was not written with a "
                                 "PruningCallback (resume from a checkpoint the callback saved)")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-        raise ValueError(f"{path}: not a pruner state of version {STATE_VERSION}")
+        raise UserValueError(f"{path}: not a pruner state of version {STATE_VERSION}")
     dense = state["dense"]
     expected = sorted(k for k in pruner.model.state_dict() if _DENSE in k)
     if sorted(dense) != expected:
-        raise ValueError(f"{path} holds dense weights for {sorted(dense)[:4]}..., this pruner's model has "
+        raise UserValueError(f"{path} holds dense weights for {sorted(dense)[:4]}..., this pruner's model has "
                          f"{expected[:4]}...: not a checkpoint of this model and pruner")
     pruner.load_state_dict(state["pruner"])  # checks settings, names and shapes first
     pruner.model.load_state_dict(dense, strict=False)
@@ -168,7 +169,7 @@ def load_pruner_state(pruner: Pruner, folder: str | os.PathLike) -> None:
 
 def _check_model(pruner: Pruner, model: nn.Module) -> None:
     if model is not pruner.model:
-        raise ValueError("the pruner was built on another model than trainer.model; build it on the model "
+        raise UserValueError("the pruner was built on another model than trainer.model; build it on the model "
                          "you pass to the Trainer")
 
 
@@ -186,6 +187,6 @@ def _check_same_checkpoint(folder: str, model: nn.Module) -> None:
             return
         key = min(shared, key=lambda k: live[k].numel())
         if not torch.equal(f.get_tensor(key).to(live[key]), live[key]):  # as the Trainer loaded it
-            raise RuntimeError(f"the Trainer resumed from another checkpoint than {folder} ({key} differs), "
+            raise MisuseError(f"the Trainer resumed from another checkpoint than {folder} ({key} differs), "
                                "where the callback finds the pruner's state: resume from a checkpoint in the "
                                "Trainer's output_dir")

@@ -22,6 +22,7 @@ from prune.evaluate import Perplexity, text_perplexity
 from prune.one_shot.data import as_texts
 from prune.one_shot.run import OneShotReport, check_options, oneshot
 from sparse_ops.checkpoint import convert_checkpoint, replace_folder
+from sparse_ops.errors import MissingPackageError, MissingPathError, OutputExistsError, UserValueError
 from sparse_ops.pretrained import from_pretrained, model_class
 
 REPORT = "oneshot_report.json"
@@ -31,7 +32,7 @@ def _transformers():
     try:
         import transformers
     except ImportError:
-        raise ImportError("one-shot pruning of a model folder needs transformers (pip install transformers)") from None
+        raise MissingPackageError("one-shot pruning of a model folder needs transformers (pip install transformers)") from None
     transformers.utils.logging.disable_progress_bar()  # its per-file bars: ours show the work
     return transformers
 
@@ -40,13 +41,16 @@ def load_folder(model_dir: str | os.PathLike):
     """(model, tokenizer) of a dense Hugging Face folder, in the dtype it was saved in, eval mode."""
     folder = Path(model_dir)
     if not folder.is_dir():
-        raise FileNotFoundError(f"no such model folder: {folder}")
+        raise MissingPathError(f"no such model folder: {folder}")
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} is not a Hugging Face model folder (no config.json)")
+        raise MissingPathError(f"{folder} is not a Hugging Face model folder (no config.json)")
     tf = _transformers()
     config = tf.AutoConfig.from_pretrained(str(folder), local_files_only=True)
     names = getattr(config, "architectures", None) or []
-    cls = model_class(tf, names[0], folder) if names else tf.AutoModel
+    if not names:
+        raise UserValueError(f"{folder}/config.json names no model class (\"architectures\" is empty): add the "
+                             "class its weights were saved from, e.g. \"architectures\": [\"LlamaForCausalLM\"]")
+    cls = model_class(tf, names[0], folder)
     model = cls.from_pretrained(str(folder), local_files_only=True, dtype="auto").eval()
     try:
         tokenizer = tf.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -62,11 +66,11 @@ def check_output(out_dir: str | os.PathLike, sources: list[str | os.PathLike], o
     for source in sources:
         src = Path(source).resolve()
         if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
-            raise ValueError(f"output {out_dir} and model folder {source} overlap; choose an output elsewhere")
+            raise UserValueError(f"output {out_dir} and model folder {source} overlap; choose an output elsewhere")
     if dst.exists() and not overwrite:
-        raise FileExistsError(f"output {out_dir} exists; pass --overwrite to replace it")
+        raise OutputExistsError(f"output {out_dir} exists; pass --overwrite to replace it")
     if not dst.parent.is_dir():
-        raise FileNotFoundError(f"output folder's parent does not exist: {dst.parent}")
+        raise MissingPathError(f"output folder's parent does not exist: {dst.parent}")
     return dst
 
 
@@ -79,7 +83,7 @@ def oneshot_folder(model_dir: str | os.PathLike, out_dir: str | os.PathLike, cal
     texts = as_texts(calibration)  # read (and refused when empty or malformed) before the model loads
     model, tokenizer = load_folder(src)
     if tokenizer is None:
-        raise ValueError(f"{model_dir} has no tokenizer, which text calibration needs")
+        raise UserValueError(f"{model_dir} has no tokenizer, which text calibration needs")
     _, report = oneshot(model, texts, tokenizer=tokenizer, **options)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
@@ -90,7 +94,7 @@ def oneshot_folder(model_dir: str | os.PathLike, out_dir: str | os.PathLike, cal
         if options.get("bits"):  # the int8 checkpoint: the pruned weights on their own grids, the rest absmax
             convert_checkpoint(folder, tmp / "int8", format="auto", quantize="int8", scales=report.scales)
             folder = tmp / "int8"
-        replace_folder(folder, dst)
+        replace_folder(folder, dst, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report
@@ -99,8 +103,11 @@ def oneshot_folder(model_dir: str | os.PathLike, out_dir: str | os.PathLike, cal
 def folder_perplexity(model_dir: str | os.PathLike, text: str | os.PathLike, **options) -> Perplexity:
     """Perplexity of a dense or sparse model folder on a .txt / .jsonl file (``options``: ``perplexity``'s)."""
     tf = _transformers()
+    if not Path(model_dir).is_dir():
+        raise MissingPathError(f"no such model folder: {model_dir}")
+    texts = as_texts(text)  # read (and refused when missing or malformed) before the model loads
     try:
         tokenizer = tf.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError, TypeError) as e:
-        raise ValueError(f"{model_dir} has no tokenizer that transformers can load: {e}") from e
-    return text_perplexity(from_pretrained(model_dir), tokenizer, text, **options)
+        raise UserValueError(f"{model_dir} has no tokenizer that transformers can load: {e}") from e
+    return text_perplexity(from_pretrained(model_dir), tokenizer, texts, **options)

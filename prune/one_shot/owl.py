@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from sparse_ops.errors import UserValueError
+
 
 def outlier_ratio(scores: Sequence[Tensor], threshold: float = 5.0) -> float:
     """The fraction of all entries of ``scores`` (one block's layers) above ``threshold`` times their mean."""
@@ -30,13 +32,13 @@ def block_sparsities(ratios: Sequence[float], sparsity: float, *, lam: float = 0
     """Per-block sparsities with mean ``sparsity`` spread over a range of ``2 * lam``: more outliers, less
     pruning. Equal ratios (or one block) give ``sparsity`` everywhere. ValueError where a block would leave [0, 1)."""
     if not 0.0 <= lam:
-        raise ValueError(f"OWL's lambda must be >= 0, got {lam}")
+        raise UserValueError(f"OWL's lambda must be >= 0, got {lam}")
     r = torch.tensor(list(ratios), dtype=torch.float64)
     span = float(r.max() - r.min()) if r.numel() else 0.0
     scaled = (r - r.min()) / span * 2 * lam if span > 0 else torch.zeros_like(r)
     density = scaled - scaled.mean() + (1.0 - sparsity)
     out = (1.0 - density).tolist()
     if any(not 0.0 <= s < 1.0 for s in out):
-        raise ValueError(f"OWL with lambda {lam} at sparsity {sparsity} gives block sparsities outside [0, 1): "
+        raise UserValueError(f"OWL with lambda {lam} at sparsity {sparsity} gives block sparsities outside [0, 1): "
                          f"{min(out):.3f}..{max(out):.3f}; use a smaller lambda")
     return out

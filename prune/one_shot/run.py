@@ -46,10 +46,11 @@ from prune.calibration import InputStats
 from prune.criteria import CRITERIA, Evidence
 from prune.masks import NMPattern, parse_pattern, weight_mask
 from prune.one_shot import owl
-from prune.one_shot.data import calibration_batches
+from prune.one_shot.data import calibration_batches, check_activation_memory, check_window
 from prune.one_shot.sequential import block_linears, find_blocks, run_sequential
 from prune.one_shot.sparsegpt import relative_error, sparsegpt_prune
 from prune.targets import find_targets, input_dim
+from sparse_ops.errors import MisuseError, UserValueError
 from sparse_ops.quantized import on_grid, row_scales
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
@@ -145,10 +146,16 @@ def oneshot(model: nn.Module, calibration: Tensor | Sequence[str] | str | os.Pat
     """
     nm, sparsity, scope = check_options(method, sparsity, pattern, profile, scope)
     if bits not in (None, 8):
-        raise ValueError(f"bits must be None or 8, got {bits!r}")
+        raise UserValueError(f"bits must be None or 8, got {bits!r}")
     start = time.perf_counter()
     batches = (calibration_batches(calibration, tokenizer, samples=samples, seq_len=seq_len, seed=seed,
                                    batch_size=batch_size))
+    check_window(model, batches[0].shape[1])
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    on_cpu = torch.device(device or next(model.parameters()).device).type == "cpu"
+    if isinstance(hidden, int) and on_cpu:
+        itemsize = next(model.parameters()).element_size()
+        check_activation_memory(sum(len(b) for b in batches), batches[0].shape[1], hidden, itemsize)
     blocks = find_blocks(model)
     with warnings.catch_warnings(record=True) as caught:  # tied output layers: outside the blocks, not pruned
         warnings.simplefilter("always")
@@ -158,7 +165,7 @@ def oneshot(model: nn.Module, calibration: Tensor | Sequence[str] | str | os.Pat
             warnings.warn(w.message, stacklevel=2)
     in_blocks = {n for n in selected if n.startswith(blocks.path + ".")}
     if not in_blocks:
-        raise ValueError(f"no selected linear layer lies inside the blocks ({blocks.path}.*); check include/exclude")
+        raise UserValueError(f"no selected linear layer lies inside the blocks ({blocks.path}.*); check include/exclude")
     if bits:
         _check_int8_targets({n: model.get_submodule(n) for n in in_blocks})
     per_block = [sparsity] * len(blocks.layers)
@@ -194,7 +201,7 @@ def _check_int8_targets(layers: dict[str, nn.Module]) -> None:
     rows are inputs, not the outputs the int8 formats scale)."""
     for name, m in layers.items():
         if m.weight.dtype != torch.float32 or input_dim(m) != 1:
-            raise ValueError(f"bits=8 needs float32 nn.Linear-style weights (out, in); {name} is "
+            raise UserValueError(f"bits=8 needs float32 nn.Linear-style weights (out, in); {name} is "
                              f"{m.weight.dtype} with its input on dim {input_dim(m)}")
 
 
@@ -202,23 +209,23 @@ def check_options(method: str, sparsity: float | None = None, pattern: str = "un
                   profile: str = "uniform", scope: str | None = None) -> tuple[NMPattern | None, float, str | None]:
     """(N:M pattern or None, sparsity, scope) of valid options; ValueError naming the bad one otherwise."""
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+        raise UserValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
     if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; choose one of {list(PROFILES)}")
+        raise UserValueError(f"unknown profile {profile!r}; choose one of {list(PROFILES)}")
     nm = parse_pattern(pattern)
     if nm is not None:
         if sparsity is not None and abs(sparsity - nm.sparsity) > 1e-9:
-            raise ValueError(f"pattern {nm} means sparsity {nm.sparsity}, got sparsity={sparsity}")
+            raise UserValueError(f"pattern {nm} means sparsity {nm.sparsity}, got sparsity={sparsity}")
         if profile != "uniform":
-            raise ValueError(f"profile {profile!r} varies sparsity per block, which pattern {nm} fixes; "
+            raise UserValueError(f"profile {profile!r} varies sparsity per block, which pattern {nm} fixes; "
                              "use profile='uniform'")
         sparsity = nm.sparsity
     sparsity = 0.5 if sparsity is None else sparsity
     if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        raise UserValueError(f"sparsity must be in [0, 1), got {sparsity}")
     if scope is not None and (method == "sparsegpt" or scope not in SCOPES):
         allowed = "none (SparseGPT chooses per column block)" if method == "sparsegpt" else list(SCOPES)
-        raise ValueError(f"scope {scope!r} does not apply to method {method!r}; allowed: {allowed}")
+        raise UserValueError(f"scope {scope!r} does not apply to method {method!r}; allowed: {allowed}")
     return nm, sparsity, scope or DEFAULT_SCOPE[method]
 
 
@@ -274,7 +281,7 @@ def _collect(layers: dict[str, nn.Module], forward, *, gram: bool) -> dict[str, 
                                              device=module.weight.device)
             if owner[name] != name:
                 if last[0] is not x:
-                    raise RuntimeError(f"layer {name!r} read {owner[name]!r}'s input on one batch and not on "
+                    raise MisuseError(f"layer {name!r} read {owner[name]!r}'s input on one batch and not on "
                                        "another; their statistics cannot be shared")
                 return  # counted by its owner
             stats[name].update(x)
@@ -300,7 +307,7 @@ def _prune_layer(name: str, module: nn.Module, stats: InputStats, method: str, s
     t0 = time.perf_counter()
     w, in_dim = module.weight, input_dim(module)
     if stats.rows == 0:
-        raise RuntimeError(f"no calibration input reached layer {name!r}; it cannot be pruned from data")
+        raise MisuseError(f"no calibration input reached layer {name!r}; it cannot be pruned from data")
     grid = None
     if method == "sparsegpt":
         result = sparsegpt_prune(w, stats.gram, sparsity, nm=nm, block_size=block_size, damp=damp, in_dim=in_dim,

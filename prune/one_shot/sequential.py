@@ -56,6 +56,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from sparse_ops.errors import UnsupportedError, UserTypeError, UserValueError
+
 __all__ = ["Blocks", "block_linears", "find_blocks", "run_sequential"]
 
 SUPPORTED_FAMILIES = "Llama, Mistral, Qwen2, GPT-2, OPT, Phi, BERT-family encoders (and models built like them)"
@@ -122,14 +124,14 @@ def find_blocks(model: nn.Module) -> Blocks:
             below = {n: m for n, m in outer.items() if n.startswith(prefix + ".")}
             outer = below or outer
     if not outer:
-        raise ValueError(
+        raise UserValueError(
             f"find_blocks: {type(model).__name__} has no repeated transformer blocks (an nn.ModuleList of modules "
             f"of one class holding nn.Linear/Conv1D layers); supported: {SUPPORTED_FAMILIES}"
         )
     most = max(len(m) for m in outer.values())
     best = [n for n, m in outer.items() if len(m) == most]
     if len(best) > 1:
-        raise ValueError(
+        raise UserValueError(
             f"find_blocks: the blocks of {type(model).__name__} are ambiguous: {', '.join(best)} are equally "
             f"likely; supported: {SUPPORTED_FAMILIES}"
         )
@@ -255,7 +257,7 @@ def _remove_new_hooks(before: dict[nn.Module, set[int]]) -> None:
 def _check_layer_types(model: nn.Module) -> None:
     layer_types = getattr(getattr(model, "config", None), "layer_types", None)
     if layer_types is not None and len(set(layer_types)) > 1:
-        raise NotImplementedError(
+        raise UnsupportedError(
             f"run_sequential: {type(model).__name__} has layers of different types {sorted(set(layer_types))} "
             "(e.g. sliding-window and full attention), whose inputs differ from block 0's; not supported"
         )
@@ -290,9 +292,9 @@ def run_sequential(
     """
     _check_layer_types(model)
     if attention_mask is not None and len(attention_mask) != len(batches):
-        raise ValueError(f"run_sequential: {len(attention_mask)} attention masks for {len(batches)} batches")
+        raise UserValueError(f"run_sequential: {len(attention_mask)} attention masks for {len(batches)} batches")
     if len(batches) == 0:
-        raise ValueError("run_sequential: no calibration batches")
+        raise UserValueError("run_sequential: no calibration batches")
     blocks = find_blocks(model)
     moving = device is not None
     target = _normalize(device) if device is not None else _model_device(model)
@@ -343,7 +345,7 @@ def _run_block(
                 out = block(*args, **kwargs)
                 hidden = out[0] if isinstance(out, (tuple, list)) else out
                 if not isinstance(hidden, Tensor):
-                    raise TypeError(
+                    raise UserTypeError(
                         f"run_sequential: block {blocks.path}.{i} returned {type(out).__name__}, "
                         "not hidden states (a tensor or a tuple starting with one)"
                     )
@@ -388,7 +390,7 @@ def _capture(
                 except _StopForward:
                     pass
                 if len(captured) != before + 1:
-                    raise RuntimeError(
+                    raise UnsupportedError(
                         f"run_sequential: the forward of {type(model).__name__} did not reach its first block "
                         f"{blocks.path}.0"
                     )
@@ -403,7 +405,7 @@ def _capture(
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False
         if not (args and isinstance(args[0], Tensor)) and not isinstance(kwargs.get("hidden_states"), Tensor):
-            raise ValueError(
+            raise UserValueError(
                 f"run_sequential: block {blocks.path}.0 of {type(model).__name__} got its hidden states neither as "
                 "its first positional argument nor as the keyword hidden_states"
             )

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from prune.masks import NMPattern, from_input_last, input_last, nm_mask, num_pruned, prune_lowest
+from sparse_ops.errors import UserValueError
 from sparse_ops.quantized import on_grid, row_scales
 
 _RETRIES = 5  # times the damping is multiplied by 10 when a Cholesky fails
@@ -63,7 +64,7 @@ def relative_error(weight: Tensor, new_weight: Tensor, gram: Tensor, in_dim: int
     denominator is. ``in_dim``: the weights' input dimension (1 for (out, in), 0 for Conv1D's (in, out))."""
     w = input_last(weight, in_dim).to(torch.float64, memory_format=torch.contiguous_format)
     if gram.shape != (w.shape[1], w.shape[1]):
-        raise ValueError(f"gram has shape {tuple(gram.shape)}, expected {(w.shape[1],) * 2} for a weight of "
+        raise UserValueError(f"gram has shape {tuple(gram.shape)}, expected {(w.shape[1],) * 2} for a weight of "
                          f"shape {tuple(weight.shape)} with in_dim={in_dim}")
     h = gram.to(w)
     d = w - input_last(new_weight, in_dim).to(w, memory_format=torch.contiguous_format)
@@ -86,35 +87,35 @@ def sparsegpt_prune(weight: Tensor, gram: Tensor, sparsity: float, *, nm: NMPatt
     ``bits=8``: quantize jointly (the module docstring); float32 weights only.
     """
     if weight.dim() != 2 or in_dim not in (0, 1) or not weight.is_floating_point():
-        raise ValueError(f"weight must be a 2-D floating tensor with in_dim 0 or 1, got shape "
+        raise UserValueError(f"weight must be a 2-D floating tensor with in_dim 0 or 1, got shape "
                          f"{tuple(weight.shape)}, dtype {weight.dtype}, in_dim={in_dim}")
     # (rows, in), float32, contiguous whatever the layout (so both orientations compute the very same thing)
     w = input_last(weight, in_dim).to(torch.float32, copy=True, memory_format=torch.contiguous_format)
     rows, cols = w.shape
     if gram.shape != (cols, cols):
-        raise ValueError(f"gram has shape {tuple(gram.shape)}, expected {(cols, cols)} for a weight of shape "
+        raise UserValueError(f"gram has shape {tuple(gram.shape)}, expected {(cols, cols)} for a weight of shape "
                          f"{tuple(weight.shape)} with in_dim={in_dim}")
     if block_size < 1 or not damp >= 0:
-        raise ValueError(f"block_size must be >= 1 and damp >= 0, got block_size={block_size}, damp={damp}")
+        raise UserValueError(f"block_size must be >= 1 and damp >= 0, got block_size={block_size}, damp={damp}")
     if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        raise UserValueError(f"sparsity must be in [0, 1), got {sparsity}")
     if bits not in (None, 8):
-        raise ValueError(f"bits must be None or 8, got {bits!r}")
+        raise UserValueError(f"bits must be None or 8, got {bits!r}")
     if bits and weight.dtype != torch.float32:
-        raise ValueError(f"joint int8 quantization needs a float32 weight (a lower precision leaves the int8 "
+        raise UserValueError(f"joint int8 quantization needs a float32 weight (a lower precision leaves the int8 "
                          f"grid), got {weight.dtype}")
     if nm is not None:
         if cols % nm.m:
-            raise ValueError(f"input size {cols} is not a multiple of M={nm.m} (pattern {nm})")
+            raise UserValueError(f"input size {cols} is not a multiple of M={nm.m} (pattern {nm})")
         if abs(sparsity - nm.sparsity) > 1e-9:
-            raise ValueError(f"sparsity {sparsity} does not match pattern {nm}; pass {nm.sparsity}")
+            raise UserValueError(f"sparsity {sparsity} does not match pattern {nm}; pass {nm.sparsity}")
         block_size = max(nm.m, block_size // nm.m * nm.m)
     if sparsity == 0 and bits is None:
         return SparseGPTResult(weight.clone(), 0.0)
 
     h = gram.to(device=w.device, dtype=torch.float64, copy=True)
     if not torch.isfinite(h).all():
-        raise ValueError(f"gram of the layer with weight shape {tuple(weight.shape)} has inf or NaN entries")
+        raise UserValueError(f"gram of the layer with weight shape {tuple(weight.shape)} has inf or NaN entries")
     dead = h.diagonal() == 0
     h.diagonal()[dead] = 1.0
     w[:, dead] = 0.0
@@ -168,5 +169,5 @@ def _inverse_cholesky(h: Tensor, damp: float, shape: tuple[int, ...]) -> Tensor:
             if not int(info) and bool(torch.isfinite(up).all()):
                 return up
         lam = max(10 * lam, 1e-6 * mean)
-    raise ValueError(f"the damped Hessian of the layer with weight shape {shape} is not positive definite "
+    raise UserValueError(f"the damped Hessian of the layer with weight shape {shape} is not positive definite "
                      f"even with damping {tried:.3g} (damp={damp}, mean diagonal {mean:.3g}); is gram X^T X?")

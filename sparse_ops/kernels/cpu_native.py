@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_ops.activations import CODES, apply
+from sparse_ops.errors import UnavailableError, UserValueError
 from sparse_ops.formats import CSR, TwoFour
 from sparse_ops.kernels import cpu, native
 from sparse_ops.quantized import BitmapInt8, CSRInt8, DenseInt8, Int8CSR, Int8Weight, quantize_input
@@ -117,11 +118,11 @@ class AddNorm(NamedTuple):  # a NamedTuple: built per call, it must be cheap (a 
     def args(self, n: int, out: int) -> tuple[tuple[object, ...], tuple[torch.Tensor, ...]]:
         """The C++ post arguments (kind, residual, gamma, beta, eps) and the fp32 tensors they point into."""
         if self.residual.shape != (n, out):
-            raise ValueError(f"residual must have shape ({n}, {out}), got {tuple(self.residual.shape)}")
+            raise UserValueError(f"residual must have shape ({n}, {out}), got {tuple(self.residual.shape)}")
         parts = (_fp32(self.residual), *(_fp32(t) if self.norm else None for t in (self.weight, self.bias)))
         for t in parts[1:]:
             if t is not None and t.shape != (out,):
-                raise ValueError(f"the norm's weight and bias must have shape ({out},), got {tuple(t.shape)}")
+                raise UserValueError(f"the norm's weight and bias must have shape ({out},), got {tuple(t.shape)}")
         kind = native.POST_KINDS["add_norm" if self.norm else "add"]
         return (kind, *(None if t is None else t.data_ptr() for t in parts), float(self.eps)), parts
 
@@ -135,7 +136,7 @@ def _entry(name: str, *bound: object) -> Callable[..., None]:
     """The C++ entry ``name`` with its leading arguments (weight pointers, sizes) bound."""
     lib = native.library()
     if lib is None:
-        raise RuntimeError("the native CPU kernels are unavailable in this process (see the log)")
+        raise UnavailableError("the native CPU kernels are unavailable in this process (see the log)")
     args = (t.data_ptr() if isinstance(t, torch.Tensor) else t for t in bound)
     return functools.partial(getattr(lib, name), *args)
 
@@ -155,7 +156,7 @@ def _value_code(values: torch.Tensor) -> str:
 
 def _check_cpu(w: CSR | TwoFour) -> None:
     if w.device.type != "cpu":
-        raise ValueError(f"native CPU kernels need a CPU weight, got device {w.device}")
+        raise UserValueError(f"native CPU kernels need a CPU weight, got device {w.device}")
 
 
 def prepare_csr(w: CSR) -> NativeWeight:
@@ -290,7 +291,7 @@ def prepare_dense(w: torch.Tensor) -> NativeWeight:
     [[11.0, -4.0]]
     """
     if w.dim() != 2 or w.device.type != "cpu":
-        raise ValueError(f"a dense CPU weight (out, in) is needed, got shape {tuple(w.shape)} on {w.device}")
+        raise UserValueError(f"a dense CPU weight (out, in) is needed, got shape {tuple(w.shape)} on {w.device}")
     values = _values(w.detach())
     code = _value_code(w)
     return NativeWeight(w, (values,), _entry(f"dense_{code}", values, *w.shape), w.dtype, nnz=w.numel(),
@@ -352,7 +353,7 @@ def int8_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, act
         return y if post is None else post.apply(y)
     if isinstance(w.source, DenseInt8):
         if variant is not None:
-            raise ValueError(f"the dense-int8 kernel has no variants, got {variant!r}")
+            raise UserValueError(f"the dense-int8 kernel has no variants, got {variant!r}")
         return _matmul(w, x, bias, False, CODES[activation], post)
     panels = _panels_for(w, x.shape[0], variant, int8_variants(x.shape[0]))
     if panels and quantized:  # the panelled kernel takes fp32 inputs: the int8 copy made here
@@ -366,7 +367,7 @@ def _panels_for(w: NativeWeight, n: int, variant: str | None, allowed: tuple[str
     if variant is None:
         return use_panels(n, w.density, w.source.shape[1])
     if variant not in allowed:
-        raise ValueError(f"unknown kernel variant {variant!r} for {n} tokens; allowed: {allowed}")
+        raise UserValueError(f"unknown kernel variant {variant!r} for {n} tokens; allowed: {allowed}")
     return variant == "panels"
 
 
@@ -435,9 +436,9 @@ def ffn_matmul(up: NativeWeight, down: NativeWeight, x: torch.Tensor, up_bias: t
         return None
     (hidden, inp), out = up.source.shape, down.source.shape[0]
     if down.source.shape[1] != hidden:
-        raise ValueError(f"the down weight takes {down.source.shape[1]} inputs, the up weight gives {hidden}")
+        raise UserValueError(f"the down weight takes {down.source.shape[1]} inputs, the up weight gives {hidden}")
     if gate is not None and gate.source.shape != up.source.shape:
-        raise ValueError(f"the gate weight is {tuple(gate.source.shape)}, the up weight {(hidden, inp)}")
+        raise UserValueError(f"the gate weight is {tuple(gate.source.shape)}, the up weight {(hidden, inp)}")
     x, bg, bu, bd = (_fp32(t) for t in (x, gate_bias, up_bias, down_bias))
     call = up.ffn_call
     if call is None or call[0] is not down or call[1] is not gate:  # bind once per set (a few us per call else)
@@ -591,7 +592,7 @@ def two_four_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None,
                     post: AddNorm | None = None, variant: str | None = None) -> torch.Tensor:
     """x: (N, in) -> post(activation(x W^T + bias)) (N, out) in the weight's dtype (no variants)."""
     if variant is not None:
-        raise ValueError(f"the 2:4 kernel has no variants, got {variant!r}")
+        raise UserValueError(f"the 2:4 kernel has no variants, got {variant!r}")
     if _needs_grad(x, bias):
         y = apply(cpu.csr_matmul(cpu.prepare_csr(CSR.from_dense(w.source.to_dense())), x, bias), activation)
         return y if post is None else post.apply(y)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sparse_ops.errors import UnsupportedError
 from sparse_ops.formats import CSR, TwoFour
 
 SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
@@ -57,7 +58,7 @@ def accepts_two_four(w: TwoFour) -> bool:
 
 def prepare_two_four(w: TwoFour) -> SemiStructured:
     if w.dtype not in SEMI_STRUCTURED_DTYPES:
-        raise NotImplementedError(f"CUDA 2:4 needs float16 or bfloat16 values, got {w.dtype}")
+        raise UnsupportedError(f"CUDA 2:4 needs float16 or bfloat16 values, got {w.dtype}")
     out, inp = w.shape
     rm, cm = _tile_multiples(w.dtype)
     out_pad, in_pad = -(-out // rm) * rm, -(-inp // cm) * cm

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from sparse_ops.errors import UnavailableError, UserValueError
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "sparse_cpu.cpp"
@@ -154,7 +156,7 @@ def _check_status(status: int, fn: object, _args: tuple) -> int:
     is a bug)."""
     name = getattr(fn, "__name__", fn)
     if status == STATUS["bad_argument"]:
-        raise ValueError(f"{name}: the C++ code refused its arguments ({status=})")
+        raise UserValueError(f"{name}: the C++ code refused its arguments ({status=})")
     if status:
         raise MemoryError(f"{name}: out of memory for the packed input ({status=})")
     return status
@@ -185,7 +187,37 @@ def open_library(path: str | os.PathLike, strict: bool = True) -> ctypes.CDLL:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("SPARSE_OPS_CACHE") or Path.home() / ".cache" / "sparse_ops")
+    """``$SPARSE_OPS_CACHE`` or ``~/.cache/sparse_ops``; where that cannot be written (a read-only home), a
+    private folder under the system's temporary directory instead, said once."""
+    return _usable_cache_dir(os.environ.get("SPARSE_OPS_CACHE") or str(Path.home() / ".cache" / "sparse_ops"))
+
+
+@functools.cache
+def _usable_cache_dir(wanted: str) -> Path:
+    path = Path(wanted)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if os.access(path, os.W_OK | os.X_OK):
+            return path
+        reason = "not writable"
+    except OSError as e:
+        reason = e.strerror or str(e)
+    # a library is loaded from here: only a folder this user owns and nobody else may write
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    fallback = Path(tempfile.gettempdir()) / f"sparse_ops-{uid}"
+    try:
+        fallback.mkdir(mode=0o700, exist_ok=True)
+        st = fallback.lstat()
+        private = fallback.is_dir() and not fallback.is_symlink() and (uid is None or st.st_uid == uid) \
+            and not st.st_mode & 0o022
+    except OSError:
+        private = False
+    if not private:
+        fallback = Path(tempfile.mkdtemp(prefix="sparse_ops-"))
+    log.warning("sparse_ops: the cache folder %s cannot be written (%s); using %s instead, so the kernels are "
+                "built and the plans measured again once it is cleared (set SPARSE_OPS_CACHE to keep them)",
+                path, reason, fallback)
+    return fallback
 
 
 @functools.cache
@@ -229,7 +261,7 @@ def isa() -> str:
     name = os.environ.get("SPARSE_OPS_ISA", "").strip().lower()
     if name:
         if name not in ISAS:
-            raise ValueError(f"SPARSE_OPS_ISA={name!r} is not a target; allowed: {', '.join(ISAS)}")
+            raise UserValueError(f"SPARSE_OPS_ISA={name!r} is not a target; allowed: {', '.join(ISAS)}")
         return name
     return next((i.name for i in ISAS.values() if runs_here(i)), "native")
 
@@ -284,7 +316,7 @@ def build(compiler: str | None = None, target: str | None = None) -> Path:
     Raise RuntimeError on failure."""
     compiler = compiler or os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not compiler:
-        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+        raise UnavailableError("no C++ compiler found (set CXX or install g++)")
     target = target or isa()
     flags = build_flags(target)
     path = cache_dir() / f"sparse_cpu_{target}_{build_key(compiler, flags)}.so"
@@ -405,7 +437,7 @@ def backend(name: str) -> Iterator[None]:
     ...     pass
     """
     if name not in BACKENDS:
-        raise ValueError(f"unknown threading backend {name!r}; allowed: {', '.join(BACKENDS)}")
+        raise UserValueError(f"unknown threading backend {name!r}; allowed: {', '.join(BACKENDS)}")
     lib = library()
     previous = lib.sparse_cpu_set_backend(BACKENDS[name]) if lib is not None else 0
     try:

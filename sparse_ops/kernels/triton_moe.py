@@ -23,6 +23,7 @@ import functools
 
 import torch
 
+from sparse_ops.errors import UnavailableError, UserValueError
 from sparse_ops.kernels import triton_sparse as ts
 
 triton, tl = ts.triton, ts.tl
@@ -80,7 +81,7 @@ if tl is not None:
 def _build() -> tuple[object, bool]:
     """The kernel, decorated once per process, compiled or interpreted per ``TRITON_INTERPRET`` now."""
     if triton is None:
-        raise RuntimeError("the Triton MoE kernel needs triton")
+        raise UnavailableError("the Triton MoE kernel needs triton")
     g = globals()
     g["_grouped_kernel"] = triton.jit(getattr(g["_grouped_kernel"], "fn", g["_grouped_kernel"]))
     return g["_grouped_kernel"], ts.interpreting()
@@ -92,14 +93,14 @@ def grouped_linear(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor, b: t
     ``b[e]``; (A, H) in x's dtype. ``offsets``: (E + 1,) int, starting at 0 and ending at A."""
     E, H, D = w.shape
     if x.dim() != 2 or x.shape[1] != D:
-        raise ValueError(f"x must have shape (A, {D}), got {tuple(x.shape)}")
+        raise UserValueError(f"x must have shape (A, {D}), got {tuple(x.shape)}")
     if offsets.shape != (E + 1,):
-        raise ValueError(f"offsets must have shape ({E + 1},), got {tuple(offsets.shape)}")
+        raise UserValueError(f"offsets must have shape ({E + 1},), got {tuple(offsets.shape)}")
     if b is not None and b.shape != (E, H):
-        raise ValueError(f"b must have shape ({E}, {H}), got {tuple(b.shape)}")
+        raise UserValueError(f"b must have shape ({E}, {H}), got {tuple(b.shape)}")
     kernel, interpret = _build()
     if x.device.type != "cuda" and not interpret:
-        raise RuntimeError("the Triton kernels run CPU tensors only under TRITON_INTERPRET=1")
+        raise UnavailableError("the Triton kernels run CPU tensors only under TRITON_INTERPRET=1")
     A = x.shape[0]
     y = torch.empty(A, H, dtype=x.dtype, device=x.device)
     if A == 0 or H == 0:

@@ -88,6 +88,7 @@ import torch
 
 from sparse_ops import activations
 from sparse_ops.bitmap import DEFAULT_TILE, TILE_KS, TILE_OUTS, TiledBitmap  # noqa: F401 (the kernel's layout)
+from sparse_ops.errors import UnavailableError, UserValueError
 from sparse_ops.formats import CSR, VALUE_DTYPES
 
 try:
@@ -235,7 +236,7 @@ class _Kernels:
 def _build() -> _Kernels:
     """Decorate the kernels (once per process): compiled or interpreted per ``TRITON_INTERPRET`` now."""
     if triton is None:
-        raise RuntimeError("the Triton sparse kernels need triton")
+        raise UnavailableError("the Triton sparse kernels need triton")
     interpret = interpreting()
     g = globals()
     for name in ("_popc32", "_tiled_kernel", "_splitk_reduce"):
@@ -260,7 +261,7 @@ def _cuda_programs(index: int) -> int:
 def choose_splits(tb: TiledBitmap, n: int, variant: str | None) -> int:
     """Programs per tile row: 1 for "plain"; for "splitk" at least 2; for None split-K only when skinny."""
     if variant not in (None, *VARIANTS):
-        raise ValueError(f"unknown variant {variant!r}; allowed: None, {', '.join(VARIANTS)}")
+        raise UserValueError(f"unknown variant {variant!r}; allowed: None, {', '.join(VARIANTS)}")
     if variant == "plain" or (variant is None and (n > SPLITK_MAX_TOKENS or tb.max_row_tiles < 2)):
         return 1
     programs = tb.tile_rows * -(-n // 16)
@@ -275,17 +276,17 @@ def check_product(shape: tuple[int, int], device: torch.device, x: torch.Tensor,
     RuntimeError for CPU tensors outside the interpreter."""
     out, inp = shape
     if x.dim() != 2 or x.shape[1] != inp:
-        raise ValueError(f"x must have shape (N, {inp}), got {tuple(x.shape)}")
+        raise UserValueError(f"x must have shape (N, {inp}), got {tuple(x.shape)}")
     if x.dtype not in VALUE_DTYPES:
-        raise ValueError(f"x must be fp32 / fp16 / bf16, got {x.dtype}")
+        raise UserValueError(f"x must be fp32 / fp16 / bf16, got {x.dtype}")
     if x.device != device:
-        raise ValueError(f"x is on {x.device}, the weight on {device}")
+        raise UserValueError(f"x is on {x.device}, the weight on {device}")
     if bias is not None and bias.shape != (out,):
-        raise ValueError(f"bias must have shape ({out},), got {tuple(bias.shape)}")
+        raise UserValueError(f"bias must have shape ({out},), got {tuple(bias.shape)}")
     if splits < 1:
-        raise ValueError(f"splits must be >= 1, got {splits}")
+        raise UserValueError(f"splits must be >= 1, got {splits}")
     if x.device.type != "cuda" and not interpreting():
-        raise RuntimeError("the Triton kernels run CPU tensors only under the interpreter: "
+        raise UnavailableError("the Triton kernels run CPU tensors only under the interpreter: "
                            "TRITON_INTERPRET=1 before the first product")
 
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from sparse_ops import activations
+from sparse_ops.errors import UnavailableError, UserValueError
 from sparse_ops.formats import TwoFour
 from sparse_ops.kernels import triton_sparse as ts
 
@@ -57,7 +58,7 @@ variants = ts.variants
 def choose_splits(w: TwoFour, n: int, variant: str | None) -> int:
     """Input ranges per row tile: 1 for "plain"; for "splitk" at least 2; for None split-K only when skinny."""
     if variant not in (None, *VARIANTS):
-        raise ValueError(f"unknown variant {variant!r}; allowed: None, {', '.join(VARIANTS)}")
+        raise UserValueError(f"unknown variant {variant!r}; allowed: None, {', '.join(VARIANTS)}")
     k_tiles = -(-w.shape[1] // TILE_K)
     if variant == "plain" or (variant is None and (n > ts.SPLITK_MAX_TOKENS or k_tiles < 2)):
         return 1
@@ -118,7 +119,7 @@ class _Kernel:
 def _build() -> _Kernel:
     """Decorate the kernel (once per process), compiled or interpreted per ``TRITON_INTERPRET`` now."""
     if triton is None:
-        raise RuntimeError("the Triton 2:4 kernel needs triton")
+        raise UnavailableError("the Triton 2:4 kernel needs triton")
     interpret = ts.interpreting()
     g = globals()
     g["_two_four_kernel"] = triton.jit(getattr(g["_two_four_kernel"], "fn", g["_two_four_kernel"]))

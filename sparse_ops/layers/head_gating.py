@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparse_ops.errors import UserTypeError, UserValueError
 from sparse_ops.kernels import cpu_native
 from sparse_ops.layers.params import ParamCounts
 
@@ -42,7 +43,7 @@ class HardConcrete:
 
     def __post_init__(self) -> None:
         if not (self.beta > 0 and self.gamma < 0 and self.zeta > 1):
-            raise ValueError(f"need beta > 0, gamma < 0, zeta > 1; got beta={self.beta}, "
+            raise UserValueError(f"need beta > 0, gamma < 0, zeta > 1; got beta={self.beta}, "
                              f"gamma={self.gamma}, zeta={self.zeta}")
 
 
@@ -115,9 +116,9 @@ def kept_heads(heads: Iterable[int], num_heads: int) -> list[int]:
     drop = {int(h) for h in heads}
     bad = sorted(h for h in drop if not 0 <= h < num_heads)
     if bad:
-        raise ValueError(f"head indices {bad} are out of range; allowed 0..{num_heads - 1}")
+        raise UserValueError(f"head indices {bad} are out of range; allowed 0..{num_heads - 1}")
     if len(drop) == num_heads:
-        raise ValueError(f"cannot remove all {num_heads} heads; at least one must remain")
+        raise UserValueError(f"cannot remove all {num_heads} heads; at least one must remain")
     return [h for h in range(num_heads) if h not in drop]
 
 
@@ -155,7 +156,7 @@ def _heads_shared_mask(mask: Tensor | None) -> Tensor | None:
         return mask
     if mask.dim() == 3:
         return mask[:, None]
-    raise ValueError(f"attn_mask must be (S, S), (B, S, S) or (B, 1, S, S) (one mask shared by all heads), "
+    raise UserValueError(f"attn_mask must be (S, S), (B, S, S) or (B, 1, S, S) (one mask shared by all heads), "
                      f"got shape {tuple(mask.shape)}")
 
 
@@ -173,10 +174,10 @@ class GatedAttentionConfig:
 
     def __post_init__(self) -> None:
         if min(self.d_model, self.num_heads, self.head_dim) < 1:
-            raise ValueError(f"d_model, num_heads, head_dim must be >= 1, got {self.d_model}, "
+            raise UserValueError(f"d_model, num_heads, head_dim must be >= 1, got {self.d_model}, "
                              f"{self.num_heads}, {self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise UserValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
 class GatedMultiheadAttention(nn.Module):
@@ -201,7 +202,7 @@ class GatedMultiheadAttention(nn.Module):
                  init_log_alpha: float = 3.0, gate: HardConcrete = HardConcrete()) -> None:
         super().__init__()
         if num_heads < 1 or d_model % num_heads:
-            raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads} (num_heads >= 1)")
+            raise UserValueError(f"d_model={d_model} must be divisible by num_heads={num_heads} (num_heads >= 1)")
         self.config = GatedAttentionConfig(d_model, num_heads, d_model // num_heads, dropout, bias,
                                            init_log_alpha, gate)
         self.in_proj = nn.Linear(d_model, 3 * d_model, bias=bias)
@@ -222,7 +223,7 @@ class GatedMultiheadAttention(nn.Module):
                                  **kwargs: object) -> GatedMultiheadAttention:
         """Copy the weights of a self-attention ``nn.MultiheadAttention`` (same Q/K/V/out layout)."""
         if not mha._qkv_same_embed_dim:
-            raise ValueError("only nn.MultiheadAttention with kdim == vdim == embed_dim is supported")
+            raise UserValueError("only nn.MultiheadAttention with kdim == vdim == embed_dim is supported")
         new = cls(mha.embed_dim, mha.num_heads, mha.dropout, mha.in_proj_bias is not None, **kwargs)
         new.to(device=mha.in_proj_weight.device, dtype=mha.in_proj_weight.dtype)
         with torch.no_grad():
@@ -254,10 +255,10 @@ class GatedMultiheadAttention(nn.Module):
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if x.dim() not in (2, 3) or x.shape[-1] != self.config.d_model:
-            raise ValueError(f"input must be (B, S, {self.config.d_model}) or (S, {self.config.d_model}), "
+            raise UserValueError(f"input must be (B, S, {self.config.d_model}) or (S, {self.config.d_model}), "
                              f"got shape {tuple(x.shape)}")
         if attn_mask is not None and is_causal:
-            raise ValueError("pass either attn_mask or is_causal=True, not both")
+            raise UserValueError("pass either attn_mask or is_causal=True, not both")
         if x.dim() == 2:
             return self.forward(x[None], attn_mask, is_causal)[0]
         mask = _heads_shared_mask(attn_mask)
@@ -332,7 +333,7 @@ def prune_bert_heads(attention: nn.Module, heads: Iterable[int]) -> None:
     sa, out = getattr(attention, "self", None), getattr(getattr(attention, "output", None), "dense", None)
     needed = ("query", "key", "value", "num_attention_heads", "attention_head_size", "all_head_size")
     if sa is None or out is None or not all(hasattr(sa, n) for n in needed):
-        raise TypeError(f"expected a BERT-style attention block with .self ({', '.join(needed)}) and "
+        raise UserTypeError(f"expected a BERT-style attention block with .self ({', '.join(needed)}) and "
                         f".output.dense, got {type(attention).__name__}")
     keep = kept_heads(heads, sa.num_attention_heads)
     rows = head_rows(keep, sa.attention_head_size)
@@ -357,8 +358,8 @@ def prune_bert_model_heads(model: nn.Module, heads_to_prune: dict[int, Iterable[
     base = getattr(model, "base_model", model)
     layers = getattr(getattr(base, "encoder", None), "layer", None)
     if layers is None:
-        raise TypeError(f"expected a BERT-family model with .encoder.layer, got {type(model).__name__}")
+        raise UserTypeError(f"expected a BERT-family model with .encoder.layer, got {type(model).__name__}")
     for i, heads in heads_to_prune.items():
         if not 0 <= i < len(layers):
-            raise ValueError(f"layer index {i} is out of range; allowed 0..{len(layers) - 1}")
+            raise UserValueError(f"layer index {i} is out of range; allowed 0..{len(layers) - 1}")
         prune_bert_heads(layers[i].attention, heads)

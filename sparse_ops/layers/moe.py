@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparse_ops.errors import UserValueError
 from sparse_ops.kernels import triton_moe
 from sparse_ops.kernels.cpu_native import moe_forward
 from sparse_ops.layers.params import ParamCounts
@@ -54,17 +55,17 @@ class MoEConfig:
     def __post_init__(self) -> None:
         for name in ("d_model", "d_hidden", "num_experts", "top_k"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UserValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.top_k > self.num_experts:
-            raise ValueError(f"top_k={self.top_k} must be <= num_experts={self.num_experts}")
+            raise UserValueError(f"top_k={self.top_k} must be <= num_experts={self.num_experts}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation={self.activation!r} is not one of {sorted(ACTIVATIONS)}")
+            raise UserValueError(f"activation={self.activation!r} is not one of {sorted(ACTIVATIONS)}")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
-            raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {self.capacity_factor}")
+            raise UserValueError(f"capacity_factor must be > 0 or None (dropless), got {self.capacity_factor}")
         if not 0.0 <= self.router_jitter < 1.0:
-            raise ValueError(f"router_jitter must be in [0, 1), got {self.router_jitter}")
+            raise UserValueError(f"router_jitter must be in [0, 1), got {self.router_jitter}")
         if self.aux_loss_coef < 0 or self.z_loss_coef < 0:
-            raise ValueError(f"loss coefficients must be >= 0, got {self.aux_loss_coef}, {self.z_loss_coef}")
+            raise UserValueError(f"loss coefficients must be >= 0, got {self.aux_loss_coef}, {self.z_loss_coef}")
 
 
 @dataclass(frozen=True)
@@ -242,7 +243,7 @@ class MoE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         c = self.config
         if x.shape[-1] != c.d_model:
-            raise ValueError(f"input's last dim must be d_model={c.d_model}, got shape {tuple(x.shape)}")
+            raise UserValueError(f"input's last dim must be d_model={c.d_model}, got shape {tuple(x.shape)}")
         x2 = x.reshape(-1, c.d_model)  # (T, D)
         router_in = jitter(x2, c.router_jitter) if self.training and c.router_jitter > 0 else x2
         logits = self.router(router_in)  # (T, E)
