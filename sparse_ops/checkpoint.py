@@ -50,13 +50,12 @@ from tqdm import tqdm
 from sparse_ops.errors import MissingPathError, OutputExistsError, UserValueError
 from sparse_ops.formats import VALUE_DTYPES, SparseFormat, ValuesMixin
 from sparse_ops.quantized import CLIPS, QMAX, CSRInt8, DenseInt8
-from sparse_ops.registry import FORMATS, LOSSLESS, QUANTIZED, format_class
+from sparse_ops.registry import AUTO, FORMATS, LOSSLESS, QUANTIZED, format_class
 from sparse_ops.tensorio import DTYPES, SPARSE_INDEX, BadFileError, RawSource, SafetensorsWriter, open_raw
 
 FORMAT_VERSION = "1"
 VERSION_KEY = "sparse_ops.format_version"
 TENSORS_KEY = "sparse_ops.tensors"
-AUTO = "auto"
 CONVERT_FORMATS = (*FORMATS, AUTO)  # "auto": per tensor, whichever stores it smaller
 QUANTIZE = ("int8",)  # convert_checkpoint(quantize=...): values as symmetric int8 with per-row scales
 INT8_TWINS = {"csr": CSRInt8.format}  # a lossless format -> its int8 layout under quantize="int8"

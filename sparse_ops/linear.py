@@ -28,7 +28,7 @@ from sparse_ops.kernels import cpu_native, native
 from sparse_ops.kernels.cpu_native import NativeWeight
 from sparse_ops.plan import DENSE, TORCH_SUFFIX, Planner
 from sparse_ops.quantized import INPUT_BITS, DenseInt8, quantize_input
-from sparse_ops.registry import FORMATS, LOSSLESS, QUANTIZED, format_class
+from sparse_ops.registry import AUTO, FORMATS, LOSSLESS, QUANTIZED, format_class
 from sparse_ops.timing import Timer, Timing, time_candidates
 
 LAYER_FORMATS = (*FORMATS, *torch_path_formats())
@@ -356,13 +356,32 @@ class SparseLinear(nn.Module):
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, format: str = "csr") -> SparseLinear:
-        """A SparseLinear holding ``linear``'s weight in ``format`` ("csr", "2:4" or "csr:torch": CSR on torch's
-        kernel). Which path runs per batch is ``sparsify``'s plan (``planner``); this builds the layer alone."""
+        """A SparseLinear holding ``linear``'s weight in ``format`` ("csr", "2:4", an int8 format, "csr:torch":
+        CSR on torch's kernel, or "auto": the smallest lossless format the weight fits, as ``prune convert
+        --format auto`` stores it). Which path runs per batch is ``sparsify``'s plan (``planner``); this builds
+        the layer alone.
+
+        >>> layer = nn.Linear(8, 4)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.view(-1, 4)[:, :2].zero_()  # two zeros in every four inputs: 2:4
+        >>> SparseLinear.from_dense(layer, format="auto").format
+        '2:4'
+        """
+        if format == AUTO:
+            format = smallest_lossless(linear.weight.detach())
         if format not in LAYER_FORMATS:
-            raise UserValueError(f"unknown format {format!r}; allowed: {', '.join(LAYER_FORMATS)}")
+            raise UserValueError(f"unknown format {format!r}; allowed: {', '.join((*LAYER_FORMATS, AUTO))}")
         bias = None if linear.bias is None else linear.bias.detach().clone()
         fmt = format.removesuffix(TORCH_SUFFIX)
         return cls(format_class(fmt).from_dense(linear.weight.detach()), bias, torch_kernel=format != fmt)
+
+
+def smallest_lossless(w: torch.Tensor) -> str:
+    """The lossless sparse format (``registry.LOSSLESS``) that stores ``w`` in the fewest bytes among those whose
+    pattern it fits."""
+    nnz = int(torch.count_nonzero(w))
+    fits = [name for name in LOSSLESS if FORMATS[name].eligible(w)]
+    return min(fits, key=lambda name: FORMATS[name].estimate_nbytes(tuple(w.shape), nnz, w.dtype))
 
 
 def _variant_kw(path: str | None) -> dict[str, str]:

@@ -239,13 +239,14 @@ class Planner:
 
 
 def plan_rows(model: torch.nn.Module) -> list[dict]:
-    """One row per planned ``SparseLinear``: name, shape, format, sparsity and, per bucket, the chosen path with
+    """One row per planned ``SparseLinear``: name (the one it was loaded under, which a fusion that moves the
+    layer does not change; else its place in ``model``), shape, format, sparsity and, per bucket, the chosen path with
     its speedup over dense (None where no call has reached that bucket yet). A planned layer is any module with
     a ``planner`` and ``planned(bucket)`` (``SparseLinear``; this module sits below it and does not import it)."""
     rows = []
     for name, m in model.named_modules():
         if isinstance(getattr(m, "planner", None), Planner) and callable(getattr(m, "planned", None)):
-            rows.append({"name": name or m.name, "shape": (m.out_features, m.in_features), "format": m.format,
+            rows.append({"name": getattr(m, "name", None) or name, "shape": (m.out_features, m.in_features), "format": m.format,
                          "sparsity": m.sparsity, "routes": {b: m.planned(b) for b in BUCKETS}})
     return rows
 

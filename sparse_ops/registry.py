@@ -16,6 +16,7 @@ from sparse_ops.quantized import BitmapInt8, CSRInt8, DenseInt8
 
 FORMATS: dict[str, type] = {c.format: c for c in (CSR, TwoFour, DenseInt8, CSRInt8, BitmapInt8)}
 LOSSLESS: tuple[str, ...] = tuple(name for name, c in FORMATS.items() if not c.QUANTIZED)
+AUTO = "auto"  # a format argument meaning: per tensor, whichever format stores it smallest
 QUANTIZED: tuple[str, ...] = tuple(name for name, c in FORMATS.items() if c.QUANTIZED)
 
 

@@ -262,6 +262,32 @@ def test_checkpoint_dense_file_gives_the_same_layers(tmp_path):
     assert seen[0] == seen[1]
 
 
+def test_checkpoint_twin_layers_are_measured_once(tmp_path, monkeypatch):
+    """The same projection in two blocks (shape, storage, sparsity to 1%) is timed once; the second layer's rows
+    name the first in ``measured_as``; a layer of another sparsity is timed itself."""
+    from prune.bench import checkpoint as bench_checkpoint
+
+    g = torch.Generator().manual_seed(0)
+
+    def pruned(zeros):  # exactly `zeros` of the 1536 weights zeroed, at random places
+        w = torch.randn(48 * 32, generator=g)
+        w[torch.randperm(48 * 32, generator=g)[:zeros]] = 0.0
+        return w.view(48, 32)
+    state = {"0.q.weight": pruned(1380), "1.q.weight": pruned(1390), "2.q.weight": pruned(768)}  # 89.8, 90.5, 50%
+    torch.save(state, tmp_path / "m.pt")
+    calls = []
+    measure = bench_checkpoint.measure_weight
+    monkeypatch.setattr(bench_checkpoint, "measure_weight", lambda w, *a, **k: calls.append(w) or measure(w, *a, **k))
+    rows = [r for point in bench_checkpoint.sweep_checkpoint(tmp_path / "m.pt", (2,), repeats=1, min_sample_s=1e-4,
+                                                             deadline=Deadline(None), skipped={}) for r in point]
+    assert len(calls) == 2  # layers 0 and 2
+    by_layer = {r.layer: r for r in rows if r.candidate == "dense"}
+    assert [by_layer[n].measured_as for n in ("0.q.weight", "1.q.weight", "2.q.weight")] == \
+        ["0.q.weight", "0.q.weight", "2.q.weight"]
+    assert by_layer["1.q.weight"].median_s == by_layer["0.q.weight"].median_s
+    assert by_layer["1.q.weight"].sparsity != by_layer["0.q.weight"].sparsity  # its own, not the twin's
+
+
 def test_families_quick(tmp_path, capsys):
     assert main(["bench", "families", "--quick", "--tokens", "4", "--out", str(tmp_path), *TINY]) == 0
     cols, rows = read_csv(tmp_path / "families.csv")

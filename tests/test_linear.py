@@ -114,3 +114,15 @@ def test_csr_on_torchs_kernel_stays_there_when_moved():
         torch.testing.assert_close(moved(xb).float(), xb.float() @ moved.weight.to_dense().float().t()
                                    + moved.bias.float(), rtol=TOL[torch.bfloat16], atol=TOL[torch.bfloat16] * 6)
     assert SparseLinear.from_dense(lin, format="csr").choice == "csr"
+
+
+def test_from_dense_auto_picks_the_smallest_lossless_format_that_fits():
+    layer = nn.Linear(64, 32)
+    with torch.no_grad():
+        layer.weight.mul_(torch.rand(32, 64, generator=torch.Generator().manual_seed(0)) > 0.9)  # ~90%, no 2:4
+    auto = SparseLinear.from_dense(layer, format="auto")
+    assert auto.format == "csr"
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(auto(x), layer(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown format 'cs'; allowed: .*auto"):
+        SparseLinear.from_dense(layer, format="cs")

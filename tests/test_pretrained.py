@@ -60,6 +60,7 @@ def test_a_converted_folder_loads_as_its_architecture_and_matches_the_dense_mode
     sparse = {n for n, m in model.named_modules() if isinstance(m, SparseLinear)}
     assert sparse == set(pruned_layers(dense)) and len(sparse) >= 8  # every pruned linear (and Conv1D)
     fused = from_pretrained(folder)  # the default: every proven fusion
+    assert {r["name"] for r in plan_rows(fused)} == sparse  # the plan names layers as stored, fused or not
     ids = torch.randint(0, 100, (2, 11))
     with torch.no_grad():
         for m in (model, fused):

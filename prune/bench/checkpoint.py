@@ -74,6 +74,8 @@ class LayerRow:
     fraction_of_limit: float
     max_rel_err: float
     auto_chose: str  # the default plan's path for this layer at this batch (its own measurement)
+    measured_as: str = ""  # the layer whose measurement these columns are: itself, or its twin (same shape,
+    #                        dtype, storage and sparsity to 1%) measured earlier in the sweep
 
 
 LAYER_COLUMNS = tuple(f.name for f in dataclasses.fields(LayerRow))
@@ -141,14 +143,16 @@ def linear_weights(path: str | os.PathLike, skipped: dict[str, str]) -> Iterator
         yield name, w, fmt
 
 
-def layer_rows(name: str, w: torch.Tensor, stored: str, batch: int, measured: list[Measured]) -> list[LayerRow]:
+def layer_rows(name: str, w: torch.Tensor, stored: str, batch: int, measured: list[Measured],
+               measured_as: str | None = None) -> list[LayerRow]:
     shape, nnz = (w.shape[0], w.shape[1]), int(torch.count_nonzero(w))
     dense = next(m.timing for m in measured if m.candidate == "dense")
     auto = next((m.auto_chose for m in measured if m.candidate == "auto"), "dense")
     sparsity = round(1 - nnz / max(w.numel(), 1), 4)
     return [LayerRow(layer=name, out_features=shape[0], in_features=shape[1], dtype=_DTYPE_NAMES[w.dtype],
                      stored_format=stored, sparsity=sparsity, batch=batch, auto_chose=auto,
-                     **timed_columns(m, dense, shape, nnz, w.dtype)) for m in measured]
+                     measured_as=measured_as or name, **timed_columns(m, dense, shape, nnz, w.dtype))
+            for m in measured]
 
 
 def sweep_checkpoint(path: str | os.PathLike, batches: tuple[int, ...], *, dtype: str | None = None,
@@ -159,20 +163,34 @@ def sweep_checkpoint(path: str | os.PathLike, batches: tuple[int, ...], *, dtype
 
     The deadline is asked before each layer (``done`` = layers measured, cost = the last layer's seconds over
     all its batches): a layer is measured at every batch or not at all, so each batch's whole-model sum
-    covers the same layers.
+    covers the same layers. A layer with the same shape, dtype, storage and sparsity (to 1%) as one measured
+    before (the same projection in every block of a uniformly pruned model) reuses that one's measurement,
+    named in ``measured_as``: a 30-block LLM is measured in about a thirtieth of the time.
     """
     start, last, done = clock(), 0.0, 0
+    measured_before: dict[tuple, list[tuple[float, str, dict[int, list[Measured]]]]] = {}
     for name, w, stored in linear_weights(path, skipped):
         if not deadline.allows(done, clock() - start, last):
             return
         t0 = clock()
         w = w.to(device, DTYPES[dtype] if dtype else w.dtype)
+        sparsity = 1 - int(torch.count_nonzero(w)) / max(w.numel(), 1)
+        alike = measured_before.setdefault((tuple(w.shape), w.dtype, stored), [])
+        twin = next((t for t in alike if abs(t[0] - sparsity) <= 0.01), None)
+        if twin is not None:
+            for batch in batches:
+                yield layer_rows(name, w, stored, batch, twin[2][batch], measured_as=twin[1])
+            done += 1
+            continue
+        by_batch: dict[int, list[Measured]] = {}
+        alike.append((sparsity, name, by_batch))
         formats = tuple(f for f in SPARSE if FORMATS[f].eligible(w)) + ((stored,) if stored in QUANTIZED else ())
         formats += (*(c for c in candidate_formats(w) if c not in SPARSE), "auto")  # torch's kernel; the default
         for batch in batches:
             x = torch.randn(batch, w.shape[1], device=device).to(w.dtype)  # (batch, in)
             measured, _ = measure_weight(w, x, ("dense", *formats), with_anchors=False, repeats=repeats,
                                          min_sample_s=min_sample_s)
+            by_batch[batch] = measured
             yield layer_rows(name, w, stored, batch, measured)
         done, last = done + 1, clock() - t0
 

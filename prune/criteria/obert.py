@@ -73,9 +73,9 @@ class OBert(Criterion):
             return magnitude_unit(weight)
         kept = self._kept(weight, evidence.mask)
         inverse = self._inverse(fisher, kept)
-        w = self._blocks(weight.detach().double()) * kept
+        w = self._blocks(weight.detach().float()) * kept
         rho = w.square() / (2 * inverse.diagonal(dim1=1, dim2=2))
-        return self._unblock(rho, weight).float()
+        return self._unblock(rho, weight)
 
     def update(self, weight: Tensor, mask: Tensor, evidence: Evidence) -> None:
         assert evidence.accumulated is not None, "obert's Fisher accumulates in backward"
@@ -86,11 +86,11 @@ class OBert(Criterion):
             return  # nothing removed, or no curvature seen: nothing to compensate
         inverse = self._inverse(evidence.accumulated, kept)[touched]
         q = removed[touched]
-        w = self._blocks(weight.detach().double()) * kept
+        w = self._blocks(weight.detach().float()) * kept
         # (F^-1)_QQ x_Q = w_Q with x = 0 off Q: the QxQ block, and the identity elsewhere so the system stays whole
-        system = torch.where(q.unsqueeze(2) & q.unsqueeze(1), inverse, 0) + torch.diag_embed((~q).double())
-        x = torch.linalg.solve(system, w[touched] * q)
-        w[touched] -= (inverse @ x.unsqueeze(2)).squeeze(2)
+        system = torch.where(q.unsqueeze(2) & q.unsqueeze(1), inverse, 0) + torch.diag_embed((~q).float())
+        x = torch.cholesky_solve((w[touched] * q).unsqueeze(2), torch.linalg.cholesky(system)).squeeze(2)
+        w[touched] -= torch.bmm(inverse, x.unsqueeze(2)).squeeze(2)
         new = self._unblock(w, weight).to(weight.dtype)
         weight.copy_(torch.where(mask, new, weight))  # pruned entries keep their (masked) values
 
@@ -110,15 +110,25 @@ class OBert(Criterion):
         return self._blocks(mask.reshape(-1))
 
     def _inverse(self, fisher: Tensor, kept: Tensor) -> Tensor:
-        """float64 ``(F_SS + lambda I)^-1`` per block, with pruned and padded entries decoupled (``1 / lambda``)."""
-        h = fisher.double() * (kept.unsqueeze(2) & kept.unsqueeze(1))
+        """float32 ``(F_SS + lambda I)^-1`` per block, with pruned and padded entries decoupled (``1 / lambda``).
+        The last one is kept: a mask update scores a layer, then updates it from the same inverse."""
+        key = (fisher.data_ptr(), fisher._version, fisher.shape, self.damp)
+        if _LAST[0] is not None and _LAST[0][0] == key and torch.equal(_LAST[0][1], kept):
+            return _LAST[0][2]
+        _LAST[0] = None  # free the previous layer's before the next one is made
+        h = fisher * (kept.unsqueeze(2) & kept.unsqueeze(1))
         diag = h.diagonal(dim1=1, dim2=2)
-        damp = self.damp * float(diag.sum()) / max(int(kept.sum()), 1)
+        damp = self.damp * float(diag.double().sum()) / max(int(kept.sum()), 1)
         diag.add_(torch.where(kept, damp, 1.0))  # a decoupled entry's value does not reach the kept ones
         factor, info = torch.linalg.cholesky_ex(h)
         if bool(info.any()):
             raise UserValueError(f"obert: a block's Fisher is singular with damp={self.damp}; use damp > 0")
-        return torch.cholesky_inverse(factor)
+        inverse = torch.cholesky_inverse(factor)
+        _LAST[0] = (key, kept.clone(), inverse)
+        return inverse
+
+
+_LAST: list = [None]  # (key, kept, inverse) of the last _inverse call
 
 
 CRITERION = OBert()
