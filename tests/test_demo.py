@@ -106,6 +106,11 @@ def test_findings_mark_slowdowns_within_the_noise_floor():
     assert "a at batch 1 (0.97x, within noise), b at batch 1 (0.90x)" in out[-1]
     out = findings([dense, row("a", 1.0 / 0.97), row("b", 1.0 / 0.90, dense_exec_ms=1.12)])  # b's weights, dense
     assert "spread 12.0% at batch 1" in out[-2] and "b at batch 1 (0.90x, within noise)" in out[-1]
+    out = findings([dense, row("a", 1.0 / 1.03)])  # "fastest", but by less than the 4% noise
+    assert out[0] == ("At batch 1, no model was faster than the dense baseline beyond the timing noise (4.0%, "
+                      "below): the quickest measured, a, ran 1.03x.")
+    out = findings([dense, row("a", 1.0 / 1.30)])
+    assert out[0].startswith("At batch 1, the fastest model was **a** (0.769 ms, 1.30x")
 
 
 def test_findings_say_when_the_machine_was_busy():

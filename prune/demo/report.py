@@ -45,10 +45,16 @@ def findings(rows: list[dict]) -> list[str]:
     out = []
     batches = list(rows[0]["latency"])
     b1 = batches[0]
+    noise = _noise(rows, by)
     fastest = min(rows, key=lambda r: r["latency"][b1]["deployed_ms"])
-    out.append(f"At batch {b1}, the fastest model was **{fastest['run']}** "
-               f"({fastest['latency'][b1]['deployed_ms']:.3f} ms, {fastest['latency'][b1]['speedup_vs_dense']:.2f}x "
-               f"the dense baseline).")
+    cell = fastest["latency"][b1]
+    if fastest["run"] != "dense" and cell["speedup_vs_dense"] - 1 <= noise.get(b1, 0.0):
+        out.append(f"At batch {b1}, no model was faster than the dense baseline beyond the timing noise "
+                   f"({100 * noise[b1]:.1f}%, below): the quickest measured, {fastest['run']}, ran "
+                   f"{cell['speedup_vs_dense']:.2f}x.")
+    else:
+        out.append(f"At batch {b1}, the fastest model was **{fastest['run']}** ({cell['deployed_ms']:.3f} ms, "
+                   f"{cell['speedup_vs_dense']:.2f}x the dense baseline).")
     if "dense" in by:
         pruned = [r for r in rows if r["deployed_as"] in FORMATS]
         if pruned:
@@ -64,7 +70,6 @@ def findings(rows: list[dict]) -> list[str]:
         out.append(f"Layers on a sparse kernel at batch {'/'.join(batches)} (the planner measured each layer and "
                    "ran the rest dense, where dense was faster on this CPU): "
                    + ", ".join(on_sparse(r) for r in planned) + ".")
-    noise = _noise(rows, by)
     if noise:
         out.append("Timing noise: the same dense computation timed several times in this run (the dense model "
                    "twice, each pruned run's weights run densely) spread "
