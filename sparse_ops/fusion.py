@@ -13,8 +13,7 @@ parent whose forward fx cannot trace, or that uses the layer's output anywhere e
 Run as two layers, the hidden activations (tokens x hidden, 6 MB for a batch of 8 BERT sequences) are written
 out by ``up`` and packed again by ``down``. ``SparseFFN`` hands the pair to its kernel's ``ffn`` path where it
 has one (ours on CPU): per tile of tokens, ``up``'s sums go through the activation straight into the packed
-layout ``down`` reads, in cache. On the 2-core test VM that made BERT's 1536x384 / 384x1536 pair at 90%
-sparsity 1.1-1.5x faster than the two calls at 16-1024 tokens (``benchmarks/ffn.py``). Elsewhere (CUDA, torch's
+layout ``down`` reads, in cache (``benchmarks/ffn.py`` measures the pair against the two calls). Elsewhere (CUDA, torch's
 kernels, training, few tokens) it runs the two layers. ``fuse_ffn`` finds each sparse ``up`` whose output,
 through ``nn.Identity`` modules only, is the only input of a sparse ``down`` and swaps the pair for
 ``nn.Identity`` (in ``up``'s place) and ``SparseFFN(up, down)`` (in ``down``'s). The wiring is proven from the

@@ -51,7 +51,8 @@ def from_pretrained(path: str | os.PathLike, *, device: str = "cpu", kernel: str
     pairs, residual add + LayerNorm into our kernels, and attention into ours where it is faster than SDPA;
     outputs equal the unfused model's within float rounding. ``fuse=False`` keeps the module tree and state dict
     keys exactly as stored (an FFN pair's keys move under its second layer once fused): use it to fine-tune,
-    inspect or save the model, at the cost of speed (all-MiniLM-L6-v2 at 90% ran 1.3-1.6x slower unfused).
+    inspect or save the model, at a cost in speed (each fusion saves passes over the activations; ``benchmarks/ffn.py``
+    measures the FFN pair).
 
     Reads ``config.json`` with ``transformers.AutoConfig`` (local files only), builds
     ``transformers.<config.architectures[0]>`` (``AutoModel`` when the config names none) in torch's default

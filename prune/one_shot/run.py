@@ -140,8 +140,8 @@ def oneshot(model: nn.Module, calibration: Tensor | Sequence[str] | str | os.Pat
     (float32 ``nn.Linear`` weights): SparseGPT quantizes jointly, compensating each weight's rounding like a pruned
     weight's (``sparsegpt_prune``); Wanda and magnitude quantize after pruning (absmax per row). The result's
     report's ``scales`` give each grid, so that ``convert_checkpoint(..., quantize="int8", scales=...)`` stores exactly
-    these weights (``oneshot_folder`` does). Measured on SmolLM2-135M (``benchmarks/oneshot_quality.py``), neither wins
-    everywhere: SparseGPT 2:4 122.4 sequential against 129.5, SparseGPT 50% 62.6 against 61.2. ``device``: where blocks compute
+    these weights (``oneshot_folder`` does). Whether ``sequential`` pays depends on the model and pattern: compare
+    both with ``benchmarks/oneshot_quality.py`` (its ``-seq`` configurations). ``device``: where blocks compute
     (a CPU model is moved there one block at a time). Example: the module docstring.
     """
     nm, sparsity, scope = check_options(method, sparsity, pattern, profile, scope)
