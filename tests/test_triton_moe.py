@@ -8,7 +8,9 @@ import os
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="the Triton kernels need triton")
+from _optional import import_or_skip  # noqa: E402
+
+import_or_skip("triton", reason="the Triton kernels need triton (pip install prune-sparse[gpu])")
 
 from _triton_compile import compile_for_gpu
 
