@@ -1,10 +1,9 @@
 """`Pruner`: wraps a model, keeps masks on its target weights, and updates them on a sparsity schedule.
 
-Masks are attached with ``torch.nn.utils.parametrize``: the module's ``weight`` becomes
-``where(mask, W, 0)`` computed from the dense parameter ``W`` at every access, so masked weights are exactly
-0.0 in every forward whatever the optimizer does to ``W`` (momentum, weight decay, clipping). The dense ``W`` is
-kept so that movement pruning can let a weight regrow. ``finalize()`` bakes the zeros in and removes all of it.
-Under FSDP2 (``fully_shard``) masks and scores live on the weights' shards instead (:mod:`prune.sharding`).
+Masks live in a mask store chosen once, when the pruner is built (:mod:`prune.mask_store`): on whole weights
+by parametrization (one process, DDP: the module's ``weight`` becomes ``where(mask, W, 0)``, exactly 0.0 in every
+forward whatever the optimizer does to ``W``), or on FSDP2's shards (:mod:`prune.sharding`). ``finalize()`` bakes
+the zeros in and removes all of it.
 
 Example:
     >>> import torch
@@ -26,16 +25,15 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from prune import criteria as _criteria
 from prune import masks as _masks
 from prune import recipe as _recipe
 from prune import sharding as _sharding
 from prune.calibration import InputStats
-from prune.report import SparsityReport, layer_row
+from prune.mask_store import LocalMasks, MaskStore
+from prune.report import SparsityReport
 from prune.schedules import Constant, Schedule, schedule_from_dict
-from prune.sharded_masks import ShardedMaskMath
 from prune.targets import Target, find_targets
 from sparse_ops.errors import MisuseError, UserValueError
 
@@ -45,68 +43,15 @@ if TYPE_CHECKING:
 STATE_VERSION = 1
 
 
-class _Mask(nn.Module):
-    """Parametrization ``W -> where(mask, W, 0)``; with a gradient criterion (movement) it also adds the
-    criterion's ``increment(W, dL/dW')`` into ``score`` in every backward.
-
-    ``mask`` and ``score`` are plain attributes, not buffers: DDP broadcasts buffers from rank 0 at every forward,
-    which would overwrite each rank's own score and cost a mask-sized broadcast per step. They are saved by
-    ``Pruner.state_dict()`` and follow the module across devices through ``_apply``. ``energy`` (0-d) sums
-    ``||increment||^2`` over backward passes: the noise level the criterion compares its score to. ``world`` is the
-    DDP world size (see ``Pruner._sync_scores``).
-    """
-
-    def __init__(self, mask: Tensor, score: Tensor | None, criterion: _criteria.Criterion) -> None:
-        super().__init__()
-        self.mask = mask
-        self.score = score
-        self.energy = torch.zeros((), device=mask.device) if score is not None else None
-        self.criterion = criterion
-        self.accumulate = score is not None
-        self.world = 1
-
-    def _apply(self, fn, recurse=True):  # model.to(device) / .cuda(): move mask and score, keep their dtypes
-        super()._apply(fn, recurse)
-        device = fn(torch.empty(0, device=self.mask.device)).device
-        self.mask = self.mask.to(device)
-        if self.score is not None:
-            self.score = self.score.to(device)
-            self.energy = self.energy.to(device)
-        return self
-
-    def forward(self, weight: Tensor) -> Tensor:
-        if self.accumulate and torch.is_grad_enabled() and weight.requires_grad:
-            return _MaskedWeight.apply(weight, self.mask, self.score, self.energy, self.criterion, self.world)
-        return torch.where(self.mask, weight, 0)
-
-
-class _MaskedWeight(torch.autograd.Function):
-    """``where(mask, W, 0)`` whose backward also runs ``criterion.accumulate``: adds ``increment(W, dL/dW')``
-    into ``score`` and ``||increment||^2`` into ``energy``, scaled for DDP's ``world`` ranks."""
-
-    @staticmethod
-    def forward(ctx, weight: Tensor, mask: Tensor, score: Tensor, energy: Tensor,  # type: ignore[override]
-                criterion: _criteria.Criterion, world: int) -> Tensor:
-        ctx.save_for_backward(weight, mask)
-        ctx.score, ctx.energy, ctx.criterion, ctx.world = score, energy, criterion, world
-        return torch.where(mask, weight, 0)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        weight, mask = ctx.saved_tensors
-        ctx.criterion.accumulate(ctx.score, ctx.energy, weight, grad, ctx.world)  # grad is dL/dW', dense
-        return torch.where(mask, grad, 0), None, None, None, None, None
-
-
 class Pruner:
     """Prune a model while it trains; your loop only adds ``pruner.step()`` and ``pruner.finalize()``.
 
     Args:
         model: any ``nn.Module``; its target weights are masked in place.
         sparsity: a :class:`~prune.schedules.Schedule`, or a float for one-shot pruning at step 0.
-        criterion: ``"magnitude"``, ``"movement"``, ``"taylor"`` or ``"wanda"`` (|W| times the input feature's
-            norm over the forward passes since the last update), or a :class:`~prune.criteria.Criterion` (see
-            :mod:`prune.criteria`).
+        criterion: a name in :data:`prune.criteria.CRITERIA` (``"magnitude"``, ``"movement"``, ``"obert"``,
+            ``"taylor"``, ``"wanda"``; :mod:`prune.criteria` says what each reads) or a
+            :class:`~prune.criteria.Criterion`.
         pattern: ``"unstructured"`` or ``"N:M"`` along the input dimension (the schedule's final sparsity must
             then be ``1 - N/M``; intermediate targets prune a subset of the final N:M zeros).
         scope: ``"layer"`` (each weight reaches the target exactly), ``"row"`` (each output row of each weight
@@ -167,8 +112,8 @@ class Pruner:
         mesh = _sharding.fsdp2_mesh(model, self.targets)  # None unless FSDP2 shards the weights
         if mesh is not None:
             _sharding.check_settings(self.targets, self.criterion, self.nm, self.scope, process_group)
-        self._shards = None if mesh is None else _sharding.ShardedMasks(model, self.targets, self.criterion, mesh)
-        self._select = _masks if self._shards is None else ShardedMaskMath(self._shards.group)
+        self._store: MaskStore = (LocalMasks(self.targets, self.criterion, process_group) if mesh is None
+                                  else _sharding.ShardedMasks(model, self.targets, self.criterion, mesh))
         self._step = 0
         self._finalized = False
         self._attach()
@@ -192,11 +137,7 @@ class Pruner:
         self._check_live("finalize()")
         for handle in self._hooks:
             handle.remove()
-        if self._shards is not None:  # zeros into the shards; the model stays sharded (gather a full state dict)
-            self._shards.finalize()
-        for t in self.targets if self._shards is None else ():
-            parametrize.remove_parametrizations(t.module, "weight", leave_parametrized=True)
-            _restore_order(t.module._parameters, self._param_order[t.name])
+        self._store.finalize()  # FSDP2: zeros into the shards; the model stays sharded (gather a full state dict)
         if self._model_save_pretrained is not None:
             del self.model.save_pretrained  # the instance attribute: the class's method again
         self._finalized = True
@@ -215,13 +156,7 @@ class Pruner:
         (['0.bias', '0.weight'], 0.5)
         """
         self._check_live("masked_state_dict()")
-        if self._shards is not None:  # FSDP2: the sharded (DTensor) state dict, target weights masked
-            return self._shards.masked_state_dict(self.model)
-        originals = {f"{t.name}.parametrizations.weight.original": t for t in self.targets}
-        with torch.no_grad():
-            return {(f"{originals[k].name}.weight" if k in originals else k):
-                    (originals[k].module.weight.detach().clone() if k in originals else v)
-                    for k, v in self.model.state_dict().items()}
+        return self._store.masked_state_dict(self.model)  # FSDP2: sharded (DTensor), target weights masked
 
     def _save_pretrained(self, *args, state_dict: dict | None = None, **kwargs):
         """The model's own ``save_pretrained`` with :meth:`masked_state_dict` (unless a state dict is given)."""
@@ -242,16 +177,11 @@ class Pruner:
     def masks(self) -> dict[str, Tensor]:
         """Current masks by module name (``True`` = kept). Read-only: change masks through the pruner.
         Under FSDP2, DTensors sharded like the weights (``.full_tensor()`` gathers one)."""
-        if self._shards is not None:
-            return {t.name: self._shards[t.name].to_dtensor(self._param(t).mask) for t in self.targets}
-        return {t.name: self._param(t).mask for t in self.targets}
+        return self._store.masks()
 
     def report(self) -> SparsityReport:
         """Per-layer rows (name, shape, nnz, sparsity, pattern) and totals for the target weights."""
-        if self._shards is not None:  # counted over all ranks
-            return SparsityReport(self._shards.report_rows(self.pattern))
-        with torch.no_grad():
-            return SparsityReport([layer_row(t.name, t.module.weight, self.pattern) for t in self.targets])
+        return SparsityReport(self._store.report_rows(self.pattern))  # FSDP2: counted over all ranks
 
     # -- state -------------------------------------------------------------------------------------------------
     def state_dict(self, full_state_dict: bool = False) -> dict[str, object]:
@@ -272,9 +202,7 @@ class Pruner:
             state["energy"] = {t.name: self._param(t).energy.clone() for t in self.targets}
         if self.criterion.uses_inputs:
             state["inputs"] = {name: stats.state_dict() for name, stats in self._inputs.items()}
-        if self._shards is not None:
-            state = self._shards.export_state(state, full=full_state_dict)
-        return state
+        return self._store.export_state(state, full=full_state_dict)
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         """Restore :meth:`state_dict` into a pruner built with the same settings on the same architecture."""
@@ -287,8 +215,7 @@ class Pruner:
                 raise UserValueError(f"saved pruner has {key}={state.get(key)!r}, this one has {mine!r}")
         if schedule_from_dict(state["schedule"]) != self.schedule:  # type: ignore[arg-type]
             raise UserValueError(f"saved schedule {state['schedule']} differs from this pruner's {self.schedule}")
-        if self._shards is not None:  # sharded (DTensor) or whole tensors -> this rank's shards
-            state = self._shards.import_state(state)
+        state = self._store.import_state(state)  # FSDP2: sharded (DTensor) or whole tensors -> this rank's shards
         masks = state["masks"]
         scores = state.get("scores", {})
         names = [t.name for t in self.targets]
@@ -330,12 +257,6 @@ class Pruner:
 
     # -- internals ---------------------------------------------------------------------------------------------
     def _attach(self) -> None:
-        self._param_order = {t.name: list(t.module._parameters) for t in self.targets}
-        for t in self.targets if self._shards is None else ():  # FSDP2: ShardedMasks holds masks and scores
-            w = t.module.weight
-            mask = torch.ones_like(w, dtype=torch.bool)
-            score = self.criterion.new_score(w, t.in_dim) if self.criterion.uses_gradients else None
-            parametrize.register_parametrization(t.module, "weight", _Mask(mask, score, self.criterion))
         # criteria that read the layers' inputs: a forward pre-hook per target feeds its InputStats
         self._inputs: dict[str, InputStats] = {}
         self._hooks = []
@@ -352,21 +273,17 @@ class Pruner:
         if self._model_save_pretrained is not None:
             self.model.save_pretrained = self._save_pretrained
 
-    def _param(self, t: Target) -> _Mask:
-        if self._shards is not None:
-            return self._shards[t.name]  # type: ignore[return-value]  # the same mask/score/energy attributes
-        return t.module.parametrizations["weight"][0]
+    def _param(self, t: Target):  # the store's entry: mask, score, energy, accumulate, world
+        return self._store[t.name]
 
     def _dense(self, t: Target) -> Tensor:
-        if self._shards is not None:
-            return self._shards[t.name].dense()  # this rank's shard
-        return t.module.parametrizations["weight"].original
+        return self._store.dense(t.name)
 
     def _set_accumulate(self) -> None:
         # Scores and input statistics only matter until the last mask update; after it, stop paying for them.
         live = self._step < self.schedule.end_step
         self._collecting = self.criterion.uses_inputs and live
-        world = self._world_size() if self._shards is None else 1  # FSDP2 increments use the averaged gradient
+        world = self._store.world()
         for t in self.targets:
             self._param(t).accumulate = self.criterion.uses_gradients and live
             self._param(t).world = world
@@ -378,10 +295,7 @@ class Pruner:
             raise MisuseError(f"criterion {self.criterion.name!r} scores layer {t.name!r} by its inputs, but no "
                                "forward pass reached it since the last mask update; run the model between updates")
         evidence = self._evidence(t)
-        if self._shards is not None:  # FSDP2: scored on the whole layer (gathered), this rank's shard returned
-            s = self._shards[t.name].criterion_score(self.criterion, evidence)
-        else:
-            s = self.criterion.score(self._dense(t), evidence)
+        s = self._store.score(t.name, self.criterion, evidence)
         if _criteria.has_nan(s):
             raise UserValueError(f"layer {t.name!r}: {self.criterion.name} scores contain NaN (NaN weights or "
                              "gradients); fix the weights or exclude the layer")
@@ -404,57 +318,29 @@ class Pruner:
             self.criterion.update(self._dense(t), mask, self._evidence(t))
         p.mask.copy_(mask)
 
-    def _world_size(self) -> int:
-        dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized()):
-            return 1
-        return dist.get_world_size(self.process_group)
-
-    def _sync_scores(self) -> None:
-        """Average gradient scores over ranks: each rank accumulated ``-W * g_local``; W is the same on every
-        rank (DDP), so the mean is ``-W * mean(g)``, the score of the all-reduced gradient. Scores of higher degree
-        in the gradient (``taylor``'s squares, the noise ``energy``) were divided by ``world ** (k - 1)`` as they
-        accumulated (``_MaskedWeight``): after the mean, a DDP run holds exactly what one process accumulating the
-        ranks' micro-batches with loss / world would, whatever the degree. Input statistics are summed: every
-        rank then scores from all ranks' data."""
-        world = self._world_size()
-        if world == 1 or self._shards is not None:  # FSDP2: shard gradients arrive reduce-scattered (averaged)
-            return
-        for t in self.targets:
-            score, energy = self._param(t).score, self._param(t).energy
-            if score is not None:
-                torch.distributed.all_reduce(score, group=self.process_group)
-                score.div_(world)
-                torch.distributed.all_reduce(energy, group=self.process_group)
-                energy.div_(world)
-        for stats in self._inputs.values():
-            stats.all_reduce(self.process_group)
-
     @torch.no_grad()
     def _update_masks(self, sparsity: float) -> None:
-        self._sync_scores()
+        self._store.sync(self._inputs)
         if self.scope == "global":
             # One float32 buffer for all scores (4 bytes/param while it lives), filled layer by layer.
             sizes = [self._param(t).mask.numel() for t in self.targets]  # not t.module.weight: it recomputes
             flat = torch.empty(sum(sizes), dtype=torch.float32, device=self._dense(self.targets[0]).device)
             for t, part in zip(self.targets, flat.split(sizes)):
                 part.copy_(self._scores(t).reshape(-1))
-            new = self._select.global_masks(flat, sizes, sparsity, self.max_layer_sparsity)
+            new = self._store.select.global_masks(flat, sizes, sparsity, self.max_layer_sparsity)
             del flat
             for t, m in zip(self.targets, new):
                 self._set_mask(t, m)
         for t in self.targets if self.scope != "global" else ():  # one layer's scores at a time
-            self._set_mask(t, self._select.weight_mask(self._scores(t), sparsity, scope=self.scope, nm=self.nm,
-                                                       in_dim=t.in_dim))
+            self._set_mask(t, self._store.select.weight_mask(self._scores(t), sparsity, scope=self.scope,
+                                                             nm=self.nm, in_dim=t.in_dim))
         for stats in self._inputs.values():  # the next update scores the inputs seen from now on
             stats.reset()
 
     def _check_live(self, what: str) -> None:
         if self._finalized:
             raise MisuseError(f"{what} called after finalize(): the pruner has been removed from the model")
-        if self._shards is None and any(_sharding.is_sharded(self._dense(t)) for t in self.targets):
-            raise MisuseError(f"{what}: fully_shard (FSDP2) sharded the model after the Pruner was built, which "
-                               "the pruner cannot follow; " + _sharding.ORDER)
+        self._store.check_live(what)
 
 
 def _check_feature_input(t: Target, criterion: _criteria.Criterion) -> None:
@@ -469,12 +355,6 @@ def _check_nm_shape(t: Target, nm: _masks.NMPattern | None) -> None:
         raise UserValueError(f"layer {t.name!r} with weight shape {tuple(t.module.weight.shape)}: its input size "
                          f"{t.module.weight.shape[t.in_dim]} is not a multiple of M={nm.m} for pattern {nm}; "
                          "exclude it or pad the layer")
-
-
-def _restore_order(params: dict[str, object], order: list[str]) -> None:
-    """Put a module's parameters back in their original order (so ``state_dict()`` keys keep their order)."""
-    for name in order + [k for k in list(params) if k not in order]:
-        params[name] = params.pop(name)
 
 
 def _copy_checked(dst: Tensor, src: object, what: str) -> None:

@@ -37,6 +37,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from prune.criteria.base import Criterion, Evidence
 from prune.masks import NMPattern
 from prune.report import LayerSparsity
+from prune.sharded_masks import ShardedMaskMath
 from prune.targets import Target
 from sparse_ops.errors import UserValueError
 
@@ -231,6 +232,7 @@ class ShardedMasks:
     def __init__(self, model: nn.Module, targets: list[Target], criterion: Criterion, mesh: object) -> None:
         self.mesh = mesh
         self.group = mesh.get_group()  # type: ignore[attr-defined]
+        self.select = ShardedMaskMath(self.group)
         self.targets = targets
         self.weights = {t.name: ShardedWeight(t.module.weight, criterion) for t in targets}
         # prepend: ahead of FSDP's pre-forward, which starts the all-gathers. Saving or loading the model's
@@ -241,6 +243,25 @@ class ShardedMasks:
 
     def __getitem__(self, name: str) -> ShardedWeight:
         return self.weights[name]
+
+    # -- the mask store protocol (prune.mask_store) ------------------------------------------------------------
+    def dense(self, name: str) -> Tensor:
+        return self.weights[name].dense()  # this rank's shard
+
+    def score(self, name: str, criterion: Criterion, evidence: Evidence) -> Tensor:
+        return self.weights[name].criterion_score(criterion, evidence)  # scored whole, this rank's shard
+
+    def world(self) -> int:
+        return 1  # increments come from the reduce-scattered (averaged) gradient: nothing to scale
+
+    def sync(self, inputs: dict) -> None:
+        """Nothing: shard gradients arrive averaged over ranks (and input criteria are refused)."""
+
+    def masks(self) -> dict[str, Tensor]:
+        return {name: w.to_dtensor(w.mask) for name, w in self.weights.items()}
+
+    def check_live(self, what: str) -> None:
+        """Nothing to check: the weights were sharded before the pruner was built."""
 
     def _before_forward(self, _module: nn.Module, _args: tuple) -> None:
         for t in self.targets:

@@ -268,7 +268,7 @@ def test_zero_targets_say_why():
 @pytest.mark.parametrize("kwargs, err, match", [
     (dict(sparsity=1.0), ValueError, r"final sparsity must be a sparsity in \[0, 1\), got 1.0"),
     (dict(sparsity=-0.2), ValueError, "got -0.2"),
-    (dict(criterion="random"), ValueError, r"unknown criterion 'random'; choose one of \['magnitude', 'movement', 'taylor', 'wanda'\]"),
+    (dict(criterion="random"), ValueError, r"unknown criterion 'random'; choose one of \['magnitude', 'movement', 'obert', 'taylor', 'wanda'\]"),
     (dict(pattern="2:3:4"), ValueError, "unknown pattern '2:3:4'"),
     (dict(scope="model"), ValueError, r"unknown scope 'model'; choose one of \['layer', 'row', 'global'\]"),
     (dict(pattern="2:4", scope="global"), ValueError, "does not apply to N:M pattern 2:4"),
