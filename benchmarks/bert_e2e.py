@@ -50,7 +50,7 @@ from transformers import AutoModel, BertConfig, BertModel
 from prune import Pruner
 from sparse_ops.attention import use_fast_attention
 from sparse_ops.formats import CSR
-from sparse_ops.kernels import native
+from sparse_ops.kernels import cpp
 from sparse_ops.loading import sparsify
 from sparse_ops.plan import PlanCache, plan_rows
 from sparse_ops.timing import environment, time_interleaved
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(a.threads)
     if a.quick:
         a.batches, a.repeats, a.runs = [1], 3, 1
-    native.library()  # built (a few seconds the first time) before anything is timed
+    cpp.library()  # built (a few seconds the first time) before anything is timed
     dense = pruned_bert(size=a.size, path=a.model)
     sparse, plan_cost, plan = planned_models(dense, tuple(SEQ * b for b in a.batches))
     dense_attention = copy.deepcopy(dense)  # how much of the speedup is attention alone

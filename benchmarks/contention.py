@@ -7,7 +7,7 @@ torch's default threads (every core), started before a condition is measured and
 Per condition (``--loads``: number of competitors), everything timed interleaved in one run per point:
   kernels   a ``--shape`` weight at each ``--sparsity`` and each of ``--tokens``:
               dense      ``F.linear`` on the dense weight (torch's BLAS, its own threads)
-              ours       our CSR kernel as a planned layer calls it (``cpu_native.csr_matmul``), torch's threads
+              ours       our CSR kernel as a planned layer calls it (``ours_cpu.csr_matmul``), torch's threads
               ours_1t    the same on one thread (what ``--threads 1`` gives)
               scipy      ``scipy.sparse`` CSR times the transposed input (single-threaded)
               torch_csr  torch's CSR matmul (MKL where torch has it)
@@ -25,7 +25,7 @@ Per condition (``--loads``: number of competitors), everything timed interleaved
 Each row: median and p10/p90 seconds, the ratio to dense in the same run, and ``own_quiet``: the candidate's
 quiet median over this one (1.0: unaffected). Each condition also records what ``sparse_ops.busy`` saw (other
 processes' CPU share, kernel calls that waited for a descheduled thread) and how many kernel jobs ran on
-torch's OpenMP threads, our work pool and the caller alone (``native.thread_stats``).
+torch's OpenMP threads, our work pool and the caller alone (``cpp.thread_stats``).
 
 Run: ``python -m benchmarks.contention --out benchmarks/results/contention [--threads 2] [--loads 0,1,2]
 [--sections kernels,minilm,smollm2] [--backend auto] [--quick]``; ``--backend openmp`` pins our kernels to
@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from prune.bench.output import write_json
 from sparse_ops.busy import Watch
 from sparse_ops.formats import CSR
-from sparse_ops.kernels import cpu_native, native
+from sparse_ops.kernels import cpp, ours_cpu
 from sparse_ops.timing import Timing, environment, time_interleaved
 
 COMPETITOR = "import sys, torch\na = torch.randn({n}, {n})\nprint('ready', flush=True)\nwhile True:\n    a @ a\n"
@@ -93,13 +93,13 @@ def one_thread(fn: Callable[[], object]) -> Callable[[], object]:
 
 
 def kernel_candidates(w: torch.Tensor, x: torch.Tensor) -> dict[str, Callable[[], object]]:
-    ours = cpu_native.prepare_csr(CSR.from_dense(w))
+    ours = ours_cpu.prepare_csr(CSR.from_dense(w))
     ws, xt = scipy.sparse.csr_matrix(w.numpy()), x.numpy().T.copy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch's "sparse CSR support is in beta"
         wt = w.to_sparse_csr()
-    return {"dense": lambda: F.linear(x, w), "ours": lambda: cpu_native.csr_matmul(ours, x, None),
-            "ours_1t": one_thread(lambda: cpu_native.csr_matmul(ours, x, None)), "scipy": lambda: ws @ xt,
+    return {"dense": lambda: F.linear(x, w), "ours": lambda: ours_cpu.csr_matmul(ours, x, None),
+            "ours_1t": one_thread(lambda: ours_cpu.csr_matmul(ours, x, None)), "scipy": lambda: ws @ xt,
             "torch_csr": lambda: torch.sparse.mm(wt, x.t())}
 
 
@@ -110,21 +110,21 @@ def other_kernels(shape: str, n: int, gen: torch.Generator) -> list[tuple[dict, 
     x = torch.randn(n, in_f, generator=gen)
     groups = torch.randn(out_f, in_f // 4, 4, generator=gen)  # the 2 largest of every 4 kept
     w24 = groups.scatter(-1, groups.abs().argsort(-1)[..., :2], 0.0).reshape(out_f, in_f)
-    p24 = cpu_native.prepare_two_four(TwoFour.from_dense(w24))
-    ours24 = lambda: cpu_native.two_four_matmul(p24, x, None)
+    p24 = ours_cpu.prepare_two_four(TwoFour.from_dense(w24))
+    ours24 = lambda: ours_cpu.two_four_matmul(p24, x, None)
     points = [({"kernel": "2:4", "shape": shape, "sparsity": 0.5, "tokens": n},
                {"dense": lambda: F.linear(x, w24), "ours": ours24, "ours_1t": one_thread(ours24)})]
     up, down = torch.randn(3072, 768, generator=gen), torch.randn(768, 3072, generator=gen)
     for w in (up, down):
         w[torch.rand(w.shape, generator=gen) < 0.9] = 0.0
-    pu, pd = (cpu_native.prepare_csr(CSR.from_dense(w)) for w in (up, down))
-    xf = torch.randn(max(n, cpu_native.FFN_MIN_TOKENS), 768, generator=gen)
-    ffn = lambda: cpu_native.ffn_matmul(pu, pd, xf, None, None, "gelu")
+    pu, pd = (ours_cpu.prepare_csr(CSR.from_dense(w)) for w in (up, down))
+    xf = torch.randn(max(n, ours_cpu.FFN_MIN_TOKENS), 768, generator=gen)
+    ffn = lambda: ours_cpu.ffn_matmul(pu, pd, xf, None, None, "gelu")
     points.append(({"kernel": "ffn", "shape": "768x3072x768", "sparsity": 0.9, "tokens": xf.shape[0]},
                    {"dense": lambda: F.linear(F.gelu(F.linear(xf, up)), down), "ours": ffn,
                     "ours_1t": one_thread(ffn)}))
     q, k, v = (torch.randn(1, 12, n, 64, generator=gen) for _ in range(3))
-    att = lambda: cpu_native.attention(q, k, v)
+    att = lambda: ours_cpu.attention(q, k, v)
     points.append(({"kernel": "attention", "shape": "12x64", "sparsity": 0.0, "tokens": n},
                    {"dense": lambda: F.scaled_dot_product_attention(q, k, v), "ours": att,
                     "ours_1t": one_thread(att)}))
@@ -146,8 +146,8 @@ def minilm_candidates(tmp: Path) -> dict[str, Callable[[], object]]:
 def smollm2_candidates(tmp: Path, new_tokens: int) -> dict[str, Callable[[], object]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from benchmarks.llm_eager import Decode
     from benchmarks.llm_decode import PROMPT
+    from benchmarks.llm_eager import Decode
     from benchmarks.pretrained_lm import smollm2_folder
     from prune import Pruner
     from sparse_ops import convert_checkpoint, from_pretrained
@@ -188,7 +188,7 @@ def points(a: argparse.Namespace, tmp: Path) -> list[tuple[str, dict[str, object
 
 def measure(pts: list, loads: int, a: argparse.Namespace) -> tuple[list[dict], dict[str, object]]:
     rows = []
-    before = native.thread_stats()
+    before = cpp.thread_stats()
     with Competitors(loads, a.load_size), Watch() as watch, torch.inference_mode():
         for section, desc, fns in pts:
             times: dict[str, Timing] = time_interleaved(fns, warmup=1, repeats=a.repeats, min_sample_s=a.sample_s)
@@ -199,7 +199,7 @@ def measure(pts: list, loads: int, a: argparse.Namespace) -> tuple[list[dict], d
             print(f"  {loads} competing: {section} {desc}: " + ", ".join(
                 f"{n} {t.median_s * 1e3:.2f} ms ({t.ratio_to(times['dense']):.2f}x)" for n, t in times.items()),
                 file=sys.stderr, flush=True)
-    stats = native.thread_stats().since(before)
+    stats = cpp.thread_stats().since(before)
     return rows, {"loads": loads, **watch.load.to_dict(), "kernel_jobs_openmp": stats.openmp_jobs,
                   "kernel_jobs_pool": stats.pool_jobs, "kernel_jobs_solo": stats.solo_jobs}
 
@@ -260,8 +260,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--sample-s", type=float, default=0.02)
-    p.add_argument("--backend", default="auto", choices=sorted(native.BACKENDS),
-                   help="our kernels' threading (native.backend); default: auto")
+    p.add_argument("--backend", default="auto", choices=sorted(cpp.BACKENDS),
+                   help="our kernels' threading (cpp.backend); default: auto")
     p.add_argument("--quick", action="store_true", help="a 512x512 weight, 1 and 64 tokens, kernels only, quiet")
     a = p.parse_args(argv)
     if a.quick:
@@ -279,9 +279,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict]:
     a = parse(argv)
     torch.set_num_threads(a.threads)
-    native.library()
+    cpp.library()
     env = environment()
-    with tempfile.TemporaryDirectory() as tmp, native.backend(a.backend):
+    with tempfile.TemporaryDirectory() as tmp, cpp.backend(a.backend):
         pts = points(a, Path(tmp))
         rows, conditions = [], []
         for n in a.loads:

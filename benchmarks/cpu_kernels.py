@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from prune.bench.matmul import two_four_weight
 from sparse_ops.formats import csr_nbytes, two_four_nbytes
-from sparse_ops.kernels import native
+from sparse_ops.kernels import cpp
 from sparse_ops.linear import SparseLinear
 from sparse_ops.timing import environment, time_interleaved
 
@@ -150,7 +150,7 @@ def write_results(rows: list[dict[str, object]], out: Path, args: dict[str, obje
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    header = {"environment": environment(), "args": args, "native_library": str(native.build())}
+    header = {"environment": environment(), "args": args, "native_library": str(cpp.build())}
     (out / "cpu_kernels.json").write_text(json.dumps({**header, "rows": rows}, indent=1))
     plot(rows, out / "cpu_kernels.png", header["environment"])
 

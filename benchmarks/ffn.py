@@ -7,7 +7,7 @@ Candidates, interleaved in one ``time_interleaved`` run per point, fp32, under `
   dense   the same products with F.linear (and F.gelu / F.silu) on the pruned dense weights: the baseline
   layers  the SparseLinear layers in turn on our CPU kernels, the activation fused into its layer
   fused   the block in one kernel call (the hidden activations stay packed, in cache)
-Below ``cpu_native.FFN_MIN_TOKENS`` tokens ``fused`` runs the layers, so it is measured from there on.
+Below ``ours_cpu.FFN_MIN_TOKENS`` tokens ``fused`` runs the layers, so it is measured from there on.
 Every candidate's output is checked against dense first.
 
 Run: ``python -m benchmarks.ffn --out benchmarks/results/ffn [--threads 2] [--quick]``.

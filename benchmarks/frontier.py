@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="a 2-layer BERT from a config, 20 steps, 1 run")
     a = p.parse_args(argv)
     from benchmarks.pretrained_lm import cache_dir
-    from sparse_ops.kernels import native
+    from sparse_ops.kernels import cpp
     from sparse_ops.plan import PlanCache
     from sparse_ops.timing import environment, time_interleaved
 
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     torch.set_num_threads(a.threads or threads0)
     threads = torch.get_num_threads()
-    native.library()
+    cpp.library()
     base, train_b, _, eval_b, teacher = quality.encoder_and_data(a.quick)
     tokens = tuple(b * seq for b in batch_sizes)
     fp32: dict[str, tuple[nn.Module, str]] = {name: (trained(base, kind, path, drop, train_b),

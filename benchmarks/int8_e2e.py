@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from benchmarks.quality import embed, encoder_and_data, encoder_linears, held_out_cosine
 from prune import Pruner
 from sparse_ops.checkpoint import convert_checkpoint
-from sparse_ops.kernels import native
+from sparse_ops.kernels import cpp
 from sparse_ops.loading import sparsify
 from sparse_ops.plan import PlanCache, plan_rows
 from sparse_ops.timing import environment, time_interleaved
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     seq = 16 if a.quick else SEQ
     if a.quick:
         a.runs, a.repeats = 1, 3
-    native.library()
+    cpp.library()
     base, _, _, eval_b, teacher = encoder_and_data(a.quick)
     base.eval()
     vocab = base.config.vocab_size

@@ -8,7 +8,7 @@ percentiles. Outputs of A and B are checked against each other first.
 
 Run: ``python -m benchmarks.kernel_ab A.cpp B.cpp [--shapes 384x384x1024 4096x4096x1] [--sparsity 0.9]
 [--threads 2] [--rounds 15] [--bias] [--activation gelu] [--no-check] [--isa avx512 avx2]``; shapes are
-OUTxINxTOKENS; ``--isa`` names the targets of A and B (``native.ISAS``, or "native" for -march=native;
+OUTxINxTOKENS; ``--isa`` names the targets of A and B (``cpp.ISAS``, or "native" for -march=native;
 default: the library's). The same source twice with two targets compares the builds. Example:
 compare the committed source with an edit (``git show HEAD:sparse_ops/csrc/sparse_cpu.cpp > /tmp/A.cpp``);
 ``--no-check`` times ablations whose outputs differ (e.g. a step skipped to measure its share).
@@ -29,7 +29,7 @@ import torch
 
 from sparse_ops.activations import ACTIVATIONS, CODES
 from sparse_ops.formats import CSR
-from sparse_ops.kernels import cpu_native, native
+from sparse_ops.kernels import cpp, ours_cpu
 
 
 def build(source: Path, out_dir: Path, tag: str, target: str | None = None,
@@ -40,27 +40,27 @@ def build(source: Path, out_dir: Path, tag: str, target: str | None = None,
     if same_as is not None:
         shutil.copyfile(same_as, so)
     else:
-        subprocess.run(["g++", *native.build_flags(target), "-o", str(so), str(source)], check=True,
+        subprocess.run(["g++", *cpp.build_flags(target), "-o", str(so), str(source)], check=True,
                        capture_output=True, text=True)
-    return native.open_library(so, strict=False)
+    return cpp.open_library(so, strict=False)
 
 
-def csr_call(lib: ctypes.CDLL, w: cpu_native.NativeWeight, x: torch.Tensor, y: torch.Tensor, threads: int,
+def csr_call(lib: ctypes.CDLL, w: ours_cpu.NativeWeight, x: torch.Tensor, y: torch.Tensor, threads: int,
              bias: torch.Tensor | None = None, activation: str | None = None) -> Callable[[], int]:
     """The call the library makes for x (n, in): gemv / plain kernel, or the panelled kernel."""
     (out, inp), n = w.source.shape, x.shape[0]
     bp, act = None if bias is None else bias.data_ptr(), CODES[activation]
-    if cpu_native.use_panels(n, w.density, inp):
-        cpu_native.panelled(w)
+    if ours_cpu.use_panels(n, w.density, inp):
+        ours_cpu.panelled(w)
         seg, lcol, vals = w.panels
         return lambda: lib.csr_panels_f32(seg.data_ptr(), lcol.data_ptr(), vals.data_ptr(), out, inp,
-                                          cpu_native.PANEL_ROWS, cpu_native.PANEL_WIDTH, x.data_ptr(),
-                                          cpu_native.panel_tile(n), n, bp, y.data_ptr(), threads, act,
-                                          *native.NO_POST)
+                                          ours_cpu.PANEL_ROWS, ours_cpu.PANEL_WIDTH, x.data_ptr(),
+                                          ours_cpu.panel_tile(n), n, bp, y.data_ptr(), threads, act,
+                                          *cpp.NO_POST)
     crow, col, vals = w.tensors
-    entry = getattr(lib, f"csr_f32_{cpu_native.INDEX_CODE[col.dtype]}")
+    entry = getattr(lib, f"csr_f32_{ours_cpu.INDEX_CODE[col.dtype]}")
     return lambda: entry(crow.data_ptr(), col.data_ptr(), vals.data_ptr(), out, inp, x.data_ptr(), n, bp,
-                         y.data_ptr(), threads, act, *native.NO_POST)
+                         y.data_ptr(), threads, act, *cpp.NO_POST)
 
 
 def paired_ratio(fa: Callable[[], object], fb: Callable[[], object], rounds: int,
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
             out, inp, n = (int(v) for v in spec.split("x"))
             w = torch.randn(out, inp, generator=gen)
             w[torch.rand(out, inp, generator=gen) < a.sparsity] = 0.0
-            state = cpu_native.prepare_csr(CSR.from_dense(w))
+            state = ours_cpu.prepare_csr(CSR.from_dense(w))
             x = torch.randn(n, inp, generator=gen)
             ys = [torch.empty(n, out), torch.empty(n, out)]
             bias = torch.randn(out, generator=gen) if a.bias else None

@@ -66,7 +66,7 @@ from benchmarks.pretrained_lm import GGUF, cache_dir, smollm2_folder, texts
 from prune.bench.output import write_json
 from sparse_ops import convert_checkpoint, from_pretrained
 from sparse_ops.decode import Decoder
-from sparse_ops.kernels import native
+from sparse_ops.kernels import cpp
 from sparse_ops.timing import environment, time_interleaved
 
 PROMPT = "The three most important things to know about sparse neural networks are"
@@ -283,9 +283,9 @@ def prompt_ids(a: argparse.Namespace) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> list[dict]:
     a = parse(argv)
     torch.set_num_threads(a.threads)
-    if not native.available():
+    if not cpp.available():
         raise SystemExit("the native CPU kernels are unavailable: nothing of ours to measure")
-    out = a.out or Path("benchmarks/results/llm_decode") / native.isa() / a.model
+    out = a.out or Path("benchmarks/results/llm_decode") / cpp.isa() / a.model
     ids = prompt_ids(a)
     dense = dense_model(a)
     fns, models, meta = {}, {BASELINE: dense, "ours/fp32": dense}, {}
@@ -388,7 +388,7 @@ def plot(rows: list[dict], path: Path, a: argparse.Namespace) -> None:
         if r.get("perplexity"):
             ax.text(speed[i], i, f"  ppl {r['perplexity']:.1f}", va="center", fontsize=8)
     ax.set_xlabel(f"decode tokens/s (batch 1, greedy, {a.threads} threads)")
-    ax.set_title(f"{a.model}: ours vs llama.cpp on the same weights ({native.isa()} build)")
+    ax.set_title(f"{a.model}: ours vs llama.cpp on the same weights ({cpp.isa()} build)")
     ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

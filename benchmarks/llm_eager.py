@@ -81,7 +81,7 @@ from prune import Pruner
 from prune.bench.output import table, write_json
 from sparse_ops import convert_checkpoint, from_pretrained
 from sparse_ops.attention import use_fast_attention
-from sparse_ops.kernels import native
+from sparse_ops.kernels import cpp
 from sparse_ops.linear import SparseLinear
 from sparse_ops.plan import PlanCache, plan_rows
 from sparse_ops.quantized import quantize_rows
@@ -402,8 +402,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     a = parse(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    native.library()  # built (a few seconds the first time) before anything is measured
-    isa = native.isa() if native.available() else "torch-kernels"
+    cpp.library()  # built (a few seconds the first time) before anything is measured
+    isa = cpp.isa() if cpp.available() else "torch-kernels"
     out = a.out or Path("benchmarks/results/llm_eager") / isa
     env = dict(environment(), transformers=transformers.__version__)
     print(f"{env['cpu']}, {env['cores']} cores, {env['torch_threads']} torch threads, torch {env['torch']}, "

@@ -27,7 +27,7 @@ Example:
     >>> Recipe.from_dict({"schedule": {"kind": "Cubic2", "final": 0.5}})
     Traceback (most recent call last):
     ...
-    ValueError: recipe key 'schedule.kind': unknown value 'Cubic2'; allowed: ['Constant', 'CubicRamp', ...]
+    sparse_ops.errors.UserValueError: recipe key 'schedule.kind': unknown value 'Cubic2'; allowed: ['Constant', 'CubicRamp', ...]
 """
 from __future__ import annotations
 
@@ -80,8 +80,8 @@ def _type_name(cls: type) -> str:
                      f"allowed: {module_types()}")
 
 
-def _bad(key: str, value: object, allowed: object) -> ValueError:
-    return ValueError(f"recipe key {key!r}: unknown value {value!r}; allowed: {allowed}")
+def _bad(key: str, value: object, allowed: object) -> UserValueError:
+    return UserValueError(f"recipe key {key!r}: unknown value {value!r}; allowed: {allowed}")
 
 
 def _check_choice(key: str, value: object, allowed: Sequence[str]) -> None:

@@ -1,11 +1,11 @@
-"""Our CPU attention kernel (``kernels.cpu_native.attention``) as a Hugging Face attention implementation.
+"""Our CPU attention kernel (``kernels.ours_cpu.attention``) as a Hugging Face attention implementation.
 
 Once a model's linears are sparse, attention is what is left: in a 6-layer BERT (hidden 384, sequence 128) at 90%
 sparsity it took about a quarter of the sparse model's time under torch's SDPA. ``use_fast_attention(model)``
 switches a ``transformers`` model that dispatches through ``AttentionInterface`` (BERT, Llama, Qwen2, ...) to
 ``attention_forward``: our kernel where it applies and is measured faster than SDPA, SDPA otherwise (training,
 dropout, attention weights asked for, soft-capping, sinks, position bias, another device or dtype, or more than
-``cpu_native.ATTENTION_MAX_KEYS`` keys, beyond which SDPA is faster). ``sparsify(..., fuse=True)`` calls it.
+``ours_cpu.ATTENTION_MAX_KEYS`` keys, beyond which SDPA is faster). ``sparsify(..., fuse=True)`` calls it.
 
 Example:
     >>> import torch
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparse_ops.kernels import cpu_native
+from sparse_ops.kernels import ours_cpu
 
 NAME = "sparse_ops"  # the implementation's name in transformers' AttentionInterface
 # keyword arguments of an attention call that our kernel does not implement when set
@@ -45,7 +45,7 @@ def _fast(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torc
                                                        if is_causal is None else is_causal)
     if causal and q_len != kv_len:  # SDPA aligns the triangle top-left and crops the keys: leave it to SDPA
         return None
-    return cpu_native.attention(query, key, value, attention_mask, scaling, causal)
+    return ours_cpu.attention(query, key, value, attention_mask, scaling, causal)
 
 
 def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -6,7 +6,7 @@ Two signs, read over the window of a measurement (``Watch``):
   process's own CPU time, as a share of the window's wall time times the cores. Beside one process keeping
   both cores of a 2-core machine busy it reads about 0.5; an idle machine reads a few percent.
 - **slow waits**: parallel kernel calls whose caller waited for a descheduled thread of ours
-  (``native.thread_stats``, ``csrc/work_pool.h``): the kernels then move to their work pool or to one thread,
+  (``cpp.thread_stats``, ``csrc/work_pool.h``): the kernels then move to their work pool or to one thread,
   and a time measured meanwhile is not the quiet machine's.
 
 Other processes' share above ``OTHER_SHARE_BUSY`` marks the window busy (``Load.busy``); in a window too short
@@ -31,7 +31,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from sparse_ops.kernels import native
+from sparse_ops.kernels import cpp
 
 OTHER_SHARE_BUSY = 0.2  # other processes used more than this share of all cores
 # /proc/stat counts in ticks of 1/100 s: a window shorter than this cannot tell 20% from nothing
@@ -98,7 +98,7 @@ class Watch:
     """A context manager measuring the ``Load`` of its block (``.load`` after it exits)."""
 
     def __enter__(self) -> Watch:  # noqa: PYI034 (Self needs 3.11)
-        self._start = (time.perf_counter(), time.process_time(), _machine_busy_s(), native.thread_stats())
+        self._start = (time.perf_counter(), time.process_time(), _machine_busy_s(), cpp.thread_stats())
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -107,4 +107,4 @@ class Watch:
         share = None
         if machine is not None and machine0 is not None and wall >= MIN_WINDOW_S:
             share = max(0.0, (machine - machine0 - cpu) / (wall * (os.cpu_count() or 1)))
-        self.load = Load(wall, share, native.thread_stats().since(stats0).slow_waits)
+        self.load = Load(wall, share, cpp.thread_stats().since(stats0).slow_waits)

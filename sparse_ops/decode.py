@@ -32,8 +32,8 @@ from torch import nn
 
 from sparse_ops.activations import CODES
 from sparse_ops.errors import UnavailableError, UserTypeError, UserValueError
-from sparse_ops.kernels import cpu_native, native
-from sparse_ops.kernels.cpu_native import NativeWeight
+from sparse_ops.kernels import cpp, ours_cpu
+from sparse_ops.kernels.ours_cpu import NativeWeight
 from sparse_ops.linear import SparseLinear
 from sparse_ops.quantized import DenseInt8
 
@@ -69,7 +69,7 @@ class Decoder:
         for name, value in (("max_len", max_len), ("batch", batch)):
             if not isinstance(value, int) or value < 1:
                 raise UserValueError(f"{name} must be a positive int, got {value!r}")
-        lib = native.library()
+        lib = cpp.library()
         if lib is None:
             raise UnavailableError("the decoder step needs the native CPU kernels, unavailable in this process (see "
                                "the log)")
@@ -91,8 +91,8 @@ class Decoder:
         self.k_cache, self.v_cache = torch.zeros(shape), torch.zeros(shape)
         dims = (ctypes.c_int64 * 10)(self.layers, self.hidden, self.heads, self.kv_heads, self.head_dim,
                                      self.intermediate, self.vocab, max_len, self.window, batch)
-        single = (ctypes.c_int64 * 3)(cpu_native.SINGLE_THREAD_WORK[True], cpu_native.SINGLE_THREAD_WORK[False],
-                                      cpu_native.ATTENTION_SINGLE_THREAD_WORK)
+        single = (ctypes.c_int64 * 3)(ours_cpu.SINGLE_THREAD_WORK[True], ours_cpu.SINGLE_THREAD_WORK[False],
+                                      ours_cpu.ATTENTION_SINGLE_THREAD_WORK)
         act = _gate_activation(cfg, body.layers[0].mlp)
         handle = lib.decoder_new(ctypes.addressof(dims), float(cfg.rms_norm_eps), float(attn0.scaling), CODES[act],
                                  ctypes.addressof(single),
@@ -209,7 +209,7 @@ class Decoder:
         logits = torch.empty(rows, self.vocab)
         with self._lock:
             self._lib.decoder_step(self._handle, ids.data_ptr(), ids.numel(), seq.data_ptr(), pos.data_ptr(),
-                                   logits.data_ptr(), int(rows > 1), native.num_threads())
+                                   logits.data_ptr(), int(rows > 1), cpp.num_threads())
         return logits
 
     def __del__(self) -> None:
@@ -223,7 +223,7 @@ _DIMS = ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "v
 
 
 def _fp32(t: torch.Tensor) -> torch.Tensor:
-    return cpu_native._fp32(t.detach())
+    return ours_cpu._fp32(t.detach())
 
 
 def _check_model(model: nn.Module) -> tuple[object, nn.Module]:
@@ -269,12 +269,12 @@ def _native_weight(module: nn.Module, lm_head: str | None,
     else:
         raise UserTypeError(f"the decoder step runs nn.Linear and SparseLinear layers, got {type(module).__name__}")
     if lm_head == "int8":
-        return cpu_native.prepare_dense_int8(DenseInt8.from_dense(weight.float()).with_input_bits(input_bits)), bias
+        return ours_cpu.prepare_dense_int8(DenseInt8.from_dense(weight.float()).with_input_bits(input_bits)), bias
     if lm_head == "bf16":
-        return cpu_native.prepare_dense(weight.to(torch.bfloat16)), bias
+        return ours_cpu.prepare_dense(weight.to(torch.bfloat16)), bias
     if isinstance(module, SparseLinear):
         return module.native_weight(1), bias
-    return cpu_native.prepare_dense(weight), bias
+    return ours_cpu.prepare_dense(weight), bias
 
 
 def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 32, *, do_sample: bool = False,

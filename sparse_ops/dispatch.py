@@ -22,7 +22,7 @@ Example:
     >>> kernel_for("2:4", "mps")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    NotImplementedError: no kernel for format '2:4' on device type 'mps'; supported: csr on cpu, ...
+    sparse_ops.errors.UnsupportedError: no kernel for format '2:4' on device type 'mps'; supported: csr on cpu, ...
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from sparse_ops import activations
 from sparse_ops.errors import UnsupportedError, UserValueError
-from sparse_ops.kernels import cpu, cpu_native, cuda, native, triton_sparse, triton_two_four
+from sparse_ops.kernels import cpp, ours_cpu, torch_cpu, torch_cuda, triton_sparse, triton_two_four
 from sparse_ops.plan import TORCH_SUFFIX
 from sparse_ops.quantized import quantize_input
 
@@ -48,7 +48,7 @@ class Kernel:
 
     ``backend``: ``"ours"`` or ``"torch"``. ``native`` is False where the kernel does not exploit the format
     (torch's 2:4 on CPU runs dense or CSR): the plan and ``linear.candidate_formats`` skip it.
-    ``fuses``: the activation and the post-op (``kernels.cpu_native.AddNorm``: residual add and LayerNorm on
+    ``fuses``: the activation and the post-op (``kernels.ours_cpu.AddNorm``: residual add and LayerNorm on
     whole output rows) are applied inside the kernel's output writes, so fusing them is worth a module swap
     (``sparse_ops.fusion``). ``ffn``, where set, computes a whole feed-forward block in one call,
     ``ffn(up_state, down_state, x, up_bias, down_bias, activation, *, post=None, gate=None, gate_bias=None)``,
@@ -73,7 +73,7 @@ class Kernel:
 def unfused(matmul: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """``matmul(state, x, bias)`` with the common signature: activation and post-op applied after it."""
     def call(state: object, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None, *,
-             post: cpu_native.AddNorm | None = None, variant: str | None = None) -> torch.Tensor:
+             post: ours_cpu.AddNorm | None = None, variant: str | None = None) -> torch.Tensor:
         if variant is not None:
             raise UserValueError(f"this kernel has no variants, got {variant!r}")
         y = activations.apply(matmul(state, x, bias), activation)
@@ -91,35 +91,35 @@ def _dequantized_linear(state: tuple[torch.Tensor, int | None], x: torch.Tensor,
 # or memory gain; the GPU has no int8 kernel of ours yet), the input quantized as the weight's input_bits say.
 DEQUANTIZED = Kernel("torch.dequantized", lambda w: (w.to_dense(), w.input_bits), unfused(_dequantized_linear),
                      backend=TORCH, native=False)
-TORCH_CPU_CSR = Kernel("torch.cpu.csr", cpu.prepare_csr, unfused(cpu.csr_matmul), backend=TORCH)
+TORCH_CPU_CSR = Kernel("torch.cpu.csr", torch_cpu.prepare_csr, unfused(torch_cpu.csr_matmul), backend=TORCH)
 
 KERNELS: dict[tuple[str, str], tuple[Kernel, ...]] = {
     ("csr", "cpu"): (
-        Kernel("cpu.csr", cpu_native.prepare_csr, cpu_native.csr_matmul, fuses=True, ffn=cpu_native.ffn_matmul,
-               variants=cpu_native.csr_variants, available=native.available),
+        Kernel("cpu.csr", ours_cpu.prepare_csr, ours_cpu.csr_matmul, fuses=True, ffn=ours_cpu.ffn_matmul,
+               variants=ours_cpu.csr_variants, available=cpp.available),
         TORCH_CPU_CSR),
     ("2:4", "cpu"): (
-        Kernel("cpu.2:4", cpu_native.prepare_two_four, cpu_native.two_four_matmul, fuses=True,
-               available=native.available),
-        Kernel("torch.cpu.2:4", cpu.prepare_two_four, unfused(cpu.two_four_matmul), backend=TORCH, native=False)),
-    ("dense-int8", "cpu"): (Kernel("cpu.dense-int8", cpu_native.prepare_dense_int8, cpu_native.int8_matmul,
-                                   fuses=True, available=native.available), DEQUANTIZED),
+        Kernel("cpu.2:4", ours_cpu.prepare_two_four, ours_cpu.two_four_matmul, fuses=True,
+               available=cpp.available),
+        Kernel("torch.cpu.2:4", torch_cpu.prepare_two_four, unfused(torch_cpu.two_four_matmul), backend=TORCH, native=False)),
+    ("dense-int8", "cpu"): (Kernel("cpu.dense-int8", ours_cpu.prepare_dense_int8, ours_cpu.int8_matmul,
+                                   fuses=True, available=cpp.available), DEQUANTIZED),
     # the sparse int8 layouts: CSR's variants ("panels": a panelled int8 copy built at the first batch that takes
     # it) and its fused feed-forward block
-    **{(fmt, "cpu"): (Kernel(f"cpu.{fmt}", prepare, cpu_native.int8_matmul, fuses=True, ffn=cpu_native.ffn_matmul,
-                             variants=cpu_native.int8_variants, available=native.available), DEQUANTIZED)
-       for fmt, prepare in (("csr-int8", cpu_native.prepare_csr_int8),
-                            ("bitmap-int8", cpu_native.prepare_bitmap_int8))},
+    **{(fmt, "cpu"): (Kernel(f"cpu.{fmt}", prepare, ours_cpu.int8_matmul, fuses=True, ffn=ours_cpu.ffn_matmul,
+                             variants=ours_cpu.int8_variants, available=cpp.available), DEQUANTIZED)
+       for fmt, prepare in (("csr-int8", ours_cpu.prepare_csr_int8),
+                            ("bitmap-int8", ours_cpu.prepare_bitmap_int8))},
     **{(fmt, "cuda"): (DEQUANTIZED,) for fmt in ("dense-int8", "csr-int8", "bitmap-int8")},
     ("csr", "cuda"): (
         Kernel("cuda.csr", triton_sparse.prepare, triton_sparse.matmul, variants=triton_sparse.variants,
                available=triton_sparse.available),
-        Kernel("torch.cuda.csr", cuda.prepare_csr, unfused(cuda.csr_matmul), backend=TORCH)),
+        Kernel("torch.cuda.csr", torch_cuda.prepare_csr, unfused(torch_cuda.csr_matmul), backend=TORCH)),
     ("2:4", "cuda"): (
         Kernel("cuda.2:4", triton_two_four.prepare, triton_two_four.matmul, variants=triton_two_four.variants,
                available=triton_two_four.available),
-        Kernel("torch.cuda.2:4", cuda.prepare_two_four, unfused(cuda.two_four_matmul), backend=TORCH,
-               accepts=cuda.accepts_two_four)),
+        Kernel("torch.cuda.2:4", torch_cuda.prepare_two_four, unfused(torch_cuda.two_four_matmul), backend=TORCH,
+               accepts=torch_cuda.accepts_two_four)),
 }
 
 

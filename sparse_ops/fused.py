@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from sparse_ops.errors import UserTypeError, UserValueError
-from sparse_ops.kernels.cpu_native import AddNorm
+from sparse_ops.kernels.ours_cpu import AddNorm
 from sparse_ops.linear import SparseLinear
 
 

@@ -32,7 +32,7 @@ for a ``SparseGatedFFN`` holding the same three layers under the same names: the
 **Residual add and LayerNorm in the kernel** (``SparseAddNorm``, ``fuse_add_norm``). A post-LN sublayer ends
 with ``norm(dropout(layer(x)) + residual)`` (BERT's ``BertSelfOutput`` and ``BertOutput``): two more passes
 over a fresh (tokens, hidden) tensor each. ``SparseAddNorm`` has the kernel apply both to each tile of output
-rows as soon as the tile is written (``kernels.cpu_native.AddNorm``). ``fuse_add_norm`` swaps each module whose
+rows as soon as the tile is written (``kernels.ours_cpu.AddNorm``). ``fuse_add_norm`` swaps each module whose
 forward is exactly that (a sparse layer or ``SparseFFN`` on its first input, an optional dropout, the add of
 its second input, a LayerNorm) for a ``SparseAddNorm`` holding the same children under the same names: the
 state dict keys do not change.

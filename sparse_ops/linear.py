@@ -24,8 +24,8 @@ from sparse_ops import activations, busy, ops, plan
 from sparse_ops.dispatch import OURS, candidates, kernel_for, torch_path_formats, torch_path_kernel
 from sparse_ops.errors import UserTypeError, UserValueError
 from sparse_ops.formats import SparseFormat
-from sparse_ops.kernels import cpu_native, native
-from sparse_ops.kernels.cpu_native import NativeWeight
+from sparse_ops.kernels import cpp, ours_cpu
+from sparse_ops.kernels.ours_cpu import NativeWeight
 from sparse_ops.plan import DENSE, TORCH_SUFFIX, Planner
 from sparse_ops.quantized import INPUT_BITS, DenseInt8, quantize_input
 from sparse_ops.registry import AUTO, FORMATS, LOSSLESS, QUANTIZED, format_class
@@ -221,18 +221,18 @@ class SparseLinear(nn.Module):
         state, an int8 twin's, or a dense copy for our dense kernel where the plan chose dense. Where the plan
         chose torch's kernel (or the layer runs on it), our kernel of the same format: native code (the decoder
         step, ``sparse_ops.decode``) cannot call torch's. ValueError off the CPU or without native kernels."""
-        if self.kernel_device.type != "cpu" or not native.available():
+        if self.kernel_device.type != "cpu" or not cpp.available():
             raise UserValueError(f"native kernels run CPU weights in a process that built them; this layer is on "
-                             f"{self.kernel_device} (native kernels available: {native.available()})")
+                             f"{self.kernel_device} (native kernels available: {cpp.available()})")
         path = self.route(n) if self.planner is not None else self.choice
         if path == DENSE and self._input_bits:  # int8 inputs: the dense int8 kernel gives the same numbers
             path = DenseInt8.format
         if path == DENSE:
-            return cpu_native.prepare_dense(self.dense_weight())
+            return ours_cpu.prepare_dense(self.dense_weight())
         if path in self._twins:
             return self._other_kernel(path)[1]
         if self.kernel.backend == OURS:
-            return cpu_native.masked(self._state) if path.endswith(".mask") else self._state
+            return ours_cpu.masked(self._state) if path.endswith(".mask") else self._state
         if ("ours", self.format) not in self._others:
             ours = next(k for k in candidates(self.format, "cpu") if k.backend == OURS)
             self._others[("ours", self.format)] = (ours, ours.prepare(self.weight))

@@ -20,7 +20,7 @@ from torch import nn
 from sparse_ops.checkpoint import Transposed, load_sparse_state_dict
 from sparse_ops.errors import UserValueError
 from sparse_ops.formats import CSR, SparseFormat, csr_col_dtype
-from sparse_ops.kernels import native
+from sparse_ops.kernels import cpp
 from sparse_ops.quantized import INPUT_BITS, DenseInt8, Int8Weight
 from sparse_ops.registry import format_class
 
@@ -200,8 +200,8 @@ def sparsify(model: nn.Module,
     if input_bits is not None and not int8:
         raise UserValueError(f"input_bits={input_bits} quantizes the inputs of int8 layers, and this checkpoint has "
                          f"none (convert it with prune convert --quantize int8)")
-    if planner is not None and native.available():  # larger than the L3: one token reads its weights from memory
-        planner.cold = _weight_bytes(model, swap) > native.caches()["L3"]
+    if planner is not None and cpp.available():  # larger than the L3: one token reads its weights from memory
+        planner.cold = _weight_bytes(model, swap) > cpp.caches()["L3"]
     for name, (weight, to_linear) in swap.items():
         module = model.get_submodule(name)
         if tuple(module.weight.shape) != weight.shape:

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from sparse_ops.kernels import native
+from sparse_ops.kernels import cpp
 from sparse_ops.timing import Timer
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ COLD_MIN_BYTES = 1 << 20
 
 @functools.cache
 def _flush_buffer() -> torch.Tensor:
-    return torch.ones(2 * native.caches()["L3"] // 4)
+    return torch.ones(2 * cpp.caches()["L3"] // 4)
 
 
 def flush_caches() -> None:
@@ -131,8 +131,8 @@ def machine_key(device: torch.device) -> str:
 
         triton_version = getattr(triton_sparse.triton, "__version__", "none")
         return f"{torch.cuda.get_device_name(device)}|cuda {torch.version.cuda}|triton {triton_version}|{rule}"
-    isa = native.isa() if native.available() else "torch-only"
-    return f"{native.cpu_model()}|{isa}|abi {native.ABI_VERSION}|threads {torch.get_num_threads()}|{rule}"
+    isa = cpp.isa() if cpp.available() else "torch-only"
+    return f"{cpp.cpu_model()}|{isa}|abi {cpp.ABI_VERSION}|threads {torch.get_num_threads()}|{rule}"
 
 
 def layer_key(fmt: str, shape: tuple[int, int], dtype: torch.dtype, sparsity: float, device: torch.device,
@@ -210,7 +210,7 @@ _DEFAULT_CACHES: dict[Path, PlanCache] = {}
 def default_cache() -> PlanCache:
     """The on-disk cache of this user's plans, one object per path: ``$SPARSE_OPS_PLANS`` if set, else
     ``<kernel cache dir>/plans.json``."""
-    path = Path(os.environ.get("SPARSE_OPS_PLANS") or native.cache_dir() / "plans.json")
+    path = Path(os.environ.get("SPARSE_OPS_PLANS") or cpp.cache_dir() / "plans.json")
     return _DEFAULT_CACHES.setdefault(path, PlanCache(path))
 
 

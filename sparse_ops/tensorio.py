@@ -113,7 +113,7 @@ def parse_header(header: object, data_bytes: int) -> tuple[dict[str, str] | None
         >>> parse_header({"a": {"dtype": "I16", "shape": [2**40], "data_offsets": [0, 6]}}, 6)
         Traceback (most recent call last):
         ...
-        ValueError: tensor 'a': shape [1099511627776] of I16 needs 2199023255552 bytes, data_offsets hold 6
+        sparse_ops.errors.UserValueError: tensor 'a': shape [1099511627776] of I16 needs 2199023255552 bytes, data_offsets hold 6
     """
     if not isinstance(header, dict):
         raise UserValueError(f"header must be a JSON object, got {type(header).__name__}")

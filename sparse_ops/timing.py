@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from sparse_ops.errors import UserValueError
-from sparse_ops.kernels import native
+from sparse_ops.kernels import cpp
 
 Clock = Callable[[], float]  # seconds from a monotonic origin, like time.perf_counter
 
@@ -164,7 +164,7 @@ def environment(device: str = "cpu") -> dict[str, object]:
     """Hardware and software facts to write beside every result (CPU, threads, torch, BLAS, GPU, date)."""
     env: dict[str, object] = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": native.cpu_model(),
+        "cpu": cpp.cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
@@ -187,11 +187,11 @@ def environment(device: str = "cpu") -> dict[str, object]:
 
 
 def kernel_build() -> dict[str, object]:
-    """Which build of our CPU kernels this process runs: its ISA (``native.isa()``, or None where torch's
+    """Which build of our CPU kernels this process runs: its ISA (``cpp.isa()``, or None where torch's
     kernels stand in), and the cache sizes its tiling was built for."""
-    on = native.available()
-    return {"kernel_isa": native.isa() if on else None, "native_kernels": on,
-            "kernel_caches_bytes": native.caches() if on else None}
+    on = cpp.available()
+    return {"kernel_isa": cpp.isa() if on else None, "native_kernels": on,
+            "kernel_caches_bytes": cpp.caches() if on else None}
 
 
 def _load_avg() -> list[float] | None:

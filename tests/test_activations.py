@@ -7,12 +7,12 @@ from torch import nn
 from sparse_ops.activations import ACTIVATIONS, activation_of
 from sparse_ops.formats import CSR, TwoFour
 from sparse_ops.fusion import fuse_activations
-from sparse_ops.kernels import native
+from sparse_ops.kernels import cpp
 from sparse_ops.linear import SparseLinear
 from tests.test_formats import two_four, unstructured
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}
-needs_native = pytest.mark.skipif(not native.available(), reason="needs our CPU kernels")
+needs_native = pytest.mark.skipif(not cpp.available(), reason="needs our CPU kernels")
 
 
 @pytest.mark.parametrize("activation", [*ACTIVATIONS, None])

@@ -1,4 +1,4 @@
-"""Our attention kernel (``cpu_native.attention``) on every build this CPU runs, against a float64 reference, and
+"""Our attention kernel (``ours_cpu.attention``) on every build this CPU runs, against a float64 reference, and
 its Hugging Face integration (``sparse_ops.attention``) against SDPA on tiny models built from configs."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sparse_ops import attention as fast
-from sparse_ops.kernels import cpu_native
+from sparse_ops.kernels import ours_cpu
 from tests.test_cpu_kernels import RUNNABLE_ISAS, isa, needs_native  # noqa: F401 (isa: the fixture)
 
 # (B, H, Hk, S, L, D): tails of the 32-query blocks and of the key strips, one query / one key, grouped-query
@@ -21,7 +21,7 @@ SHAPES = [(1, 12, 12, 128, 128, 32), (2, 4, 2, 37, 45, 64), (1, 3, 1, 5, 70, 24)
 @pytest.fixture(autouse=True)
 def any_size(monkeypatch):
     """The kernel takes the tiny shapes here too (by default SDPA runs those: ``ATTENTION_MIN_WORK``)."""
-    monkeypatch.setattr(cpu_native, "ATTENTION_MIN_WORK", 0)
+    monkeypatch.setattr(ours_cpu, "ATTENTION_MIN_WORK", 0)
 
 
 def reference(q, k, v, mask=None, scale=None, causal=False):
@@ -65,7 +65,7 @@ def test_attention_kernel_matches_reference_on_every_build(shape, how, isa):  # 
     elif how == "float_full":
         kw["mask"] = torch.randn(B, H, S, L, generator=gen)
     with torch.inference_mode():
-        out = cpu_native.attention(q, k, v, **kw)
+        out = ours_cpu.attention(q, k, v, **kw)
     assert out is not None and out.shape == (B, S, H, D)
     # fp32 logits summed over D (up to ~|q||k| scale ~ 5 here): their rounding error is ~1e-6 relative
     torch.testing.assert_close(out, reference(q, k, v, **kw), rtol=1e-4, atol=1e-5)
@@ -77,7 +77,7 @@ def test_a_row_that_sees_no_key_is_zero_and_the_others_are_exact():
     mask = torch.ones(1, 1, 3, 5, dtype=torch.bool)
     mask[0, 0, 1] = False  # query 1 sees nothing
     with torch.inference_mode():
-        out = cpu_native.attention(q, k, v, mask)
+        out = ours_cpu.attention(q, k, v, mask)
     assert out[0, 1].abs().max() == 0
     torch.testing.assert_close(out, reference(q, k, v, mask), rtol=1e-5, atol=2e-6)
 
@@ -85,13 +85,13 @@ def test_a_row_that_sees_no_key_is_zero_and_the_others_are_exact():
 @needs_native
 def test_attention_declines_what_it_does_not_run(monkeypatch):
     q, k, v = heads(1, 2, 2, 4, 4, 8, torch.Generator().manual_seed(0))
-    assert cpu_native.attention(q.double(), k.double(), v.double()) is None  # not fp32
-    assert cpu_native.attention(q, k[:, :1].expand(1, 3, 4, 8), v[:, :1].expand(1, 3, 4, 8)) is None  # 2 % 3
-    assert cpu_native.attention(q.requires_grad_(), k, v) is None  # a gradient is needed
-    long = torch.randn(1, 1, cpu_native.ATTENTION_MAX_KEYS + 1, 8)
-    assert cpu_native.attention(torch.randn(1, 1, 1, 8), long, long) is None
-    monkeypatch.setattr(cpu_native, "ATTENTION_MIN_WORK", 4 * 4 * 8 + 1)  # too little work to pay for the call
-    assert cpu_native.attention(q[:, :1], k[:, :1], v[:, :1]) is None
+    assert ours_cpu.attention(q.double(), k.double(), v.double()) is None  # not fp32
+    assert ours_cpu.attention(q, k[:, :1].expand(1, 3, 4, 8), v[:, :1].expand(1, 3, 4, 8)) is None  # 2 % 3
+    assert ours_cpu.attention(q.requires_grad_(), k, v) is None  # a gradient is needed
+    long = torch.randn(1, 1, ours_cpu.ATTENTION_MAX_KEYS + 1, 8)
+    assert ours_cpu.attention(torch.randn(1, 1, 1, 8), long, long) is None
+    monkeypatch.setattr(ours_cpu, "ATTENTION_MIN_WORK", 4 * 4 * 8 + 1)  # too little work to pay for the call
+    assert ours_cpu.attention(q[:, :1], k[:, :1], v[:, :1]) is None
 
 
 def _bert(**kw):
@@ -115,14 +115,14 @@ def _llama():
 def _calls(monkeypatch):
     """Counts the kernel's calls that ran (not declined)."""
     calls = []
-    real = cpu_native.attention
+    real = ours_cpu.attention
 
     def counted(*a, **k):
         out = real(*a, **k)
         calls.append(out is not None)
         return out
 
-    monkeypatch.setattr(cpu_native, "attention", counted)
+    monkeypatch.setattr(ours_cpu, "attention", counted)
     return calls
 
 
@@ -159,14 +159,14 @@ def test_llama_prefill_and_decode_run_our_kernel_and_match_sdpa(monkeypatch):
 
 @needs_native
 def test_training_and_long_sequences_go_to_sdpa(monkeypatch):
-    model = _bert(max_position_embeddings=cpu_native.ATTENTION_MAX_KEYS + 8)
+    model = _bert(max_position_embeddings=ours_cpu.ATTENTION_MAX_KEYS + 8)
     fast.use_fast_attention(model)
     calls = _calls(monkeypatch)
     model.train()
     model(input_ids=torch.randint(0, 100, (1, 8))).last_hidden_state.sum().backward()  # dropout, gradients
     model.eval()
     with torch.inference_mode():
-        model(input_ids=torch.randint(0, 100, (1, cpu_native.ATTENTION_MAX_KEYS + 1)))
+        model(input_ids=torch.randint(0, 100, (1, ours_cpu.ATTENTION_MAX_KEYS + 1)))
     assert not any(calls)  # declined: SDPA ran
 
 

@@ -26,7 +26,7 @@ from prune.bench.output import RunFiles
 from prune.cli import build_parser, main
 from sparse_ops import timing
 from sparse_ops.checkpoint import convert_checkpoint
-from sparse_ops.kernels import native
+from sparse_ops.kernels import cpp
 from sparse_ops.timing import Deadline, _quantile, summarize, time_interleaved
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,7 +229,7 @@ def test_checkpoint_per_layer_and_whole_model(tmp_path, capsys):
     cols, rows = read_csv(out / "checkpoint.csv")
     assert tuple(cols) == LAYER_COLUMNS
     got = {(r["layer"], r["batch"], r["candidate"]) for r in rows}
-    torch_csr = ("csr:torch",) if native.available() else ()  # torch's kernel, timed where ours is the default
+    torch_csr = ("csr:torch",) if cpp.available() else ()  # torch's kernel, timed where ours is the default
     assert got == {(layer, b, c) for layer in ("ffn.up.weight", "ffn.down.weight") for b in ("1", "8")
                    for c in ("dense", "csr", *torch_csr, "auto")} | {("ffn.down.weight", b, "2:4") for b in ("1", "8")}
     for r in rows:
@@ -526,17 +526,17 @@ def test_gpu_check_commands_parse():
     assert subprocess.run(["bash", "-n", str(GPU_SCRIPT)], check=False).returncode == 0
 
 
-@pytest.mark.skipif(not native.available(), reason="needs g++ and the native kernels")
+@pytest.mark.skipif(not cpp.available(), reason="needs g++ and the native kernels")
 def test_kernel_ab_compares_two_builds(capsys):
     from benchmarks import kernel_ab
-    src = str(native.SOURCE)
+    src = str(cpp.SOURCE)
     kernel_ab.main([src, src, "--shapes", "40x300x1", "40x300x64", "--rounds", "3", "--threads", "1"])
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == ["40x300x1", "40x300x64"]
     assert all("B/A speed" in line and "p20" in line for line in lines)
 
 
-@pytest.mark.skipif(not native.available(), reason="needs g++ and the native kernels")
+@pytest.mark.skipif(not cpp.available(), reason="needs g++ and the native kernels")
 def test_ffn_benchmark_writes_consistent_rows(tmp_path, capsys):
     import csv
     import json

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from sparse_ops import ops
-from sparse_ops.kernels import native
+from sparse_ops.kernels import cpp
 
 transformers = pytest.importorskip("transformers")
-pytestmark = pytest.mark.skipif(not native.available(), reason="native CPU kernels unavailable")
+pytestmark = pytest.mark.skipif(not cpp.available(), reason="native CPU kernels unavailable")
 
 from sparse_ops.checkpoint import convert_checkpoint  # noqa: E402
 from sparse_ops.linear import SparseLinear  # noqa: E402

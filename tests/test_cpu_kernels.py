@@ -1,6 +1,6 @@
-"""Our C++ CPU kernels (kernels/cpu_native.py) against the fp32 reference; their build, cache and fallback.
+"""Our C++ CPU kernels (kernels/ours_cpu.py) against the fp32 reference; their build, cache and fallback.
 
-The reference grids run on every build this CPU can execute (``native.ISAS``: an AVX-512 machine runs the
+The reference grids run on every build this CPU can execute (``cpp.ISAS``: an AVX-512 machine runs the
 avx512, avx2 and x86-64 builds), through the library's own Python path with that build loaded (``isa``).
 """
 import functools
@@ -15,12 +15,12 @@ from torch import nn
 from sparse_ops.activations import ACTIVATIONS, CODES
 from sparse_ops.dispatch import kernel_for
 from sparse_ops.formats import CSR, TwoFour
-from sparse_ops.kernels import cpu_native, native, reference
+from sparse_ops.kernels import cpp, ours_cpu, reference
 from sparse_ops.linear import SparseLinear
 from tests.test_formats import two_four, unstructured
 from tests.test_kernels import close_to_reference
 
-needs_native = pytest.mark.skipif(not native.available(), reason="native CPU kernels unavailable (no compiler)")
+needs_native = pytest.mark.skipif(not cpp.available(), reason="native CPU kernels unavailable (no compiler)")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # odd sizes, a single row/column, in > tile panel (several token tiles), out not a multiple of the row block
 SHAPES = [(1, 4), (7, 12), (33, 64), (70, 40), (5, 2000), (0, 8), (3, 0)]
@@ -28,27 +28,27 @@ SHAPES = [(1, 4), (7, 12), (33, 64), (70, 40), (5, 2000), (0, 8), (3, 0)]
 BATCHES = [1, 2, 8, 9, 17, 100, 256]
 SPARSITIES = [0.0, 0.5, 0.9, 0.999, 1.0]
 # Every target this CPU runs; float16 (widened to float32 at prepare: the float32 kernels) on the default only
-RUNNABLE_ISAS = [name for name, target in native.ISAS.items() if native.runs_here(target)] or ["native"]
+RUNNABLE_ISAS = [name for name, target in cpp.ISAS.items() if cpp.runs_here(target)] or ["native"]
 ISA_DTYPES = [(i, d) for i in RUNNABLE_ISAS for d in DTYPES if d != torch.float16 or i == RUNNABLE_ISAS[0]]
 
 
 @functools.cache
 def _build_for(target):
-    return native.open_library(native.build(target=target))
+    return cpp.open_library(cpp.build(target=target))
 
 
 @pytest.fixture
 def isa(request, monkeypatch):
     """The kernels of this test are the build for request.param (loaded in place of the default one)."""
-    if native.available() and request.param != native.isa():
+    if cpp.available() and request.param != cpp.isa():
         lib = _build_for(request.param)
-        monkeypatch.setattr(native, "_load", lambda: lib)
+        monkeypatch.setattr(cpp, "_load", lambda: lib)
     return request.param
 
 
 def run_native(fmt, x, bias):
-    prepare, matmul = {CSR: (cpu_native.prepare_csr, cpu_native.csr_matmul),
-                       TwoFour: (cpu_native.prepare_two_four, cpu_native.two_four_matmul)}[type(fmt)]
+    prepare, matmul = {CSR: (ours_cpu.prepare_csr, ours_cpu.csr_matmul),
+                       TwoFour: (ours_cpu.prepare_two_four, ours_cpu.two_four_matmul)}[type(fmt)]
     with torch.inference_mode():
         return matmul(prepare(fmt), x, bias)
 
@@ -81,7 +81,7 @@ def test_csr_matches_reference(shape, batch, sparsity, isa, dtype):
 def test_both_csr_kernels_match_reference(batch, sparsity, dtype, panels, isa, monkeypatch):
     # The plain and the panelled kernel on the same weights whatever use_panels would pick: 2-256 tokens,
     # partial tiles, empty rows, several row blocks and column panels.
-    monkeypatch.setattr(cpu_native, "use_panels", lambda *args: panels)
+    monkeypatch.setattr(ours_cpu, "use_panels", lambda *args: panels)
     w = unstructured((70, 300), sparsity, dtype)
     w[5:9] = 0.0
     check(CSR.from_dense(w), batch, dtype)
@@ -99,12 +99,12 @@ def test_the_column_mask_copy_matches_reference(shape, batch, sparsity, dtype, i
     w = unstructured(shape, sparsity, dtype)
     w[:2] = 0.0
     fmt = CSR.from_dense(w)
-    m = cpu_native.masked(cpu_native.prepare_csr(fmt))
-    assert m.layout == f"csr_mask_{cpu_native.VALUE_CODE[dtype]}"
+    m = ours_cpu.masked(ours_cpu.prepare_csr(fmt))
+    assert m.layout == f"csr_mask_{ours_cpu.VALUE_CODE[dtype]}"
     assert m.tensors[1].shape == (shape[0], (shape[1] + 7) // 8)
     x, b = torch.randn(batch, shape[1], dtype=dtype), torch.randn(shape[0], dtype=dtype)
     with torch.inference_mode():
-        y = cpu_native._matmul(m, x, b, False, CODES["gelu"], None)
+        y = ours_cpu._matmul(m, x, b, False, CODES["gelu"], None)
     ref = F.gelu(reference.REFERENCE["csr"](fmt, x) + b.float())
     close_to_reference(y, ref, dtype, shape[1])
 
@@ -112,16 +112,16 @@ def test_the_column_mask_copy_matches_reference(shape, batch, sparsity, dtype, i
 @needs_native
 def test_the_mask_variant_is_a_one_token_choice_of_the_csr_kernel():
     fmt = CSR.from_dense(unstructured((64, 96), 0.6))
-    state = cpu_native.prepare_csr(fmt)
-    assert cpu_native.csr_variants(1) == ("plain", "mask") and "mask" not in cpu_native.csr_variants(2)
+    state = ours_cpu.prepare_csr(fmt)
+    assert ours_cpu.csr_variants(1) == ("plain", "mask") and "mask" not in ours_cpu.csr_variants(2)
     assert state.masked is None  # built at its first use, then kept
     x = torch.randn(1, 96)
     with torch.inference_mode():
-        y = cpu_native.csr_matmul(state, x, None, variant="mask")
-        assert state.masked is not None and cpu_native.masked(state) is state.masked
-        torch.testing.assert_close(y, cpu_native.csr_matmul(state, x, None, variant="plain"), rtol=1e-5, atol=1e-5)
+        y = ours_cpu.csr_matmul(state, x, None, variant="mask")
+        assert state.masked is not None and ours_cpu.masked(state) is state.masked
+        torch.testing.assert_close(y, ours_cpu.csr_matmul(state, x, None, variant="plain"), rtol=1e-5, atol=1e-5)
         with pytest.raises(ValueError, match="unknown kernel variant 'mask' for 3 tokens"):
-            cpu_native.csr_matmul(state, torch.randn(3, 96), None, variant="mask")
+            ours_cpu.csr_matmul(state, torch.randn(3, 96), None, variant="mask")
 
 
 @needs_native
@@ -132,13 +132,13 @@ def test_epilogue_and_post_op_on_every_build(batch, activation, isa):
     # The fused activation (vectorised for the build's ISA or not) with a bias, then the residual + LayerNorm
     # post-op, on the gemv, plain and panelled paths.
     w = unstructured((37, 300), 0.8)
-    state = cpu_native.prepare_csr(CSR.from_dense(w))
+    state = ours_cpu.prepare_csr(CSR.from_dense(w))
     x, b, r, g, beta = torch.randn(batch, 300), torch.randn(37), torch.randn(batch, 37), torch.randn(37), \
         torch.randn(37)
     with torch.inference_mode():
-        y = cpu_native.csr_matmul(state, x, b, activation)
+        y = ours_cpu.csr_matmul(state, x, b, activation)
         torch.testing.assert_close(y, ACTIVATIONS[activation](x @ w.t() + b), rtol=1e-5, atol=1e-5)
-        y = cpu_native.csr_matmul(state, x, b, None, cpu_native.AddNorm(r, g, beta))
+        y = ours_cpu.csr_matmul(state, x, b, None, ours_cpu.AddNorm(r, g, beta))
     ref = torch.nn.functional.layer_norm(x @ w.t() + b + r, (37,), g, beta, 1e-5)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
@@ -219,7 +219,7 @@ def test_panel_parts_hold_the_same_matrix(shape, rows, width):
     w = unstructured(shape, 0.8)
     w[1::4] = 0.0  # empty rows
     csr = CSR.from_dense(w)
-    seg, lcol, vals = cpu_native.panel_parts(csr.crow_indices, csr.col_indices, csr.values, shape, rows, width)
+    seg, lcol, vals = ours_cpu.panel_parts(csr.crow_indices, csr.col_indices, csr.values, shape, rows, width)
     out, inp = shape
     npanels = -(-inp // width)
     rebuilt = torch.zeros(shape)
@@ -253,27 +253,27 @@ def test_prepare_rejects_bad_indices_before_native_code():
     good = CSR.from_dense(unstructured((4, 8), 0.5))
     bad = CSR(good.crow_indices, torch.full_like(good.col_indices, 8), good.values, (4, 8))
     with pytest.raises(ValueError, match=r"col_indices must lie in \[0, 8\)"):
-        cpu_native.prepare_csr(bad)
+        ours_cpu.prepare_csr(bad)
     t = TwoFour.from_dense(two_four((2, 8)))
     with pytest.raises(ValueError, match="invalid position codes"):
-        cpu_native.prepare_two_four(TwoFour(t.values, torch.full_like(t.metadata, 0xFF), (2, 8)))
+        ours_cpu.prepare_two_four(TwoFour(t.values, torch.full_like(t.metadata, 0xFF), (2, 8)))
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no g++: the build path cannot run here")
 def test_build_compiles_into_a_fresh_cache_and_loads(tmp_path, monkeypatch):
     # What CI does on a fresh machine: nothing cached, compile once, then reuse the cached file.
     monkeypatch.setenv("SPARSE_OPS_CACHE", str(tmp_path))
-    path = native.build()
+    path = cpp.build()
     assert path.parent == tmp_path and path.stat().st_size > 0 and list(tmp_path.iterdir()) == [path]
-    assert native.build() == path  # cached: same file, no second copy
+    assert cpp.build() == path  # cached: same file, no second copy
     import ctypes
-    assert ctypes.CDLL(str(path)).sparse_cpu_abi_version() == native.ABI_VERSION
+    assert ctypes.CDLL(str(path)).sparse_cpu_abi_version() == cpp.ABI_VERSION
 
 
 def test_build_failure_names_the_compiler(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSE_OPS_CACHE", str(tmp_path))
     with pytest.raises(RuntimeError, match="false failed building sparse_cpu.cpp"):
-        native.build(compiler=shutil.which("false") or "false")
+        cpp.build(compiler=shutil.which("false") or "false")
     assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
 
 
@@ -282,8 +282,8 @@ def test_falls_back_to_torch_kernels(how, monkeypatch):
     if how == "disabled":
         monkeypatch.setenv("SPARSE_OPS_NATIVE", "0")
     else:  # what a machine without a compiler sees
-        monkeypatch.setattr(native, "_load", lambda: "RuntimeError: no C++ compiler found")
-    assert not native.available()
+        monkeypatch.setattr(cpp, "_load", lambda: "RuntimeError: no C++ compiler found")
+    assert not cpp.available()
     assert kernel_for("csr", "cpu").name == "torch.cpu.csr"
     assert kernel_for("2:4", "cpu").name == "torch.cpu.2:4"
     w = two_four((12, 32), extra_sparsity=0.3)
@@ -299,23 +299,23 @@ def test_falls_back_to_torch_kernels(how, monkeypatch):
 
 def test_out_of_memory_in_the_kernel_raises_memory_error():
     # The entry points return 1 when the packed-x scratch buffer cannot be allocated (nothing is computed).
-    native._check_status(0, None, ())
+    cpp._check_status(0, None, ())
     with pytest.raises(MemoryError, match="out of memory"):
-        native._check_status(1, None, ())
+        cpp._check_status(1, None, ())
 
 
 @needs_native
 def test_panelled_copy_is_built_at_the_first_batch_that_needs_it():
     w = unstructured((64, 300), 0.9)
-    state = cpu_native.prepare_csr(CSR.from_dense(w))
+    state = ours_cpu.prepare_csr(CSR.from_dense(w))
     assert state.panel_call is None and state.panels == ()  # batch-1 servers hold the weight once
     with torch.inference_mode():
         for n in (1, 8):  # gemv, plain-CSR kernel: no panels
-            assert cpu_native.csr_matmul(state, torch.randn(n, 300), None).shape == (n, 64)
+            assert ours_cpu.csr_matmul(state, torch.randn(n, 300), None).shape == (n, 64)
         assert state.panel_call is None
         x = torch.randn(64, 300)
-        assert cpu_native.use_panels(64, state.density, 300)
-        torch.testing.assert_close(cpu_native.csr_matmul(state, x, None), x @ w.t(), rtol=1e-5, atol=1e-5)
+        assert ours_cpu.use_panels(64, state.density, 300)
+        torch.testing.assert_close(ours_cpu.csr_matmul(state, x, None), x @ w.t(), rtol=1e-5, atol=1e-5)
     _seg, lcol, vals = state.panels
     assert state.panel_call is not None and lcol.numel() == vals.numel() == int((w != 0).sum())
 
@@ -342,14 +342,14 @@ def test_panelled_schedules_match_reference(shape, batch, dtype, threads, isa):
 def test_panelled_copy_is_built_once_under_concurrent_calls():
     from concurrent.futures import ThreadPoolExecutor
     w = unstructured((96, 200), 0.8)
-    state = cpu_native.prepare_csr(CSR.from_dense(w))
+    state = ours_cpu.prepare_csr(CSR.from_dense(w))
     xs = [torch.randn(64, 200) for _ in range(8)]
     with torch.inference_mode(), ThreadPoolExecutor(4) as pool:
-        ys = list(pool.map(lambda x: cpu_native.csr_matmul(state, x, None), xs))
+        ys = list(pool.map(lambda x: ours_cpu.csr_matmul(state, x, None), xs))
     first = state.panels
     for x, y in zip(xs, ys):
         torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-5)
-    cpu_native.panelled(state)
+    ours_cpu.panelled(state)
     assert state.panels is first  # built once
 
 
@@ -366,34 +366,34 @@ def test_an_isa_this_cpu_cannot_run_or_an_unknown_one_is_refused_with_the_reason
     # SPARSE_OPS_ISA is checked before anything is built or loaded: the library is then unavailable (torch's
     # kernels run) and the logged reason names the value and what is allowed, or what the CPU lacks.
     monkeypatch.setenv("SPARSE_OPS_ISA", "avx9")
-    assert native._load.__wrapped__() == \
-        "ValueError: SPARSE_OPS_ISA='avx9' is not a target; allowed: avx512, avx2, x86-64, neon"
-    foreign = "avx2" if native.machine() == "aarch64" else "neon"
+    assert cpp._load.__wrapped__() == \
+        "UserValueError: SPARSE_OPS_ISA='avx9' is not a target; allowed: avx512, avx2, x86-64, neon"
+    foreign = "avx2" if cpp.machine() == "aarch64" else "neon"
     monkeypatch.setenv("SPARSE_OPS_ISA", foreign)
-    assert native._load.__wrapped__().startswith(f"this CPU cannot run the {foreign} build (SPARSE_OPS_ISA")
+    assert cpp._load.__wrapped__().startswith(f"this CPU cannot run the {foreign} build (SPARSE_OPS_ISA")
 
 
 @needs_native
 def test_the_cpp_and_python_constants_are_checked_against_each_other(monkeypatch):
-    lib = native.library()
-    assert native.constants_mismatch(lib) is None
+    lib = cpp.library()
+    assert cpp.constants_mismatch(lib) is None
     from sparse_ops import activations
 
     monkeypatch.setitem(activations.CODES, "silu", 7)  # a Python table edited without the C++ enum
-    assert native.constants_mismatch(lib) == "the C++ and Python constants differ (act.silu: C++ 4, Python 7)"
+    assert cpp.constants_mismatch(lib) == "the C++ and Python constants differ (act.silu: C++ 4, Python 7)"
 
 
 def test_unwritable_cache_folder_falls_back_to_a_private_one_said_once(tmp_path, monkeypatch, caplog):
     blocked = tmp_path / "a-file"
     blocked.write_text("")  # a folder cannot be made under a file (whoever runs the test, root included)
     monkeypatch.setenv("SPARSE_OPS_CACHE", str(blocked / "cache"))
-    native._usable_cache_dir.cache_clear()
+    cpp._usable_cache_dir.cache_clear()
     try:
-        with caplog.at_level("WARNING", logger=native.log.name):
-            first, again = native.cache_dir(), native.cache_dir()
+        with caplog.at_level("WARNING", logger=cpp.log.name):
+            first, again = cpp.cache_dir(), cpp.cache_dir()
         assert first == again and first.is_dir() and os.access(first, os.W_OK)
         assert not first.is_relative_to(blocked) and not first.stat().st_mode & 0o022
         said = [r for r in caplog.records if "cannot be written" in r.getMessage()]
         assert len(said) == 1 and str(blocked / "cache") in said[0].getMessage()
     finally:
-        native._usable_cache_dir.cache_clear()
+        cpp._usable_cache_dir.cache_clear()

@@ -18,7 +18,7 @@ import torch
 import sparse_ops.layers.moe as moe_module
 from sparse_ops.activations import ACTIVATIONS, CODES
 from sparse_ops.formats import CSR, TwoFour
-from sparse_ops.kernels import cpu_native, native, reference
+from sparse_ops.kernels import cpp, ours_cpu, reference
 from sparse_ops.layers.moe import MoE, expert_capacity
 from sparse_ops.quantized import BitmapInt8, CSRInt8, DenseInt8
 from tests.test_attention import reference as reference_attention
@@ -26,7 +26,7 @@ from tests.test_formats import two_four, unstructured
 
 DRIVER = Path(__file__).with_name("native_driver.cpp")
 CROSS_CXX, QEMU = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
-ON_ARM = native.machine() == "aarch64"
+ON_ARM = cpp.machine() == "aarch64"
 TOL_E6 = 100  # |y - ref| <= 1e-4 (1 + |ref|): fp32 sums in another order, the fitted erf / exp
 
 
@@ -62,10 +62,10 @@ def write_cases(path: Path) -> int:
             if out > 3:
                 w[:3] = 0.0  # empty rows
             csr = CSR.from_dense(w)
-            code, vals = cpu_native._value_code(csr.values), cpu_native._values(csr.values)
+            code, vals = ours_cpu._value_code(csr.values), ours_cpu._values(csr.values)
             crow, col = csr.crow_indices.to(torch.int32), csr.col_indices
-            seg, lcol, pvals = cpu_native.panel_parts(crow, col, vals, (out, inp), cpu_native.PANEL_ROWS,
-                                                      cpu_native.PANEL_WIDTH)
+            seg, lcol, pvals = ours_cpu.panel_parts(crow, col, vals, (out, inp), ours_cpu.PANEL_ROWS,
+                                                      ours_cpu.PANEL_WIDTH)
             for n, act in [(1, None), (2, "relu"), (8, "gelu"), (9, None), (40, "silu"), (100, "gelu_tanh"),
                            (256, None)]:
                 x = torch.randn(n, inp, generator=gen)
@@ -76,13 +76,13 @@ def write_cases(path: Path) -> int:
                                 [crow, c, vals, x, bias, want])
                     count += 1
                 if n > 1:
-                    _write_case(f, f"csr_panels_{code}", [out, inp, cpu_native.PANEL_ROWS, cpu_native.PANEL_WIDTH,
-                                                          cpu_native.panel_tile(n), n, 2, CODES[act]],
+                    _write_case(f, f"csr_panels_{code}", [out, inp, ours_cpu.PANEL_ROWS, ours_cpu.PANEL_WIDTH,
+                                                          ours_cpu.panel_tile(n), n, 2, CODES[act]],
                                 [seg, lcol, pvals, x, bias, want])
                     count += 1
                 if inp % 4 == 0:
                     tf = TwoFour.from_dense(two_four((out, inp), dtype, sparsity / 2))
-                    tcode, tvals = cpu_native._value_code(tf.values), cpu_native._values(tf.values)
+                    tcode, tvals = ours_cpu._value_code(tf.values), ours_cpu._values(tf.values)
                     want24 = _expected(reference.two_four_matmul(tf, x), bias, act)
                     _write_case(f, f"two_four_{tcode}", [out, inp, n, 2, CODES[act]],
                                 [tvals, tf.metadata, x, bias, want24])
@@ -94,13 +94,13 @@ def write_cases(path: Path) -> int:
             up, down = (CSR.from_dense(unstructured(s, 0.7, dtype)) for s in ((hidden, inp), (out, hidden)))
             parts = []
             for m, shape in ((up, (hidden, inp)), (down, (out, hidden))):
-                code, vals = cpu_native._value_code(m.values), cpu_native._values(m.values)
-                parts += cpu_native.panel_parts(m.crow_indices.to(torch.int32), m.col_indices, vals, shape,
-                                                cpu_native.PANEL_ROWS, cpu_native.PANEL_WIDTH)
+                code, vals = ours_cpu._value_code(m.values), ours_cpu._values(m.values)
+                parts += ours_cpu.panel_parts(m.crow_indices.to(torch.int32), m.col_indices, vals, shape,
+                                                ours_cpu.PANEL_ROWS, ours_cpu.PANEL_WIDTH)
             x, bu, bd = torch.randn(n, inp, generator=gen), torch.randn(hidden, generator=gen), torch.randn(out)
             want = reference.csr_matmul(down, ACTIVATIONS["gelu"](reference.csr_matmul(up, x) + bu)) + bd
-            _write_case(f, f"csr_ffn_{code}", [inp, hidden, out, cpu_native.PANEL_ROWS, cpu_native.PANEL_WIDTH,
-                                               cpu_native.panel_tile(n), n, 2, CODES["gelu"]],
+            _write_case(f, f"csr_ffn_{code}", [inp, hidden, out, ours_cpu.PANEL_ROWS, ours_cpu.PANEL_WIDTH,
+                                               ours_cpu.panel_tile(n), n, 2, CODES["gelu"]],
                         [None, None, None, *parts, x, None, bu, bd, want])
             count += 1
         for tokens, gated, capacity_factor in [(9, False, None), (40, True, 0.6)]:  # routing to combine
@@ -126,13 +126,13 @@ def write_cases(path: Path) -> int:
 
 def _write_int8_cases(f, w: torch.Tensor, gen: torch.Generator) -> int:
     """The three int8 entry points (the bitmap's both one-token paths), with float and with int8 inputs
-    (``native.LINEAR_FLAGS``), on one weight at 1-100 tokens."""
+    (``cpp.LINEAR_FLAGS``), on one weight at 1-100 tokens."""
     out, inp = w.shape
     w[:3] = 0.0  # empty rows
     count = 0
     for bits in (None, 8):
         dense, csr, bitmap = (cls.from_dense(w).with_input_bits(bits) for cls in (DenseInt8, CSRInt8, BitmapInt8))
-        flags = native.LINEAR_FLAGS["int8_input"] if bits else 0
+        flags = cpp.LINEAR_FLAGS["int8_input"] if bits else 0
         for n, act in [(1, None), (3, "gelu"), (8, None), (40, "silu"), (100, None)]:
             x = torch.randn(n, inp, generator=gen)
             bias = torch.randn(out, generator=gen) if n % 2 else None
@@ -143,27 +143,27 @@ def _write_int8_cases(f, w: torch.Tensor, gen: torch.Generator) -> int:
                 _write_case(f, f"csr_i8_{icode}", [out, inp, flags, n, 2, CODES[act]],
                             [q.crow_indices, c, q.values, csr.scales, x, bias, want])
             t = bitmap.q
-            for expand in (0, native.LINEAR_FLAGS["bitmap_expand"]):
+            for expand in (0, cpp.LINEAR_FLAGS["bitmap_expand"]):
                 _write_case(f, "bitmap_i8", [out, inp, flags | expand, n, 2, CODES[act]],
                             [t.tile_ptr, t.tile_cols, t.value_offsets, t.bitmaps, t.values, bitmap.scales, x, bias,
                              want])
             count += 5
             if n > 1 and not bits:  # the panelled kernel takes float inputs (int8 ones are quantized in Python)
-                R, P = cpu_native.PANEL_ROWS, cpu_native.PANEL_WIDTH
-                seg, lcol, vals = cpu_native.panel_parts(q.crow_indices, q.col_indices, q.values, (out, inp), R, P)
-                _write_case(f, "csr_panels_i8", [out, inp, R, P, cpu_native.panel_tile(n), n, 2, CODES[act]],
+                R, P = ours_cpu.PANEL_ROWS, ours_cpu.PANEL_WIDTH
+                seg, lcol, vals = ours_cpu.panel_parts(q.crow_indices, q.col_indices, q.values, (out, inp), R, P)
+                _write_case(f, "csr_panels_i8", [out, inp, R, P, ours_cpu.panel_tile(n), n, 2, CODES[act]],
                             [seg, lcol, vals, csr.scales, x, bias, want])
                 count += 1
     return count
 
 
 def _build_and_run(tmp_path: Path, target: str) -> subprocess.CompletedProcess:
-    """Compile the driver for ``target`` (``native.ISAS``) and run it on the cases (qemu for aarch64 here)."""
+    """Compile the driver for ``target`` (``cpp.ISAS``) and run it on the cases (qemu for aarch64 here)."""
     cases = tmp_path / "cases.bin"
     n = write_cases(cases)
     exe = tmp_path / f"driver_{target}"
-    flags = [f for f in native.build_flags(target) if f not in ("-shared", "-fPIC")]
-    cross = target in native.ISAS and native.ISAS[target].machine == "aarch64" and not ON_ARM
+    flags = [f for f in cpp.build_flags(target) if f not in ("-shared", "-fPIC")]
+    cross = target in cpp.ISAS and cpp.ISAS[target].machine == "aarch64" and not ON_ARM
     cxx = CROSS_CXX if cross else shutil.which("g++")
     build = subprocess.run([cxx, *flags, "-o", str(exe), str(DRIVER)], capture_output=True, text=True,
                            timeout=300)
@@ -176,7 +176,7 @@ def _build_and_run(tmp_path: Path, target: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no g++")
 def test_driver_built_for_this_machine_matches_reference(tmp_path):
-    _build_and_run(tmp_path, native.isa())  # a machine outside ISAS builds with -march=native
+    _build_and_run(tmp_path, cpp.isa())  # a machine outside ISAS builds with -march=native
 
 
 @pytest.mark.skipif(not ON_ARM and not (CROSS_CXX and QEMU),

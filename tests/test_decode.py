@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparse_ops.kernels import cpu_native, native
+from sparse_ops.kernels import cpp, ours_cpu
 
 transformers = pytest.importorskip("transformers")
-pytestmark = pytest.mark.skipif(not native.available(), reason="native CPU kernels unavailable")
+pytestmark = pytest.mark.skipif(not cpp.available(), reason="native CPU kernels unavailable")
 
 from sparse_ops.checkpoint import convert_checkpoint  # noqa: E402
 from sparse_ops.decode import SLOTS, Decoder, generate  # noqa: E402
@@ -146,7 +146,7 @@ def test_dense_kernel_matches_f_linear(n, dtype):
     g = torch.Generator().manual_seed(n)
     w = torch.randn(45, 101, generator=g).to(dtype)  # odd sizes: every vector loop's tail
     x, bias = torch.randn(n, 101, generator=g), torch.randn(45, generator=g)
-    got = cpu_native.dense_matmul(cpu_native.prepare_dense(w), x, bias, "silu")
+    got = ours_cpu.dense_matmul(ours_cpu.prepare_dense(w), x, bias, "silu")
     ref = F.silu(F.linear(x, w.float(), bias)).to(dtype)  # the output in the weight's dtype
     torch.testing.assert_close(got, ref, **({"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {}))
 

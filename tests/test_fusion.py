@@ -13,14 +13,14 @@ from sparse_ops.activations import ACTIVATIONS
 from sparse_ops.formats import CSR, TwoFour
 from sparse_ops.fused import SparseAddNorm, SparseFFN, SparseGatedFFN
 from sparse_ops.fusion import fuse, fuse_activations, fuse_add_norm, fuse_ffn, fuse_gated_ffn
-from sparse_ops.kernels import cpu_native, native
+from sparse_ops.kernels import cpp, ours_cpu
 from sparse_ops.kernels import reference as ref_kernels
-from sparse_ops.kernels.cpu_native import AddNorm
+from sparse_ops.kernels.ours_cpu import AddNorm
 from sparse_ops.linear import SparseLinear
 from sparse_ops.loading import sparsify
 from tests.test_formats import two_four, unstructured
 
-needs_native = pytest.mark.skipif(not native.available(), reason="needs our CPU kernels")
+needs_native = pytest.mark.skipif(not cpp.available(), reason="needs our CPU kernels")
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
@@ -48,7 +48,7 @@ def reference(up, down, x):
 
 
 def fused_call(up, down, x):
-    y = cpu_native.ffn_matmul(up._state, down._state, x, up.bias, down.bias, up.activation)
+    y = ours_cpu.ffn_matmul(up._state, down._state, x, up.bias, down.bias, up.activation)
     assert y is not None, "the fused kernel declined a case it should take"
     return y
 
@@ -102,8 +102,8 @@ def test_empty_rows_and_columns():
 @needs_native
 def test_the_kernel_declines_what_it_does_not_cover():
     up, down = pair(32, 64, 32, 0.5)
-    x = torch.randn(cpu_native.FFN_MIN_TOKENS, 32)
-    ffn = cpu_native.ffn_matmul
+    x = torch.randn(ours_cpu.FFN_MIN_TOKENS, 32)
+    ffn = ours_cpu.ffn_matmul
     with torch.inference_mode():
         assert ffn(up._state, down._state, x[:-1], up.bias, down.bias) is None  # too few tokens
     assert ffn(up._state, down._state, x.requires_grad_(), up.bias, down.bias) is None  # a gradient is needed
@@ -311,7 +311,7 @@ def test_fused_ffn_post_op_matches_reference(n, dtype):
     post = random_post(n, 45)
     x = torch.randn(n, 37, dtype=dtype)
     with torch.inference_mode():
-        y = cpu_native.ffn_matmul(up._state, down._state, x, up.bias, down.bias, "gelu", post=post)
+        y = ours_cpu.ffn_matmul(up._state, down._state, x, up.bias, down.bias, "gelu", post=post)
     torch.testing.assert_close(y.double(), post_reference(reference(up, down, x.float()), post), rtol=TOL[dtype],
                                atol=TOL[dtype] * 10)
 
@@ -440,7 +440,7 @@ def test_gated_ffn_kernel_matches_reference(shape, n, activation, bias, dtype):
     gate, up, down = gated(*shape, 0.7, dtype, bias, activation)
     x = torch.randn(n, shape[0], dtype=dtype)
     with torch.inference_mode():
-        y = cpu_native.ffn_matmul(up._state, down._state, x, up.bias, down.bias, activation, gate=gate._state,
+        y = ours_cpu.ffn_matmul(up._state, down._state, x, up.bias, down.bias, activation, gate=gate._state,
                                   gate_bias=gate.bias)
     assert y is not None and y.dtype == dtype
     torch.testing.assert_close(y.double(), gated_reference(gate, up, down, x.float()), rtol=TOL[dtype],

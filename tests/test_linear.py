@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from sparse_ops.kernels import native
+from sparse_ops.kernels import cpp
 from sparse_ops.linear import SparseLinear, candidate_formats
 from tests.test_formats import two_four, unstructured
 
@@ -92,14 +92,14 @@ def test_cpu_candidates_time_two_four_only_with_our_kernel(monkeypatch):
     # Our C++ 2:4 kernel exploits the pattern, so it is a candidate; torch's fallback only emulates 2:4 (dense or
     # CSR), so without the native kernels 2:4 is never timed on CPU. Unstructured weights never get 2:4.
     # With our kernels, torch's CSR kernel is a candidate too ("csr:torch"); without them "csr" already is it.
-    expected = ["csr", "2:4", "csr:torch"] if native.available() else ["csr"]
+    expected = ["csr", "2:4", "csr:torch"] if cpp.available() else ["csr"]
     assert candidate_formats(two_four((8, 16))) == expected
-    assert candidate_formats(torch.ones(8, 16)) == (["csr", "csr:torch"] if native.available() else ["csr"])
+    assert candidate_formats(torch.ones(8, 16)) == (["csr", "csr:torch"] if cpp.available() else ["csr"])
     monkeypatch.setenv("SPARSE_OPS_NATIVE", "0")
     assert candidate_formats(two_four((8, 16))) == ["csr"]
 
 
-@pytest.mark.skipif(not native.available(), reason="needs our CPU kernels: else csr is torch's kernel already")
+@pytest.mark.skipif(not cpp.available(), reason="needs our CPU kernels: else csr is torch's kernel already")
 def test_csr_on_torchs_kernel_stays_there_when_moved():
     w = unstructured((16, 32), 0.9)
     lin = pruned_linear(16, 32, torch.float32, w)

@@ -10,11 +10,11 @@ import json
 
 import pytest
 
-from sparse_ops.kernels import native
+from sparse_ops.kernels import cpp
 
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
-pytestmark = pytest.mark.skipif(not native.available(), reason="native CPU kernels unavailable")
+pytestmark = pytest.mark.skipif(not cpp.available(), reason="native CPU kernels unavailable")
 
 from benchmarks import llm_decode  # noqa: E402  (needs transformers)
 
@@ -37,7 +37,7 @@ def test_quick_run_writes_every_candidate(tmp_path, capsys):
             assert r["vs_llama_q8_0"] > 0
     assert {"two_four_f32", "dense_f32"} & set(rows[names.index("ours/2:4")]["layouts"])
     data = json.loads((tmp_path / "results.json").read_text())
-    assert data["environment"]["kernel_isa"] == native.isa() and data["environment"]["threads"] == 2
+    assert data["environment"]["kernel_isa"] == cpp.isa() and data["environment"]["threads"] == 2
     assert [r["candidate"] for r in csv.DictReader((tmp_path / "results.csv").read_text().splitlines())] == names
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
     out = capsys.readouterr().out

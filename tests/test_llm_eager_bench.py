@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from sparse_ops.kernels import native
+from sparse_ops.kernels import cpp
 
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
@@ -23,7 +23,7 @@ def test_quick_run_writes_every_variant_with_the_same_tokens(tmp_path, capsys):
     result = llm_eager.main(["--quick", "--repeats", "1", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["status"] == "complete" and data["variants"] == result["variants"]
-    assert data["environment"]["kernel_isa"] == (native.isa() if native.available() else None)
+    assert data["environment"]["kernel_isa"] == (cpp.isa() if cpp.available() else None)
     assert data["environment"]["torch_threads"] >= 1 and data["environment"]["cpu"]
     assert set(data["variants"]) == set(llm_eager.VARIANTS)
     for name, v in data["variants"].items():

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse_ops.kernels import native
+from sparse_ops.kernels import cpp
 from sparse_ops.layers.moe import MoE, expert_ffn, plan_dispatch, route
 
 TOL = {torch.float64: {"rtol": 1e-10, "atol": 1e-10}, torch.float32: {"rtol": 1e-5, "atol": 1e-5},
@@ -234,7 +234,7 @@ def test_cuda_matches_cpu(capacity_factor):
     assert int(moe.last_aux.dropped_tokens) == int(aux_cpu.dropped_tokens)
 
 
-@pytest.mark.skipif(not native.available(), reason="native CPU kernels unavailable (no compiler)")
+@pytest.mark.skipif(not cpp.available(), reason="native CPU kernels unavailable (no compiler)")
 @pytest.mark.parametrize("gated,activation", [(False, "gelu"), (False, "relu"), (True, "silu")])
 @pytest.mark.parametrize("capacity_factor", [None, 0.6])
 @pytest.mark.parametrize("num_experts,top_k", [(4, 1), (8, 2), (5, 3)])
@@ -265,10 +265,10 @@ def test_inference_kernel_equals_the_torch_path(tokens, num_experts, top_k, capa
     torch.testing.assert_close(fast.z_loss, slow.z_loss)
 
 
-@pytest.mark.skipif(not native.available(), reason="native CPU kernels unavailable (no compiler)")
+@pytest.mark.skipif(not cpp.available(), reason="native CPU kernels unavailable (no compiler)")
 def test_inference_kernel_takes_many_tokens_only_for_small_experts():
     # Above MOE_MAX_TOKENS_PER_EXPERT pairs per expert MKL's GEMMs beat our loops, unless experts are small
-    from sparse_ops.kernels.cpu_native import MOE_MAX_TOKENS_PER_EXPERT, MOE_SMALL_EXPERT, moe_forward
+    from sparse_ops.kernels.ours_cpu import MOE_MAX_TOKENS_PER_EXPERT, MOE_SMALL_EXPERT, moe_forward
 
     for d, h, expected_none in [(24, 40, False), (512, 512, True)]:
         moe = MoE(d, h, num_experts=2, top_k=1).eval()

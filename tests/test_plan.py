@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sparse_ops.formats import CSR, TwoFour
-from sparse_ops.kernels import native, reference
+from sparse_ops.kernels import cpp, reference
 from sparse_ops.linear import SparseLinear
 from sparse_ops.plan import BUCKETS, PlanCache, Planner, bucket, choose, machine_key, plan_report
 from tests.test_formats import two_four, unstructured
@@ -41,7 +41,7 @@ def test_choose_takes_the_fastest_and_ours_on_near_ties(times, expected):
     assert choose(times) == expected
 
 
-@pytest.mark.skipif(not native.available(), reason="native CPU kernels unavailable (no compiler)")
+@pytest.mark.skipif(not cpp.available(), reason="native CPU kernels unavailable (no compiler)")
 @pytest.mark.parametrize("path", ["dense", "csr.plain", "csr.panels", "csr:torch"])
 @pytest.mark.parametrize("n", [1, 9, 64, 300])
 @pytest.mark.parametrize("lead,act", [((), None), ((3,), "relu")])  # (n, in) plain; (3, n, in) with an activation
@@ -173,7 +173,7 @@ def test_a_quiet_retry_replaces_the_busy_measurement(monkeypatch):
     assert watch.windows == 2 and "busy" not in layer.planned(1) and layer.route(1) == "dense"
 
 
-@pytest.mark.skipif(not native.available(), reason="the cold rule follows the native kernels' cache sizes")
+@pytest.mark.skipif(not cpp.available(), reason="the cold rule follows the native kernels' cache sizes")
 @pytest.mark.parametrize("over", [False, True])
 def test_a_model_larger_than_the_l3_is_planned_cold_at_one_token(monkeypatch, over):
     """sparsify sets ``Planner.cold`` when the model's weights (stored formats and other parameters) exceed the
@@ -191,7 +191,7 @@ def test_a_model_larger_than_the_l3_is_planned_cold_at_one_token(monkeypatch, ov
     state = {"0.weight": CSR.from_dense(unstructured((40, 72), 0.8)), "0.bias": torch.randn(40),
              "2.weight": CSR.from_dense(unstructured((24, 40), 0.7)), "2.bias": torch.randn(24)}
     size = sum(state[k].nbytes for k in ("0.weight", "2.weight")) + (40 + 24) * 4
-    monkeypatch.setattr(native, "caches", lambda: {"L1D": 1 << 15, "L2": 1 << 19, "L3": size - over})
+    monkeypatch.setattr(cpp, "caches", lambda: {"L1D": 1 << 15, "L2": 1 << 19, "L3": size - over})
     monkeypatch.setattr(plan, "COLD_MIN_BYTES", state["0.weight"].nbytes)  # the first layer, not the second
     cache = PlanCache(None)
     sparsify(model, state, batches=(1, 8), cache=cache)

@@ -8,8 +8,8 @@ from torch import nn
 from prune.cli import EXIT_USER_ERROR, main
 from sparse_ops.checkpoint import convert_checkpoint, inspect_checkpoint
 from sparse_ops.dispatch import kernel_for
-from sparse_ops.kernels import cpu_native, reference
-from sparse_ops.kernels.cpu_native import AddNorm
+from sparse_ops.kernels import ours_cpu, reference
+from sparse_ops.kernels.ours_cpu import AddNorm
 from sparse_ops.linear import SparseLinear
 from sparse_ops.loading import sparsify
 from sparse_ops.plan import PlanCache, Planner
@@ -141,7 +141,7 @@ def test_int8_kernels_match_reference(shape, batch, sparsity, cls, isa):
 def test_bitmap_one_token_paths_both_match(expand, batch, isa, monkeypatch):
     # both one-token paths (words expanded to dense lanes, or walked bit by bit) whatever the density picks,
     # on a weight whose last tile column is partial (in = 130: walked) and rows past the last tile row
-    monkeypatch.setattr(cpu_native, "BITMAP_EXPAND_DENSITY", 0.0 if expand else 2.0)
+    monkeypatch.setattr(ours_cpu, "BITMAP_EXPAND_DENSITY", 0.0 if expand else 2.0)
     fmt = BitmapInt8.from_dense(unstructured((45, 130), 0.6))
     x = torch.randn(batch, 130)
     close_to_reference(run(fmt, x), reference.bitmap_int8_matmul(fmt, x), torch.float32, 130)
@@ -292,7 +292,7 @@ def test_fused_int8_feed_forward_matches_the_layers(batch, gated, cls, isa):
     x, bu, bd, bg = torch.randn(batch, inp), torch.randn(hidden), torch.randn(out), torch.randn(hidden)
     post = AddNorm(torch.randn(batch, out), torch.randn(out), torch.randn(out))
     with torch.inference_mode():
-        y = cpu_native.ffn_matmul(prep[0], prep[1], x, bu, bd, "silu" if gated else "gelu", post=post,
+        y = ours_cpu.ffn_matmul(prep[0], prep[1], x, bu, bd, "silu" if gated else "gelu", post=post,
                                   gate=prep[2] if gated else None, gate_bias=bg if gated else None)
     ref = reference.REFERENCE[cls.format]
     h = ref(up, x) + bu

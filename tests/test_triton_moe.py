@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-
 from _optional import import_or_skip  # noqa: E402
 
 import_or_skip("triton", reason="the Triton kernels need triton (pip install prune-sparse[gpu])")

@@ -18,7 +18,6 @@ import itertools
 import textwrap
 
 import pytest
-
 from _optional import import_or_skip  # noqa: E402
 
 import_or_skip("triton", reason="the Triton kernels need triton (pip install prune-sparse[gpu])")
@@ -29,7 +28,7 @@ from sparse_ops import bitmap
 from sparse_ops.formats import CSR
 from sparse_ops.kernels import reference
 from sparse_ops.kernels import triton_sparse as ts
-from sparse_ops.kernels.cpu_native import AddNorm
+from sparse_ops.kernels.ours_cpu import AddNorm
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(

@@ -20,7 +20,7 @@ Example:
     >>> parse_floats(["1.5"], "--sparsity", 0.0, 1.0)
     Traceback (most recent call last):
     ...
-    ValueError: --sparsity: 1.5 is not in [0.0, 1.0)
+    sparse_ops.errors.UserValueError: --sparsity: 1.5 is not in [0.0, 1.0)
 """
 from __future__ import annotations
 

@@ -76,7 +76,7 @@ def warn_if_uninformative(name: str, score: Tensor, energy: float | None) -> boo
                   "mask update ranks the layer by magnitude; later updates use the gradients once they carry "
                   "signal. From an optimum (a converged model, or one distilled to itself) signed movement scores "
                   "alone (saliency=0) measure only the compensation for what is pruned and do worse than "
-                  "magnitude (README, 'Which criterion').",
+                  "magnitude (docs/quality.md, 'Which criterion while training').",
                   UninformativeScores, stacklevel=2)
     return True
 

@@ -6,7 +6,7 @@
   :class:`~prune.Distiller`'s (the teacher's KL and hidden-state terms mixed with the task loss).
 
 ``accelerate`` needs no adapter: build the :class:`~prune.Pruner` before ``Accelerator.prepare`` and call
-``pruner.step()`` when ``accelerator.sync_gradients`` (README, "Inside an accelerate loop").
+``pruner.step()`` when ``accelerator.sync_gradients`` (docs/guides/training.md, "Inside an accelerate loop").
 
 Example:
     >>> from prune.integrations import PruningCallback

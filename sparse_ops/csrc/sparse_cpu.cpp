@@ -1,4 +1,4 @@
-// CPU kernels for y = x @ W^T with W in CSR or 2:4, called from sparse_ops/kernels/native.py via ctypes.
+// CPU kernels for y = x @ W^T with W in CSR or 2:4, called from sparse_ops/kernels/cpp.py via ctypes.
 //
 // Shapes (row-major, fp32 unless noted):
 //   W       (out, in): CSR rowptr (out+1,) int32, col (nnz,) int16|int32, val (nnz,) fp32|bf16 (uint16 bits)
@@ -78,7 +78,7 @@ inline typename Vec<W>::type load_vec(const float* p) {  // unaligned load of W 
 // when out * 4 is a multiple of 4 KiB and thrashes.
 constexpr int64_t TILE_STRIDE = 128;  // the widest tile
 constexpr int64_t MAX_ROWS = 64;      // rows per block; the buffer is MAX_ROWS * TILE_STRIDE floats (32 KiB)
-// Cache sizes (bytes) of the machine the library is built on: native.py passes them (-DSPARSE_L2_BYTES=...)
+// Cache sizes (bytes) of the machine the library is built on: cpp.py passes them (-DSPARSE_L2_BYTES=...)
 #ifndef SPARSE_L1D_BYTES
 #define SPARSE_L1D_BYTES (32 << 10)
 #endif
@@ -549,7 +549,7 @@ struct TwoFourBody {
 
 // ---- panelled CSR: batches of PANEL_MIN tokens and more ---------------------------------------------
 //
-// Weight (cpu_native.panel_parts): rows in blocks of R, columns in panels of P (<= 256), R * T <= MAX_ROWS * 64.
+// Weight (ours_cpu.panel_parts): rows in blocks of R, columns in panels of P (<= 256), R * T <= MAX_ROWS * 64.
 //   seg  (nblocks * npanels * R + 1,) int32: row r0 + i's nonzeros in panel p are [seg[q], seg[q + 1]),
 //        q = (b * npanels + p) * R + i for the block b holding rows r0 .. r0 + R - 1
 //   lcol (nnz,) uint8: column - p * P (1 byte per nonzero);  val (nnz,) fp32 | bf16
@@ -1099,7 +1099,7 @@ struct DenseBody {  // y / out / bias / act: where flush_rows writes
 // each byte of a row places its popcount values in 8 lanes with one permute and one blend (place8: PERMUTE_LUT's
 // index vector for the byte) and multiplies them with x[8 j : 8 j + 8] in one FMA: a row reads its values and in / 8 mask bytes, with
 // no gather (CSR's one-token kernel is bound by its gathers). Built from a CSR weight where the plan's one-token
-// variant "mask" chose it (cpu_native.masked); more tokens walk the bits (what a prompt runs in the decoder step).
+// variant "mask" chose it (ours_cpu.masked); more tokens walk the bits (what a prompt runs in the decoder step).
 #if defined(__AVX2__) && defined(__FMA__)
 struct PermuteLut {  // per byte m: the lane of each set bit's value among the packed ones; -1 (sign set) at clear bits
   alignas(32) int32_t idx[256][8];
@@ -2163,7 +2163,7 @@ extern "C" int sparse_cpu_waited(int backend, int64_t wait_ns, int64_t busy_ns) 
 
 extern "C" int sparse_cpu_abi_version() { return 17; }
 
-// The codes Python passes and reads, from the enums themselves: native.py compares them with its own tables at
+// The codes Python passes and reads, from the enums themselves: cpp.py compares them with its own tables at
 // load and refuses a library that disagrees (one source of truth per side, checked against the other).
 extern "C" const char* sparse_cpu_constants() {
   static char text[320];

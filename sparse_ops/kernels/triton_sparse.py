@@ -339,7 +339,7 @@ def prepare(w: CSR | TiledBitmap, tile: tuple[int, int] = DEFAULT_TILE) -> Tiled
 def matmul(state: TiledBitmap, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None, *,
            post=None, variant: str | None = None) -> torch.Tensor:
     """The registry's signature (``sparse_ops.dispatch``): ``post(act(x @ W^T + bias))``; the activation and
-    the post-op (``kernels.cpu_native.AddNorm``) run after the kernel with torch ops. ``variant``: None
+    the post-op (``kernels.ours_cpu.AddNorm``) run after the kernel with torch ops. ``variant``: None
     (``choose_splits`` decides), "plain" or "splitk"."""
     activations.check(activation)
     splits = choose_splits(state, x.shape[0], variant)

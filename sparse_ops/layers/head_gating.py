@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparse_ops.errors import UserTypeError, UserValueError
-from sparse_ops.kernels import cpu_native
+from sparse_ops.kernels import ours_cpu
 from sparse_ops.layers.params import ParamCounts
 
 
@@ -137,12 +137,12 @@ def multihead_attention(x: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, head_dim
                         dropout_p: float = 0.0) -> Tensor:
     """Scaled dot-product self-attention of every head in ``w_qkv`` (3 * h * hd, D); returns the heads'
     outputs concatenated, (B, S, h * hd), before the output projection. Our CPU kernel where it applies
-    (``cpu_native.attention``: inference, fp32, no dropout, short sequences), else SDPA."""
+    (``ours_cpu.attention``: inference, fp32, no dropout, short sequences), else SDPA."""
     B, S, _ = x.shape
     qkv = F.linear(x, w_qkv, b_qkv).view(B, S, 3, -1, head_dim)  # (B, S, 3, h, hd)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, h, S, hd)
     if not dropout_p:
-        a = cpu_native.attention(q, k, v, attn_mask, causal=is_causal)  # (B, S, h, hd): S == L, one alignment
+        a = ours_cpu.attention(q, k, v, attn_mask, causal=is_causal)  # (B, S, h, hd): S == L, one alignment
         if a is not None:
             return a.view(B, S, -1)
     a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,

@@ -7,7 +7,7 @@ Routing follows Mixtral: router linear -> softmax over E -> top-K -> weights ren
 experts. Dispatch does work proportional to K: the T*K assignments are sorted by expert (stable, so token
 order is kept within an expert), each expert runs once on its contiguous slice, and the weighted results
 are index-added back. At inference the experts run without a Python loop: on the CPU routing to combine is
-one C++ call (``kernels.cpu_native.moe_forward``), on CUDA each expert matrix is one Triton grouped matmul over
+one C++ call (``kernels.ours_cpu.moe_forward``), on CUDA each expert matrix is one Triton grouped matmul over
 the sorted slices (``kernels.triton_moe``). Load-balancing terms (Switch aux loss, ST-MoE router z-loss) are pure functions below.
 
 Example:
@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from sparse_ops.errors import UserValueError
 from sparse_ops.kernels import triton_moe
-from sparse_ops.kernels.cpu_native import moe_forward
+from sparse_ops.kernels.ours_cpu import moe_forward
 from sparse_ops.layers.params import ParamCounts
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}

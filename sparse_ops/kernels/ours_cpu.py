@@ -20,7 +20,7 @@ Example:
     >>> import torch
     >>> from sparse_ops.formats import CSR
     >>> w = torch.tensor([[0.0, 2.0, 0.0], [1.0, 0.0, -1.0]])
-    >>> if native.available():
+    >>> if cpp.available():
     ...     y = csr_matmul(prepare_csr(CSR.from_dense(w)), torch.tensor([[1.0, 10.0, 100.0]]), None)
     ... else:
     ...     y = torch.tensor([[20.0, -99.0]])
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from sparse_ops.activations import CODES, apply
 from sparse_ops.errors import UnavailableError, UserValueError
 from sparse_ops.formats import CSR, TwoFour
-from sparse_ops.kernels import cpu, native
+from sparse_ops.kernels import cpp, torch_cpu
 from sparse_ops.quantized import BitmapInt8, CSRInt8, DenseInt8, Int8CSR, Int8Weight, quantize_input
 
 VALUE_CODE = {torch.float32: "f32", torch.bfloat16: "bf16"}  # value dtypes the C++ code reads
@@ -92,7 +92,7 @@ class NativeWeight:
     ffn_call: tuple[NativeWeight, NativeWeight | None, Callable[..., None]] | None = None
     masked: NativeWeight | None = None  # CSR only: the column-mask copy (``masked``), for the "mask" variant
     layout: str = ""  # the C++ entry point ``call`` binds (its layout: sparse_cpu.cpp's LINEAR_NAMES)
-    extra: int = 0  # the int8 entries' flags after the sizes (native.LINEAR_FLAGS)
+    extra: int = 0  # the int8 entries' flags after the sizes (cpp.LINEAR_FLAGS)
 
 
 class AddNorm(NamedTuple):  # a NamedTuple: built per call, it must be cheap (a frozen dataclass costs ~2 us)
@@ -123,7 +123,7 @@ class AddNorm(NamedTuple):  # a NamedTuple: built per call, it must be cheap (a 
         for t in parts[1:]:
             if t is not None and t.shape != (out,):
                 raise UserValueError(f"the norm's weight and bias must have shape ({out},), got {tuple(t.shape)}")
-        kind = native.POST_KINDS["add_norm" if self.norm else "add"]
+        kind = cpp.POST_KINDS["add_norm" if self.norm else "add"]
         return (kind, *(None if t is None else t.data_ptr() for t in parts), float(self.eps)), parts
 
 
@@ -134,7 +134,7 @@ def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def _entry(name: str, *bound: object) -> Callable[..., None]:
     """The C++ entry ``name`` with its leading arguments (weight pointers, sizes) bound."""
-    lib = native.library()
+    lib = cpp.library()
     if lib is None:
         raise UnavailableError("the native CPU kernels are unavailable in this process (see the log)")
     args = (t.data_ptr() if isinstance(t, torch.Tensor) else t for t in bound)
@@ -144,7 +144,7 @@ def _entry(name: str, *bound: object) -> Callable[..., None]:
 def _values(values: torch.Tensor) -> torch.Tensor:
     """Values as the C++ code reads them: fp32 as is, bf16 as its 16-bit pattern, fp16 widened to fp32."""
     if values.dtype == torch.float16:
-        cpu.log_once("native CPU kernels have no float16 path: float16 weights are widened to float32 at load")
+        torch_cpu.log_once("native CPU kernels have no float16 path: float16 weights are widened to float32 at load")
         return values.float().contiguous()
     v = values.contiguous()
     return v.view(torch.int16) if v.dtype == torch.bfloat16 else v
@@ -286,7 +286,7 @@ def prepare_dense(w: torch.Tensor) -> NativeWeight:
     layers (``sparse_ops.decode``), where torch's kernels cannot be called.
 
     >>> w = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
-    >>> (dense_matmul(prepare_dense(w), torch.tensor([[3.0, 4.0]]), None).tolist() if native.available()
+    >>> (dense_matmul(prepare_dense(w), torch.tensor([[3.0, 4.0]]), None).tolist() if cpp.available()
     ...  else [[11.0, -4.0]])
     [[11.0, -4.0]]
     """
@@ -313,11 +313,11 @@ BITMAP_EXPAND_DENSITY = 0.1
 
 def _int8(w: Int8Weight, entry: str, parts: tuple[torch.Tensor, ...], flags: int = 0) -> NativeWeight:
     """A validated int8 weight bound to ``entry``: its layout's parts, the fp32 scales, the shape, then the flags
-    (``native.LINEAR_FLAGS``: the bitmap's ``flags``, and int8 inputs from ``w.input_bits``)."""
+    (``cpp.LINEAR_FLAGS``: the bitmap's ``flags``, and int8 inputs from ``w.input_bits``)."""
     tensors = (*(t.contiguous() for t in parts), _fp32(w.scales))
     out, inp = w.shape
     nnz = w.values.numel()
-    flags |= native.LINEAR_FLAGS["int8_input"] if w.input_bits == 8 else 0
+    flags |= cpp.LINEAR_FLAGS["int8_input"] if w.input_bits == 8 else 0
     return NativeWeight(w, tensors, _entry(entry, *tensors, out, inp, flags), w.dtype, nnz / max(1, out * inp), nnz,
                         "i8", scales=tensors[-1], layout=entry, extra=flags)
 
@@ -338,7 +338,7 @@ def prepare_bitmap_int8(w: BitmapInt8) -> NativeWeight:
     q = w.validate().q
     expand = q.nnz >= BITMAP_EXPAND_DENSITY * w.shape[0] * w.shape[1]
     return _int8(w, "bitmap_i8", (q.tile_ptr, q.tile_cols, q.value_offsets, q.bitmaps, q.values),
-                 native.LINEAR_FLAGS["bitmap_expand"] if expand else 0)
+                 cpp.LINEAR_FLAGS["bitmap_expand"] if expand else 0)
 
 
 def int8_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None,
@@ -383,7 +383,7 @@ def threads_for(work: int, n: int) -> int:
     >>> threads_for(5_000, 1), threads_for(47_000, 8)
     (1, 1)
     """
-    return 1 if work < SINGLE_THREAD_WORK[n == 1] else native.num_threads()
+    return 1 if work < SINGLE_THREAD_WORK[n == 1] else cpp.num_threads()
 
 
 def panel_tile(n: int) -> int:
@@ -407,9 +407,9 @@ def _matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, panels:
     if n and out:  # conversions only where needed: each torch call costs ~2 us, a BERT forward makes 36 of these
         x, bias = _fp32(x), _fp32(bias)
         bp = None if bias is None else bias.data_ptr()
-        post_args, _alive = post.args(n, out) if post is not None else (native.NO_POST, ())
+        post_args, _alive = post.args(n, out) if post is not None else (cpp.NO_POST, ())
         if panels:
-            panelled(w)(x.data_ptr(), panel_tile(n), n, bp, y.data_ptr(), native.num_threads(), act, *post_args)
+            panelled(w)(x.data_ptr(), panel_tile(n), n, bp, y.data_ptr(), cpp.num_threads(), act, *post_args)
         else:
             w.call(x.data_ptr(), n, bp, y.data_ptr(), threads_for(w.nnz * n, n), act, *post_args)
     return y if w.out_dtype == torch.float32 else y.to(w.out_dtype)
@@ -448,9 +448,9 @@ def ffn_matmul(up: NativeWeight, down: NativeWeight, x: torch.Tensor, up_bias: t
         up.ffn_call = (down, gate, _entry(f"csr_ffn_{up.value_code}", *gate_parts, *_panel_args(up),
                                           *_panel_args(down), inp, hidden, out, PANEL_ROWS, PANEL_WIDTH))
     y = torch.empty(n, out, dtype=torch.float32)
-    post_args, _alive = post.args(n, out) if post is not None else (native.NO_POST, ())
+    post_args, _alive = post.args(n, out) if post is not None else (cpp.NO_POST, ())
     up.ffn_call[2](x.data_ptr(), panel_tile(n), n, *(None if t is None else t.data_ptr() for t in (bg, bu, bd)),
-                   y.data_ptr(), native.num_threads(), CODES[activation], *post_args)
+                   y.data_ptr(), cpp.num_threads(), CODES[activation], *post_args)
     return y if up.out_dtype == torch.float32 else y.to(up.out_dtype)
 
 
@@ -497,7 +497,7 @@ def moe_forward(logits: torch.Tensor, x: torch.Tensor, top_k: int, capacity: int
     ``MOE_SMALL_EXPERT``."""
     weights = [t for t in (w_in, b_in, w_out, b_out, w_gate, b_gate) if t is not None]
     (T, D), (E, H, _) = x.shape, w_in.shape
-    lib = native.library()
+    lib = cpp.library()
     if lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or T == 0 \
             or (T * top_k > MOE_MAX_TOKENS_PER_EXPERT * E and D * H > MOE_SMALL_EXPERT) \
             or any(t.dtype != torch.float32 for t in weights) \
@@ -508,7 +508,7 @@ def moe_forward(logits: torch.Tensor, x: torch.Tensor, top_k: int, capacity: int
     y, routed = torch.empty_like(x), torch.empty(E, dtype=torch.int64)
     lib.moe_forward_f32(logits.data_ptr(), x.data_ptr(), T, top_k, -1 if capacity is None else capacity,
                         *(None if t is None else t.data_ptr() for t in parts), E, D, H, y.data_ptr(),
-                        routed.data_ptr(), native.num_threads(), CODES[activation])
+                        routed.data_ptr(), cpp.num_threads(), CODES[activation])
     return y, routed
 
 
@@ -551,18 +551,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     work = B * H * S * L * D  # multiply-adds of each product
     if not 0 < L <= ATTENTION_MAX_KEYS or work == 0 or work < ATTENTION_MIN_WORK:  # first: the cheapest checks
         return None
-    lib, f32, grad = native.library(), torch.float32, torch.is_grad_enabled()
+    lib, f32, grad = cpp.library(), torch.float32, torch.is_grad_enabled()
     if lib is None or q.dtype != f32 or k.dtype != f32 or v.dtype != f32 or q.device.type != "cpu" \
             or k.device != q.device or v.device != q.device or q.stride(-1) != 1 or k.stride(-1) != 1 \
             or v.stride(-1) != 1 or k.shape != (B, Hk, L, D) or v.shape != k.shape or Hk == 0 or H % Hk \
             or (grad and (q.requires_grad or k.requires_grad or v.requires_grad)):
         return None
-    kind, mask_strides = native.MASK_KINDS["none"], (0, 0, 0)
+    kind, mask_strides = cpp.MASK_KINDS["none"], (0, 0, 0)
     if mask is not None:
         if mask.dim() > 4 or mask.device.type != "cpu" or (grad and mask.requires_grad):
             return None
         keep = mask.dtype == torch.bool
-        kind = native.MASK_KINDS["keep" if keep else "additive"]
+        kind = cpp.MASK_KINDS["keep" if keep else "additive"]
         mask = mask.to(torch.uint8 if keep else f32).expand(B, H, S, L)
         if mask.stride(-1) != 1:
             mask = mask.contiguous()
@@ -571,7 +571,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     out = torch.empty(B, S, H, D, dtype=f32)
     lib.attention_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), strides, None if mask is None else mask.data_ptr(),
                       kind, B, H, Hk, S, L, D, D ** -0.5 if scale is None else scale, int(causal), out.data_ptr(),
-                      1 if 2 * B * H * S * L * D < ATTENTION_SINGLE_THREAD_WORK else native.num_threads())
+                      1 if 2 * B * H * S * L * D < ATTENTION_SINGLE_THREAD_WORK else cpp.num_threads())
     return out
 
 
@@ -580,7 +580,7 @@ def csr_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, acti
     """x: (N, in) -> post(activation(x W^T + bias)) (N, out) in the weight's dtype. ``variant`` (one of
     ``csr_variants(N)``) picks the kernel; None: ``use_panels`` picks by batch and density."""
     if _needs_grad(x, bias):  # the C++ kernels have no backward: torch's CSR path does
-        y = apply(cpu.csr_matmul(cpu.prepare_csr(w.source), x, bias), activation)
+        y = apply(torch_cpu.csr_matmul(torch_cpu.prepare_csr(w.source), x, bias), activation)
         return y if post is None else post.apply(y)
     if variant == "mask" and x.shape[0] == 1:
         return _matmul(masked(w), x, bias, False, CODES[activation], post)
@@ -594,6 +594,6 @@ def two_four_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None,
     if variant is not None:
         raise UserValueError(f"the 2:4 kernel has no variants, got {variant!r}")
     if _needs_grad(x, bias):
-        y = apply(cpu.csr_matmul(cpu.prepare_csr(CSR.from_dense(w.source.to_dense())), x, bias), activation)
+        y = apply(torch_cpu.csr_matmul(torch_cpu.prepare_csr(CSR.from_dense(w.source.to_dense())), x, bias), activation)
         return y if post is None else post.apply(y)
     return _matmul(w, x, bias, False, CODES[activation], post)
