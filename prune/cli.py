@@ -186,7 +186,7 @@ def add_eval(p: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from prune.one_shot.folder import folder_perplexity
+    from prune.evaluate import folder_perplexity
 
     result = folder_perplexity(args.model, args.text, seq_len=args.seq_len, stride=args.stride,
                                batch_size=args.batch_size, progress=True)

@@ -23,6 +23,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 from prune.distill import logits_of
 from prune.one_shot.data import _check_ids, as_texts, check_window, token_stream
-from sparse_ops.errors import UserValueError
+from sparse_ops.errors import MissingPathError, UserValueError
 
 
 @dataclass(frozen=True)
@@ -128,3 +129,19 @@ def text_perplexity(model: nn.Module, tokenizer, text_or_path: Sequence[str] | s
     ``str`` or path object, read by :func:`prune.one_shot.data.read_texts`), tokenized by ``tokenizer`` into
     one stream with its eos token between texts. ``kwargs`` go to :func:`perplexity`."""
     return perplexity(model, token_stream(as_texts(text_or_path), tokenizer), **kwargs)
+
+
+def folder_perplexity(model_dir: str | os.PathLike, text: str | os.PathLike, **options) -> Perplexity:
+    """Perplexity of a dense or converted sparse model folder (``sparse_ops.from_pretrained``: sparse layers run
+    our kernels) on a .txt / .jsonl file: what ``prune eval`` runs (``options``: :func:`perplexity`'s)."""
+    from sparse_ops.pretrained import from_pretrained, import_transformers
+
+    tf = import_transformers("prune eval")
+    if not Path(model_dir).is_dir():
+        raise MissingPathError(f"no such model folder: {model_dir}")
+    texts = as_texts(text)  # read (and refused when missing or malformed) before the model loads
+    try:
+        tokenizer = tf.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise UserValueError(f"{model_dir} has no tokenizer that transformers can load: {e}") from e
+    return text_perplexity(from_pretrained(model_dir), tokenizer, texts, **options)

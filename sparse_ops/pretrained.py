@@ -66,7 +66,7 @@ def from_pretrained(path: str | os.PathLike, *, device: str = "cpu", kernel: str
     architecture it does not have (ValueError); each names the path or the value.
     """
     folder = _model_folder(path)
-    transformers = _import_transformers()
+    transformers = import_transformers()
     try:
         config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
     except (ValueError, OSError, KeyError, TypeError) as e:
@@ -91,12 +91,15 @@ def _model_folder(path: str | os.PathLike) -> Path:
     return folder
 
 
-def _import_transformers() -> ModuleType:
+def import_transformers(needed_by: str = "from_pretrained") -> ModuleType:
+    """The ``transformers`` package, its per-file progress bars off; ``MissingPackageError`` naming ``needed_by``
+    where it is not installed."""
     try:
-        return importlib.import_module("transformers")
+        transformers = importlib.import_module("transformers")
     except ImportError:
-        raise MissingPackageError("from_pretrained needs the transformers package (pip install transformers); without "
-                          "it, build the model yourself and call sparse_ops.loading.sparsify(model, path)") from None
+        raise MissingPackageError(f"{needed_by} needs the transformers package (pip install transformers)") from None
+    transformers.utils.logging.disable_progress_bar()  # its per-file bars: ours show the work
+    return transformers
 
 
 def _build(transformers: ModuleType, config, folder: Path) -> nn.Module:

@@ -1,4 +1,4 @@
-"""One-shot pruning and evaluation of Hugging Face model folders: what ``prune oneshot`` and ``prune eval`` run.
+"""One-shot pruning of Hugging Face model folders: what ``prune oneshot`` runs.
 
 ``oneshot_folder(model_dir, out_dir, calibration_file, ...)`` loads the folder's model (its own dtype) and
 tokenizer with transformers (local files only), prunes it with :func:`prune.one_shot.run.oneshot`, and writes
@@ -7,8 +7,6 @@ a Hugging Face folder: config, tokenizer, safetensors weights with exact zeros u
 (a sharded sparse folder), each pruned weight stored on the int8 grid the one-shot pass left it on. The folder
 is written beside ``out_dir`` under a temporary name and renamed once
 complete, so no partial ``out_dir`` is ever left; an existing one is replaced only with ``overwrite``.
-``folder_perplexity(model_dir, text_file)`` loads a dense or a converted sparse folder
-(``sparse_ops.from_pretrained``: sparse layers run our kernels) and measures perplexity on the text.
 """
 from __future__ import annotations
 
@@ -18,23 +16,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from prune.evaluate import Perplexity, text_perplexity
 from prune.one_shot.data import as_texts
 from prune.one_shot.run import OneShotReport, check_options, oneshot
 from sparse_ops.checkpoint import convert_checkpoint, replace_folder
-from sparse_ops.errors import MissingPackageError, MissingPathError, OutputExistsError, UserValueError
-from sparse_ops.pretrained import from_pretrained, model_class
+from sparse_ops.errors import MissingPathError, OutputExistsError, UserValueError
+from sparse_ops.pretrained import import_transformers, model_class
 
 REPORT = "oneshot_report.json"
-
-
-def _transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise MissingPackageError("one-shot pruning of a model folder needs transformers (pip install transformers)") from None
-    transformers.utils.logging.disable_progress_bar()  # its per-file bars: ours show the work
-    return transformers
 
 
 def load_folder(model_dir: str | os.PathLike):
@@ -44,7 +32,7 @@ def load_folder(model_dir: str | os.PathLike):
         raise MissingPathError(f"no such model folder: {folder}")
     if not (folder / "config.json").is_file():
         raise MissingPathError(f"{folder} is not a Hugging Face model folder (no config.json)")
-    tf = _transformers()
+    tf = import_transformers("one-shot pruning of a model folder")
     config = tf.AutoConfig.from_pretrained(str(folder), local_files_only=True)
     names = getattr(config, "architectures", None) or []
     if not names:
@@ -98,16 +86,3 @@ def oneshot_folder(model_dir: str | os.PathLike, out_dir: str | os.PathLike, cal
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report
-
-
-def folder_perplexity(model_dir: str | os.PathLike, text: str | os.PathLike, **options) -> Perplexity:
-    """Perplexity of a dense or sparse model folder on a .txt / .jsonl file (``options``: ``perplexity``'s)."""
-    tf = _transformers()
-    if not Path(model_dir).is_dir():
-        raise MissingPathError(f"no such model folder: {model_dir}")
-    texts = as_texts(text)  # read (and refused when missing or malformed) before the model loads
-    try:
-        tokenizer = tf.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    except (OSError, ValueError, TypeError) as e:
-        raise UserValueError(f"{model_dir} has no tokenizer that transformers can load: {e}") from e
-    return text_perplexity(from_pretrained(model_dir), tokenizer, texts, **options)
