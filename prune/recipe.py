@@ -43,7 +43,7 @@ from typing import Union
 from torch import nn
 
 from prune import criteria as _criteria
-from prune import distill as _distill_mod
+from prune import distill_settings as _distill_mod
 from prune import masks as _masks
 from prune.schedules import SCHEDULES, Schedule
 from prune.targets import INPUT_DIM

@@ -37,7 +37,7 @@ class SparseFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., up.in_features) -> (..., down.out_features)."""
         up, down = self._modules["up"], self._modules["down"]  # direct lookups: this runs per forward
-        if torch.compiler.is_compiling():  # each layer a custom operator (sparse_ops.ops), no fused call
+        if torch.compiler.is_compiling():  # each layer a custom operator (sparse_ops::linear), no fused call
             return down(up(x))
         ffn, n = up.kernel.ffn, x.numel() // max(1, x.shape[-1])
         if ffn is not None and down.kernel is up.kernel and up.runs_own_kernel(n) and down.runs_own_kernel(n):
@@ -82,7 +82,7 @@ class SparseGatedFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) -> (..., down.out_features)."""
         gate, up, down = (self._modules[n] for n in self._names)
-        if torch.compiler.is_compiling():  # each layer a custom operator (sparse_ops.ops), no fused call
+        if torch.compiler.is_compiling():  # each layer a custom operator (sparse_ops::linear), no fused call
             return down(gate(x) * up(x))
         ffn, n = up.kernel.ffn, x.numel() // max(1, x.shape[-1])
         if ffn is not None and gate.kernel is up.kernel and down.kernel is up.kernel \

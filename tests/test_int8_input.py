@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse_ops import ops
+from sparse_ops import linear as sparse_linear
 from sparse_ops.checkpoint import convert_checkpoint
 from sparse_ops.formats import CSR
 from sparse_ops.kernels import reference
@@ -237,8 +237,8 @@ def test_compiled_and_exported_models_keep_the_input_bits(tmp_path):
     torch.export.save(program, buf)
     buf.seek(0)
     loaded = torch.export.load(buf)  # no live layer owns its weights: layers are built with the input bits
-    built = len(ops._BUILT)
+    built = len(sparse_linear._BUILT)
     with torch.no_grad():
         torch.testing.assert_close(loaded.module()(ids, use_cache=False).logits, eager, atol=1e-5, rtol=1e-5)
-    assert len(ops._BUILT) > built
-    assert all(layer.input_bits == 8 for layer, _ in list(ops._BUILT.values())[built:])
+    assert len(sparse_linear._BUILT) > built
+    assert all(layer.input_bits == 8 for layer, _ in list(sparse_linear._BUILT.values())[built:])
