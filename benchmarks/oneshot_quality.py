@@ -42,6 +42,7 @@ CONFIGS: dict[str, dict] = {
     # how much of a 2:4 result is the dampening's (llm-compressor and we use 0.01): the method's own spread
     "sparsegpt-2:4-damp0.001": dict(method="sparsegpt", pattern="2:4", damp=0.001),
     "sparsegpt-2:4-damp0.1": dict(method="sparsegpt", pattern="2:4", damp=0.1),
+    "sparsegpt-50-damp0.001": dict(method="sparsegpt", sparsity=0.5, damp=0.001),
     "wanda-70": dict(method="wanda", sparsity=0.7),
     "wanda-70-owl": dict(method="wanda", sparsity=0.7, profile="owl"),
     "sparsegpt-70": dict(method="sparsegpt", sparsity=0.7),

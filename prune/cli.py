@@ -126,6 +126,8 @@ def add_oneshot(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="uniform", help="uniform or owl (per-block sparsity from outliers)")
     p.add_argument("--include", action="append", default=None, help="module name pattern to prune (repeatable)")
     p.add_argument("--exclude", action="append", default=[], help="module name pattern to keep dense (repeatable)")
+    p.add_argument("--damp", type=float, default=0.01,
+                   help="SparseGPT's dampening, a fraction of the Hessian's mean diagonal (default: 0.01)")
     p.add_argument("--sequential", action="store_true",
                    help="within a block, prune q/k/v, then o, then gate/up, then down, each from the inputs the "
                         "pruned earlier ones give (default: all from one pass over the dense block)")
@@ -143,7 +145,7 @@ def run_oneshot(args: argparse.Namespace) -> int:
     report = oneshot_folder(args.model, args.output, args.calibration, overwrite=args.overwrite,
                             method=args.method, sparsity=args.sparsity, pattern=args.pattern,
                             profile=args.profile, include=args.include, exclude=args.exclude,
-                            samples=args.samples, seq_len=args.seq_len, sequential=args.sequential,
+                            samples=args.samples, seq_len=args.seq_len, sequential=args.sequential, damp=args.damp,
                             device=args.device, seed=args.seed, bits=args.bits)
     print(report)
     print(f"written to {args.output}")

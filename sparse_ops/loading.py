@@ -172,7 +172,6 @@ def sparsify(model: nn.Module,
     ``input_bits=8`` quantizes the input of every int8 layer per block of 32 columns (``SparseLinear.input_bits``):
     one token then multiplies int8 by int8, as llama.cpp's Q8_0 does (ValueError without int8 layers).
     """
-    from sparse_ops.linear import SparseLinear
     from sparse_ops.plan import Planner
 
     if kernel not in KERNEL_CHOICES:
@@ -183,30 +182,63 @@ def sparsify(model: nn.Module,
         raise UserValueError(f"unknown input_bits {input_bits!r}; allowed: {', '.join(map(str, INPUT_BITS))}")
     planner = Planner(timer=timer, cache=cache, verbose=verbose) if kernel == "auto" else None
     state = source if isinstance(source, Mapping) else load_sparse_state_dict(source)
-    split = _split_state(state, model)
-    result = model.load_state_dict(split.dense, strict=False)
-    missing = _untied(model, set(result.missing_keys) - {f"{m}.weight" for m in split.swap}, set(split.dense))
-    if result.unexpected_keys or missing:
-        bad = sorted(result.unexpected_keys)[:1] or sorted(missing)[:1]
-        raise UserValueError(f"checkpoint does not fit the model: {len(result.unexpected_keys)} unexpected and "
-                         f"{len(missing)} missing tensors, e.g. {bad[0]!r}")
-    _load_buffers(model, split.buffers)
+    split = _load_dense(model, state)
     model.to(device)
-    notes = {}
     swap = dict(split.swap)
     int8 = any(isinstance(w, Int8Weight) for w in state.values())
     if int8:  # int8 was asked for: the tied output head too
         swap.update(_tied_head_int8(model))
     if input_bits is not None and not int8:
         raise UserValueError(f"input_bits={input_bits} quantizes the inputs of int8 layers, and this checkpoint has "
-                         f"none (convert it with prune convert --quantize int8)")
+                             f"none (convert it with prune convert --quantize int8)")
     if planner is not None and cpp.available():  # larger than the L3: one token reads its weights from memory
         planner.cold = _weight_bytes(model, swap) > cpp.caches()["L3"]
+    notes = _swap_layers(model, swap, device, kernel, planner, batches, input_bits)
+    _warn_layers(split.left_dense, "sparse weight(s) load dense")
+    _warn_layers(notes, "sparse weight(s) change format")
+    _fuse(model, fuse, fuse_activations)
+    return model
+
+
+def _fuse(model: nn.Module, everything: bool, activations: bool) -> None:
+    """Every proven fusion and our attention (``everything``), or the activations into their layers only."""
+    if everything:
+        from sparse_ops.attention import use_fast_attention
+        from sparse_ops.fusion import fuse
+
+        fuse(model)
+        use_fast_attention(model)
+    elif activations:
+        from sparse_ops.fusion import fuse_activations
+
+        fuse_activations(model)
+
+
+def _load_dense(model: nn.Module, state: Mapping[str, object]):
+    """Load what the checkpoint stores dense (and the buffers) into ``model``; the split of ``state``, whose
+    ``swap`` holds the layers to become sparse. ValueError when the checkpoint does not fit the model."""
+    split = _split_state(state, model)
+    result = model.load_state_dict(split.dense, strict=False)
+    missing = _untied(model, set(result.missing_keys) - {f"{m}.weight" for m in split.swap}, set(split.dense))
+    if result.unexpected_keys or missing:
+        bad = sorted(result.unexpected_keys)[:1] or sorted(missing)[:1]
+        raise UserValueError(f"checkpoint does not fit the model: {len(result.unexpected_keys)} unexpected and "
+                             f"{len(missing)} missing tensors, e.g. {bad[0]!r}")
+    _load_buffers(model, split.buffers)
+    return split
+
+
+def _swap_layers(model: nn.Module, swap: Mapping[str, tuple], device: torch.device | str, kernel: str,
+                 planner, batches: tuple[int, ...], input_bits: int | None) -> dict[str, str]:
+    """Put a ``SparseLinear`` in each swapped layer's place; the notes of the weights that changed format."""
+    from sparse_ops.linear import SparseLinear
+
+    notes = {}
     for name, (weight, to_linear) in swap.items():
         module = model.get_submodule(name)
         if tuple(module.weight.shape) != weight.shape:
             raise UserValueError(f"{name}.weight is {weight.shape} in the checkpoint, {tuple(module.weight.shape)} "
-                             f"in the model")
+                                 f"in the model")
         weight, note = to_linear(_with_dtype(weight, module.weight.dtype))
         if isinstance(weight, Int8Weight):
             weight = weight.with_input_bits(input_bits)
@@ -218,19 +250,7 @@ def sparsify(model: nn.Module,
             layer.route(b)  # measured (or read from the cache) now rather than at the first call
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
-    _warn_layers(split.left_dense, "sparse weight(s) load dense")
-    _warn_layers(notes, "sparse weight(s) change format")
-    if fuse:
-        from sparse_ops.attention import use_fast_attention
-        from sparse_ops.fusion import fuse as fuse_all
-
-        fuse_all(model)
-        use_fast_attention(model)
-    elif fuse_activations:
-        from sparse_ops.fusion import fuse_activations as fuse_acts
-
-        fuse_acts(model)
-    return model
+    return notes
 
 
 def _weight_bytes(model: nn.Module, swap: Mapping[str, tuple]) -> int:

@@ -193,6 +193,7 @@ def test_cli_bad_inputs_one_line_and_nothing_written(tmp_path):
     (headless / "config.json").write_text(json.dumps({**config, "architectures": None}))
     cases["names no model class"] = (headless, "calib.txt", [])
     cases["is a folder"] = (tmp_path / "dense", "odd", [])
+    cases["damp must be >= 0"] = (tmp_path / "dense", "calib.txt", ["--damp", "-1"])
     cases["longer than the 2048 positions"] = (tmp_path / "dense", "long.txt", ["--seq-len", "4096", "--samples", "1"])
     (tmp_path / "long.txt").write_text(" ".join(words(0, 200) for _ in range(25)))
     before = sorted(p.name for p in tmp_path.iterdir())

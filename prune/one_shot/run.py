@@ -147,53 +147,87 @@ def oneshot(model: nn.Module, calibration: Tensor | Sequence[str] | str | os.Pat
     nm, sparsity, scope = check_options(method, sparsity, pattern, profile, scope)
     if bits not in (None, 8):
         raise UserValueError(f"bits must be None or 8, got {bits!r}")
+    if not (damp >= 0 and block_size >= 1):
+        raise UserValueError(f"damp must be >= 0 and block_size >= 1, got damp={damp}, block_size={block_size}")
     start = time.perf_counter()
-    batches = (calibration_batches(calibration, tokenizer, samples=samples, seq_len=seq_len, seed=seed,
-                                   batch_size=batch_size))
-    check_window(model, batches[0].shape[1])
-    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    on_cpu = torch.device(device or next(model.parameters()).device).type == "cpu"
-    if isinstance(hidden, int) and on_cpu:
-        itemsize = next(model.parameters()).element_size()
-        check_activation_memory(sum(len(b) for b in batches), batches[0].shape[1], hidden, itemsize)
+    batches = _calibration(model, calibration, tokenizer, samples, seq_len, seed, batch_size, device)
     blocks = find_blocks(model)
-    with warnings.catch_warnings(record=True) as caught:  # tied output layers: outside the blocks, not pruned
-        warnings.simplefilter("always")
-        selected = {t.name: t for t in find_targets(model, include=include, exclude=exclude)}
-    for w in caught:
-        if f" {blocks.path}." in str(w.message) or "shared with" not in str(w.message):
-            warnings.warn(w.message, stacklevel=2)
-    in_blocks = {n for n in selected if n.startswith(blocks.path + ".")}
-    if not in_blocks:
-        raise UserValueError(f"no selected linear layer lies inside the blocks ({blocks.path}.*); check include/exclude")
+    selected, in_blocks = _targets_in_blocks(model, blocks.path, include, exclude)
     if bits:
         _check_int8_targets({n: model.get_submodule(n) for n in in_blocks})
     per_block = [sparsity] * len(blocks.layers)
     if profile == "owl":
         ratios = _outlier_ratios(model, batches, in_blocks, owl_threshold, device, progress)
         per_block = owl.block_sparsities(ratios, sparsity, lam=owl_lambda)
-    results: list[LayerResult] = []
-    scales: dict[str, Tensor] = {}
+    pruned = _BlockPruner(in_blocks, per_block, sequential, method, nm, scope, block_size, damp, bits,
+                          gram=errors or method == "sparsegpt")
+    run_sequential(model, batches, pruned, device=device, progress=progress)
+    report = OneShotReport(method, str(nm) if nm else "unstructured", profile, sparsity, tuple(pruned.results),
+                           tuple(sorted(set(selected) - in_blocks)), time.perf_counter() - start, pruned.scales)
+    return OneShotResult(model, report)
 
-    def on_block(i: int, name: str, block: nn.Module, forward) -> None:
-        layers = _selected(name, block, in_blocks)
-        stages = _stages(layers, forward) if sequential else [list(layers)]
+
+@dataclass
+class _BlockPruner:
+    """``run_sequential``'s callback: prunes each block's selected linears from the statistics of its inputs,
+    stage by stage when ``sequential``; keeps each layer's result and, with ``bits``, its int8 grid."""
+
+    in_blocks: set[str]
+    per_block: list[float]
+    sequential: bool
+    method: str
+    nm: NMPattern | None
+    scope: str | None
+    block_size: int
+    damp: float
+    bits: int | None
+    gram: bool
+    results: list[LayerResult] = field(default_factory=list)
+    scales: dict[str, Tensor] = field(default_factory=dict)
+
+    def __call__(self, i: int, name: str, block: nn.Module, forward) -> None:
+        layers = _selected(name, block, self.in_blocks)
+        stages = _stages(layers, forward) if self.sequential else [list(layers)]
         for k, stage in enumerate(stages):
             until = layers[stages[k + 1][0]] if k + 1 < len(stages) else None
-            stats = _collect({n: layers[n] for n in stage}, lambda: forward(until=until),
-                             gram=errors or method == "sparsegpt")
+            stats = _collect({n: layers[n] for n in stage}, lambda: forward(until=until), gram=self.gram)
             for lname in stage:
-                result, grid = _prune_layer(lname, layers[lname], stats[lname], method, per_block[i], nm, scope,
-                                            block_size, damp, bits)
-                results.append(result)
+                result, grid = _prune_layer(lname, layers[lname], stats[lname], self.method, self.per_block[i],
+                                            self.nm, self.scope, self.block_size, self.damp, self.bits)
+                self.results.append(result)
                 if grid is not None:
-                    scales[f"{lname}.weight"] = grid
+                    self.scales[f"{lname}.weight"] = grid
                 del stats[lname]  # its Gram matrix: (in, in) float64
 
-    run_sequential(model, batches, on_block, device=device, progress=progress)
-    report = OneShotReport(method, str(nm) if nm else "unstructured", profile, sparsity, tuple(results),
-                           tuple(sorted(set(selected) - in_blocks)), time.perf_counter() - start, scales)
-    return OneShotResult(model, report)
+
+def _calibration(model: nn.Module, calibration: object, tokenizer, samples: int, seq_len: int, seed: int,
+                 batch_size: int, device: torch.device | str | None) -> list[Tensor]:
+    """The calibration batches, once it is known that their windows fit the model's positions and that the
+    activations kept between blocks fit in memory (UserValueError otherwise, before any work)."""
+    batches = calibration_batches(calibration, tokenizer, samples=samples, seq_len=seq_len, seed=seed,
+                                  batch_size=batch_size)
+    check_window(model, batches[0].shape[1])
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    on_cpu = torch.device(device or next(model.parameters()).device).type == "cpu"
+    if isinstance(hidden, int) and on_cpu:
+        itemsize = next(model.parameters()).element_size()
+        check_activation_memory(sum(len(b) for b in batches), batches[0].shape[1], hidden, itemsize)
+    return batches
+
+
+def _targets_in_blocks(model: nn.Module, path: str, include, exclude) -> tuple[dict[str, object], set[str]]:
+    """The selected targets by name and the names of those inside the blocks at ``path`` (what one-shot prunes;
+    tied output layers outside them are left alone without a warning)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        selected = {t.name: t for t in find_targets(model, include=include, exclude=exclude)}
+    for w in caught:
+        if f" {path}." in str(w.message) or "shared with" not in str(w.message):
+            warnings.warn(w.message, stacklevel=3)
+    in_blocks = {n for n in selected if n.startswith(path + ".")}
+    if not in_blocks:
+        raise UserValueError(f"no selected linear layer lies inside the blocks ({path}.*); check include/exclude")
+    return selected, in_blocks
 
 
 def _check_int8_targets(layers: dict[str, nn.Module]) -> None:

@@ -86,30 +86,10 @@ def sparsegpt_prune(weight: Tensor, gram: Tensor, sparsity: float, *, nm: NMPatt
     down to a multiple of M (at least M). ``damp``: dampening relative to the mean diagonal of ``gram``.
     ``bits=8``: quantize jointly (the module docstring); float32 weights only.
     """
-    if weight.dim() != 2 or in_dim not in (0, 1) or not weight.is_floating_point():
-        raise UserValueError(f"weight must be a 2-D floating tensor with in_dim 0 or 1, got shape "
-                         f"{tuple(weight.shape)}, dtype {weight.dtype}, in_dim={in_dim}")
+    block_size = _check_args(weight, gram, sparsity, nm, block_size, damp, in_dim, bits)
     # (rows, in), float32, contiguous whatever the layout (so both orientations compute the very same thing)
     w = input_last(weight, in_dim).to(torch.float32, copy=True, memory_format=torch.contiguous_format)
     rows, cols = w.shape
-    if gram.shape != (cols, cols):
-        raise UserValueError(f"gram has shape {tuple(gram.shape)}, expected {(cols, cols)} for a weight of shape "
-                         f"{tuple(weight.shape)} with in_dim={in_dim}")
-    if block_size < 1 or not damp >= 0:
-        raise UserValueError(f"block_size must be >= 1 and damp >= 0, got block_size={block_size}, damp={damp}")
-    if not 0.0 <= sparsity < 1.0:
-        raise UserValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    if bits not in (None, 8):
-        raise UserValueError(f"bits must be None or 8, got {bits!r}")
-    if bits and weight.dtype != torch.float32:
-        raise UserValueError(f"joint int8 quantization needs a float32 weight (a lower precision leaves the int8 "
-                         f"grid), got {weight.dtype}")
-    if nm is not None:
-        if cols % nm.m:
-            raise UserValueError(f"input size {cols} is not a multiple of M={nm.m} (pattern {nm})")
-        if abs(sparsity - nm.sparsity) > 1e-9:
-            raise UserValueError(f"sparsity {sparsity} does not match pattern {nm}; pass {nm.sparsity}")
-        block_size = max(nm.m, block_size // nm.m * nm.m)
     if sparsity == 0 and bits is None:
         return SparseGPTResult(weight.clone(), 0.0)
 
@@ -154,6 +134,35 @@ def sparsegpt_prune(weight: Tensor, gram: Tensor, sparsity: float, *, nm: NMPatt
         w[:, i2:].addmm_(err1t.t(), u[i1:i2, i2:], alpha=-1.0)
     new = from_input_last(w, weight.shape, in_dim).to(weight.dtype).contiguous()
     return SparseGPTResult(new, relative_error(weight, new, gram, in_dim), scales)
+
+
+def _check_args(weight: Tensor, gram: Tensor, sparsity: float, nm: NMPattern | None, block_size: int, damp: float,
+                in_dim: int, bits: int | None) -> int:
+    """ValueError naming the first bad argument of :func:`sparsegpt_prune`; the block size it will use (a
+    multiple of M under an N:M pattern)."""
+    if weight.dim() != 2 or in_dim not in (0, 1) or not weight.is_floating_point():
+        raise UserValueError(f"weight must be a 2-D floating tensor with in_dim 0 or 1, got shape "
+                             f"{tuple(weight.shape)}, dtype {weight.dtype}, in_dim={in_dim}")
+    cols = weight.shape[in_dim]
+    if gram.shape != (cols, cols):
+        raise UserValueError(f"gram has shape {tuple(gram.shape)}, expected {(cols, cols)} for a weight of shape "
+                             f"{tuple(weight.shape)} with in_dim={in_dim}")
+    if block_size < 1 or not damp >= 0:
+        raise UserValueError(f"block_size must be >= 1 and damp >= 0, got block_size={block_size}, damp={damp}")
+    if not 0.0 <= sparsity < 1.0:
+        raise UserValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if bits not in (None, 8):
+        raise UserValueError(f"bits must be None or 8, got {bits!r}")
+    if bits and weight.dtype != torch.float32:
+        raise UserValueError(f"joint int8 quantization needs a float32 weight (a lower precision leaves the int8 "
+                             f"grid), got {weight.dtype}")
+    if nm is None:
+        return block_size
+    if cols % nm.m:
+        raise UserValueError(f"input size {cols} is not a multiple of M={nm.m} (pattern {nm})")
+    if abs(sparsity - nm.sparsity) > 1e-9:
+        raise UserValueError(f"sparsity {sparsity} does not match pattern {nm}; pass {nm.sparsity}")
+    return max(nm.m, block_size // nm.m * nm.m)
 
 
 def _inverse_cholesky(h: Tensor, damp: float, shape: tuple[int, ...]) -> Tensor:
