@@ -16,7 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from prune.masks import input_last
 from prune.targets import input_dim
+from sparse_ops.formats import is_two_four
+from sparse_ops.tables import text_table
 
 
 @dataclass(frozen=True)
@@ -60,22 +63,14 @@ class SparsityReport:
     def __str__(self) -> str:
         body = [[r.name, str(r.shape), str(r.nnz), f"{r.sparsity:.4f}", r.pattern] for r in self.rows]
         body.append(["total", str(self.numel), str(self.nnz), f"{self.sparsity:.4f}", ""])
-        return format_table(["layer", "shape", "nnz", "sparsity", "pattern"], body)
-
-
-def format_table(headers: list[str], rows: list[list[str]]) -> str:
-    """Left-aligned plain-text table with two spaces between columns."""
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [headers, *rows]]
-    return "\n".join(lines)
+        return text_table(["layer", "shape", "nnz", "sparsity", "pattern"], body)
 
 
 def detect_pattern(weight: Tensor, in_dim: int = 1) -> str:
     """``"2:4"`` when every group of 4 along the input dimension has at most 2 nonzeros, else ``"unstructured"``."""
-    if weight.dim() < 2 or weight.shape[in_dim] % 4:
+    if weight.dim() < 2:
         return "unstructured"
-    groups = (weight.movedim(in_dim, -1) != 0).reshape(-1, 4)
-    return "2:4" if bool((groups.sum(dim=1) <= 2).all()) else "unstructured"
+    return "2:4" if is_two_four(input_last(weight, in_dim)) else "unstructured"
 
 
 def layer_row(name: str, weight: Tensor, pattern: str) -> LayerSparsity:

@@ -171,7 +171,7 @@ class SparseLinear(nn.Module):
         if x.shape[-1] != self.in_features or x.dtype != self._dtype:  # inline: this runs per layer and call
             self.check_input(x)
         bias = self._buffers["bias"]
-        path = None if self.planner is None or self._needs_grad(x, bias) else \
+        path = None if self.planner is None or ours_cpu.needs_grad(x, bias) else \
             self.route(x.numel() // max(1, self.in_features))
         if path == DENSE:  # F.linear takes (..., in) as it is: no reshapes on the path dense-chosen layers run
             return self._call(path, x, bias, self._activation)
@@ -192,10 +192,6 @@ class SparseLinear(nn.Module):
         return kernel.matmul(state, x2, bias, act)
 
     # ---- planned paths (sparse_ops.plan) ----------------------------------------------------------------
-
-    @staticmethod
-    def _needs_grad(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
-        return torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
 
     def _off_kernel(self, path: str) -> bool:
         """Whether ``path`` runs elsewhere than this layer's kernel (dense, an int8 twin, or torch's kernel when

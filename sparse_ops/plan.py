@@ -55,6 +55,7 @@ from pathlib import Path
 import torch
 
 from sparse_ops.kernels import cpp
+from sparse_ops.tables import text_table
 from sparse_ops.timing import Timer
 
 log = logging.getLogger(__name__)
@@ -267,8 +268,7 @@ def plan_report(model: torch.nn.Module) -> str:
     head = ["layer", "shape", "format", "sparsity", *(f"{b} token{'s' * (b > 1)}" for b in BUCKETS)]
     body = [[r["name"], f"{r['shape'][0]}x{r['shape'][1]}", r["format"], f"{r['sparsity']:.3f}",
              *(cell(r["routes"][b]) for b in BUCKETS)] for r in rows]
-    widths = [max(len(str(row[i])) for row in [head, *body]) for i in range(len(head))]
-    lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in [head, *body]]
+    lines = text_table(head, body).splitlines()
     worst = [r["routes"][b] for r in rows for b in BUCKETS if r["routes"][b] is not None]
     if worst:
         low = min(e["speedup"].get(e["choice"], 1.0) for e in worst)

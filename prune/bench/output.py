@@ -18,9 +18,9 @@ Example:
     >>> json.loads((out / "demo.json").read_text())["status"]
     'complete'
     >>> print(table(["name", "x"], [["dense", "1.00"], ["csr", "12.50"]]))
-    name      x
-    dense  1.00
-    csr   12.50
+    name       x
+    dense   1.00
+    csr    12.50
 """
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
+
+from sparse_ops.tables import text_table
 
 
 def write_json(path: Path, obj: object) -> None:
@@ -105,10 +107,4 @@ class RunFiles:
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A plain text table: first column left-aligned, the others right-aligned (numbers)."""
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
-
-    def line(cells: Sequence[str]) -> str:
-        first = f"{cells[0]:<{widths[0]}}"
-        return " ".join([first, *(f"{c:>{w}}" for c, w in zip(cells[1:], widths[1:]))]).rstrip()
-
-    return "\n".join([line(headers), *(line(r) for r in rows)])
+    return text_table(headers, rows, right=True)

@@ -52,6 +52,7 @@ from prune.one_shot.sparsegpt import relative_error, sparsegpt_prune
 from prune.targets import find_targets, input_dim
 from sparse_ops.errors import MisuseError, UserValueError
 from sparse_ops.quantized import on_grid, row_scales
+from sparse_ops.tables import text_table
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
 PROFILES = ("uniform", "owl")
@@ -99,11 +100,9 @@ class OneShotReport:
                 "bits": 8 if self.scales else None}
 
     def __str__(self) -> str:
-        rows = [("layer", "shape", "sparsity", "rel. error", "s")]
-        rows += [(r.name, "x".join(map(str, r.shape)), f"{r.sparsity:.3f}",
-                  "-" if r.error is None else f"{r.error:.4f}", f"{r.seconds:.2f}") for r in self.layers]
-        widths = [max(len(row[i]) for row in rows) for i in range(5)]
-        lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
+        rows = [(r.name, "x".join(map(str, r.shape)), f"{r.sparsity:.3f}",
+                 "-" if r.error is None else f"{r.error:.4f}", f"{r.seconds:.2f}") for r in self.layers]
+        lines = text_table(("layer", "shape", "sparsity", "rel. error", "s"), rows).splitlines()
         lines.append(f"{self.method}, {self.pattern}, {self.profile}: {len(self.layers)} layers at "
                      f"{self.sparsity:.4f} sparsity (asked {self.target}) in {self.seconds:.1f} s")
         if self.left_dense:

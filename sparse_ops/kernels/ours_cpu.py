@@ -348,7 +348,7 @@ def int8_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, act
     ``int8_variants(N)``, the panelled copy as CSR's; dense-int8 has none) picks the kernel; None:
     ``use_panels`` picks. With a gradient needed: ``F.linear`` on the dequantized weight."""
     quantized = w.source.input_bits is not None
-    if _needs_grad(x, bias):
+    if needs_grad(x, bias):
         y = apply(F.linear(quantize_input(x) if quantized else x, w.source.to_dense(), bias), activation)
         return y if post is None else post.apply(y)
     if isinstance(w.source, DenseInt8):
@@ -395,7 +395,8 @@ def panel_tile(n: int) -> int:
     return 16 if n <= 16 else 32 if n <= 32 else PANEL_TILE
 
 
-def _needs_grad(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+def needs_grad(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether autograd will want the product's gradient (grad mode on, and x or the bias requires it)."""
     return torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
 
 
@@ -428,7 +429,7 @@ def ffn_matmul(up: NativeWeight, down: NativeWeight, x: torch.Tensor, up_bias: t
     caller runs the layers: a gradient is needed, fewer than ``FFN_MIN_TOKENS`` tokens, a weight too sparse for
     the panelled kernel, or different value types or dtypes. U, G (hidden, in) and D (out, hidden) are CSR."""
     n, weights = x.shape[0], (up, down) if gate is None else (gate, up, down)
-    if n < FFN_MIN_TOKENS or any(_needs_grad(x, b) for b in (up_bias, down_bias, gate_bias)) \
+    if n < FFN_MIN_TOKENS or any(needs_grad(x, b) for b in (up_bias, down_bias, gate_bias)) \
             or min(w.density for w in weights) < PANEL_MIN_DENSITY or len({w.value_code for w in weights}) > 1 \
             or len({w.out_dtype for w in weights}) > 1 \
             or not all(isinstance(w.source, (CSR, CSRInt8, BitmapInt8)) for w in weights) \
@@ -579,7 +580,7 @@ def csr_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, acti
                post: AddNorm | None = None, variant: str | None = None) -> torch.Tensor:
     """x: (N, in) -> post(activation(x W^T + bias)) (N, out) in the weight's dtype. ``variant`` (one of
     ``csr_variants(N)``) picks the kernel; None: ``use_panels`` picks by batch and density."""
-    if _needs_grad(x, bias):  # the C++ kernels have no backward: torch's CSR path does
+    if needs_grad(x, bias):  # the C++ kernels have no backward: torch's CSR path does
         y = apply(torch_cpu.csr_matmul(torch_cpu.prepare_csr(w.source), x, bias), activation)
         return y if post is None else post.apply(y)
     if variant == "mask" and x.shape[0] == 1:
@@ -593,7 +594,7 @@ def two_four_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None,
     """x: (N, in) -> post(activation(x W^T + bias)) (N, out) in the weight's dtype (no variants)."""
     if variant is not None:
         raise UserValueError(f"the 2:4 kernel has no variants, got {variant!r}")
-    if _needs_grad(x, bias):
+    if needs_grad(x, bias):
         y = apply(torch_cpu.csr_matmul(torch_cpu.prepare_csr(CSR.from_dense(w.source.to_dense())), x, bias), activation)
         return y if post is None else post.apply(y)
     return _matmul(w, x, bias, False, CODES[activation], post)
