@@ -2,9 +2,9 @@
 
 Example:
     >>> print(text_table(["layer", "ms"], [["fc1", "1.25"], ["out", "10.5"]], right=True))
-    layer     ms
-    fc1     1.25
-    out     10.5
+    layer    ms
+    fc1    1.25
+    out    10.5
 """
 from __future__ import annotations
 
