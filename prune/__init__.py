@@ -26,6 +26,7 @@ _EXPORTS = {"Pruner": "prune.pruner", "Schedule": "prune.schedules", "Constant":
             "LinearRamp": "prune.schedules", "CubicRamp": "prune.schedules", "ExponentialRamp": "prune.schedules",
             "find_targets": "prune.targets", "Target": "prune.targets", "sparsity_report": "prune.report",
             "SparsityReport": "prune.report", "oneshot": "prune.one_shot.run", "OneShotReport": "prune.one_shot.run",
+            "OneShotConfig": "prune.one_shot.config",
             "perplexity": "prune.evaluate", "Recipe": "prune.recipe", "load_recipe": "prune.recipe",
             "Distiller": "prune.distill"}
 __all__ = [*_EXPORTS, "__version__"]

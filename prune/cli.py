@@ -140,13 +140,15 @@ def add_oneshot(p: argparse.ArgumentParser) -> None:
 
 
 def run_oneshot(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from prune.one_shot.config import OneShotConfig
     from prune.one_shot.folder import oneshot_folder
 
-    report = oneshot_folder(args.model, args.output, args.calibration, overwrite=args.overwrite,
-                            method=args.method, sparsity=args.sparsity, pattern=args.pattern,
-                            profile=args.profile, include=args.include, exclude=args.exclude,
-                            samples=args.samples, seq_len=args.seq_len, sequential=args.sequential, damp=args.damp,
-                            device=args.device, seed=args.seed, bits=args.bits)
+    config = OneShotConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(OneShotConfig)
+                              if hasattr(args, f.name)})  # each flag named as its field
+    report = oneshot_folder(args.model, args.output, args.calibration, config, overwrite=args.overwrite,
+                            device=args.device)
     print(report)
     print(f"written to {args.output}")
     return 0

@@ -10,14 +10,18 @@ complete, so no partial ``out_dir`` is ever left; an existing one is replaced on
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+
+from prune.one_shot.config import OneShotConfig
 from prune.one_shot.data import as_texts
-from prune.one_shot.run import OneShotReport, check_options, oneshot
+from prune.one_shot.run import OneShotReport, oneshot
 from sparse_ops.checkpoint import convert_checkpoint, replace_folder
 from sparse_ops.errors import MissingPathError, OutputExistsError, UserValueError
 from sparse_ops.pretrained import import_transformers, model_class
@@ -62,24 +66,25 @@ def check_output(out_dir: str | os.PathLike, sources: list[str | os.PathLike], o
     return dst
 
 
-def oneshot_folder(model_dir: str | os.PathLike, out_dir: str | os.PathLike, calibration: str | os.PathLike, *,
-                   overwrite: bool = False, **options) -> OneShotReport:
-    """Prune a model folder in one shot into ``out_dir`` (see the module docstring); ``options`` go to
-    ``oneshot``. Returns its report."""
-    check_options(**{k: options[k] for k in ("method", "sparsity", "pattern", "profile", "scope") if k in options})
+def oneshot_folder(model_dir: str | os.PathLike, out_dir: str | os.PathLike, calibration: str | os.PathLike,
+                   config: OneShotConfig | None = None, *, overwrite: bool = False,
+                   device: torch.device | str | None = None, **options: object) -> OneShotReport:
+    """Prune a model folder in one shot into ``out_dir`` (see the module docstring) with ``config`` (its fields
+    may be given as keyword ``options``, as to ``oneshot``). Returns its report."""
+    config = OneShotConfig(**options) if config is None else dataclasses.replace(config, **options)
     src, dst = Path(model_dir).resolve(), check_output(out_dir, [model_dir], overwrite)
     texts = as_texts(calibration)  # read (and refused when empty or malformed) before the model loads
     model, tokenizer = load_folder(src)
     if tokenizer is None:
         raise UserValueError(f"{model_dir} has no tokenizer, which text calibration needs")
-    _, report = oneshot(model, texts, tokenizer=tokenizer, **options)
+    _, report = oneshot(model, texts, config, tokenizer=tokenizer, device=device)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
         folder = tmp / "dense"
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         (folder / REPORT).write_text(json.dumps(report.to_dict(), indent=1))
-        if options.get("bits"):  # the int8 checkpoint: the pruned weights on their own grids, the rest absmax
+        if config.bits:  # the int8 checkpoint: the pruned weights on their own grids, the rest absmax
             convert_checkpoint(folder, tmp / "int8", format="auto", quantize="int8", scales=report.scales)
             folder = tmp / "int8"
         replace_folder(folder, dst, overwrite)

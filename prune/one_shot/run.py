@@ -44,8 +44,9 @@ from torch import Tensor, nn
 
 from prune.calibration import InputStats
 from prune.criteria import CRITERIA, Evidence
-from prune.masks import NMPattern, parse_pattern, weight_mask
+from prune.masks import NMPattern, weight_mask
 from prune.one_shot import owl
+from prune.one_shot.config import OneShotConfig
 from prune.one_shot.data import calibration_batches, check_activation_memory, check_window
 from prune.one_shot.sequential import block_linears, find_blocks, run_sequential
 from prune.one_shot.sparsegpt import relative_error, sparsegpt_prune
@@ -53,11 +54,6 @@ from prune.targets import find_targets, input_dim
 from sparse_ops.errors import MisuseError, UserValueError
 from sparse_ops.quantized import on_grid, row_scales
 from sparse_ops.tables import text_table
-
-METHODS = ("sparsegpt", "wanda", "magnitude")
-PROFILES = ("uniform", "owl")
-SCOPES = ("layer", "row")
-DEFAULT_SCOPE = {"sparsegpt": None, "wanda": "row", "magnitude": "layer"}
 
 
 @dataclass(frozen=True)
@@ -115,16 +111,13 @@ class OneShotResult(NamedTuple):
     report: OneShotReport
 
 
-def oneshot(model: nn.Module, calibration: Tensor | Sequence[str] | str | os.PathLike, *, tokenizer=None,
-            method: str = "sparsegpt", sparsity: float | None = None, pattern: str = "unstructured",
-            include: str | Sequence[str] | None = None, exclude: str | Sequence[str] = (),
-            profile: str = "uniform", scope: str | None = None, samples: int = 128, seq_len: int = 512,
-            batch_size: int = 8, block_size: int = 128, damp: float = 0.01, owl_threshold: float = 5.0,
-            owl_lambda: float = 0.08, sequential: bool = False, errors: bool = True,
-            device: torch.device | str | None = None, bits: int | None = None,
-            seed: int = 0, progress: bool = True) -> OneShotResult:
+def oneshot(model: nn.Module, calibration: Tensor | Sequence[str] | str | os.PathLike,
+            config: OneShotConfig | None = None, *, tokenizer=None, device: torch.device | str | None = None,
+            progress: bool = True, **options: object) -> OneShotResult:
     """Prune ``model`` (a Hugging Face decoder or BERT-family encoder) in place; returns ``(model, report)``.
 
+    What to prune and how is a :class:`~prune.one_shot.config.OneShotConfig` (``config``), whose fields may also
+    be given as keyword ``options`` (they override ``config``'s); every option is checked before any work.
     ``calibration``: token ids ((n, seq) windows or a 1-D stream), or texts / a .txt or .jsonl path with
     ``tokenizer`` (``data.calibration_batches``: ``samples`` windows of ``seq_len`` tokens, ``seed``).
     ``sparsity``: per layer (default 0.5; with an N:M ``pattern``, 1 - N/M and nothing else). ``include`` /
@@ -143,25 +136,22 @@ def oneshot(model: nn.Module, calibration: Tensor | Sequence[str] | str | os.Pat
     both with ``benchmarks/oneshot_quality.py`` (its ``-seq`` configurations). ``device``: where blocks compute
     (a CPU model is moved there one block at a time). Example: the module docstring.
     """
-    nm, sparsity, scope = check_options(method, sparsity, pattern, profile, scope)
-    if bits not in (None, 8):
-        raise UserValueError(f"bits must be None or 8, got {bits!r}")
-    if not (damp >= 0 and block_size >= 1):
-        raise UserValueError(f"damp must be >= 0 and block_size >= 1, got damp={damp}, block_size={block_size}")
+    c = OneShotConfig(**options) if config is None else dataclasses.replace(config, **options)
+    nm, sparsity, scope = c.resolved()
     start = time.perf_counter()
-    batches = _calibration(model, calibration, tokenizer, samples, seq_len, seed, batch_size, device)
+    batches = _calibration(model, calibration, tokenizer, c.samples, c.seq_len, c.seed, c.batch_size, device)
     blocks = find_blocks(model)
-    selected, in_blocks = _targets_in_blocks(model, blocks.path, include, exclude)
-    if bits:
+    selected, in_blocks = _targets_in_blocks(model, blocks.path, c.include, c.exclude)
+    if c.bits:
         _check_int8_targets({n: model.get_submodule(n) for n in in_blocks})
     per_block = [sparsity] * len(blocks.layers)
-    if profile == "owl":
-        ratios = _outlier_ratios(model, batches, in_blocks, owl_threshold, device, progress)
-        per_block = owl.block_sparsities(ratios, sparsity, lam=owl_lambda)
-    pruned = _BlockPruner(in_blocks, per_block, sequential, method, nm, scope, block_size, damp, bits,
-                          gram=errors or method == "sparsegpt")
+    if c.profile == "owl":
+        ratios = _outlier_ratios(model, batches, in_blocks, c.owl_threshold, device, progress)
+        per_block = owl.block_sparsities(ratios, sparsity, lam=c.owl_lambda)
+    pruned = _BlockPruner(in_blocks, per_block, c.sequential, c.method, nm, scope, c.block_size, c.damp, c.bits,
+                          gram=c.errors or c.method == "sparsegpt")
     run_sequential(model, batches, pruned, device=device, progress=progress)
-    report = OneShotReport(method, str(nm) if nm else "unstructured", profile, sparsity, tuple(pruned.results),
+    report = OneShotReport(c.method, str(nm) if nm else "unstructured", c.profile, sparsity, tuple(pruned.results),
                            tuple(sorted(set(selected) - in_blocks)), time.perf_counter() - start, pruned.scales)
     return OneShotResult(model, report)
 
@@ -236,30 +226,6 @@ def _check_int8_targets(layers: dict[str, nn.Module]) -> None:
         if m.weight.dtype != torch.float32 or input_dim(m) != 1:
             raise UserValueError(f"bits=8 needs float32 nn.Linear-style weights (out, in); {name} is "
                              f"{m.weight.dtype} with its input on dim {input_dim(m)}")
-
-
-def check_options(method: str, sparsity: float | None = None, pattern: str = "unstructured",
-                  profile: str = "uniform", scope: str | None = None) -> tuple[NMPattern | None, float, str | None]:
-    """(N:M pattern or None, sparsity, scope) of valid options; ValueError naming the bad one otherwise."""
-    if method not in METHODS:
-        raise UserValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
-    if profile not in PROFILES:
-        raise UserValueError(f"unknown profile {profile!r}; choose one of {list(PROFILES)}")
-    nm = parse_pattern(pattern)
-    if nm is not None:
-        if sparsity is not None and abs(sparsity - nm.sparsity) > 1e-9:
-            raise UserValueError(f"pattern {nm} means sparsity {nm.sparsity}, got sparsity={sparsity}")
-        if profile != "uniform":
-            raise UserValueError(f"profile {profile!r} varies sparsity per block, which pattern {nm} fixes; "
-                             "use profile='uniform'")
-        sparsity = nm.sparsity
-    sparsity = 0.5 if sparsity is None else sparsity
-    if not 0.0 <= sparsity < 1.0:
-        raise UserValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    if scope is not None and (method == "sparsegpt" or scope not in SCOPES):
-        allowed = "none (SparseGPT chooses per column block)" if method == "sparsegpt" else list(SCOPES)
-        raise UserValueError(f"scope {scope!r} does not apply to method {method!r}; allowed: {allowed}")
-    return nm, sparsity, scope or DEFAULT_SCOPE[method]
 
 
 def _selected(name: str, block: nn.Module, in_blocks: set[str]) -> dict[str, nn.Module]:
