@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +94,7 @@ class OBert(Criterion):
         w[touched] -= torch.bmm(inverse, x.unsqueeze(2)).squeeze(2)
         new = self._unblock(w, weight).to(weight.dtype)
         weight.copy_(torch.where(mask, new, weight))  # pruned entries keep their (masked) values
+        _LAST[0] = None  # the layer is done: free its inverse
 
     # -- internals -------------------------------------------------------------------------------------------
     def _blocks(self, t: Tensor) -> Tensor:
@@ -112,9 +114,10 @@ class OBert(Criterion):
     def _inverse(self, fisher: Tensor, kept: Tensor) -> Tensor:
         """float32 ``(F_SS + lambda I)^-1`` per block, with pruned and padded entries decoupled (``1 / lambda``).
         The last one is kept: a mask update scores a layer, then updates it from the same inverse."""
-        key = (fisher.data_ptr(), fisher._version, fisher.shape, self.damp)
-        if _LAST[0] is not None and _LAST[0][0] == key and torch.equal(_LAST[0][1], kept):
-            return _LAST[0][2]
+        key = (fisher._version, self.damp)
+        last = _LAST[0]
+        if last is not None and last[0]() is fisher and last[1] == key and torch.equal(last[2], kept):
+            return last[3]
         _LAST[0] = None  # free the previous layer's before the next one is made
         h = fisher * (kept.unsqueeze(2) & kept.unsqueeze(1))
         diag = h.diagonal(dim1=1, dim2=2)
@@ -124,11 +127,11 @@ class OBert(Criterion):
         if bool(info.any()):
             raise UserValueError(f"obert: a block's Fisher is singular with damp={self.damp}; use damp > 0")
         inverse = torch.cholesky_inverse(factor)
-        _LAST[0] = (key, kept.clone(), inverse)
+        _LAST[0] = (weakref.ref(fisher), key, kept.clone(), inverse)
         return inverse
 
 
-_LAST: list = [None]  # (key, kept, inverse) of the last _inverse call
+_LAST: list = [None]  # (the Fisher (weakly), (its version, damp), kept, inverse) of the last _inverse call
 
 
 CRITERION = OBert()
