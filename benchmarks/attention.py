@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from prune.bench.output import RunFiles
+from sparse_ops.bench.output import RunFiles
 from sparse_ops.kernels import cpp, ours_cpu
 from sparse_ops.timing import environment, time_interleaved
 

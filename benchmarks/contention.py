@@ -48,7 +48,7 @@ import scipy.sparse
 import torch
 import torch.nn.functional as F
 
-from prune.bench.output import write_json
+from sparse_ops.bench.output import write_json
 from sparse_ops.busy import Watch
 from sparse_ops.formats import CSR
 from sparse_ops.kernels import cpp, ours_cpu

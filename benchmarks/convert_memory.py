@@ -138,7 +138,7 @@ def run(total_bytes: int, largest_bytes: int, sparsity: float, formats: list[str
 
 
 def write_results(rows: list[MemoryRow], out: Path, args: dict[str, object]) -> None:
-    from prune.bench.output import write_json
+    from sparse_ops.bench.output import write_json
     from sparse_ops.timing import environment
 
     out.mkdir(parents=True, exist_ok=True)

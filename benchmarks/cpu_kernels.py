@@ -1,7 +1,7 @@
 """Our C++ CPU kernels against dense ``F.linear``, torch CSR (int32 / int64), scipy and the memory-bound limit.
 
 For each shape, sparsity and batch (tokens) one weight is built that is 2:4 *and* exactly that sparse
-(``prune.bench.matmul.two_four_weight``), so every candidate multiplies the same matrix. Candidates, interleaved
+(``sparse_ops.bench.matmul.two_four_weight``), so every candidate multiplies the same matrix. Candidates, interleaved
 in one ``time_interleaved`` run per point (fp32 unless named):
   dense            F.linear(x, W)                          the baseline (and dense_bf16 for bf16 rows)
   torch_csr_i64    W.to_sparse_csr() + torch.sparse.mm     torch's CSR as a user calls it naively
@@ -28,7 +28,7 @@ import scipy.sparse
 import torch
 import torch.nn.functional as F
 
-from prune.bench.matmul import two_four_weight
+from sparse_ops.bench.matmul import two_four_weight
 from sparse_ops.formats import csr_nbytes, two_four_nbytes
 from sparse_ops.kernels import cpp
 from sparse_ops.linear import SparseLinear

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from prune.bench.output import RunFiles, table
-from prune.bench.plots import plot_speedup
+from sparse_ops.bench.output import RunFiles, table
+from sparse_ops.bench.plots import plot_speedup
 from sparse_ops.formats import CSR
 from sparse_ops.fused import SparseFFN, SparseGatedFFN
 from sparse_ops.linear import SparseLinear

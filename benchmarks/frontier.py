@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from benchmarks import quality
 from benchmarks.int8_e2e import loaded, ort_int8
-from prune.bench.frontier import Panel, Variant, fastest_at, pareto, plot_frontier
+from sparse_ops.bench.frontier import Panel, Variant, fastest_at, pareto, plot_frontier
 
 OUT = Path("benchmarks/results/frontier")
 DECODER = Path("benchmarks/results/llm_decode/avx2/smollm2/results.json")

@@ -63,8 +63,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from benchmarks.gguf_llama import quantize, write_gguf
 from benchmarks.llm_eager import Decode
 from benchmarks.pretrained_lm import GGUF, cache_dir, smollm2_folder, texts
-from prune.bench.output import write_json
 from sparse_ops import convert_checkpoint, from_pretrained
+from sparse_ops.bench.output import write_json
 from sparse_ops.decode import Decoder
 from sparse_ops.kernels import cpp
 from sparse_ops.timing import environment, time_interleaved

@@ -78,9 +78,9 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from prune import Pruner
-from prune.bench.output import table, write_json
 from sparse_ops import convert_checkpoint, from_pretrained
 from sparse_ops.attention import use_fast_attention
+from sparse_ops.bench.output import table, write_json
 from sparse_ops.kernels import cpp
 from sparse_ops.linear import SparseLinear
 from sparse_ops.plan import PlanCache, plan_rows

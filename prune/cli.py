@@ -199,13 +199,13 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def add_bench(p: argparse.ArgumentParser) -> None:
-    from prune.bench.command import add_arguments  # light: torch and the engines load when a bench runs
+    from sparse_ops.bench.command import add_arguments  # light: torch and the engines load when a bench runs
 
     add_arguments(p)
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from prune.bench.command import run
+    from sparse_ops.bench.command import run
 
     return run(args)
 

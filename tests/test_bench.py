@@ -18,20 +18,20 @@ import numpy as np
 import pytest
 import torch
 
-from prune.bench import plots
-from prune.bench.checkpoint import LAYER_COLUMNS, LayerRow
-from prune.bench.command import families_config, matmul_plan
-from prune.bench.matmul import MATMUL_COLUMNS
-from prune.bench.output import RunFiles
 from prune.cli import build_parser, main
 from sparse_ops import timing
+from sparse_ops.bench import plots
+from sparse_ops.bench.checkpoint import LAYER_COLUMNS, LayerRow
+from sparse_ops.bench.command import families_config, matmul_plan
+from sparse_ops.bench.matmul import MATMUL_COLUMNS
+from sparse_ops.bench.output import RunFiles
 from sparse_ops.checkpoint import convert_checkpoint
 from sparse_ops.kernels import cpp
 from sparse_ops.timing import Deadline, _quantile, summarize, time_interleaved
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH_MODULES = ["sparse_ops.timing", "prune.bench.shapes", "prune.bench.matmul", "prune.bench.checkpoint",
-                 "prune.bench.output", "prune.bench.plots", "prune.bench.command"]
+BENCH_MODULES = ["sparse_ops.timing", "sparse_ops.bench.shapes", "sparse_ops.bench.matmul", "sparse_ops.bench.checkpoint",
+                 "sparse_ops.bench.output", "sparse_ops.bench.plots", "sparse_ops.bench.command"]
 
 
 # --- the timer, on a fake clock ---
@@ -251,7 +251,7 @@ def test_checkpoint_per_layer_and_whole_model(tmp_path, capsys):
 
 
 def test_checkpoint_dense_file_gives_the_same_layers(tmp_path):
-    from prune.bench.checkpoint import sweep_checkpoint
+    from sparse_ops.bench.checkpoint import sweep_checkpoint
 
     dense, sparse, _ = make_checkpoint(tmp_path)
     seen = []
@@ -265,7 +265,7 @@ def test_checkpoint_dense_file_gives_the_same_layers(tmp_path):
 def test_checkpoint_twin_layers_are_measured_once(tmp_path, monkeypatch):
     """The same projection in two blocks (shape, storage, sparsity to 1%) is timed once; the second layer's rows
     name the first in ``measured_as``; a layer of another sparsity is timed itself."""
-    from prune.bench import checkpoint as bench_checkpoint
+    from sparse_ops.bench import checkpoint as bench_checkpoint
 
     g = torch.Generator().manual_seed(0)
 
@@ -369,7 +369,7 @@ def test_matmul_status_counts_the_real_total(tmp_path, monkeypatch, points, stat
 
 
 def test_count_linear_reads_headers_like_the_sweep(tmp_path):
-    from prune.bench.checkpoint import count_linear
+    from sparse_ops.bench.checkpoint import count_linear
 
     dense, sparse, _ = make_checkpoint(tmp_path)
     for path in (dense, sparse):
@@ -410,7 +410,7 @@ def fake_layer(i, shape, sparsity, dense_s, auto_s, batch=1):
 
 
 def test_speedup_bars_stay_readable_for_a_hundred_layers(tmp_path):
-    from prune.bench.checkpoint import MAX_BARS, speedup_bars
+    from sparse_ops.bench.checkpoint import MAX_BARS, speedup_bars
 
     shapes = [(768, 768), (3072, 768), (768, 3072), (768, 2304)]  # a uniformly pruned 24-block encoder: 96 layers
     rows = [r for i in range(96) for r in fake_layer(i, shapes[i % 4], 0.9, 2.0, 1.0 + (i % 4 == 3) * 3.0)]
@@ -557,8 +557,8 @@ def test_ffn_benchmark_writes_consistent_rows(tmp_path, capsys):
 
 
 def test_the_bench_format_choices_are_the_registry_and_dense_and_auto():
-    from prune.bench.command import FORMAT_CHOICES
-    from prune.bench.matmul import FORMATS as BENCH_FORMATS
+    from sparse_ops.bench.command import FORMAT_CHOICES
+    from sparse_ops.bench.matmul import FORMATS as BENCH_FORMATS
     from sparse_ops.checkpoint import CONVERT_FORMATS
     from sparse_ops.registry import FORMATS, QUANTIZED
 

@@ -3,7 +3,7 @@ benchmarks/frontier.py's head removal (equal to zeroing the removed heads' conte
 import pytest
 import torch
 
-from prune.bench.frontier import Panel, Variant, dominates, fastest_at, pareto, plot_frontier
+from sparse_ops.bench.frontier import Panel, Variant, dominates, fastest_at, pareto, plot_frontier
 
 V = [Variant("a", 1.0, 0.50), Variant("b", 2.0, 0.90), Variant("c", 2.0, 0.80), Variant("d", 3.0, 0.90),
      Variant("e", 4.0, 0.99), Variant("f", 0.5, 0.10)]

@@ -2,7 +2,7 @@
 
 CSR runs on MKL through torch with int32 indices: ``torch.mv`` at N == 1 (about 2x faster than ``torch.sparse.mm``
 on a 4096x4096 weight at 90% sparsity here), else ``torch.sparse.mm(W, x^T)^T``, several times faster than
-``F.linear(x, W_csr)`` at N >= 8 (see prune/bench/matmul.py). MKL has no fp16/bf16 CSR, so those weights are
+``F.linear(x, W_csr)`` at N >= 8 (see sparse_ops/bench/matmul.py). MKL has no fp16/bf16 CSR, so those weights are
 upcast to fp32 once at prepare and outputs cast back.
 
 No CPU kernel exploits 2:4 itself; a 2:4 weight runs as whatever is fastest: dense ``F.linear`` on the
@@ -21,7 +21,7 @@ from sparse_ops.formats import CSR, TwoFour
 
 log = logging.getLogger(__name__)
 
-# Below about 80% sparsity torch's CPU CSR loses to dense F.linear (BENCHMARKING.md, prune/bench/matmul.py).
+# Below about 80% sparsity torch's CPU CSR loses to dense F.linear (BENCHMARKING.md, sparse_ops/bench/matmul.py).
 CSR_BEATS_DENSE_SPARSITY = 0.8
 
 

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from prune.bench.shapes import BATCHES, SHAPE_SETS, SPARSITIES
+from sparse_ops.bench.shapes import BATCHES, SHAPE_SETS, SPARSITIES
 from sparse_ops.errors import MissingPathError, UnavailableError, UserValueError
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 # "dense", every sparse_ops.formats.FORMATS name, each int8 one with int8 inputs (+in8), and "auto" (the layer
 # sparsify() builds by default). Written out so that `prune --help` does not import torch; tests/test_bench.py
-# checks it against prune.bench.matmul.FORMATS.
+# checks it against sparse_ops.bench.matmul.FORMATS.
 FORMAT_CHOICES = ("dense", "csr", "2:4", "dense-int8", "csr-int8", "bitmap-int8", "dense-int8+in8", "csr-int8+in8",
                   "bitmap-int8+in8", "auto")
 DTYPE_CHOICES = ("fp32", "bf16", "fp16")
@@ -210,7 +210,7 @@ def _warn_busy(load: Load) -> None:
 def _files(args: argparse.Namespace, stem: str, columns: Sequence[str], header: dict[str, object]):
     from contextlib import nullcontext
 
-    from prune.bench.output import RunFiles
+    from sparse_ops.bench.output import RunFiles
 
     return RunFiles(args.out, stem, columns, header) if args.out is not None else nullcontext()
 
@@ -234,8 +234,8 @@ def add_matmul(p: argparse.ArgumentParser) -> None:
 
 def matmul_plan(args: argparse.Namespace):
     """The validated ``MatmulPlan`` of the arguments (ValueError naming a bad value)."""
-    from prune.bench.matmul import MatmulPlan
-    from prune.bench.shapes import shapes
+    from sparse_ops.bench.matmul import MatmulPlan
+    from sparse_ops.bench.shapes import shapes
 
     _check_common(args)
     formats = parse_choices(args.formats, "--formats", FORMAT_CHOICES)
@@ -250,8 +250,8 @@ def matmul_plan(args: argparse.Namespace):
 
 def matmul_table(rows: list) -> str:
     """One line per point: dense ms, then each candidate's speedup ('!' marks an output off the reference)."""
-    from prune.bench.matmul import DTYPES, TOLERANCE
-    from prune.bench.output import table
+    from sparse_ops.bench.matmul import DTYPES, TOLERANCE
+    from sparse_ops.bench.output import table
 
     cands = list(dict.fromkeys(r.candidate for r in rows if r.candidate != "dense"))
     points: dict[tuple, dict] = {}
@@ -272,8 +272,8 @@ def matmul_table(rows: list) -> str:
 def run_matmul(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from prune.bench.matmul import MATMUL_COLUMNS, sweep
-    from prune.bench.plots import plot_speedup
+    from sparse_ops.bench.matmul import MATMUL_COLUMNS, sweep
+    from sparse_ops.bench.plots import plot_speedup
     from sparse_ops.timing import Deadline
 
     plan = matmul_plan(args)
@@ -337,7 +337,7 @@ def families_config(args: argparse.Namespace):
     """The validated ``FamiliesConfig``: token counts above seq_len must be multiples of it (whole sequences)."""
     import dataclasses
 
-    from prune.bench.families import QUICK, FamiliesConfig
+    from sparse_ops.bench.families import QUICK, FamiliesConfig
 
     _check_common(args)
     cfg = QUICK if args.quick else FamiliesConfig()
@@ -352,7 +352,7 @@ def families_config(args: argparse.Namespace):
 
 
 def families_table(rows: list[dict[str, object]]) -> str:
-    from prune.bench.output import table
+    from sparse_ops.bench.output import table
 
     return table(["tokens", "candidate", "active params", "median ms", "p10-p90 ms", "speedup", "vs"],
                  [[str(r["batch"]), r["name"], f"{r['active_params']:,}", f"{r['median_ms']:.3f}",
@@ -362,7 +362,7 @@ def families_table(rows: list[dict[str, object]]) -> str:
 def run_families(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from prune.bench.families import FAMILIES_COLUMNS, UNITS, plot, sweep
+    from sparse_ops.bench.families import FAMILIES_COLUMNS, UNITS, plot, sweep
     from sparse_ops.timing import Deadline
 
     cfg = families_config(args)
@@ -397,7 +397,7 @@ def add_checkpoint(p: argparse.ArgumentParser) -> None:
 def checkpoint_table(rows: list, summary: list[dict[str, object]]) -> str:
     """One line per (layer, tokens): sparsity, dense ms, csr and 2:4 speedups, auto's choice; then the totals,
     labelled with how many of the checkpoint's linear layers they cover."""
-    from prune.bench.output import table
+    from sparse_ops.bench.output import table
 
     by: dict[tuple[str, int], dict] = {}
     for r in rows:
@@ -432,7 +432,7 @@ def _tokens_title(n: int) -> str:
 
 
 def run_checkpoint(args: argparse.Namespace) -> int:
-    from prune.bench.checkpoint import LAYER_COLUMNS, count_linear, coverage, whole_model
+    from sparse_ops.bench.checkpoint import LAYER_COLUMNS, count_linear, coverage, whole_model
 
     _check_common(args)
     if not Path(args.file).exists():
@@ -474,7 +474,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
 
 def _checkpoint_points(args: argparse.Namespace, batches: tuple[int, ...], dtype: str | None,
                        skipped: dict[str, str]) -> Iterator[list]:
-    from prune.bench.checkpoint import sweep_checkpoint
+    from sparse_ops.bench.checkpoint import sweep_checkpoint
     from sparse_ops.timing import Deadline
 
     return sweep_checkpoint(args.file, batches, dtype=dtype, device=args.device, repeats=args.repeats,
@@ -485,8 +485,8 @@ def _checkpoint_points(args: argparse.Namespace, batches: tuple[int, ...], dtype
 def _plot_checkpoint(rows: list, summary: list[dict[str, object]], path: Path, what: str,
                      env: dict[str, object]) -> None:
     """Per token count: the whole-model bar, then each layer's (or group of alike layers') speedup."""
-    from prune.bench.checkpoint import speedup_bars, whole_model_bar
-    from prune.bench.plots import plot_bars
+    from sparse_ops.bench.checkpoint import speedup_bars, whole_model_bar
+    from sparse_ops.bench.plots import plot_bars
 
     panels = {_tokens_title(s["batch"]): [whole_model_bar(s), *speedup_bars(rows, s["batch"])]
               for s in summary}

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from prune.bench.shapes import LinearShape
+from sparse_ops.bench.shapes import LinearShape
 from sparse_ops.checkpoint import choose_storage
 from sparse_ops.errors import UnsupportedError
 from sparse_ops.linear import SparseLinear

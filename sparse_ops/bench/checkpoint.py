@@ -40,8 +40,8 @@ from dataclasses import dataclass
 
 import torch
 
-from prune.bench.matmul import DTYPES, Measured, measure_weight, timed_columns
-from prune.bench.plots import SpeedupBar
+from sparse_ops.bench.matmul import DTYPES, Measured, measure_weight, timed_columns
+from sparse_ops.bench.plots import SpeedupBar
 from sparse_ops.checkpoint import EMBEDDING, Entry, iter_tensors, read_entries
 from sparse_ops.linear import candidate_formats
 from sparse_ops.registry import FORMATS, LOSSLESS, QUANTIZED
