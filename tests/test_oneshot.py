@@ -171,7 +171,15 @@ def test_cli_oneshot_and_eval(tmp_path):
         assert done.returncode == 0 and done.stdout.startswith("perplexity "), done.stderr
 
 
-def test_cli_bad_inputs_one_line_and_nothing_written(tmp_path):
+def test_cli_bad_inputs_one_line_and_nothing_written(tmp_path, capsys):
+    """In process (``prune.cli.main``): each case would cost a fresh interpreter's imports otherwise;
+    ``test_cli_oneshot_and_eval`` checks the same one-line contract through ``python -m prune``."""
+    from prune.cli import main
+
+    def cli(*args):
+        code = main([str(a) for a in args])
+        return code, capsys.readouterr().err
+
     tiny_llama(vocab=VOCAB).save_pretrained(tmp_path / "dense")
     word_tokenizer().save_pretrained(tmp_path / "dense")
     (tmp_path / "empty.txt").write_text("")
@@ -197,9 +205,10 @@ def test_cli_bad_inputs_one_line_and_nothing_written(tmp_path):
     cases["longer than the 2048 positions"] = (tmp_path / "dense", "long.txt", ["--seq-len", "4096", "--samples", "1"])
     (tmp_path / "long.txt").write_text(" ".join(words(0, 200) for _ in range(25)))
     before = sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()  # what setting up the folders printed
     for expect, (folder, calib, extra) in cases.items():
-        done = _run_cli("oneshot", folder, "-o", out, "--calibration", tmp_path / calib, *extra)
-        assert done.returncode == 2 and done.stderr.count("\n") == 1 and expect in done.stderr, (expect, done.stderr)
+        code, err = cli("oneshot", folder, "-o", out, "--calibration", tmp_path / calib, *extra)
+        assert code == 2 and err.count("\n") == 1 and expect in err, (expect, err)
         assert sorted(p.name for p in tmp_path.iterdir()) == before
     evals = {  # prune eval: model folder, text, extra arguments -> the one line
         "no such model folder": (tmp_path / "missing", "calib.txt", []),
@@ -207,8 +216,8 @@ def test_cli_bad_inputs_one_line_and_nothing_written(tmp_path):
         "longer than the 2048 positions": (tmp_path / "dense", "calib.txt", ["--seq-len", "4096"]),
     }
     for expect, (folder, text, extra) in evals.items():
-        done = _run_cli("eval", folder, "--text", tmp_path / text, *extra)
-        assert done.returncode == 2 and done.stderr.count("\n") == 1 and expect in done.stderr, (expect, done.stderr)
+        code, err = cli("eval", folder, "--text", tmp_path / text, *extra)
+        assert code == 2 and err.count("\n") == 1 and expect in err, (expect, err)
 
 
 def test_calibration_that_cannot_fit_in_memory_is_refused_before_work(monkeypatch):

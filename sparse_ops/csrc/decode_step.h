@@ -31,7 +31,7 @@ struct Decoder {
   int act;
   const float *cos, *sin, *embed, *final_norm;
   float *kc, *vc;
-  int64_t single_gemv, single_batch, single_attention;  // below this work one thread (cpu_native's thresholds)
+  int64_t single_gemv, single_batch, single_attention;  // below this work one thread (ours_cpu.py's thresholds)
   struct Layer {
     LinearRef lin[D_SLOTS];
     const float *attn_norm = nullptr, *mlp_norm = nullptr;
