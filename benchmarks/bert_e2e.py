@@ -52,7 +52,8 @@ from sparse_ops.attention import use_fast_attention
 from sparse_ops.formats import CSR
 from sparse_ops.kernels import cpp
 from sparse_ops.loading import sparsify
-from sparse_ops.plan import PlanCache, plan_rows
+from sparse_ops.plan import plan_rows
+from sparse_ops.plan_cache import PlanCache
 from sparse_ops.timing import environment, time_interleaved
 
 SIZES = {"small": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),

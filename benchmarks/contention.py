@@ -134,7 +134,7 @@ def other_kernels(shape: str, n: int, gen: torch.Generator) -> list[tuple[dict, 
 def minilm_candidates(tmp: Path) -> dict[str, Callable[[], object]]:
     from benchmarks.int8_e2e import loaded, pruned
     from benchmarks.quality import encoder_and_data
-    from sparse_ops.plan import PlanCache
+    from sparse_ops.plan_cache import PlanCache
 
     dense = encoder_and_data(False)[0].eval()
     sparse = loaded(pruned(dense, 0.9), tmp, "minilm90", None, (128,), PlanCache(tmp / "plans.json"))

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from sparse_ops.bench.output import RunFiles, table
 from sparse_ops.bench.plots import plot_speedup
 from sparse_ops.formats import CSR
-from sparse_ops.fused import SparseFFN, SparseGatedFFN
+from sparse_ops.fusion.modules import SparseFFN, SparseGatedFFN
 from sparse_ops.linear import SparseLinear
 from sparse_ops.timing import environment, time_interleaved
 

@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     from benchmarks.pretrained_lm import cache_dir
     from sparse_ops.kernels import cpp
-    from sparse_ops.plan import PlanCache
+    from sparse_ops.plan_cache import PlanCache
     from sparse_ops.timing import environment, time_interleaved
 
     if a.quick:

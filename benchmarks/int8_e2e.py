@@ -37,10 +37,11 @@ import torch.nn.functional as F
 
 from benchmarks.quality import embed, encoder_and_data, encoder_linears, held_out_cosine
 from prune import Pruner
-from sparse_ops.checkpoint import convert_checkpoint
+from sparse_ops.checkpoint.convert import convert_checkpoint
 from sparse_ops.kernels import cpp
 from sparse_ops.loading import sparsify
-from sparse_ops.plan import PlanCache, plan_rows
+from sparse_ops.plan import plan_rows
+from sparse_ops.plan_cache import PlanCache
 from sparse_ops.timing import environment, time_interleaved
 
 SEQ = 128

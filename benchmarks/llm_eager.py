@@ -83,7 +83,8 @@ from sparse_ops.attention import use_fast_attention
 from sparse_ops.bench.output import table, write_json
 from sparse_ops.kernels import cpp
 from sparse_ops.linear import SparseLinear
-from sparse_ops.plan import PlanCache, plan_rows
+from sparse_ops.plan import plan_rows
+from sparse_ops.plan_cache import PlanCache
 from sparse_ops.quantized import quantize_rows
 from sparse_ops.timing import Timing, environment, time_interleaved
 

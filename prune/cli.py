@@ -69,7 +69,7 @@ def add_convert(p: argparse.ArgumentParser) -> None:
 def run_convert(args: argparse.Namespace) -> int:
     import warnings
 
-    from sparse_ops.checkpoint import convert_checkpoint
+    from sparse_ops.checkpoint.convert import convert_checkpoint
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -96,7 +96,7 @@ def add_inspect(p: argparse.ArgumentParser) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from sparse_ops.checkpoint import inspect_checkpoint
+    from sparse_ops.checkpoint.inspect import inspect_checkpoint
 
     infos = list(inspect_checkpoint(args.file))  # metadata only; the name column fits the longest name
     width = max([len("name"), *(len(t.name) for t in infos)])
@@ -115,27 +115,39 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def add_oneshot(p: argparse.ArgumentParser) -> None:
+    import dataclasses
+
+    from prune.one_shot.config import OneShotConfig  # light: no torch; the one place the defaults are
+
+    defaults = {f.name: f.default for f in dataclasses.fields(OneShotConfig)}
+
+    def setting(name: str, help: str, **kwargs: object) -> None:
+        """A flag named as its OneShotConfig field; left unset unless given (the recipe's or the default then)."""
+        shown = help if "default:" in help else f"{help} (default: {defaults[name]})"
+        p.add_argument(f"--{name.replace('_', '-')}", default=argparse.SUPPRESS, help=shown, **kwargs)
+
     p.add_argument("model", help="a Hugging Face model folder (config, weights, tokenizer)")
     p.add_argument("-o", "--output", required=True, help="the pruned model folder to write (must not exist)")
-    p.add_argument("--method", default="sparsegpt", help="sparsegpt, wanda or magnitude (default: sparsegpt)")
-    p.add_argument("--sparsity", type=float, default=None, help="per layer (default: 0.5, or 1-N/M for N:M)")
-    p.add_argument("--pattern", default="unstructured", help="unstructured or N:M, e.g. 2:4 (default: unstructured)")
     p.add_argument("--calibration", required=True, help="a .txt (one stream of text) or .jsonl (a text per line)")
-    p.add_argument("--samples", type=int, default=128, help="calibration windows (default: 128)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default: 512)")
-    p.add_argument("--profile", default="uniform", help="uniform or owl (per-block sparsity from outliers)")
-    p.add_argument("--include", action="append", default=None, help="module name pattern to prune (repeatable)")
-    p.add_argument("--exclude", action="append", default=[], help="module name pattern to keep dense (repeatable)")
-    p.add_argument("--damp", type=float, default=0.01,
-                   help="SparseGPT's dampening, a fraction of the Hessian's mean diagonal (default: 0.01)")
-    p.add_argument("--sequential", action="store_true",
-                   help="within a block, prune q/k/v, then o, then gate/up, then down, each from the inputs the "
-                        "pruned earlier ones give (default: all from one pass over the dense block)")
+    p.add_argument("--recipe", default=None,
+                   help="a recipe file (.yaml, .yml, .toml) whose 'oneshot' table holds the settings (OneShotConfig's "
+                        "fields by name); the flags below override it")
+    setting("method", "sparsegpt, wanda or magnitude")
+    setting("sparsity", "per layer (default: 0.5, or 1-N/M for N:M)", type=float)
+    setting("pattern", "unstructured or N:M, e.g. 2:4")
+    setting("samples", "calibration windows", type=int)
+    setting("seq_len", "tokens per calibration window", type=int)
+    setting("profile", "uniform or owl (per-block sparsity from outliers)")
+    setting("include", "module name pattern to prune (repeatable; default: every linear)", action="append")
+    setting("exclude", "module name pattern to keep dense (repeatable; default: none)", action="append")
+    setting("damp", "SparseGPT's dampening, a fraction of the Hessian's mean diagonal", type=float)
+    setting("sequential", "within a block, prune q/k/v, then o, then gate/up, then down, each from the inputs the "
+            "pruned earlier ones give (default: all from one pass over the dense block)", action="store_true")
     p.add_argument("--device", default=None, help="where blocks compute, e.g. cuda (default: the model's device)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default: 0)")
-    p.add_argument("--bits", type=int, choices=[8], default=None,
-                   help="8: leave the pruned weights on int8 grids (SparseGPT quantizes jointly, compensating each "
-                        "rounding; wanda and magnitude quantize after) and write the int8 checkpoint")
+    setting("seed", "seed of the calibration windows", type=int)
+    setting("bits", "8: leave the pruned weights on int8 grids (SparseGPT quantizes jointly, compensating each "
+            "rounding; wanda and magnitude quantize after) and write the int8 checkpoint (default: none)",
+            type=int, choices=[8])
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder once done")
 
 
@@ -144,11 +156,15 @@ def run_oneshot(args: argparse.Namespace) -> int:
 
     from prune.one_shot.config import OneShotConfig
     from prune.one_shot.folder import oneshot_folder
+    from prune.recipe import load_recipe
+    from sparse_ops.errors import UserValueError
 
-    config = OneShotConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(OneShotConfig)
-                              if hasattr(args, f.name)})  # each flag named as its field
+    config = OneShotConfig() if args.recipe is None else load_recipe(args.recipe).oneshot
+    if config is None:
+        raise UserValueError(f"recipe {args.recipe} has no 'oneshot' table of one-shot settings")
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(OneShotConfig) if hasattr(args, f.name)}
     report = oneshot_folder(args.model, args.output, args.calibration, config, overwrite=args.overwrite,
-                            device=args.device)
+                            device=args.device, **given)
     print(report)
     print(f"written to {args.output}")
     return 0

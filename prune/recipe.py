@@ -1,8 +1,9 @@
 """Recipes: a pruning run's settings as data, read from and written to YAML or TOML files.
 
-A recipe holds the settings of a :class:`~prune.Pruner` (all but the model and ``process_group``):
+A recipe holds the settings of a :class:`~prune.Pruner` (all but the model and ``process_group``), of a
+one-shot run, or both:
 
-- ``schedule`` (required): a table with ``kind``, a name in :data:`prune.schedules.SCHEDULES`, and that
+- ``schedule`` (required unless ``oneshot`` is given): a table with ``kind``, a name in :data:`prune.schedules.SCHEDULES`, and that
   schedule's arguments (``final`` required; ``initial``, ``begin_step``, ``end_step``, ``every`` where the
   kind takes them);
 - ``criterion``: a name in :data:`prune.criteria.CRITERIA`; ``pattern``: ``"unstructured"`` or ``"N:M"``;
@@ -11,7 +12,11 @@ A recipe holds the settings of a :class:`~prune.Pruner` (all but the model and `
   ``include``, ``exclude``: module name patterns (``prune.targets``), a string or a list;
 - ``distill`` (optional): a table of :class:`~prune.Distiller` settings, the teacher's losses to train with
   (``temperature``, ``logits_weight``, ``hidden``: a table of student to teacher module names or a list of
-  names, ``hidden_loss``, ``hidden_weight``, ``task_weight``; ``Distiller.from_recipe``).
+  names, ``hidden_loss``, ``hidden_weight``, ``task_weight``; ``Distiller.from_recipe``);
+- ``oneshot`` (optional): a table of one-shot settings, the fields of
+  :class:`~prune.one_shot.config.OneShotConfig` by name (``method``, ``sparsity``, ``pattern``, ``samples`` ...;
+  :func:`oneshot_config`), which ``prune.oneshot(model, calibration, recipe.oneshot)`` and
+  ``prune oneshot --recipe FILE`` take.
 
 Unknown keys, unknown names and bad values raise ``ValueError`` naming the key, the value and what is allowed.
 Files are read with ``yaml.safe_load`` (PyYAML; duplicate keys refused) or ``tomllib``; a recipe compares
@@ -24,6 +29,8 @@ Example:
     CubicRamp(initial=0.0, final=0.9, begin_step=10, end_step=100, every=10)
     >>> Recipe.from_dict(recipe.to_dict()) == recipe
     True
+    >>> Recipe.from_dict({"oneshot": {"method": "wanda", "pattern": "2:4"}}).oneshot.resolved()
+    (NMPattern(n=2, m=4), 0.5, 'row')
     >>> Recipe.from_dict({"schedule": {"kind": "Cubic2", "final": 0.5}})
     Traceback (most recent call last):
     ...
@@ -45,6 +52,7 @@ from torch import nn
 from prune import criteria as _criteria
 from prune import distill_settings as _distill_mod
 from prune import masks as _masks
+from prune.one_shot.config import OneShotConfig
 from prune.schedules import SCHEDULES, Schedule
 from prune.targets import INPUT_DIM
 from sparse_ops.errors import UserValueError
@@ -108,7 +116,7 @@ class Recipe:
     Example: see the module docstring.
     """
 
-    schedule: Schedule
+    schedule: Schedule | None = None
     criterion: str = "magnitude"
     pattern: str = "unstructured"
     scope: str = "layer"
@@ -117,9 +125,12 @@ class Recipe:
     exclude: tuple[str, ...] = ()
     max_layer_sparsity: float | None = None
     distill: dict[str, object] | None = None
+    oneshot: OneShotConfig | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.schedule, Schedule):
+        if self.schedule is None and self.oneshot is None:
+            raise UserValueError(_MISSING_SCHEDULE)
+        if self.schedule is not None and not isinstance(self.schedule, Schedule):
             raise UserValueError(f"recipe key 'schedule': expected a prune.schedules.Schedule, "
                              f"got {self.schedule!r}")
         _check_choice("criterion", self.criterion, sorted(_criteria.CRITERIA))
@@ -147,6 +158,8 @@ class Recipe:
             raise UserValueError(f"recipe keys 'scope', 'pattern', 'max_layer_sparsity': {e}") from None
         if self.distill is not None:
             object.__setattr__(self, "distill", _distill(self.distill))
+        if self.oneshot is not None:
+            object.__setattr__(self, "oneshot", oneshot_config(self.oneshot))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> Recipe:
@@ -157,20 +170,26 @@ class Recipe:
         unknown = [k for k in data if k not in allowed]
         if unknown:
             raise UserValueError(f"unknown recipe key {unknown[0]!r}; allowed keys: {allowed}")
-        if "schedule" not in data:
-            raise UserValueError(f"recipe key 'schedule' is missing: a table with 'kind' (one of "
-                             f"{sorted(SCHEDULES)}) and the schedule's arguments")
-        return cls(**{**data, "schedule": _schedule(data["schedule"])})  # type: ignore[arg-type]
+        if data.get("schedule") is None and data.get("oneshot") is None:  # None: as to_dict writes it
+            raise UserValueError(_MISSING_SCHEDULE)
+        schedule = None if data.get("schedule") is None else _schedule(data["schedule"])
+        return cls(**{**data, "schedule": schedule})  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, object]:
         """Plain data (lists, numbers, strings, None), the inverse of :meth:`from_dict`."""
-        return {"criterion": self.criterion, "schedule": self.schedule.to_dict(), "pattern": self.pattern,
+        return {"criterion": self.criterion, "schedule": None if self.schedule is None else self.schedule.to_dict(),
+                "pattern": self.pattern,
                 "scope": self.scope, "types": _list(self.types), "include": _list(self.include),
                 "exclude": list(self.exclude), "max_layer_sparsity": self.max_layer_sparsity,
-                "distill": None if self.distill is None else {**self.distill, "hidden": dict(self.distill["hidden"])}}
+                "distill": None if self.distill is None else {**self.distill, "hidden": dict(self.distill["hidden"])},
+                "oneshot": None if self.oneshot is None else oneshot_table(self.oneshot)}
 
     def pruner_kwargs(self) -> dict[str, object]:
-        """The keyword arguments of ``Pruner(model, **kwargs)`` (``types`` as classes)."""
+        """The keyword arguments of ``Pruner(model, **kwargs)`` (``types`` as classes); UserValueError for a
+        recipe without a ``schedule`` (one-shot settings only)."""
+        if self.schedule is None:
+            raise UserValueError("this recipe has no 'schedule', only one-shot settings ('oneshot'); a Pruner "
+                                 "needs a schedule table")
         types = None if self.types is None else tuple(_module_type(n) for n in self.types)
         return {"sparsity": self.schedule, "criterion": self.criterion, "pattern": self.pattern,
                 "scope": self.scope, "types": types, "include": _list(self.include),
@@ -190,6 +209,50 @@ class Recipe:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+_MISSING_SCHEDULE = (f"recipe key 'schedule' is missing: a table with 'kind' (one of {sorted(SCHEDULES)}) and the "
+                     "schedule's arguments (or give a 'oneshot' table for one-shot settings only)")
+
+
+def oneshot_config(spec: object) -> OneShotConfig:
+    """A recipe's ``oneshot`` table as a :class:`~prune.one_shot.config.OneShotConfig`: its keys are the config's
+    field names (lists become tuples); an unknown key or a bad value raises UserValueError naming the key and
+    what is allowed. A config is returned as it is.
+
+    >>> oneshot_config({"method": "wanda", "sparsity": 0.6, "exclude": ["lm_head"]}).exclude
+    ('lm_head',)
+    >>> oneshot_config({"method": "wanda", "samples_per_batch": 4})
+    Traceback (most recent call last):
+    ...
+    sparse_ops.errors.UserValueError: recipe key 'oneshot.samples_per_batch': not a one-shot setting; allowed: ['method', ...]
+    """
+    if isinstance(spec, OneShotConfig):
+        return spec
+    if not isinstance(spec, Mapping):
+        raise UserValueError(f"recipe key 'oneshot': expected a table of one-shot settings, got {spec!r}")
+    allowed = [f.name for f in fields(OneShotConfig)]
+    unknown = [k for k in spec if k not in allowed]
+    if unknown:
+        raise UserValueError(f"recipe key 'oneshot.{unknown[0]}': not a one-shot setting; allowed: {allowed}")
+    if "pattern" in spec and not isinstance(spec["pattern"], str):  # YAML 1.1 reads an unquoted 2:4 as 124
+        raise UserValueError(f"recipe key 'oneshot.pattern': expected a string, 'unstructured' or 'N:M' (quote "
+                             f"it in YAML), got {spec['pattern']!r}")
+    try:
+        return OneShotConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()})
+    except (TypeError, ValueError) as e:
+        raise UserValueError(f"recipe key 'oneshot': {e}") from None
+
+
+def oneshot_table(config: OneShotConfig) -> dict[str, object]:
+    """The inverse of :func:`oneshot_config`: plain data (tuples as lists), unset (None) fields left out.
+
+    >>> oneshot_config(oneshot_table(OneShotConfig(method="wanda", include=("mlp",)))) == OneShotConfig(
+    ...     method="wanda", include=("mlp",))
+    True
+    """
+    plain = {f.name: getattr(config, f.name) for f in fields(OneShotConfig)}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in plain.items() if v is not None}
 
 
 def _list(names: tuple[str, ...] | None) -> list[str] | None:

@@ -38,20 +38,17 @@ import itertools
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from prune.distill import Distiller
+from prune.model_folder import check_output, load_folder, write_model_folder
 from prune.pruner import Pruner
-from sparse_ops.checkpoint import replace_folder
 from sparse_ops.errors import UserValueError
 
 REPORT = "recovery.json"  # in the output folder: the RecoveryReport
@@ -160,13 +157,10 @@ def recover_folder(pruned_dir: str | os.PathLike, teacher_dir: str | os.PathLike
     float32, written to ``out_dir`` with its tokenizer and ``recovery.json`` (the report); ``options`` go to
     :func:`recover`. The output appears whole or not at all."""
     from prune.one_shot.data import as_texts, calibration_batches
-    from prune.one_shot.folder import check_output, load_folder
 
     dst = check_output(out_dir, [pruned_dir, teacher_dir], overwrite)
     texts = as_texts(text)  # read (and refused when empty or malformed) before the models load
-    model, tokenizer = load_folder(pruned_dir)
-    if tokenizer is None:
-        raise UserValueError(f"{pruned_dir} has no tokenizer, which training on text needs")
+    model, tokenizer = load_folder(pruned_dir, tokenizer_for="training on text")
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and seq_len > positions:
         raise UserValueError(f"seq_len={seq_len} exceeds the model's {positions} positions")
@@ -176,12 +170,6 @@ def recover_folder(pruned_dir: str | os.PathLike, teacher_dir: str | os.PathLike
     batches = calibration_batches(texts, tokenizer, samples=samples, seq_len=seq_len, seed=seed,
                                   batch_size=batch_size)
     report = recover(model, teacher, batches, **options)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / REPORT).write_text(json.dumps(dataclasses.asdict(report), indent=1))
-        replace_folder(tmp, dst, overwrite)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_model_folder(dst, model, tokenizer, {REPORT: json.dumps(dataclasses.asdict(report), indent=1)},
+                       overwrite=overwrite)
     return report

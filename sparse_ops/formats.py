@@ -120,7 +120,7 @@ def _row_blocks(out: int, inp: int) -> list[tuple[int, int]]:
 
 class ValuesMixin:
     """dtype / device / nbytes of a container whose ``values`` part carries the dtype (every format here,
-    ``checkpoint.Transposed``, ``bitmap.TiledBitmap``; the int8 formats take their dtype from their scales)."""
+    ``checkpoint.schema.Transposed``, ``bitmap.TiledBitmap``; the int8 formats take their dtype from their scales)."""
 
     values: torch.Tensor
 

@@ -12,49 +12,44 @@ Example:
 """
 from __future__ import annotations
 
-import functools
-import sys
 import threading
 import weakref
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from sparse_ops import activations, busy, plan
-from sparse_ops.dispatch import OURS, candidates, kernel_for, torch_path_formats, torch_path_kernel
-from sparse_ops.errors import UserTypeError, UserValueError
+from sparse_ops import activations
+from sparse_ops.dispatch import OURS, Kernel, candidates, needs_grad, torch_path_kernel
+from sparse_ops.errors import UnsupportedError, UserTypeError, UserValueError
 from sparse_ops.formats import SparseFormat
 from sparse_ops.kernels import cpp, ours_cpu
 from sparse_ops.kernels.ours_cpu import NativeWeight
-from sparse_ops.plan import DENSE, TORCH_SUFFIX, Planner
-from sparse_ops.quantized import INPUT_BITS, DenseInt8, quantize_input
+from sparse_ops.plan import DENSE, TORCH_SUFFIX, Path, Planner, Route, Router, torch_path_formats
+from sparse_ops.quantized import INPUT_BITS, DenseInt8
 from sparse_ops.registry import AUTO, FORMATS, LOSSLESS, QUANTIZED, format_class
-from sparse_ops.timing import Timer, Timing, time_candidates
 
 LAYER_FORMATS = (*FORMATS, *torch_path_formats())
-_PLAN_LOCK = threading.Lock()  # one measurement at a time in the process: concurrent timings would be wrong
 
 
 class SparseLinear(nn.Module):
     """``y = act(x @ W^T + b)`` with W in one sparse format (parts kept as buffers ``weight_<part>``).
 
-    The kernel is taken from ``sparse_ops.dispatch`` for the weight's device and prepared once; moving the
-    module (``.to``, ``.cuda``, ``.half``) or loading a state dict prepares it again. ``torch_kernel=True``
-    runs torch's own kernel where ours is the default (``dispatch.torch_path_kernel``); it is a runtime choice,
-    not saved in the state dict. ``activation`` (None or a
-    name in ``sparse_ops.activations.ACTIVATIONS``) is applied to the output, fused into the kernel where it
-    supports that (ours on CPU); ``fusion.fuse_activations`` sets it from the model's own activation
-    modules. It is not saved in the state dict either.
+    Which kernel runs a call is its ``router``'s decision (``sparse_ops.plan.Router``): the layer's kernel from
+    ``sparse_ops.dispatch`` for the weight's device, prepared once; moving the module (``.to``, ``.cuda``,
+    ``.half``) or loading a state dict builds the router again. ``torch_kernel=True`` runs torch's own kernel
+    where ours is the default (``dispatch.torch_path_kernel``); it is a runtime choice, not saved in the state
+    dict. ``activation`` (None or a name in ``sparse_ops.activations.ACTIVATIONS``) is applied to the output,
+    fused into the kernel where it supports that (ours on CPU); ``fusion.fuse_activations`` sets it from the
+    model's own activation modules. It is not saved in the state dict either.
 
     ``input_bits`` (int8 weights: None or 8, ``sparse_ops.quantized.quantize_input``; from the weight, or set
     later) quantizes the layer's input per block of 32 columns on every path, so that one token multiplies int8
     by int8; not saved in the state dict either.
 
-    ``planner`` (``sparse_ops.plan.Planner``; ``sparsify``'s default) makes the layer choose its path per batch
-    bucket, measured at the first call in each: dense, each of our kernel's variants, or torch's kernel, the
-    fastest (``plan.choose``, ``route``). Without one the layer always runs its kernel. ``name`` labels the
-    layer in ``plan.plan_report`` and verbose messages.
+    ``planner`` (``sparse_ops.plan.Planner``; ``sparsify``'s default) makes the router choose the path per
+    batch bucket, measured at the first call in each: dense, each of our kernel's variants, or torch's kernel,
+    the fastest (``plan.choose``). Without one the layer always runs its kernel. ``name`` labels the layer in
+    ``plan.plan_report`` and verbose messages.
     """
 
     def __init__(self, weight: SparseFormat, bias: torch.Tensor | None = None, *, torch_kernel: bool = False,
@@ -71,17 +66,39 @@ class SparseLinear(nn.Module):
         for part, t in weight.parts().items():
             self.register_buffer(f"weight_{part}", t)
         self.register_buffer("bias", None if bias is None else bias.to(weight.dtype))
-        self.planner, self.name = planner, name
+        self._planner, self._name = planner, name
         self.sparsity = 1.0 - int((weight.values != 0).sum()) / max(1, out * inp)  # fraction of zero weights
         self._input_bits = getattr(weight, "input_bits", None)
         self._prepare()
 
     @property
+    def planner(self) -> Planner | None:
+        """How the router plans this layer's paths (None: always the layer's kernel)."""
+        return self._planner
+
+    @planner.setter
+    def planner(self, planner: Planner | None) -> None:
+        self._planner = planner
+        self.router.set_planner(planner)
+
+    @property
+    def name(self) -> str:
+        """The layer's label in ``plan.plan_report`` and verbose messages ("": its place in the model)."""
+        return self._name
+
+    @name.setter
+    def name(self, name: str) -> None:
+        self._name = self.router.name = name
+
+    @property
+    def kernel(self) -> Kernel:
+        """The layer's kernel (``dispatch.kernel_for``): what runs its calls unless its plan chose another path."""
+        return self.router.kernel
+
+    @property
     def choice(self) -> str:
-        """The format, with ``TORCH_SUFFIX`` when torch's kernel runs it ("csr", "2:4", "csr:torch")."""
-        on_torch_path = self.torch_kernel and torch_path_kernel(self.format, self.kernel_device,
-                                                                 self.weight) is self.kernel
-        return self.format + (TORCH_SUFFIX if on_torch_path else "")
+        """The layer's own path as a string: the format, with ``":torch"`` where torch's kernel runs it."""
+        return str(self.router.own)
 
     @property
     def activation(self) -> str | None:
@@ -117,33 +134,24 @@ class SparseLinear(nn.Module):
 
     def _prepare(self) -> None:
         w = self.weight
-        self.kernel = kernel_for(w.format, w.device, torch_kernel=self.torch_kernel, weight=w)
-        self._state = self.kernel.prepare(w)
+        self.router = Router(w, self._buffers["bias"], torch_kernel=self.torch_kernel, planner=self._planner,
+                             name=self._name, sparsity=self.sparsity)
         self._dtype = w.dtype
         _register(self, self.weight_buffer())
-        # an int8 weight's other int8 layouts (same numbers, other kernels): paths of its plan
-        self._twins = tuple(f for f in QUANTIZED
-                            if w.QUANTIZED and f != w.format and candidates(f, w.device)[0].native)
-        # the planned paths' state, rebuilt lazily after a move or load: bucket -> plan entry, the dense
-        # weight (when a bucket chose dense), path -> (kernel, state) of torch's kernel or a twin (when chosen)
-        self._routes: dict[int, dict] = {}
-        self._last: tuple[int, str] = (-1, "")  # (tokens, path) of the latest routed call
-        self._dense: torch.Tensor | None = None
-        self._others: dict[str, tuple] = {}
 
-    def _apply(self, fn, recurse=True):  # .to / .cuda / .half move the buffers; the kernel state follows
+    def _apply(self, fn, recurse=True):  # .to / .cuda / .half move the buffers; the router follows
         super()._apply(fn, recurse)
         self._prepare()
         return self
 
-    def __getstate__(self) -> dict:  # copy.deepcopy, pickle: the kernel and its state (pointers) are rebuilt
-        return {k: v for k, v in self.__dict__.items() if k not in ("kernel", "_state", "_dense", "_others")}
+    def __getstate__(self) -> dict:  # copy.deepcopy, pickle: the router (kernel state: pointers) is rebuilt
+        return {k: v for k, v in self.__dict__.items() if k != "router"}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._prepare()
 
-    def _load_from_state_dict(self, *args, **kwargs):  # buffers are copied in place: the kernel state follows
+    def _load_from_state_dict(self, *args, **kwargs):  # buffers are copied in place: the router follows
         super()._load_from_state_dict(*args, **kwargs)
         self._prepare()
 
@@ -171,185 +179,41 @@ class SparseLinear(nn.Module):
         if x.shape[-1] != self.in_features or x.dtype != self._dtype:  # inline: this runs per layer and call
             self.check_input(x)
         bias = self._buffers["bias"]
-        path = None if self.planner is None or ours_cpu.needs_grad(x, bias) else \
-            self.route(x.numel() // max(1, self.in_features))
-        if path == DENSE:  # F.linear takes (..., in) as it is: no reshapes on the path dense-chosen layers run
-            return self._call(path, x, bias, self._activation)
-        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        y = self._call(path, x2, bias, self._activation)  # (N, out)
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+        x2 = flatten(x)
+        y = self.router.route(x2.shape[0], needs_grad(x, bias))(x2, bias, self._activation)
+        return unflatten(y, x)
 
-    def _call(self, path: str | None, x2: torch.Tensor, bias: torch.Tensor | None,
-              act: str | None) -> torch.Tensor:
-        """act(x2 W^T + bias) by ``path`` (``paths``; None: the kernel's own choice).  x2: (N, in) -> (N, out);
-        the dense path takes any (..., in)."""
-        if path == DENSE:
-            x2 = quantize_input(x2) if self._input_bits else x2
-            return activations.apply(F.linear(x2, self.dense_weight(), bias), act)
-        if path is None or not self._off_kernel(path):
-            return self.kernel.matmul(self._state, x2, bias, act, **_variant_kw(path))
-        kernel, state = self._other_kernel(path)
-        return kernel.matmul(state, x2, bias, act)
-
-    # ---- planned paths (sparse_ops.plan) ----------------------------------------------------------------
-
-    def _off_kernel(self, path: str) -> bool:
-        """Whether ``path`` runs elsewhere than this layer's kernel (dense, an int8 twin, or torch's kernel when
-        ours is it)."""
-        return (path == DENSE or path in self._twins
-                or (path.endswith(TORCH_SUFFIX) and self.kernel.backend != "torch"))
-
-    @property
-    def prepared(self) -> object:
-        """The weight as this layer's kernel prepared it (``kernel.prepare``): what the kernel's ``matmul`` and
-        ``ffn`` paths take (the fused modules call them with it)."""
-        return self._state
-
-    def runs_own_kernel(self, n: int) -> bool:
-        """Whether a call with n tokens runs this layer's kernel (the fused modules' one-call paths need that)."""
-        return self.planner is None or not self._off_kernel(self.route(n))
-
-    def kernel_kwargs(self, n: int) -> dict[str, str]:
-        """The extra arguments of ``kernel.matmul`` for n tokens: the planned ``variant``, where there is one."""
-        return {} if self.planner is None else _variant_kw(self.route(n))
-
-    def native_weight(self, n: int = 1) -> NativeWeight:
-        """The weight as our CPU kernels run it on the path planned for n tokens (``route``): this layer's kernel
-        state, an int8 twin's, or a dense copy for our dense kernel where the plan chose dense. Where the plan
-        chose torch's kernel (or the layer runs on it), our kernel of the same format: native code (the decoder
-        step, ``sparse_ops.decode``) cannot call torch's. ValueError off the CPU or without native kernels."""
-        if self.kernel_device.type != "cpu" or not cpp.available():
-            raise UserValueError(f"native kernels run CPU weights in a process that built them; this layer is on "
-                             f"{self.kernel_device} (native kernels available: {cpp.available()})")
-        path = self.route(n) if self.planner is not None else self.choice
-        if path == DENSE and self._input_bits:  # int8 inputs: the dense int8 kernel gives the same numbers
-            path = DenseInt8.format
-        if path == DENSE:
-            return ours_cpu.prepare_dense(self.dense_weight())
-        if path in self._twins:
-            return self._other_kernel(path)[1]
-        if self.kernel.backend == OURS:
-            return ours_cpu.masked(self._state) if path.endswith(".mask") else self._state
-        if ("ours", self.format) not in self._others:
-            ours = next(k for k in candidates(self.format, "cpu") if k.backend == OURS)
-            self._others[("ours", self.format)] = (ours, ours.prepare(self.weight))
-        return self._others[("ours", self.format)][1]
+    def route(self, n: int, grad: bool = False) -> Route:
+        """How a call of n tokens runs (``plan.Router.route``)."""
+        return self.router.route(n, grad)
 
     def dense_weight(self) -> torch.Tensor:
-        """The weight decompressed (built once, kept while the layer stays where it is: the dense path)."""
-        if self._dense is None:
-            self._dense = self.weight.to_dense()
-        return self._dense
+        """The weight decompressed (an int8 weight dequantized): the dense path's, built once and kept while a
+        bucket runs dense."""
+        return self.router.kernel_state(Path(DENSE))[1][0]
 
-    def _other_kernel(self, path: str) -> tuple:
-        """(kernel, prepared state) of torch's path or an int8 twin (the weight in another int8 layout), built at
-        its first use."""
-        if path not in self._others:
-            if path in self._twins:
-                weight = format_class(path).from_quantized(*self.weight.quantized(), self._input_bits)
-                kernel = kernel_for(path, self.kernel_device, weight=weight)
-            else:
-                weight, kernel = self.weight, torch_path_kernel(self.format, self.kernel_device, self.weight)
-            self._others[path] = (kernel, kernel.prepare(weight))
-        return self._others[path]
-
-    @property
-    def kernel_device(self) -> torch.device:
-        return self._buffers[f"weight_{self._part_names[0]}"].device
-
-    def paths(self, n: int) -> list[str]:
-        """The paths a plan chooses among for n tokens: dense, our kernel (each variant), torch's kernel, and for
-        an int8 weight its other int8 layouts (``dense-int8`` among them: never slower than dense int8)."""
-        variants = self.kernel.variants(n) if self.kernel.variants else ()
-        ours = [f"{self.format}.{v}" for v in variants] or [self.choice]
-        torch_path = self.format + TORCH_SUFFIX
-        has_torch = (self.kernel.backend != "torch"
-                     and torch_path_kernel(self.format, self.kernel_device, self.weight) is not None)
-        return [DENSE, *ours, *([torch_path] if has_torch else []), *self._twins]
-
-    def planned(self, batch: int) -> dict | None:
-        """The plan entry ``{"choice": path, "speedup": {path: x}}`` of a bucket, if a call has reached it."""
-        return self._routes.get(batch)
-
-    def route(self, n: int) -> str:
-        """The path a call with n tokens takes (``paths``): measured at the first call in n's bucket
-        (``plan.bucket``) or read from the planner's cache. Unplanned layers: ``choice``."""
-        if self.planner is None:
-            return self.choice
-        if self._last[0] == n:  # the usual case: the same batch as the call before (a few us per layer else)
-            return self._last[1]
-        b = plan.bucket(n)
-        entry = self._routes.get(b)
-        if entry is None:
-            entry = self._plan(b)
-        self._last = (n, entry["choice"])
-        return entry["choice"]
-
-    def _plan(self, b: int) -> dict:
-        with _PLAN_LOCK:
-            if b in self._routes:
-                return self._routes[b]
-            planner, device = self.planner, self.kernel_device
-            store, machine = planner.store(), plan.machine_key(device)
-            cold = planner.cold_at(b, device, self.weight.nbytes)
-            fmt = self.format + (f" in{self._input_bits}" if self._input_bits else "") + (" cold" if cold else "")
-            key = plan.layer_key(fmt, (self.out_features, self.in_features), self._dtype, self.sparsity, device, b)
-            paths = self.paths(b)
-            entry = store.get(machine, key)
-            if entry is None or entry["choice"] not in paths or "busy" in entry:  # busy: measured again
-                entry = self._measure(paths, b, planner, cold)
-                store.put(machine, key, entry)
-                measured = "measured" + (f" while busy ({entry['busy']})" if "busy" in entry else "")
-            else:
-                measured = "cached"
-            if planner.verbose:
-                x = entry["speedup"].get(entry["choice"])
-                print(f"sparse_ops: {self.name or key}: {b} token{'s' * (b > 1)} -> {entry['choice']}"
-                      + ("" if x is None else f" ({x:.2f}x of dense)") + f", {measured}", file=sys.stderr)
-            self._routes[b] = entry
-            chosen = {e["choice"] for e in self._routes.values()}
-            if DENSE not in chosen:
-                self._dense = None  # the copy built for the timing: only kept where a bucket runs dense
-            self._others = {p: v for p, v in self._others.items() if p in chosen}  # likewise twins, torch's
-            return entry
-
-    def _measure(self, paths: list[str], b: int, planner: Planner, cold: bool) -> dict:
-        """A plan entry for bucket b: the choice and each path's speedup over dense, timed once more when the
-        machine was busy (``sparse_ops.busy``) and marked ``busy`` if it still was."""
-        for _ in range(2):
-            with busy.Watch() as watch:
-                times = self._time_paths(paths, b, planner.timer, cold)
-            if not watch.load.busy:
-                break
-        medians = {p: t.median_s if isinstance(t, Timing) else t for p, t in times.items()}
-        worst = {p: t.p90_s for p, t in times.items()} if all(isinstance(t, Timing) for t in times.values()) \
-            else None
-        entry = {"choice": plan.choose(medians, planner.prefer_within, worst),
-                 "speedup": {p: round(medians[DENSE] / max(t, 1e-12), 3) for p, t in medians.items()}}
-        if watch.load.busy:
-            entry["busy"] = watch.load.describe()
-        return entry
-
-    def _time_paths(self, paths: list[str], b: int, timer: Timer | None,
-                    cold: bool) -> dict[str, float] | dict[str, Timing]:
-        """Seconds per call of each path at b tokens on this layer's weight (no activation); ``cold``: each call
-        after ``plan.flush_caches``."""
-        gen = torch.Generator(device=self.kernel_device).manual_seed(0)
-        x = torch.randn(b, self.in_features, generator=gen, device=self.kernel_device).to(self._dtype)
-        fns = {p: functools.partial(self._call, p, x, self._buffers["bias"], None) for p in paths}
-        with torch.inference_mode():
-            if timer is not None:
-                return timer(fns, self.kernel_device)
-            if cold:
-                return time_candidates(fns, self.kernel_device, repeats=plan.COLD_REPEATS, before=plan.flush_caches)
-            return time_candidates(fns, self.kernel_device, repeats=plan.PLAN_REPEATS,
-                                   min_sample_s=plan.PLAN_SAMPLE_S)
+    def native_weight(self, n: int = 1) -> NativeWeight:
+        """The weight as our CPU kernels run it on the path planned for n tokens: this layer's kernel state, an
+        int8 twin's, or a dense copy for our dense kernel where the plan chose dense. Where the plan chose torch's
+        kernel (or the layer runs on it), our kernel of the same format: native code (the decoder step,
+        ``sparse_ops.decode``) cannot call torch's. ValueError off the CPU or without native kernels."""
+        if self.router.device.type != "cpu" or not cpp.available():
+            raise UserValueError(f"native kernels run CPU weights in a process that built them; this layer is on "
+                             f"{self.router.device} (native kernels available: {cpp.available()})")
+        route = self.router.route(n)
+        path = route.path
+        if path.kind == DENSE and self._input_bits:  # int8 inputs: the dense int8 kernel gives the same numbers
+            path = Path(OURS, DenseInt8.format)
+        if path.kind == DENSE:
+            return ours_cpu.prepare_dense(self.dense_weight())
+        state = self.router.kernel_state(Path(OURS, path.format))[1]
+        return ours_cpu.masked(state) if route.variant == "mask" else state
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format!r}, " \
                f"kernel={self.kernel.name!r}" + (f", activation={self._activation!r}" if self._activation else "") \
                + (f", input_bits={self._input_bits}" if self._input_bits else "") \
-               + (", planned" if self.planner is not None else "")
+               + (", planned" if self._planner is not None else "")
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, format: str = "csr") -> SparseLinear:
@@ -381,10 +245,14 @@ def smallest_lossless(w: torch.Tensor) -> str:
     return min(fits, key=lambda name: FORMATS[name].estimate_nbytes(tuple(w.shape), nnz, w.dtype))
 
 
-def _variant_kw(path: str | None) -> dict[str, str]:
-    """``variant=`` of our kernel's matmul for a path: "csr.panels" -> {"variant": "panels"}, "csr" -> {}."""
-    variant = "" if path is None else path.partition(".")[2]
-    return {"variant": variant} if variant else {}
+def flatten(x: torch.Tensor) -> torch.Tensor:
+    """x (..., in) as the (N, in) matrix the kernels take (a view where x is contiguous)."""
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+
+
+def unflatten(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """y (N, out) as (..., out) for the input x (..., in) it came from."""
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def candidate_formats(w: torch.Tensor) -> list[str]:
@@ -395,7 +263,7 @@ def candidate_formats(w: torch.Tensor) -> list[str]:
         fmt = FORMATS[name]
         try:
             kernel = candidates(name, w.device)[0]
-        except NotImplementedError:
+        except UnsupportedError:
             continue
         if kernel.native and fmt.eligible(w):
             names.append(name)

@@ -1,6 +1,6 @@
 """Loading a sparse checkpoint into a model: ``sparsify`` swaps each linear layer stored sparse for a
 ``SparseLinear`` (nn.Linear as stored; transformers' Conv1D, whose weight is (in, out), transposed at load, or
-taken as it is where the checkpoint stores its transpose: ``checkpoint.Transposed``),
+taken as it is where the checkpoint stores its transpose: ``checkpoint.schema.Transposed``),
 loads the rest as a state dict (tied weights and non-persistent buffers handled), plans each layer's path per
 batch bucket (``sparse_ops.plan``) and runs the proven fusions on request. Reading, converting and inspecting
 checkpoints is ``sparse_ops.checkpoint``; building the model from a folder's config is ``sparse_ops.pretrained``.
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sparse_ops.checkpoint import Transposed, load_sparse_state_dict
+from sparse_ops.checkpoint.schema import Transposed, load_sparse_state_dict
 from sparse_ops.errors import UserValueError
 from sparse_ops.formats import CSR, SparseFormat, csr_col_dtype
 from sparse_ops.kernels import cpp
@@ -149,7 +149,7 @@ def sparsify(model: nn.Module,
              fuse: bool = False, input_bits: int | None = None) -> nn.Module:
     """Load a checkpoint into ``model`` (in place) and swap each ``nn.Linear`` (and transformers' ``Conv1D``,
     its weight transposed) whose weight is stored sparse for a ``SparseLinear`` on ``device``; returns the model.
-    A Conv1D weight stored transposed (``checkpoint.Transposed``: 2:4 of its (out, in) transpose) becomes the
+    A Conv1D weight stored transposed (``checkpoint.schema.Transposed``: 2:4 of its (out, in) transpose) becomes the
     layer's weight as stored, with no dense copy; an nn.Linear weight stored so is turned back (as CSR, with a
     warning, where its (out, in) form breaks the format).
 

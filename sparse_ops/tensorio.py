@@ -250,7 +250,7 @@ def _open_dir(path: Path) -> RawSource:
 
 def _open_index(index: Path) -> RawSource:
     """A sharded checkpoint from its index. HF's weight map names stored tensors (checked against each shard);
-    a sparse index names logical tensors (checked by ``sparse_ops.checkpoint``), kept in ``index``."""
+    a sparse index names logical tensors (checked by ``sparse_ops.checkpoint.schema``), kept in ``index``."""
     with _reading(index):
         if index.stat().st_size > MAX_HEADER_BYTES:
             raise UserValueError(f"index is larger than {MAX_HEADER_BYTES} bytes")

@@ -25,7 +25,7 @@ from sparse_ops.bench.checkpoint import LAYER_COLUMNS, LayerRow
 from sparse_ops.bench.command import families_config, matmul_plan
 from sparse_ops.bench.matmul import MATMUL_COLUMNS
 from sparse_ops.bench.output import RunFiles
-from sparse_ops.checkpoint import convert_checkpoint
+from sparse_ops.checkpoint.convert import convert_checkpoint
 from sparse_ops.kernels import cpp
 from sparse_ops.timing import Deadline, _quantile, summarize, time_interleaved
 
@@ -559,7 +559,7 @@ def test_ffn_benchmark_writes_consistent_rows(tmp_path, capsys):
 def test_the_bench_format_choices_are_the_registry_and_dense_and_auto():
     from sparse_ops.bench.command import FORMAT_CHOICES
     from sparse_ops.bench.matmul import FORMATS as BENCH_FORMATS
-    from sparse_ops.checkpoint import CONVERT_FORMATS
+    from sparse_ops.checkpoint.convert import CONVERT_FORMATS
     from sparse_ops.registry import FORMATS, QUANTIZED
 
     assert FORMAT_CHOICES == BENCH_FORMATS == ("dense", *FORMATS, *(f + "+in8" for f in QUANTIZED), "auto")

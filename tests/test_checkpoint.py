@@ -10,17 +10,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sparse_ops.checkpoint import (
-    TENSORS_KEY,
-    VERSION_KEY,
-    convert_checkpoint,
-    inspect_checkpoint,
-    load_sparse_state_dict,
-)
+from sparse_ops.checkpoint.convert import convert_checkpoint
+from sparse_ops.checkpoint.inspect import inspect_checkpoint
+from sparse_ops.checkpoint.schema import TENSORS_KEY, VERSION_KEY, load_sparse_state_dict
 from sparse_ops.formats import CSR, TwoFour
 from sparse_ops.linear import SparseLinear
 from sparse_ops.loading import sparsify
-from sparse_ops.plan import PlanCache, plan_rows
+from sparse_ops.plan import plan_rows
+from sparse_ops.plan_cache import PlanCache
 from sparse_ops.tensorio import SPARSE_INDEX
 from tests.test_formats import two_four, unstructured
 

@@ -199,7 +199,7 @@ def test_output_folder_name_with_a_dot_is_a_folder(tmp_path, dense_file, capsys)
 
 def test_an_output_another_writer_claimed_meanwhile_is_never_replaced(tmp_path):
     """Two conversions to the same new output: the one that finishes second is refused and leaves no file."""
-    from sparse_ops.checkpoint import replace_folder
+    from sparse_ops.checkpoint.output import replace_folder
     from sparse_ops.errors import OutputExistsError
     from sparse_ops.tensorio import SafetensorsWriter
 

@@ -11,7 +11,7 @@ from sparse_ops.kernels import cpp
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not cpp.available(), reason="native CPU kernels unavailable")
 
-from sparse_ops.checkpoint import convert_checkpoint  # noqa: E402
+from sparse_ops.checkpoint.convert import convert_checkpoint  # noqa: E402
 from sparse_ops.linear import SparseLinear  # noqa: E402
 from sparse_ops.pretrained import from_pretrained  # noqa: E402
 
@@ -65,16 +65,16 @@ def test_exported_program_runs_the_layers_and_survives_save_and_load(tmp_path):
 
 
 def test_the_operator_runs_each_layers_planned_path(tmp_path, monkeypatch):
-    import sparse_ops.linear
+    import sparse_ops.plan
 
-    monkeypatch.setattr(sparse_ops.linear, "time_candidates",  # dense fastest for every layer
+    monkeypatch.setattr(sparse_ops.plan, "time_candidates",  # dense fastest for every layer
                         lambda fns, device, **kw: {k: 0.5 if k == "dense" else 1.0 for k in fns})
     model = converted(tmp_path)
     eager = logits(model)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(logits(compiled), eager, atol=0, rtol=0)
     layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
-    assert all(m.planned(8)["choice"] == "dense" for m in layers)  # the bucket of 5 tokens, planned and used
+    assert all(m.router.planned(8)["choice"] == "dense" for m in layers)  # the bucket of 5 tokens, planned and used
 
 
 @pytest.mark.filterwarnings("ignore:Error detected in GeneratedBackward")

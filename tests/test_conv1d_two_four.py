@@ -12,17 +12,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import prune
-from sparse_ops.checkpoint import (
-    TENSORS_KEY,
-    VERSION_KEY,
-    Storage,
-    Transposed,
-    choose_layout,
-    choose_storage,
-    convert_checkpoint,
-    inspect_checkpoint,
-    load_sparse_state_dict,
-)
+from sparse_ops.checkpoint.convert import convert_checkpoint
+from sparse_ops.checkpoint.inspect import inspect_checkpoint
+from sparse_ops.checkpoint.layout import Storage, choose_layout, choose_storage
+from sparse_ops.checkpoint.schema import TENSORS_KEY, VERSION_KEY, Transposed, load_sparse_state_dict
 from sparse_ops.formats import CSR, TwoFour, is_two_four
 from sparse_ops.linear import SparseLinear
 from sparse_ops.loading import sparsify

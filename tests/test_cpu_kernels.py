@@ -17,6 +17,7 @@ from sparse_ops.dispatch import kernel_for
 from sparse_ops.formats import CSR, TwoFour
 from sparse_ops.kernels import cpp, ours_cpu, reference
 from sparse_ops.linear import SparseLinear
+from sparse_ops.post import AddNorm
 from tests.test_formats import two_four, unstructured
 from tests.test_kernels import close_to_reference
 
@@ -138,7 +139,7 @@ def test_epilogue_and_post_op_on_every_build(batch, activation, isa):
     with torch.inference_mode():
         y = ours_cpu.csr_matmul(state, x, b, activation)
         torch.testing.assert_close(y, ACTIVATIONS[activation](x @ w.t() + b), rtol=1e-5, atol=1e-5)
-        y = ours_cpu.csr_matmul(state, x, b, None, ours_cpu.AddNorm(r, g, beta))
+        y = ours_cpu.csr_matmul(state, x, b, None, AddNorm(r, g, beta))
     ref = torch.nn.functional.layer_norm(x @ w.t() + b + r, (37,), g, beta, 1e-5)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
@@ -314,8 +315,9 @@ def test_panelled_copy_is_built_at_the_first_batch_that_needs_it():
             assert ours_cpu.csr_matmul(state, torch.randn(n, 300), None).shape == (n, 64)
         assert state.panel_call is None
         x = torch.randn(64, 300)
-        assert ours_cpu.use_panels(64, state.density, 300)
-        torch.testing.assert_close(ours_cpu.csr_matmul(state, x, None), x @ w.t(), rtol=1e-5, atol=1e-5)
+        assert ours_cpu.pick_csr(state, 64) == "panels"
+        torch.testing.assert_close(ours_cpu.csr_matmul(state, x, None, variant="panels"), x @ w.t(), rtol=1e-5,
+                                   atol=1e-5)
     _seg, lcol, vals = state.panels
     assert state.panel_call is not None and lcol.numel() == vals.numel() == int((w != 0).sum())
 
@@ -345,7 +347,7 @@ def test_panelled_copy_is_built_once_under_concurrent_calls():
     state = ours_cpu.prepare_csr(CSR.from_dense(w))
     xs = [torch.randn(64, 200) for _ in range(8)]
     with torch.inference_mode(), ThreadPoolExecutor(4) as pool:
-        ys = list(pool.map(lambda x: ours_cpu.csr_matmul(state, x, None), xs))
+        ys = list(pool.map(lambda x: ours_cpu.csr_matmul(state, x, None, variant="panels"), xs))
     first = state.panels
     for x, y in zip(xs, ys):
         torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-5)

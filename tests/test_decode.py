@@ -15,7 +15,7 @@ from sparse_ops.kernels import cpp, ours_cpu
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not cpp.available(), reason="native CPU kernels unavailable")
 
-from sparse_ops.checkpoint import convert_checkpoint  # noqa: E402
+from sparse_ops.checkpoint.convert import convert_checkpoint  # noqa: E402
 from sparse_ops.decode import SLOTS, Decoder, generate  # noqa: E402
 from sparse_ops.linear import SparseLinear  # noqa: E402
 from sparse_ops.plan import DENSE  # noqa: E402
@@ -112,7 +112,7 @@ def test_sparse_and_int8_layers_run_their_planned_path(tmp_path, fmt, quantize, 
     got = decoder.layouts()
     for name, layout in got.items():
         layer = sparse.get_submodule(name)
-        if isinstance(layer, SparseLinear) and layer.route(1) == DENSE:
+        if isinstance(layer, SparseLinear) and str(layer.route(1).path) == DENSE:
             assert layout == "dense_f32", name  # the plan chose dense: our dense kernel
         elif name != "lm_head":
             assert layout in layouts, (name, layout)
@@ -210,13 +210,13 @@ def test_every_slot_is_set_from_the_model():
 def test_the_plan_decides_per_layer(tmp_path, monkeypatch):
     """A layer planned dense runs our dense kernel; one planned on torch's CSR runs ours (native code cannot call
     torch's); the rest their own kernel; the numbers stay transformers'."""
-    import sparse_ops.linear
+    import sparse_ops.plan
 
     def timer(fns, device, **timing):  # the path in choice[0] fastest
         return {k: 0.5 if k == choice[0] else 1.0 for k in fns}
 
     choice = ["dense"]
-    monkeypatch.setattr(sparse_ops.linear, "time_candidates", timer)
+    monkeypatch.setattr(sparse_ops.plan, "time_candidates", timer)
     model = pruned_llama(0.7)
     model.save_pretrained(tmp_path / "dense")
     convert_checkpoint(tmp_path / "dense", tmp_path / "sparse", format="csr")
@@ -226,7 +226,7 @@ def test_the_plan_decides_per_layer(tmp_path, monkeypatch):
         choice[0] = ["dense", "csr:torch", "csr"][i % 3]
         layer.route(1)
     names = [n for n, m in sparse.named_modules() if isinstance(m, SparseLinear)]
-    routes = {n: sparse.get_submodule(n).route(1) for n in names}
+    routes = {n: str(sparse.get_submodule(n).route(1).path) for n in names}
     assert set(routes.values()) >= {"dense", "csr:torch"}
     got = Decoder(sparse, max_len=16).layouts()
     assert {n: got[n] for n in names} == {n: "dense_f32" if r == "dense" else "csr_f32_i16" for n, r in routes.items()}

@@ -58,7 +58,8 @@ def test_fsdp2_masks_match_single_process(config, tmp_path):
 def test_fsdp2_finalized_state_dict_converts_like_single_process(tmp_path):
     from safetensors.torch import save_file
 
-    from sparse_ops.checkpoint import convert_checkpoint, load_sparse_state_dict
+    from sparse_ops.checkpoint.convert import convert_checkpoint
+    from sparse_ops.checkpoint.schema import load_sparse_state_dict
 
     ranks = spawn("train", "magnitude-2:4", tmp_path)
     single = job.train("magnitude-2:4", False, slice(None))

@@ -11,13 +11,13 @@ from torch import nn
 
 from sparse_ops.activations import ACTIVATIONS
 from sparse_ops.formats import CSR, TwoFour
-from sparse_ops.fused import SparseAddNorm, SparseFFN, SparseGatedFFN
 from sparse_ops.fusion import fuse, fuse_activations, fuse_add_norm, fuse_ffn, fuse_gated_ffn
+from sparse_ops.fusion.modules import SparseAddNorm, SparseFFN, SparseGatedFFN
 from sparse_ops.kernels import cpp, ours_cpu
 from sparse_ops.kernels import reference as ref_kernels
-from sparse_ops.kernels.ours_cpu import AddNorm
 from sparse_ops.linear import SparseLinear
 from sparse_ops.loading import sparsify
+from sparse_ops.post import AddNorm
 from tests.test_formats import two_four, unstructured
 
 needs_native = pytest.mark.skipif(not cpp.available(), reason="needs our CPU kernels")
@@ -48,7 +48,7 @@ def reference(up, down, x):
 
 
 def fused_call(up, down, x):
-    y = ours_cpu.ffn_matmul(up._state, down._state, x, up.bias, down.bias, up.activation)
+    y = ours_cpu.ffn_matmul(up.router.state, down.router.state, x, up.bias, down.bias, up.activation)
     assert y is not None, "the fused kernel declined a case it should take"
     return y
 
@@ -105,15 +105,15 @@ def test_the_kernel_declines_what_it_does_not_cover():
     x = torch.randn(ours_cpu.FFN_MIN_TOKENS, 32)
     ffn = ours_cpu.ffn_matmul
     with torch.inference_mode():
-        assert ffn(up._state, down._state, x[:-1], up.bias, down.bias) is None  # too few tokens
-    assert ffn(up._state, down._state, x.requires_grad_(), up.bias, down.bias) is None  # a gradient is needed
+        assert ffn(up.router.state, down.router.state, x[:-1], up.bias, down.bias) is None  # too few tokens
+    assert ffn(up.router.state, down.router.state, x.requires_grad_(), up.bias, down.bias) is None  # a gradient is needed
     sparse_up, _ = pair(32, 64, 32, 0.999)
     with torch.inference_mode():
-        assert ffn(sparse_up._state, down._state, x.detach(), None, None) is None  # too sparse for panels
+        assert ffn(sparse_up.router.state, down.router.state, x.detach(), None, None) is None  # too sparse for panels
         bf16_down = SparseLinear(CSR.from_dense(down.weight.to_dense().bfloat16()))
-        assert ffn(up._state, bf16_down._state, x.detach(), None, None) is None  # value types differ
+        assert ffn(up.router.state, bf16_down.router.state, x.detach(), None, None) is None  # value types differ
         with pytest.raises(ValueError, match="down weight takes 32 inputs, the up weight gives 64"):
-            ffn(up._state, pair(32, 16, 8, 0.5)[0]._state, x.detach(), None, None)
+            ffn(up.router.state, pair(32, 16, 8, 0.5)[0].router.state, x.detach(), None, None)
 
 
 @pytest.mark.parametrize("n", [1, 5, 40])
@@ -297,7 +297,7 @@ def test_post_op_matches_reference(format, n, kind, activation):
     post = random_post(n, 48, norm=kind != "add", affine=kind != "norm_without_affine")
     x = torch.randn(n, 64)
     with torch.inference_mode():
-        y = layer.kernel.matmul(layer._state, x, layer.bias, activation, post=post)
+        y = layer.kernel.matmul(layer.router.state, x, layer.bias, activation, post=post)
     h = linear_reference(layer, x)
     ref = post_reference(h if activation is None else ACTIVATIONS[activation](h), post)
     torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
@@ -311,7 +311,7 @@ def test_fused_ffn_post_op_matches_reference(n, dtype):
     post = random_post(n, 45)
     x = torch.randn(n, 37, dtype=dtype)
     with torch.inference_mode():
-        y = ours_cpu.ffn_matmul(up._state, down._state, x, up.bias, down.bias, "gelu", post=post)
+        y = ours_cpu.ffn_matmul(up.router.state, down.router.state, x, up.bias, down.bias, "gelu", post=post)
     torch.testing.assert_close(y.double(), post_reference(reference(up, down, x.float()), post), rtol=TOL[dtype],
                                atol=TOL[dtype] * 10)
 
@@ -319,7 +319,7 @@ def test_fused_ffn_post_op_matches_reference(n, dtype):
 def test_post_op_rejects_mismatched_shapes():
     layer = SparseLinear(CSR.from_dense(unstructured((8, 16), 0.5)))
     with pytest.raises(ValueError, match=r"residual must have shape \(4, 8\), got \(4, 9\)"):
-        layer.kernel.matmul(layer._state, torch.randn(4, 16), None, None, post=AddNorm(torch.randn(4, 9)))
+        layer.kernel.matmul(layer.router.state, torch.randn(4, 16), None, None, post=AddNorm(torch.randn(4, 9)))
 
 
 class PostLN(nn.Module):  # BERT's BertOutput / BertSelfOutput
@@ -440,7 +440,7 @@ def test_gated_ffn_kernel_matches_reference(shape, n, activation, bias, dtype):
     gate, up, down = gated(*shape, 0.7, dtype, bias, activation)
     x = torch.randn(n, shape[0], dtype=dtype)
     with torch.inference_mode():
-        y = ours_cpu.ffn_matmul(up._state, down._state, x, up.bias, down.bias, activation, gate=gate._state,
+        y = ours_cpu.ffn_matmul(up.router.state, down.router.state, x, up.bias, down.bias, activation, gate=gate.router.state,
                                   gate_bias=gate.bias)
     assert y is not None and y.dtype == dtype
     torch.testing.assert_close(y.double(), gated_reference(gate, up, down, x.float()), rtol=TOL[dtype],

@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparse_ops.checkpoint import TENSORS_KEY, convert_checkpoint, inspect_checkpoint, load_sparse_state_dict
+from sparse_ops.checkpoint.convert import convert_checkpoint
+from sparse_ops.checkpoint.inspect import inspect_checkpoint
+from sparse_ops.checkpoint.schema import TENSORS_KEY, load_sparse_state_dict
 from sparse_ops.formats import CSR
 from sparse_ops.tensorio import BadFileError
 

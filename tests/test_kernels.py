@@ -103,7 +103,7 @@ def test_every_candidate_takes_one_signature():
     """Each available kernel of a (format, cpu) pair gives act(x W^T + b) followed by the post-op from the same call,
     fused or not (``dispatch.unfused``), so callers never branch on what a kernel can do."""
     from sparse_ops.dispatch import candidates
-    from sparse_ops.kernels.ours_cpu import AddNorm
+    from sparse_ops.post import AddNorm
 
     w = torch.zeros(8, 16)
     w[:, ::4] = torch.randn(8, 4)  # 2:4 and 75% sparse

@@ -70,7 +70,7 @@ def test_deepcopy_and_pickle_rebuild_the_kernel_state(batch):
         buf.seek(0)
         loaded = torch.load(buf, weights_only=False)
         twin.bias.zero_()  # the copy's buffers are its own
-        assert twin._state.tensors[0].data_ptr() != layer._state.tensors[0].data_ptr()
+        assert twin.router.state.tensors[0].data_ptr() != layer.router.state.tensors[0].data_ptr()
         torch.testing.assert_close(twin(x), x @ w.t(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(loaded(x), layer(x), rtol=0, atol=0)
         torch.testing.assert_close(layer(x), x @ w.t() + layer.bias, rtol=1e-5, atol=1e-5)

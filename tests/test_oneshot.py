@@ -230,25 +230,21 @@ def test_calibration_that_cannot_fit_in_memory_is_refused_before_work(monkeypatc
 
 def test_layers_reading_one_tensor_share_their_statistics():
     from prune.one_shot.run import _collect
-    from prune.one_shot.sequential import block_linears
+    from prune.one_shot.sequential import CalibrationBlock, block_linears
 
     model = tiny_llama()
     block = model.model.layers[0]
     layers = {f"b.{k}": m for k, m in block_linears(block).items()}
     x = torch.randn(2, 6, 32)
-    kwargs = dict(position_embeddings=model.model.rotary_emb(x, torch.arange(6)[None]))
-
-    def forward():
-        with torch.no_grad():
-            for _ in range(2):
-                block(x, attention_mask=None, **kwargs)
-    stats = _collect(layers, forward, gram=True)
+    kwargs = dict(attention_mask=None, position_embeddings=model.model.rotary_emb(x, torch.arange(6)[None]))
+    calibration = CalibrationBlock(0, "b", block, [((x,), kwargs)] * 2)
+    stats = _collect(layers, calibration, gram=True)
     q, k, v = (stats[f"b.self_attn.{p}_proj"] for p in "qkv")
     assert q is k is v and stats["b.mlp.gate_proj"] is stats["b.mlp.up_proj"]
     assert stats["b.self_attn.o_proj"] is not q and stats["b.mlp.down_proj"] is not q
     separate = InputStats(32, gram=True)  # the same numbers as a hook of its own would collect
     handle = separate.attach(block.self_attn.k_proj)
-    forward()
+    calibration.run()
     handle.remove()
     assert q.rows == separate.rows == 24
     torch.testing.assert_close(q.gram, separate.gram, rtol=0, atol=0)
@@ -312,3 +308,28 @@ def test_cli_oneshot_bits_8_writes_an_int8_checkpoint_eval_reads(tmp_path):
     assert done.returncode == 0 and done.stdout.startswith("perplexity "), done.stderr
     bad = _run_cli("oneshot", tmp_path / "dense", "-o", tmp_path / "x", "--calibration", text, "--bits", "4")
     assert bad.returncode == 2 and "invalid choice: 4" in bad.stderr and not (tmp_path / "x").exists()
+
+
+def test_cli_oneshot_recipe_table_and_flags_over_it(tmp_path, capsys):
+    """``prune oneshot --recipe``: the recipe's ``oneshot`` table is a OneShotConfig, each flag given overrides
+    its field; a recipe without the table, or with a key that is no field, is one line naming the problem."""
+    from prune.cli import main
+
+    text = dense_folder_and_text(tmp_path)
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text("oneshot:\n  method: wanda\n  sparsity: 0.6\n  samples: 4\n  seq_len: 32\n"
+                      "  exclude: [mlp.down_proj]\n")
+    out = tmp_path / "pruned"
+    assert main(["oneshot", str(tmp_path / "dense"), "-o", str(out), "--calibration", str(text),
+                 "--recipe", str(recipe), "--sparsity", "0.5"]) == 0
+    report = json.loads((out / "oneshot_report.json").read_text())
+    assert (report["method"], report["target"], len(report["layers"])) == ("wanda", 0.5, 12)
+    capsys.readouterr()
+    for content, expect in [("schedule: {kind: Constant, final: 0.5}\n", "has no 'oneshot' table"),
+                            ("oneshot: {method: wanda, samples_: 4}\n", "'oneshot.samples_': not a one-shot setting")]:
+        recipe.write_text(content)
+        code = main(["oneshot", str(tmp_path / "dense"), "-o", str(tmp_path / "x"), "--calibration", str(text),
+                     "--recipe", str(recipe)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and expect in err, err
+        assert not (tmp_path / "x").exists()

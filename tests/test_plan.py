@@ -8,7 +8,8 @@ import torch
 from sparse_ops.formats import CSR, TwoFour
 from sparse_ops.kernels import cpp, reference
 from sparse_ops.linear import SparseLinear
-from sparse_ops.plan import BUCKETS, PlanCache, Planner, bucket, choose, machine_key, plan_report
+from sparse_ops.plan import BUCKETS, Planner, bucket, choose, plan_report
+from sparse_ops.plan_cache import PlanCache, machine_key
 from tests.test_formats import two_four, unstructured
 
 
@@ -55,8 +56,8 @@ def test_every_chosen_path_computes_the_layer(path, n, lead, act):
     with torch.inference_mode():
         y = layer(x)
     tokens = x.numel() // 72
-    want = path if path in layer.paths(tokens) else "csr.plain"  # no panels for 1 token
-    assert layer.route(tokens) == want and y.shape == (*lead, n, 40)
+    want = path if path in map(str, layer.router.paths(tokens)) else "csr.plain"  # no panels for 1 token
+    assert str(layer.route(tokens).path) == want and y.shape == (*lead, n, 40)
     ref = reference.csr_matmul(CSR.from_dense(w), x.reshape(-1, 72)).reshape(*lead, n, 40) + b
     torch.testing.assert_close(y, ref if act is None else torch.relu(ref), rtol=1e-5, atol=1e-5)
 
@@ -64,7 +65,7 @@ def test_every_chosen_path_computes_the_layer(path, n, lead, act):
 def test_two_four_layers_choose_between_dense_and_their_kernel():
     w = two_four((16, 32))
     layer = planned(TwoFour.from_dense(w), favour("dense"))
-    assert layer.paths(8) == ["dense", "2:4"] and layer.route(8) == "dense"
+    assert list(map(str, layer.router.paths(8))) == ["dense", "2:4"] and str(layer.route(8).path) == "dense"
     x = torch.randn(8, 32)
     torch.testing.assert_close(layer(x), x @ w.t(), rtol=0, atol=0)
 
@@ -150,7 +151,7 @@ def test_a_busy_measurement_is_retried_then_marked_reported_and_measured_again(m
     layer = planned(unstructured((40, 72), 0.8), timer, cache)
     with torch.inference_mode():
         layer(torch.randn(1, 72))
-    entry = layer.planned(1)
+    entry = layer.router.planned(1)
     assert watch.windows == 2 and entry["choice"] == "csr.plain"  # timed twice, both busy
     assert entry["busy"] == loaded.describe()
     report = plan_report(layer)
@@ -160,7 +161,7 @@ def test_a_busy_measurement_is_retried_then_marked_reported_and_measured_again(m
     again = planned(unstructured((40, 72), 0.8), timer, PlanCache(tmp_path / "plans.json"))
     with torch.inference_mode():
         again(torch.randn(1, 72))
-    assert "busy" not in again.planned(1) and "*" not in plan_report(again)
+    assert "busy" not in again.router.planned(1) and "*" not in plan_report(again)
 
 
 def test_a_quiet_retry_replaces_the_busy_measurement(monkeypatch):
@@ -170,7 +171,7 @@ def test_a_quiet_retry_replaces_the_busy_measurement(monkeypatch):
     layer = planned(unstructured((40, 72), 0.8), favour("dense"))
     with torch.inference_mode():
         layer(torch.randn(1, 72))
-    assert watch.windows == 2 and "busy" not in layer.planned(1) and layer.route(1) == "dense"
+    assert watch.windows == 2 and "busy" not in layer.router.planned(1) and str(layer.route(1).path) == "dense"
 
 
 @pytest.mark.skipif(not cpp.available(), reason="the cold rule follows the native kernels' cache sizes")
@@ -179,13 +180,13 @@ def test_a_model_larger_than_the_l3_is_planned_cold_at_one_token(monkeypatch, ov
     """sparsify sets ``Planner.cold`` when the model's weights (stored formats and other parameters) exceed the
     L3: the one-token paths of its layers of COLD_MIN_BYTES or more are then timed a call at a time after
     ``flush_caches``, and cached under a key of their own; smaller layers and the other buckets as before."""
-    import sparse_ops.linear
+    import sparse_ops.plan
     from sparse_ops import plan
     from sparse_ops.loading import sparsify
-    from sparse_ops.plan import layer_key
+    from sparse_ops.plan_cache import layer_key
 
     timings = []
-    monkeypatch.setattr(sparse_ops.linear, "time_candidates",
+    monkeypatch.setattr(sparse_ops.plan, "time_candidates",
                         lambda fns, device, **kw: timings.append(kw) or {k: 1.0 if k == "dense" else 0.5 for k in fns})
     model = torch.nn.Sequential(torch.nn.Linear(72, 40), torch.nn.ReLU(), torch.nn.Linear(40, 24))
     state = {"0.weight": CSR.from_dense(unstructured((40, 72), 0.8)), "0.bias": torch.randn(40),

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from sparse_ops.checkpoint import convert_checkpoint
+from sparse_ops.checkpoint.convert import convert_checkpoint
 from sparse_ops.linear import SparseLinear
 from sparse_ops.plan import plan_rows
 from sparse_ops.pretrained import from_pretrained

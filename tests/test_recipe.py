@@ -11,6 +11,7 @@ from torch import nn
 
 from prune import Constant, CubicRamp, Distiller, ExponentialRamp, LinearRamp, Pruner
 from prune.criteria import Criterion
+from prune.one_shot.config import OneShotConfig
 from prune.recipe import Recipe, load_recipe, module_types
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "recipes"
@@ -103,7 +104,7 @@ def test_gpt2_conv1d_is_a_type_a_recipe_names():
 def test_a_recipe_has_every_setting_of_the_pruner_and_its_defaults():
     defaults = {k: p.default for k, p in inspect.signature(Pruner).parameters.items()}
     settings = (set(defaults) - {"model", "process_group", "sparsity"}) | {"schedule"}
-    assert settings == {f.name for f in fields(Recipe)} - {"distill"}  # a new Pruner setting needs a recipe key
+    assert settings == {f.name for f in fields(Recipe)} - {"distill", "oneshot"}  # a new Pruner setting needs a key
     recipe = Recipe(Constant(defaults["sparsity"]))
     assert Recipe.from_dict({"schedule": {"kind": "Constant", "final": defaults["sparsity"]}}) == recipe
     for key in ("criterion", "pattern", "scope", "types", "include", "max_layer_sparsity"):
@@ -160,6 +161,15 @@ BAD = [  # (recipe, what the message must say)
 ]
 
 
+BAD += [
+    ({"oneshot": {"methd": "wanda"}},
+     "recipe key 'oneshot.methd': not a one-shot setting; allowed: ['method', 'sparsity', 'pattern'"),
+    ({"oneshot": {"method": "obs"}}, "recipe key 'oneshot': unknown method 'obs'"),
+    ({"oneshot": {"pattern": "2:4", "sparsity": 0.7}}, "recipe key 'oneshot': pattern 2:4 means sparsity 0.5"),
+    ({"oneshot": 0.5}, "recipe key 'oneshot': expected a table of one-shot settings"),
+]
+
+
 @pytest.mark.parametrize("data, message", BAD)
 def test_bad_recipes_name_the_key_and_what_is_allowed(data, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -182,6 +192,7 @@ BAD_FILES = [
     ("run.json", "{}", "unknown suffix '.json'; allowed: ['.toml', '.yaml', '.yml']"),
     ("run.toml", '[schedule]\nkind = "Constant"\nfinal = 0.5\n[extra]\nx = 1\n',
      "unknown recipe key 'extra'"),
+    ("run.yaml", "oneshot: {pattern: 2:4}\n", "'oneshot.pattern': expected a string"),
 ]
 
 
@@ -217,3 +228,19 @@ def test_a_recipe_the_pruner_refuses_fails_when_the_pruner_is_built():
         Pruner.from_recipe(mlp(), {"criterion": "movement", "schedule": {"kind": "Constant", "final": 0.5}})
     with pytest.raises(ValueError, match="pattern 2:4 means sparsity 0.5"):
         Pruner.from_recipe(mlp(), {"pattern": "2:4", "schedule": {"kind": "Constant", "final": 0.9}})
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".toml"])
+@pytest.mark.parametrize("schedule", [None, Constant(0.5)])
+def test_the_oneshot_table_is_a_oneshot_config(tmp_path, suffix, schedule):
+    config = OneShotConfig(method="wanda", pattern="2:4", exclude=("lm_head",), samples=16, sequential=True)
+    recipe = Recipe(schedule, oneshot={"method": "wanda", "pattern": "2:4", "exclude": ["lm_head"], "samples": 16,
+                                       "sequential": True})
+    assert recipe.oneshot == config
+    recipe.save(tmp_path / f"run{suffix}")
+    assert load_recipe(tmp_path / f"run{suffix}") == recipe == Recipe.from_dict(recipe.to_dict())
+    if schedule is None:  # one-shot settings only: no Pruner
+        with pytest.raises(ValueError, match="no 'schedule', only one-shot settings"):
+            Pruner.from_recipe(mlp(), recipe)
+    else:
+        assert Pruner.from_recipe(mlp(), recipe).to_recipe().schedule == schedule

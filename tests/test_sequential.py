@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from prune.one_shot.sequential import block_linears, find_blocks, run_sequential
+from prune.one_shot.sequential import block_linears, find_blocks, iter_blocks
 
 transformers = pytest.importorskip("transformers")
 
@@ -79,15 +79,15 @@ def last_outputs(model, data, **kw):
     n = len(find_blocks(model).layers)
     outs = []
 
-    def on_block(i, name, block, forward):
-        if i == n - 1:
-            h = block.register_forward_hook(lambda m, a, out: outs.append(out[0] if isinstance(out, tuple) else out))
+    for block in iter_blocks(model, data, progress=False, **kw):
+        if block.index == n - 1:
+            h = block.module.register_forward_hook(
+                lambda m, a, out: outs.append(out[0] if isinstance(out, tuple) else out))
             try:
-                forward()
+                block.run()
             finally:
                 h.remove()
-
-    run_sequential(model, data, on_block, progress=False, **kw)
+        block.advance()
     return outs
 
 
@@ -175,20 +175,19 @@ def test_block_inputs_follow_earlier_pruning(name):
     before = [reference(model, layers[1], ids, pre=True) for ids in data]
     seen = []
 
-    def on_block(i, _name, block, forward):
-        if i == 0:
+    for block in iter_blocks(model, data, progress=False):
+        if block.index == 0:
             with torch.no_grad():
-                for lin in block_linears(block).values():
+                for lin in block_linears(block.module).values():
                     lin.weight.zero_()
         else:
-            h = block.register_forward_pre_hook(lambda m, a, kw: seen.append(a[0] if a else kw["hidden_states"]),
-                                                with_kwargs=True)
+            h = block.module.register_forward_pre_hook(
+                lambda m, a, kw: seen.append(a[0] if a else kw["hidden_states"]), with_kwargs=True)
             try:
-                forward()
+                block.run()
             finally:
                 h.remove()
-
-    run_sequential(model, data, on_block, progress=False)
+        # no advance(): the iterator advances the block when the body did not
     assert all(bool((lin.weight == 0).all()) for lin in block_linears(layers[0]).values())
     assert len(seen) == 2
     for ids, got, old in zip(data, seen, before):
@@ -247,33 +246,54 @@ def test_embedding_stage_covers_everything_but_the_blocks():
     assert not inside & {id(t) for t in outside}
 
 
-# 4. order, names, repeated forward()
+# 4. order, names, repeated run(), run(until=, count=), advance()
 
-def test_blocks_in_order_and_forward_repeats():
+def test_blocks_in_order_and_run_repeats():
     model = make("OPTForCausalLM", num_hidden_layers=3)
     data = batches()
     calls, rows = [], {}
 
-    def on_block(i, name, block, forward):
-        calls.append((i, name, block))
-        q = block.self_attn.q_proj
+    for block in iter_blocks(model, data, progress=False):
+        name = block.name
+        calls.append((block.index, name, block.module))
+        q = block.module.self_attn.q_proj
         h = q.register_forward_pre_hook(lambda m, a: rows.__setitem__(name, rows.get(name, 0) + a[0][..., 0].numel()))
         try:
-            forward()
-            forward()
+            block.run()
+            block.run()
         finally:
             h.remove()
-
-    run_sequential(model, data, on_block, progress=False)
+        block.advance()
     layers = model.model.decoder.layers
     assert [(i, n) for i, n, _ in calls] == [(i, f"model.decoder.layers.{i}") for i in range(3)]
     assert all(b is layers[i] for i, _, b in calls)
     assert rows == {f"model.decoder.layers.{i}": 2 * (2 * 12 + 3 * 8) for i in range(3)}
 
 
+def test_run_until_and_count_then_advance_once():
+    model = make("LlamaForCausalLM")
+    reached = {"q": 0, "gate": 0, "down": 0}
+    block = next(iter_blocks(model, batches(), progress=False))
+    attn, mlp = block.module.self_attn, block.module.mlp
+    hooks = [m.register_forward_pre_hook(lambda m_, a, key=key: reached.__setitem__(key, reached[key] + 1))
+             for key, m in (("q", attn.q_proj), ("gate", mlp.gate_proj), ("down", mlp.down_proj))]
+    block.run(until=attn.o_proj)  # each input's pass stops before o_proj
+    assert reached == {"q": 2, "gate": 0, "down": 0}
+    assert not attn.o_proj._forward_pre_hooks  # run's stop hook is gone
+    block.run(count=1)
+    assert reached == {"q": 3, "gate": 1, "down": 1}
+    for h in hooks:
+        h.remove()
+    block.advance()
+    block.advance()  # once only
+    with pytest.raises(RuntimeError, match="was advanced"):
+        block.run()
+
+
 def test_progress_bar(capsys):
     model = make("LlamaForCausalLM")
-    run_sequential(model, batches()[:1], lambda *a: None, progress=True)
+    for _ in iter_blocks(model, batches()[:1], progress=True):
+        pass
     assert "2/2" in capsys.readouterr().err
 
 
@@ -287,23 +307,26 @@ def test_no_hooks_left_and_training_restored():
     state = hook_state(model)
     modes = []
 
-    def on_block(i, name, block, forward):
-        modes.append(block.training)
-        forward()
-
-    run_sequential(model, batches(), on_block, progress=False)
+    for block in iter_blocks(model, batches(), progress=False):
+        modes.append(block.module.training)
+        block.run()
+        block.advance()
     assert modes == [False, False]  # eval during the run
     assert hook_state(model) == state
     assert {n: m.training for n, m in model.named_modules()} == flags
 
-    def failing(i, name, block, forward):
-        if i == 1:
-            block.mlp.register_forward_hook(lambda *a: None)  # left behind by the failing callback
-            forward()
-            raise RuntimeError("boom")
-
     with pytest.raises(RuntimeError, match="boom"):
-        run_sequential(model, batches(), failing, progress=False)
+        for block in iter_blocks(model, batches(), progress=False):
+            if block.index == 1:
+                block.module.mlp.register_forward_hook(lambda *a: None)  # left behind by the failing loop body
+                block.run()
+                raise RuntimeError("boom")
+    assert hook_state(model) == state
+    assert {n: m.training for n, m in model.named_modules()} == flags
+
+    for block in iter_blocks(model, batches(), progress=False):  # a loop broken off: the same clean-up
+        block.module.mlp.register_forward_hook(lambda *a: None)
+        break
     assert hook_state(model) == state
     assert {n: m.training for n, m in model.named_modules()} == flags
 
@@ -312,7 +335,7 @@ def test_mixed_layer_types_are_not_supported():
     model = make("Qwen2ForCausalLM")
     model.config.layer_types = ["full_attention", "sliding_attention"]
     with pytest.raises(NotImplementedError, match="sliding_attention"):
-        run_sequential(model, batches(), lambda *a: None, progress=False)
+        next(iter_blocks(model, batches(), progress=False))
 
 
 def test_forward_that_never_reaches_the_blocks():
@@ -327,7 +350,7 @@ def test_forward_that_never_reaches_the_blocks():
     model = Skips()
     state = hook_state(model)
     with pytest.raises(RuntimeError, match="did not reach its first block layers.0"):
-        run_sequential(model, [torch.zeros(1, 4, dtype=torch.long)], lambda *a: None, progress=False)
+        next(iter_blocks(model, [torch.zeros(1, 4, dtype=torch.long)], progress=False))
     assert hook_state(model) == state
 
 
@@ -362,15 +385,14 @@ def test_cpu_model_on_cuda():
     want = [reference(model, last, ids) for ids in data]
     devices = []
 
-    def on_block(i, name, block, forward):
-        devices.append(next(block.parameters()).device.type)
-        if i == 1:
-            h = block.register_forward_hook(lambda m, a, out: outs.append(out))
-            forward()
-            h.remove()
-
     outs = []
-    run_sequential(model, data, on_block, device="cuda", progress=False)
+    for block in iter_blocks(model, data, device="cuda", progress=False):
+        devices.append(next(block.module.parameters()).device.type)
+        if block.index == 1:
+            h = block.module.register_forward_hook(lambda m, a, out: outs.append(out))
+            block.run()
+            h.remove()
+        block.advance()
     assert devices == ["cuda", "cuda"]
     assert all(o.device.type == "cuda" for o in outs)
     assert {t.device.type for t in model.state_dict().values()} == {"cpu"}

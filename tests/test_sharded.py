@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from prune.cli import EXIT_USER_ERROR, main
-from sparse_ops.checkpoint import convert_checkpoint, inspect_checkpoint, load_sparse_state_dict
+from sparse_ops.checkpoint.convert import convert_checkpoint
+from sparse_ops.checkpoint.inspect import inspect_checkpoint
+from sparse_ops.checkpoint.schema import load_sparse_state_dict
 from sparse_ops.formats import CSR
 from sparse_ops.linear import SparseLinear
 from sparse_ops.loading import sparsify

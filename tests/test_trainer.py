@@ -18,7 +18,7 @@ from transformers import (
 
 from prune import CubicRamp, Pruner
 from prune.integrations import STATE_FILE, PruningCallback, add_pruning
-from sparse_ops.checkpoint import convert_checkpoint
+from sparse_ops.checkpoint.convert import convert_checkpoint
 from sparse_ops.pretrained import from_pretrained
 
 STEPS, SAVE_EVERY, FINAL = 10, 3, 0.75

@@ -28,7 +28,7 @@ from sparse_ops import bitmap
 from sparse_ops.formats import CSR
 from sparse_ops.kernels import reference
 from sparse_ops.kernels import triton_sparse as ts
-from sparse_ops.kernels.ours_cpu import AddNorm
+from sparse_ops.post import AddNorm
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(
@@ -200,12 +200,11 @@ def test_validate_rejects_corruption():
 def test_choose_splits():
     skinny = ts.TiledBitmap.from_dense(torch.ones(16, 1024))  # one tile row of 16 tiles
     assert ts.choose_splits(skinny, 1, "plain") == 1
-    assert ts.choose_splits(skinny, 1, None) == 8  # interpreter target: 8 programs
-    assert ts.choose_splits(skinny, 1, "splitk") == 8
-    assert ts.choose_splits(skinny, 1000, None) == 1  # many tokens: plain
+    assert ts.pick(skinny, 1) == "splitk" and ts.choose_splits(skinny, 1, "splitk") == 8  # interpreter: 8 programs
+    assert ts.pick(skinny, 1000) == "plain"  # many tokens: plain
     assert ts.choose_splits(skinny, 1000, "splitk") == 2  # asked for: at least 2
     one_tile = ts.TiledBitmap.from_dense(torch.ones(16, 64))
-    assert ts.choose_splits(one_tile, 1, None) == 1 and ts.choose_splits(one_tile, 1, "splitk") == 2
+    assert ts.pick(one_tile, 1) == "plain" and ts.choose_splits(one_tile, 1, "splitk") == 2
     with pytest.raises(ValueError, match="variant"):
         ts.choose_splits(skinny, 1, "panels")
     assert ts.variants(1) == ("plain", "splitk") and ts.variants(4096) == ("plain",)
@@ -221,7 +220,7 @@ def test_autotune_configs():
 
 
 @needs_interpreter
-@pytest.mark.parametrize("variant", (None, "plain", "splitk"))
+@pytest.mark.parametrize("variant", ("plain", "splitk"))
 def test_entry_point(variant):
     """``prepare`` / ``matmul`` with the registry's signature: activation and post-op after the kernel."""
     w = _weight(45, 200, 0.8, torch.float32)

@@ -77,9 +77,9 @@ def test_zero_and_sparse_groups():
 def test_choose_splits():
     wide = TwoFour.from_dense(torch.zeros(32, 4096))  # one row tile, 64 k tiles: skinny
     assert t24.choose_splits(wide, 1, "plain") == 1
-    assert 2 <= t24.choose_splits(wide, 1, None) <= t24.ts.MAX_SPLITS
-    assert t24.choose_splits(wide, 1024, None) == 1  # many tokens: no split-K
-    assert t24.choose_splits(TwoFour.from_dense(torch.zeros(32, 64)), 1, None) == 1  # one k tile
+    assert t24.pick(wide, 1) == "splitk" and 2 <= t24.choose_splits(wide, 1, "splitk") <= t24.ts.MAX_SPLITS
+    assert t24.pick(wide, 1024) == "plain"  # many tokens: no split-K
+    assert t24.pick(TwoFour.from_dense(torch.zeros(32, 64)), 1) == "plain"  # one k tile
     with pytest.raises(ValueError, match="unknown variant 'fast'"):
         t24.choose_splits(wide, 1, "fast")
 
@@ -95,7 +95,7 @@ def test_errors():
 
 
 @needs_interpreter
-@pytest.mark.parametrize("variant", (None, "plain", "splitk"))
+@pytest.mark.parametrize("variant", ("plain", "splitk"))
 def test_entry_point(variant):
     """The registry's matmul: the activation after the product, every variant the same product."""
     w = _weight(40, 128, torch.float32)

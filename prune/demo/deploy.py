@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from prune.demo.model import ROWS, DigitsTransformer
 from prune.demo.runs import Trained
 from sparse_ops.busy import Watch
-from sparse_ops.checkpoint import convert_checkpoint
+from sparse_ops.checkpoint.convert import convert_checkpoint
 from sparse_ops.layers.head_gating import GatedMultiheadAttention
 from sparse_ops.layers.moe import MoE
 from sparse_ops.loading import sparsify

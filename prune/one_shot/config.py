@@ -1,5 +1,6 @@
 """``OneShotConfig``: every option of a one-shot run, checked in one place when it is made. ``oneshot()``,
-``oneshot_folder`` and ``prune oneshot`` all take one (the CLI builds it from its flags by field name).
+``oneshot_folder``, ``prune oneshot`` (its flags named as the fields) and recipes (their ``oneshot`` table:
+``prune.recipe.oneshot_config``) all take one. Importing this module does not load torch.
 
 Example:
     >>> OneShotConfig(method="wanda", pattern="2:4").resolved()
@@ -13,9 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from prune.masks import NMPattern, parse_pattern
 from sparse_ops.errors import UserValueError
+
+if TYPE_CHECKING:  # prune.masks loads torch: not at import, so that the CLI reads the defaults cheaply
+    from prune.masks import NMPattern
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
 PROFILES = ("uniform", "owl")
@@ -58,6 +62,8 @@ class OneShotConfig:
     def resolved(self) -> tuple[NMPattern | None, float, str | None]:
         """(N:M pattern or None, the sparsity per layer, the scope) these options mean; UserValueError naming a
         bad one."""
+        from prune.masks import parse_pattern
+
         if self.method not in METHODS:
             raise UserValueError(f"unknown method {self.method!r}; choose one of {list(METHODS)}")
         if self.profile not in PROFILES:

@@ -1,6 +1,6 @@
 """``oneshot``: prune a pretrained model in one shot from calibration data, block by block, no training.
 
-The calibration windows run through the model one transformer block at a time (``sequential.run_sequential``):
+The calibration windows run through the model one transformer block at a time (``sequential.iter_blocks``):
 each block sees the inputs its pruned predecessors give it, forward pre-hooks collect its linears' input
 statistics (``prune.calibration.InputStats``), and then each linear is pruned in place:
 
@@ -48,7 +48,7 @@ from prune.masks import NMPattern, weight_mask
 from prune.one_shot import owl
 from prune.one_shot.config import OneShotConfig
 from prune.one_shot.data import calibration_batches, check_activation_memory, check_window
-from prune.one_shot.sequential import block_linears, find_blocks, run_sequential
+from prune.one_shot.sequential import CalibrationBlock, block_linears, find_blocks, iter_blocks
 from prune.one_shot.sparsegpt import relative_error, sparsegpt_prune
 from prune.targets import find_targets, input_dim
 from sparse_ops.errors import MisuseError, UserValueError
@@ -148,45 +148,35 @@ def oneshot(model: nn.Module, calibration: Tensor | Sequence[str] | str | os.Pat
     if c.profile == "owl":
         ratios = _outlier_ratios(model, batches, in_blocks, c.owl_threshold, device, progress)
         per_block = owl.block_sparsities(ratios, sparsity, lam=c.owl_lambda)
-    pruned = _BlockPruner(in_blocks, per_block, c.sequential, c.method, nm, scope, c.block_size, c.damp, c.bits,
-                          gram=c.errors or c.method == "sparsegpt")
-    run_sequential(model, batches, pruned, device=device, progress=progress)
-    report = OneShotReport(c.method, str(nm) if nm else "unstructured", c.profile, sparsity, tuple(pruned.results),
-                           tuple(sorted(set(selected) - in_blocks)), time.perf_counter() - start, pruned.scales)
+    results, scales = _prune_blocks(model, batches, in_blocks, per_block, c, nm, scope, device, progress)
+    report = OneShotReport(c.method, str(nm) if nm else "unstructured", c.profile, sparsity, tuple(results),
+                           tuple(sorted(set(selected) - in_blocks)), time.perf_counter() - start, scales)
     return OneShotResult(model, report)
 
 
-@dataclass
-class _BlockPruner:
-    """``run_sequential``'s callback: prunes each block's selected linears from the statistics of its inputs,
-    stage by stage when ``sequential``; keeps each layer's result and, with ``bits``, its int8 grid."""
-
-    in_blocks: set[str]
-    per_block: list[float]
-    sequential: bool
-    method: str
-    nm: NMPattern | None
-    scope: str | None
-    block_size: int
-    damp: float
-    bits: int | None
-    gram: bool
-    results: list[LayerResult] = field(default_factory=list)
-    scales: dict[str, Tensor] = field(default_factory=dict)
-
-    def __call__(self, i: int, name: str, block: nn.Module, forward) -> None:
-        layers = _selected(name, block, self.in_blocks)
-        stages = _stages(layers, forward) if self.sequential else [list(layers)]
+def _prune_blocks(model: nn.Module, batches: list[Tensor], in_blocks: set[str], per_block: list[float],
+                  c: OneShotConfig, nm: NMPattern | None, scope: str | None, device: torch.device | str | None,
+                  progress: bool) -> tuple[list[LayerResult], dict[str, Tensor]]:
+    """Prune each block's selected linears from the statistics of its inputs (stage by stage when
+    ``c.sequential``); each layer's result and, with ``c.bits``, the int8 grid of each pruned weight."""
+    results: list[LayerResult] = []
+    scales: dict[str, Tensor] = {}
+    gram = c.errors or c.method == "sparsegpt"
+    for block in iter_blocks(model, batches, device=device, progress=progress):
+        layers = _selected(block.name, block.module, in_blocks)
+        stages = _stages(layers, block) if c.sequential else [list(layers)]
         for k, stage in enumerate(stages):
             until = layers[stages[k + 1][0]] if k + 1 < len(stages) else None
-            stats = _collect({n: layers[n] for n in stage}, lambda: forward(until=until), gram=self.gram)
-            for lname in stage:
-                result, grid = _prune_layer(lname, layers[lname], stats[lname], self.method, self.per_block[i],
-                                            self.nm, self.scope, self.block_size, self.damp, self.bits)
-                self.results.append(result)
+            stats = _collect({n: layers[n] for n in stage}, block, until=until, gram=gram)
+            for name in stage:
+                result, grid = _prune_layer(name, layers[name], stats[name], c.method, per_block[block.index], nm,
+                                            scope, c.block_size, c.damp, c.bits)
+                results.append(result)
                 if grid is not None:
-                    self.scales[f"{lname}.weight"] = grid
-                del stats[lname]  # its Gram matrix: (in, in) float64
+                    scales[f"{name}.weight"] = grid
+                del stats[name]  # its Gram matrix: (in, in) float64
+        block.advance()
+    return results, scales
 
 
 def _calibration(model: nn.Module, calibration: object, tokenizer, samples: int, seq_len: int, seed: int,
@@ -233,7 +223,7 @@ def _selected(name: str, block: nn.Module, in_blocks: set[str]) -> dict[str, nn.
     return {f"{name}.{k}": m for k, m in block_linears(block).items() if f"{name}.{k}" in in_blocks}
 
 
-def _stages(layers: dict[str, nn.Module], forward) -> list[list[str]]:
+def _stages(layers: dict[str, nn.Module], block: CalibrationBlock) -> list[list[str]]:
     """The block's layers in the order its forward calls them, grouped into stages: consecutive layers that read
     one input tensor (q, k and v; gate and up) form a stage. Found on the first calibration input; layers the
     forward never reached come last (pruning them then fails with a clear error)."""
@@ -246,7 +236,7 @@ def _stages(layers: dict[str, nn.Module], forward) -> list[list[str]]:
 
     handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in layers.items()]
     try:
-        forward(count=1)
+        block.run(count=1)
     finally:
         for h in handles:
             h.remove()
@@ -262,8 +252,10 @@ def _stages(layers: dict[str, nn.Module], forward) -> list[list[str]]:
     return stages + ([unseen] if unseen else [])
 
 
-def _collect(layers: dict[str, nn.Module], forward, *, gram: bool) -> dict[str, InputStats]:
-    """Every layer's input statistics over one pass of the calibration inputs through the block. Layers that
+def _collect(layers: dict[str, nn.Module], block: CalibrationBlock, *, until: nn.Module | None = None,
+             gram: bool) -> dict[str, InputStats]:
+    """Every layer's input statistics over one pass of the calibration inputs through ``block`` (each input's
+    pass ending where ``until`` is about to run, when given: ``CalibrationBlock.run``). Layers that
     read the very same input tensor (q, k and v; gate and up) share one ``InputStats``: the Gram matrices are
     most of the pass's cost beyond the forward itself."""
     stats: dict[str, InputStats] = {}
@@ -289,7 +281,7 @@ def _collect(layers: dict[str, nn.Module], forward, *, gram: bool) -> dict[str, 
 
     handles = [m.register_forward_pre_hook(hook_for(n, m)) for n, m in layers.items()]
     try:
-        forward()
+        block.run(until=until)
     finally:
         for h in handles:
             h.remove()
@@ -328,13 +320,11 @@ def _outlier_ratios(model: nn.Module, batches: list[Tensor], in_blocks: set[str]
                     device: torch.device | str | None, progress: bool) -> list[float]:
     """Each block's OWL outlier ratio, from a pass over the dense model (nothing pruned)."""
     ratios: list[float] = []
-
-    def on_block(i: int, name: str, block: nn.Module, forward) -> None:
-        layers = _selected(name, block, in_blocks)
-        stats = _collect(layers, forward, gram=False)
+    for block in iter_blocks(model, batches, device=device, progress=progress):
+        layers = _selected(block.name, block.module, in_blocks)
+        stats = _collect(layers, block, gram=False)
         scores = [CRITERIA["wanda"].score(m.weight, Evidence(in_dim=input_dim(m), inputs=stats[n]))
                   for n, m in layers.items()]
         ratios.append(owl.outlier_ratio(scores, threshold) if scores else 0.0)
-
-    run_sequential(model, batches, on_block, device=device, progress=progress)
+        block.advance()
     return ratios

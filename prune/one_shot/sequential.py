@@ -2,15 +2,15 @@
 
 One-shot methods (SparseGPT, Wanda) prune a pretrained model block by block. The inputs of block ``i`` are
 computed by blocks ``0 .. i-1`` *after* they were pruned, so each block is pruned against the activations it will
-actually see, and errors of earlier blocks are compensated rather than compounded. The runner:
+actually see, and errors of earlier blocks are compensated rather than compounded. :func:`iter_blocks`:
 
 1. runs the model's own forward on each calibration batch, stops it at block 0 (a forward pre-hook records the
    block's positional and keyword inputs, then raises) -- so the embeddings, position ids, rotary ``(cos, sin)``
    and attention masks are built by the model itself, exactly as in a normal forward;
-2. for each block in order calls ``on_block(i, name, block, forward)``: the callback attaches its hooks (e.g.
-   :class:`prune.calibration.InputStats` on the block's linears), calls ``forward()`` (which runs the block on every
-   calibration input), prunes the block in place and removes its hooks; the runner then runs the pruned block once
-   more on every input, and its outputs become the next block's inputs.
+2. yields one :class:`CalibrationBlock` per block, in order. The loop body attaches its hooks (e.g.
+   :class:`prune.calibration.InputStats` on the block's linears), calls ``block.run()`` (which runs the block on
+   every calibration input), prunes ``block.module`` in place, removes its hooks and calls ``block.advance()``:
+   the pruned block runs once more on every input, and its outputs become the next block's inputs.
 
 Memory: the activations of all calibration batches for one block (``batches x b x seq x hidden``) plus one block;
 with ``device`` given, a model kept on the CPU is moved onto the device one block at a time (and, for step 1,
@@ -37,28 +37,28 @@ Example:
     >>> sorted(block_linears(blocks.layers[0]))[:2]
     ['mlp.down_proj', 'mlp.gate_proj']
     >>> seen = []
-    >>> def on_block(i, name, block, forward):
-    ...     forward()
-    ...     seen.append(name)
-    >>> run_sequential(model, [torch.randint(0, 64, (2, 8))], on_block, progress=False)
+    >>> for block in iter_blocks(model, [torch.randint(0, 64, (2, 8))], progress=False):
+    ...     block.run()  # with hooks attached: collect statistics; then prune block.module in place
+    ...     block.advance()  # its outputs are the next block's inputs
+    ...     seen.append((block.index, block.name))
     >>> seen
-    ['model.layers.0', 'model.layers.1']
+    [(0, 'model.layers.0'), (1, 'model.layers.1')]
 """
 from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from sparse_ops.errors import UnsupportedError, UserTypeError, UserValueError
+from sparse_ops.errors import MisuseError, UnsupportedError, UserTypeError, UserValueError
 
-__all__ = ["Blocks", "block_linears", "find_blocks", "run_sequential"]
+__all__ = ["Blocks", "CalibrationBlock", "block_linears", "find_blocks", "iter_blocks"]
 
 SUPPORTED_FAMILIES = "Llama, Mistral, Qwen2, GPT-2, OPT, Phi, BERT-family encoders (and models built like them)"
 
@@ -139,7 +139,7 @@ def find_blocks(model: nn.Module) -> Blocks:
 
 
 class _StopForward(Exception):
-    """Raised by a pre-hook to end a forward there: the capture hook on block 0, ``forward(until=...)``."""
+    """Raised by a pre-hook to end a forward there: the capture hook on block 0, ``run(until=...)``."""
 
 
 def _stop(_module: nn.Module, _args: tuple) -> None:
@@ -258,33 +258,80 @@ def _check_layer_types(model: nn.Module) -> None:
     layer_types = getattr(getattr(model, "config", None), "layer_types", None)
     if layer_types is not None and len(set(layer_types)) > 1:
         raise UnsupportedError(
-            f"run_sequential: {type(model).__name__} has layers of different types {sorted(set(layer_types))} "
+            f"iter_blocks: {type(model).__name__} has layers of different types {sorted(set(layer_types))} "
             "(e.g. sliding-window and full attention), whose inputs differ from block 0's; not supported"
         )
 
 
-def run_sequential(
+@dataclass(eq=False)
+class CalibrationBlock:
+    """One transformer block of a layer-sequential pass (what :func:`iter_blocks` yields): its position
+    ``index``, qualified ``name`` (``"model.layers.3"``), the block ``module`` itself, and the calibration
+    ``inputs`` it sees -- ``(args, kwargs)`` per batch, computed by the blocks before it (as they are now)."""
+
+    index: int
+    name: str
+    module: nn.Module
+    inputs: list[tuple[tuple, dict]] = field(repr=False)
+    advanced: bool = False
+
+    def run(self, until: nn.Module | None = None, count: int | None = None) -> None:
+        """Run the block on its calibration inputs (no grad, outputs discarded), e.g. for the forward hooks
+        attached to its modules; as often as needed. ``until``: end each input's pass where that module (inside
+        the block) is about to run. ``count``: the first ``count`` inputs only (default: all)."""
+        if self.advanced:
+            raise MisuseError(f"block {self.name} was advanced: its inputs are now the next block's")
+        handle = until.register_forward_pre_hook(_stop) if until is not None else None
+        try:
+            with torch.no_grad():
+                for args, kwargs in self.inputs[:count]:
+                    try:
+                        self.module(*args, **kwargs)
+                    except _StopForward:
+                        pass
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    def advance(self) -> None:
+        """Run the block (as it is now: pruned, say) once more on every input; its outputs replace the hidden
+        states of ``inputs`` (in place), so they become the next block's inputs. Once only: later calls do
+        nothing, and ``run`` is refused afterwards."""
+        if self.advanced:
+            return
+        with torch.no_grad():
+            for j, (args, kwargs) in enumerate(self.inputs):
+                out = self.module(*args, **kwargs)
+                hidden = out[0] if isinstance(out, (tuple, list)) else out
+                if not isinstance(hidden, Tensor):
+                    raise UserTypeError(
+                        f"iter_blocks: block {self.name} returned {type(out).__name__}, "
+                        "not hidden states (a tensor or a tuple starting with one)"
+                    )
+                self.inputs[j] = _with_hidden(args, kwargs, hidden)
+        self.advanced = True
+
+
+def iter_blocks(
     model: nn.Module,
     batches: Sequence[Tensor],
-    on_block: Callable[[int, str, nn.Module, Callable[[], None]], None],
     *,
     attention_mask: Sequence[Tensor] | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
-) -> None:
-    """Run the calibration ``batches`` (token ids, each (b, seq) int64) through ``model`` block by block, calling
-    ``on_block(i, name, block, forward)`` for each block in order, where ``name`` is the block's qualified name
-    (``"model.layers.3"``) and ``forward()`` runs the block on every calibration input (no grad, outputs discarded;
-    call it as often as needed, with hooks attached). ``forward(until=module)`` ends each input's pass where
-    ``module`` (inside the block) is about to run, ``forward(count=n)`` runs the first ``n`` inputs only. The
-    block's outputs after ``on_block`` returns are the next block's inputs, so a callback that prunes its block
-    in place sees the effect of every earlier pruning.
+) -> Iterator[CalibrationBlock]:
+    """Run the calibration ``batches`` (token ids, each (b, seq) int64) through ``model`` block by block: yields
+    one :class:`CalibrationBlock` per transformer block, in order. In the loop body, attach hooks, call
+    ``block.run()`` (as often as needed), prune ``block.module`` in place, then ``block.advance()``: the block's
+    outputs become the next block's inputs, so each block sees the effect of every earlier pruning. A body that
+    does not advance its block has it advanced when the loop goes on.
 
     ``attention_mask``: one mask per batch (padded batches), passed to the model's forward. ``device``: where the
     blocks compute and the activations live (default: the model's device); a model elsewhere is moved onto it one
     block at a time (and its embedding stage for the capture) and back afterwards. The model runs in eval mode;
-    the training flags of its modules are restored afterwards. The runner's hooks are always removed, and when
-    ``on_block`` raises, the forward hooks it left on the block's modules are removed too.
+    the training flags of its modules are restored afterwards. The iterator's hooks are always removed, and when
+    the loop ends early (an exception, ``break``), the forward hooks left on the current block's modules are
+    removed too. Nothing runs before the first iteration.
 
     Block 0's keyword inputs of each batch (masks, position ids, rotary embeddings ...) are reused for every block:
     models whose layers take different keyword inputs are correct only in so far as they are identical, and a
@@ -292,9 +339,9 @@ def run_sequential(
     """
     _check_layer_types(model)
     if attention_mask is not None and len(attention_mask) != len(batches):
-        raise UserValueError(f"run_sequential: {len(attention_mask)} attention masks for {len(batches)} batches")
+        raise UserValueError(f"iter_blocks: {len(attention_mask)} attention masks for {len(batches)} batches")
     if len(batches) == 0:
-        raise UserValueError("run_sequential: no calibration batches")
+        raise UserValueError("iter_blocks: no calibration batches")
     blocks = find_blocks(model)
     moving = device is not None
     target = _normalize(device) if device is not None else _model_device(model)
@@ -304,52 +351,26 @@ def run_sequential(
         inputs = _capture(model, blocks, batches, attention_mask, target, moving)
         with tqdm(range(len(blocks.layers)), desc="blocks", disable=not progress) as bar:
             for i in bar:
-                _run_block(i, blocks, inputs, on_block, target if moving else None)
+                yield from _visit(i, blocks, inputs, target if moving else None)
     finally:
         for m, flag in training.items():
             m.training = flag
 
 
-def _run_block(
-    i: int,
-    blocks: Blocks,
-    inputs: list[tuple[tuple, dict]],
-    on_block: Callable[[int, str, nn.Module, Callable[[], None]], None],
-    device: torch.device | None,
-) -> None:
-    """Block ``i``'s turn: ``on_block``, then its outputs replace ``inputs``' hidden states (in place)."""
-    block = blocks.layers[i]
-    moved = _move([(block, True)], device) if device is not None else []
+def _visit(i: int, blocks: Blocks, inputs: list[tuple[tuple, dict]],
+           device: torch.device | None) -> Iterator[CalibrationBlock]:
+    """Block ``i``'s turn: on ``device`` (when given) while the loop body runs and until it is advanced."""
+    module = blocks.layers[i]
+    moved = _move([(module, True)], device) if device is not None else []
     try:
-        def forward(until: nn.Module | None = None, count: int | None = None) -> None:
-            handle = until.register_forward_pre_hook(_stop) if until is not None else None
-            try:
-                with torch.no_grad():
-                    for args, kwargs in inputs[:count]:
-                        try:
-                            block(*args, **kwargs)
-                        except _StopForward:
-                            pass
-            finally:
-                if handle is not None:
-                    handle.remove()
-
-        before = _hook_keys(block)
+        block = CalibrationBlock(i, f"{blocks.path}.{i}", module, inputs)
+        before = _hook_keys(module)
         try:
-            on_block(i, f"{blocks.path}.{i}", block, forward)
-        except BaseException:
+            yield block
+        except BaseException:  # GeneratorExit: the loop body raised or broke off
             _remove_new_hooks(before)
             raise
-        with torch.no_grad():
-            for j, (args, kwargs) in enumerate(inputs):
-                out = block(*args, **kwargs)
-                hidden = out[0] if isinstance(out, (tuple, list)) else out
-                if not isinstance(hidden, Tensor):
-                    raise UserTypeError(
-                        f"run_sequential: block {blocks.path}.{i} returned {type(out).__name__}, "
-                        "not hidden states (a tensor or a tuple starting with one)"
-                    )
-                inputs[j] = _with_hidden(args, kwargs, hidden)
+        block.advance()
     finally:
         _move_back(moved)
 
@@ -391,7 +412,7 @@ def _capture(
                     pass
                 if len(captured) != before + 1:
                     raise UnsupportedError(
-                        f"run_sequential: the forward of {type(model).__name__} did not reach its first block "
+                        f"iter_blocks: the forward of {type(model).__name__} did not reach its first block "
                         f"{blocks.path}.0"
                     )
     finally:
@@ -406,7 +427,7 @@ def _capture(
             kwargs["use_cache"] = False
         if not (args and isinstance(args[0], Tensor)) and not isinstance(kwargs.get("hidden_states"), Tensor):
             raise UserValueError(
-                f"run_sequential: block {blocks.path}.0 of {type(model).__name__} got its hidden states neither as "
+                f"iter_blocks: block {blocks.path}.0 of {type(model).__name__} got its hidden states neither as "
                 "its first positional argument nor as the keyword hidden_states"
             )
         inputs.append((_to(args, device), _to(kwargs, device)))

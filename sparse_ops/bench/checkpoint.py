@@ -42,7 +42,8 @@ import torch
 
 from sparse_ops.bench.matmul import DTYPES, Measured, measure_weight, timed_columns
 from sparse_ops.bench.plots import SpeedupBar
-from sparse_ops.checkpoint import EMBEDDING, Entry, iter_tensors, read_entries
+from sparse_ops.checkpoint.layout import EMBEDDING
+from sparse_ops.checkpoint.schema import Entry, iter_tensors, read_entries
 from sparse_ops.linear import candidate_formats
 from sparse_ops.registry import FORMATS, LOSSLESS, QUANTIZED
 from sparse_ops.tensorio import RawSource, open_raw

@@ -43,10 +43,11 @@ import torch
 import torch.nn.functional as F
 
 from sparse_ops.bench.shapes import LinearShape
-from sparse_ops.checkpoint import choose_storage
+from sparse_ops.checkpoint.layout import choose_storage
 from sparse_ops.errors import UnsupportedError
 from sparse_ops.linear import SparseLinear
-from sparse_ops.plan import PlanCache, Planner
+from sparse_ops.plan import Planner
+from sparse_ops.plan_cache import PlanCache
 from sparse_ops.quantized import quantize_input
 from sparse_ops.registry import FORMATS as SPARSE_FORMATS
 from sparse_ops.registry import QUANTIZED, format_class
@@ -153,7 +154,7 @@ def planned(w: torch.Tensor, x: torch.Tensor) -> Candidate:
         return Candidate("auto", lambda: F.linear(x, w), "dense", auto_chose="dense")
     layer = SparseLinear(format_class(stored).from_dense(w), planner=Planner(cache=PlanCache(None)))
     with torch.inference_mode():
-        chose = layer.route(x.shape[0])
+        chose = str(layer.route(x.shape[0]).path)
     storage = STORAGE.get(chose) or STORAGE[chose.partition(".")[0]]  # csr.panels: csr
     return Candidate("auto", lambda: layer(x), storage, auto_chose=chose)
 

@@ -14,7 +14,7 @@ multiplies a contiguous run of tokens. The C++ code packs x itself, inside the s
 the multiply; each call is one ctypes call with the weight's pointers bound at ``prepare`` (a few microseconds
 of Python per layer). All run on torch's OpenMP pool with torch's thread count; outputs are cast back to the
 weight's dtype. An activation (``sparse_ops.activations``) can be fused into the output writes. Inference
-only: when a gradient is needed the call goes to torch's CSR kernel.
+only: when a gradient is needed the layer's router takes a kernel that has a backward (``dispatch.Kernel.grad``).
 
 Example:
     >>> import torch
@@ -34,15 +34,14 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
-from sparse_ops.activations import CODES, apply
+from sparse_ops.activations import CODES
 from sparse_ops.errors import UnavailableError, UserValueError
 from sparse_ops.formats import CSR, TwoFour
 from sparse_ops.kernels import cpp, torch_cpu
+from sparse_ops.post import AddNorm
 from sparse_ops.quantized import BitmapInt8, CSRInt8, DenseInt8, Int8CSR, Int8Weight, quantize_input
 
 VALUE_CODE = {torch.float32: "f32", torch.bfloat16: "bf16"}  # value dtypes the C++ code reads
@@ -95,36 +94,17 @@ class NativeWeight:
     extra: int = 0  # the int8 entries' flags after the sizes (cpp.LINEAR_FLAGS)
 
 
-class AddNorm(NamedTuple):  # a NamedTuple: built per call, it must be cheap (a frozen dataclass costs ~2 us)
-    """A post-op the kernels apply to whole output rows once they are written: ``y + residual``, then (``norm``)
-    ``F.layer_norm`` over the row with ``weight`` / ``bias`` (None: no affine) and ``eps``. A post-LN
-    transformer sublayer's output (``sparse_ops.fused.SparseAddNorm``)."""
-
-    residual: torch.Tensor  # (N, out)
-    weight: torch.Tensor | None = None
-    bias: torch.Tensor | None = None
-    eps: float = 1e-5
-    norm: bool = True
-
-    def apply(self, y: torch.Tensor) -> torch.Tensor:
-        """The same with torch ops (the kernels without the post-op, and the reference).
-
-        >>> AddNorm(torch.ones(1, 2), norm=False).apply(torch.tensor([[1.0, 2.0]])).tolist()
-        [[2.0, 3.0]]
-        """
-        y = y + self.residual
-        return F.layer_norm(y, y.shape[-1:], self.weight, self.bias, self.eps) if self.norm else y
-
-    def args(self, n: int, out: int) -> tuple[tuple[object, ...], tuple[torch.Tensor, ...]]:
-        """The C++ post arguments (kind, residual, gamma, beta, eps) and the fp32 tensors they point into."""
-        if self.residual.shape != (n, out):
-            raise UserValueError(f"residual must have shape ({n}, {out}), got {tuple(self.residual.shape)}")
-        parts = (_fp32(self.residual), *(_fp32(t) if self.norm else None for t in (self.weight, self.bias)))
-        for t in parts[1:]:
-            if t is not None and t.shape != (out,):
-                raise UserValueError(f"the norm's weight and bias must have shape ({out},), got {tuple(t.shape)}")
-        kind = cpp.POST_KINDS["add_norm" if self.norm else "add"]
-        return (kind, *(None if t is None else t.data_ptr() for t in parts), float(self.eps)), parts
+def post_args(post: AddNorm, n: int, out: int) -> tuple[tuple[object, ...], tuple[torch.Tensor | None, ...]]:
+    """The C++ post arguments of ``post`` (kind, residual, gamma, beta, eps) and the fp32 tensors they point
+    into (kept alive by the caller for the call)."""
+    if post.residual.shape != (n, out):
+        raise UserValueError(f"residual must have shape ({n}, {out}), got {tuple(post.residual.shape)}")
+    parts = (_fp32(post.residual), *(_fp32(t) if post.norm else None for t in (post.weight, post.bias)))
+    for t in parts[1:]:
+        if t is not None and t.shape != (out,):
+            raise UserValueError(f"the norm's weight and bias must have shape ({out},), got {tuple(t.shape)}")
+    kind = cpp.POST_KINDS["add_norm" if post.norm else "add"]
+    return (kind, *(None if t is None else t.data_ptr() for t in parts), float(post.eps)), parts
 
 
 def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -342,33 +322,40 @@ def prepare_bitmap_int8(w: BitmapInt8) -> NativeWeight:
 
 
 def int8_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None,
-                post: AddNorm | None = None, variant: str | None = None) -> torch.Tensor:
-    """x: (N, in) -> post(activation(x W^T + bias)) (N, out) in the weight's dtype, W = scales * q, x quantized
-    per block first where the weight's ``input_bits`` says so. ``variant`` (sparse int8: one of
-    ``int8_variants(N)``, the panelled copy as CSR's; dense-int8 has none) picks the kernel; None:
-    ``use_panels`` picks. With a gradient needed: ``F.linear`` on the dequantized weight."""
-    quantized = w.source.input_bits is not None
-    if needs_grad(x, bias):
-        y = apply(F.linear(quantize_input(x) if quantized else x, w.source.to_dense(), bias), activation)
-        return y if post is None else post.apply(y)
-    if isinstance(w.source, DenseInt8):
-        if variant is not None:
-            raise UserValueError(f"the dense-int8 kernel has no variants, got {variant!r}")
-        return _matmul(w, x, bias, False, CODES[activation], post)
-    panels = _panels_for(w, x.shape[0], variant, int8_variants(x.shape[0]))
-    if panels and quantized:  # the panelled kernel takes fp32 inputs: the int8 copy made here
+                post: AddNorm | None = None, variant: str = "plain") -> torch.Tensor:
+    """x: (N, in) -> post(activation(x W^T + bias)) (N, out) in the weight's dtype for a sparse int8 layout,
+    W = scales * q, x quantized per block first where the weight's ``input_bits`` says so. ``variant``: one of
+    ``int8_variants(N)`` (the panelled copy as CSR's; ``pick_csr`` gives the default)."""
+    panels = _is_panels(variant, x.shape[0], int8_variants(x.shape[0]))
+    if panels and w.source.input_bits is not None:  # the panelled kernel takes fp32 inputs: the int8 copy here
         x = quantize_input(x)
     return _matmul(w, x, bias, panels, CODES[activation], post)
 
 
-def _panels_for(w: NativeWeight, n: int, variant: str | None, allowed: tuple[str, ...]) -> bool:
-    """Whether a sparse weight's call on n tokens takes the panelled kernel: ``variant`` (one of ``allowed``), or
-    None for ``use_panels``' choice."""
-    if variant is None:
-        return use_panels(n, w.density, w.source.shape[1])
+def dense_int8_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None,
+                      post: AddNorm | None = None, variant: str = "") -> torch.Tensor:
+    """``int8_matmul`` for dense-int8 (no variants): the kernel quantizes x itself where ``input_bits`` says so."""
+    if variant:
+        raise UserValueError(f"the dense-int8 kernel has no variants, got {variant!r}")
+    return _matmul(w, x, bias, False, CODES[activation], post)
+
+
+def _is_panels(variant: str, n: int, allowed: tuple[str, ...]) -> bool:
+    """Whether ``variant`` (one of ``allowed`` for n tokens) is the panelled kernel; ValueError naming those."""
     if variant not in allowed:
-        raise UserValueError(f"unknown kernel variant {variant!r} for {n} tokens; allowed: {allowed}")
+        raise UserValueError(f"unknown kernel variant {variant!r} for {n} tokens; allowed: {', '.join(allowed)}")
     return variant == "panels"
+
+
+def pick_csr(w: NativeWeight, n: int) -> str:
+    """The variant a call of n tokens takes where no plan chose one: ``use_panels``' rule by batch and density.
+
+    >>> from sparse_ops.formats import CSR
+    >>> w = prepare_csr(CSR.from_dense(torch.eye(64))) if cpp.available() else None
+    >>> [pick_csr(w, n) for n in (1, 256)] if w is not None else ['plain', 'panels']
+    ['plain', 'panels']
+    """
+    return "panels" if use_panels(n, w.density, w.source.shape[1]) else "plain"
 
 
 # Below this much work (stored values x tokens) a plain-kernel call runs on one thread: waking the other
@@ -395,24 +382,27 @@ def panel_tile(n: int) -> int:
     return 16 if n <= 16 else 32 if n <= 32 else PANEL_TILE
 
 
-def needs_grad(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether autograd will want the product's gradient (grad mode on, and x or the bias requires it)."""
-    return torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+def _wants_grad(x: torch.Tensor, *biases: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or any(b is not None and b.requires_grad for b in biases))
 
 
 def _matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, panels: bool, act: int,
             post: AddNorm | None) -> torch.Tensor:
-    """One C++ call: x (N, in) -> post(act(x W^T + bias)) (N, out) in the weight's dtype."""
+    """One C++ call: x (N, in) -> post(act(x W^T + bias)) (N, out) in the weight's dtype. The C++ code has no
+    backward: the router sends calls that need a gradient to a kernel that has one (``dispatch.Kernel.grad``)."""
+    if _wants_grad(x, bias):
+        raise UserValueError("our CPU kernels have no backward; call the layer (SparseLinear), whose router "
+                             "takes a kernel with one when a gradient is needed")
     n, out = x.shape[0], w.source.shape[0]
     y = torch.empty(n, out, dtype=torch.float32)
     if n and out:  # conversions only where needed: each torch call costs ~2 us, a BERT forward makes 36 of these
         x, bias = _fp32(x), _fp32(bias)
         bp = None if bias is None else bias.data_ptr()
-        post_args, _alive = post.args(n, out) if post is not None else (cpp.NO_POST, ())
+        post_c, _alive = post_args(post, n, out) if post is not None else (cpp.NO_POST, ())
         if panels:
-            panelled(w)(x.data_ptr(), panel_tile(n), n, bp, y.data_ptr(), cpp.num_threads(), act, *post_args)
+            panelled(w)(x.data_ptr(), panel_tile(n), n, bp, y.data_ptr(), cpp.num_threads(), act, *post_c)
         else:
-            w.call(x.data_ptr(), n, bp, y.data_ptr(), threads_for(w.nnz * n, n), act, *post_args)
+            w.call(x.data_ptr(), n, bp, y.data_ptr(), threads_for(w.nnz * n, n), act, *post_c)
     return y if w.out_dtype == torch.float32 else y.to(w.out_dtype)
 
 
@@ -429,7 +419,7 @@ def ffn_matmul(up: NativeWeight, down: NativeWeight, x: torch.Tensor, up_bias: t
     caller runs the layers: a gradient is needed, fewer than ``FFN_MIN_TOKENS`` tokens, a weight too sparse for
     the panelled kernel, or different value types or dtypes. U, G (hidden, in) and D (out, hidden) are CSR."""
     n, weights = x.shape[0], (up, down) if gate is None else (gate, up, down)
-    if n < FFN_MIN_TOKENS or any(needs_grad(x, b) for b in (up_bias, down_bias, gate_bias)) \
+    if n < FFN_MIN_TOKENS or _wants_grad(x, up_bias, down_bias, gate_bias) \
             or min(w.density for w in weights) < PANEL_MIN_DENSITY or len({w.value_code for w in weights}) > 1 \
             or len({w.out_dtype for w in weights}) > 1 \
             or not all(isinstance(w.source, (CSR, CSRInt8, BitmapInt8)) for w in weights) \
@@ -449,9 +439,9 @@ def ffn_matmul(up: NativeWeight, down: NativeWeight, x: torch.Tensor, up_bias: t
         up.ffn_call = (down, gate, _entry(f"csr_ffn_{up.value_code}", *gate_parts, *_panel_args(up),
                                           *_panel_args(down), inp, hidden, out, PANEL_ROWS, PANEL_WIDTH))
     y = torch.empty(n, out, dtype=torch.float32)
-    post_args, _alive = post.args(n, out) if post is not None else (cpp.NO_POST, ())
+    post_c, _alive = post_args(post, n, out) if post is not None else (cpp.NO_POST, ())
     up.ffn_call[2](x.data_ptr(), panel_tile(n), n, *(None if t is None else t.data_ptr() for t in (bg, bu, bd)),
-                   y.data_ptr(), cpp.num_threads(), CODES[activation], *post_args)
+                   y.data_ptr(), cpp.num_threads(), CODES[activation], *post_c)
     return y if up.out_dtype == torch.float32 else y.to(up.out_dtype)
 
 
@@ -577,24 +567,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 
 def csr_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None,
-               post: AddNorm | None = None, variant: str | None = None) -> torch.Tensor:
-    """x: (N, in) -> post(activation(x W^T + bias)) (N, out) in the weight's dtype. ``variant`` (one of
-    ``csr_variants(N)``) picks the kernel; None: ``use_panels`` picks by batch and density."""
-    if needs_grad(x, bias):  # the C++ kernels have no backward: torch's CSR path does
-        y = apply(torch_cpu.csr_matmul(torch_cpu.prepare_csr(w.source), x, bias), activation)
-        return y if post is None else post.apply(y)
+               post: AddNorm | None = None, variant: str = "plain") -> torch.Tensor:
+    """x: (N, in) -> post(activation(x W^T + bias)) (N, out) in the weight's dtype. ``variant``: one of
+    ``csr_variants(N)`` ("mask": the column-mask copy at one token; ``pick_csr`` gives the default)."""
     if variant == "mask" and x.shape[0] == 1:
         return _matmul(masked(w), x, bias, False, CODES[activation], post)
-    return _matmul(w, x, bias, _panels_for(w, x.shape[0], variant, csr_variants(x.shape[0])), CODES[activation],
-                   post)
+    return _matmul(w, x, bias, _is_panels(variant, x.shape[0], csr_variants(x.shape[0])), CODES[activation], post)
 
 
 def two_four_matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None,
-                    post: AddNorm | None = None, variant: str | None = None) -> torch.Tensor:
+                    post: AddNorm | None = None, variant: str = "") -> torch.Tensor:
     """x: (N, in) -> post(activation(x W^T + bias)) (N, out) in the weight's dtype (no variants)."""
-    if variant is not None:
+    if variant:
         raise UserValueError(f"the 2:4 kernel has no variants, got {variant!r}")
-    if needs_grad(x, bias):
-        y = apply(torch_cpu.csr_matmul(torch_cpu.prepare_csr(CSR.from_dense(w.source.to_dense())), x, bias), activation)
-        return y if post is None else post.apply(y)
     return _matmul(w, x, bias, False, CODES[activation], post)

@@ -44,8 +44,8 @@ Split-K (variant "splitk"): for skinny products (few tile rows, few tokens) the 
 GPU, so each tile row's nonempty tiles are split over SPLITS programs; each writes its fp32 partial tile into
 a (SPLITS, N, out) buffer (plain stores: deterministic, and safe to rerun while autotuning, unlike atomics)
 and a second kernel sums the splits, adds the bias and casts. Variant "plain" writes y directly (bias in the
-epilogue). ``variant=None`` chooses split-K when tokens <= ``SPLITK_MAX_TOKENS`` and the tile rows are fewer
-than ``target_programs`` (4 per SM).
+epilogue). ``pick`` (the default a plan does not override) takes split-K when tokens <= ``SPLITK_MAX_TOKENS``
+and the tile rows are fewer than ``target_programs`` (4 per SM).
 
 Autotune: the tile shape is the layout's (fixed at load); ``triton.autotune`` chooses BLOCK_N (16..128 tokens,
 pruned to configs no larger than the token count's power of two, 16 at least: ``tl.dot``'s minimum), num_warps
@@ -99,7 +99,7 @@ except ImportError:  # the layout and its reference still work; available() is F
     triton = tl = libdevice = None
 
 VARIANTS = ("plain", "splitk")
-SPLITK_MAX_TOKENS = 64  # variant=None: split-K only for skinny products
+SPLITK_MAX_TOKENS = 64  # pick: split-K only for skinny products
 MAX_SPLITS = 16
 MIN_TILES_PER_SPLIT = 2  # a split should stream at least this many tiles
 # what autotune keys its choice on (besides the arguments' dtypes): token bucket, shape, layout tile, splits
@@ -258,16 +258,25 @@ def _cuda_programs(index: int) -> int:
     return 4 * torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def choose_splits(tb: TiledBitmap, n: int, variant: str | None) -> int:
-    """Programs per tile row: 1 for "plain"; for "splitk" at least 2; for None split-K only when skinny."""
-    if variant not in (None, *VARIANTS):
-        raise UserValueError(f"unknown variant {variant!r}; allowed: None, {', '.join(VARIANTS)}")
-    if variant == "plain" or (variant is None and (n > SPLITK_MAX_TOKENS or tb.max_row_tiles < 2)):
-        return 1
+def _splits_to_fill(tb: TiledBitmap, n: int) -> int:
+    """Programs per tile row that fill the GPU at n tokens (``target_programs``), within the row's tiles."""
     programs = tb.tile_rows * -(-n // 16)
     want = -(-target_programs(tb.device) // max(programs, 1))
-    splits = min(want, -(-tb.max_row_tiles // MIN_TILES_PER_SPLIT), MAX_SPLITS)
-    return max(splits, 2) if variant == "splitk" else max(splits, 1)
+    return min(want, -(-tb.max_row_tiles // MIN_TILES_PER_SPLIT), MAX_SPLITS)
+
+
+def pick(tb: TiledBitmap, n: int) -> str:
+    """The variant for n tokens where no plan chose one: "splitk" for skinny products it fills, else "plain"."""
+    if n > SPLITK_MAX_TOKENS or tb.max_row_tiles < 2:
+        return "plain"
+    return "splitk" if _splits_to_fill(tb, n) >= 2 else "plain"
+
+
+def choose_splits(tb: TiledBitmap, n: int, variant: str) -> int:
+    """Programs per tile row: 1 for "plain", at least 2 for "splitk"."""
+    if variant not in VARIANTS:
+        raise UserValueError(f"unknown variant {variant!r}; allowed: {', '.join(VARIANTS)}")
+    return 1 if variant == "plain" else max(_splits_to_fill(tb, n), 2)
 
 
 def check_product(shape: tuple[int, int], device: torch.device, x: torch.Tensor, bias: torch.Tensor | None,
@@ -337,10 +346,10 @@ def prepare(w: CSR | TiledBitmap, tile: tuple[int, int] = DEFAULT_TILE) -> Tiled
 
 
 def matmul(state: TiledBitmap, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None, *,
-           post=None, variant: str | None = None) -> torch.Tensor:
+           post=None, variant: str = "plain") -> torch.Tensor:
     """The registry's signature (``sparse_ops.dispatch``): ``post(act(x @ W^T + bias))``; the activation and
-    the post-op (``kernels.ours_cpu.AddNorm``) run after the kernel with torch ops. ``variant``: None
-    (``choose_splits`` decides), "plain" or "splitk"."""
+    the post-op (``sparse_ops.post.AddNorm``) run after the kernel with torch ops. ``variant``: "plain" or
+    "splitk" (``pick`` gives the default)."""
     activations.check(activation)
     splits = choose_splits(state, x.shape[0], variant)
     y = activations.apply(tiled_matmul(state, x, bias, splits=splits), activation)

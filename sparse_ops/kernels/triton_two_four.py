@@ -20,8 +20,8 @@ Tails: in is a multiple of 4 (the format's rule); columns >= in, tokens >= N and
 
 Split-K (variant "splitk"): the input dimension is cut into SPLITS ranges of whole tiles, each program writes
 its fp32 partial product, and ``triton_sparse.sum_splits`` adds them, the bias and the cast (deterministic).
-``variant=None``: split-K when tokens <= ``triton_sparse.SPLITK_MAX_TOKENS`` and the row tiles x token blocks
-are fewer than ``triton_sparse.target_programs`` (4 per SM).
+``pick`` (the default a plan does not override): split-K when tokens <= ``triton_sparse.SPLITK_MAX_TOKENS`` and
+the row tiles x token blocks are fewer than ``triton_sparse.target_programs`` (4 per SM).
 
 Tested on CPU tensors under ``TRITON_INTERPRET=1`` (``tests/test_triton_two_four.py``) and compiled for sm_80
 / sm_90 without a device; on a GPU the CUDA-marked test runs the same grid compiled.
@@ -55,17 +55,29 @@ available = ts.available
 variants = ts.variants
 
 
-def choose_splits(w: TwoFour, n: int, variant: str | None) -> int:
-    """Input ranges per row tile: 1 for "plain"; for "splitk" at least 2; for None split-K only when skinny."""
-    if variant not in (None, *VARIANTS):
-        raise UserValueError(f"unknown variant {variant!r}; allowed: None, {', '.join(VARIANTS)}")
-    k_tiles = -(-w.shape[1] // TILE_K)
-    if variant == "plain" or (variant is None and (n > ts.SPLITK_MAX_TOKENS or k_tiles < 2)):
-        return 1
+def _k_tiles(w: TwoFour) -> int:
+    return -(-w.shape[1] // TILE_K)
+
+
+def _splits_to_fill(w: TwoFour, n: int) -> int:
+    """Input ranges per row tile that fill the GPU at n tokens, within the input's tiles."""
     programs = -(-w.shape[0] // TILE_OUT) * -(-n // 16)
     want = -(-ts.target_programs(w.values.device) // max(programs, 1))
-    splits = min(want, -(-k_tiles // ts.MIN_TILES_PER_SPLIT), ts.MAX_SPLITS)
-    return max(splits, 2) if variant == "splitk" else max(splits, 1)
+    return min(want, -(-_k_tiles(w) // ts.MIN_TILES_PER_SPLIT), ts.MAX_SPLITS)
+
+
+def pick(w: TwoFour, n: int) -> str:
+    """The variant for n tokens where no plan chose one: "splitk" for skinny products it fills, else "plain"."""
+    if n > ts.SPLITK_MAX_TOKENS or _k_tiles(w) < 2:
+        return "plain"
+    return "splitk" if _splits_to_fill(w, n) >= 2 else "plain"
+
+
+def choose_splits(w: TwoFour, n: int, variant: str) -> int:
+    """Input ranges per row tile: 1 for "plain", at least 2 for "splitk"."""
+    if variant not in VARIANTS:
+        raise UserValueError(f"unknown variant {variant!r}; allowed: {', '.join(VARIANTS)}")
+    return 1 if variant == "plain" else max(_splits_to_fill(w, n), 2)
 
 
 if tl is not None:
@@ -165,9 +177,9 @@ def prepare(w: TwoFour) -> TwoFour:
 
 
 def matmul(state: TwoFour, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None, *,
-           post=None, variant: str | None = None) -> torch.Tensor:
+           post=None, variant: str = "plain") -> torch.Tensor:
     """The registry's signature (``sparse_ops.dispatch``): ``post(act(x @ W^T + bias))``; the activation and
-    the post-op run after the kernel with torch ops. ``variant``: None (``choose_splits``), "plain", "splitk"."""
+    the post-op run after the kernel with torch ops. ``variant``: "plain" or "splitk" (``pick``: the default)."""
     activations.check(activation)
     y = activations.apply(two_four_matmul(state, x, bias, splits=choose_splits(state, x.shape[0], variant)),
                           activation)

@@ -2,7 +2,7 @@
 
 ``fuse(model)`` runs all of them: the activations into their layers (``fuse_activations``), then ``fuse_ffn``,
 ``fuse_gated_ffn`` and ``fuse_add_norm``; ``loading.sparsify(..., fuse=True)`` calls it. The modules they swap
-in are in ``sparse_ops.fused``; this module holds only the passes.
+in are in ``sparse_ops.fusion.modules``; this module holds only the passes.
 
 **Activations into their layers** (``fuse_activations``): each ``SparseLinear`` whose only consumer is an
 activation module, both children of the same parent, takes the activation into its kernel (the activation
@@ -32,7 +32,7 @@ for a ``SparseGatedFFN`` holding the same three layers under the same names: the
 **Residual add and LayerNorm in the kernel** (``SparseAddNorm``, ``fuse_add_norm``). A post-LN sublayer ends
 with ``norm(dropout(layer(x)) + residual)`` (BERT's ``BertSelfOutput`` and ``BertOutput``): two more passes
 over a fresh (tokens, hidden) tensor each. ``SparseAddNorm`` has the kernel apply both to each tile of output
-rows as soon as the tile is written (``kernels.ours_cpu.AddNorm``). ``fuse_add_norm`` swaps each module whose
+rows as soon as the tile is written (``sparse_ops.post.AddNorm``). ``fuse_add_norm`` swaps each module whose
 forward is exactly that (a sparse layer or ``SparseFFN`` on its first input, an optional dropout, the add of
 its second input, a LayerNorm) for a ``SparseAddNorm`` holding the same children under the same names: the
 state dict keys do not change.
@@ -63,7 +63,7 @@ import torch
 from torch import fx, nn
 
 from sparse_ops.activations import activation_of
-from sparse_ops.fused import SparseAddNorm, SparseFFN, SparseGatedFFN
+from sparse_ops.fusion.modules import SparseAddNorm, SparseFFN, SparseGatedFFN
 from sparse_ops.linear import SparseLinear
 
 

@@ -1,17 +1,19 @@
-"""The fused sparse modules ``sparse_ops.fusion``'s passes swap in: ``SparseFFN`` (a feed-forward pair in one
-kernel call), ``SparseGatedFFN`` (LLaMA's gated MLP) and ``SparseAddNorm`` (the residual add and LayerNorm in the
-kernel). Each runs its one-call path where the layers' kernel has it (``dispatch.Kernel.ffn``,
-``Kernel.fuses``) and the layers in turn otherwise, through ``SparseLinear``'s public interface
-(``kernel``, ``prepared``, ``bias``, ``runs_own_kernel``, ``kernel_kwargs``).
+"""The fused sparse modules the passes (``sparse_ops.fusion.passes``) swap in: ``SparseFFN`` (a feed-forward
+pair in one kernel call), ``SparseGatedFFN`` (LLaMA's gated MLP) and ``SparseAddNorm`` (the residual add and
+LayerNorm in the kernel). They decide nothing about kernels: each asks its layers' routers how a call of n tokens
+runs (``SparseLinear.route``) and takes the one-call path where the routes' kernel has it
+(``dispatch.Kernel.ffn``), else the layers in turn; the post-op goes to whichever kernel runs (``Route``
+applies it inside the kernel or after it).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from sparse_ops.dispatch import needs_grad
 from sparse_ops.errors import UserTypeError, UserValueError
-from sparse_ops.kernels.ours_cpu import AddNorm
-from sparse_ops.linear import SparseLinear
+from sparse_ops.linear import SparseLinear, flatten, unflatten
+from sparse_ops.post import AddNorm
 
 
 class SparseFFN(nn.Module):
@@ -39,13 +41,10 @@ class SparseFFN(nn.Module):
         up, down = self._modules["up"], self._modules["down"]  # direct lookups: this runs per forward
         if torch.compiler.is_compiling():  # each layer a custom operator (sparse_ops::linear), no fused call
             return down(up(x))
-        ffn, n = up.kernel.ffn, x.numel() // max(1, x.shape[-1])
-        if ffn is not None and down.kernel is up.kernel and up.runs_own_kernel(n) and down.runs_own_kernel(n):
-            up.check_input(x)
-            y = ffn(up.prepared, down.prepared, x if x.dim() == 2 else x.reshape(-1, up.in_features),
-                    up.bias, down.bias, up.activation)
-            if y is not None:
-                return y if x.dim() == 2 else y.reshape(*x.shape[:-1], down.out_features)
+        up.check_input(x)
+        y = _ffn(up, down, flatten(x), up.activation)
+        if y is not None:
+            return unflatten(y, x)
         return down(up(x))
 
 
@@ -84,23 +83,19 @@ class SparseGatedFFN(nn.Module):
         gate, up, down = (self._modules[n] for n in self._names)
         if torch.compiler.is_compiling():  # each layer a custom operator (sparse_ops::linear), no fused call
             return down(gate(x) * up(x))
-        ffn, n = up.kernel.ffn, x.numel() // max(1, x.shape[-1])
-        if ffn is not None and gate.kernel is up.kernel and down.kernel is up.kernel \
-                and all(m.runs_own_kernel(n) for m in (gate, up, down)):
-            up.check_input(x)
-            y = ffn(up.prepared, down.prepared, x if x.dim() == 2 else x.reshape(-1, up.in_features),
-                    up.bias, down.bias, gate.activation, gate=gate.prepared,
-                    gate_bias=gate.bias)
-            if y is not None:
-                return y if x.dim() == 2 else y.reshape(*x.shape[:-1], down.out_features)
+        up.check_input(x)
+        y = _ffn(up, down, flatten(x), gate.activation, gate=gate)
+        if y is not None:
+            return unflatten(y, x)
         return down(gate(x) * up(x))
 
 
 class SparseAddNorm(nn.Module):
     """``norm(dropout(layer(x)) + residual)`` for a ``SparseLinear`` or ``SparseFFN`` layer and an
     ``nn.LayerNorm`` over its output features: the residual add and the LayerNorm run in the kernel, on each tile
-    of output rows while it is in cache, where the kernel has that post-op (``Kernel.fuses``: ours on CPU),
-    the dropout is inactive (eval mode or p = 0) and no gradient is needed; else the ops in turn. Its children
+    of output rows while it is in cache, where the route's kernel has that post-op (``Kernel.fuses``: ours on
+    CPU; other kernels apply it after the product), the dropout is inactive (eval mode or p = 0) and no gradient
+    is needed; else the ops in turn. Its children
     keep the names given (those of the module it replaces, so the state dict keys stay); it is called as that
     module was, ``(x, residual)`` by position or by ``arg_names``.
 
@@ -140,27 +135,40 @@ class SparseAddNorm(nn.Module):
         grads = torch.is_grad_enabled() and (x.requires_grad or residual.requires_grad
                                              or any(p.requires_grad for p in norm.parameters()))
         if not live and not grads and not torch.compiler.is_compiling() and residual.shape[:-1] == x.shape[:-1] \
-                and residual.shape[-1] == norm.normalized_shape[0]:  # else torch broadcasts, or raises
-            r = residual if residual.dim() == 2 else residual.reshape(-1, residual.shape[-1])
-            y = _with_post(layer, x, AddNorm(r, norm.weight, norm.bias, norm.eps))
-            if y is not None:
-                return y if y.shape == residual.shape else y.reshape(residual.shape)
+                and residual.shape[-1] == norm.normalized_shape[0] \
+                and residual.dtype == x.dtype:  # else torch broadcasts, promotes, or raises
+            y = _with_post(layer, x, AddNorm(flatten(residual), norm.weight, norm.bias, norm.eps))
+            return y if y.shape == residual.shape else y.reshape(residual.shape)
         h = layer(x)
         return norm((h if dropout is None else dropout(h)) + residual)
 
 
-def _with_post(layer: SparseLinear | SparseFFN, x: torch.Tensor, post: AddNorm) -> torch.Tensor | None:
-    """The layer's output for x with the post-op applied by its kernel, (N, out); None where it cannot."""
+def _ffn(up: SparseLinear, down: SparseLinear, x2: torch.Tensor, activation: str | None, *,
+         gate: SparseLinear | None = None, post: AddNorm | None = None) -> torch.Tensor | None:
+    """The block's output for x2 (N, in) in one kernel call, (N, out): where every layer's route for these N
+    tokens runs one kernel that has an ``ffn`` path and that path applies (it returns None where it does not:
+    few tokens, mixed value types); else None."""
+    layers = (up, down) if gate is None else (gate, up, down)
+    grad = needs_grad(x2, *(m.bias for m in layers))
+    routes = [m.route(x2.shape[0], grad) for m in layers]
+    kernel = routes[0].kernel
+    if kernel.ffn is None or any(r.kernel is not kernel for r in routes):
+        return None
+    ru, rd = routes[-2], routes[-1]
+    return kernel.ffn(ru.state, rd.state, x2, up.bias, down.bias, activation, post=post,
+                      **({} if gate is None else {"gate": routes[0].state, "gate_bias": gate.bias}))
+
+
+def _with_post(layer: SparseLinear | SparseFFN, x: torch.Tensor, post: AddNorm) -> torch.Tensor:
+    """The layer's output for x (..., in) with the post-op applied, (N, out): inside the kernel where the route's
+    kernel fuses it, else after it (``Route``); no gradient is needed here (the caller checks)."""
     first = layer.up if isinstance(layer, SparseFFN) else layer
     first.check_input(x)
-    x2 = x if x.dim() == 2 else x.reshape(-1, first.in_features)
-    if not first.kernel.fuses or post.residual.dtype != x.dtype or not first.runs_own_kernel(x2.shape[0]):
-        return None
+    x2 = flatten(x)
     if isinstance(layer, SparseFFN):
-        up, down = layer.up, layer.down
-        if up.kernel.ffn is None or down.kernel is not up.kernel or not down.runs_own_kernel(x2.shape[0]):
-            return None
-        return up.kernel.ffn(up.prepared, down.prepared, x2, up.bias, down.bias, up.activation,
-                             post=post)
-    return layer.kernel.matmul(layer.prepared, x2, layer.bias, layer.activation, post=post,
-                               **layer.kernel_kwargs(x2.shape[0]))
+        y = _ffn(layer.up, layer.down, x2, layer.up.activation, post=post)
+        if y is not None:
+            return y
+        up, layer = layer.up, layer.down
+        x2 = up.route(x2.shape[0])(x2, up.bias, up.activation)
+    return layer.route(x2.shape[0])(x2, layer.bias, layer.activation, post)
