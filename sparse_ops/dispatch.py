@@ -187,8 +187,3 @@ def torch_path_kernel(format: str, device: torch.device | str, weight: object = 
 def ours_for(format: str, device: torch.device | str) -> Kernel | None:
     """Our first available kernel for a format on a device, if any."""
     return next((k for k in candidates(format, device) if k.backend == OURS), None)
-
-
-def needs_grad(x: torch.Tensor, *biases: torch.Tensor | None) -> bool:
-    """Whether autograd will want the product's gradient (grad mode on, and x or a bias requires it)."""
-    return torch.is_grad_enabled() and (x.requires_grad or any(b is not None and b.requires_grad for b in biases))

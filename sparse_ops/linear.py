@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from sparse_ops import activations
-from sparse_ops.dispatch import OURS, Kernel, candidates, needs_grad, torch_path_kernel
+from sparse_ops.dispatch import OURS, Kernel, candidates, torch_path_kernel
 from sparse_ops.errors import UnsupportedError, UserTypeError, UserValueError
 from sparse_ops.formats import SparseFormat
-from sparse_ops.kernels import cpp, ours_cpu
+from sparse_ops.kernels import cpp, needs_grad, ours_cpu
 from sparse_ops.kernels.ours_cpu import NativeWeight
 from sparse_ops.plan import DENSE, TORCH_SUFFIX, Path, Planner, Route, Router, torch_path_formats
 from sparse_ops.quantized import INPUT_BITS, DenseInt8

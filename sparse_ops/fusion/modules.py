@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparse_ops.dispatch import needs_grad
 from sparse_ops.errors import UserTypeError, UserValueError
+from sparse_ops.kernels import needs_grad
 from sparse_ops.linear import SparseLinear, flatten, unflatten
 from sparse_ops.post import AddNorm
 

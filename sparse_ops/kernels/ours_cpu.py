@@ -40,7 +40,7 @@ import torch
 from sparse_ops.activations import CODES
 from sparse_ops.errors import UnavailableError, UserValueError
 from sparse_ops.formats import CSR, TwoFour
-from sparse_ops.kernels import cpp, torch_cpu
+from sparse_ops.kernels import cpp, needs_grad, torch_cpu
 from sparse_ops.post import AddNorm
 from sparse_ops.quantized import BitmapInt8, CSRInt8, DenseInt8, Int8CSR, Int8Weight, quantize_input
 
@@ -382,15 +382,11 @@ def panel_tile(n: int) -> int:
     return 16 if n <= 16 else 32 if n <= 32 else PANEL_TILE
 
 
-def _wants_grad(x: torch.Tensor, *biases: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or any(b is not None and b.requires_grad for b in biases))
-
-
 def _matmul(w: NativeWeight, x: torch.Tensor, bias: torch.Tensor | None, panels: bool, act: int,
             post: AddNorm | None) -> torch.Tensor:
     """One C++ call: x (N, in) -> post(act(x W^T + bias)) (N, out) in the weight's dtype. The C++ code has no
     backward: the router sends calls that need a gradient to a kernel that has one (``dispatch.Kernel.grad``)."""
-    if _wants_grad(x, bias):
+    if needs_grad(x, bias):
         raise UserValueError("our CPU kernels have no backward; call the layer (SparseLinear), whose router "
                              "takes a kernel with one when a gradient is needed")
     n, out = x.shape[0], w.source.shape[0]
@@ -419,7 +415,7 @@ def ffn_matmul(up: NativeWeight, down: NativeWeight, x: torch.Tensor, up_bias: t
     caller runs the layers: a gradient is needed, fewer than ``FFN_MIN_TOKENS`` tokens, a weight too sparse for
     the panelled kernel, or different value types or dtypes. U, G (hidden, in) and D (out, hidden) are CSR."""
     n, weights = x.shape[0], (up, down) if gate is None else (gate, up, down)
-    if n < FFN_MIN_TOKENS or _wants_grad(x, up_bias, down_bias, gate_bias) \
+    if n < FFN_MIN_TOKENS or needs_grad(x, up_bias, down_bias, gate_bias) \
             or min(w.density for w in weights) < PANEL_MIN_DENSITY or len({w.value_code for w in weights}) > 1 \
             or len({w.out_dtype for w in weights}) > 1 \
             or not all(isinstance(w.source, (CSR, CSRInt8, BitmapInt8)) for w in weights) \
