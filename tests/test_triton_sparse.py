@@ -302,3 +302,14 @@ def test_cuda_matches_reference(dtype):
     _check_product(_mixed_tiles(dtype), 5, splits=2, bias=True, device="cuda")
     for n in (1, 16, 100, 256):  # every autotuned token block
         _check_product(_weight(300, 520, 0.9, dtype), n, splits=1, bias=True, device="cuda", tile=(64, 64))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launches_on_the_tensors_device_not_the_current_one():
+    w = _weight(64, 128, 0.8, torch.float16)
+    state = ts.prepare(CSR.from_dense(w).to("cuda:1"))
+    x = torch.randn(3, 128, dtype=torch.float16, device="cuda:1")
+    with torch.cuda.device(0):
+        y = ts.matmul(state, x, None)
+    torch.testing.assert_close(y.float().cpu(), x.float().cpu() @ w.float().t(), rtol=2e-2, atol=2e-2)

@@ -112,9 +112,10 @@ def grouped_linear(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor, b: t
     block_k = 32 if interpret else 64
     precision = "tf32" if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
     dot_fp32 = interpret and (x.dtype == torch.bfloat16 or w.dtype == torch.bfloat16)
-    kernel[(max_blocks, triton.cdiv(H, block_h))](
-        x, w, x if b is None else b.contiguous(), y, expert.to(torch.int32), first.to(torch.int32),
-        offsets.to(device=x.device, dtype=torch.int32), H, D, w.stride(0), w.stride(1),
-        HAS_BIAS=b is not None, DOT_FP32=dot_fp32, PRECISION=precision, BLOCK_M=BLOCK_M, BLOCK_H=block_h,
-        BLOCK_K=block_k)
+    with ts.on_device(x):
+        kernel[(max_blocks, triton.cdiv(H, block_h))](
+            x, w, x if b is None else b.contiguous(), y, expert.to(torch.int32), first.to(torch.int32),
+            offsets.to(device=x.device, dtype=torch.int32), H, D, w.stride(0), w.stride(1),
+            HAS_BIAS=b is not None, DOT_FP32=dot_fp32, PRECISION=precision, BLOCK_M=BLOCK_M, BLOCK_H=block_h,
+            BLOCK_K=block_k)
     return y

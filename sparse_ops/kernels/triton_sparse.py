@@ -80,6 +80,7 @@ Example:
     >>> tb.reference_matmul(torch.ones(1, 100))[0, [3, 35]].tolist()
     [2.0, -1.0]
 """
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -299,6 +300,12 @@ def check_product(shape: tuple[int, int], device: torch.device, x: torch.Tensor,
                            "TRITON_INTERPRET=1 before the first product")
 
 
+def on_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The current CUDA device set to x's for a launch (Triton launches on the current device, not the
+    tensors'); nothing elsewhere."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def tiled_matmul(tb: TiledBitmap, x: torch.Tensor, bias: torch.Tensor | None = None, *,
                  splits: int = 1) -> torch.Tensor:
     """``x @ W^T (+ bias)`` for x (N, in) on the Triton kernel, in x's dtype; ``splits`` > 1: split-K."""
@@ -318,12 +325,13 @@ def tiled_matmul(tb: TiledBitmap, x: torch.Tensor, bias: torch.Tensor | None = N
     precision = "tf32" if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
     dot_fp32 = kernels.interpret and (x.dtype == torch.bfloat16 or tb.dtype == torch.bfloat16)
     grid = lambda meta: (tb.tile_rows, triton.cdiv(n, meta["BLOCK_N"]), splits)
-    kernels.tiled[grid](
-        x, tb.tile_ptr, parts[0], tb.value_offsets, parts[1], parts[2], bias_arg,
-        y if partial is None else partial,
-        n, out, inp, triton.next_power_of_2(n), x.stride(0), y.stride(0), splits,
-        TILE_OUT=tb.tile_out, TILE_K=tb.tile_k, HAS_BIAS=bias is not None, PARTIAL=partial is not None,
-        DOT_FP32=dot_fp32, PRECISION=precision, HW_POPC=not kernels.interpret)
+    with on_device(x):
+        kernels.tiled[grid](
+            x, tb.tile_ptr, parts[0], tb.value_offsets, parts[1], parts[2], bias_arg,
+            y if partial is None else partial,
+            n, out, inp, triton.next_power_of_2(n), x.stride(0), y.stride(0), splits,
+            TILE_OUT=tb.tile_out, TILE_K=tb.tile_k, HAS_BIAS=bias is not None, PARTIAL=partial is not None,
+            DOT_FP32=dot_fp32, PRECISION=precision, HW_POPC=not kernels.interpret)
     if partial is not None:
         sum_splits(partial, bias, y)
     return y
@@ -334,8 +342,9 @@ def sum_splits(partial: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor
     split-K's second kernel (deterministic: a fixed order of plain loads)."""
     splits, n, out = partial.shape
     total, block = n * out, 1024
-    _build().reduce[(triton.cdiv(total, block),)](partial, y if bias is None else bias.contiguous(), y, total,
-                                                  out, splits, HAS_BIAS=bias is not None, BLOCK=block)
+    with on_device(y):
+        _build().reduce[(triton.cdiv(total, block),)](partial, y if bias is None else bias.contiguous(), y, total,
+                                                      out, splits, HAS_BIAS=bias is not None, BLOCK=block)
 
 
 # --- the registry's entry points ---------------------------------------------------------------------------

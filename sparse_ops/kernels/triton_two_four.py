@@ -159,11 +159,12 @@ def two_four_matmul(w: TwoFour, x: torch.Tensor, bias: torch.Tensor | None = Non
     precision = "tf32" if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
     dot_fp32 = kernel.interpret and (x.dtype == torch.bfloat16 or w.dtype == torch.bfloat16)
     grid = lambda meta: (triton.cdiv(out, TILE_OUT), triton.cdiv(n, meta["BLOCK_N"]), splits)
-    kernel.fn[grid](
-        x, w.values.contiguous(), w.metadata.contiguous(), bias_arg, y if partial is None else partial,
-        n, out, inp, triton.next_power_of_2(n), x.stride(0), y.stride(0), splits, per_split,
-        TILE_OUT=TILE_OUT, TILE_K=TILE_K, HAS_BIAS=bias is not None, PARTIAL=partial is not None,
-        DOT_FP32=dot_fp32, PRECISION=precision)
+    with ts.on_device(x):
+        kernel.fn[grid](
+            x, w.values.contiguous(), w.metadata.contiguous(), bias_arg, y if partial is None else partial,
+            n, out, inp, triton.next_power_of_2(n), x.stride(0), y.stride(0), splits, per_split,
+            TILE_OUT=TILE_OUT, TILE_K=TILE_K, HAS_BIAS=bias is not None, PARTIAL=partial is not None,
+            DOT_FP32=dot_fp32, PRECISION=precision)
     if partial is not None:
         ts.sum_splits(partial, bias, y)
     return y

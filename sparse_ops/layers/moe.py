@@ -83,7 +83,7 @@ class DispatchPlan:
 
     token: Tensor  # (A,) token index of each kept assignment
     slot: Tensor  # (A,) its flat index into the (T, K) routing, to pick its weight
-    counts: list[int]  # (E,) kept assignments per expert; the slices of ``token`` in expert order
+    counts: Tensor  # (E,) kept assignments per expert, on the routing's device (no host sync to plan)
     routed: Tensor  # (E,) assignments the router sent to each expert, before capacity
     dropped: Tensor  # () assignments dropped for capacity
 
@@ -123,20 +123,21 @@ def plan_dispatch(experts: Tensor, num_experts: int, capacity: int | None = None
     """Group the (T, K) assignments by expert; beyond ``capacity`` per expert, later tokens are dropped.
 
     >>> p = plan_dispatch(torch.tensor([[0], [1], [0], [0]]), num_experts=2, capacity=2)
-    >>> p.token.tolist(), p.counts, int(p.dropped)
+    >>> p.token.tolist(), p.counts.tolist(), int(p.dropped)
     ([0, 2, 1], [2, 1], 1)
     """
     top_k = experts.shape[-1]
     flat = experts.reshape(-1)  # (T*K,) token-major
     order = torch.argsort(flat, stable=True)  # (T*K,) grouped by expert, token order within an expert
-    routed = torch.bincount(flat, minlength=num_experts)  # (E,)
+    # (E,) per expert; not bincount, which reads the largest index back to the host on CUDA
+    routed = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
     kept = routed
     if capacity is not None:
         starts = torch.cumsum(routed, 0) - routed  # (E,) first sorted position of each expert
         rank = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]  # (T*K,) rank in expert
         order = order[rank < capacity]
         kept = routed.clamp(max=capacity)
-    return DispatchPlan(order // top_k, order, kept.tolist(), routed, routed.sum() - kept.sum())
+    return DispatchPlan(order // top_k, order, kept, routed, routed.sum() - kept.sum())
 
 
 def switch_aux_loss(probs: Tensor, tokens_per_expert: Tensor, alpha: float) -> Tensor:
@@ -230,9 +231,11 @@ class MoE(nn.Module):
         needs_grad = torch.is_grad_enabled() and (xs.requires_grad or self.w_in.requires_grad)
         return xs.is_cuda and not needs_grad and triton_moe.available()
 
-    def _experts_grouped(self, xs: Tensor, counts: list[int]) -> Tensor:
-        """Every expert on its slice of ``xs`` (A, D), sorted by expert with ``counts`` rows each: (A, D)."""
-        offsets = F.pad(torch.tensor(counts, dtype=torch.int64).cumsum(0), (1, 0)).to(xs.device)
+    def _experts_grouped(self, xs: Tensor, counts: Tensor) -> Tensor:
+        """Every expert on its slice of ``xs`` (A, D), sorted by expert with ``counts`` (E,) rows each: (A, D).
+        The offsets stay on the device: the host never waits for the routing (dropless routing: none of this
+        path syncs)."""
+        offsets = F.pad(counts.to(device=xs.device, dtype=torch.int64).cumsum(0), (1, 0))
         h = triton_moe.grouped_linear(xs, offsets, self.w_in, self.b_in)  # (A, H)
         if self.w_gate is not None:
             h = self._act(triton_moe.grouped_linear(xs, offsets, self.w_gate, self.b_gate)) * h
@@ -261,7 +264,8 @@ class MoE(nn.Module):
         if self._grouped(xs):  # inference on the GPU: every expert in one launch per matrix
             y = self._experts_grouped(xs, plan.counts)
         else:
-            ys = [self._expert(e, xe) for e, xe in enumerate(xs.split(plan.counts)) if xe.shape[0]]  # (A_e, D)
+            slices = xs.split(plan.counts.tolist())  # (A_e, D) each
+            ys = [self._expert(e, xe) for e, xe in enumerate(slices) if xe.shape[0]]
             y = torch.cat(ys) if ys else xs  # (A, D)
         w = r.weights.reshape(-1)[plan.slot].to(y.dtype)  # (A,)
         out = torch.zeros_like(x2).index_add(0, plan.token, y * w[:, None])  # (T, D)
