@@ -53,10 +53,15 @@ def fused_call(up, down, x):
     return y
 
 
+# (in, hidden, out) x tokens (16/32/64-token tiles, both schedules) x sparsity; the BERT shape's dense 1030-token
+# case is left out: its fp32 reference alone took 20 s, and the smaller shapes cover dense weights at 1030
+FFN_GRID = [(shape, n, sparsity) for shape in [(384, 1536, 384), (37, 300, 45), (130, 64, 200)]
+            for n in [16, 17, 33, 64, 128, 129, 257, 1030] for sparsity in [0.0, 0.5, 0.9, 0.98]
+            if not (shape[1] == 1536 and n == 1030 and sparsity == 0.0)]
+
+
 @needs_native
-@pytest.mark.parametrize("shape", [(384, 1536, 384), (37, 300, 45), (130, 64, 200)])  # (in, hidden, out)
-@pytest.mark.parametrize("n", [16, 17, 33, 64, 128, 129, 257, 1030])  # 16/32/64-token tiles, both schedules
-@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.98])
+@pytest.mark.parametrize("shape,n,sparsity", FFN_GRID)
 def test_fused_ffn_matches_reference(shape, n, sparsity):
     up, down = pair(*shape, sparsity)
     x = torch.randn(n, shape[0])

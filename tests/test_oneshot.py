@@ -150,7 +150,16 @@ def dense_folder_and_text(tmp_path):
     return text
 
 
-def test_cli_oneshot_and_eval(tmp_path):
+def test_cli_oneshot_and_eval(tmp_path, capsys):
+    """``python -m prune oneshot`` once as a user runs it (a fresh process); the refusals and ``prune eval``
+    in process (``prune.cli.main``: the same code, without a fresh interpreter's imports each)."""
+    from prune.cli import main
+
+    def cli(*args):
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
     text = dense_folder_and_text(tmp_path)
     out = tmp_path / "pruned"
     args = ["oneshot", tmp_path / "dense", "-o", out, "--method", "wanda", "--calibration", text, "--samples", 4,
@@ -160,15 +169,15 @@ def test_cli_oneshot_and_eval(tmp_path):
     report = json.loads((out / "oneshot_report.json").read_text())
     assert len(report["layers"]) == 12 and report["sparsity"] == 0.5  # 7 per block, down_proj excluded
     assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
-    again = _run_cli(*args)  # an existing output is refused, and nothing is left beside it
-    assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr
+    code, _, err = cli(*args)  # an existing output is refused, and nothing is left beside it
+    assert code == 2 and "exists; pass --overwrite" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "dense", "pruned"]
-    bad = _run_cli(*args[:3], tmp_path / "other", "--method", "obs", *args[6:])
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "unknown method 'obs'" in bad.stderr
+    code, _, err = cli(*args[:3], tmp_path / "other", "--method", "obs", *args[6:])
+    assert code == 2 and err.count("\n") == 1 and "unknown method 'obs'" in err
     assert not (tmp_path / "other").exists()
     for folder in ("dense", "pruned"):
-        done = _run_cli("eval", tmp_path / folder, "--text", text, "--seq-len", 32)
-        assert done.returncode == 0 and done.stdout.startswith("perplexity "), done.stderr
+        code, stdout, err = cli("eval", tmp_path / folder, "--text", text, "--seq-len", 32)
+        assert code == 0 and stdout.startswith("perplexity "), err
 
 
 def test_cli_bad_inputs_one_line_and_nothing_written(tmp_path, capsys):
@@ -296,18 +305,28 @@ def test_int8_oneshot_leaves_weights_on_their_grids_and_converts_exactly(tmp_pat
     assert stored["lm_head.weight"].format == "dense-int8"  # not pruned, quantized too (absmax)
 
 
-def test_cli_oneshot_bits_8_writes_an_int8_checkpoint_eval_reads(tmp_path):
+def test_cli_oneshot_bits_8_writes_an_int8_checkpoint_eval_reads(tmp_path, capsys):
+    """In process (``prune.cli.main``); ``test_cli_oneshot_and_eval`` runs ``python -m prune`` itself."""
+    from prune.cli import main
+
+    def cli(*args):
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
     text = dense_folder_and_text(tmp_path)
-    done = _run_cli("oneshot", tmp_path / "dense", "-o", tmp_path / "int8", "--calibration", text, "--samples", 4,
-                    "--seq-len", 32, "--bits", "8")
-    assert done.returncode == 0, done.stderr
+    code, _, err = cli("oneshot", tmp_path / "dense", "-o", tmp_path / "int8", "--calibration", text, "--samples", 4,
+                       "--seq-len", 32, "--bits", "8")
+    assert code == 0, err
     assert json.loads((tmp_path / "int8" / "oneshot_report.json").read_text())["bits"] == 8
-    shown = _run_cli("inspect", tmp_path / "int8")
-    assert "bitmap-int8" in shown.stdout and "dense-int8" in shown.stdout  # 50% blocks, the dense lm_head
-    done = _run_cli("eval", tmp_path / "int8", "--text", text, "--seq-len", 32)
-    assert done.returncode == 0 and done.stdout.startswith("perplexity "), done.stderr
-    bad = _run_cli("oneshot", tmp_path / "dense", "-o", tmp_path / "x", "--calibration", text, "--bits", "4")
-    assert bad.returncode == 2 and "invalid choice: 4" in bad.stderr and not (tmp_path / "x").exists()
+    _, shown, _ = cli("inspect", tmp_path / "int8")
+    assert "bitmap-int8" in shown and "dense-int8" in shown  # 50% blocks, the dense lm_head
+    code, stdout, err = cli("eval", tmp_path / "int8", "--text", text, "--seq-len", 32)
+    assert code == 0 and stdout.startswith("perplexity "), err
+    with pytest.raises(SystemExit) as refused:  # argparse: its usage and the bad choice, exit 2
+        cli("oneshot", tmp_path / "dense", "-o", tmp_path / "x", "--calibration", text, "--bits", "4")
+    assert refused.value.code == 2 and "invalid choice: 4" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_cli_oneshot_recipe_table_and_flags_over_it(tmp_path, capsys):

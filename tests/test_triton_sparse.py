@@ -15,14 +15,12 @@ if not torch.cuda.is_available():  # on a GPU the same tests run compiled (test_
 
 import dataclasses
 import itertools
-import textwrap
 
 import pytest
 from _optional import import_or_skip  # noqa: E402
 
 import_or_skip("triton", reason="the Triton kernels need triton (pip install prune-sparse[gpu])")
 
-from _triton_compile import compile_for_gpu
 
 from sparse_ops import bitmap
 from sparse_ops.formats import CSR
@@ -226,7 +224,7 @@ def test_entry_point(variant):
     w = _weight(45, 200, 0.8, torch.float32)
     csr = CSR.from_dense(w)
     state = ts.prepare(csr)
-    assert ts.available() and isinstance(state, ts.TiledBitmap)
+    assert ts.available() and isinstance(state, ts.AlignedTiles)
     x, b = torch.randn(3, 200), torch.randn(45)
     post = AddNorm(torch.randn(3, 45), torch.rand(45) + 0.5, torch.randn(45))
     y = ts.matmul(state, x, b, "gelu", post=post, variant=variant)
@@ -252,45 +250,6 @@ def test_edge_cases():
 
 # Compiles the kernels (not interpreted: TRITON_INTERPRET unset in a subprocess) for NVIDIA targets; prints
 # per case the count of tensor-core instructions in the PTX.
-_COMPILE = textwrap.dedent("""
-    import json, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from sparse_ops.kernels import triton_sparse as ts
-    kernels = ts._build()
-    assert not kernels.interpret
-    tiled, reduce = kernels.tiled.fn, kernels.reduce
-    ints = {"N", "OUT", "IN", "N_BUCKET", "stride_xn", "stride_yn", "SPLITS", "TOTAL"}
-    def signature(fn, types):
-        return {p.name: "constexpr" if p.is_constexpr else "i32" if p.name in ints
-                else types.get(p.name, "*i32") for p in fn.params}
-    found = {}
-    for arch, dtype, partial, precision in ((90, "fp16", False, "ieee"), (80, "bf16", True, "ieee"),
-                                            (90, "fp32", False, "ieee"), (80, "fp32", True, "tf32")):
-        types = {"x_ptr": "*" + dtype, "values": "*" + dtype, "bias_ptr": "*" + dtype,
-                 "y_ptr": "*fp32" if partial else "*" + dtype}
-        consts = {"TILE_OUT": 32, "TILE_K": 64, "HAS_BIAS": True, "PARTIAL": partial, "DOT_FP32": False,
-                  "PRECISION": precision, "HW_POPC": True, "BLOCK_N": 16}
-        c = triton.compile(ASTSource(tiled, signature(tiled, types), consts),
-                           target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 3})
-        ptx = c.asm["ptx"]
-        found[f"sm{arch}-{dtype}-{precision}"] = ptx.count("mma.sync") + ptx.count("wgmma.mma_async")
-        assert "popc.b32" in ptx
-    types = {"partial": "*fp32", "bias_ptr": "*fp16", "y_ptr": "*fp16"}
-    triton.compile(ASTSource(reduce, signature(reduce, types), {"HAS_BIAS": True, "BLOCK": 1024}),
-                   target=GPUTarget("cuda", 90, 32))
-    print(json.dumps(found))
-""")
-
-
-def test_compiles_for_gpu(tmp_path):
-    """The compiled path type-checks and lowers without a GPU: TTIR to cubin for sm_80 / sm_90; fp16, bf16 and
-    tf32 dots become tensor-core MMAs, exact fp32 ("ieee") does not."""
-    mmas = compile_for_gpu(_COMPILE, tmp_path)
-    assert mmas["sm90-fp16-ieee"] > 0 and mmas["sm80-bf16-ieee"] > 0 and mmas["sm80-fp32-tf32"] > 0
-    assert mmas["sm90-fp32-ieee"] == 0
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_matches_reference(dtype):

@@ -7,7 +7,6 @@ Without a GPU the kernel runs on CPU tensors in Triton's interpreter (conftest s
 """
 import itertools
 import os
-import textwrap
 
 import pytest
 import torch
@@ -15,7 +14,6 @@ from _optional import import_or_skip  # noqa: E402
 
 import_or_skip("triton", reason="the Triton kernels need triton (pip install prune-sparse[gpu])")
 
-from _triton_compile import compile_for_gpu
 
 from sparse_ops.formats import TwoFour
 from sparse_ops.kernels import reference
@@ -103,39 +101,6 @@ def test_entry_point(variant):
     x, b = torch.randn(3, 128), torch.randn(40)
     y = t24.matmul(t24.prepare(wt), x, b, "relu", variant=variant)
     torch.testing.assert_close(y, torch.relu(x @ w.T + b), atol=1e-4, rtol=1e-4)
-
-
-_COMPILE = textwrap.dedent("""
-    import json, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from sparse_ops.kernels import triton_two_four as t24
-    kernel = t24._build()
-    assert not kernel.interpret
-    fn = kernel.fn.fn
-    ints = {"N", "OUT", "IN", "N_BUCKET", "stride_xn", "stride_yn", "SPLITS", "TILES_PER_SPLIT"}
-    def signature(types):
-        return {p.name: "constexpr" if p.is_constexpr else "i32" if p.name in ints
-                else types.get(p.name, "*i32") for p in fn.params}
-    found = {}
-    for arch, dtype, partial in ((90, "fp16", False), (80, "bf16", True), (90, "bf16", False)):
-        types = {"x_ptr": "*" + dtype, "values": "*" + dtype, "metadata": "*u8", "bias_ptr": "*" + dtype,
-                 "y_ptr": "*fp32" if partial else "*" + dtype}
-        consts = {"TILE_OUT": 32, "TILE_K": 64, "HAS_BIAS": True, "PARTIAL": partial, "DOT_FP32": False,
-                  "PRECISION": "ieee", "BLOCK_N": 16}
-        c = triton.compile(ASTSource(fn, signature(types), consts), target=GPUTarget("cuda", arch, 32),
-                           options={"num_warps": 4, "num_stages": 3})
-        ptx = c.asm["ptx"]
-        found[f"sm{arch}-{dtype}"] = ptx.count("mma.sync") + ptx.count("wgmma.mma_async")
-    print(json.dumps(found))
-""")
-
-
-def test_compiles_for_gpu(tmp_path):
-    """The compiled kernel lowers to cubin for sm_80 / sm_90 without a GPU, its fp16 / bf16 dots on tensor
-    cores."""
-    mmas = compile_for_gpu(_COMPILE, tmp_path)
-    assert all(count > 0 for count in mmas.values()), mmas
 
 
 @pytest.mark.cuda

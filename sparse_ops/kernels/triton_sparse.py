@@ -35,10 +35,14 @@ over its share of the tile row's nonempty tiles. Per tile it loads the TILE_K / 
 popcounts them (the hardware's popc compiled, SWAR bit tricks on int32 under the interpreter, which lacks
 libdevice) and takes an exclusive cumsum over the TILE_OUT rows (a scan of TILE_OUT counts, not of the tile's
 entries). The rank of entry (i, k) among the tile's nonzeros is then row_prefix[i] + popcounts of the earlier
-words of row i + popcount(word & ((1 << (k % 32)) - 1)); the tile is expanded in registers by one masked
-gather ``values[value_offsets[t] + rank]`` (a tile's values are contiguous, so the gather touches only its own
-cache lines), cast to x's dtype and fed to ``tl.dot(x_tile, w_tile^T)`` with an fp32 accumulator. Tails:
-padding bits are zero, x columns >= in and tokens >= N are masked loads, rows >= out masked stores.
+words of row i + popcount(word & ((1 << (k % 32)) - 1)). The tile's values come in as one block: the layer's
+state (``AlignedTiles``, built by ``prepare``) starts each tile's values on a 16-byte boundary, so the kernel
+loads ``values[starts[t] : starts[t] + TILE_OUT * TILE_K]`` (masked to the tile's padded count) with vector
+loads whose address depends only on the loop index and the tile's start, which Triton pipelines through
+``cp.async`` (``tests/test_triton_compiled.py`` checks the compiled loads); ``tl.gather`` by rank then expands
+the tile, zeros where the bitmap has none, cast to x's dtype and fed to ``tl.dot(x_tile, w_tile^T)`` with an
+fp32 accumulator. Tails: padding bits are zero, x columns >= in and tokens >= N are masked loads, rows >= out
+masked stores.
 
 Split-K (variant "splitk"): for skinny products (few tile rows, few tokens) the grid is too small to fill the
 GPU, so each tile row's nonempty tiles are split over SPLITS programs; each writes its fp32 partial tile into
@@ -66,10 +70,9 @@ tensor cores as is). fp32 uses ``input_precision="ieee"`` unless ``torch.backend
 Dispatch: ``sparse_ops.dispatch`` lists this kernel first for ``("csr", "cuda")``, cuSPARSE after it as the
 planned path ``"csr:torch"``; the plan times dense (cuBLAS), each variant here and cuSPARSE per batch bucket.
 
-Still to do (needs a GPU): measurements on a real one (fp16 / bf16 decode against cuBLAS and cuSPARSE at
-50-98% sparsity, tile shapes 32 x 64 vs 64 x 64, configs: ``benchmarks/gpu_check.sh``), a GEMV path for N = 1
-(broadcast-multiply-sum instead of a 16-row dot), staging values through shared memory, and activations fused
-into the epilogue.
+Still to do (needs a GPU): measurements on a real one (``benchmarks/gpu_check.sh``; the prediction they test:
+``benchmarks/results/gpu/model.md``), a GEMV path for N = 1 (broadcast-multiply-sum instead of a 16-row dot),
+split-K reduced within the one launch, and activations fused into the epilogue.
 
 Example:
     >>> import torch
@@ -90,7 +93,7 @@ import torch
 from sparse_ops import activations
 from sparse_ops.bitmap import DEFAULT_TILE, TILE_KS, TILE_OUTS, TiledBitmap  # noqa: F401 (the kernel's layout)
 from sparse_ops.errors import UnavailableError, UserValueError
-from sparse_ops.formats import CSR, VALUE_DTYPES
+from sparse_ops.formats import CSR, INT32_MAX, VALUE_DTYPES
 
 try:
     import triton
@@ -144,12 +147,13 @@ if tl is not None:
         v = v + (v >> 16)
         return v & 0x3F
 
-    def _tiled_kernel(x_ptr, tile_ptr, tile_cols, value_offsets, bitmaps, values, bias_ptr, y_ptr,
+    def _tiled_kernel(x_ptr, tile_ptr, tile_cols, starts, bitmaps, values, bias_ptr, y_ptr,
                       N, OUT, IN, N_BUCKET, stride_xn, stride_yn, SPLITS,
                       TILE_OUT: tl.constexpr, TILE_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                       PARTIAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-                      HW_POPC: tl.constexpr, BLOCK_N: tl.constexpr):
+                      HW_POPC: tl.constexpr, ALIGN: tl.constexpr, BLOCK_N: tl.constexpr):
         WORDS: tl.constexpr = TILE_K // 32
+        c = tl.arange(0, TILE_OUT * TILE_K)  # positions in a tile's value block
         pid_o, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         start = tl.load(tile_ptr + pid_o)
         end = tl.load(tile_ptr + pid_o + 1)
@@ -179,7 +183,12 @@ if tl is not None:
             row_start = tl.cumsum(row_nnz, 0) - row_nnz  # exclusive prefix over the tile's rows
             rank = row_start[:, None] + earlier + _popc32(word & below[None, :], HW_POPC)
             present = ((word >> kb[None, :]) & 1) != 0
-            w = tl.load(values + tl.load(value_offsets + t) + rank, mask=present, other=0.0)
+            # the tile's values as one aligned block (vector loads, pipelined), then each entry's by its rank
+            first = tl.multiple_of(tl.load(starts + t), ALIGN)
+            size = tl.multiple_of(tl.load(starts + t + 1) - first, ALIGN)
+            block = tl.load(values + first + c, mask=c < size, other=0.0)  # (TILE_OUT * TILE_K,)
+            w = tl.gather(block, tl.reshape(rank, (TILE_OUT * TILE_K,)), 0)
+            w = tl.where(present, tl.reshape(w, (TILE_OUT, TILE_K)), 0.0)
 
             cols = tl.load(tile_cols + t) * TILE_K + k
             xt = tl.load(x_ptr + n[:, None] * stride_xn + cols[None, :],
@@ -280,6 +289,64 @@ def choose_splits(tb: TiledBitmap, n: int, variant: str) -> int:
     return 1 if variant == "plain" else max(_splits_to_fill(tb, n), 2)
 
 
+VALUE_ALIGN_BYTES = 16  # each tile's value block starts on this boundary: one 16-byte vector per load
+
+
+@dataclass(frozen=True, eq=False)
+class AlignedTiles:
+    """A tiled bitmap as the GPU kernel streams it: the same tiles, bitmaps and values, except that tile t's values
+    start at ``starts[t]``, a multiple of ``align`` elements (16 bytes), the gap after each tile zero. Each
+    tile's values are then one aligned block the kernel loads as vectors (and Triton pipelines), whatever its
+    popcount. The stored ``TiledBitmap`` keeps its offsets as the popcounts' prefix sums (its format, which the
+    CPU reads too); ``prepare`` builds this copy once per layer and device (about ``align / 2`` more values per
+    tile: under 2% of a 32 x 64 tile's values from 10% density up).
+
+    >>> w = torch.eye(40); w[0, 1] = 1.0  # tiles of 33 and 8 values
+    >>> a = AlignedTiles.from_tiled(TiledBitmap.from_dense(w))
+    >>> a.align, a.starts.tolist(), a.values.numel()  # fp32: 4 values per 16 bytes
+    (4, [0, 36, 44], 44)
+    """
+
+    tile_ptr: torch.Tensor  # (tile_rows + 1,) int32, as the TiledBitmap's
+    tile_cols: torch.Tensor  # (T,) int32
+    starts: torch.Tensor  # (T + 1,) int32: tile t's values are values[starts[t] : starts[t + 1]], zero-padded
+    bitmaps: torch.Tensor  # (T, TILE_OUT, TILE_K // 32) int32
+    values: torch.Tensor  # (starts[-1],)
+    shape: tuple[int, int]
+    tile_out: int
+    tile_k: int
+    max_row_tiles: int
+    align: int  # elements per VALUE_ALIGN_BYTES
+
+    @classmethod
+    def from_tiled(cls, tb: TiledBitmap) -> "AlignedTiles":
+        align = max(1, VALUE_ALIGN_BYTES // tb.values.element_size())
+        offsets = tb.value_offsets.to(torch.int64)
+        counts = offsets[1:] - offsets[:-1]
+        starts = torch.zeros_like(offsets)
+        torch.cumsum((counts + align - 1) // align * align, 0, out=starts[1:])
+        total = int(starts[-1]) if starts.numel() else 0
+        if total > INT32_MAX:
+            raise UserValueError(f"a tiled bitmap's aligned values hold at most {INT32_MAX} entries, need {total}")
+        values = torch.zeros(total, dtype=tb.values.dtype, device=tb.values.device)
+        tile = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+        values[torch.arange(tb.nnz, device=counts.device) - offsets[tile] + starts[tile]] = tb.values
+        return cls(tb.tile_ptr, tb.tile_cols, starts.to(torch.int32), tb.bitmaps, values, tb.shape, tb.tile_out,
+                   tb.tile_k, tb.max_row_tiles, align)
+
+    @property
+    def tile_rows(self) -> int:
+        return -(-self.shape[0] // self.tile_out)
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+
 def check_product(shape: tuple[int, int], device: torch.device, x: torch.Tensor, bias: torch.Tensor | None,
                   splits: int) -> None:
     """ValueError naming the bad argument of ``x @ W^T + bias`` for a weight of ``shape`` on ``device``;
@@ -306,9 +373,12 @@ def on_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-def tiled_matmul(tb: TiledBitmap, x: torch.Tensor, bias: torch.Tensor | None = None, *,
+def tiled_matmul(tb: AlignedTiles | TiledBitmap, x: torch.Tensor, bias: torch.Tensor | None = None, *,
                  splits: int = 1) -> torch.Tensor:
-    """``x @ W^T (+ bias)`` for x (N, in) on the Triton kernel, in x's dtype; ``splits`` > 1: split-K."""
+    """``x @ W^T (+ bias)`` for x (N, in) on the Triton kernel, in x's dtype; ``splits`` > 1: split-K. A
+    ``TiledBitmap`` is aligned first (``AlignedTiles``: once per layer through ``prepare``, per call here)."""
+    if isinstance(tb, TiledBitmap):
+        tb = AlignedTiles.from_tiled(tb)
     out, inp = tb.shape
     check_product(tb.shape, tb.device, x, bias, splits)
     kernels = _build()
@@ -327,11 +397,11 @@ def tiled_matmul(tb: TiledBitmap, x: torch.Tensor, bias: torch.Tensor | None = N
     grid = lambda meta: (tb.tile_rows, triton.cdiv(n, meta["BLOCK_N"]), splits)
     with on_device(x):
         kernels.tiled[grid](
-            x, tb.tile_ptr, parts[0], tb.value_offsets, parts[1], parts[2], bias_arg,
+            x, tb.tile_ptr, parts[0], tb.starts, parts[1], parts[2], bias_arg,
             y if partial is None else partial,
             n, out, inp, triton.next_power_of_2(n), x.stride(0), y.stride(0), splits,
             TILE_OUT=tb.tile_out, TILE_K=tb.tile_k, HAS_BIAS=bias is not None, PARTIAL=partial is not None,
-            DOT_FP32=dot_fp32, PRECISION=precision, HW_POPC=not kernels.interpret)
+            DOT_FP32=dot_fp32, PRECISION=precision, HW_POPC=not kernels.interpret, ALIGN=tb.align)
     if partial is not None:
         sum_splits(partial, bias, y)
     return y
@@ -349,12 +419,14 @@ def sum_splits(partial: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor
 
 # --- the registry's entry points ---------------------------------------------------------------------------
 
-def prepare(w: CSR | TiledBitmap, tile: tuple[int, int] = DEFAULT_TILE) -> TiledBitmap:
-    """The layer's state, once per layer and device: the tiled bitmap of a CSR weight, on its device."""
-    return w if isinstance(w, TiledBitmap) else TiledBitmap.from_csr(w, tile)
+def prepare(w: CSR | TiledBitmap | AlignedTiles, tile: tuple[int, int] = DEFAULT_TILE) -> AlignedTiles:
+    """The layer's state, once per layer and device: the tiled bitmap of a CSR weight, aligned, on its device."""
+    if isinstance(w, AlignedTiles):
+        return w
+    return AlignedTiles.from_tiled(w if isinstance(w, TiledBitmap) else TiledBitmap.from_csr(w, tile))
 
 
-def matmul(state: TiledBitmap, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None, *,
+def matmul(state: AlignedTiles, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None, *,
            post=None, variant: str = "plain") -> torch.Tensor:
     """The registry's signature (``sparse_ops.dispatch``): ``post(act(x @ W^T + bias))``; the activation and
     the post-op (``sparse_ops.post.AddNorm``) run after the kernel with torch ops. ``variant``: "plain" or

@@ -12,10 +12,12 @@ Layout: the stored ``sparse_ops.formats.TwoFour`` itself, nothing derived at loa
 the two kept entries of each group of four in column order, and ``metadata`` (out, ceil(in/8)) uint8, per
 group the code ``p0 | p1 << 2`` (0 <= p0 < p1 <= 3), even group in the low nibble.
 
-Kernel: grid (row tiles of TILE_OUT, token blocks of BLOCK_N, splits of the input). For entry (i, k) of a
-TILE_OUT x TILE_K tile, group g = k // 4 and position p = k % 4: the group's code is nibble g % 2 of byte
-g // 2; the entry is ``values[i, 2 g]`` where p == p0, ``values[i, 2 g + 1]`` where p == p1, else zero: one
-masked gather per entry, each stored value read by exactly one entry (the code bytes by eight, from cache).
+Kernel: grid (row tiles of TILE_OUT, token blocks of BLOCK_N, splits of the input). Per TILE_OUT x TILE_K tile
+it loads the rows' TILE_K / 2 values and TILE_K / 8 code bytes as blocks (contiguous runs of each row: vector
+loads, which Triton pipelines with ``cp.async``), then expands them in registers: group g's code (nibble g % 2
+of byte g // 2) puts its first value at position p0 and its second at p1, zeros elsewhere (``tl.split`` of the
+values into each group's pair, ``tl.where`` per position, ``tl.join`` back into columns), before a dense
+``tl.dot`` on tensor cores. ``tests/test_triton_compiled.py`` checks the compiled loads stay vectors.
 Tails: in is a multiple of 4 (the format's rule); columns >= in, tokens >= N and rows >= out are masked.
 
 Split-K (variant "splitk"): the input dimension is cut into SPLITS ranges of whole tiles, each program writes
@@ -91,20 +93,29 @@ if tl is not None:
         k = tl.arange(0, TILE_K)  # columns within the tile
         n_ok, o_ok = n < N, o < OUT
         half, code_row = IN // 2, (IN + 7) // 8  # values and metadata row lengths
-        pos = k % 4
+        kv = tl.arange(0, TILE_K // 2)  # the tile's stored values in a row: two per group
+        kb = tl.arange(0, TILE_K // 8)  # the tile's code bytes in a row: two groups each
         acc = tl.zeros((BLOCK_N, TILE_OUT), dtype=tl.float32)
         k_lo = pid_s * TILES_PER_SPLIT * TILE_K
         k_hi = tl.minimum(k_lo + TILES_PER_SPLIT * TILE_K, IN)
         for k0 in range(k_lo, k_hi, TILE_K):
             cols = k0 + k
-            group = cols // 4
-            ok = o_ok[:, None] & (cols < IN)[None, :]
-            byte = tl.load(metadata + o[:, None] * code_row + (group // 2)[None, :], mask=ok, other=0)
-            code = (byte.to(tl.int32) >> ((group % 2) * 4)[None, :]) & 0xF
-            first = (code & 3) == pos[None, :]
-            second = (code >> 2) == pos[None, :]
-            w = tl.load(values + o[:, None] * half + (2 * group)[None, :] + second.to(tl.int32),
-                        mask=ok & (first | second), other=0.0)
+            # the tile's values and codes as blocks: contiguous runs of each row, loaded as vectors
+            vcols, bcols = k0 // 2 + kv, k0 // 8 + kb
+            v = tl.load(values + o[:, None] * half + vcols[None, :],
+                        mask=o_ok[:, None] & (vcols < half)[None, :], other=0.0)  # (TILE_OUT, TILE_K / 2)
+            byte = tl.load(metadata + o[:, None] * code_row + bcols[None, :],
+                           mask=o_ok[:, None] & (bcols < code_row)[None, :], other=0).to(tl.int32)
+            # expanded in registers: group g's code (nibble g % 2 of byte g // 2) says where its two values go
+            code = tl.reshape(tl.join(byte & 0xF, byte >> 4), (TILE_OUT, TILE_K // 4))
+            p0, p1 = code & 3, code >> 2
+            a, b = tl.split(tl.reshape(v, (TILE_OUT, TILE_K // 4, 2)))  # each group's first and second value
+            e0 = tl.where(p0 == 0, a, 0.0)  # position 0 can only hold the first value
+            e1 = tl.where(p0 == 1, a, tl.where(p1 == 1, b, 0.0))
+            e2 = tl.where(p0 == 2, a, tl.where(p1 == 2, b, 0.0))
+            e3 = tl.where(p1 == 3, b, 0.0)  # position 3 only the second
+            # (TILE_OUT, G, 2, 2) with [..., i, j] = entry 2 i + j of the group, then (TILE_OUT, TILE_K)
+            w = tl.reshape(tl.join(tl.join(e0, e2), tl.join(e1, e3)), (TILE_OUT, TILE_K))
             xt = tl.load(x_ptr + n[:, None] * stride_xn + cols[None, :],
                          mask=n_ok[:, None] & (cols < IN)[None, :], other=0.0)
             if DOT_FP32:
