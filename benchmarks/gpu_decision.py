@@ -45,7 +45,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -303,15 +302,6 @@ def l2_bytes() -> tuple[int, str]:
     return (size, "device") if size > 0 else (ASSUMED_L2, "assumed")
 
 
-def _driver() -> str:
-    try:
-        run = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10, check=False)
-        return run.stdout.strip().splitlines()[0] if run.returncode == 0 and run.stdout.strip() else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def gpu_header() -> dict[str, object]:
     """The facts every result carries: GPU, driver, CUDA, torch, triton, python, L2, autotuning."""
     torch = _torch()
@@ -321,8 +311,10 @@ def gpu_header() -> dict[str, object]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "missing"
+    from sparse_ops.timing import nvidia_driver
+
     l2, l2_source = l2_bytes()
-    return {"gpu": props.name, "driver": _driver(), "cuda": torch.version.cuda, "torch": torch.__version__,
+    return {"gpu": props.name, "driver": nvidia_driver(), "cuda": torch.version.cuda, "torch": torch.__version__,
             "triton": triton_version, "python": platform.python_version(),
             "compute_capability": f"{props.major}.{props.minor}", "sms": props.multi_processor_count,
             "gpu_memory_gib": round(props.total_memory / 2**30, 1), "l2_bytes": l2, "l2_source": l2_source,

@@ -182,7 +182,7 @@ def environment(device: str = "cpu") -> dict[str, object]:
     if device.startswith("cuda") and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.device(device))
         env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                   cuda=torch.version.cuda, driver=_nvidia_driver())
+                   cuda=torch.version.cuda, driver=nvidia_driver())
     return env
 
 
@@ -244,7 +244,8 @@ class Deadline:
         return self.max_seconds is None or done == 0 or elapsed + next_cost <= self.max_seconds
 
 
-def _nvidia_driver() -> str:
+def nvidia_driver() -> str:
+    """The NVIDIA driver version nvidia-smi reports, or "unknown"."""
     try:
         import subprocess
 
