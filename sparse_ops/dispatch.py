@@ -106,7 +106,7 @@ def _dense_linear(state: tuple[torch.Tensor, int | None], x: torch.Tensor,
 
 # F.linear on the weight decompressed (an int8 weight dequantized) once at prepare, the input quantized as an int8
 # weight's input_bits say: the plan's "dense" path, the kernel of an int8 weight where none of ours runs it (no
-# speed or memory gain; the GPU has no int8 kernel of ours yet), and the backward of last resort.
+# speed or memory gain: dense-int8 on the GPU, and our kernels' fallback), and the backward of last resort.
 DENSE_KERNEL = Kernel("torch.dense", _prepare_dense, unfused(_dense_linear), backend=TORCH, native=False, grad=True)
 TORCH_CPU_CSR = Kernel("torch.cpu.csr", torch_cpu.prepare_csr, unfused(torch_cpu.csr_matmul), backend=TORCH,
                        grad=True)
@@ -130,7 +130,12 @@ KERNELS: dict[tuple[str, str], tuple[Kernel, ...]] = {
                       DENSE_KERNEL)
        for fmt, prepare in (("csr-int8", ours_cpu.prepare_csr_int8),
                             ("bitmap-int8", ours_cpu.prepare_bitmap_int8))},
-    **{(fmt, "cuda"): (DENSE_KERNEL,) for fmt in ("dense-int8", "csr-int8", "bitmap-int8")},
+    # the sparse int8 layouts on the GPU: the tiled-bitmap kernel on int8 tiles, dequantized in registers
+    **{(fmt, "cuda"): (Kernel(f"cuda.{fmt}", triton_sparse.prepare_int8, triton_sparse.matmul,
+                              variants=triton_sparse.variants, pick=triton_sparse.pick,
+                              available=triton_sparse.available), DENSE_KERNEL)
+       for fmt in ("csr-int8", "bitmap-int8")},
+    ("dense-int8", "cuda"): (DENSE_KERNEL,),
     ("csr", "cuda"): (
         Kernel("cuda.csr", triton_sparse.prepare, triton_sparse.matmul, variants=triton_sparse.variants,
                pick=triton_sparse.pick, available=triton_sparse.available),

@@ -272,3 +272,27 @@ def test_launches_on_the_tensors_device_not_the_current_one():
     with torch.cuda.device(0):
         y = ts.matmul(state, x, None)
     torch.testing.assert_close(y.float().cpu(), x.float().cpu() @ w.float().t(), rtol=2e-2, atol=2e-2)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("layout", ["bitmap-int8", "csr-int8"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("input_bits", [None, 8])
+@pytest.mark.parametrize("variant", ["plain", "splitk"])
+def test_int8_weights_dequantized_in_the_kernel(layout, dtype, input_bits, variant):
+    """An int8 checkpoint's weight on the GPU kernel: q widened in registers, each output row scaled once, x
+    quantized per block first under input_bits=8: the numbers of F.linear on the dequantized weight."""
+    from sparse_ops.dispatch import kernel_for
+    from sparse_ops.quantized import quantize_input
+    from sparse_ops.registry import format_class
+
+    weight = format_class(layout).from_dense(_weight(70, 130, 0.7, torch.float32)).with_dtype(dtype)
+    weight = weight.with_input_bits(input_bits)
+    kernel = kernel_for(layout, "cuda")
+    assert kernel.name == f"cuda.{layout}" and kernel.native
+    state = kernel.prepare(weight)
+    assert state.values.dtype == torch.int8 and state.dtype == dtype and state.align == 16
+    x, b = torch.randn(17, 130).to(dtype), torch.randn(70).to(dtype)
+    y = kernel.matmul(state, x, b, variant=variant)
+    xq = x.float() if input_bits is None else quantize_input(x.float())
+    _assert_close(y, torch.nn.functional.linear(xq, weight.to_dense().float(), b.float()), dtype)

@@ -63,7 +63,18 @@ def _tiled(dtype: str, block_n: int, partial: bool) -> Case:
                 {"x_ptr": "*" + dtype, "values": "*" + dtype, "bias_ptr": "*" + dtype, "y_ptr": y},
                 {"TILE_OUT": DEFAULT_TILE[0], "TILE_K": DEFAULT_TILE[1], "HAS_BIAS": True, "PARTIAL": partial,
                  "DOT_FP32": False, "PRECISION": "ieee", "HW_POPC": True, "BLOCK_N": block_n,
-                 "ALIGN": 8}, "values", True)
+                 "ALIGN": 8, "HAS_SCALES": False}, "values", True)
+
+
+def _tiled_int8(dtype: str, block_n: int) -> Case:
+    from sparse_ops.bitmap import DEFAULT_TILE
+
+    return Case(f"tiled-int8-{dtype}-n{block_n}", "tiled",
+                {"x_ptr": "*" + dtype, "values": "*i8", "scales_ptr": "*" + dtype, "bias_ptr": "*" + dtype,
+                 "y_ptr": "*" + dtype},
+                {"TILE_OUT": DEFAULT_TILE[0], "TILE_K": DEFAULT_TILE[1], "HAS_SCALES": True, "HAS_BIAS": True,
+                 "PARTIAL": False, "DOT_FP32": False, "PRECISION": "ieee", "HW_POPC": True, "BLOCK_N": block_n,
+                 "ALIGN": 16}, "values", True)
 
 
 def _two_four(dtype: str, block_n: int) -> Case:
@@ -84,6 +95,7 @@ def _moe(dtype: str) -> Case:
 
 CASES: tuple[Case, ...] = (
     *(_tiled(d, n, p) for d in ("fp16", "bf16") for n in (16, 64) for p in (False, True)),
+    _tiled_int8("fp16", 16),
     Case("reduce-fp16", "reduce", {"partial": "*fp32", "bias_ptr": "*fp16", "y_ptr": "*fp16"},
          {"HAS_BIAS": True, "BLOCK": 1024}, None, False),
     *(_two_four(d, n) for d in ("fp16", "bf16") for n in (16, 64)),

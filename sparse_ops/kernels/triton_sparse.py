@@ -69,6 +69,9 @@ tensor cores as is). fp32 uses ``input_precision="ieee"`` unless ``torch.backend
 
 Dispatch: ``sparse_ops.dispatch`` lists this kernel first for ``("csr", "cuda")``, cuSPARSE after it as the
 planned path ``"csr:torch"``; the plan times dense (cuBLAS), each variant here and cuSPARSE per batch bucket.
+It also runs the int8 layouts ``bitmap-int8`` and ``csr-int8`` (``prepare_int8``): the same kernel on int8
+tiles (16 values per aligned block), q widened to x's dtype in registers and each output row multiplied by its
+scale once in the epilogue, so one int8 checkpoint serves the CPU's kernels and this one.
 
 Still to do (needs a GPU): measurements on a real one (``benchmarks/gpu_check.sh``; the prediction they test:
 ``benchmarks/results/gpu/model.md``), a GEMV path for N = 1 (broadcast-multiply-sum instead of a 16-row dot),
@@ -84,6 +87,7 @@ Example:
     [2.0, -1.0]
 """
 import contextlib
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -91,9 +95,10 @@ from dataclasses import dataclass
 import torch
 
 from sparse_ops import activations
-from sparse_ops.bitmap import DEFAULT_TILE, TILE_KS, TILE_OUTS, TiledBitmap  # noqa: F401 (the kernel's layout)
+from sparse_ops.bitmap import DEFAULT_TILE, TILE_KS, TILE_OUTS, Int8Tiles, TiledBitmap  # noqa: F401 (the layout)
 from sparse_ops.errors import UnavailableError, UserValueError
 from sparse_ops.formats import CSR, INT32_MAX, VALUE_DTYPES
+from sparse_ops.quantized import BitmapInt8, CSRInt8, quantize_input
 
 try:
     import triton
@@ -147,11 +152,11 @@ if tl is not None:
         v = v + (v >> 16)
         return v & 0x3F
 
-    def _tiled_kernel(x_ptr, tile_ptr, tile_cols, starts, bitmaps, values, bias_ptr, y_ptr,
+    def _tiled_kernel(x_ptr, tile_ptr, tile_cols, starts, bitmaps, values, scales_ptr, bias_ptr, y_ptr,
                       N, OUT, IN, N_BUCKET, stride_xn, stride_yn, SPLITS,
-                      TILE_OUT: tl.constexpr, TILE_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      PARTIAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-                      HW_POPC: tl.constexpr, ALIGN: tl.constexpr, BLOCK_N: tl.constexpr):
+                      TILE_OUT: tl.constexpr, TILE_K: tl.constexpr, HAS_SCALES: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, DOT_FP32: tl.constexpr,
+                      PRECISION: tl.constexpr, HW_POPC: tl.constexpr, ALIGN: tl.constexpr, BLOCK_N: tl.constexpr):
         WORDS: tl.constexpr = TILE_K // 32
         c = tl.arange(0, TILE_OUT * TILE_K)  # positions in a tile's value block
         pid_o, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -200,6 +205,8 @@ if tl is not None:
 
         o = pid_o * TILE_OUT + i
         ok = n_ok[:, None] & (o < OUT)[None, :]
+        if HAS_SCALES:  # int8 values: W = scales[:, None] * q, one multiply per output row (weight-only int8)
+            acc *= tl.load(scales_ptr + o, mask=o < OUT, other=0.0).to(tl.float32)[None, :]
         if PARTIAL:  # fp32 (SPLITS, N, OUT) buffer
             tl.store(y_ptr + pid_s * N * OUT + n[:, None] * OUT + o[None, :], acc, mask=ok)
         else:
@@ -317,6 +324,8 @@ class AlignedTiles:
     tile_k: int
     max_row_tiles: int
     align: int  # elements per VALUE_ALIGN_BYTES
+    scales: torch.Tensor | None = None  # int8 values: (out,) row scales in the compute dtype, W = scales * q
+    input_bits: int | None = None  # int8 weights: x quantized per block first (quantized.quantize_input)
 
     @classmethod
     def from_tiled(cls, tb: TiledBitmap) -> "AlignedTiles":
@@ -344,7 +353,8 @@ class AlignedTiles:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.values.dtype
+        """The dtype the product computes in: the values', or an int8 weight's scales'."""
+        return self.values.dtype if self.scales is None else self.scales.dtype
 
 
 def check_product(shape: tuple[int, int], device: torch.device, x: torch.Tensor, bias: torch.Tensor | None,
@@ -397,11 +407,12 @@ def tiled_matmul(tb: AlignedTiles | TiledBitmap, x: torch.Tensor, bias: torch.Te
     grid = lambda meta: (tb.tile_rows, triton.cdiv(n, meta["BLOCK_N"]), splits)
     with on_device(x):
         kernels.tiled[grid](
-            x, tb.tile_ptr, parts[0], tb.starts, parts[1], parts[2], bias_arg,
-            y if partial is None else partial,
+            x, tb.tile_ptr, parts[0], tb.starts, parts[1], parts[2], x if tb.scales is None else tb.scales,
+            bias_arg, y if partial is None else partial,
             n, out, inp, triton.next_power_of_2(n), x.stride(0), y.stride(0), splits,
-            TILE_OUT=tb.tile_out, TILE_K=tb.tile_k, HAS_BIAS=bias is not None, PARTIAL=partial is not None,
-            DOT_FP32=dot_fp32, PRECISION=precision, HW_POPC=not kernels.interpret, ALIGN=tb.align)
+            TILE_OUT=tb.tile_out, TILE_K=tb.tile_k, HAS_SCALES=tb.scales is not None, HAS_BIAS=bias is not None,
+            PARTIAL=partial is not None, DOT_FP32=dot_fp32, PRECISION=precision, HW_POPC=not kernels.interpret,
+            ALIGN=tb.align)
     if partial is not None:
         sum_splits(partial, bias, y)
     return y
@@ -426,6 +437,15 @@ def prepare(w: CSR | TiledBitmap | AlignedTiles, tile: tuple[int, int] = DEFAULT
     return AlignedTiles.from_tiled(w if isinstance(w, TiledBitmap) else TiledBitmap.from_csr(w, tile))
 
 
+def prepare_int8(w: BitmapInt8 | CSRInt8) -> AlignedTiles:
+    """An int8 weight's state: its int8 tiles aligned (a CSR int8 weight tiled first), its scales, its
+    ``input_bits``. The kernel widens q to x's dtype in registers and scales each output row once (weight-only
+    int8: one checkpoint serves the CPU's int8 kernels and this one)."""
+    tiles = w.q if isinstance(w.q, TiledBitmap) else Int8Tiles.from_dense(w.q.to_dense(), DEFAULT_TILE)
+    return dataclasses.replace(AlignedTiles.from_tiled(tiles), scales=w.scales.contiguous(),
+                               input_bits=w.input_bits)
+
+
 def matmul(state: AlignedTiles, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None, *,
            post=None, variant: str = "plain") -> torch.Tensor:
     """The registry's signature (``sparse_ops.dispatch``): ``post(act(x @ W^T + bias))``; the activation and
@@ -433,5 +453,6 @@ def matmul(state: AlignedTiles, x: torch.Tensor, bias: torch.Tensor | None, acti
     "splitk" (``pick`` gives the default)."""
     activations.check(activation)
     splits = choose_splits(state, x.shape[0], variant)
+    x = x if state.input_bits is None else quantize_input(x)  # the CPU int8 kernels' numbers
     y = activations.apply(tiled_matmul(state, x, bias, splits=splits), activation)
     return y if post is None else post.apply(y)
