@@ -205,7 +205,8 @@ def test_choose_splits():
     assert ts.pick(one_tile, 1) == "plain" and ts.choose_splits(one_tile, 1, "splitk") == 2
     with pytest.raises(ValueError, match="variant"):
         ts.choose_splits(skinny, 1, "panels")
-    assert ts.variants(1) == ("plain", "splitk") and ts.variants(4096) == ("plain",)
+    assert ts.variants(1) == ("plain", "splitk", "gemv") and ts.variants(4096) == ("plain",)
+    assert ts.choose_splits(skinny, 1, "gemv") == 8 and ts.choose_splits(one_tile, 1, "gemv") == 1
 
 
 def test_autotune_configs():
@@ -296,3 +297,21 @@ def test_int8_weights_dequantized_in_the_kernel(layout, dtype, input_bits, varia
     y = kernel.matmul(state, x, b, variant=variant)
     xq = x.float() if input_bits is None else quantize_input(x.float())
     _assert_close(y, torch.nn.functional.linear(xq, weight.to_dense().float(), b.float()), dtype)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(32, 64), (45, 100), (16, 256), (70, 130)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.7, 1.0])
+def test_gemv_variant_at_one_token(dtype, shape, sparsity):
+    """One token without tl.dot: the same product as the reference, split where that fills the GPU (the
+    interpreter's target: 8 programs), refused for more tokens."""
+    w = _weight(*shape, sparsity, dtype)
+    csr = CSR.from_dense(w)
+    state = ts.prepare(csr)
+    x, b = torch.randn(1, shape[1]).to(dtype), torch.randn(shape[0]).to(dtype)
+    assert "gemv" in ts.variants(1) and "gemv" not in ts.variants(2)
+    y = ts.matmul(state, x, b, variant="gemv")
+    _assert_close(y, reference.csr_matmul(csr, x) + b.float(), dtype)
+    with pytest.raises(ValueError, match="unknown variant 'gemv' for 2 tokens"):
+        ts.matmul(state, torch.randn(2, shape[1]).to(dtype), None, variant="gemv")

@@ -74,7 +74,8 @@ tiles (16 values per aligned block), q widened to x's dtype in registers and eac
 scale once in the epilogue, so one int8 checkpoint serves the CPU's kernels and this one.
 
 Still to do (needs a GPU): measurements on a real one (``benchmarks/gpu_check.sh``; the prediction they test:
-``benchmarks/results/gpu/model.md``), a GEMV path for N = 1 (broadcast-multiply-sum instead of a 16-row dot),
+``benchmarks/results/gpu/model.md``), which decides whether the one-token variant "gemv" (multiply and sum
+in fp32, no 16-row ``tl.dot``; planned beside the others, not yet ``pick``'s default) should be the default;
 split-K reduced within the one launch, and activations fused into the epilogue.
 
 Example:
@@ -126,12 +127,13 @@ def available() -> bool:
 
 
 def variants(n: int) -> tuple[str, ...]:
-    """The kernel's paths for n tokens: "plain" always, "splitk" where split-K can pay (few tokens).
+    """The kernel's paths for n tokens: "plain" always, "splitk" where split-K can pay (few tokens), "gemv" at one
+    token (split like "splitk" where that fills the GPU).
 
-    >>> variants(1), variants(1024)
-    (('plain', 'splitk'), ('plain',))
+    >>> variants(1), variants(8), variants(1024)
+    (('plain', 'splitk', 'gemv'), ('plain', 'splitk'), ('plain',))
     """
-    return VARIANTS if n <= 256 else ("plain",)
+    return (*VARIANTS, "gemv") if n == 1 else VARIANTS if n <= 256 else ("plain",)
 
 
 # --- the kernels -------------------------------------------------------------------------------------------
@@ -156,7 +158,8 @@ if tl is not None:
                       N, OUT, IN, N_BUCKET, stride_xn, stride_yn, SPLITS,
                       TILE_OUT: tl.constexpr, TILE_K: tl.constexpr, HAS_SCALES: tl.constexpr,
                       HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, DOT_FP32: tl.constexpr,
-                      PRECISION: tl.constexpr, HW_POPC: tl.constexpr, ALIGN: tl.constexpr, BLOCK_N: tl.constexpr):
+                      PRECISION: tl.constexpr, HW_POPC: tl.constexpr, ALIGN: tl.constexpr, GEMV: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
         WORDS: tl.constexpr = TILE_K // 32
         c = tl.arange(0, TILE_OUT * TILE_K)  # positions in a tile's value block
         pid_o, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -174,6 +177,7 @@ if tl is not None:
         below = (tl.full((TILE_K,), 1, tl.int32) << kb) - 1  # bits before the column's (1 << 31 wraps: fine)
         n_ok = n < N
         acc = tl.zeros((BLOCK_N, TILE_OUT), dtype=tl.float32)
+        acc1 = tl.zeros((TILE_OUT,), dtype=tl.float32)  # GEMV: the one token's sums
         for t in range(lo, hi):
             base = t * (TILE_OUT * WORDS) + i * WORDS  # (TILE_OUT,) each row's first word
             row_nnz = tl.zeros((TILE_OUT,), dtype=tl.int32)
@@ -196,12 +200,18 @@ if tl is not None:
             w = tl.where(present, tl.reshape(w, (TILE_OUT, TILE_K)), 0.0)
 
             cols = tl.load(tile_cols + t) * TILE_K + k
-            xt = tl.load(x_ptr + n[:, None] * stride_xn + cols[None, :],
-                         mask=n_ok[:, None] & (cols < IN)[None, :], other=0.0)
-            if DOT_FP32:
-                acc += tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=PRECISION)
+            if GEMV:  # one token: multiply and sum the rows in fp32, no 16-token MMA padding or operand layout
+                xk = tl.load(x_ptr + cols, mask=cols < IN, other=0.0).to(tl.float32)
+                acc1 += tl.sum(w.to(tl.float32) * xk[None, :], 1)
             else:
-                acc += tl.dot(xt, tl.trans(w.to(xt.dtype)), input_precision=PRECISION)
+                xt = tl.load(x_ptr + n[:, None] * stride_xn + cols[None, :],
+                             mask=n_ok[:, None] & (cols < IN)[None, :], other=0.0)
+                if DOT_FP32:
+                    acc += tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=PRECISION)
+                else:
+                    acc += tl.dot(xt, tl.trans(w.to(xt.dtype)), input_precision=PRECISION)
+        if GEMV:
+            acc += acc1[None, :]  # token 0's row (the others are masked at the store)
 
         o = pid_o * TILE_OUT + i
         ok = n_ok[:, None] & (o < OUT)[None, :]
@@ -290,9 +300,12 @@ def pick(tb: TiledBitmap, n: int) -> str:
 
 
 def choose_splits(tb: TiledBitmap, n: int, variant: str) -> int:
-    """Programs per tile row: 1 for "plain", at least 2 for "splitk"."""
-    if variant not in VARIANTS:
-        raise UserValueError(f"unknown variant {variant!r}; allowed: {', '.join(VARIANTS)}")
+    """Programs per tile row: 1 for "plain", at least 2 for "splitk", as many as fill the GPU for "gemv"."""
+    if variant not in (*VARIANTS, "gemv") or (variant == "gemv" and n != 1):
+        raise UserValueError(f"unknown variant {variant!r} for {n} tokens; allowed: {', '.join(VARIANTS)}, and "
+                             f"gemv at one token")
+    if variant == "gemv":
+        return max(_splits_to_fill(tb, n), 1) if tb.max_row_tiles >= 2 else 1
     return 1 if variant == "plain" else max(_splits_to_fill(tb, n), 2)
 
 
@@ -384,9 +397,12 @@ def on_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
 
 
 def tiled_matmul(tb: AlignedTiles | TiledBitmap, x: torch.Tensor, bias: torch.Tensor | None = None, *,
-                 splits: int = 1) -> torch.Tensor:
-    """``x @ W^T (+ bias)`` for x (N, in) on the Triton kernel, in x's dtype; ``splits`` > 1: split-K. A
-    ``TiledBitmap`` is aligned first (``AlignedTiles``: once per layer through ``prepare``, per call here)."""
+                 splits: int = 1, gemv: bool = False) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` for x (N, in) on the Triton kernel, in x's dtype; ``splits`` > 1: split-K; ``gemv``
+    (one token only): sums in fp32 without ``tl.dot``. A ``TiledBitmap`` is aligned first (``AlignedTiles``:
+    once per layer through ``prepare``, per call here)."""
+    if gemv and x.shape[0] != 1:
+        raise UserValueError(f"the gemv kernel takes one token, got {x.shape[0]}")
     if isinstance(tb, TiledBitmap):
         tb = AlignedTiles.from_tiled(tb)
     out, inp = tb.shape
@@ -412,7 +428,7 @@ def tiled_matmul(tb: AlignedTiles | TiledBitmap, x: torch.Tensor, bias: torch.Te
             n, out, inp, triton.next_power_of_2(n), x.stride(0), y.stride(0), splits,
             TILE_OUT=tb.tile_out, TILE_K=tb.tile_k, HAS_SCALES=tb.scales is not None, HAS_BIAS=bias is not None,
             PARTIAL=partial is not None, DOT_FP32=dot_fp32, PRECISION=precision, HW_POPC=not kernels.interpret,
-            ALIGN=tb.align)
+            ALIGN=tb.align, GEMV=gemv)
     if partial is not None:
         sum_splits(partial, bias, y)
     return y
@@ -449,10 +465,10 @@ def prepare_int8(w: BitmapInt8 | CSRInt8) -> AlignedTiles:
 def matmul(state: AlignedTiles, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None, *,
            post=None, variant: str = "plain") -> torch.Tensor:
     """The registry's signature (``sparse_ops.dispatch``): ``post(act(x @ W^T + bias))``; the activation and
-    the post-op (``sparse_ops.post.AddNorm``) run after the kernel with torch ops. ``variant``: "plain" or
-    "splitk" (``pick`` gives the default)."""
+    the post-op (``sparse_ops.post.AddNorm``) run after the kernel with torch ops. ``variant``: one of
+    ``variants(N)``, "plain", "splitk" or at one token "gemv" (``pick`` gives the default)."""
     activations.check(activation)
     splits = choose_splits(state, x.shape[0], variant)
     x = x if state.input_bits is None else quantize_input(x)  # the CPU int8 kernels' numbers
-    y = activations.apply(tiled_matmul(state, x, bias, splits=splits), activation)
+    y = activations.apply(tiled_matmul(state, x, bias, splits=splits, gemv=variant == "gemv"), activation)
     return y if post is None else post.apply(y)

@@ -54,7 +54,11 @@ TILE_OUT, TILE_K = 32, 64  # a tile: TILE_OUT rows x TILE_K input columns (16 gr
 AUTOTUNE_KEY = ("N_BUCKET", "OUT", "IN", "SPLITS")
 VARIANTS = ts.VARIANTS
 available = ts.available
-variants = ts.variants
+
+
+def variants(n: int) -> tuple[str, ...]:
+    """The kernel's paths for n tokens: "plain", and "splitk" where split-K can pay (few tokens)."""
+    return VARIANTS if n <= 256 else ("plain",)
 
 
 def _k_tiles(w: TwoFour) -> int:
