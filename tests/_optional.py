@@ -7,8 +7,13 @@ import os
 import pytest
 
 
+def required(name: str) -> bool:
+    """Whether this run names ``name`` in ``PRUNE_SPARSE_REQUIRE`` (its absence must fail, not skip)."""
+    return name in os.environ.get("PRUNE_SPARSE_REQUIRE", "").split(",")
+
+
 def import_or_skip(name: str, reason: str):
     """The module ``name``; skip the calling test module without it, or fail if the run requires it."""
-    if name in os.environ.get("PRUNE_SPARSE_REQUIRE", "").split(","):
+    if required(name):
         return importlib.import_module(name)  # an ImportError here fails the run
     return pytest.importorskip(name, reason=reason)

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from _optional import import_or_skip
+from _optional import import_or_skip, required
 
 import_or_skip("triton", reason="the Triton kernels need triton (pip install prune-sparse[gpu])")
 
@@ -57,7 +57,7 @@ def _facts() -> dict[tuple[str, int], dict]:
     import triton.backends
 
     if "nvidia" not in triton.backends.backends:
-        if "triton" in os.environ.get("PRUNE_SPARSE_REQUIRE", "").split(","):
+        if required("triton"):
             pytest.fail("triton has no NVIDIA backend (PRUNE_SPARSE_REQUIRE=triton)")
         pytest.skip("triton has no NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
