@@ -20,6 +20,9 @@ ours, anchor, dense, ...), medians and p10 / p90 over ``--rounds``:
   eager                  the Python call a user makes, ``layer(x)`` (``nn.Linear`` for dense, ``SparseLinear``
                          for ours, the torch call for the anchors), many calls rotating over the same copies,
                          wall clock between two synchronisations / calls: host overhead included.
+Our kernel's other variants at the case's token count (the tiled kernel's "plain" / "splitk" / at one token
+"gemv", 2:4's "plain" / "splitk") are timed kernel-only beside the default: ``variants_us``, ``best_variant``
+and ``best_variant_speedup`` say which should be the default (``pick``) on this GPU.
 Bandwidth: (weight bytes as the kernel reads them + x + y) / kernel-only time, against a measured copy ceiling
 (a device-to-device ``copy_`` of a 512 MiB buffer, read + written, event-timed).
 
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -67,6 +71,7 @@ COPY_BYTES = 512 << 20  # the copy ceiling's buffer
 FLUSH_MIN = 256 << 20  # the fallback's L2 flush buffer, at least
 MIN_GRAPH_CALLS = 32  # calls per graph replay (and per eager sample), at least
 ANCHORS = {"csr": "cusparse_csr_i32", "2:4": "torch_semi_structured"}
+VARIANT = "variant:"  # candidates named VARIANT + v: our kernel in its variant v, where v is not the default
 COLUMNS = (
     "shape", "out", "in", "pattern", "format", "sparsity", "dtype", "tokens",
     "dense_us", "dense_p10_us", "dense_p90_us", "dense_eager_us",
@@ -76,7 +81,7 @@ COLUMNS = (
     "dense_bytes", "ours_bytes", "anchor_bytes", "limit", "fraction_of_limit",
     "dense_gbps", "ours_gbps", "anchor_gbps", "copy_gbps", "ours_of_copy",
     "copies_dense", "copies_ours", "copies_anchor", "dense_method", "ours_method", "anchor_method",
-    "ours_rel_err", "anchor_rel_err", "error")
+    "ours_rel_err", "anchor_rel_err", "variants_us", "best_variant", "best_variant_speedup", "error")
 
 
 @dataclass(frozen=True)
@@ -146,9 +151,14 @@ def _r(v: float | None, digits: int = 2) -> float | None:
 
 
 def make_row(case: Case, dense: Stats | None, ours: Stats | None, anchor: Stats | None, copy_gbps: float | None,
-             io_bytes: int, sparsity: float | None = None, error: str = "") -> dict[str, object]:
+             io_bytes: int, sparsity: float | None = None, error: str = "",
+             variants: dict[str, Stats] | None = None) -> dict[str, object]:
     """The result row of one case (keys ``COLUMNS``); a missing candidate leaves its cells empty (None).
-    ``io_bytes``: x and y bytes, added to each weight's for GB/s."""
+    ``io_bytes``: x and y bytes, added to each weight's for GB/s. ``variants``: our kernel's other variants
+    (kernel-only), beside the default's ``ours``: which one should be the default is what they decide."""
+    kernel_us = {**({ours.variant: ours.us} if ours and ours.variant else {}),
+                 **{v: st.us for v, st in (variants or {}).items()}}
+    best = min(kernel_us, key=kernel_us.get) if kernel_us else ""
     es = 2  # fp16 / bf16
     dense_bytes = case.out * case.inp * es
     speedup = _ratio(dense and dense.us, ours and ours.us)
@@ -180,6 +190,8 @@ def make_row(case: Case, dense: Stats | None, ours: Stats | None, anchor: Stats 
         "dense_method": dense.method if dense else "", "ours_method": ours.method if ours else "",
         "anchor_method": anchor.method if anchor else "",
         "ours_rel_err": _r(ours and ours.rel_err, 5), "anchor_rel_err": _r(anchor and anchor.rel_err, 5),
+        "variants_us": " ".join(f"{v}={us:.2f}" for v, us in sorted(kernel_us.items())),
+        "best_variant": best, "best_variant_speedup": _ratio(dense and dense.us, kernel_us.get(best)),
         "error": error,
     }
 
@@ -408,7 +420,7 @@ class Timer:
 
 def _summary(kernel: list[float], eager: list[float]) -> tuple[float, float, float, float]:
     qs = statistics.quantiles(kernel, n=10) if len(kernel) > 1 else [kernel[0]] * 9
-    return statistics.median(kernel), qs[0], qs[-1], statistics.median(eager)
+    return statistics.median(kernel), qs[0], qs[-1], statistics.median(eager) if eager else float("nan")
 
 
 def make_weight(case: Case, seed: int = 0, device: str = "cuda"):
@@ -472,6 +484,12 @@ def build(case: Case, w, x, l2: int) -> tuple[dict[str, tuple[list, list, int, s
     routes = [layer.route(case.tokens) for layer in layers]
     built["ours"] = ([lambda r=r: r(x, None) for r in routes], [lambda m=m: m(x) for m in layers], nbytes,
                      layers[0].kernel.name, route.variant)
+    kernel = layers[0].kernel
+    for v in kernel.variants(case.tokens) if kernel.variants else ():  # the others: kernel-only, no eager
+        if v != route.variant:
+            path = dataclasses.replace(route.path, variant=v)
+            others = [layer.router.bind(path, case.tokens) for layer in layers]
+            built[VARIANT + v] = ([lambda r=r: r(x, None) for r in others], [], nbytes, kernel.name, v)
     if case.format == "2:4":  # torch's semi-structured (cuSPARSELt / CUTLASS), as sparse_ops' "2:4:torch" path
         prepare, call = (lambda: torch_cuda.prepare_two_four(TwoFour.from_dense(w))), torch_cuda.two_four_matmul
     else:  # cuSPARSE through torch.sparse.mm, int32 indices, as sparse_ops' "csr:torch" path
@@ -521,7 +539,8 @@ def measure(case: Case, l2: int, rounds: int) -> tuple[dict[str, Stats], float, 
         for _ in range(rounds):
             for name, timer in timers.items():
                 samples[name][0].append(timer.kernel_us())
-                samples[name][1].append(timer.eager_us())
+                if timer.eager_calls:
+                    samples[name][1].append(timer.eager_us())
     stats = {}
     for name, (kernel, eager) in samples.items():
         us, p10, p90, eager_us = _summary(kernel, eager)
@@ -558,13 +577,14 @@ def run(out: Path, max_seconds: float, rounds: int, selected: list[Case]) -> int
         torch.cuda.empty_cache()
         last = time.perf_counter() - c0
         failed += "ours" not in stats or "dense" not in stats
+        variants = {k.removeprefix(VARIANT): st for k, st in stats.items() if k.startswith(VARIANT)}
         row = make_row(case, stats.get("dense"), stats.get("ours"), stats.get("anchor"), header["copy_gbps"],
-                       io, sparsity, error)
+                       io, sparsity, error, variants)
         rows.append(row)
         print(f"[{i + 1}/{len(selected)} {last:5.1f}s] {case.shape} {case.pattern} {case.dtype} {case.tokens} tok: "
               f"dense {row['dense_us']} us, ours {row['ours_us']} us ({row['speedup']}x kernel, "
-              f"{row['eager_speedup']}x eager), {row['anchor']} {row['anchor_us']} us"
-              + (f"  [{error}]" if error else ""), flush=True)
+              f"{row['eager_speedup']}x eager), {row['anchor']} {row['anchor_us']} us, variants "
+              f"{row['variants_us']}" + (f"  [{error}]" if error else ""), flush=True)
         write_results(out, header, rows)
     else:
         header["status"] = f"complete: {len(selected)} cases"

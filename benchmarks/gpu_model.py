@@ -11,8 +11,9 @@ activations read (tokens x in) and outputs written (tokens x out) once, and pred
 - the time at the H100's and the H200's HBM bandwidth: bytes / bandwidth (a lower bound).
 
 Not modelled: re-reads of x from L2 (one per tile row), split-K's fp32 partials (splits x tokens x out x 4
-bytes written and read again, small next to the weight at <= 16 tokens), launch latency (a few microseconds,
-the same order as these times: the model is an upper bound on the speedup).
+bytes written and read again through L2, small next to the weight at <= 16 tokens), launch latency (one launch
+per product, split-K included: a few microseconds, the same order as these times; the model is an upper bound
+on the speedup).
 It also records the registers per thread of the compiled kernels (``sparse_ops.kernels.triton_compiled``, sm_90,
 the config that runs at 1-16 tokens) and the blocks of 128 threads per SM they allow.
 
@@ -42,7 +43,8 @@ SPARSITIES = (0.5, 0.7, 0.9)
 DTYPE = torch.float16
 ELEMENT = 2  # bytes of an fp16 value
 # the compiled configs the model quotes registers for (sparse_ops.kernels.triton_compiled.CASES), on sm_90
-REGISTER_CASES = {"tiled bitmap": "tiled-fp16-n16-plain", "2:4": "two_four-fp16-n16", "MoE": "moe-fp16"}
+REGISTER_CASES = {"tiled bitmap": "tiled-fp16-n16-plain", "tiled bitmap, split-K": "tiled-fp16-n16-splitk",
+                  "tiled bitmap, gemv": "tiled-gemv-fp16", "2:4": "two_four-fp16-n16", "MoE": "moe-fp16"}
 REGISTER_ARCH = 90
 NOTE = "predicted, not measured: a bytes model (benchmarks/gpu_model.py), no GPU was used"
 

@@ -5,6 +5,7 @@ clear line, writing nothing; the decision benchmark's case list, row arithmetic 
 CUDA_VISIBLE_DEVICES is emptied for the subprocesses, so these check the no-GPU path on any machine. No
 assertion depends on how fast a kernel ran.
 """
+import dataclasses
 import json
 import math
 import os
@@ -92,8 +93,12 @@ def test_a_row_is_consistent_with_its_timings():
     case = gd.Case("llama-7b attn 4096x4096", 4096, 4096, "90%", "fp16", 1)
     dense = gd.Stats(20.0, 19.0, 22.0, 30.0, 4096 * 4096 * 2, 4, "graph")
     ours = gd.Stats(5.0, 4.5, 6.0, 25.0, 5_000_000, 20, "graph", 1e-3, "cuda.csr", "splitk")
-    row = gd.make_row(case, dense, ours, None, 3000.0, io_bytes=(4096 + 4096) * 2)
+    others = {"plain": dataclasses.replace(ours, us=8.0, variant="plain"),
+              "gemv": dataclasses.replace(ours, us=4.0, variant="gemv")}
+    row = gd.make_row(case, dense, ours, None, 3000.0, io_bytes=(4096 + 4096) * 2, variants=others)
     assert set(row) == set(gd.COLUMNS)
+    assert row["variants_us"] == "gemv=4.00 plain=8.00 splitk=5.00"
+    assert row["best_variant"] == "gemv" and row["best_variant_speedup"] == 5.0
     assert row["speedup"] == 4.0 and row["eager_speedup"] == 1.2
     assert row["anchor_us"] is None and row["anchor_speedup"] is None and row["anchor"] == "cusparse_csr_i32"
     assert row["limit"] == round(4096 * 4096 * 2 / 5_000_000, 3)

@@ -1,13 +1,16 @@
 """The GPU kernels' compiled code, checked without a GPU (issue 32): every Triton kernel (``triton_sparse``'s
-tiled-bitmap kernel and split-K reduce, ``triton_two_four``, ``triton_moe``) is compiled for sm_80 and sm_90
+tiled-bitmap kernel, ``triton_two_four``, ``triton_moe``) is compiled for sm_80 and sm_90
 (``sparse_ops.kernels.triton_compiled``: PTX and cubin, no device) and its code must show what the design needs:
 
 - no spills: no local memory in the cubin (Triton's ``n_spills`` == 0) and no ``.local`` in the PTX;
 - registers per thread within ``MAX_REGISTERS_DECODE`` for the configs that run at 1-16 tokens (token block
-  16, the reduce, MoE) and within ``MAX_REGISTERS`` for the 64-token block;
+  16, MoE) and within ``MAX_REGISTERS`` for the 64-token block;
 - tensor-core instructions (``mma.sync`` / ``wgmma``) in every kernel that calls ``tl.dot``;
 - the weight's values loaded as vectors (``ld.global.v2`` / ``.v4``) or by ``cp.async``, at least
-  ``MIN_WEIGHT_LOAD_BYTES`` per instruction, never as scalar 2-byte gathers.
+  ``MIN_WEIGHT_LOAD_BYTES`` per instruction, never as scalar 2-byte gathers;
+- split-K reduced in the one launch: each program's arrival on its output tile's counter is one ``acq_rel``
+  atomic at GPU scope behind a CTA barrier that follows the partial stores, and the last program reads the
+  partials from L2 (``ld.global.cg``), as vectors.
 
 The last check is what the issue 32.1 redesign bought: the tiled-bitmap kernel loads each tile's values as one
 16-byte-aligned block (``triton_sparse.AlignedTiles``) and the 2:4 kernel its rows' values and codes as blocks,
@@ -116,6 +119,19 @@ def test_weight_values_loaded_as_vectors(case, arch):
     assert not scalar, f"scalar weight loads: {scalar} (all: {loads})"
 
 
+@pytest.mark.parametrize("case, arch", _params([c for c in tc.CASES if c.constexprs.get("PARTIAL")]))
+def test_split_k_reduced_in_one_launch(case, arch):
+    """The ordering the last-program reduction relies on, as compiled: stores, barrier, one release-acquire
+    arrival at GPU scope; the partials read back through L2 (a stale L1 line would be a wrong sum)."""
+    f = _facts()[case.name, arch]
+    assert len(f["arrivals"]) == 1, f["arrivals"]
+    arrival = f["arrivals"][0]
+    assert {".acq_rel", ".gpu"} <= set(arrival["instruction"].replace(".", " .").split()), arrival
+    assert arrival["fenced"], "no CTA barrier between the partial stores and the arrival"
+    loads = f["partial_loads"]
+    assert loads and all(k.startswith("ld.global.cg") and tc.is_vector_load(k) for k in loads), loads
+
+
 def test_load_classification():
     """The helpers that read the PTX, on hand-written lines."""
     ptx = "\n".join([
@@ -129,6 +145,15 @@ def test_load_classification():
     assert tc.ptx_global_loads(ptx) == {"ld.global.b16/2": 1, "ld.global.v4.b32/16": 1,
                                         "cp.async.cg.shared.global/16": 1}
     assert tc.ptx_global_loads(ptx, {("/k.py", 10, 5)}) == {"ld.global.b16/2": 1}
+    # a masked vector load: an inline-asm block whose .loc lines count up; the block's first is the load's
+    asm = "\n".join(['.file 1 "/k.py"', "// begin inline asm", ".loc 1 20 7", "mov.u32 %r1, %r9;", ".loc 1 21 7",
+                     "mov.u32 %r2, %r9;", "@%p1 ld.global.cg.v2.b32 { %r1, %r2 }, [ %rd1 + 0 ];", "// end inline asm"])
+    assert tc.ptx_global_loads(asm, {("/k.py", 20, 7)}) == {"ld.global.cg.v2.b32/8": 1}
+    arrival = "\n".join(["st.global.cg.v4.b32 [ %rd1 + 0 ], { %r1, %r2, %r3, %r4 };", "bar.sync 0;",
+                         "@%p1 atom.global.gpu.acq_rel.add.u32 %r5, [ %rd2 + 0 ], %r6;",
+                         "st.global.b32 [ %rd3 + 0 ], { %r7 };", "atom.global.gpu.relaxed.add.u32 %r8, [ %rd2 + 0 ], 1;"])
+    assert tc.arrivals(arrival) == [{"instruction": "atom.global.gpu.acq_rel.add.u32", "fenced": True},
+                                    {"instruction": "atom.global.gpu.relaxed.add.u32", "fenced": False}]
     assert not tc.is_vector_load("ld.global.b16/2") and not tc.is_vector_load("ld.global.v2.b16/4")
     assert tc.is_vector_load("ld.global.nc.v4.b32/16") and tc.is_vector_load("cp.async.cg.shared.global/16")
     assert tc.blocks_per_sm(128) == 4 and tc.blocks_per_sm(152) == 3

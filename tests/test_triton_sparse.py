@@ -243,7 +243,7 @@ def test_edge_cases():
     with pytest.raises(ValueError, match="bias"):
         ts.tiled_matmul(tb, torch.randn(2, 30).half(), torch.randn(21))
     with pytest.raises(ValueError, match="activation"):
-        ts.matmul(tb, torch.randn(2, 30).half(), None, "tanh")
+        ts.matmul(ts.prepare(tb), torch.randn(2, 30).half(), None, "tanh")
     # in x's dtype, whatever the weight's: an fp32 product of the fp16 weight
     x = torch.randn(2, 30)
     torch.testing.assert_close(ts.tiled_matmul(tb, x), tb.reference_matmul(x), atol=1e-4, rtol=1e-4)

@@ -38,7 +38,7 @@ THREADS_PER_BLOCK = NUM_WARPS * 32
 REGISTERS_PER_SM = 65536  # sm_80 and sm_90: 64K 32-bit registers per SM
 # integer arguments that are multiples of 16 at Llama shapes (4096, 11008, their products): Triton's JIT marks
 # such a value divisible by 16 at launch, which is what lets it vectorise loads along them
-DIVISIBLE = frozenset({"OUT", "IN", "stride_xn", "stride_yn", "TOTAL", "H", "D", "stride_we", "stride_wh"})
+DIVISIBLE = frozenset({"OUT", "IN", "stride_xn", "stride_yn", "H", "D", "stride_we", "stride_wh"})
 INTS = DIVISIBLE | {"N", "N_BUCKET", "SPLITS", "TILES_PER_SPLIT"}
 
 
@@ -48,33 +48,35 @@ class Case:
     weight's values (None: the kernel reads no weight); ``dot``: the kernel multiplies with ``tl.dot``."""
 
     name: str
-    kernel: str  # "tiled" | "reduce" | "two_four" | "moe"
+    kernel: str  # "tiled" | "two_four" | "moe"
     types: dict = field(hash=False)
     constexprs: dict = field(hash=False)
     weight: str | None
     dot: bool
 
 
-def _tiled(dtype: str, block_n: int, partial: bool) -> Case:
+def _tiled(dtype: str, block_n: int, partial: bool, act: str | None = None, wide: bool = False) -> Case:
+    from sparse_ops.activations import CODES
     from sparse_ops.bitmap import DEFAULT_TILE
 
-    y = "*fp32" if partial else "*" + dtype
-    return Case(f"tiled-{dtype}-n{block_n}-{'partial' if partial else 'plain'}", "tiled",
-                {"x_ptr": "*" + dtype, "values": "*" + dtype, "bias_ptr": "*" + dtype, "y_ptr": y},
+    name = f"tiled-{dtype}-n{block_n}-{'splitk' if partial else 'plain'}{'-' + act if act else ''}"
+    return Case(name + ("-wide" if wide else ""), "tiled",
+                {"x_ptr": "*" + dtype, "values": "*" + dtype, "bias_ptr": "*" + dtype, "y_ptr": "*" + dtype,
+                 "partial": "*fp32"},
                 {"TILE_OUT": DEFAULT_TILE[0], "TILE_K": DEFAULT_TILE[1], "HAS_BIAS": True, "PARTIAL": partial,
                  "DOT_FP32": False, "PRECISION": "ieee", "HW_POPC": True, "BLOCK_N": block_n,
-                 "ALIGN": 8, "HAS_SCALES": False, "GEMV": False}, "values", True)
+                 "ALIGN": 8, "HAS_SCALES": False, "GEMV": False, "ACT": CODES[act], "WIDE": wide}, "values", True)
 
 
 def _tiled_gemv(dtype: str) -> Case:
     from sparse_ops.bitmap import DEFAULT_TILE
 
     return Case(f"tiled-gemv-{dtype}", "tiled",
-                {"x_ptr": "*" + dtype, "values": "*" + dtype, "bias_ptr": "*" + dtype, "y_ptr": "*" + dtype},
+                {"x_ptr": "*" + dtype, "values": "*" + dtype, "bias_ptr": "*" + dtype, "y_ptr": "*" + dtype,
+                 "partial": "*fp32"},
                 {"TILE_OUT": DEFAULT_TILE[0], "TILE_K": DEFAULT_TILE[1], "HAS_SCALES": False, "HAS_BIAS": True,
-                 "PARTIAL": False, "DOT_FP32": False, "PRECISION": "ieee", "HW_POPC": True, "BLOCK_N": 16,
-                 "ALIGN": 8, "GEMV": True}, None, False)  # its value loads (2 x ld.global.v4.b32 per thread
-    # in the PTX) carry a .loc three lines off their tl.load, so the line-info attribution cannot find them yet
+                 "PARTIAL": True, "DOT_FP32": False, "PRECISION": "ieee", "HW_POPC": True, "BLOCK_N": 16,
+                 "ALIGN": 8, "GEMV": True, "ACT": 0, "WIDE": False}, "values", False)
 
 
 def _tiled_int8(dtype: str, block_n: int) -> Case:
@@ -82,34 +84,33 @@ def _tiled_int8(dtype: str, block_n: int) -> Case:
 
     return Case(f"tiled-int8-{dtype}-n{block_n}", "tiled",
                 {"x_ptr": "*" + dtype, "values": "*i8", "scales_ptr": "*" + dtype, "bias_ptr": "*" + dtype,
-                 "y_ptr": "*" + dtype},
+                 "y_ptr": "*" + dtype, "partial": "*fp32"},
                 {"TILE_OUT": DEFAULT_TILE[0], "TILE_K": DEFAULT_TILE[1], "HAS_SCALES": True, "HAS_BIAS": True,
                  "PARTIAL": False, "DOT_FP32": False, "PRECISION": "ieee", "HW_POPC": True, "BLOCK_N": block_n,
-                 "ALIGN": 16, "GEMV": False}, "values", True)
+                 "ALIGN": 16, "GEMV": False, "ACT": 0, "WIDE": False}, "values", True)
 
 
-def _two_four(dtype: str, block_n: int) -> Case:
-    return Case(f"two_four-{dtype}-n{block_n}", "two_four",
+def _two_four(dtype: str, block_n: int, partial: bool = False) -> Case:
+    return Case(f"two_four-{dtype}-n{block_n}{'-splitk' if partial else ''}", "two_four",
                 {"x_ptr": "*" + dtype, "values": "*" + dtype, "metadata": "*u8", "bias_ptr": "*" + dtype,
-                 "y_ptr": "*" + dtype},
-                {"TILE_OUT": 32, "TILE_K": 64, "HAS_BIAS": True, "PARTIAL": False, "DOT_FP32": False,
-                 "PRECISION": "ieee", "BLOCK_N": block_n}, "values", True)
+                 "y_ptr": "*" + dtype, "partial": "*fp32"},
+                {"TILE_OUT": 32, "TILE_K": 64, "HAS_BIAS": True, "PARTIAL": partial, "DOT_FP32": False,
+                 "PRECISION": "ieee", "BLOCK_N": block_n, "ACT": 0, "WIDE": False}, "values", True)
 
 
 def _moe(dtype: str) -> Case:
     # BLOCK_H / BLOCK_K: what grouped_linear launches on CUDA for H > 64
     return Case(f"moe-{dtype}", "moe",
                 {"x_ptr": "*" + dtype, "w_ptr": "*" + dtype, "b_ptr": "*" + dtype, "y_ptr": "*" + dtype},
-                {"HAS_BIAS": True, "DOT_FP32": False, "PRECISION": "ieee", "BLOCK_M": 16, "BLOCK_H": 128,
-                 "BLOCK_K": 64}, "w_ptr", True)
+                {"HAS_BIAS": True, "DOT_FP32": False, "PRECISION": "ieee", "WIDE": False, "BLOCK_M": 16,
+                 "BLOCK_H": 128, "BLOCK_K": 64}, "w_ptr", True)
 
 
 CASES: tuple[Case, ...] = (
     *(_tiled(d, n, p) for d in ("fp16", "bf16") for n in (16, 64) for p in (False, True)),
+    _tiled("fp16", 16, False, "gelu"), _tiled("fp16", 16, True, "silu", wide=True),
     _tiled_int8("fp16", 16), _tiled_gemv("fp16"),
-    Case("reduce-fp16", "reduce", {"partial": "*fp32", "bias_ptr": "*fp16", "y_ptr": "*fp16"},
-         {"HAS_BIAS": True, "BLOCK": 1024}, None, False),
-    *(_two_four(d, n) for d in ("fp16", "bf16") for n in (16, 64)),
+    *(_two_four(d, n) for d in ("fp16", "bf16") for n in (16, 64)), _two_four("fp16", 16, partial=True),
     _moe("fp16"), _moe("bf16"),
 )
 CASE_NAMES = tuple(c.name for c in CASES)
@@ -119,16 +120,13 @@ def _kernel(name: str):
     """The kernel's ``JITFunction`` (decorating the module's kernels as a compiled product would)."""
     from sparse_ops.kernels import triton_moe, triton_sparse, triton_two_four
 
-    if name in ("tiled", "reduce"):
-        k = triton_sparse._build()
-        fn = k.tiled.fn if name == "tiled" else k.reduce
+    if name == "tiled":
+        fn = triton_sparse._build().tiled.autotuned.fn
     elif name == "two_four":
-        k = triton_two_four._build()
-        fn = k.fn.fn
+        fn = triton_two_four._build().autotuned.fn
     else:
         fn, _ = triton_moe._build()
-        k = None
-    if getattr(k, "interpret", False) or not hasattr(fn, "params"):
+    if triton_sparse._build().interpret or not hasattr(fn, "params"):
         raise RuntimeError("compiling needs TRITON_INTERPRET unset in a process that never interpreted")
     return fn
 
@@ -157,11 +155,15 @@ _LOC = re.compile(r"^\s*\.loc\s+(\d+)\s+(\d+)\s+(\d+)")
 _FILE = re.compile(r'^\s*\.file\s+(\d+)\s+"([^"]+)"')
 _GLOBAL_LOAD = re.compile(r"\b(ld\.global[a-z0-9_.]*|cp\.async\.c[ag]\.shared\.global[a-z0-9_.]*)")
 _MMA = re.compile(r"\b(mma\.sync|wgmma\.mma_async)\b")
+_ATOM = re.compile(r"\batom\.global[a-z0-9_.]*")
+_STORE = re.compile(r"\bst\.global")
+_BARRIER = re.compile(r"\b(bar\.sync|barrier\.sync)\b")
 _LOCAL = re.compile(r"\.local\b")
 
 
 def _load_sites(fn, pointer: str) -> set[tuple[str, int, int]]:
-    """(file, line, column) of each ``tl.load(<pointer> ...`` call in the kernel's source, as PTX's .loc."""
+    """(file, line, column) of each ``tl.load(<pointer> ...`` call in the source of ``fn`` (a kernel or a
+    device function it calls), as PTX's .loc."""
     lines, first = inspect.getsourcelines(fn.fn)
     path = str(Path(inspect.getsourcefile(fn.fn)).resolve())
     sites = set()
@@ -185,21 +187,49 @@ def _load_bytes(instruction: str, text: str) -> int:
 
 def ptx_global_loads(ptx: str, sites: set[tuple[str, int, int]] | None = None) -> dict[str, int]:
     """Count of each global-load instruction in ``ptx`` (``ld.global*``, ``cp.async*``), keyed
-    ``"<instruction>/<bytes per thread>"``; with ``sites``, only those whose ``.loc`` is one of them."""
+    ``"<instruction>/<bytes per thread>"``; with ``sites``, only those whose ``.loc`` is one of them.
+
+    A masked vector load is an inline-asm block (one ``mov`` per register, then the load) whose ``.loc`` lines
+    count up by one per line, so the load itself carries a line 3 past its ``tl.load`` for a ``.v4``: inside a
+    block, the block's first ``.loc`` is the load's."""
     files = {m.group(1): str(Path(m.group(2)).resolve()) for m in map(_FILE.match, ptx.splitlines()) if m}
     counts: dict[str, int] = {}
-    loc = None
+    loc, in_asm, asm_loc = None, False, None
     for line in ptx.splitlines():
+        if "begin inline asm" in line:
+            in_asm, asm_loc = True, None
+        elif "end inline asm" in line:
+            in_asm = False
         m = _LOC.match(line)
         if m:
             loc = (files.get(m.group(1), ""), int(m.group(2)), int(m.group(3)))
+            if in_asm:
+                asm_loc = asm_loc or loc
             continue
         code = line.split("//")[0]
         for ins in _GLOBAL_LOAD.findall(code):
-            if sites is None or loc in sites:
+            if sites is None or (asm_loc if in_asm and asm_loc else loc) in sites:
                 key = f"{ins}/{_load_bytes(ins, code)}"
                 counts[key] = counts.get(key, 0) + 1
     return counts
+
+
+def arrivals(ptx: str) -> list[dict]:
+    """Each global atomic in ``ptx`` (split-K's arrival on its tile's counter): its instruction, and whether a
+    CTA barrier separates it from the global stores before it (``fenced``: every thread's partial sums stored
+    before the one thread that arrives releases them)."""
+    found, last_store, last_barrier = [], None, None
+    for i, line in enumerate(ptx.splitlines()):
+        code = line.split("//")[0]
+        if _STORE.search(code):
+            last_store = i
+        if _BARRIER.search(code):
+            last_barrier = i
+        m = _ATOM.search(code)
+        if m:
+            fenced = last_store is not None and last_barrier is not None and last_barrier > last_store
+            found.append({"instruction": m.group(0), "fenced": fenced})
+    return found
 
 
 def is_vector_load(key: str, min_bytes: int = 8) -> bool:
@@ -237,6 +267,11 @@ def facts(case: Case, arch: int) -> dict:
            "global_loads": ptx_global_loads(ptx), "weight_loads": None}
     if case.weight is not None:
         out["weight_loads"] = ptx_global_loads(ptx, _load_sites(fn, case.weight))
+    if case.constexprs.get("PARTIAL"):  # split-K: the arrival and the last program's loads of the partials
+        from sparse_ops.kernels import triton_sparse
+
+        out["arrivals"] = arrivals(ptx)
+        out["partial_loads"] = ptx_global_loads(ptx, _load_sites(triton_sparse._finish, "partial"))
     return out
 
 

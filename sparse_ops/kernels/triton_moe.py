@@ -49,14 +49,17 @@ def block_table(offsets: torch.Tensor, block_m: int, max_blocks: int) -> tuple[t
 if tl is not None:
     def _grouped_kernel(x_ptr, w_ptr, b_ptr, y_ptr, block_expert, block_first, offsets, H, D,
                         stride_we, stride_wh, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
-                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+                        PRECISION: tl.constexpr, WIDE: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
         pid, pid_h = tl.program_id(0), tl.program_id(1)
         e = tl.load(block_expert + pid)
         if e >= 0:
             first = tl.load(block_first + pid)
             end = tl.load(offsets + e + 1)
             m = first + tl.arange(0, BLOCK_M)
+            if WIDE:  # offsets past INT32_MAX (all experts' weights, or the rows): in int64
+                e = e.to(tl.int64)
+                m = m.to(tl.int64)
             h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
             k = tl.arange(0, BLOCK_K)
             m_ok, h_ok = m < end, h < H
@@ -116,6 +119,6 @@ def grouped_linear(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor, b: t
         kernel[(max_blocks, triton.cdiv(H, block_h))](
             x, w, x if b is None else b.contiguous(), y, expert.to(torch.int32), first.to(torch.int32),
             offsets.to(device=x.device, dtype=torch.int32), H, D, w.stride(0), w.stride(1),
-            HAS_BIAS=b is not None, DOT_FP32=dot_fp32, PRECISION=precision, BLOCK_M=BLOCK_M, BLOCK_H=block_h,
-            BLOCK_K=block_k)
+            HAS_BIAS=b is not None, DOT_FP32=dot_fp32, PRECISION=precision,
+            WIDE=ts.wide_offsets(x.numel(), A * H, w.numel()), BLOCK_M=BLOCK_M, BLOCK_H=block_h, BLOCK_K=block_k)
     return y

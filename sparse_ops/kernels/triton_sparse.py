@@ -45,22 +45,31 @@ fp32 accumulator. Tails: padding bits are zero, x columns >= in and tokens >= N 
 masked stores.
 
 Split-K (variant "splitk"): for skinny products (few tile rows, few tokens) the grid is too small to fill the
-GPU, so each tile row's nonempty tiles are split over SPLITS programs; each writes its fp32 partial tile into
-a (SPLITS, N, out) buffer (plain stores: deterministic, and safe to rerun while autotuning, unlike atomics)
-and a second kernel sums the splits, adds the bias and casts. Variant "plain" writes y directly (bias in the
-epilogue). ``pick`` (the default a plan does not override) takes split-K when tokens <= ``SPLITK_MAX_TOKENS``
-and the tile rows are fewer than ``target_programs`` (4 per SM).
+GPU, so each tile row's nonempty tiles are split over SPLITS programs, reduced within the one launch
+(``_finish``): each program stores its fp32 partial tile into a (SPLITS, N, out) scratch, then arrives on its
+output tile's counter (a CTA barrier, then one ``acq_rel`` atomic at GPU scope); the program that arrives last
+reads the SPLITS partials back from L2 in split order (so the sum is the same whichever program is last),
+adds the bias, applies the activation, casts, stores and zeroes the counter. The scratch is kept per device
+and stream (``workspace``; fresh while a CUDA graph is captured), so a call allocates only its output, and the
+zeroed counters make reruns (autotuning, graph replays) safe. Variant "plain" writes y directly. ``pick`` (the
+default a plan does not override) takes split-K when tokens <= ``SPLITK_MAX_TOKENS`` and the tile rows are
+fewer than ``target_programs`` (4 per SM).
+
+Epilogue: bias, int8 scales and the activation (``activations.CODES``: relu, gelu, gelu_tanh, silu) are applied
+to the fp32 sums before the one rounding to x's dtype; the post-op (``AddNorm``) runs after, with torch ops.
+Offsets are int32 unless a buffer passes INT32_MAX elements (``wide_offsets``: long prefills, large expert
+stacks), where the kernels are built with int64 offsets (``WIDE``) instead of wrapping.
 
 Autotune: the tile shape is the layout's (fixed at load); ``triton.autotune`` chooses BLOCK_N (16..128 tokens,
 pruned to configs no larger than the token count's power of two, 16 at least: ``tl.dot``'s minimum), num_warps
-and num_stages, keyed on ``AUTOTUNE_KEY`` (token bucket, out, in, tile, splits) and the dtypes. Under
-``TRITON_INTERPRET=1`` (or ``SPARSE_OPS_TRITON_AUTOTUNE=0``) there is one config (BLOCK_N=16), so nothing
-is benchmarked. The kernels are decorated
-lazily, at the first product (``_build``), so whether they run compiled or interpreted follows
+and num_stages, keyed on ``AUTOTUNE_KEY`` (token bucket, out, in, tile, splits) and the dtypes; after a key's
+first call ``Launcher`` launches the chosen config on the kernel directly, skipping the autotuner's per-call
+work. Under ``TRITON_INTERPRET=1`` (or ``SPARSE_OPS_TRITON_AUTOTUNE=0``) there is one config (BLOCK_N=16),
+so nothing is benchmarked. The kernels are decorated lazily, at the first product (``_build``), so whether they run compiled or interpreted follows
 ``TRITON_INTERPRET`` at that moment, not at import (importing ``sparse_ops`` before setting it is fine).
 
-Tested without a GPU: every path runs on CPU tensors under the interpreter (``tests/test_triton_sparse.py``),
-and the compiled kernels are built for sm_80 and sm_90 (TTIR to cubin: no device needed), where fp16 / bf16
+Tested without a GPU: every path runs on CPU tensors under the interpreter (``tests/test_triton_sparse.py``,
+``tests/test_triton_launch.py``), and the compiled kernels are built for sm_80 and sm_90 (TTIR to cubin: no device needed), where fp16 / bf16
 lower to tensor-core MMAs; a CUDA-marked test runs the same grid compiled on a GPU.
 
 Interpreter notes: the interpreter stores bf16 as uint16 and its ``tl.dot`` multiplies those integers, so
@@ -74,9 +83,8 @@ tiles (16 values per aligned block), q widened to x's dtype in registers and eac
 scale once in the epilogue, so one int8 checkpoint serves the CPU's kernels and this one.
 
 Still to do (needs a GPU): measurements on a real one (``benchmarks/gpu_check.sh``; the prediction they test:
-``benchmarks/results/gpu/model.md``), which decides whether the one-token variant "gemv" (multiply and sum
-in fp32, no 16-row ``tl.dot``; planned beside the others, not yet ``pick``'s default) should be the default;
-split-K reduced within the one launch, and activations fused into the epilogue.
+``benchmarks/results/gpu/model.md``), which decide whether the one-token variant "gemv" (multiply and sum
+in fp32, no 16-row ``tl.dot``; planned beside the others, not yet ``pick``'s default) should be the default.
 
 Example:
     >>> import torch
@@ -154,12 +162,12 @@ if tl is not None:
         v = v + (v >> 16)
         return v & 0x3F
 
-    def _tiled_kernel(x_ptr, tile_ptr, tile_cols, starts, bitmaps, values, scales_ptr, bias_ptr, y_ptr,
-                      N, OUT, IN, N_BUCKET, stride_xn, stride_yn, SPLITS,
+    def _tiled_kernel(x_ptr, tile_ptr, tile_cols, starts, bitmaps, values, scales_ptr, bias_ptr, y_ptr, partial,
+                      counters, N, OUT, IN, N_BUCKET, stride_xn, stride_yn, SPLITS,
                       TILE_OUT: tl.constexpr, TILE_K: tl.constexpr, HAS_SCALES: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, DOT_FP32: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PARTIAL: tl.constexpr, DOT_FP32: tl.constexpr,
                       PRECISION: tl.constexpr, HW_POPC: tl.constexpr, ALIGN: tl.constexpr, GEMV: tl.constexpr,
-                      BLOCK_N: tl.constexpr):
+                      WIDE: tl.constexpr, BLOCK_N: tl.constexpr):
         WORDS: tl.constexpr = TILE_K // 32
         c = tl.arange(0, TILE_OUT * TILE_K)  # positions in a tile's value block
         pid_o, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -170,6 +178,8 @@ if tl is not None:
         hi = tl.minimum(lo + chunk, end)
 
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # tokens
+        if WIDE:  # offsets past INT32_MAX: token offsets (x, y, partials) and tile indices in int64
+            n = n.to(tl.int64)
         i = tl.arange(0, TILE_OUT)  # rows within the tile
         k = tl.arange(0, TILE_K)  # columns within the tile
         kw = k // 32  # the column's word
@@ -178,7 +188,10 @@ if tl is not None:
         n_ok = n < N
         acc = tl.zeros((BLOCK_N, TILE_OUT), dtype=tl.float32)
         acc1 = tl.zeros((TILE_OUT,), dtype=tl.float32)  # GEMV: the one token's sums
-        for t in range(lo, hi):
+        for tile in range(lo, hi):
+            t = tile
+            if WIDE:
+                t = tl.cast(tile, tl.int64)
             base = t * (TILE_OUT * WORDS) + i * WORDS  # (TILE_OUT,) each row's first word
             row_nnz = tl.zeros((TILE_OUT,), dtype=tl.int32)
             word = tl.zeros((TILE_OUT, TILE_K), dtype=tl.int32)  # each entry's word
@@ -213,28 +226,57 @@ if tl is not None:
         if GEMV:
             acc += acc1[None, :]  # token 0's row (the others are masked at the store)
 
-        o = pid_o * TILE_OUT + i
-        ok = n_ok[:, None] & (o < OUT)[None, :]
-        if HAS_SCALES:  # int8 values: W = scales[:, None] * q, one multiply per output row (weight-only int8)
-            acc *= tl.load(scales_ptr + o, mask=o < OUT, other=0.0).to(tl.float32)[None, :]
-        if PARTIAL:  # fp32 (SPLITS, N, OUT) buffer
-            tl.store(y_ptr + pid_s * N * OUT + n[:, None] * OUT + o[None, :], acc, mask=ok)
-        else:
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + o, mask=o < OUT, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + n[:, None] * stride_yn + o[None, :], acc.to(y_ptr.dtype.element_ty), mask=ok)
+        _finish(acc, n, pid_o * TILE_OUT + i, N, OUT, scales_ptr, bias_ptr, y_ptr, stride_yn, partial, counters,
+                SPLITS, HAS_SCALES, HAS_BIAS, ACT, PARTIAL)
 
-    def _splitk_reduce(partial, bias_ptr, y_ptr, TOTAL, OUT, SPLITS, HAS_BIAS: tl.constexpr,
-                       BLOCK: tl.constexpr):
-        """y (N, OUT) contiguous = sum over splits of partial (SPLITS, N, OUT) (+ bias), in y's dtype."""
-        idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        ok = idx < TOTAL
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for s in range(SPLITS):
-            acc += tl.load(partial + s * TOTAL + idx, mask=ok, other=0.0)
+    def _activate(v, ACT: tl.constexpr):
+        # activations.CODES on fp32 values: 1 relu, 2 gelu (erf), 3 gelu (tanh), 4 silu
+        if ACT == 1:
+            v = tl.maximum(v, 0.0)
+        elif ACT == 2:
+            v = 0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))
+        elif ACT == 3:  # 0.5 v (1 + tanh(u)) = v sigmoid(2u); 2u clamped where sigmoid is 0 or 1 in fp32 anyway
+            u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+            v = v * tl.sigmoid(tl.minimum(tl.maximum(2.0 * u, -80.0), 80.0))
+        elif ACT == 4:
+            v = v * tl.sigmoid(v)
+        return v
+
+    def _store_rows(acc, n, o, N, OUT, scales_ptr, bias_ptr, y_ptr, stride_yn, HAS_SCALES: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr):
+        # y[n, o] = act(scales[o] * acc + bias[o]) in y's dtype (rows >= OUT and tokens >= N masked)
+        o_ok = o < OUT
+        if HAS_SCALES:  # int8 values: W = scales[:, None] * q, one multiply per output row (weight-only int8)
+            acc *= tl.load(scales_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + idx % OUT, mask=ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + idx, acc.to(y_ptr.dtype.element_ty), mask=ok)
+            acc += tl.load(bias_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+        acc = _activate(acc, ACT)
+        tl.store(y_ptr + n[:, None] * stride_yn + o[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=(n < N)[:, None] & o_ok[None, :])
+
+    def _finish(acc, n, o, N, OUT, scales_ptr, bias_ptr, y_ptr, stride_yn, partial, counters, SPLITS,
+                HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PARTIAL: tl.constexpr):
+        # A program's (BLOCK_N, TILE_OUT) product: stored (plain), or, split-K, its fp32 partial stored and one
+        # arrival counted on the output tile's counter; the program that arrives last sums the SPLITS partials
+        # in split order (deterministic, whichever arrives last), finishes the rows and zeroes the counter.
+        if PARTIAL:
+            ok = (n < N)[:, None] & (o < OUT)[None, :]
+            # partial is (SPLITS, N, OUT) fp32; int64 offsets where n is (WIDE)
+            tl.store(partial + (tl.program_id(2) * N + n)[:, None] * OUT + o[None, :], acc, mask=ok,
+                     cache_modifier=".cg")
+            # every thread's stores precede the arrival, which releases them at GPU scope; the last program's
+            # acquire orders its loads after all of them (.cg: from L2, never a stale L1 line)
+            tl.debug_barrier()
+            counter = counters + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+                total = tl.zeros_like(acc)
+                for s in range(SPLITS):
+                    total += tl.load(partial + (s * N + n)[:, None] * OUT + o[None, :], mask=ok, other=0.0,
+                                     cache_modifier=".cg")
+                _store_rows(total, n, o, N, OUT, scales_ptr, bias_ptr, y_ptr, stride_yn, HAS_SCALES, HAS_BIAS, ACT)
+                tl.store(counter, 0)  # ready for the next launch (and for a CUDA graph's next replay)
+        else:
+            _store_rows(acc, n, o, N, OUT, scales_ptr, bias_ptr, y_ptr, stride_yn, HAS_SCALES, HAS_BIAS, ACT)
 
 
 def token_configs(interpret: bool) -> list:
@@ -252,11 +294,37 @@ def prune_token_configs(configs, named_args, **kwargs):
     return [c for c in configs if c.kwargs["BLOCK_N"] <= largest] or configs[:1]
 
 
+class Launcher:
+    """An autotuned kernel launched through ``triton.autotune`` the first time a key is seen, and directly with
+    the config it chose from then on: a repeated call skips the autotuner's per-call work (its argument dict,
+    key, hooks and config merge). ``key`` must be at least as fine as the autotuner's own (its key's integers and
+    every tensor argument's dtype); ``grid(BLOCK_N)`` gives the launch grid."""
+
+    def __init__(self, autotuned) -> None:
+        self.autotuned = autotuned
+        self.chosen: dict[tuple, dict] = {}  # key -> the chosen config's launch keywords
+
+    def __call__(self, key: tuple, grid, args: tuple, constexprs: dict) -> None:
+        config = self.chosen.get(key)
+        if config is None:
+            self.autotuned[lambda meta: grid(meta["BLOCK_N"])](*args, **constexprs)
+            self.chosen[key] = config = self.autotuned.best_config.all_kwargs()
+            return
+        self.autotuned.fn[grid(config["BLOCK_N"])](*args, **constexprs, **config)
+
+
+def tensor_key(*args) -> tuple:
+    """What ``triton.autotune`` adds to its key besides the named integers: each tensor argument's dtype."""
+    return tuple(a.dtype for a in args if isinstance(a, torch.Tensor))
+
+
 @dataclass(frozen=True)
 class _Kernels:
-    tiled: object  # the autotuned _tiled_kernel
-    reduce: object
+    tiled: Launcher  # _tiled_kernel, autotuned
     interpret: bool
+
+
+JIT_HELPERS = ("_popc32", "_activate", "_store_rows", "_finish")  # device functions the kernels call
 
 
 @functools.cache
@@ -266,11 +334,43 @@ def _build() -> _Kernels:
         raise UnavailableError("the Triton sparse kernels need triton")
     interpret = interpreting()
     g = globals()
-    for name in ("_popc32", "_tiled_kernel", "_splitk_reduce"):
+    for name in (*JIT_HELPERS, "_tiled_kernel"):
         g[name] = triton.jit(getattr(g[name], "fn", g[name]))
     tiled = triton.autotune(configs=token_configs(interpret), key=list(AUTOTUNE_KEY),
                             prune_configs_by={"early_config_prune": prune_token_configs})(g["_tiled_kernel"])
-    return _Kernels(tiled, g["_splitk_reduce"], interpret)
+    return _Kernels(Launcher(tiled), interpret)
+
+
+def wide_offsets(*sizes: int) -> bool:
+    """Whether a launch over buffers of these element counts needs int64 offsets (the kernels' ``WIDE``): any
+    past INT32_MAX. Long prefills get there first: 131,072 tokens x 16,384 features is past 2^31.
+
+    >>> wide_offsets(4096 * 4096, 64 * 11008), wide_offsets(131072 * 16384)
+    (False, True)
+    """
+    return max(sizes, default=0) > INT32_MAX
+
+
+# split-K's scratch per (device, stream): fp32 partial sums and one arrival counter per output tile, which the
+# kernel leaves at zero (the last program of each tile resets its own). Grown as needed, never shrunk.
+_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def workspace(device: torch.device, partials: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K's (fp32 partial sums, int32 zeroed counters) holding at least ``partials`` / ``counters``
+    entries: kept per device and stream (launches on one stream run in order, so layers share it), fresh while
+    a CUDA graph is being captured (the graph keeps its own, zeroed by the captured fill on every replay)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return (torch.empty(partials, dtype=torch.float32, device=device),
+                torch.zeros(counters, dtype=torch.int32, device=device))
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None)
+    have = _WORKSPACES.get(key)
+    if have is None or have[0].numel() < partials or have[1].numel() < counters:
+        grow = (0, 0) if have is None else (have[0].numel(), have[1].numel())
+        have = (torch.empty(max(partials, grow[0]), dtype=torch.float32, device=device),
+                torch.zeros(max(counters, grow[1]), dtype=torch.int32, device=device))
+        _WORKSPACES[key] = have
+    return have
 
 
 def target_programs(device: torch.device) -> int:
@@ -329,7 +429,7 @@ class AlignedTiles:
 
     tile_ptr: torch.Tensor  # (tile_rows + 1,) int32, as the TiledBitmap's
     tile_cols: torch.Tensor  # (T,) int32
-    starts: torch.Tensor  # (T + 1,) int32: tile t's values are values[starts[t] : starts[t + 1]], zero-padded
+    starts: torch.Tensor  # (T + 1,) int32 (int64 past INT32_MAX): tile t's values are values[starts[t] : starts[t + 1]], zero-padded
     bitmaps: torch.Tensor  # (T, TILE_OUT, TILE_K // 32) int32
     values: torch.Tensor  # (starts[-1],)
     shape: tuple[int, int]
@@ -348,17 +448,23 @@ class AlignedTiles:
         starts = torch.zeros_like(offsets)
         torch.cumsum((counts + align - 1) // align * align, 0, out=starts[1:])
         total = int(starts[-1]) if starts.numel() else 0
-        if total > INT32_MAX:
-            raise UserValueError(f"a tiled bitmap's aligned values hold at most {INT32_MAX} entries, need {total}")
         values = torch.zeros(total, dtype=tb.values.dtype, device=tb.values.device)
         tile = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
         values[torch.arange(tb.nnz, device=counts.device) - offsets[tile] + starts[tile]] = tb.values
-        return cls(tb.tile_ptr, tb.tile_cols, starts.to(torch.int32), tb.bitmaps, values, tb.shape, tb.tile_out,
+        starts = starts if wide_offsets(total) else starts.to(torch.int32)  # int64 past INT32_MAX (WIDE)
+        return cls(tb.tile_ptr, tb.tile_cols, starts, tb.bitmaps, values, tb.shape, tb.tile_out,
                    tb.tile_k, tb.max_row_tiles, align)
 
     @property
     def tile_rows(self) -> int:
         return -(-self.shape[0] // self.tile_out)
+
+    @functools.cached_property
+    def launch_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tile_cols, starts, bitmaps, values) as the kernel takes them: an empty part (all tiles zero: never
+        read) replaced by one zero, so every pointer is real; computed once per layer, not per call."""
+        parts = [self.tile_cols, self.starts, self.bitmaps, self.values]
+        return tuple(p if p.numel() else torch.zeros(1, dtype=p.dtype, device=p.device) for p in parts)
 
     @property
     def device(self) -> torch.device:
@@ -397,16 +503,18 @@ def on_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
 
 
 def tiled_matmul(tb: AlignedTiles | TiledBitmap, x: torch.Tensor, bias: torch.Tensor | None = None, *,
-                 splits: int = 1, gemv: bool = False) -> torch.Tensor:
-    """``x @ W^T (+ bias)`` for x (N, in) on the Triton kernel, in x's dtype; ``splits`` > 1: split-K; ``gemv``
-    (one token only): sums in fp32 without ``tl.dot``. A ``TiledBitmap`` is aligned first (``AlignedTiles``:
-    once per layer through ``prepare``, per call here)."""
+                 splits: int = 1, gemv: bool = False, activation: str | None = None) -> torch.Tensor:
+    """``act(x @ W^T + bias)`` for x (N, in) on the Triton kernel, in x's dtype, in one launch; ``splits`` > 1:
+    split-K (the last program of each output tile sums the splits); ``gemv`` (one token only): sums in fp32
+    without ``tl.dot``; ``activation``: one of ``activations.ACTIVATIONS``, applied in the kernel's epilogue.
+    A ``TiledBitmap`` is aligned first (``AlignedTiles``: once per layer through ``prepare``, per call here)."""
     if gemv and x.shape[0] != 1:
         raise UserValueError(f"the gemv kernel takes one token, got {x.shape[0]}")
     if isinstance(tb, TiledBitmap):
         tb = AlignedTiles.from_tiled(tb)
     out, inp = tb.shape
     check_product(tb.shape, tb.device, x, bias, splits)
+    act = activations.CODES[activations.check(activation)]
     kernels = _build()
     n = x.shape[0]
     y = torch.empty(n, out, dtype=x.dtype, device=x.device)
@@ -414,34 +522,21 @@ def tiled_matmul(tb: AlignedTiles | TiledBitmap, x: torch.Tensor, bias: torch.Te
         return y
     x = x.contiguous()
     bias_arg = x if bias is None else bias.contiguous()  # any pointer when there is no bias
-    # an empty part (all tiles zero) is never read; give the kernel a real pointer anyway
-    parts = [p if p.numel() else torch.zeros(1, dtype=p.dtype, device=p.device)
-             for p in (tb.tile_cols, tb.bitmaps, tb.values)]
-    partial = torch.empty(splits, n, out, dtype=torch.float32, device=x.device) if splits > 1 else None
+    partial, counters = (workspace(x.device, splits * n * out, tb.tile_rows * -(-n // 16)) if splits > 1
+                         else (y, y))  # counters: one per output tile at the smallest token block (16)
+    n_bucket = triton.next_power_of_2(n)
+    args = (x, tb.tile_ptr, *tb.launch_parts, x if tb.scales is None else tb.scales, bias_arg, y, partial,
+            counters, n, out, inp, n_bucket, x.stride(0), y.stride(0), splits)
     precision = "tf32" if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    dot_fp32 = kernels.interpret and (x.dtype == torch.bfloat16 or tb.dtype == torch.bfloat16)
-    grid = lambda meta: (tb.tile_rows, triton.cdiv(n, meta["BLOCK_N"]), splits)
+    constexprs = dict(
+        TILE_OUT=tb.tile_out, TILE_K=tb.tile_k, HAS_SCALES=tb.scales is not None, HAS_BIAS=bias is not None,
+        ACT=act, PARTIAL=splits > 1, PRECISION=precision, HW_POPC=not kernels.interpret, ALIGN=tb.align,
+        GEMV=gemv, DOT_FP32=kernels.interpret and torch.bfloat16 in (x.dtype, tb.dtype),
+        WIDE=wide_offsets(x.numel(), splits * n * out, tb.values.numel(), tb.bitmaps.numel()))
+    key = (n_bucket, out, inp, tb.tile_out, tb.tile_k, splits, *tensor_key(*args))
     with on_device(x):
-        kernels.tiled[grid](
-            x, tb.tile_ptr, parts[0], tb.starts, parts[1], parts[2], x if tb.scales is None else tb.scales,
-            bias_arg, y if partial is None else partial,
-            n, out, inp, triton.next_power_of_2(n), x.stride(0), y.stride(0), splits,
-            TILE_OUT=tb.tile_out, TILE_K=tb.tile_k, HAS_SCALES=tb.scales is not None, HAS_BIAS=bias is not None,
-            PARTIAL=partial is not None, DOT_FP32=dot_fp32, PRECISION=precision, HW_POPC=not kernels.interpret,
-            ALIGN=tb.align, GEMV=gemv)
-    if partial is not None:
-        sum_splits(partial, bias, y)
+        kernels.tiled(key, lambda block_n: (tb.tile_rows, triton.cdiv(n, block_n), splits), args, constexprs)
     return y
-
-
-def sum_splits(partial: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
-    """y (N, out) contiguous = the sum over splits of partial (SPLITS, N, out) fp32, plus bias, in y's dtype:
-    split-K's second kernel (deterministic: a fixed order of plain loads)."""
-    splits, n, out = partial.shape
-    total, block = n * out, 1024
-    with on_device(y):
-        _build().reduce[(triton.cdiv(total, block),)](partial, y if bias is None else bias.contiguous(), y, total,
-                                                      out, splits, HAS_BIAS=bias is not None, BLOCK=block)
 
 
 # --- the registry's entry points ---------------------------------------------------------------------------
@@ -464,11 +559,10 @@ def prepare_int8(w: BitmapInt8 | CSRInt8) -> AlignedTiles:
 
 def matmul(state: AlignedTiles, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None, *,
            post=None, variant: str = "plain") -> torch.Tensor:
-    """The registry's signature (``sparse_ops.dispatch``): ``post(act(x @ W^T + bias))``; the activation and
-    the post-op (``sparse_ops.post.AddNorm``) run after the kernel with torch ops. ``variant``: one of
+    """The registry's signature (``sparse_ops.dispatch``): ``post(act(x @ W^T + bias))``; the activation in the
+    kernel's epilogue, the post-op (``sparse_ops.post.AddNorm``) after it with torch ops. ``variant``: one of
     ``variants(N)``, "plain", "splitk" or at one token "gemv" (``pick`` gives the default)."""
-    activations.check(activation)
     splits = choose_splits(state, x.shape[0], variant)
     x = x if state.input_bits is None else quantize_input(x)  # the CPU int8 kernels' numbers
-    y = activations.apply(tiled_matmul(state, x, bias, splits=splits, gemv=variant == "gemv"), activation)
+    y = tiled_matmul(state, x, bias, splits=splits, gemv=variant == "gemv", activation=activation)
     return y if post is None else post.apply(y)

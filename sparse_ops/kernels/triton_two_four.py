@@ -20,8 +20,9 @@ values into each group's pair, ``tl.where`` per position, ``tl.join`` back into 
 ``tl.dot`` on tensor cores. ``tests/test_triton_compiled.py`` checks the compiled loads stay vectors.
 Tails: in is a multiple of 4 (the format's rule); columns >= in, tokens >= N and rows >= out are masked.
 
-Split-K (variant "splitk"): the input dimension is cut into SPLITS ranges of whole tiles, each program writes
-its fp32 partial product, and ``triton_sparse.sum_splits`` adds them, the bias and the cast (deterministic).
+Split-K (variant "splitk"): the input dimension is cut into SPLITS ranges of whole tiles; each program writes
+its fp32 partial product and the last to finish each output tile sums them in split order, adds the bias,
+applies the activation and casts (``triton_sparse._finish``: one launch, deterministic).
 ``pick`` (the default a plan does not override): split-K when tokens <= ``triton_sparse.SPLITK_MAX_TOKENS`` and
 the row tiles x token blocks are fewer than ``triton_sparse.target_programs`` (4 per SM).
 
@@ -39,7 +40,6 @@ Example:
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 
@@ -87,13 +87,17 @@ def choose_splits(w: TwoFour, n: int, variant: str) -> int:
 
 
 if tl is not None:
-    def _two_four_kernel(x_ptr, values, metadata, bias_ptr, y_ptr, N, OUT, IN, N_BUCKET, stride_xn, stride_yn,
-                         SPLITS, TILES_PER_SPLIT, TILE_OUT: tl.constexpr, TILE_K: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, DOT_FP32: tl.constexpr,
-                         PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _two_four_kernel(x_ptr, values, metadata, bias_ptr, y_ptr, partial, counters, N, OUT, IN, N_BUCKET,
+                         stride_xn, stride_yn, SPLITS, TILES_PER_SPLIT, TILE_OUT: tl.constexpr,
+                         TILE_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PARTIAL: tl.constexpr,
+                         DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
         pid_o, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # tokens
         o = pid_o * TILE_OUT + tl.arange(0, TILE_OUT)  # output rows
+        if WIDE:  # offsets past INT32_MAX: tokens (x, y, partials) and rows (values, codes) in int64
+            n = n.to(tl.int64)
+            o = o.to(tl.int64)
         k = tl.arange(0, TILE_K)  # columns within the tile
         n_ok, o_ok = n < N, o < OUT
         half, code_row = IN // 2, (IN + 7) // 8  # values and metadata row lengths
@@ -127,40 +131,31 @@ if tl is not None:
             else:
                 acc += tl.dot(xt, tl.trans(w.to(xt.dtype)), input_precision=PRECISION)
 
-        ok = n_ok[:, None] & o_ok[None, :]
-        if PARTIAL:  # fp32 (SPLITS, N, OUT) buffer
-            tl.store(y_ptr + pid_s * N * OUT + n[:, None] * OUT + o[None, :], acc, mask=ok)
-        else:
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + n[:, None] * stride_yn + o[None, :], acc.to(y_ptr.dtype.element_ty), mask=ok)
-
-
-@dataclass(frozen=True)
-class _Kernel:
-    fn: object  # the autotuned _two_four_kernel
-    interpret: bool
+        ts._finish(acc, n, o, N, OUT, bias_ptr, bias_ptr, y_ptr, stride_yn, partial, counters, SPLITS, False,
+                   HAS_BIAS, ACT, PARTIAL)
 
 
 @functools.cache
-def _build() -> _Kernel:
+def _build() -> ts.Launcher:
     """Decorate the kernel (once per process), compiled or interpreted per ``TRITON_INTERPRET`` now."""
     if triton is None:
         raise UnavailableError("the Triton 2:4 kernel needs triton")
-    interpret = ts.interpreting()
+    ts._build()  # the shared device functions (ts._finish), decorated the same way
     g = globals()
     g["_two_four_kernel"] = triton.jit(getattr(g["_two_four_kernel"], "fn", g["_two_four_kernel"]))
-    fn = triton.autotune(configs=ts.token_configs(interpret), key=list(AUTOTUNE_KEY),
-                         prune_configs_by={"early_config_prune": ts.prune_token_configs})(g["_two_four_kernel"])
-    return _Kernel(fn, interpret)
+    return ts.Launcher(triton.autotune(configs=ts.token_configs(ts.interpreting()), key=list(AUTOTUNE_KEY),
+                                       prune_configs_by={"early_config_prune": ts.prune_token_configs})(
+        g["_two_four_kernel"]))
 
 
-def two_four_matmul(w: TwoFour, x: torch.Tensor, bias: torch.Tensor | None = None, *,
-                    splits: int = 1) -> torch.Tensor:
-    """``x @ W^T (+ bias)`` for x (N, in) on the Triton kernel, in x's dtype; ``splits`` > 1: split-K."""
+def two_four_matmul(w: TwoFour, x: torch.Tensor, bias: torch.Tensor | None = None, *, splits: int = 1,
+                    activation: str | None = None) -> torch.Tensor:
+    """``act(x @ W^T + bias)`` for x (N, in) on the Triton kernel, in x's dtype, in one launch; ``splits`` > 1:
+    split-K (the last program of each output tile sums the splits); ``activation`` in the epilogue."""
     out, inp = w.shape
     ts.check_product(w.shape, w.values.device, x, bias, splits)
-    kernel = _build()
+    act = activations.CODES[activations.check(activation)]
+    launch = _build()
     n = x.shape[0]
     y = torch.empty(n, out, dtype=x.dtype, device=x.device)
     if n == 0 or out == 0:
@@ -170,18 +165,21 @@ def two_four_matmul(w: TwoFour, x: torch.Tensor, bias: torch.Tensor | None = Non
     k_tiles = -(-inp // TILE_K)
     per_split = -(-k_tiles // splits)
     splits = -(-k_tiles // per_split)  # no empty split
-    partial = torch.empty(splits, n, out, dtype=torch.float32, device=x.device) if splits > 1 else None
-    precision = "tf32" if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    dot_fp32 = kernel.interpret and (x.dtype == torch.bfloat16 or w.dtype == torch.bfloat16)
-    grid = lambda meta: (triton.cdiv(out, TILE_OUT), triton.cdiv(n, meta["BLOCK_N"]), splits)
+    row_tiles = -(-out // TILE_OUT)
+    partial, counters = (ts.workspace(x.device, splits * n * out, row_tiles * -(-n // 16)) if splits > 1
+                         else (y, y))
+    n_bucket = triton.next_power_of_2(n)
+    args = (x, w.values, w.metadata, bias_arg, y, partial, counters, n, out, inp, n_bucket, x.stride(0),
+            y.stride(0), splits, per_split)
+    interpret = ts._build().interpret
+    constexprs = dict(
+        TILE_OUT=TILE_OUT, TILE_K=TILE_K, HAS_BIAS=bias is not None, ACT=act, PARTIAL=splits > 1,
+        DOT_FP32=interpret and torch.bfloat16 in (x.dtype, w.dtype),
+        PRECISION="tf32" if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee",
+        WIDE=ts.wide_offsets(x.numel(), splits * n * out, w.values.numel()))
     with ts.on_device(x):
-        kernel.fn[grid](
-            x, w.values.contiguous(), w.metadata.contiguous(), bias_arg, y if partial is None else partial,
-            n, out, inp, triton.next_power_of_2(n), x.stride(0), y.stride(0), splits, per_split,
-            TILE_OUT=TILE_OUT, TILE_K=TILE_K, HAS_BIAS=bias is not None, PARTIAL=partial is not None,
-            DOT_FP32=dot_fp32, PRECISION=precision)
-    if partial is not None:
-        ts.sum_splits(partial, bias, y)
+        launch((n_bucket, out, inp, splits, *ts.tensor_key(*args)),
+               lambda block_n: (row_tiles, triton.cdiv(n, block_n), splits), args, constexprs)
     return y
 
 
@@ -194,9 +192,8 @@ def prepare(w: TwoFour) -> TwoFour:
 
 def matmul(state: TwoFour, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None, *,
            post=None, variant: str = "plain") -> torch.Tensor:
-    """The registry's signature (``sparse_ops.dispatch``): ``post(act(x @ W^T + bias))``; the activation and
-    the post-op run after the kernel with torch ops. ``variant``: "plain" or "splitk" (``pick``: the default)."""
-    activations.check(activation)
-    y = activations.apply(two_four_matmul(state, x, bias, splits=choose_splits(state, x.shape[0], variant)),
-                          activation)
+    """The registry's signature (``sparse_ops.dispatch``): ``post(act(x @ W^T + bias))``; the activation in the
+    kernel's epilogue, the post-op after it with torch ops. ``variant``: "plain" or "splitk" (``pick``: the
+    default)."""
+    y = two_four_matmul(state, x, bias, splits=choose_splits(state, x.shape[0], variant), activation=activation)
     return y if post is None else post.apply(y)
