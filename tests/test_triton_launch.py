@@ -204,3 +204,26 @@ def test_cuda_offsets_past_int32():
     y = ts.tiled_matmul(ts.prepare(CSR.from_dense(w)), x)
     rows = torch.tensor([0, 1, n // 2, n - 2, n - 1], device="cuda")
     _assert_close(y[rows], _expected(w, x[rows], None, None), torch.float16)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_launch_remembered_per_signature(kernel, monkeypatch):
+    """A call's launch is worked out once per signature and kept in the layer's state; a call that differs in
+    what was checked (the bias's shape, x's features) is checked again, and the memo stays bounded."""
+    w = _weight(kernel, 40, 128, torch.float16, seed=3)
+    state = ts.prepare(CSR.from_dense(w)) if kernel == "tiled" else t24.prepare(TwoFour.from_dense(w))
+    run = ts.tiled_matmul if kernel == "tiled" else t24.two_four_matmul
+    x, b = torch.randn(3, 128).half(), torch.randn(40).half()
+    run(state, x, b)
+    run(state, x, b)
+    assert len(state.launches) == 1
+    with pytest.raises(ValueError, match="bias must have shape"):
+        run(state, x, torch.randn(41).half())
+    with pytest.raises(ValueError, match="x must have shape"):
+        run(state, torch.randn(3, 127).half(), b)
+    monkeypatch.setattr(ts, "MAX_LAUNCHES", 2)
+    for n in (1, 2, 4, 5):  # each a new signature; the memo is cleared when full, the products still right
+        xn = torch.randn(n, 128).half()
+        _assert_close(run(state, xn, b), _expected(w, xn, b, None), torch.float16)
+    assert len(state.launches) <= 2

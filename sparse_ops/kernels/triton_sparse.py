@@ -65,12 +65,19 @@ pruned to configs no larger than the token count's power of two, 16 at least: ``
 and num_stages, keyed on ``AUTOTUNE_KEY`` (token bucket, out, in, tile, splits) and the dtypes; after a key's
 first call ``Launcher`` launches the chosen config on the kernel directly, skipping the autotuner's per-call
 work. Under ``TRITON_INTERPRET=1`` (or ``SPARSE_OPS_TRITON_AUTOTUNE=0``) there is one config (BLOCK_N=16),
-so nothing is benchmarked. The kernels are decorated lazily, at the first product (``_build``), so whether they run compiled or interpreted follows
-``TRITON_INTERPRET`` at that moment, not at import (importing ``sparse_ops`` before setting it is fine).
+so nothing is benchmarked. The kernels are decorated lazily, at the first product (``_build``), so whether
+they run compiled or interpreted follows ``TRITON_INTERPRET`` at that moment, not at import (importing
+``sparse_ops`` before setting it is fine).
+
+Host cost: everything a call's arguments decide (checks, constexprs, autotune key, grid, scratch sizes) is
+worked out at the first call of its signature and kept in the layer's state (``Launch``, ``remember``); a
+repeated call costs a dict lookup, its output's allocation and the launch. Our Python per call before
+Triton's own launcher: ``benchmarks/results/host_overhead/``.
 
 Tested without a GPU: every path runs on CPU tensors under the interpreter (``tests/test_triton_sparse.py``,
-``tests/test_triton_launch.py``), and the compiled kernels are built for sm_80 and sm_90 (TTIR to cubin: no device needed), where fp16 / bf16
-lower to tensor-core MMAs; a CUDA-marked test runs the same grid compiled on a GPU.
+``tests/test_triton_launch.py``), and the compiled kernels are built for sm_80 and sm_90 (TTIR to cubin: no
+device needed), where fp16 / bf16 lower to tensor-core MMAs; a CUDA-marked test runs the same grid compiled
+on a GPU.
 
 Interpreter notes: the interpreter stores bf16 as uint16 and its ``tl.dot`` multiplies those integers, so
 under the interpreter bf16 tiles are upcast to fp32 before the dot (``DOT_FP32``; compiled, bf16 goes to the
@@ -99,7 +106,8 @@ import contextlib
 import dataclasses
 import functools
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -313,9 +321,42 @@ class Launcher:
         self.autotuned.fn[grid(config["BLOCK_N"])](*args, **constexprs, **config)
 
 
-def tensor_key(*args) -> tuple:
-    """What ``triton.autotune`` adds to its key besides the named integers: each tensor argument's dtype."""
-    return tuple(a.dtype for a in args if isinstance(a, torch.Tensor))
+@dataclass(frozen=True)
+class Launch:
+    """One product's launch, worked out once per layer and call signature (token count, dtypes, bias, split
+    count, epilogue) and kept in the layer's state (``launches``): the kernel's trailing integer arguments, its
+    constexprs, the autotune key, the grid as a function of BLOCK_N (None: nothing to compute) and split-K's
+    scratch sizes (partial entries, counters; None without split-K). A repeated call then costs a dict lookup,
+    its output's allocation and the launch."""
+
+    ints: tuple
+    constexprs: dict
+    key: tuple
+    grid: Callable[[int], tuple] | None
+    scratch: tuple[int, int] | None
+
+
+MAX_LAUNCHES = 256  # call signatures kept per layer (prefills of many lengths clear it, not grow it)
+
+
+def remember(launches: dict, signature: tuple, make: Callable[[], Launch]) -> Launch:
+    """``launches[signature]``, made (and checked: ``make`` raises on a bad call) the first time."""
+    launch = launches.get(signature)
+    if launch is None:
+        launch = make()
+        if len(launches) >= MAX_LAUNCHES:
+            launches.clear()
+        launches[signature] = launch
+    return launch
+
+
+def pow2_at_least(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): the autotune key's token bucket.
+
+    >>> pow2_at_least(1), pow2_at_least(16), pow2_at_least(17)
+    (1, 16, 32)
+    """
+    return 1 << max(n - 1, 0).bit_length()
 
 
 @dataclass(frozen=True)
@@ -429,7 +470,8 @@ class AlignedTiles:
 
     tile_ptr: torch.Tensor  # (tile_rows + 1,) int32, as the TiledBitmap's
     tile_cols: torch.Tensor  # (T,) int32
-    starts: torch.Tensor  # (T + 1,) int32 (int64 past INT32_MAX): tile t's values are values[starts[t] : starts[t + 1]], zero-padded
+    starts: torch.Tensor  # (T + 1,) int32 (int64 past INT32_MAX): tile t's values are
+    # values[starts[t] : starts[t + 1]], zero-padded
     bitmaps: torch.Tensor  # (T, TILE_OUT, TILE_K // 32) int32
     values: torch.Tensor  # (starts[-1],)
     shape: tuple[int, int]
@@ -439,6 +481,8 @@ class AlignedTiles:
     align: int  # elements per VALUE_ALIGN_BYTES
     scales: torch.Tensor | None = None  # int8 values: (out,) row scales in the compute dtype, W = scales * q
     input_bits: int | None = None  # int8 weights: x quantized per block first (quantized.quantize_input)
+    launches: dict = field(default_factory=dict, init=False, repr=False)  # call signature -> Launch
+    splits: dict = field(default_factory=dict, init=False, repr=False)  # (tokens, variant) -> programs per row
 
     @classmethod
     def from_tiled(cls, tb: TiledBitmap) -> "AlignedTiles":
@@ -458,6 +502,13 @@ class AlignedTiles:
     @property
     def tile_rows(self) -> int:
         return -(-self.shape[0] // self.tile_out)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the state's tensors: what the kernel streams (tile pointers, columns, starts, bitmaps,
+        values, scales)."""
+        parts = (self.tile_ptr, self.tile_cols, self.starts, self.bitmaps, self.values, self.scales)
+        return sum(p.numel() * p.element_size() for p in parts if p is not None)
 
     @functools.cached_property
     def launch_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -499,7 +550,9 @@ def check_product(shape: tuple[int, int], device: torch.device, x: torch.Tensor,
 def on_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
     """The current CUDA device set to x's for a launch (Triton launches on the current device, not the
     tensors'); nothing elsewhere."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
 
 
 def tiled_matmul(tb: AlignedTiles | TiledBitmap, x: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -508,35 +561,48 @@ def tiled_matmul(tb: AlignedTiles | TiledBitmap, x: torch.Tensor, bias: torch.Te
     split-K (the last program of each output tile sums the splits); ``gemv`` (one token only): sums in fp32
     without ``tl.dot``; ``activation``: one of ``activations.ACTIVATIONS``, applied in the kernel's epilogue.
     A ``TiledBitmap`` is aligned first (``AlignedTiles``: once per layer through ``prepare``, per call here)."""
-    if gemv and x.shape[0] != 1:
-        raise UserValueError(f"the gemv kernel takes one token, got {x.shape[0]}")
     if isinstance(tb, TiledBitmap):
         tb = AlignedTiles.from_tiled(tb)
-    out, inp = tb.shape
-    check_product(tb.shape, tb.device, x, bias, splits)
-    act = activations.CODES[activations.check(activation)]
-    kernels = _build()
-    n = x.shape[0]
-    y = torch.empty(n, out, dtype=x.dtype, device=x.device)
-    if n == 0 or out == 0:
+    tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    signature = (x.shape, x.dtype, x.device, None if bias is None else (bias.shape, bias.dtype), splits, gemv,
+                 activation, tf32)
+    launch = remember(tb.launches, signature, lambda: _tiled_launch(tb, x, bias, splits, gemv, activation, tf32))
+    y = torch.empty(x.shape[0], tb.shape[0], dtype=x.dtype, device=x.device)
+    if launch.grid is None:
         return y
     x = x.contiguous()
-    bias_arg = x if bias is None else bias.contiguous()  # any pointer when there is no bias
-    partial, counters = (workspace(x.device, splits * n * out, tb.tile_rows * -(-n // 16)) if splits > 1
-                         else (y, y))  # counters: one per output tile at the smallest token block (16)
-    n_bucket = triton.next_power_of_2(n)
-    args = (x, tb.tile_ptr, *tb.launch_parts, x if tb.scales is None else tb.scales, bias_arg, y, partial,
-            counters, n, out, inp, n_bucket, x.stride(0), y.stride(0), splits)
-    precision = "tf32" if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    partial, counters = workspace(x.device, *launch.scratch) if launch.scratch else (y, y)
+    args = (x, tb.tile_ptr, *tb.launch_parts, x if tb.scales is None else tb.scales,
+            x if bias is None else bias.contiguous(), y, partial, counters, *launch.ints)
+    with on_device(x):
+        _build().tiled(launch.key, launch.grid, args, launch.constexprs)
+    return y
+
+
+def _tiled_launch(tb: AlignedTiles, x: torch.Tensor, bias: torch.Tensor | None, splits: int, gemv: bool,
+                  activation: str | None, tf32: bool) -> Launch:
+    """The ``Launch`` of a call like this one (checking its arguments)."""
+    if gemv and x.shape[0] != 1:
+        raise UserValueError(f"the gemv kernel takes one token, got {x.shape[0]}")
+    check_product(tb.shape, tb.device, x, bias, splits)
+    act = activations.CODES[activations.check(activation)]
+    interpret = _build().interpret
+    (out, inp), n = tb.shape, x.shape[0]
+    bucket = pow2_at_least(n)
     constexprs = dict(
         TILE_OUT=tb.tile_out, TILE_K=tb.tile_k, HAS_SCALES=tb.scales is not None, HAS_BIAS=bias is not None,
-        ACT=act, PARTIAL=splits > 1, PRECISION=precision, HW_POPC=not kernels.interpret, ALIGN=tb.align,
-        GEMV=gemv, DOT_FP32=kernels.interpret and torch.bfloat16 in (x.dtype, tb.dtype),
+        ACT=act, PARTIAL=splits > 1, PRECISION="tf32" if tf32 else "ieee", HW_POPC=not interpret,
+        ALIGN=tb.align, GEMV=gemv, DOT_FP32=interpret and torch.bfloat16 in (x.dtype, tb.dtype),
         WIDE=wide_offsets(x.numel(), splits * n * out, tb.values.numel(), tb.bitmaps.numel()))
-    key = (n_bucket, out, inp, tb.tile_out, tb.tile_k, splits, *tensor_key(*args))
-    with on_device(x):
-        kernels.tiled(key, lambda block_n: (tb.tile_rows, triton.cdiv(n, block_n), splits), args, constexprs)
-    return y
+    # the autotuner's key (its integers, then every tensor argument's dtype) follows from these
+    key = (bucket, out, inp, tb.tile_out, tb.tile_k, splits, x.dtype, tb.starts.dtype, tb.values.dtype,
+           None if tb.scales is None else tb.scales.dtype, None if bias is None else bias.dtype)
+    rows = tb.tile_rows
+    return Launch(
+        ints=(n, out, inp, bucket, inp, out, splits), constexprs=constexprs, key=key,
+        grid=None if n == 0 or out == 0 else lambda block_n: (rows, -(-n // block_n), splits),
+        # split-K: partial sums, and one counter per output tile at the smallest token block (16)
+        scratch=(splits * n * out, rows * -(-n // 16)) if splits > 1 else None)
 
 
 # --- the registry's entry points ---------------------------------------------------------------------------
@@ -562,7 +628,9 @@ def matmul(state: AlignedTiles, x: torch.Tensor, bias: torch.Tensor | None, acti
     """The registry's signature (``sparse_ops.dispatch``): ``post(act(x @ W^T + bias))``; the activation in the
     kernel's epilogue, the post-op (``sparse_ops.post.AddNorm``) after it with torch ops. ``variant``: one of
     ``variants(N)``, "plain", "splitk" or at one token "gemv" (``pick`` gives the default)."""
-    splits = choose_splits(state, x.shape[0], variant)
+    splits = state.splits.get((x.shape[0], variant))
+    if splits is None:
+        splits = state.splits[x.shape[0], variant] = choose_splits(state, x.shape[0], variant)
     x = x if state.input_bits is None else quantize_input(x)  # the CPU int8 kernels' numbers
     y = tiled_matmul(state, x, bias, splits=splits, gemv=variant == "gemv", activation=activation)
     return y if post is None else post.apply(y)

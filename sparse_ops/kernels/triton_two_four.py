@@ -40,6 +40,7 @@ Example:
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 
 import torch
 
@@ -61,25 +62,25 @@ def variants(n: int) -> tuple[str, ...]:
     return VARIANTS if n <= 256 else ("plain",)
 
 
-def _k_tiles(w: TwoFour) -> int:
+def _k_tiles(w: TwoFour | TwoFourState) -> int:
     return -(-w.shape[1] // TILE_K)
 
 
-def _splits_to_fill(w: TwoFour, n: int) -> int:
+def _splits_to_fill(w: TwoFour | TwoFourState, n: int) -> int:
     """Input ranges per row tile that fill the GPU at n tokens, within the input's tiles."""
     programs = -(-w.shape[0] // TILE_OUT) * -(-n // 16)
     want = -(-ts.target_programs(w.values.device) // max(programs, 1))
     return min(want, -(-_k_tiles(w) // ts.MIN_TILES_PER_SPLIT), ts.MAX_SPLITS)
 
 
-def pick(w: TwoFour, n: int) -> str:
+def pick(w: TwoFour | TwoFourState, n: int) -> str:
     """The variant for n tokens where no plan chose one: "splitk" for skinny products it fills, else "plain"."""
     if n > ts.SPLITK_MAX_TOKENS or _k_tiles(w) < 2:
         return "plain"
     return "splitk" if _splits_to_fill(w, n) >= 2 else "plain"
 
 
-def choose_splits(w: TwoFour, n: int, variant: str) -> int:
+def choose_splits(w: TwoFour | TwoFourState, n: int, variant: str) -> int:
     """Input ranges per row tile: 1 for "plain", at least 2 for "splitk"."""
     if variant not in VARIANTS:
         raise UserValueError(f"unknown variant {variant!r}; allowed: {', '.join(VARIANTS)}")
@@ -148,52 +149,85 @@ def _build() -> ts.Launcher:
         g["_two_four_kernel"]))
 
 
-def two_four_matmul(w: TwoFour, x: torch.Tensor, bias: torch.Tensor | None = None, *, splits: int = 1,
-                    activation: str | None = None) -> torch.Tensor:
+@dataclass(frozen=True, eq=False)
+class TwoFourState:
+    """A 2:4 weight as the kernel reads it: the stored parts, contiguous (nothing re-encoded), and the layer's
+    launches by call signature (``triton_sparse.Launch``)."""
+
+    values: torch.Tensor  # (out, in / 2)
+    metadata: torch.Tensor  # (out, ceil(in / 8)) uint8
+    shape: tuple[int, int]
+    launches: dict = field(default_factory=dict, init=False, repr=False)
+    splits: dict = field(default_factory=dict, init=False, repr=False)  # (tokens, variant) -> splits
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the kernel streams: the values and the codes."""
+        return self.values.numel() * self.values.element_size() + self.metadata.numel()
+
+
+def two_four_matmul(w: TwoFour | TwoFourState, x: torch.Tensor, bias: torch.Tensor | None = None, *,
+                    splits: int = 1, activation: str | None = None) -> torch.Tensor:
     """``act(x @ W^T + bias)`` for x (N, in) on the Triton kernel, in x's dtype, in one launch; ``splits`` > 1:
     split-K (the last program of each output tile sums the splits); ``activation`` in the epilogue."""
-    out, inp = w.shape
-    ts.check_product(w.shape, w.values.device, x, bias, splits)
-    act = activations.CODES[activations.check(activation)]
-    launch = _build()
-    n = x.shape[0]
-    y = torch.empty(n, out, dtype=x.dtype, device=x.device)
-    if n == 0 or out == 0:
+    state = w if isinstance(w, TwoFourState) else prepare(w)
+    tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    signature = (x.shape, x.dtype, x.device, None if bias is None else (bias.shape, bias.dtype), splits,
+                 activation, tf32)
+    launch = ts.remember(state.launches, signature, lambda: _launch(state, x, bias, splits, activation, tf32))
+    y = torch.empty(x.shape[0], state.shape[0], dtype=x.dtype, device=x.device)
+    if launch.grid is None:
         return y
     x = x.contiguous()
-    bias_arg = x if bias is None else bias.contiguous()  # any pointer when there is no bias
+    partial, counters = ts.workspace(x.device, *launch.scratch) if launch.scratch else (y, y)
+    args = (x, state.values, state.metadata, x if bias is None else bias.contiguous(), y, partial, counters,
+            *launch.ints)
+    with ts.on_device(x):
+        _build()(launch.key, launch.grid, args, launch.constexprs)
+    return y
+
+
+def _launch(state: TwoFourState, x: torch.Tensor, bias: torch.Tensor | None, splits: int,
+            activation: str | None, tf32: bool) -> ts.Launch:
+    """The ``Launch`` of a call like this one (checking its arguments)."""
+    (out, inp), n = state.shape, x.shape[0]
+    ts.check_product(state.shape, state.values.device, x, bias, splits)
+    act = activations.CODES[activations.check(activation)]
     k_tiles = -(-inp // TILE_K)
     per_split = -(-k_tiles // splits)
     splits = -(-k_tiles // per_split)  # no empty split
     row_tiles = -(-out // TILE_OUT)
-    partial, counters = (ts.workspace(x.device, splits * n * out, row_tiles * -(-n // 16)) if splits > 1
-                         else (y, y))
-    n_bucket = triton.next_power_of_2(n)
-    args = (x, w.values, w.metadata, bias_arg, y, partial, counters, n, out, inp, n_bucket, x.stride(0),
-            y.stride(0), splits, per_split)
-    interpret = ts._build().interpret
+    bucket = ts.pow2_at_least(n)
     constexprs = dict(
         TILE_OUT=TILE_OUT, TILE_K=TILE_K, HAS_BIAS=bias is not None, ACT=act, PARTIAL=splits > 1,
-        DOT_FP32=interpret and torch.bfloat16 in (x.dtype, w.dtype),
-        PRECISION="tf32" if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee",
-        WIDE=ts.wide_offsets(x.numel(), splits * n * out, w.values.numel()))
-    with ts.on_device(x):
-        launch((n_bucket, out, inp, splits, *ts.tensor_key(*args)),
-               lambda block_n: (row_tiles, triton.cdiv(n, block_n), splits), args, constexprs)
-    return y
+        DOT_FP32=ts._build().interpret and torch.bfloat16 in (x.dtype, state.dtype),
+        PRECISION="tf32" if tf32 else "ieee", WIDE=ts.wide_offsets(x.numel(), splits * n * out, state.values.numel()))
+    # the autotuner's key (its integers, then every tensor argument's dtype) follows from these
+    key = (bucket, out, inp, splits, x.dtype, state.dtype, None if bias is None else bias.dtype)
+    return ts.Launch(
+        ints=(n, out, inp, bucket, inp, out, splits, per_split), constexprs=constexprs, key=key,
+        grid=None if n == 0 or out == 0 else lambda block_n: (row_tiles, -(-n // block_n), splits),
+        scratch=(splits * n * out, row_tiles * -(-n // 16)) if splits > 1 else None)
 
 
 # --- the registry's entry points ---------------------------------------------------------------------------
 
-def prepare(w: TwoFour) -> TwoFour:
-    """The layer's state: the stored weight itself, its parts made contiguous (nothing re-encoded)."""
-    return TwoFour(w.values.contiguous(), w.metadata.contiguous(), w.shape)
+def prepare(w: TwoFour) -> TwoFourState:
+    """The layer's state: the stored weight's parts, contiguous (nothing re-encoded)."""
+    return TwoFourState(w.values.contiguous(), w.metadata.contiguous(), tuple(w.shape))
 
 
-def matmul(state: TwoFour, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None, *,
+def matmul(state: TwoFourState, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None, *,
            post=None, variant: str = "plain") -> torch.Tensor:
     """The registry's signature (``sparse_ops.dispatch``): ``post(act(x @ W^T + bias))``; the activation in the
     kernel's epilogue, the post-op after it with torch ops. ``variant``: "plain" or "splitk" (``pick``: the
     default)."""
-    y = two_four_matmul(state, x, bias, splits=choose_splits(state, x.shape[0], variant), activation=activation)
+    splits = state.splits.get((x.shape[0], variant))
+    if splits is None:
+        splits = state.splits[x.shape[0], variant] = choose_splits(state, x.shape[0], variant)
+    y = two_four_matmul(state, x, bias, splits=splits, activation=activation)
     return y if post is None else post.apply(y)
