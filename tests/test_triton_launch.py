@@ -64,9 +64,9 @@ def _assert_close(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> Non
     torch.testing.assert_close(y.float().cpu(), ref, atol=TOL[dtype] * scale, rtol=TOL[dtype])
 
 
-def _counters() -> torch.Tensor:
-    """The arrival counters of this device's (and stream's) split-K scratch."""
-    return ts.workspace(torch.device(DEVICE), 0, 0)[1]
+def _scratch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split-K scratch (partials, arrival counters) of x's device and the current stream."""
+    return ts.workspace(x.device, 0, 0)
 
 
 @needs_interpreter
@@ -79,10 +79,10 @@ def test_split_k_in_one_launch(kernel, dtype):
     x, b = torch.randn(17, 320).to(dtype), torch.randn(70).to(dtype)  # 2 token blocks
     y = _product(kernel, w, x, b, splits=3)
     _assert_close(y, _expected(w, x, b, None), dtype)
-    assert int(_counters().abs().sum()) == 0
-    partials = ts.workspace(torch.device(DEVICE), 0, 0)[0].data_ptr()
+    partials, counters = _scratch(x)
+    assert int(counters.abs().sum()) == 0 and counters.numel() >= 3 * 2  # 3 tile rows x 2 token blocks
     assert torch.equal(_product(kernel, w, x, b, splits=3), y)  # deterministic
-    assert ts.workspace(torch.device(DEVICE), 0, 0)[0].data_ptr() == partials  # no new scratch
+    assert _scratch(x)[0].data_ptr() == partials.data_ptr()  # no new scratch
 
 
 @needs_interpreter
@@ -179,7 +179,7 @@ def test_cuda_split_k_deterministic_and_graph_safe(kernel):
     first = run()
     assert all(torch.equal(run(), first) for _ in range(50))
     torch.cuda.synchronize()
-    assert int(_counters().abs().sum()) == 0
+    assert int(_scratch(x)[1].abs().sum()) == 0
     _assert_close(first, _expected(w, x, b, None), torch.float16)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
