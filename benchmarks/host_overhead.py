@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,6 @@ def worker(quick: bool) -> dict[str, float]:
     """Median microseconds per call of this process's checkout, per ``format/tokens/variant``."""
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
-
     from triton.runtime import interpreter
 
     from sparse_ops.dispatch import kernel_for
@@ -83,22 +81,6 @@ def _run(checkout: Path, quick: bool) -> dict[str, float]:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _machine() -> dict[str, str]:
-    """CPU model, family / model numbers, the widest vector ISA, threads, Python, load."""
-    info = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    flags = set(info.get("flags", "").split())
-    isa = next((i for i in ("avx512f", "avx2", "asimd") if i in flags), platform.machine())
-    return {"cpu": info.get("model name", platform.processor() or platform.machine()),
-            "family_model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}", "isa": isa, "threads": "1",
-            "python": platform.python_version(), "load": " ".join(f"{v:.2f}" for v in os.getloadavg())}
-
-
 def _git(checkout: Path) -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=checkout, capture_output=True, text=True,
@@ -125,9 +107,9 @@ def _plot(out: Path, result: dict) -> Path | None:
            label=f"B {result['b_commit']}")
     ax.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("us per call (our Python)")
-    m = result["machine"]
+    env = result["environment"]
     ax.set_title(f"Host time per GPU sparse matmul before Triton's launcher (launch stubbed)\n"
-                 f"{m['cpu']} (family/model {m['family_model']}, {m['isa']}), 1 thread", fontsize=9)
+                 f"{env['cpu']} ({env['kernel_isa']} build), 1 thread, triton {env['triton']}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = out / "host_overhead.png"
@@ -160,7 +142,11 @@ def main(argv: list[str] | None = None) -> None:
                       flush=True)
     median = {side: {k: round(statistics.median(run[k] for run in rs), 2) for k in rs[0]} for side, rs in runs.items()
               if rs}
-    result = {"machine": _machine(), "rounds": rounds, "shape": list(SHAPE), "unit": "us per call",
+    import triton
+
+    from sparse_ops.timing import environment
+
+    result = {"environment": {**environment(), "threads": 1, "triton": triton.__version__}, "rounds": rounds, "shape": list(SHAPE), "unit": "us per call",
               "a_commit": _git(a.a) if a.a else None, "b_commit": _git(a.b), **median, "rounds_data": runs}
     if "a" in median:
         result["b_over_a"] = {k: round(median["b"][k] / median["a"][k], 3) for k in median["b"] if k in median["a"]}
