@@ -105,6 +105,7 @@ Example:
 import contextlib
 import dataclasses
 import functools
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -377,9 +378,16 @@ def _build() -> _Kernels:
     g = globals()
     for name in (*JIT_HELPERS, "_tiled_kernel"):
         g[name] = triton.jit(getattr(g[name], "fn", g[name]))
-    tiled = triton.autotune(configs=token_configs(interpret), key=list(AUTOTUNE_KEY),
-                            prune_configs_by={"early_config_prune": prune_token_configs})(g["_tiled_kernel"])
-    return _Kernels(Launcher(tiled), interpret)
+    return _Kernels(autotuned(g["_tiled_kernel"], AUTOTUNE_KEY), interpret)
+
+
+def autotuned(kernel, key: tuple[str, ...]) -> Launcher:
+    """``kernel`` autotuned over ``token_configs`` (pruned by ``prune_token_configs``) on ``key``, behind a
+    ``Launcher``. Where this Triton can, the choices persist in Triton's cache (``cache_results``), so a new
+    process does not benchmark a shape again."""
+    options = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    return Launcher(triton.autotune(configs=token_configs(interpreting()), key=list(key),
+                                    prune_configs_by={"early_config_prune": prune_token_configs}, **options)(kernel))
 
 
 def wide_offsets(*sizes: int) -> bool:

@@ -144,9 +144,7 @@ def _build() -> ts.Launcher:
     ts._build()  # the shared device functions (ts._finish), decorated the same way
     g = globals()
     g["_two_four_kernel"] = triton.jit(getattr(g["_two_four_kernel"], "fn", g["_two_four_kernel"]))
-    return ts.Launcher(triton.autotune(configs=ts.token_configs(ts.interpreting()), key=list(AUTOTUNE_KEY),
-                                       prune_configs_by={"early_config_prune": ts.prune_token_configs})(
-        g["_two_four_kernel"]))
+    return ts.autotuned(g["_two_four_kernel"], AUTOTUNE_KEY)
 
 
 @dataclass(frozen=True, eq=False)
