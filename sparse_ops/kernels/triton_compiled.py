@@ -55,39 +55,25 @@ class Case:
     dot: bool
 
 
-def _tiled(dtype: str, block_n: int, partial: bool, act: str | None = None, wide: bool = False) -> Case:
+def _tiled(dtype: str, block_n: int = 16, *, partial: bool = False, act: str | None = None, wide: bool = False,
+           gemv: bool = False, int8: bool = False) -> Case:
+    """A compile of the tiled-bitmap kernel: fp16 / bf16 values (or int8 ones with row scales), plain or split-K
+    (``partial``), an epilogue activation, int64 offsets (``wide``), the one-token ``gemv`` path."""
     from sparse_ops.activations import CODES
     from sparse_ops.bitmap import DEFAULT_TILE
 
-    name = f"tiled-{dtype}-n{block_n}-{'splitk' if partial else 'plain'}{'-' + act if act else ''}"
-    return Case(name + ("-wide" if wide else ""), "tiled",
-                {"x_ptr": "*" + dtype, "values": "*" + dtype, "bias_ptr": "*" + dtype, "y_ptr": "*" + dtype,
-                 "partial": "*fp32"},
-                {"TILE_OUT": DEFAULT_TILE[0], "TILE_K": DEFAULT_TILE[1], "HAS_BIAS": True, "PARTIAL": partial,
-                 "DOT_FP32": False, "PRECISION": "ieee", "HW_POPC": True, "BLOCK_N": block_n,
-                 "ALIGN": 8, "HAS_SCALES": False, "GEMV": False, "ACT": CODES[act], "WIDE": wide}, "values", True)
-
-
-def _tiled_gemv(dtype: str) -> Case:
-    from sparse_ops.bitmap import DEFAULT_TILE
-
-    return Case(f"tiled-gemv-{dtype}", "tiled",
-                {"x_ptr": "*" + dtype, "values": "*" + dtype, "bias_ptr": "*" + dtype, "y_ptr": "*" + dtype,
-                 "partial": "*fp32"},
-                {"TILE_OUT": DEFAULT_TILE[0], "TILE_K": DEFAULT_TILE[1], "HAS_SCALES": False, "HAS_BIAS": True,
-                 "PARTIAL": True, "DOT_FP32": False, "PRECISION": "ieee", "HW_POPC": True, "BLOCK_N": 16,
-                 "ALIGN": 8, "GEMV": True, "ACT": 0, "WIDE": False}, "values", False)
-
-
-def _tiled_int8(dtype: str, block_n: int) -> Case:
-    from sparse_ops.bitmap import DEFAULT_TILE
-
-    return Case(f"tiled-int8-{dtype}-n{block_n}", "tiled",
-                {"x_ptr": "*" + dtype, "values": "*i8", "scales_ptr": "*" + dtype, "bias_ptr": "*" + dtype,
-                 "y_ptr": "*" + dtype, "partial": "*fp32"},
-                {"TILE_OUT": DEFAULT_TILE[0], "TILE_K": DEFAULT_TILE[1], "HAS_SCALES": True, "HAS_BIAS": True,
-                 "PARTIAL": False, "DOT_FP32": False, "PRECISION": "ieee", "HW_POPC": True, "BLOCK_N": block_n,
-                 "ALIGN": 16, "GEMV": False, "ACT": 0, "WIDE": False}, "values", True)
+    if gemv:
+        name = f"tiled-gemv-{dtype}"
+    elif int8:
+        name = f"tiled-int8-{dtype}-n{block_n}"
+    else:
+        name = f"tiled-{dtype}-n{block_n}-{'splitk' if partial else 'plain'}" + (f"-{act}" if act else "")
+    types = {"x_ptr": "*" + dtype, "values": "*i8" if int8 else "*" + dtype, "bias_ptr": "*" + dtype,
+             "y_ptr": "*" + dtype, "partial": "*fp32", "scales_ptr": "*" + dtype}
+    constexprs = {"TILE_OUT": DEFAULT_TILE[0], "TILE_K": DEFAULT_TILE[1], "HAS_SCALES": int8, "HAS_BIAS": True,
+                  "ACT": CODES[act], "PARTIAL": partial, "DOT_FP32": False, "PRECISION": "ieee", "HW_POPC": True,
+                  "ALIGN": 16 if int8 else 8, "GEMV": gemv, "WIDE": wide, "BLOCK_N": block_n}
+    return Case(name + ("-wide" if wide else ""), "tiled", types, constexprs, "values", not gemv)
 
 
 def _two_four(dtype: str, block_n: int, partial: bool = False) -> Case:
@@ -107,9 +93,9 @@ def _moe(dtype: str) -> Case:
 
 
 CASES: tuple[Case, ...] = (
-    *(_tiled(d, n, p) for d in ("fp16", "bf16") for n in (16, 64) for p in (False, True)),
-    _tiled("fp16", 16, False, "gelu"), _tiled("fp16", 16, True, "silu", wide=True),
-    _tiled_int8("fp16", 16), _tiled_gemv("fp16"),
+    *(_tiled(d, n, partial=p) for d in ("fp16", "bf16") for n in (16, 64) for p in (False, True)),
+    _tiled("fp16", act="gelu"), _tiled("fp16", partial=True, act="silu", wide=True),
+    _tiled("fp16", int8=True), _tiled("fp16", partial=True, gemv=True),
     *(_two_four(d, n) for d in ("fp16", "bf16") for n in (16, 64)), _two_four("fp16", 16, partial=True),
     _moe("fp16"), _moe("bf16"),
 )
