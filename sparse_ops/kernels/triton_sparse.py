@@ -341,7 +341,12 @@ MAX_LAUNCHES = 256  # call signatures kept per layer (prefills of many lengths c
 
 
 def remember(launches: dict, signature: tuple, make: Callable[[], Launch]) -> Launch:
-    """``launches[signature]``, made (and checked: ``make`` raises on a bad call) the first time."""
+    """``launches[signature]``, made (and checked: ``make`` raises on a bad call) the first time.
+
+    >>> memo = {}
+    >>> remember(memo, ("x", 3), lambda: "made"), remember(memo, ("x", 3), lambda: "not again")
+    ('made', 'made')
+    """
     launch = launches.get(signature)
     if launch is None:
         launch = make()
@@ -408,7 +413,12 @@ _WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 def workspace(device: torch.device, partials: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-K's (fp32 partial sums, int32 zeroed counters) holding at least ``partials`` / ``counters``
     entries: kept per device and stream (launches on one stream run in order, so layers share it), fresh while
-    a CUDA graph is being captured (the graph keeps its own, zeroed by the captured fill on every replay)."""
+    a CUDA graph is being captured (the graph keeps its own, zeroed by the captured fill on every replay).
+
+    >>> partials, counters = workspace(torch.device("cpu"), 64, 4)
+    >>> partials.dtype, partials.numel() >= 64, counters.dtype, int(counters.abs().sum())
+    (torch.float32, True, torch.int32, 0)
+    """
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return (torch.empty(partials, dtype=torch.float32, device=device),
                 torch.zeros(counters, dtype=torch.int32, device=device))

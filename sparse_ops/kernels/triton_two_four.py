@@ -150,7 +150,12 @@ def _build() -> ts.Launcher:
 @dataclass(frozen=True, eq=False)
 class TwoFourState:
     """A 2:4 weight as the kernel reads it: the stored parts, contiguous (nothing re-encoded), and the layer's
-    launches by call signature (``triton_sparse.Launch``)."""
+    launches by call signature (``triton_sparse.Launch``).
+
+    >>> state = prepare(TwoFour.from_dense(torch.tensor([[1.0, 0.0, 2.0, 0.0]])))
+    >>> state.shape, state.values.tolist(), state.nbytes  # 2 fp32 values and one byte of codes
+    ((1, 4), [[1.0, 2.0]], 9)
+    """
 
     values: torch.Tensor  # (out, in / 2)
     metadata: torch.Tensor  # (out, ceil(in / 8)) uint8
