@@ -113,7 +113,7 @@ def grouped_linear(x: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor, b: t
     expert, first = block_table(offsets.to(device=x.device, dtype=torch.int64), BLOCK_M, max_blocks)
     block_h = 64 if interpret or H <= 64 else 128
     block_k = 32 if interpret else 64
-    precision = "tf32" if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    precision = ts.precision(x)
     dot_fp32 = interpret and (x.dtype == torch.bfloat16 or w.dtype == torch.bfloat16)
     with ts.on_device(x):
         kernel[(max_blocks, triton.cdiv(H, block_h))](

@@ -356,6 +356,17 @@ def remember(launches: dict, signature: tuple, make: Callable[[], Launch]) -> La
     return launch
 
 
+def signature(x: torch.Tensor, bias: torch.Tensor | None, *rest) -> tuple:
+    """What decides a call's ``Launch``: x's shape, dtype and device, the bias's shape and dtype, whether fp32
+    runs in TF32 (``torch.backends.cuda.matmul.allow_tf32``, read per call), and ``rest`` (splits, epilogue)."""
+    return (x.shape, x.dtype, x.device, None if bias is None else (bias.shape, bias.dtype), precision(x), *rest)
+
+
+def precision(x: torch.Tensor) -> str:
+    """``tl.dot``'s input precision for x: "tf32" for fp32 where torch allows TF32 matmuls, else "ieee"."""
+    return "tf32" if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
 def pow2_at_least(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1): the autotune key's token bucket.
 
@@ -581,10 +592,8 @@ def tiled_matmul(tb: AlignedTiles | TiledBitmap, x: torch.Tensor, bias: torch.Te
     A ``TiledBitmap`` is aligned first (``AlignedTiles``: once per layer through ``prepare``, per call here)."""
     if isinstance(tb, TiledBitmap):
         tb = AlignedTiles.from_tiled(tb)
-    tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    signature = (x.shape, x.dtype, x.device, None if bias is None else (bias.shape, bias.dtype), splits, gemv,
-                 activation, tf32)
-    launch = remember(tb.launches, signature, lambda: _tiled_launch(tb, x, bias, splits, gemv, activation, tf32))
+    launch = remember(tb.launches, signature(x, bias, splits, gemv, activation),
+                      lambda: _tiled_launch(tb, x, bias, splits, gemv, activation))
     y = torch.empty(x.shape[0], tb.shape[0], dtype=x.dtype, device=x.device)
     if launch.grid is None:
         return y
@@ -598,7 +607,7 @@ def tiled_matmul(tb: AlignedTiles | TiledBitmap, x: torch.Tensor, bias: torch.Te
 
 
 def _tiled_launch(tb: AlignedTiles, x: torch.Tensor, bias: torch.Tensor | None, splits: int, gemv: bool,
-                  activation: str | None, tf32: bool) -> Launch:
+                  activation: str | None) -> Launch:
     """The ``Launch`` of a call like this one (checking its arguments)."""
     if gemv and x.shape[0] != 1:
         raise UserValueError(f"the gemv kernel takes one token, got {x.shape[0]}")
@@ -609,7 +618,7 @@ def _tiled_launch(tb: AlignedTiles, x: torch.Tensor, bias: torch.Tensor | None, 
     bucket = pow2_at_least(n)
     constexprs = dict(
         TILE_OUT=tb.tile_out, TILE_K=tb.tile_k, HAS_SCALES=tb.scales is not None, HAS_BIAS=bias is not None,
-        ACT=act, PARTIAL=splits > 1, PRECISION="tf32" if tf32 else "ieee", HW_POPC=not interpret,
+        ACT=act, PARTIAL=splits > 1, PRECISION=precision(x), HW_POPC=not interpret,
         ALIGN=tb.align, GEMV=gemv, DOT_FP32=interpret and torch.bfloat16 in (x.dtype, tb.dtype),
         WIDE=wide_offsets(x.numel(), splits * n * out, tb.values.numel(), tb.bitmaps.numel()))
     # the autotuner's key (its integers, then every tensor argument's dtype) follows from these

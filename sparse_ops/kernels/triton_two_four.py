@@ -178,10 +178,8 @@ def two_four_matmul(w: TwoFour | TwoFourState, x: torch.Tensor, bias: torch.Tens
     """``act(x @ W^T + bias)`` for x (N, in) on the Triton kernel, in x's dtype, in one launch; ``splits`` > 1:
     split-K (the last program of each output tile sums the splits); ``activation`` in the epilogue."""
     state = w if isinstance(w, TwoFourState) else prepare(w)
-    tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    signature = (x.shape, x.dtype, x.device, None if bias is None else (bias.shape, bias.dtype), splits,
-                 activation, tf32)
-    launch = ts.remember(state.launches, signature, lambda: _launch(state, x, bias, splits, activation, tf32))
+    launch = ts.remember(state.launches, ts.signature(x, bias, splits, activation),
+                         lambda: _launch(state, x, bias, splits, activation))
     y = torch.empty(x.shape[0], state.shape[0], dtype=x.dtype, device=x.device)
     if launch.grid is None:
         return y
@@ -195,7 +193,7 @@ def two_four_matmul(w: TwoFour | TwoFourState, x: torch.Tensor, bias: torch.Tens
 
 
 def _launch(state: TwoFourState, x: torch.Tensor, bias: torch.Tensor | None, splits: int,
-            activation: str | None, tf32: bool) -> ts.Launch:
+            activation: str | None) -> ts.Launch:
     """The ``Launch`` of a call like this one (checking its arguments)."""
     (out, inp), n = state.shape, x.shape[0]
     ts.check_product(state.shape, state.values.device, x, bias, splits)
@@ -208,7 +206,7 @@ def _launch(state: TwoFourState, x: torch.Tensor, bias: torch.Tensor | None, spl
     constexprs = dict(
         TILE_OUT=TILE_OUT, TILE_K=TILE_K, HAS_BIAS=bias is not None, ACT=act, PARTIAL=splits > 1,
         DOT_FP32=ts._build().interpret and torch.bfloat16 in (x.dtype, state.dtype),
-        PRECISION="tf32" if tf32 else "ieee", WIDE=ts.wide_offsets(x.numel(), splits * n * out, state.values.numel()))
+        PRECISION=ts.precision(x), WIDE=ts.wide_offsets(x.numel(), splits * n * out, state.values.numel()))
     # the autotuner's key (its integers, then every tensor argument's dtype) follows from these
     key = (bucket, out, inp, splits, x.dtype, state.dtype, None if bias is None else bias.dtype)
     return ts.Launch(
