@@ -315,3 +315,18 @@ def test_gemv_variant_at_one_token(dtype, shape, sparsity):
     _assert_close(y, reference.csr_matmul(csr, x) + b.float(), dtype)
     with pytest.raises(ValueError, match="unknown variant 'gemv' for 2 tokens"):
         ts.matmul(state, torch.randn(2, shape[1]).to(dtype), None, variant="gemv")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("keep_every, block, step", [(1, 2048, 1), (2, 1024, 2), (8, 256, 4)])
+@pytest.mark.parametrize("variant", ["plain", "splitk", "gemv"])
+def test_value_block_and_tiles_per_iteration(keep_every, block, step, variant):
+    """A sparser layer loads a smaller value block per tile (the largest tile's count, padded to a power of two)
+    and more tiles per iteration; 5 tiles per row make the last iteration partly empty, split or not."""
+    w = torch.zeros(64, 320, dtype=torch.float16)
+    w[:, ::keep_every] = torch.randn(64, -(-320 // keep_every)).half()  # every tile: 2048 / keep_every values
+    csr = CSR.from_dense(w)
+    state = ts.prepare(csr)
+    assert (state.block, state.step) == (block, step)
+    x = torch.randn(1 if variant == "gemv" else 5, 320).half()
+    _assert_close(ts.matmul(state, x, None, variant=variant), reference.csr_matmul(csr, x), torch.float16)

@@ -56,9 +56,10 @@ class Case:
 
 
 def _tiled(dtype: str, block_n: int = 16, *, partial: bool = False, act: str | None = None, wide: bool = False,
-           gemv: bool = False, int8: bool = False) -> Case:
+           gemv: bool = False, int8: bool = False, block_v: int = 2048, step: int = 1) -> Case:
     """A compile of the tiled-bitmap kernel: fp16 / bf16 values (or int8 ones with row scales), plain or split-K
-    (``partial``), an epilogue activation, int64 offsets (``wide``), the one-token ``gemv`` path."""
+    (``partial``), an epilogue activation, int64 offsets (``wide``), the one-token ``gemv`` path; ``block_v``
+    and ``step``: a sparser layer's smaller value block and tiles per iteration (2048 and 1: a dense tile)."""
     from sparse_ops.activations import CODES
     from sparse_ops.bitmap import DEFAULT_TILE
 
@@ -68,11 +69,14 @@ def _tiled(dtype: str, block_n: int = 16, *, partial: bool = False, act: str | N
         name = f"tiled-int8-{dtype}-n{block_n}"
     else:
         name = f"tiled-{dtype}-n{block_n}-{'splitk' if partial else 'plain'}" + (f"-{act}" if act else "")
+    if step > 1:
+        name += f"-v{block_v}-s{step}"
     types = {"x_ptr": "*" + dtype, "values": "*i8" if int8 else "*" + dtype, "bias_ptr": "*" + dtype,
              "y_ptr": "*" + dtype, "partial": "*fp32", "scales_ptr": "*" + dtype}
     constexprs = {"TILE_OUT": DEFAULT_TILE[0], "TILE_K": DEFAULT_TILE[1], "HAS_SCALES": int8, "HAS_BIAS": True,
                   "ACT": CODES[act], "PARTIAL": partial, "DOT_FP32": False, "PRECISION": "ieee", "HW_POPC": True,
-                  "ALIGN": 16 if int8 else 8, "GEMV": gemv, "WIDE": wide, "BLOCK_N": block_n}
+                  "ALIGN": 16 if int8 else 8, "GEMV": gemv, "WIDE": wide, "BLOCK_V": block_v, "STEP": step,
+                  "BLOCK_N": block_n}
     return Case(name + ("-wide" if wide else ""), "tiled", types, constexprs, "values", not gemv)
 
 
@@ -96,6 +100,9 @@ CASES: tuple[Case, ...] = (
     *(_tiled(d, n, partial=p) for d in ("fp16", "bf16") for n in (16, 64) for p in (False, True)),
     _tiled("fp16", act="gelu"), _tiled("fp16", partial=True, act="silu", wide=True),
     _tiled("fp16", int8=True), _tiled("fp16", partial=True, gemv=True),
+    # sparser layers: 70% (a 1024-value block, 2 tiles per iteration) and 90% (256, 4)
+    _tiled("fp16", partial=True, block_v=1024, step=2), _tiled("fp16", partial=True, block_v=256, step=4),
+    _tiled("fp16", 64, block_v=256, step=4), _tiled("fp16", partial=True, gemv=True, block_v=256, step=4),
     *(_two_four(d, n) for d in ("fp16", "bf16") for n in (16, 64)), _two_four("fp16", 16, partial=True),
     _moe("fp16"), _moe("bf16"),
 )
@@ -218,12 +225,10 @@ def arrivals(ptx: str) -> list[dict]:
     return found
 
 
-def is_vector_load(key: str, min_bytes: int = 8) -> bool:
-    """A ``ptx_global_loads`` key that is a vectorised load (``.v2`` / ``.v4`` / ``.v8``) or a ``cp.async``,
-    moving at least ``min_bytes`` per thread."""
-    instruction, _, size = key.rpartition("/")
-    vector = instruction.startswith("cp.async") or bool(re.search(r"\.v(2|4|8)\b", instruction))
-    return vector and int(size) >= min_bytes
+def wide_load(key: str, min_bytes: int = 8) -> bool:
+    """A ``ptx_global_loads`` key that moves at least ``min_bytes`` per thread: from 8 bytes a vector
+    (``.v2`` / ``.v4``) or a ``cp.async``; a 2-byte ``ld.global.b16`` (one fp16 value: a gather) never is."""
+    return int(key.rpartition("/")[2]) >= min_bytes
 
 
 def _resources(cubin: bytes) -> dict[str, int]:

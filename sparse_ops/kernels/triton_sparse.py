@@ -62,9 +62,9 @@ stacks), where the kernels are built with int64 offsets (``WIDE``) instead of wr
 
 Autotune: the tile shape is the layout's (fixed at load); ``triton.autotune`` chooses BLOCK_N (16..128 tokens,
 pruned to configs no larger than the token count's power of two, 16 at least: ``tl.dot``'s minimum), num_warps
-and num_stages, keyed on ``AUTOTUNE_KEY`` (token bucket, out, in, tile, splits) and the dtypes; after a key's
-first call ``Launcher`` launches the chosen config on the kernel directly, skipping the autotuner's per-call
-work. Under ``TRITON_INTERPRET=1`` (or ``SPARSE_OPS_TRITON_AUTOTUNE=0``) there is one config (BLOCK_N=16),
+and num_stages, keyed on ``AUTOTUNE_KEY`` (token bucket, out, in, tile, splits, value block) and the dtypes;
+after a key's first call ``Launcher`` launches the chosen config on the kernel directly, skipping the
+autotuner's per-call work. Under ``TRITON_INTERPRET=1`` (or ``SPARSE_OPS_TRITON_AUTOTUNE=0``) there is one config (BLOCK_N=16),
 so nothing is benchmarked. The kernels are decorated lazily, at the first product (``_build``), so whether
 they run compiled or interpreted follows ``TRITON_INTERPRET`` at that moment, not at import (importing
 ``sparse_ops`` before setting it is fine).
@@ -130,7 +130,7 @@ SPLITK_MAX_TOKENS = 64  # pick: split-K only for skinny products
 MAX_SPLITS = 16
 MIN_TILES_PER_SPLIT = 2  # a split should stream at least this many tiles
 # what autotune keys its choice on (besides the arguments' dtypes): token bucket, shape, layout tile, splits
-AUTOTUNE_KEY = ("N_BUCKET", "OUT", "IN", "TILE_OUT", "TILE_K", "SPLITS")
+AUTOTUNE_KEY = ("N_BUCKET", "OUT", "IN", "TILE_OUT", "TILE_K", "SPLITS", "BLOCK_V")
 
 
 def interpreting() -> bool:
@@ -176,9 +176,9 @@ if tl is not None:
                       TILE_OUT: tl.constexpr, TILE_K: tl.constexpr, HAS_SCALES: tl.constexpr,
                       HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PARTIAL: tl.constexpr, DOT_FP32: tl.constexpr,
                       PRECISION: tl.constexpr, HW_POPC: tl.constexpr, ALIGN: tl.constexpr, GEMV: tl.constexpr,
-                      WIDE: tl.constexpr, BLOCK_N: tl.constexpr):
+                      WIDE: tl.constexpr, BLOCK_V: tl.constexpr, STEP: tl.constexpr, BLOCK_N: tl.constexpr):
         WORDS: tl.constexpr = TILE_K // 32
-        c = tl.arange(0, TILE_OUT * TILE_K)  # positions in a tile's value block
+        c = tl.arange(0, BLOCK_V)  # positions in a tile's value block (BLOCK_V: the layer's largest, padded)
         pid_o, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         start = tl.load(tile_ptr + pid_o)
         end = tl.load(tile_ptr + pid_o + 1)
@@ -197,41 +197,52 @@ if tl is not None:
         n_ok = n < N
         acc = tl.zeros((BLOCK_N, TILE_OUT), dtype=tl.float32)
         acc1 = tl.zeros((TILE_OUT,), dtype=tl.float32)  # GEMV: the one token's sums
-        for tile in range(lo, hi):
-            t = tile
-            if WIDE:
-                t = tl.cast(tile, tl.int64)
-            base = t * (TILE_OUT * WORDS) + i * WORDS  # (TILE_OUT,) each row's first word
-            row_nnz = tl.zeros((TILE_OUT,), dtype=tl.int32)
-            word = tl.zeros((TILE_OUT, TILE_K), dtype=tl.int32)  # each entry's word
-            earlier = tl.zeros((TILE_OUT, TILE_K), dtype=tl.int32)  # nonzeros in its row's earlier words
-            for j in tl.static_range(WORDS):
-                wj = tl.load(bitmaps + base + j)  # (TILE_OUT,)
-                cj = _popc32(wj, HW_POPC)
-                row_nnz += cj
-                word = tl.where((kw == j)[None, :], wj[:, None], word)
-                earlier += tl.where((kw > j)[None, :], cj[:, None], 0)
-            row_start = tl.cumsum(row_nnz, 0) - row_nnz  # exclusive prefix over the tile's rows
-            rank = row_start[:, None] + earlier + _popc32(word & below[None, :], HW_POPC)
-            present = ((word >> kb[None, :]) & 1) != 0
-            # the tile's values as one aligned block (vector loads, pipelined), then each entry's by its rank
-            first = tl.multiple_of(tl.load(starts + t), ALIGN)
-            size = tl.multiple_of(tl.load(starts + t + 1) - first, ALIGN)
-            block = tl.load(values + first + c, mask=c < size, other=0.0)  # (TILE_OUT * TILE_K,)
-            w = tl.gather(block, tl.reshape(rank, (TILE_OUT * TILE_K,)), 0)
-            w = tl.where(present, tl.reshape(w, (TILE_OUT, TILE_K)), 0.0)
+        # STEP tiles per iteration, each loaded as its own block: their loads are independent, so a sparse layer
+        # (small blocks) keeps as many bytes in flight per iteration as a dense one
+        for tile0 in range(lo, hi, STEP):
+            for g in tl.static_range(STEP):
+                tile = tile0 + g
+                if STEP > 1:  # the last iteration's tiles past the split's end: the last tile again, zeroed
+                    live = tile < hi
+                    tile = tl.minimum(tile, hi - 1)
+                t = tile
+                if WIDE:
+                    t = tl.cast(tile, tl.int64)
+                base = t * (TILE_OUT * WORDS) + i * WORDS  # (TILE_OUT,) each row's first word
+                row_nnz = tl.zeros((TILE_OUT,), dtype=tl.int32)
+                word = tl.zeros((TILE_OUT, TILE_K), dtype=tl.int32)  # each entry's word
+                earlier = tl.zeros((TILE_OUT, TILE_K), dtype=tl.int32)  # nonzeros in its row's earlier words
+                for j in tl.static_range(WORDS):
+                    wj = tl.load(bitmaps + base + j)  # (TILE_OUT,)
+                    cj = _popc32(wj, HW_POPC)
+                    row_nnz += cj
+                    word = tl.where((kw == j)[None, :], wj[:, None], word)
+                    earlier += tl.where((kw > j)[None, :], cj[:, None], 0)
+                row_start = tl.cumsum(row_nnz, 0) - row_nnz  # exclusive prefix over the tile's rows
+                rank = row_start[:, None] + earlier + _popc32(word & below[None, :], HW_POPC)
+                if BLOCK_V < TILE_OUT * TILE_K:  # an absent entry past the block's last value: any index in it
+                    rank = tl.minimum(rank, BLOCK_V - 1)
+                present = ((word >> kb[None, :]) & 1) != 0
+                if STEP > 1:
+                    present = present & live
+                # the tile's values as one aligned block (vector loads, pipelined), then each entry's by its rank
+                first = tl.multiple_of(tl.load(starts + t), ALIGN)
+                size = tl.multiple_of(tl.load(starts + t + 1) - first, ALIGN)
+                block = tl.load(values + first + c, mask=c < size, other=0.0)  # (BLOCK_V,)
+                w = tl.gather(block, tl.reshape(rank, (TILE_OUT * TILE_K,)), 0)
+                w = tl.where(present, tl.reshape(w, (TILE_OUT, TILE_K)), 0.0)
 
-            cols = tl.load(tile_cols + t) * TILE_K + k
-            if GEMV:  # one token: multiply and sum the rows in fp32, no 16-token MMA padding or operand layout
-                xk = tl.load(x_ptr + cols, mask=cols < IN, other=0.0).to(tl.float32)
-                acc1 += tl.sum(w.to(tl.float32) * xk[None, :], 1)
-            else:
-                xt = tl.load(x_ptr + n[:, None] * stride_xn + cols[None, :],
-                             mask=n_ok[:, None] & (cols < IN)[None, :], other=0.0)
-                if DOT_FP32:
-                    acc += tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=PRECISION)
+                cols = tl.load(tile_cols + t) * TILE_K + k
+                if GEMV:  # one token: multiply and sum the rows in fp32, no 16-token MMA padding or layout
+                    xk = tl.load(x_ptr + cols, mask=cols < IN, other=0.0).to(tl.float32)
+                    acc1 += tl.sum(w.to(tl.float32) * xk[None, :], 1)
                 else:
-                    acc += tl.dot(xt, tl.trans(w.to(xt.dtype)), input_precision=PRECISION)
+                    xt = tl.load(x_ptr + n[:, None] * stride_xn + cols[None, :],
+                                 mask=n_ok[:, None] & (cols < IN)[None, :], other=0.0)
+                    if DOT_FP32:
+                        acc += tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=PRECISION)
+                    else:
+                        acc += tl.dot(xt, tl.trans(w.to(xt.dtype)), input_precision=PRECISION)
         if GEMV:
             acc += acc1[None, :]  # token 0's row (the others are masked at the store)
 
@@ -480,6 +491,8 @@ def choose_splits(tb: TiledBitmap, n: int, variant: str) -> int:
 
 
 VALUE_ALIGN_BYTES = 16  # each tile's value block starts on this boundary: one 16-byte vector per load
+MIN_BLOCK_V = 16  # the smallest value block the kernel loads per tile
+MAX_STEP = 4  # tiles per loop iteration, at most
 
 
 @dataclass(frozen=True, eq=False)
@@ -495,6 +508,8 @@ class AlignedTiles:
     >>> a = AlignedTiles.from_tiled(TiledBitmap.from_dense(w))
     >>> a.align, a.starts.tolist(), a.values.numel()  # fp32: 4 values per 16 bytes
     (4, [0, 36, 44], 44)
+    >>> a.block, a.step  # the largest tile (36 values) fits a block of 64: 4 tiles per iteration
+    (64, 4)
     """
 
     tile_ptr: torch.Tensor  # (tile_rows + 1,) int32, as the TiledBitmap's
@@ -508,13 +523,18 @@ class AlignedTiles:
     tile_k: int
     max_row_tiles: int
     align: int  # elements per VALUE_ALIGN_BYTES
+    block: int  # the kernel's value block: a power of two >= the largest tile's padded count (BLOCK_V)
+    step: int  # tiles per loop iteration (STEP): as many blocks as fit a dense tile's, up to MAX_STEP
     scales: torch.Tensor | None = None  # int8 values: (out,) row scales in the compute dtype, W = scales * q
     input_bits: int | None = None  # int8 weights: x quantized per block first (quantized.quantize_input)
     launches: dict = field(default_factory=dict, init=False, repr=False)  # call signature -> Launch
     splits: dict = field(default_factory=dict, init=False, repr=False)  # (tokens, variant) -> programs per row
 
     @classmethod
-    def from_tiled(cls, tb: TiledBitmap) -> "AlignedTiles":
+    def from_tiled(cls, tb: TiledBitmap, max_step: int = MAX_STEP) -> "AlignedTiles":
+        """The aligned copy of ``tb``. ``step``: as many tiles per iteration as their blocks fit a dense tile's,
+        up to ``max_step``, so that a sparser layer still loads about a dense tile's bytes per iteration and keeps
+        as many loads in flight."""
         align = max(1, VALUE_ALIGN_BYTES // tb.values.element_size())
         offsets = tb.value_offsets.to(torch.int64)
         counts = offsets[1:] - offsets[:-1]
@@ -524,13 +544,17 @@ class AlignedTiles:
         values = torch.zeros(total, dtype=tb.values.dtype, device=tb.values.device)
         tile = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
         values[torch.arange(tb.nnz, device=counts.device) - offsets[tile] + starts[tile]] = tb.values
+        largest = int((starts[1:] - starts[:-1]).max()) if counts.numel() else 0
+        block = min(max(pow2_at_least(largest), MIN_BLOCK_V), tb.tile_out * tb.tile_k)
         starts = starts if wide_offsets(total) else starts.to(torch.int32)  # int64 past INT32_MAX (WIDE)
+        step = max(1, min(max_step, tb.tile_out * tb.tile_k // block))
         return cls(tb.tile_ptr, tb.tile_cols, starts, tb.bitmaps, values, tb.shape, tb.tile_out,
-                   tb.tile_k, tb.max_row_tiles, align)
+                   tb.tile_k, tb.max_row_tiles, align, block, step)
 
     @property
     def tile_rows(self) -> int:
         return -(-self.shape[0] // self.tile_out)
+
 
     @property
     def nbytes(self) -> int:
@@ -620,9 +644,10 @@ def _tiled_launch(tb: AlignedTiles, x: torch.Tensor, bias: torch.Tensor | None, 
         TILE_OUT=tb.tile_out, TILE_K=tb.tile_k, HAS_SCALES=tb.scales is not None, HAS_BIAS=bias is not None,
         ACT=act, PARTIAL=splits > 1, PRECISION=precision(x), HW_POPC=not interpret,
         ALIGN=tb.align, GEMV=gemv, DOT_FP32=interpret and torch.bfloat16 in (x.dtype, tb.dtype),
+        BLOCK_V=tb.block, STEP=tb.step,
         WIDE=wide_offsets(x.numel(), splits * n * out, tb.values.numel(), tb.bitmaps.numel()))
     # the autotuner's key (its integers, then every tensor argument's dtype) follows from these
-    key = (bucket, out, inp, tb.tile_out, tb.tile_k, splits, x.dtype, tb.starts.dtype, tb.values.dtype,
+    key = (bucket, out, inp, tb.tile_out, tb.tile_k, splits, tb.block, x.dtype, tb.starts.dtype, tb.values.dtype,
            None if tb.scales is None else tb.scales.dtype, None if bias is None else bias.dtype)
     rows = tb.tile_rows
     return Launch(
