@@ -22,7 +22,9 @@ ours, anchor, dense, ...), medians and p10 / p90 over ``--rounds``:
                          wall clock between two synchronisations / calls: host overhead included.
 Our kernel's other variants at the case's token count (the tiled kernel's "plain" / "splitk" / at one token
 "gemv", 2:4's "plain" / "splitk") are timed kernel-only beside the default: ``variants_us``, ``best_variant``
-and ``best_variant_speedup`` say which should be the default (``pick``) on this GPU.
+and ``best_variant_speedup`` say which should be the default (``pick``) on this GPU. Where the tiled kernel
+takes several tiles per iteration (70% and 90%: ``AlignedTiles.step``), "<variant>-step1" times it one tile
+at a time: whether the loads in flight ``model.md`` predicts are what bounds it.
 Bandwidth: (weight bytes as the kernel reads them + x + y) / kernel-only time, against a measured copy ceiling
 (a device-to-device ``copy_`` of a 512 MiB buffer, read + written, event-timed).
 
@@ -490,6 +492,13 @@ def build(case: Case, w, x, l2: int) -> tuple[dict[str, tuple[list, list, int, s
             path = dataclasses.replace(route.path, variant=v)
             others = [layer.router.bind(path, case.tokens) for layer in layers]
             built[VARIANT + v] = ([lambda r=r: r(x, None) for r in others], [], nbytes, kernel.name, v)
+    if getattr(route.state, "step", 1) > 1:  # the tiled kernel, several tiles per iteration: also one at a time
+        from sparse_ops.kernels import triton_sparse as ts
+
+        ones = [dataclasses.replace(r.state, step=1) for r in routes]
+        name = f"{route.variant}-step1"
+        built[VARIANT + name] = ([lambda s=s: ts.matmul(s, x, None, variant=route.variant) for s in ones], [],
+                                 nbytes, kernel.name, name)
     if case.format == "2:4":  # torch's semi-structured (cuSPARSELt / CUTLASS), as sparse_ops' "2:4:torch" path
         prepare, call = (lambda: torch_cuda.prepare_two_four(TwoFour.from_dense(w))), torch_cuda.two_four_matmul
     else:  # cuSPARSE through torch.sparse.mm, int32 indices, as sparse_ops' "csr:torch" path

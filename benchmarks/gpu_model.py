@@ -47,6 +47,18 @@ REGISTER_CASES = {"tiled bitmap": "tiled-fp16-n16-plain", "tiled bitmap, split-K
                   "tiled bitmap, gemv": "tiled-gemv-fp16", "2:4": "two_four-fp16-n16", "MoE": "moe-fp16"}
 REGISTER_ARCH = 90
 NOTE = "predicted, not measured: a bytes model (benchmarks/gpu_model.py), no GPU was used"
+# Loads in flight (Little's law): streaming at bandwidth B with a memory latency L needs B x L bytes in flight
+# across the GPU. L is an assumption, not a measurement: loaded HBM latency on Hopper is several hundred ns
+# (published microbenchmarks); the model states the need at this L and what a lower one would change.
+H100_SMS = 132
+DRAM_LATENCY_S = 700e-9
+PIPELINE_DEPTH = 2  # iterations whose loads a program has in flight: the current one and the one prefetched
+# (Triton's software pipeline at num_stages >= 2 issues iteration i + 1's loads while i computes)
+IN_FLIGHT_SHAPE = (4096, 4096)
+TILED_REGISTERS = "tiled by value block / tiles per iteration"  # registers()'s key for TILED_CASES
+# the compiled split-K decode config of the tiled kernel per (value block, tiles per iteration)
+TILED_CASES = {(2048, 1): "tiled-fp16-n16-splitk", (1024, 2): "tiled-fp16-n16-splitk-v1024-s2",
+               (512, 4): "tiled-fp16-n16-splitk-v512-s4", (256, 4): "tiled-fp16-n16-splitk-v256-s4"}
 
 
 def _random_sparse(shape: tuple[int, int], sparsity: float, gen: torch.Generator) -> torch.Tensor:
@@ -109,9 +121,50 @@ def registers() -> dict:
             found[kernel] = {"case": name, "arch": f"sm_{REGISTER_ARCH}", "regs": f["regs"],
                              "threads": f["threads"], "n_spills": f["n_spills"],
                              "blocks_per_sm": tc.blocks_per_sm(f["regs"], f["threads"])}
+        found[TILED_REGISTERS] = {
+            f"{block}/{step}": tc.facts(tc.case(name), REGISTER_ARCH)["regs"] for (block, step), name in TILED_CASES.items()}
         return found
     except Exception as e:  # noqa: BLE001 (no triton / no NVIDIA backend: the model stands without them)
         return {"reason": f"not compiled: {type(e).__name__}: {e}"}
+
+
+def _programs(tiles: AlignedTiles, sms: int = H100_SMS) -> int:
+    """Programs the tiled kernel launches at one token on ``sms`` SMs (``triton_sparse.choose_splits`` for
+    "splitk", with its target of 4 programs per SM)."""
+    from sparse_ops.kernels import triton_sparse as ts
+
+    want = -(-4 * sms // tiles.tile_rows)
+    splits = max(min(want, -(-tiles.max_row_tiles // ts.MIN_TILES_PER_SPLIT), ts.MAX_SPLITS), 2)
+    return tiles.tile_rows * splits
+
+
+def in_flight(registers_: dict, sparsities=SPARSITIES, shape=IN_FLIGHT_SHAPE, seed: int = 0) -> list[dict]:
+    """Per sparsity, the tiled kernel's bytes in flight per SM at one token (its layer's value block and tiles
+    per iteration, from real ``AlignedTiles``; its registers, from the compiled config), against the
+    ``B x L / SMs`` an SM needs to stream at full bandwidth; and the same with one tile per iteration."""
+    from sparse_ops.kernels import triton_compiled as tc
+
+    gen = torch.Generator().manual_seed(seed)
+    need = H100_BANDWIDTH * DRAM_LATENCY_S / H100_SMS
+    out = []
+    for sparsity in sparsities:
+        tiles = AlignedTiles.from_tiled(TiledBitmap.from_dense(_random_sparse(shape, sparsity, gen), DEFAULT_TILE))
+        count = tiles.starts.numel() - 1
+        per_tile = (tiles.values.numel() * tiles.values.element_size() + tiles.bitmaps.numel() * 4) / count + 8
+        known = registers_.get(TILED_REGISTERS, {})
+        launched = -(-_programs(tiles) // H100_SMS)
+        row = {"sparsity": sparsity, "shape": list(shape), "block": tiles.block, "step": tiles.step,
+               "bytes_per_tile": round(per_tile), "need_per_sm_bytes": round(need)}
+        # one tile per iteration: the registers of the one-tile config (a dense tile's block)
+        for name, step, regs in (("", tiles.step, known.get(f"{tiles.block}/{tiles.step}")),
+                                 ("_step1", 1, known.get(f"{tiles.tile_out * tiles.tile_k}/1"))):
+            resident = min(tc.blocks_per_sm(regs) if regs else 4, launched)
+            row[f"registers{name}"], row[f"programs_per_sm{name}"] = regs, resident
+            flight = resident * PIPELINE_DEPTH * step * per_tile
+            row[f"in_flight_per_sm_bytes{name}"] = round(flight)
+            row[f"fraction_of_bandwidth{name}"] = round(min(1.0, flight / need), 2)
+        out.append(row)
+    return out
 
 
 def falsifiers(rows_: list[dict]) -> list[str]:
@@ -131,6 +184,9 @@ def falsifiers(rows_: list[dict]) -> list[str]:
         "not its bytes, bounds it.",
         "If a kernel at 16 tokens is much slower than at 1 token (nearly the same bytes), it is compute- or "
         "occupancy-bound there: check its registers and blocks per SM below.",
+        "If the tiled kernel at 70-90% is no faster with several tiles per iteration than with one (gpu_decision's "
+        "`step1` variant), the loads in flight below are not what bounds it (or the latency is lower than "
+        "assumed): ncu's memory throughput and long-scoreboard stalls say which.",
     ]
 
 
@@ -160,7 +216,23 @@ def markdown(data: dict) -> str:
         lines += ["| kernel | config | registers / thread | threads / block | spills | blocks / SM "
                   "(65536 / (regs x threads)) |", "|---|---|---|---|---|---|"]
         lines += [f"| {k} | {v['case']} | {v['regs']} | {v['threads']} | {v['n_spills']} | {v['blocks_per_sm']} |"
-                  for k, v in regs.items()]
+                  for k, v in regs.items() if k != TILED_REGISTERS]
+    lines += ["", "## Loads in flight (tiled bitmap, split-K, 1 token)", "",
+              f"Little's law: to stream {H100_BANDWIDTH / 1e12:.2f} TB/s with a latency of "
+              f"{DRAM_LATENCY_S * 1e9:.0f} ns (an assumption, not a measurement), each of the H100's {H100_SMS} "
+              f"SMs needs B x L / SMs bytes in flight. A program keeps {PIPELINE_DEPTH} iterations of loads in "
+              "flight; the resident programs per SM are the fewer of those that fit its registers and those the "
+              "launch gives it. `step`: tiles per iteration (this version); `step 1`: one tile per iteration "
+              "(the kernel before it).", "",
+              "| sparsity | value block | step | bytes / tile | registers | programs / SM | in flight / SM "
+              "| fraction of bandwidth | step 1: programs / SM | step 1: in flight / SM | step 1: fraction |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['sparsity']:.0%} | {r['block']} | {r['step']} | {r['bytes_per_tile']} | {r['registers']} "
+              f"| {r['programs_per_sm']} | {_fmt_bytes(r['in_flight_per_sm_bytes'])} | {r['fraction_of_bandwidth']} "
+              f"| {r['programs_per_sm_step1']} | {_fmt_bytes(r['in_flight_per_sm_bytes_step1'])} "
+              f"| {r['fraction_of_bandwidth_step1']} |" for r in data["in_flight"]]
+    if data["in_flight"]:
+        lines += ["", f"Needed per SM: {_fmt_bytes(data['in_flight'][0]['need_per_sm_bytes'])}."]
     lines += ["", "## What a measurement would falsify", ""] + [f"- {f}" for f in data["falsifiers"]] + [""]
     return "\n".join(lines)
 
@@ -174,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     data = {"note": NOTE, "bandwidth_bytes_per_s": {"H100 SXM5": H100_BANDWIDTH, "H200": H200_BANDWIDTH},
             "bandwidth_source": "NVIDIA H100 and H200 datasheets", "dtype": "fp16", "tile": list(DEFAULT_TILE),
             "rows": rows(TINY_SHAPES if a.tiny else SHAPES), "registers": registers()}
+    data["in_flight"] = in_flight(data["registers"], shape=TINY_SHAPES[0] if a.tiny else IN_FLIGHT_SHAPE)
     data["falsifiers"] = falsifiers(data["rows"])
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "model.json").write_text(json.dumps(data, indent=1) + "\n")

@@ -27,3 +27,9 @@ def test_model_runs_tiny(tmp_path):
     for r in data["rows"]:
         assert r["predicted_us_h200"] < r["predicted_us_h100"]
     assert "registers" in data and data["falsifiers"]
+    # loads in flight: one row per sparsity; more tiles per iteration never fewer bytes in flight
+    assert [r["sparsity"] for r in data["in_flight"]] == [0.5, 0.7, 0.9]
+    for r in data["in_flight"]:
+        assert 0 < r["fraction_of_bandwidth_step1"] <= 1 and 0 < r["fraction_of_bandwidth"] <= 1
+        assert r["step"] == 1 or r["in_flight_per_sm_bytes"] > r["in_flight_per_sm_bytes_step1"]
+    assert "Loads in flight" in md

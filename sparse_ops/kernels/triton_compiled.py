@@ -100,9 +100,11 @@ CASES: tuple[Case, ...] = (
     *(_tiled(d, n, partial=p) for d in ("fp16", "bf16") for n in (16, 64) for p in (False, True)),
     _tiled("fp16", act="gelu"), _tiled("fp16", partial=True, act="silu", wide=True),
     _tiled("fp16", int8=True), _tiled("fp16", partial=True, gemv=True),
-    # sparser layers: 70% (a 1024-value block, 2 tiles per iteration) and 90% (256, 4)
-    _tiled("fp16", partial=True, block_v=1024, step=2), _tiled("fp16", partial=True, block_v=256, step=4),
-    _tiled("fp16", 64, block_v=256, step=4), _tiled("fp16", partial=True, gemv=True, block_v=256, step=4),
+    # sparser layers, as random weights give them: 70% (a 1024-value block, 2 tiles per iteration), 90% (256 or
+    # 512, 4)
+    _tiled("fp16", partial=True, block_v=1024, step=2), _tiled("fp16", partial=True, block_v=512, step=4),
+    _tiled("fp16", partial=True, block_v=256, step=4),
+    _tiled("fp16", 64, block_v=512, step=4), _tiled("fp16", partial=True, gemv=True, block_v=512, step=4),
     *(_two_four(d, n) for d in ("fp16", "bf16") for n in (16, 64)), _two_four("fp16", 16, partial=True),
     _moe("fp16"), _moe("bf16"),
 )
