@@ -37,12 +37,17 @@ libdevice) and takes an exclusive cumsum over the TILE_OUT rows (a scan of TILE_
 entries). The rank of entry (i, k) among the tile's nonzeros is then row_prefix[i] + popcounts of the earlier
 words of row i + popcount(word & ((1 << (k % 32)) - 1)). The tile's values come in as one block: the layer's
 state (``AlignedTiles``, built by ``prepare``) starts each tile's values on a 16-byte boundary, so the kernel
-loads ``values[starts[t] : starts[t] + TILE_OUT * TILE_K]`` (masked to the tile's padded count) with vector
-loads whose address depends only on the loop index and the tile's start, which Triton pipelines through
-``cp.async`` (``tests/test_triton_compiled.py`` checks the compiled loads); ``tl.gather`` by rank then expands
-the tile, zeros where the bitmap has none, cast to x's dtype and fed to ``tl.dot(x_tile, w_tile^T)`` with an
-fp32 accumulator. Tails: padding bits are zero, x columns >= in and tokens >= N are masked loads, rows >= out
-masked stores.
+loads ``values[starts[t] : starts[t] + BLOCK_V]`` (masked to the tile's padded count) with vector loads whose
+address depends only on the loop index and the tile's start, which Triton pipelines through ``cp.async``
+(``tests/test_triton_compiled.py`` checks the compiled loads); ``tl.gather`` by rank then expands the tile,
+zeros where the bitmap has none, cast to x's dtype and fed to ``tl.dot(x_tile, w_tile^T)`` with an fp32
+accumulator. BLOCK_V is the layer's largest padded tile rounded up to a power of two (2048 values at 50%
+sparsity, 1024 at 70%, 256-512 at 90% for random weights), and a sparser layer takes STEP = dense tile /
+BLOCK_V tiles per iteration (up to ``MAX_STEP``), each its own block: each iteration then loads about a dense
+tile's bytes, so a 90%-sparse layer keeps as many loads in flight as a dense one (at one tile per iteration it
+would have about a third of what full bandwidth needs: ``benchmarks/results/gpu/model.md``). Tails: padding
+bits are zero, x columns >= in and tokens >= N are masked loads, rows >= out masked stores; the last
+iteration's tiles past a split's end re-read its last tile and are zeroed.
 
 Split-K (variant "splitk"): for skinny products (few tile rows, few tokens) the grid is too small to fill the
 GPU, so each tile row's nonempty tiles are split over SPLITS programs, reduced within the one launch
