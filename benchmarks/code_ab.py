@@ -66,11 +66,17 @@ def worker(quick: bool) -> dict[str, float]:
     return figures
 
 
-def _run(checkout: Path, quick: bool) -> dict[str, float]:
-    env = {**os.environ, "PYTHONPATH": str(checkout.resolve())}
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", *(["--quick"] if quick else [])],
+def run_worker(script: str, checkout: Path, quick: bool, **env: str) -> dict[str, float]:
+    """One measurement of a paired A/B: ``python script --worker [--quick]`` in a fresh process with
+    ``checkout`` first on ``PYTHONPATH`` (and ``env`` set), its last line of output read as JSON."""
+    env = {**os.environ, "PYTHONPATH": str(checkout.resolve()), **env}
+    done = subprocess.run([sys.executable, str(Path(script).resolve()), "--worker", *(["--quick"] if quick else [])],
                           capture_output=True, text=True, env=env, cwd=checkout, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _run(checkout: Path, quick: bool) -> dict[str, float]:
+    return run_worker(__file__, checkout, quick)
 
 
 def main(argv: list[str] | None = None) -> None:

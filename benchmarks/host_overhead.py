@@ -26,7 +26,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -75,10 +74,9 @@ def worker(quick: bool) -> dict[str, float]:
 
 
 def _run(checkout: Path, quick: bool) -> dict[str, float]:
-    env = {**os.environ, "PYTHONPATH": str(checkout), "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, str(Path(__file__).resolve()), "--worker"] + (["--quick"] if quick else [])
-    out = subprocess.run(args, env=env, cwd=checkout, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    from benchmarks.code_ab import run_worker
+
+    return run_worker(__file__, checkout, quick, OMP_NUM_THREADS="1")
 
 
 def _git(checkout: Path) -> str:

@@ -70,10 +70,7 @@ if tl is not None:
                              other=0.0)
                 wt = tl.load(w_ptr + e * stride_we + h[:, None] * stride_wh + kk[None, :],
                              mask=h_ok[:, None] & (kk < D)[None, :], other=0.0)
-                if DOT_FP32:
-                    acc += tl.dot(xt.to(tl.float32), tl.trans(wt.to(tl.float32)), input_precision=PRECISION)
-                else:
-                    acc += tl.dot(xt, tl.trans(wt.to(xt.dtype)), input_precision=PRECISION)
+                acc = ts._dot_wt(acc, xt, wt, DOT_FP32, PRECISION)
             if HAS_BIAS:
                 acc += tl.load(b_ptr + e * H + h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptr + m[:, None] * H + h[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -85,6 +82,7 @@ def _build() -> tuple[object, bool]:
     """The kernel, decorated once per process, compiled or interpreted per ``TRITON_INTERPRET`` now."""
     if triton is None:
         raise UnavailableError("the Triton MoE kernel needs triton")
+    ts._build()  # the shared device functions (ts._dot_wt), decorated the same way
     g = globals()
     g["_grouped_kernel"] = triton.jit(getattr(g["_grouped_kernel"], "fn", g["_grouped_kernel"]))
     return g["_grouped_kernel"], ts.interpreting()

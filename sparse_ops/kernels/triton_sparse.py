@@ -244,15 +244,21 @@ if tl is not None:
                 else:
                     xt = tl.load(x_ptr + n[:, None] * stride_xn + cols[None, :],
                                  mask=n_ok[:, None] & (cols < IN)[None, :], other=0.0)
-                    if DOT_FP32:
-                        acc += tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=PRECISION)
-                    else:
-                        acc += tl.dot(xt, tl.trans(w.to(xt.dtype)), input_precision=PRECISION)
+                    acc = _dot_wt(acc, xt, w, DOT_FP32, PRECISION)
         if GEMV:
             acc += acc1[None, :]  # token 0's row (the others are masked at the store)
 
         _finish(acc, n, pid_o * TILE_OUT + i, N, OUT, scales_ptr, bias_ptr, y_ptr, stride_yn, partial, counters,
                 SPLITS, HAS_SCALES, HAS_BIAS, ACT, PARTIAL)
+
+    def _dot_wt(acc, x, w, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+        # acc + x @ w^T for an (M, K) activation tile and an (N, K) weight tile, in x's dtype on the tensor cores;
+        # in fp32 where the interpreter cannot multiply bf16 (DOT_FP32)
+        if DOT_FP32:
+            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=PRECISION)
+        else:
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
+        return acc
 
     def _activate(v, ACT: tl.constexpr):
         # activations.CODES on fp32 values: 1 relu, 2 gelu (erf), 3 gelu (tanh), 4 silu
@@ -398,7 +404,7 @@ class _Kernels:
     interpret: bool
 
 
-JIT_HELPERS = ("_popc32", "_activate", "_store_rows", "_finish")  # device functions the kernels call
+JIT_HELPERS = ("_popc32", "_dot_wt", "_activate", "_store_rows", "_finish")  # device functions the kernels call
 
 
 @functools.cache

@@ -127,10 +127,7 @@ if tl is not None:
             w = tl.reshape(tl.join(tl.join(e0, e2), tl.join(e1, e3)), (TILE_OUT, TILE_K))
             xt = tl.load(x_ptr + n[:, None] * stride_xn + cols[None, :],
                          mask=n_ok[:, None] & (cols < IN)[None, :], other=0.0)
-            if DOT_FP32:
-                acc += tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=PRECISION)
-            else:
-                acc += tl.dot(xt, tl.trans(w.to(xt.dtype)), input_precision=PRECISION)
+            acc = ts._dot_wt(acc, xt, w, DOT_FP32, PRECISION)
 
         ts._finish(acc, n, o, N, OUT, bias_ptr, bias_ptr, y_ptr, stride_yn, partial, counters, SPLITS, False,
                    HAS_BIAS, ACT, PARTIAL)
