@@ -75,30 +75,41 @@ def run_worker(script: str, checkout: Path, quick: bool, **env: str) -> dict[str
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _run(checkout: Path, quick: bool) -> dict[str, float]:
-    return run_worker(__file__, checkout, quick)
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def ab_parser(doc: str, out: str) -> argparse.ArgumentParser:
+    """The command line of a paired A/B script: ``--a`` / ``--b`` checkouts, ``--rounds``, ``--out``,
+    ``--quick`` and the hidden ``--worker`` (one measurement, in a fresh process)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--a", type=Path, help="the checkout before (A)")
     p.add_argument("--b", type=Path, default=Path("."), help="the checkout after (B)")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--out", default=OUT)
+    p.add_argument("--out", type=Path, default=Path(out))
     p.add_argument("--quick", action="store_true")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def paired_rounds(script: str, a: Path | None, b: Path, rounds: int, quick: bool,
+                  **env: str) -> list[dict[str, dict[str, float]]]:
+    """Per round, ``{"a": figures, "b": figures}`` from ``run_worker``, A and B in turn, the order alternating
+    round by round (so machine drift falls on both); without ``a``, B alone."""
+    found = []
+    for r in range(rounds):
+        sides = [("a", a), ("b", b)] if r % 2 == 0 else [("b", b), ("a", a)]
+        got = {name: run_worker(script, path, quick, **env) for name, path in sides if path is not None}
+        found.append(got)
+        print(f"round {r + 1}/{rounds}: " + "; ".join(f"{name} " + ", ".join(f"{k} {v:.4g}" for k, v in figs.items())
+                                                    for name, figs in got.items()), flush=True)
+    return found
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = ab_parser(__doc__, OUT).parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.quick)))
         return
     from sparse_ops.timing import environment
 
-    rounds = []
-    for r in range(1 if args.quick else args.rounds):
-        order = [("a", args.a), ("b", args.b)] if r % 2 == 0 else [("b", args.b), ("a", args.a)]
-        got = {name: _run(path, args.quick) for name, path in order}
-        rounds.append(got)
-        print(f"round {r + 1}: " + ", ".join(f"{k} b/a {got['b'][k] / got['a'][k]:.3f}" for k in got["a"]), flush=True)
+    rounds = paired_rounds(__file__, args.a, args.b, 1 if args.quick else args.rounds, args.quick)
     ratios = {k: statistics.median(x["b"][k] / x["a"][k] for x in rounds) for k in rounds[0]["a"]}
     spread = {k: [min(x["b"][k] / x["a"][k] for x in rounds), max(x["b"][k] / x["a"][k] for x in rounds)]
               for k in ratios}

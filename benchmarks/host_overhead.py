@@ -21,7 +21,6 @@ Run: ``python -m benchmarks.host_overhead --a /path/to/old-checkout --b . [--rou
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -73,12 +72,6 @@ def worker(quick: bool) -> dict[str, float]:
     return found
 
 
-def _run(checkout: Path, quick: bool) -> dict[str, float]:
-    from benchmarks.code_ab import run_worker
-
-    return run_worker(__file__, checkout, quick, OMP_NUM_THREADS="1")
-
-
 def _git(checkout: Path) -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=checkout, capture_output=True, text=True,
@@ -117,35 +110,23 @@ def _plot(out: Path, result: dict) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--a", type=Path, help="the checkout to compare against (optional)")
-    p.add_argument("--b", type=Path, default=Path("."))
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--out", type=Path, default=Path(OUT))
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
+    import triton
+
+    from benchmarks.code_ab import ab_parser, paired_rounds
+    from sparse_ops.timing import environment
+
+    a = ab_parser(__doc__, OUT).parse_args(argv)
     if a.worker:
         print(json.dumps(worker(a.quick)))
         return
     rounds = 1 if a.quick else a.rounds
-    runs: dict[str, list[dict[str, float]]] = {"a": [], "b": []}
-    for r in range(rounds):
-        order = ("a", "b") if r % 2 == 0 else ("b", "a")
-        for side in order:
-            checkout = a.a if side == "a" else a.b
-            if checkout is not None:
-                runs[side].append(_run(checkout.resolve(), a.quick))
-                print(f"round {r + 1}/{rounds} {side}: " + ", ".join(f"{k} {v:.2f}" for k, v in runs[side][-1].items()),
-                      flush=True)
+    found = paired_rounds(__file__, a.a, a.b.resolve(), rounds, a.quick, OMP_NUM_THREADS="1")
+    runs = {side: [got[side] for got in found if side in got] for side in ("a", "b")}
     median = {side: {k: round(statistics.median(run[k] for run in rs), 2) for k in rs[0]} for side, rs in runs.items()
               if rs}
-    import triton
-
-    from sparse_ops.timing import environment
-
-    result = {"environment": {**environment(), "threads": 1, "triton": triton.__version__}, "rounds": rounds, "shape": list(SHAPE), "unit": "us per call",
-              "a_commit": _git(a.a) if a.a else None, "b_commit": _git(a.b), **median, "rounds_data": runs}
+    result = {"environment": {**environment(), "threads": 1, "triton": triton.__version__}, "rounds": rounds,
+              "shape": list(SHAPE), "unit": "us per call", "a_commit": _git(a.a) if a.a else None,
+              "b_commit": _git(a.b), **median, "rounds_data": runs}
     if "a" in median:
         result["b_over_a"] = {k: round(median["b"][k] / median["a"][k], 3) for k in median["b"] if k in median["a"]}
     a.out.mkdir(parents=True, exist_ok=True)
